@@ -1,0 +1,63 @@
+//! The linkdns Raft node: the raft-rs driver loop, sled-backed log storage, and the published
+//! view of the registry that the DNS front end reads.
+//!
+//! The loop in [`node`] owns the `RawNode` and the registry; everything else talks to it through
+//! [`NodeHandle`] (proposals) and reads [`Published`] state without locks on the answer path.
+
+mod logger;
+mod node;
+mod storage;
+
+use std::path::Path;
+
+pub use node::{start, NodeConfig, NodeHandle, Published, RaftStatus, Role};
+pub use storage::{LogStore, MemStore, SledStore};
+
+/// Errors of the Raft node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("data dir {path}: {reason}")]
+    Storage { path: String, reason: String },
+    #[error("data dir {path} is damaged ({reason}); move it aside and let the node rejoin, or restore a backup")]
+    DamagedDataDir { path: String, reason: String },
+    #[error("data dir {path} is in use by another linkdns process; stop it first")]
+    Locked { path: String },
+    #[error("corrupt {what}: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("registry: {0}")]
+    Registry(#[from] linkdns_registry::Error),
+    #[error("proposal timed out after {0:?}; is a leader elected? (see `linkdns status`)")]
+    Timeout(std::time::Duration),
+    #[error("this node is not the leader (leader: {leader:?}); proposal dropped")]
+    NotLeader { leader: Option<u64> },
+    #[error("the raft node has stopped")]
+    Stopped,
+}
+
+impl Error {
+    /// Classifies a sled error on the store at `path`.
+    pub(crate) fn from_sled(path: &Path, e: sled::Error) -> Error {
+        let path_text = path.display().to_string();
+        match e {
+            sled::Error::Corruption { .. } => Error::DamagedDataDir {
+                path: path_text,
+                reason: e.to_string(),
+            },
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                Error::Locked { path: path_text }
+            }
+            sled::Error::Io(ref io) if io.raw_os_error() == Some(11) => {
+                Error::Locked { path: path_text }
+            }
+            sled::Error::Io(ref io) if io.to_string().contains("lock") => {
+                Error::Locked { path: path_text }
+            }
+            other => Error::Storage {
+                path: path_text,
+                reason: other.to_string(),
+            },
+        }
+    }
+}

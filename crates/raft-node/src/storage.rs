@@ -1,0 +1,540 @@
+//! Raft log storage: the [`LogStore`] seam with a durable sled implementation and an in-memory
+//! one, both held to the same contract by one shared test suite.
+//!
+//! Layout of the sled store (one `Db`, one flush makes everything before it durable):
+//! - tree `entries`: big-endian index -> protobuf `Entry`
+//! - tree `meta`: `hard_state`, `conf_state`, `snapshot` -> protobuf bytes, `cluster` -> identity
+//!
+//! The snapshot's index is the log's offset: entries at or below it have been compacted away and
+//! `first_index` is `snapshot.index + 1`, as in raft-rs's own `MemStorage`.
+
+use std::path::{Path, PathBuf};
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use crate::Error;
+
+/// Raft storage that can also be written: what the driver loop needs beyond `raft::Storage`.
+pub trait LogStore: raft::Storage {
+    /// Appends entries, first dropping any existing entries at or after the first new index
+    /// (a new leader's log wins over an uncommitted suffix). Not durable until [`LogStore::sync`].
+    fn append(&mut self, entries: &[Entry]) -> Result<(), Error>;
+    fn set_hard_state(&mut self, hard_state: &HardState) -> Result<(), Error>;
+    /// Records a new commit index (from a light ready), keeping term and vote.
+    fn set_commit(&mut self, commit: u64) -> Result<(), Error>;
+    fn set_conf_state(&mut self, conf_state: &ConfState) -> Result<(), Error>;
+    /// Installs a snapshot: it becomes the log's base, every entry it covers is dropped, and its
+    /// conf state becomes the stored one. A snapshot older than the current one is ignored.
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Error>;
+    /// The snapshot the log currently starts from.
+    fn current_snapshot(&self) -> Result<Snapshot, Error>;
+    /// Makes everything written so far durable.
+    fn sync(&mut self) -> Result<(), Error>;
+}
+
+fn proto_err(what: &'static str) -> impl Fn(protobuf::ProtobufError) -> Error {
+    move |e| Error::Corrupt {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+fn encode<M: protobuf::Message>(what: &'static str, m: &M) -> Result<Vec<u8>, Error> {
+    m.write_to_bytes().map_err(proto_err(what))
+}
+
+fn decode<M: protobuf::Message>(what: &'static str, bytes: &[u8]) -> Result<M, Error> {
+    M::parse_from_bytes(bytes).map_err(proto_err(what))
+}
+
+fn to_raft(e: Error) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+/// Total encoded size limit for `entries`, as raft-rs's `limit_size`: at least one entry.
+fn within_size(entries: &mut Vec<Entry>, max_size: Option<u64>) {
+    raft::util::limit_size(entries, max_size);
+}
+
+/// Shared bounds checks of `raft::Storage::entries`.
+fn check_range(low: u64, high: u64, first: u64, last: u64) -> raft::Result<()> {
+    if low < first {
+        return Err(raft::Error::Store(StorageError::Compacted));
+    }
+    if high > last + 1 {
+        return Err(raft::Error::Store(StorageError::Unavailable));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// sled
+
+const HARD_STATE: &[u8] = b"hard_state";
+const CONF_STATE: &[u8] = b"conf_state";
+const SNAPSHOT: &[u8] = b"snapshot";
+
+/// Durable Raft storage in a sled database.
+pub struct SledStore {
+    path: PathBuf,
+    db: sled::Db,
+    entries: sled::Tree,
+    meta: sled::Tree,
+    // Cached copies of what is in `meta`, so reads on the Raft path do not decode protobuf.
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot: Snapshot,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`. A directory that is not a linkdns store, or one
+    /// that is damaged, is refused without being written to.
+    pub fn open(dir: &Path) -> Result<SledStore, Error> {
+        let path = dir.join("raft");
+        SledStore::open_at(path.clone()).map_err(|e| match e {
+            Error::Corrupt { what, reason } => Error::DamagedDataDir {
+                path: path.display().to_string(),
+                reason: format!("{what}: {reason}"),
+            },
+            other => other,
+        })
+    }
+
+    fn open_at(path: PathBuf) -> Result<SledStore, Error> {
+        let sled_err = |e: sled::Error| Error::from_sled(&path, e);
+        let db = sled::Config::new()
+            .path(&path)
+            .mode(sled::Mode::LowSpace)
+            .cache_capacity(16 * 1024 * 1024)
+            .open()
+            .map_err(sled_err)?;
+        let entries = db.open_tree("entries").map_err(sled_err)?;
+        let meta = db.open_tree("meta").map_err(sled_err)?;
+        let read = |key: &[u8]| meta.get(key).map_err(sled_err);
+        let hard_state = match read(HARD_STATE)? {
+            Some(v) => decode("hard state", &v)?,
+            None => HardState::default(),
+        };
+        let conf_state = match read(CONF_STATE)? {
+            Some(v) => decode("conf state", &v)?,
+            None => ConfState::default(),
+        };
+        let snapshot = match read(SNAPSHOT)? {
+            Some(v) => decode("snapshot", &v)?,
+            None => Snapshot::default(),
+        };
+        let store = SledStore {
+            path,
+            db,
+            entries,
+            meta,
+            hard_state,
+            conf_state,
+            snapshot,
+        };
+        store.check_consistency()?;
+        Ok(store)
+    }
+
+    fn sled_err(&self) -> impl Fn(sled::Error) -> Error + '_ {
+        |e| Error::from_sled(&self.path, e)
+    }
+
+    /// The log must be contiguous from the snapshot on, and the commit index inside it.
+    fn check_consistency(&self) -> Result<(), Error> {
+        let first = self.snapshot.get_metadata().index + 1;
+        let last = self.last_index_inner()?;
+        if let Some(item) = self.entries.iter().next() {
+            let (key, _) = item.map_err(self.sled_err())?;
+            let index = key_index(&key)?;
+            if index != first {
+                return Err(Error::Corrupt {
+                    what: "raft log",
+                    reason: format!("log starts at {index}, snapshot ends at {}", first - 1),
+                });
+            }
+        }
+        let count = self.entries.len() as u64;
+        if count != last + 1 - first {
+            return Err(Error::Corrupt {
+                what: "raft log",
+                reason: format!("{count} entries between {first} and {last}: the log has holes"),
+            });
+        }
+        if self.hard_state.commit > last {
+            return Err(Error::Corrupt {
+                what: "raft log",
+                reason: format!(
+                    "commit index {} is past the last entry {last}",
+                    self.hard_state.commit
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn last_index_inner(&self) -> Result<u64, Error> {
+        match self.entries.last().map_err(self.sled_err())? {
+            Some((key, _)) => key_index(&key),
+            None => Ok(self.snapshot.get_metadata().index),
+        }
+    }
+
+    fn entry(&self, index: u64) -> Result<Option<Entry>, Error> {
+        match self
+            .entries
+            .get(index.to_be_bytes())
+            .map_err(self.sled_err())?
+        {
+            Some(v) => Ok(Some(decode("log entry", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<M: protobuf::Message>(
+        &self,
+        key: &[u8],
+        what: &'static str,
+        m: &M,
+    ) -> Result<(), Error> {
+        self.meta
+            .insert(key, encode(what, m)?)
+            .map_err(self.sled_err())?;
+        Ok(())
+    }
+
+    /// Removes entries in `[from, to)`.
+    fn remove_range(&self, from: u64, to: u64) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        for item in self.entries.range(from.to_be_bytes()..to.to_be_bytes()) {
+            let (key, _) = item.map_err(self.sled_err())?;
+            batch.remove(key);
+        }
+        self.entries.apply_batch(batch).map_err(self.sled_err())
+    }
+
+    /// Bytes the database takes on disk (for status).
+    pub fn size_on_disk(&self) -> Result<u64, Error> {
+        self.db.size_on_disk().map_err(self.sled_err())
+    }
+}
+
+fn key_index(key: &[u8]) -> Result<u64, Error> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| Error::Corrupt {
+        what: "raft log",
+        reason: format!("entry key of {} bytes", key.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl raft::Storage for SledStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let first = self.snapshot.get_metadata().index + 1;
+        let last = self.last_index_inner().map_err(to_raft)?;
+        check_range(low, high, first, last)?;
+        let mut out = Vec::with_capacity((high - low) as usize);
+        for item in self.entries.range(low.to_be_bytes()..high.to_be_bytes()) {
+            let (_, v) = item.map_err(|e| to_raft(Error::from_sled(&self.path, e)))?;
+            out.push(decode("log entry", &v).map_err(to_raft)?);
+        }
+        if out.len() as u64 != high - low {
+            return Err(to_raft(Error::Corrupt {
+                what: "raft log",
+                reason: format!("entries {low}..{high} are not all present"),
+            }));
+        }
+        within_size(&mut out, max_size.into());
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let meta = self.snapshot.get_metadata();
+        if idx == meta.index {
+            return Ok(meta.term);
+        }
+        if idx < meta.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self.entry(idx).map_err(to_raft)? {
+            Some(e) => Ok(e.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.snapshot.get_metadata().index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.last_index_inner().map_err(to_raft)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.snapshot.get_metadata().index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(self.snapshot.clone())
+    }
+}
+
+impl LogStore for SledStore {
+    fn append(&mut self, entries: &[Entry]) -> Result<(), Error> {
+        let Some(first_new) = entries.first().map(|e| e.index) else {
+            return Ok(());
+        };
+        let snapshot_index = self.snapshot.get_metadata().index;
+        if first_new <= snapshot_index {
+            return Err(Error::Corrupt {
+                what: "append",
+                reason: format!("entry {first_new} is at or below the snapshot {snapshot_index}"),
+            });
+        }
+        let last = self.last_index_inner()?;
+        if first_new > last + 1 {
+            return Err(Error::Corrupt {
+                what: "append",
+                reason: format!("entry {first_new} would leave a hole after {last}"),
+            });
+        }
+        let mut batch = sled::Batch::default();
+        for index in first_new..=last {
+            batch.remove(&index.to_be_bytes());
+        }
+        for e in entries {
+            batch.insert(&e.index.to_be_bytes(), encode("log entry", e)?);
+        }
+        self.entries.apply_batch(batch).map_err(self.sled_err())
+    }
+
+    fn set_hard_state(&mut self, hard_state: &HardState) -> Result<(), Error> {
+        self.put_meta(HARD_STATE, "hard state", hard_state)?;
+        self.hard_state = hard_state.clone();
+        Ok(())
+    }
+
+    fn set_commit(&mut self, commit: u64) -> Result<(), Error> {
+        let mut hs = self.hard_state.clone();
+        hs.commit = commit;
+        self.set_hard_state(&hs)
+    }
+
+    fn set_conf_state(&mut self, conf_state: &ConfState) -> Result<(), Error> {
+        self.put_meta(CONF_STATE, "conf state", conf_state)?;
+        self.conf_state = conf_state.clone();
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Error> {
+        let meta = snapshot.get_metadata();
+        let old = self.snapshot.get_metadata().index;
+        if meta.index <= old && old != 0 {
+            return Ok(());
+        }
+        // Keep entries after the snapshot only if the log agrees with it at its index.
+        let keep_tail = matches!(self.entry(meta.index)?, Some(e) if e.term == meta.term);
+        let end = if keep_tail {
+            meta.index + 1
+        } else {
+            u64::MAX
+        };
+        self.remove_range(0, end)?;
+        self.put_meta(SNAPSHOT, "snapshot", snapshot)?;
+        self.snapshot = snapshot.clone();
+        self.set_conf_state(meta.get_conf_state())?;
+        if self.hard_state.commit < meta.index {
+            let mut hs = self.hard_state.clone();
+            hs.commit = meta.index;
+            hs.term = hs.term.max(meta.term);
+            self.set_hard_state(&hs)?;
+        }
+        Ok(())
+    }
+
+    fn current_snapshot(&self) -> Result<Snapshot, Error> {
+        Ok(self.snapshot.clone())
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        self.db.flush().map_err(self.sled_err())?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// memory
+
+/// In-memory Raft storage with the same contract as [`SledStore`], for the simulated cluster
+/// tests and as the reference the sled store is checked against.
+#[derive(Default)]
+pub struct MemStore {
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot: Snapshot,
+    /// Entries after the snapshot, in order; `entries[0].index == snapshot.index + 1`.
+    entries: Vec<Entry>,
+}
+
+impl MemStore {
+    pub fn new() -> MemStore {
+        MemStore::default()
+    }
+
+    fn offset(&self) -> u64 {
+        self.snapshot.get_metadata().index + 1
+    }
+
+    fn last(&self) -> u64 {
+        self.entries
+            .last()
+            .map_or(self.snapshot.get_metadata().index, |e| e.index)
+    }
+}
+
+impl raft::Storage for MemStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        check_range(low, high, self.offset(), self.last())?;
+        let start = (low - self.offset()) as usize;
+        let end = (high - self.offset()) as usize;
+        let mut out = self.entries[start..end].to_vec();
+        within_size(&mut out, max_size.into());
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let meta = self.snapshot.get_metadata();
+        if idx == meta.index {
+            return Ok(meta.term);
+        }
+        if idx < meta.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        self.entries
+            .get((idx - self.offset()) as usize)
+            .map(|e| e.term)
+            .ok_or(raft::Error::Store(StorageError::Unavailable))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.offset())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.snapshot.get_metadata().index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(self.snapshot.clone())
+    }
+}
+
+impl LogStore for MemStore {
+    fn append(&mut self, entries: &[Entry]) -> Result<(), Error> {
+        let Some(first_new) = entries.first().map(|e| e.index) else {
+            return Ok(());
+        };
+        if first_new < self.offset() {
+            return Err(Error::Corrupt {
+                what: "append",
+                reason: format!(
+                    "entry {first_new} is at or below the snapshot {}",
+                    self.offset() - 1
+                ),
+            });
+        }
+        if first_new > self.last() + 1 {
+            return Err(Error::Corrupt {
+                what: "append",
+                reason: format!("entry {first_new} would leave a hole after {}", self.last()),
+            });
+        }
+        self.entries.truncate((first_new - self.offset()) as usize);
+        self.entries.extend_from_slice(entries);
+        Ok(())
+    }
+
+    fn set_hard_state(&mut self, hard_state: &HardState) -> Result<(), Error> {
+        self.hard_state = hard_state.clone();
+        Ok(())
+    }
+
+    fn set_commit(&mut self, commit: u64) -> Result<(), Error> {
+        self.hard_state.commit = commit;
+        Ok(())
+    }
+
+    fn set_conf_state(&mut self, conf_state: &ConfState) -> Result<(), Error> {
+        self.conf_state = conf_state.clone();
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Error> {
+        let meta = snapshot.get_metadata();
+        let old = self.snapshot.get_metadata().index;
+        if meta.index <= old && old != 0 {
+            return Ok(());
+        }
+        let agrees = meta.index >= self.offset()
+            && self
+                .entries
+                .get((meta.index - self.offset()) as usize)
+                .is_some_and(|e| e.term == meta.term);
+        if agrees {
+            let drop = (meta.index + 1 - self.offset()) as usize;
+            self.entries.drain(..drop);
+        } else {
+            self.entries.clear();
+        }
+        self.snapshot = snapshot.clone();
+        self.conf_state = meta.get_conf_state().clone();
+        if self.hard_state.commit < meta.index {
+            self.hard_state.commit = meta.index;
+            self.hard_state.term = self.hard_state.term.max(meta.term);
+        }
+        Ok(())
+    }
+
+    fn current_snapshot(&self) -> Result<Snapshot, Error> {
+        Ok(self.snapshot.clone())
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

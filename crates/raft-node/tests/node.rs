@@ -1,0 +1,87 @@
+//! The Raft node on real sled storage: proposals apply, restarts keep state, compaction works.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use linkdns_raft::{start, NodeConfig, Role, SledStore};
+use linkdns_registry::{Command, Container, ContainerId, NodeInfo, Outcome, Resolution};
+
+fn config() -> NodeConfig {
+    NodeConfig {
+        tick: Duration::from_millis(20),
+        snapshot_every: 5,
+        ..NodeConfig::new(1)
+    }
+}
+
+fn register(name: &str) -> Command {
+    Command::UpsertNode(NodeInfo {
+        id: 1,
+        name: name.into(),
+        peer_addr: "127.0.0.1:7380".into(),
+    })
+}
+
+fn container(i: u32) -> Command {
+    Command::UpsertContainer(Container {
+        id: ContainerId(format!("c{i}")),
+        name: format!("svc{i}"),
+        node: 1,
+        ips: vec![format!("10.9.{}.{}", i / 250, i % 250 + 1).parse().expect("ip")],
+        aliases: BTreeSet::new(),
+        links: BTreeSet::new(),
+        ports: BTreeSet::new(),
+    })
+}
+
+#[tokio::test]
+async fn proposals_apply_and_survive_restart_with_compaction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let node = start(config(), SledStore::open(dir.path()).expect("open")).expect("start");
+        assert_eq!(node.propose(register("h1")).await.expect("register"), Outcome::Changed);
+        for i in 0..12 {
+            node.propose(container(i)).await.expect("container");
+        }
+        let published = node.published().load_full();
+        assert_eq!(published.registry.record_count(), 12);
+        let status = node.status();
+        assert_eq!(status.role, Role::Leader);
+        assert_eq!(status.leader, Some(1));
+        assert!(status.snapshot_index > 1, "log compacted: {status:?}");
+        assert_eq!(status.applied_index, status.commit_index);
+        // A rejected command comes back as an error and changes nothing.
+        let err = node
+            .propose(Command::RemoveContainer { node: 7, id: ContainerId("x".into()) })
+            .await
+            .expect_err("unknown node");
+        assert!(err.to_string().contains("node 7"), "{err}");
+        node.shutdown().expect("clean shutdown");
+    }
+    let node = start(config(), SledStore::open(dir.path()).expect("reopen")).expect("restart");
+    let mut waited = 0;
+    while node.published().load().registry.record_count() != 12 && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+    }
+    let published = node.published().load_full();
+    assert_eq!(published.registry.record_count(), 12);
+    assert_eq!(
+        published.registry.resolve("svc11", None, None),
+        Resolution::Found(vec!["10.9.0.12".parse().expect("ip")])
+    );
+    // Writes continue after the restart.
+    node.propose(container(12)).await.expect("after restart");
+    assert_eq!(node.published().load().registry.record_count(), 13);
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = SledStore::open(dir.path()).expect("open");
+    let err = match SledStore::open(dir.path()) {
+        Ok(_) => panic!("second open must fail"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("in use"), "{err}");
+}

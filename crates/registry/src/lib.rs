@@ -1,0 +1,308 @@
+//! The replicated state machine of linkdns: nodes, containers, the closed command set, a
+//! deterministic `apply`, the lookup indexes behind the naming contract, and snapshots.
+//!
+//! Plain Rust: no clock, no I/O, no async. `apply` depends only on the registry and the command,
+//! so every replica that applies the same log holds the same registry.
+
+mod command;
+mod lookup;
+mod model;
+mod snapshot;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+pub use command::{Command, COMMAND_VERSION};
+pub use lookup::{reverse_name_to_ip, Resolution};
+pub use model::{
+    normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo, Port, Protocol,
+};
+pub use snapshot::SNAPSHOT_VERSION;
+
+/// Errors of the registry. The `apply` variants are deterministic: every replica reaches the same
+/// one for the same log, so they are results of a command, never reasons to stop a node.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Error {
+    #[error("node {0} is not a member of the registry; it must register (UpsertNode) before reporting containers")]
+    UnknownNode(NodeId),
+    #[error("node name {name:?} is already used by node {owner}; pick another --node-name")]
+    NodeNameTaken { name: String, owner: NodeId },
+    #[error("container {id} is reported by node {claimed} but belongs to node {owner}")]
+    ContainerOwnedElsewhere {
+        id: ContainerId,
+        owner: NodeId,
+        claimed: NodeId,
+    },
+    #[error("container {id} has an empty name")]
+    EmptyName { id: ContainerId },
+    #[error("{count} command(s) of a batch were rejected, the first: {first}")]
+    BatchPartlyRejected { count: usize, first: Box<Error> },
+    #[error("cannot decode {what}: {reason}")]
+    Decode { what: &'static str, reason: String },
+    #[error("{what} has encoding version {found}, this build reads version {supported}; upgrade linkdns")]
+    UnsupportedVersion {
+        what: &'static str,
+        found: u8,
+        supported: u8,
+    },
+}
+
+/// What applying a command did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Changed,
+    Unchanged,
+}
+
+/// The registry: the state every node replicates, with indexes for DNS lookups.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    containers: BTreeMap<ContainerId, Container>,
+    // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
+    node_by_name: HashMap<String, NodeId>,
+    by_name: HashMap<String, BTreeSet<ContainerId>>,
+    by_alias: HashMap<String, BTreeSet<ContainerId>>,
+    by_ip: HashMap<IpAddr, BTreeSet<ContainerId>>,
+    /// How many containers use each link alias.
+    link_aliases: HashMap<String, usize>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Applies one command. Deterministic: reads nothing but `self` and `command`.
+    ///
+    /// A rejected command (an `Err`) leaves the registry exactly as it was, except a
+    /// [`Command::Batch`], whose accepted members stay applied.
+    pub fn apply(&mut self, command: &Command) -> Result<Outcome, Error> {
+        match command {
+            Command::UpsertNode(node) => self.upsert_node(node),
+            Command::ReplaceContainers { node, containers } => {
+                self.replace_containers(*node, containers)
+            }
+            Command::UpsertContainer(container) => {
+                self.check_container(container)?;
+                Ok(self.put_container(container.clone().normalized()))
+            }
+            Command::RemoveContainer { node, id } => {
+                self.known_node(*node)?;
+                match self.containers.get(id) {
+                    Some(c) if c.node != *node => Err(Error::ContainerOwnedElsewhere {
+                        id: id.clone(),
+                        owner: c.node,
+                        claimed: *node,
+                    }),
+                    Some(_) => {
+                        self.remove_container(id);
+                        Ok(Outcome::Changed)
+                    }
+                    None => Ok(Outcome::Unchanged),
+                }
+            }
+            Command::Batch(commands) => {
+                // Each member is atomic, the batch is not: a rejected member is skipped and the
+                // rest apply, in order. Cloning the registry to make batches atomic would cost
+                // O(records) per log entry.
+                let mut outcome = Outcome::Unchanged;
+                let mut rejected = Vec::new();
+                for c in commands {
+                    match self.apply(c) {
+                        Ok(Outcome::Changed) => outcome = Outcome::Changed,
+                        Ok(Outcome::Unchanged) => {}
+                        Err(e) => rejected.push(e),
+                    }
+                }
+                match rejected.len() {
+                    0 => Ok(outcome),
+                    count => Err(Error::BatchPartlyRejected {
+                        count,
+                        first: Box::new(rejected.swap_remove(0)),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn upsert_node(&mut self, node: &NodeInfo) -> Result<Outcome, Error> {
+        let name = normalize_name(&node.name);
+        if let Some(&owner) = self.node_by_name.get(&name) {
+            if owner != node.id {
+                return Err(Error::NodeNameTaken { name, owner });
+            }
+        }
+        let node = NodeInfo {
+            name: name.clone(),
+            ..node.clone()
+        };
+        if self.nodes.get(&node.id) == Some(&node) {
+            return Ok(Outcome::Unchanged);
+        }
+        let id = node.id;
+        if let Some(old) = self.nodes.insert(id, node) {
+            self.node_by_name.remove(&old.name);
+        }
+        self.node_by_name.insert(name, id);
+        Ok(Outcome::Changed)
+    }
+
+    fn replace_containers(
+        &mut self,
+        node: NodeId,
+        containers: &[Container],
+    ) -> Result<Outcome, Error> {
+        self.known_node(node)?;
+        for c in containers {
+            if c.node != node {
+                return Err(Error::ContainerOwnedElsewhere {
+                    id: c.id.clone(),
+                    owner: c.node,
+                    claimed: node,
+                });
+            }
+            self.check_container(c)?;
+        }
+        let wanted: BTreeMap<ContainerId, Container> = containers
+            .iter()
+            .map(|c| (c.id.clone(), c.clone().normalized()))
+            .collect();
+        let stale: Vec<ContainerId> = self
+            .containers
+            .values()
+            .filter(|c| c.node == node && !wanted.contains_key(&c.id))
+            .map(|c| c.id.clone())
+            .collect();
+        let mut outcome = Outcome::Unchanged;
+        for id in stale {
+            self.remove_container(&id);
+            outcome = Outcome::Changed;
+        }
+        for c in wanted.into_values() {
+            if self.put_container(c) == Outcome::Changed {
+                outcome = Outcome::Changed;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn known_node(&self, node: NodeId) -> Result<(), Error> {
+        if self.nodes.contains_key(&node) {
+            Ok(())
+        } else {
+            Err(Error::UnknownNode(node))
+        }
+    }
+
+    fn check_container(&self, c: &Container) -> Result<(), Error> {
+        self.known_node(c.node)?;
+        if normalize_name(&c.name).is_empty() {
+            return Err(Error::EmptyName { id: c.id.clone() });
+        }
+        match self.containers.get(&c.id) {
+            Some(existing) if existing.node != c.node => Err(Error::ContainerOwnedElsewhere {
+                id: c.id.clone(),
+                owner: existing.node,
+                claimed: c.node,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Inserts or replaces a normalized container, keeping the indexes in step.
+    fn put_container(&mut self, c: Container) -> Outcome {
+        if self.containers.get(&c.id) == Some(&c) {
+            return Outcome::Unchanged;
+        }
+        self.remove_container(&c.id);
+        index_insert(&mut self.by_name, &c.name, &c.id);
+        for alias in &c.aliases {
+            index_insert(&mut self.by_alias, alias, &c.id);
+        }
+        for ip in &c.ips {
+            self.by_ip.entry(*ip).or_default().insert(c.id.clone());
+        }
+        for link in &c.links {
+            *self.link_aliases.entry(link.alias.clone()).or_default() += 1;
+        }
+        self.containers.insert(c.id.clone(), c);
+        Outcome::Changed
+    }
+
+    fn remove_container(&mut self, id: &ContainerId) {
+        let Some(c) = self.containers.remove(id) else {
+            return;
+        };
+        index_remove(&mut self.by_name, &c.name, id);
+        for alias in &c.aliases {
+            index_remove(&mut self.by_alias, alias, id);
+        }
+        for ip in &c.ips {
+            if let Some(set) = self.by_ip.get_mut(ip) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+        for link in &c.links {
+            if let Some(count) = self.link_aliases.get_mut(&link.alias) {
+                *count -= 1;
+                if *count == 0 {
+                    self.link_aliases.remove(&link.alias);
+                }
+            }
+        }
+    }
+
+    /// All nodes, by id.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
+        self.nodes.get(&id)
+    }
+
+    pub fn node_by_name(&self, name: &str) -> Option<&NodeInfo> {
+        self.node_by_name
+            .get(&normalize_name(name))
+            .and_then(|id| self.nodes.get(id))
+    }
+
+    /// All containers, by id.
+    pub fn containers(&self) -> impl Iterator<Item = &Container> {
+        self.containers.values()
+    }
+
+    pub fn container(&self, id: &ContainerId) -> Option<&Container> {
+        self.containers.get(id)
+    }
+
+    /// Containers of one node, by id.
+    pub fn containers_of(&self, node: NodeId) -> impl Iterator<Item = &Container> {
+        self.containers.values().filter(move |c| c.node == node)
+    }
+
+    /// Number of container records.
+    pub fn record_count(&self) -> usize {
+        self.containers.len()
+    }
+}
+
+fn index_insert(index: &mut HashMap<String, BTreeSet<ContainerId>>, key: &str, id: &ContainerId) {
+    index.entry(key.to_string()).or_default().insert(id.clone());
+}
+
+fn index_remove(index: &mut HashMap<String, BTreeSet<ContainerId>>, key: &str, id: &ContainerId) {
+    if let Some(set) = index.get_mut(key) {
+        set.remove(id);
+        if set.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

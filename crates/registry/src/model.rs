@@ -1,0 +1,112 @@
+//! The registry's own record types: nodes, containers, links, ports.
+//!
+//! These are the project's small types; Docker, DNS and Raft types are converted into them at the
+//! edges and never appear here.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A Raft node id. Also the key of a node in the registry.
+pub type NodeId = u64;
+
+/// Docker's container id (the full 64 hex digits), unique across the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ContainerId(pub String);
+
+impl fmt::Display for ContainerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Docker's short form is what users see in `docker ps`.
+        let short = self.0.get(..12).unwrap_or(&self.0);
+        f.write_str(short)
+    }
+}
+
+/// A host in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    /// The host's name, a DNS label (`<container>.<node>.cluster`).
+    pub name: String,
+    /// Address peers use to reach this node's Raft transport (`ip:port`).
+    pub peer_addr: String,
+}
+
+/// `mysql:db` in the `linkdns.links` label: `db` resolves to `mysql` for the labelled container.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LinkAlias {
+    /// The container name (or alias) the link points at.
+    pub target: String,
+    /// The name the linking container uses for it.
+    pub alias: String,
+}
+
+/// Transport protocol of a published or exposed port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+/// A port a container exposes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Port {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// One running container as the registry knows it.
+///
+/// Names, aliases and link aliases are stored lowercased and without a trailing dot; constructors
+/// at the edge go through [`Container::normalized`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub id: ContainerId,
+    /// Docker's name without the leading `/`.
+    pub name: String,
+    pub node: NodeId,
+    /// Cluster-routable addresses, sorted, no duplicates.
+    pub ips: Vec<IpAddr>,
+    /// Extra names: `linkdns.alias`, Docker network aliases, compose service name.
+    pub aliases: BTreeSet<String>,
+    /// Link aliases scoped to this container.
+    pub links: BTreeSet<LinkAlias>,
+    pub ports: BTreeSet<Port>,
+}
+
+impl Container {
+    /// Brings a container seen at the edge into the registry's canonical form: lowercased names,
+    /// no empty names, no alias equal to the name, IPs sorted and deduplicated.
+    pub fn normalized(mut self) -> Container {
+        self.name = normalize_name(&self.name);
+        self.aliases = self
+            .aliases
+            .iter()
+            .map(|a| normalize_name(a))
+            .filter(|a| !a.is_empty() && *a != self.name)
+            .collect();
+        self.links = self
+            .links
+            .iter()
+            .map(|l| LinkAlias {
+                target: normalize_name(&l.target),
+                alias: normalize_name(&l.alias),
+            })
+            .filter(|l| !l.target.is_empty() && !l.alias.is_empty())
+            .collect();
+        self.ips.sort();
+        self.ips.dedup();
+        self
+    }
+}
+
+/// Lowercases a name and strips a leading `/` (Docker's names) and a trailing `.`.
+pub fn normalize_name(name: &str) -> String {
+    name.trim()
+        .trim_start_matches('/')
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}

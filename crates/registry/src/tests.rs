@@ -1,0 +1,296 @@
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use crate::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn node(id: NodeId, name: &str) -> Command {
+    Command::UpsertNode(NodeInfo {
+        id,
+        name: name.to_string(),
+        peer_addr: format!("127.0.0.{id}:7380"),
+    })
+}
+
+fn container(id: &str, name: &str, node: NodeId, ips: &[&str]) -> Container {
+    Container {
+        id: ContainerId(id.to_string()),
+        name: name.to_string(),
+        node,
+        ips: ips.iter().map(|s| ip(s)).collect(),
+        aliases: BTreeSet::new(),
+        links: BTreeSet::new(),
+        ports: BTreeSet::new(),
+    }
+}
+
+fn with_alias(mut c: Container, alias: &str) -> Container {
+    c.aliases.insert(alias.to_string());
+    c
+}
+
+fn with_link(mut c: Container, target: &str, alias: &str) -> Container {
+    c.links.insert(LinkAlias {
+        target: target.to_string(),
+        alias: alias.to_string(),
+    });
+    c
+}
+
+fn two_nodes() -> Registry {
+    let mut r = Registry::new();
+    r.apply(&node(1, "h1")).expect("node 1");
+    r.apply(&node(2, "h2")).expect("node 2");
+    r
+}
+
+fn found(ips: &[&str]) -> Resolution {
+    Resolution::Found(ips.iter().map(|s| ip(s)).collect())
+}
+
+#[test]
+fn names_resolve_across_nodes_and_per_node() {
+    let mut r = two_nodes();
+    let web1 = container("a1", "/Web", 1, &["192.168.1.2"]);
+    let web2 = container("b2", "web", 2, &["192.168.2.2"]);
+    r.apply(&Command::UpsertContainer(web1)).expect("web1");
+    r.apply(&Command::UpsertContainer(web2)).expect("web2");
+
+    assert_eq!(r.resolve("web", None, None), found(&["192.168.1.2", "192.168.2.2"]));
+    assert_eq!(r.resolve("web.h2", None, None), found(&["192.168.2.2"]));
+    assert_eq!(r.resolve("web.h3", None, None), Resolution::NotFound);
+    assert_eq!(r.resolve("nope.h1", None, None), Resolution::NotFound);
+    assert_eq!(r.resolve("h1", None, None), Resolution::Found(vec![]));
+    assert_eq!(r.resolve("", None, None), Resolution::Found(vec![]));
+    assert_eq!(r.resolve("nope", None, None), Resolution::NotFound);
+}
+
+#[test]
+fn aliases_collect_every_carrier() {
+    let mut r = two_nodes();
+    let a = with_alias(container("a1", "api-1", 1, &["192.168.1.2"]), "API");
+    let b = with_alias(container("b2", "api-2", 2, &["192.168.2.7"]), "api");
+    r.apply(&Command::UpsertContainer(a)).expect("a");
+    r.apply(&Command::UpsertContainer(b)).expect("b");
+    assert_eq!(r.resolve("api", None, None), found(&["192.168.1.2", "192.168.2.7"]));
+    assert_eq!(r.resolve("api.h2", None, None), found(&["192.168.2.7"]));
+}
+
+#[test]
+fn link_alias_is_scoped_to_the_asking_container() {
+    let mut r = two_nodes();
+    let mysql = container("m1", "mysql", 1, &["192.168.1.5"]);
+    let wp = with_link(container("w2", "wordpress", 2, &["192.168.2.9"]), "mysql", "db");
+    let other = container("o2", "other", 2, &["192.168.2.10"]);
+    for c in [mysql, wp, other] {
+        r.apply(&Command::UpsertContainer(c)).expect("container");
+    }
+    let from_wp = Some(ip("192.168.2.9"));
+    assert_eq!(r.resolve("db", from_wp, Some(2)), found(&["192.168.1.5"]));
+    assert_eq!(r.resolve_bare("db", from_wp, Some(2)), Some(vec![ip("192.168.1.5")]));
+    assert_eq!(r.resolve("db", Some(ip("192.168.2.10")), Some(2)), Resolution::NotFound);
+    assert_eq!(r.resolve_bare("db", None, Some(2)), None);
+    assert!(r.is_link_alias("db"));
+
+    // The link follows mysql's new address.
+    let moved = container("m1", "mysql", 1, &["192.168.1.77"]);
+    r.apply(&Command::UpsertContainer(moved)).expect("moved");
+    assert_eq!(r.resolve("db", from_wp, Some(2)), found(&["192.168.1.77"]));
+
+    // With mysql gone the link no longer answers.
+    r.apply(&Command::RemoveContainer {
+        node: 1,
+        id: ContainerId("m1".into()),
+    })
+    .expect("remove");
+    assert_eq!(r.resolve("db", from_wp, Some(2)), Resolution::NotFound);
+}
+
+#[test]
+fn same_source_ip_on_two_hosts_prefers_the_local_one() {
+    let mut r = two_nodes();
+    let a = with_link(container("a1", "a", 1, &["172.17.0.2"]), "x", "peer");
+    let b = with_link(container("b2", "b", 2, &["172.17.0.2"]), "y", "peer");
+    let x = container("x1", "x", 1, &["172.17.0.3"]);
+    let y = container("y2", "y", 2, &["172.17.0.4"]);
+    for c in [a, b, x, y] {
+        r.apply(&Command::UpsertContainer(c)).expect("container");
+    }
+    let src = Some(ip("172.17.0.2"));
+    assert_eq!(r.resolve("peer", src, Some(1)), found(&["172.17.0.3"]));
+    assert_eq!(r.resolve("peer", src, Some(2)), found(&["172.17.0.4"]));
+    assert_eq!(r.reverse(ip("172.17.0.2"), Some(2)), Some("b"));
+}
+
+#[test]
+fn replace_reconciles_one_node_only() {
+    let mut r = two_nodes();
+    r.apply(&Command::UpsertContainer(container("a1", "a", 1, &["10.0.1.2"])))
+        .expect("a");
+    r.apply(&Command::UpsertContainer(container("b1", "b", 1, &["10.0.1.3"])))
+        .expect("b");
+    r.apply(&Command::UpsertContainer(container("c2", "c", 2, &["10.0.2.2"])))
+        .expect("c");
+    let outcome = r
+        .apply(&Command::ReplaceContainers {
+            node: 1,
+            containers: vec![
+                container("b1", "b", 1, &["10.0.1.3"]),
+                container("d1", "d", 1, &["10.0.1.4"]),
+            ],
+        })
+        .expect("replace");
+    assert_eq!(outcome, Outcome::Changed);
+    let names: Vec<&str> = r.containers().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["b", "c", "d"]);
+    assert_eq!(r.resolve("a", None, None), Resolution::NotFound);
+    assert_eq!(r.reverse(ip("10.0.1.2"), None), None);
+
+    // The same set again changes nothing.
+    let again = r
+        .apply(&Command::ReplaceContainers {
+            node: 1,
+            containers: vec![
+                container("d1", "d", 1, &["10.0.1.4"]),
+                container("b1", "b", 1, &["10.0.1.3"]),
+            ],
+        })
+        .expect("replace again");
+    assert_eq!(again, Outcome::Unchanged);
+}
+
+#[test]
+fn rejected_commands_change_nothing() {
+    let mut r = two_nodes();
+    r.apply(&Command::UpsertContainer(container("a1", "a", 1, &["10.0.1.2"])))
+        .expect("a");
+    let before = r.snapshot();
+
+    let stolen = container("a1", "a", 2, &["10.0.2.2"]);
+    assert_eq!(
+        r.apply(&Command::UpsertContainer(stolen.clone())),
+        Err(Error::ContainerOwnedElsewhere {
+            id: ContainerId("a1".into()),
+            owner: 1,
+            claimed: 2
+        })
+    );
+    assert!(r
+        .apply(&Command::ReplaceContainers {
+            node: 2,
+            containers: vec![stolen]
+        })
+        .is_err());
+    assert_eq!(
+        r.apply(&Command::UpsertContainer(container("z", "z", 9, &[]))),
+        Err(Error::UnknownNode(9))
+    );
+    assert_eq!(
+        r.apply(&Command::UpsertContainer(container("e", "/", 1, &[]))),
+        Err(Error::EmptyName {
+            id: ContainerId("e".into())
+        })
+    );
+    assert_eq!(
+        r.apply(&node(3, "H1")),
+        Err(Error::NodeNameTaken {
+            name: "h1".into(),
+            owner: 1
+        })
+    );
+    assert_eq!(r.snapshot(), before);
+}
+
+#[test]
+fn batch_applies_members_in_order_and_reports_rejects() {
+    let mut r = Registry::new();
+    let batch = Command::Batch(vec![
+        node(1, "h1"),
+        Command::UpsertContainer(container("a1", "a", 1, &["10.0.1.2"])),
+        Command::UpsertContainer(container("z9", "z", 9, &["10.0.9.2"])),
+    ]);
+    let err = r.apply(&batch).expect_err("one member is rejected");
+    assert!(matches!(err, Error::BatchPartlyRejected { count: 1, .. }));
+    assert_eq!(r.resolve("a", None, None), found(&["10.0.1.2"]));
+    assert_eq!(r.resolve("z", None, None), Resolution::NotFound);
+    assert_eq!(batch.weight(), 3);
+}
+
+#[test]
+fn renaming_a_node_moves_its_name() {
+    let mut r = two_nodes();
+    r.apply(&node(1, "alpha")).expect("rename");
+    assert!(r.node_by_name("h1").is_none());
+    assert_eq!(r.node_by_name("ALPHA").map(|n| n.id), Some(1));
+    r.apply(&node(3, "h1")).expect("the old name is free again");
+}
+
+#[test]
+fn snapshot_round_trips_and_rebuilds_indexes() {
+    let mut r = two_nodes();
+    let mut c = with_link(
+        with_alias(container("a1", "a", 1, &["10.0.1.2", "fd00::2"]), "x"),
+        "b",
+        "bee",
+    );
+    c.ports.insert(Port {
+        port: 80,
+        protocol: Protocol::Tcp,
+    });
+    r.apply(&Command::UpsertContainer(c)).expect("a");
+    r.apply(&Command::UpsertContainer(container("b2", "b", 2, &["10.0.2.2"])))
+        .expect("b");
+    let bytes = r.snapshot();
+    let restored = Registry::restore(&bytes).expect("restore");
+    assert_eq!(restored.snapshot(), bytes);
+    assert_eq!(restored.resolve("x", None, None), found(&["10.0.1.2", "fd00::2"]));
+    assert_eq!(
+        restored.resolve("bee", Some(ip("10.0.1.2")), Some(1)),
+        found(&["10.0.2.2"])
+    );
+    assert_eq!(restored.reverse(ip("fd00::2"), None), Some("a"));
+    assert_eq!(Registry::restore(&[]).map(|r| r.record_count()), Ok(0));
+}
+
+#[test]
+fn bad_encodings_are_refused_with_a_reason() {
+    assert!(matches!(
+        Registry::restore(b"nope"),
+        Err(Error::Decode { what: "snapshot", .. })
+    ));
+    assert!(matches!(
+        Registry::restore(b"LDNS\x09rest"),
+        Err(Error::UnsupportedVersion { found: 9, .. })
+    ));
+    assert!(matches!(
+        Registry::restore(b"LDNS\x01\xff\xff\xff"),
+        Err(Error::Decode { .. })
+    ));
+    assert!(matches!(Command::decode(&[]), Err(Error::Decode { .. })));
+    assert!(matches!(
+        Command::decode(&[7, 0]),
+        Err(Error::UnsupportedVersion { found: 7, .. })
+    ));
+    let cmd = Command::RemoveContainer {
+        node: 4,
+        id: ContainerId("abc".into()),
+    };
+    assert_eq!(Command::decode(&cmd.encode()), Ok(cmd));
+}
+
+#[test]
+fn reverse_names_parse_strictly() {
+    assert_eq!(
+        reverse_name_to_ip("5.1.168.192.in-addr.arpa"),
+        Some(ip("192.168.1.5"))
+    );
+    assert_eq!(reverse_name_to_ip("1.168.192.in-addr.arpa"), None);
+    assert_eq!(reverse_name_to_ip("05.1.168.192.in-addr.arpa"), None);
+    assert_eq!(reverse_name_to_ip("256.1.168.192.in-addr.arpa"), None);
+    let v6 = "2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa";
+    assert_eq!(reverse_name_to_ip(v6), Some(ip("fd00::2")));
+    assert_eq!(reverse_name_to_ip("example.com"), None);
+}
