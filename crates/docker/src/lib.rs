@@ -1,1 +1,228 @@
-//! placeholder
+//! The Docker watcher: lists the local engine's running containers at start and after every
+//! reconnect, then follows its event stream, and reports what it sees as registry commands about
+//! this node's containers. Docker going away is a warning and a retry, never a crash.
+//!
+//! bollard's models stop here: they are turned into registry [`Container`]s in [`convert`].
+
+mod convert;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::models::{EventMessage, EventMessageTypeEnum};
+use bollard::query_parameters::{
+    EventsOptionsBuilder, InspectNetworkOptions, ListContainersOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use linkdns_registry::{Command, Container, ContainerId, NodeId, Subnet};
+use tokio::sync::{mpsc, watch};
+
+pub use convert::{container_from_inspect, parse_links, LABEL_ALIAS, LABEL_LINKS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("docker at {uri}: {reason}")]
+    Unavailable { uri: String, reason: String },
+    #[error("docker API: {0}")]
+    Api(String),
+}
+
+/// What the watcher tells the node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// A command about this node's containers, to be proposed.
+    Command(Command),
+    /// Connected (again) to the engine; its bridge network's subnets.
+    Connected { bridge_subnets: Vec<Subnet> },
+    /// Lost the engine; records stay as they are until it is back.
+    Disconnected { reason: String },
+}
+
+/// Watcher settings.
+#[derive(Clone, Debug)]
+pub struct WatcherConfig {
+    /// `unix:///var/run/docker.sock` or a plain socket path.
+    pub uri: String,
+    pub node: NodeId,
+    /// The Docker network whose subnet is this host's container subnet.
+    pub bridge_network: String,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+/// Runs until `shutdown` flips to true or the receiver of `reports` is gone.
+pub async fn watch(config: WatcherConfig, reports: mpsc::Sender<Report>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(250);
+    let mut was_connected = true; // log the first failure as a warning too
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let mut resynced = false;
+        let ended = tokio::select! {
+            r = follow(&config, &reports, &mut resynced) => r,
+            _ = shutdown.changed() => return,
+        };
+        if resynced {
+            // The session worked for a while: start the backoff over.
+            backoff = Duration::from_millis(250);
+            was_connected = true;
+        }
+        let reason = match ended {
+            Ok(()) => "event stream ended".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if reports.is_closed() {
+            return;
+        }
+        if was_connected {
+            tracing::warn!(uri = %config.uri, %reason, "docker unavailable; DNS keeps serving the last known records, retrying");
+            let _ = reports.send(Report::Disconnected { reason: reason.clone() }).await;
+        } else {
+            tracing::debug!(uri = %config.uri, %reason, ?backoff, "docker still unavailable");
+        }
+        was_connected = false;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(config.max_backoff);
+    }
+}
+
+/// Connects to the engine, subscribes to events, resyncs, then follows events until the stream
+/// ends or fails.
+async fn follow(config: &WatcherConfig, reports: &mpsc::Sender<Report>, resynced: &mut bool) -> Result<(), Error> {
+    let docker = connect(&config.uri).await?;
+    // Subscribe before listing, so that nothing that happens during the listing is missed.
+    let mut filters = HashMap::new();
+    filters.insert("type", vec!["container", "network"]);
+    let mut events = Box::pin(docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build())));
+
+    let bridge_subnets = bridge_subnets(&docker, &config.bridge_network).await;
+    let containers = list_running(&docker, config.node).await?;
+    tracing::info!(uri = %config.uri, containers = containers.len(), "docker connected; resyncing this node's records");
+    send(reports, Report::Connected { bridge_subnets }).await?;
+    send(
+        reports,
+        Report::Command(Command::ReplaceContainers {
+            node: config.node,
+            containers,
+        }),
+    )
+    .await?;
+    *resynced = true;
+
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|e| Error::Unavailable {
+            uri: config.uri.clone(),
+            reason: e.to_string(),
+        })?;
+        if let Some(id) = affected_container(&event) {
+            let command = current_state(&docker, config.node, &id).await?;
+            send(reports, Report::Command(command)).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn send(reports: &mpsc::Sender<Report>, report: Report) -> Result<(), Error> {
+    reports.send(report).await.map_err(|_| Error::Api("the node stopped listening".into()))
+}
+
+/// Opens a client and checks that the engine answers.
+pub async fn connect(uri: &str) -> Result<Docker, Error> {
+    let unavailable = |reason: String| Error::Unavailable {
+        uri: uri.to_string(),
+        reason,
+    };
+    let path = uri.strip_prefix("unix://").unwrap_or(uri);
+    let docker = Docker::connect_with_unix(path, 30, bollard::API_DEFAULT_VERSION)
+        .map_err(|e| unavailable(e.to_string()))?;
+    let docker = docker.negotiate_version().await.map_err(|e| unavailable(e.to_string()))?;
+    docker.ping().await.map_err(|e| unavailable(e.to_string()))?;
+    Ok(docker)
+}
+
+/// The running containers of this engine, as registry records.
+async fn list_running(docker: &Docker, node: NodeId) -> Result<Vec<Container>, Error> {
+    let options = ListContainersOptionsBuilder::new().all(false).build();
+    let summaries = docker
+        .list_containers(Some(options))
+        .await
+        .map_err(|e| Error::Api(e.to_string()))?;
+    let mut out = Vec::with_capacity(summaries.len());
+    for summary in summaries {
+        let Some(id) = summary.id else { continue };
+        // A container can stop between the listing and the inspection: then it is simply gone.
+        match inspect(docker, node, &id).await? {
+            Some(c) => out.push(c),
+            None => continue,
+        }
+    }
+    Ok(out)
+}
+
+/// The container as it is now: running → its record, otherwise gone.
+async fn inspect(docker: &Docker, node: NodeId, id: &str) -> Result<Option<Container>, Error> {
+    match docker.inspect_container(id, None).await {
+        Ok(details) => Ok(container_from_inspect(&details, node)),
+        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+        Err(e) => Err(Error::Api(e.to_string())),
+    }
+}
+
+/// The command that brings the registry in line with container `id`'s current state.
+async fn current_state(docker: &Docker, node: NodeId, id: &str) -> Result<Command, Error> {
+    Ok(match inspect(docker, node, id).await? {
+        Some(container) => Command::UpsertContainer(container),
+        None => Command::RemoveContainer {
+            node,
+            id: ContainerId(id.to_string()),
+        },
+    })
+}
+
+/// The container an event may have changed, for the events that change what DNS answers.
+fn affected_container(event: &EventMessage) -> Option<String> {
+    let action = event.action.as_deref()?;
+    let actor = event.actor.as_ref()?;
+    match event.typ? {
+        EventMessageTypeEnum::CONTAINER => {
+            let relevant = matches!(
+                action,
+                "start" | "restart" | "die" | "stop" | "kill" | "destroy" | "pause" | "unpause" | "rename" | "update"
+            ) || action.starts_with("health_status");
+            if relevant {
+                actor.id.clone()
+            } else {
+                None
+            }
+        }
+        EventMessageTypeEnum::NETWORK if matches!(action, "connect" | "disconnect") => {
+            actor.attributes.as_ref()?.get("container").cloned()
+        }
+        _ => None,
+    }
+}
+
+/// Subnets of the named Docker network (empty if it does not exist or has none).
+async fn bridge_subnets(docker: &Docker, network: &str) -> Vec<Subnet> {
+    let inspected = docker
+        .inspect_network(network, None::<InspectNetworkOptions>)
+        .await;
+    match inspected {
+        Ok(net) => net
+            .ipam
+            .and_then(|ipam| ipam.config)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c.subnet.as_deref()?.parse().ok())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(%network, error = %e, "cannot read the bridge network's subnet");
+            Vec::new()
+        }
+    }
+}

@@ -10,7 +10,8 @@ mod storage;
 
 use std::path::Path;
 
-pub use node::{start, NodeConfig, NodeHandle, Published, RaftStatus, Role};
+pub use linkdns_registry::Published;
+pub use node::{start, NodeConfig, NodeHandle, RaftStatus, Role};
 pub use storage::{LogStore, MemStore, SledStore};
 
 /// Errors of the Raft node.

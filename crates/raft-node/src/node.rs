@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use linkdns_registry::{Command, Outcome, Registry};
+use linkdns_registry::{Command, Outcome, Published, Registry};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message, Snapshot};
 use raft::{RawNode, StateRole, Storage};
@@ -76,14 +76,6 @@ pub struct RaftStatus {
     pub snapshot_index: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
-}
-
-/// The registry as of an applied index: what DNS answers from.
-#[derive(Debug, Default)]
-pub struct Published {
-    /// Raft index of the last entry reflected in `registry`; changes whenever the registry does.
-    pub applied: u64,
-    pub registry: Registry,
 }
 
 type Reply = oneshot::Sender<Result<Outcome, Error>>;

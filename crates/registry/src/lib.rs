@@ -15,7 +15,7 @@ use std::net::IpAddr;
 pub use command::{Command, COMMAND_VERSION};
 pub use lookup::{reverse_name_to_ip, Resolution};
 pub use model::{
-    normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo, Port, Protocol,
+    normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo, Port, Protocol, Subnet,
 };
 pub use snapshot::SNAPSHOT_VERSION;
 
@@ -45,6 +45,15 @@ pub enum Error {
         found: u8,
         supported: u8,
     },
+}
+
+/// The registry as of an applied Raft index: what DNS answers from. Replaced as a whole, never
+/// changed in place.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    /// Index of the last log entry reflected in `registry`; changes whenever the registry does.
+    pub applied: u64,
+    pub registry: Registry,
 }
 
 /// What applying a command did.

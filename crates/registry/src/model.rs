@@ -110,3 +110,82 @@ pub fn normalize_name(name: &str) -> String {
         .trim_end_matches('.')
         .to_ascii_lowercase()
 }
+
+/// An IP network (`192.168.1.0/24`): container subnets, allowed-client ranges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Subnet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Subnet {
+    /// A subnet from an address and prefix length; host bits are cleared.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Subnet> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return None;
+        }
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) & mask32(prefix)).into()),
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) & mask128(prefix)).into()),
+        };
+        Some(Subnet { addr, prefix })
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => u32::from(ip) & mask32(self.prefix) == u32::from(net),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                u128::from(ip) & mask128(self.prefix) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn mask32(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+fn mask128(prefix: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+}
+
+impl fmt::Display for Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Subnet {
+    type Err = String;
+
+    /// Parses `a.b.c.d/n` or `x::/n`; a bare address is a host route (/32 or /128).
+    fn from_str(s: &str) -> Result<Subnet, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP network (expected e.g. 192.168.1.0/24)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .map_err(|_| format!("{s:?}: prefix length {p:?} is not a number"))?,
+            None => max,
+        };
+        Subnet::new(addr, prefix).ok_or_else(|| format!("{s:?}: prefix length above {max}"))
+    }
+}

@@ -294,3 +294,18 @@ fn reverse_names_parse_strictly() {
     assert_eq!(reverse_name_to_ip(v6), Some(ip("fd00::2")));
     assert_eq!(reverse_name_to_ip("example.com"), None);
 }
+
+#[test]
+fn subnets_parse_and_contain() {
+    let s: Subnet = "192.168.1.77/24".parse().expect("subnet");
+    assert_eq!(s.to_string(), "192.168.1.0/24");
+    assert!(s.contains(ip("192.168.1.200")));
+    assert!(!s.contains(ip("192.168.2.1")));
+    assert!(!s.contains(ip("::1")));
+    let all: Subnet = "0.0.0.0/0".parse().expect("default");
+    assert!(all.contains(ip("8.8.8.8")));
+    let host: Subnet = "fd00::1".parse().expect("host");
+    assert_eq!(host.prefix(), 128);
+    assert!("10.0.0.0/33".parse::<Subnet>().is_err());
+    assert!("nonsense/8".parse::<Subnet>().is_err());
+}

@@ -1,0 +1,117 @@
+//! DNS metrics in Prometheus form: queries by type and response code, answer latency.
+
+use std::time::Duration;
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabels {
+    pub qtype: &'static str,
+    pub rcode: &'static str,
+}
+
+/// Counters the DNS front end updates; cheap to clone (shared atomics).
+#[derive(Clone, Debug)]
+pub struct DnsMetrics {
+    queries: Family<QueryLabels, Counter>,
+    latency: Histogram,
+    forwarded: Counter,
+    malformed: Counter,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        DnsMetrics {
+            queries: Family::default(),
+            // 10 µs .. ~1.3 s
+            latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
+            forwarded: Counter::default(),
+            malformed: Counter::default(),
+        }
+    }
+}
+
+impl DnsMetrics {
+    /// Adds the metrics to `registry` under `linkdns_dns_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("linkdns_dns_queries", "DNS queries answered, by query type and response code", self.queries.clone());
+        registry.register("linkdns_dns_answer_seconds", "Time from receiving a query to sending its answer", self.latency.clone());
+        registry.register("linkdns_dns_forwarded", "Queries forwarded to upstream resolvers", self.forwarded.clone());
+        registry.register("linkdns_dns_malformed", "Packets that did not parse as DNS queries", self.malformed.clone());
+    }
+
+    pub(crate) fn record(&self, response: &Message) {
+        let qtype = response.queries.first().map_or(RecordType::Unknown(0), |q| q.query_type());
+        self.count(qtype, response.metadata.response_code);
+    }
+
+    /// Counts a cached answer from its wire bytes (type after the question name, rcode in byte 3).
+    pub(crate) fn record_cached(&self, wire: &[u8]) {
+        let mut pos = 12;
+        while let Some(&len) = wire.get(pos) {
+            if len == 0 {
+                break;
+            }
+            pos += 1 + usize::from(len);
+        }
+        let qtype = wire
+            .get(pos + 1..pos + 3)
+            .map_or(RecordType::Unknown(0), |b| RecordType::from(u16::from_be_bytes([b[0], b[1]])));
+        let rcode = ResponseCode::from(0, wire.get(3).map_or(0, |b| b & 0x0f));
+        self.count(qtype, rcode);
+    }
+
+    fn count(&self, qtype: RecordType, rcode: ResponseCode) {
+        let labels = QueryLabels {
+            qtype: qtype_label(qtype),
+            rcode: rcode_label(rcode),
+        };
+        self.queries.get_or_create(&labels).inc();
+    }
+
+    pub(crate) fn observe_latency(&self, elapsed: Duration) {
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn record_forward(&self) {
+        self.forwarded.inc();
+    }
+
+    pub(crate) fn record_malformed(&self) {
+        self.malformed.inc();
+    }
+}
+
+fn qtype_label(t: RecordType) -> &'static str {
+    match t {
+        RecordType::A => "A",
+        RecordType::AAAA => "AAAA",
+        RecordType::PTR => "PTR",
+        RecordType::SOA => "SOA",
+        RecordType::NS => "NS",
+        RecordType::SRV => "SRV",
+        RecordType::TXT => "TXT",
+        RecordType::MX => "MX",
+        RecordType::CNAME => "CNAME",
+        RecordType::ANY => "ANY",
+        _ => "other",
+    }
+}
+
+fn rcode_label(r: ResponseCode) -> &'static str {
+    match r {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::NotImp => "NOTIMP",
+        _ => "other",
+    }
+}

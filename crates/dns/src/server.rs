@@ -1,0 +1,437 @@
+//! DNS sockets: a UDP fast path (one blocking thread per address, answers cached as encoded
+//! bytes per registry version) and TCP through hickory-server. Both answer with [`Zone::decide`].
+
+use std::collections::HashMap;
+use std::iter;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, ResponseCode};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use linkdns_registry::Published;
+
+use crate::acl::{canonical, Acl};
+use crate::answer::{check_request, formerr_for, reply_to, Cacheable, Decision, Zone, MAX_UDP_PAYLOAD};
+use crate::forward::Forwarder;
+use crate::metrics::DnsMetrics;
+use crate::Error;
+
+/// Everything answering needs, shared by all sockets.
+pub struct Answerer {
+    pub zone: Zone,
+    pub acl: Acl,
+    pub forwarder: Forwarder,
+    pub published: Arc<ArcSwap<Published>>,
+    pub metrics: DnsMetrics,
+}
+
+/// What the UDP path does with one datagram.
+enum Handled {
+    Reply(Vec<u8>),
+    Forward,
+    Drop,
+}
+
+/// Encoded answers of the current registry version, keyed by the lowercased question and
+/// whether the client used EDNS. Owned by one UDP thread: no locks.
+struct AnswerCache {
+    applied: u64,
+    entries: HashMap<(Vec<u8>, bool), Vec<u8>>,
+}
+
+/// Upper bound on cached answers per thread; a flood of distinct names cannot grow it further.
+const CACHE_LIMIT: usize = 200_000;
+
+impl AnswerCache {
+    fn new() -> AnswerCache {
+        AnswerCache {
+            applied: u64::MAX,
+            entries: HashMap::new(),
+        }
+    }
+}
+
+/// The parts of a query the fast path reads straight off the wire.
+struct WireQuery {
+    /// End of the question section.
+    question_end: usize,
+    /// Whether an OPT record follows, and the client's UDP payload size.
+    edns: Option<u16>,
+}
+
+/// Reads a plain query (one question, optionally one OPT of version 0, nothing else) without
+/// decoding it; anything else returns `None` and takes the full path.
+fn scan_query(bytes: &[u8]) -> Option<WireQuery> {
+    let header = bytes.get(..12)?;
+    let flags = header[2];
+    if flags & 0x80 != 0 || flags & 0x78 != 0 {
+        return None; // a response, or not a QUERY
+    }
+    let count = |i: usize| u16::from_be_bytes([header[i], header[i + 1]]);
+    if count(4) != 1 || count(6) != 0 || count(8) != 0 || count(10) > 1 {
+        return None;
+    }
+    let mut pos = 12;
+    loop {
+        let len = usize::from(*bytes.get(pos)?);
+        if len == 0 {
+            pos += 1;
+            break;
+        }
+        if len > 63 || pos - 12 > 255 {
+            return None; // compression or an oversize label: full path
+        }
+        pos += 1 + len;
+    }
+    let question_end = pos + 4;
+    if bytes.len() < question_end {
+        return None;
+    }
+    if count(10) == 0 {
+        return (bytes.len() == question_end).then_some(WireQuery {
+            question_end,
+            edns: None,
+        });
+    }
+    // OPT: root name, type 41, class = payload, ttl = ext-rcode/version/flags, rdlength, rdata.
+    let opt = bytes.get(question_end..question_end + 11)?;
+    if opt[0] != 0 || opt[1..3] != [0, 41] || opt[6] != 0 {
+        return None;
+    }
+    let rdlen = usize::from(u16::from_be_bytes([opt[9], opt[10]]));
+    if bytes.len() != question_end + 11 + rdlen {
+        return None;
+    }
+    Some(WireQuery {
+        question_end,
+        edns: Some(u16::from_be_bytes([opt[3], opt[4]])),
+    })
+}
+
+/// The largest UDP response this client accepts.
+fn udp_limit(edns_payload: Option<u16>) -> usize {
+    match edns_payload {
+        Some(p) => usize::from(p.clamp(512, MAX_UDP_PAYLOAD)),
+        None => 512,
+    }
+}
+
+impl Answerer {
+    /// Answers one UDP datagram.
+    fn handle_datagram(&self, bytes: &[u8], src: SocketAddr, cache: &mut AnswerCache) -> Handled {
+        let published = self.published.load();
+        if cache.applied != published.applied || cache.entries.len() >= CACHE_LIMIT {
+            cache.entries.clear();
+            cache.applied = published.applied;
+        }
+        let scanned = scan_query(bytes);
+        if let Some(q) = &scanned {
+            let key = (bytes[12..q.question_end].to_ascii_lowercase(), q.edns.is_some());
+            if let Some(cached) = cache.entries.get(&key) {
+                if cached.len() <= udp_limit(q.edns) {
+                    let mut out = cached.clone();
+                    // Same question length, so the cached answer's name pointers still fit;
+                    // copy the client's id, RD/CD bits and the question in its own case.
+                    out[..2].copy_from_slice(&bytes[..2]);
+                    out[2] = (out[2] & !0x01) | (bytes[2] & 0x01);
+                    out[3] = (out[3] & !0x10) | (bytes[3] & 0x10);
+                    out[12..q.question_end].copy_from_slice(&bytes[12..q.question_end]);
+                    self.metrics.record_cached(&out);
+                    return Handled::Reply(out);
+                }
+            }
+        }
+        let request = match Message::from_vec(bytes) {
+            Ok(m) => m,
+            Err(_) => {
+                self.metrics.record_malformed();
+                return formerr_for(bytes).map_or(Handled::Drop, Handled::Reply);
+            }
+        };
+        if request.metadata.message_type != hickory_proto::op::MessageType::Query {
+            return Handled::Drop;
+        }
+        let query = match check_request(&request) {
+            Ok(q) => q.clone(),
+            Err(response) => return self.encode_udp(&response, None, None, cache),
+        };
+        let (decision, cacheable) = self.zone.decide(
+            &request,
+            &query,
+            canonical(src.ip()),
+            &published.registry,
+            published.applied,
+            &self.acl,
+        );
+        match decision {
+            Decision::Forward => Handled::Forward,
+            Decision::Respond(response) => {
+                let key = match (&scanned, cacheable) {
+                    (Some(q), Cacheable::Yes) => Some((
+                        bytes[12..q.question_end].to_ascii_lowercase(),
+                        q.edns.is_some(),
+                    )),
+                    _ => None,
+                };
+                let limit = udp_limit(request.edns.as_ref().map(Edns::max_payload));
+                self.encode_udp(&response, Some(limit), key, cache)
+            }
+        }
+    }
+
+    /// Encodes a response within the client's UDP limit (setting TC when records had to go),
+    /// caching it when it is complete and `key` allows.
+    fn encode_udp(
+        &self,
+        response: &Message,
+        limit: Option<usize>,
+        key: Option<(Vec<u8>, bool)>,
+        cache: &mut AnswerCache,
+    ) -> Handled {
+        let limit = limit.unwrap_or(512);
+        let Some(bytes) = encode(response, limit) else {
+            return Handled::Drop;
+        };
+        self.metrics.record(response);
+        let truncated = bytes.get(2).is_some_and(|b| b & 0x02 != 0);
+        if let Some(key) = key {
+            if !truncated {
+                cache.entries.insert(key, bytes.clone());
+            }
+        }
+        Handled::Reply(bytes)
+    }
+}
+
+/// Encodes `message` in at most `limit` bytes. Records that do not fit are left out and TC is
+/// set; if even that fails, a bare header with TC.
+fn encode(message: &Message, limit: usize) -> Option<Vec<u8>> {
+    let mut buf = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.set_max_size(u16::try_from(limit).unwrap_or(u16::MAX));
+    match message.emit(&mut encoder) {
+        Ok(()) if buf.len() <= limit => Some(buf),
+        _ => {
+            // Fall back to the header and question only, marked truncated.
+            let mut bare = reply_header_only(message);
+            bare.metadata.truncation = true;
+            bare.to_vec().ok()
+        }
+    }
+}
+
+fn reply_header_only(message: &Message) -> Message {
+    let mut m = Message::new(message.metadata.id, message.metadata.message_type, message.metadata.op_code);
+    m.metadata = message.metadata;
+    m.add_queries(message.queries.iter().cloned());
+    m
+}
+
+/// A running DNS front end; dropping it stops the UDP threads.
+pub struct DnsServer {
+    stop: Arc<AtomicBool>,
+    udp_threads: Vec<JoinHandle<()>>,
+    tcp: Option<hickory_server::Server<TcpHandler>>,
+    bound: Vec<SocketAddr>,
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on every address and starts serving. Must run inside a tokio runtime.
+    pub async fn start(listen: &[SocketAddr], answerer: Arc<Answerer>, tcp_idle: Duration) -> Result<DnsServer, Error> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let runtime = tokio::runtime::Handle::current();
+        let mut tcp = hickory_server::Server::new(TcpHandler { answerer: answerer.clone() });
+        let mut udp_threads = Vec::new();
+        let mut bound = Vec::new();
+        for addr in listen {
+            let bind_err = |e: std::io::Error| Error::Bind(*addr, e.to_string());
+            let socket = UdpSocket::bind(addr).map_err(bind_err)?;
+            let local = socket.local_addr().map_err(bind_err)?;
+            // Same port for TCP as UDP, also when the config asked for port 0.
+            let listener = tokio::net::TcpListener::bind(local).await.map_err(bind_err)?;
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .map_err(bind_err)?;
+            tcp.register_listener(listener, tcp_idle, 32);
+            let (answerer, stop, runtime) = (answerer.clone(), stop.clone(), runtime.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("dns-udp {local}"))
+                .spawn(move || udp_loop(socket, answerer, stop, runtime))
+                .map_err(bind_err)?;
+            udp_threads.push(thread);
+            tracing::info!(addr = %local, "DNS listening (udp, tcp)");
+            bound.push(local);
+        }
+        Ok(DnsServer {
+            stop,
+            udp_threads,
+            tcp: Some(tcp),
+            bound,
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.bound
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(mut tcp) = self.tcp.take() {
+            let _ = tcp.shutdown_gracefully().await;
+        }
+        for t in self.udp_threads.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn udp_loop(socket: UdpSocket, answerer: Arc<Answerer>, stop: Arc<AtomicBool>, runtime: tokio::runtime::Handle) {
+    let mut cache = AnswerCache::new();
+    let mut buf = vec![0u8; 65535];
+    while !stop.load(Ordering::Relaxed) {
+        let (n, src) = match socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "udp receive failed");
+                continue;
+            }
+        };
+        let started = Instant::now();
+        match answerer.handle_datagram(&buf[..n], src, &mut cache) {
+            Handled::Reply(bytes) => {
+                if let Err(e) = socket.send_to(&bytes, src) {
+                    tracing::debug!(%src, error = %e, "udp send failed");
+                }
+                answerer.metrics.observe_latency(started.elapsed());
+            }
+            Handled::Forward => {
+                let query = buf[..n].to_vec();
+                let Ok(reply_socket) = socket.try_clone() else {
+                    continue;
+                };
+                let answerer = answerer.clone();
+                runtime.spawn(async move {
+                    let response = forward_or_servfail(&answerer, &query, false).await;
+                    let limit = udp_limit(Message::from_vec(&query).ok().and_then(|m| m.edns.map(|e| e.max_payload())));
+                    let response = fit_udp(response, limit);
+                    if let Err(e) = reply_socket.send_to(&response, src) {
+                        tracing::debug!(%src, error = %e, "udp send failed");
+                    }
+                    answerer.metrics.observe_latency(started.elapsed());
+                });
+            }
+            Handled::Drop => {}
+        }
+    }
+}
+
+/// An upstream answer too large for the client: re-encoded within the limit (TC set).
+fn fit_udp(response: Vec<u8>, limit: usize) -> Vec<u8> {
+    if response.len() <= limit {
+        return response;
+    }
+    match Message::from_vec(&response) {
+        Ok(m) => encode(&m, limit).unwrap_or(response),
+        Err(_) => response,
+    }
+}
+
+async fn forward_or_servfail(answerer: &Answerer, query: &[u8], tcp: bool) -> Vec<u8> {
+    answerer.metrics.record_forward();
+    match answerer.forwarder.forward(query, tcp).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!(error = %e, "forwarding failed; answering SERVFAIL");
+            let fail = Message::from_vec(query)
+                .ok()
+                .map(|m| reply_to(&m, ResponseCode::ServFail))
+                .and_then(|m| m.to_vec().ok());
+            fail.unwrap_or_default()
+        }
+    }
+}
+
+/// TCP requests, through hickory-server.
+pub struct TcpHandler {
+    answerer: Arc<Answerer>,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for TcpHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+        let started = Instant::now();
+        let answerer = &self.answerer;
+        let failed = |code: ResponseCode| {
+            let mut metadata = Metadata::response_from_request(&request.metadata);
+            metadata.response_code = code;
+            ResponseInfo::from(Header {
+                metadata,
+                counts: HeaderCounts::default(),
+            })
+        };
+        let message = match Message::from_vec(request.as_slice()) {
+            Ok(m) => m,
+            Err(_) => {
+                answerer.metrics.record_malformed();
+                let builder = MessageResponseBuilder::new(&request.queries, None);
+                let response = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+                return response_handle.send_response(response).await.unwrap_or_else(|_| failed(ResponseCode::FormErr));
+            }
+        };
+        let response = match check_request(&message) {
+            Err(response) => response,
+            Ok(query) => {
+                let published = answerer.published.load();
+                let (decision, _) = answerer.zone.decide(
+                    &message,
+                    query,
+                    canonical(request.src().ip()),
+                    &published.registry,
+                    published.applied,
+                    &answerer.acl,
+                );
+                match decision {
+                    Decision::Respond(response) => response,
+                    Decision::Forward => {
+                        let bytes = forward_or_servfail(answerer, request.as_slice(), true).await;
+                        match Message::from_vec(&bytes) {
+                            Ok(m) => m,
+                            Err(_) => reply_to(&message, ResponseCode::ServFail),
+                        }
+                    }
+                }
+            }
+        };
+        answerer.metrics.record(&response);
+        let edns = response.edns.clone();
+        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+        let sent = builder.build(
+            response.metadata,
+            response.answers.iter(),
+            response.authorities.iter(),
+            iter::empty(),
+            response.additionals.iter(),
+        );
+        let info = response_handle
+            .send_response(sent)
+            .await
+            .unwrap_or_else(|_| failed(ResponseCode::ServFail));
+        answerer.metrics.observe_latency(started.elapsed());
+        info
+    }
+}

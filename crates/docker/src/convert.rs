@@ -1,0 +1,129 @@
+//! bollard's container model → the registry's [`Container`]. The only place that reads Docker's
+//! labels and network settings.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use bollard::models::ContainerInspectResponse;
+use linkdns_registry::{Container, ContainerId, LinkAlias, NodeId, Port, Protocol};
+
+/// `linkdns.alias=a,b`: extra names for the container.
+pub const LABEL_ALIAS: &str = "linkdns.alias";
+/// `linkdns.links=mysql:db,redis`: link aliases scoped to the container.
+pub const LABEL_LINKS: &str = "linkdns.links";
+/// Docker Compose's service name, an alias too.
+const LABEL_COMPOSE_SERVICE: &str = "com.docker.compose.service";
+
+/// The registry record of an inspected container, or `None` if it is not running (stopped,
+/// paused, restarting) and so must not be answered.
+pub fn container_from_inspect(details: &ContainerInspectResponse, node: NodeId) -> Option<Container> {
+    let state = details.state.as_ref()?;
+    if state.running != Some(true) || state.paused == Some(true) || state.restarting == Some(true) {
+        return None;
+    }
+    let id = details.id.clone()?;
+    let name = details.name.clone()?;
+    let labels = details.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+    let short_id = id.get(..12).unwrap_or(&id).to_string();
+
+    let mut ips = Vec::new();
+    let mut aliases = BTreeSet::new();
+    let networks = details.network_settings.as_ref().and_then(|n| n.networks.as_ref());
+    for endpoint in networks.into_iter().flat_map(|n| n.values()) {
+        for addr in [&endpoint.ip_address, &endpoint.global_ipv6_address].into_iter().flatten() {
+            if let Ok(ip) = addr.parse::<IpAddr>() {
+                ips.push(ip);
+            }
+        }
+        for alias in endpoint.aliases.iter().flatten() {
+            // Docker adds the short id as an alias on user-defined networks; it is not a name.
+            if *alias != short_id && !id.starts_with(alias.as_str()) {
+                aliases.insert(alias.clone());
+            }
+        }
+    }
+    if let Some(list) = labels.get(LABEL_ALIAS) {
+        aliases.extend(split_list(list).map(str::to_string));
+    }
+    if let Some(service) = labels.get(LABEL_COMPOSE_SERVICE) {
+        aliases.insert(service.clone());
+    }
+    let links = labels.get(LABEL_LINKS).map(|l| parse_links(l)).unwrap_or_default();
+    let ports = details
+        .config
+        .as_ref()
+        .and_then(|c| c.exposed_ports.as_ref())
+        .map(|p| p.iter().filter_map(|spec| parse_port(spec)).collect())
+        .unwrap_or_default();
+
+    Some(
+        Container {
+            id: ContainerId(id),
+            name,
+            node,
+            ips,
+            aliases,
+            links,
+            ports,
+        }
+        .normalized(),
+    )
+}
+
+/// Parses `mysql:db,redis` into link aliases (`redis` alone links `redis` as `redis`).
+pub fn parse_links(label: &str) -> BTreeSet<LinkAlias> {
+    split_list(label)
+        .map(|item| match item.split_once(':') {
+            Some((target, alias)) => LinkAlias {
+                target: target.trim().to_string(),
+                alias: alias.trim().to_string(),
+            },
+            None => LinkAlias {
+                target: item.to_string(),
+                alias: item.to_string(),
+            },
+        })
+        .filter(|l| !l.target.is_empty() && !l.alias.is_empty())
+        .collect()
+}
+
+fn split_list(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// `80/tcp` → port 80 over TCP.
+fn parse_port(spec: &str) -> Option<Port> {
+    let (port, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
+    let protocol = match proto {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "sctp" => Protocol::Sctp,
+        _ => return None,
+    };
+    Some(Port {
+        port: port.parse().ok()?,
+        protocol,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_label_parses_pairs_and_bare_names() {
+        let links = parse_links(" mysql:db, redis ,,bad:, :x");
+        let pairs: Vec<(String, String)> = links.into_iter().map(|l| (l.target, l.alias)).collect();
+        assert_eq!(
+            pairs,
+            [("mysql".to_string(), "db".to_string()), ("redis".to_string(), "redis".to_string())]
+        );
+    }
+
+    #[test]
+    fn ports_parse() {
+        assert_eq!(parse_port("80/tcp").map(|p| p.port), Some(80));
+        assert_eq!(parse_port("53/udp").map(|p| p.protocol), Some(Protocol::Udp));
+        assert_eq!(parse_port("x/tcp"), None);
+    }
+}
