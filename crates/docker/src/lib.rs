@@ -7,6 +7,7 @@
 mod convert;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bollard::models::{EventMessage, EventMessageTypeEnum};
@@ -33,8 +34,11 @@ pub enum Error {
 pub enum Report {
     /// A command about this node's containers, to be proposed.
     Command(Command),
-    /// Connected (again) to the engine; its bridge network's subnets.
-    Connected { bridge_subnets: Vec<Subnet> },
+    /// Connected (again) to the engine; its bridge network's subnets and gateway addresses.
+    Connected {
+        bridge_subnets: Vec<Subnet>,
+        bridge_gateways: Vec<IpAddr>,
+    },
     /// Lost the engine; records stay as they are until it is back.
     Disconnected { reason: String },
 }
@@ -100,10 +104,17 @@ async fn follow(config: &WatcherConfig, reports: &mpsc::Sender<Report>, resynced
     filters.insert("type", vec!["container", "network"]);
     let mut events = Box::pin(docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build())));
 
-    let bridge_subnets = bridge_subnets(&docker, &config.bridge_network).await;
+    let (bridge_subnets, bridge_gateways) = bridge_network(&docker, &config.bridge_network).await;
     let containers = list_running(&docker, config.node).await?;
     tracing::info!(uri = %config.uri, containers = containers.len(), "docker connected; resyncing this node's records");
-    send(reports, Report::Connected { bridge_subnets }).await?;
+    send(
+        reports,
+        Report::Connected {
+            bridge_subnets,
+            bridge_gateways,
+        },
+    )
+    .await?;
     send(
         reports,
         Report::Command(Command::ReplaceContainers {
@@ -207,22 +218,27 @@ fn affected_container(event: &EventMessage) -> Option<String> {
     }
 }
 
-/// Subnets of the named Docker network (empty if it does not exist or has none).
-async fn bridge_subnets(docker: &Docker, network: &str) -> Vec<Subnet> {
+/// Subnets and gateways of the named Docker network (empty if it does not exist).
+async fn bridge_network(docker: &Docker, network: &str) -> (Vec<Subnet>, Vec<IpAddr>) {
     let inspected = docker
         .inspect_network(network, None::<InspectNetworkOptions>)
         .await;
     match inspected {
-        Ok(net) => net
-            .ipam
-            .and_then(|ipam| ipam.config)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|c| c.subnet.as_deref()?.parse().ok())
-            .collect(),
+        Ok(net) => {
+            let configs = net.ipam.and_then(|ipam| ipam.config).unwrap_or_default();
+            let subnets = configs
+                .iter()
+                .filter_map(|c| c.subnet.as_deref()?.parse().ok())
+                .collect();
+            let gateways = configs
+                .iter()
+                .filter_map(|c| c.gateway.as_deref()?.parse().ok())
+                .collect();
+            (subnets, gateways)
+        }
         Err(e) => {
             tracing::warn!(%network, error = %e, "cannot read the bridge network's subnet");
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     }
 }

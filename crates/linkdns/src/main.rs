@@ -1,1 +1,73 @@
-fn main() {}
+//! The `linkdns` binary: command line, configuration, and the wiring of watcher, Raft node,
+//! DNS and admin endpoint into one process.
+
+mod admin;
+mod config;
+mod run;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{LogFormat, RunArgs, DEFAULT_DATA_DIR};
+
+#[derive(Debug, Parser)]
+#[command(name = "linkdns", version, about = "Service-discovery DNS for cross-host container links")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a node: watch Docker, replicate records through Raft, serve DNS.
+    Run(RunArgs),
+    /// Show the cluster as the running node on this data dir sees it.
+    Status {
+        #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Cmd::Run(RunArgs::default()));
+    let result = match command {
+        Cmd::Run(args) => run_node(args),
+        Cmd::Status { data_dir, json } => status::print(&data_dir, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("linkdns: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_node(args: RunArgs) -> anyhow::Result<()> {
+    let config = config::Config::resolve(&args)?;
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run::run(config))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LINKDNS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,186 @@
+//! The admin HTTP endpoint (loopback): `/status` as JSON, `/metrics` in Prometheus text.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use linkdns_dns::DnsMetrics;
+use linkdns_raft::NodeHandle;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as MetricsRegistry;
+use serde::{Deserialize, Serialize};
+
+/// Counters of the node itself (the DNS crate keeps its own).
+#[derive(Clone, Debug, Default)]
+pub struct NodeMetrics {
+    pub docker_events: Counter,
+    pub resyncs: Counter,
+    records: Gauge,
+    term: Gauge,
+    commit: Gauge,
+    applied: Gauge,
+}
+
+/// `/status` and `linkdns status --json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub node: String,
+    pub node_id: u64,
+    pub leader: Option<String>,
+    pub leader_id: Option<u64>,
+    pub role: String,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub records: usize,
+    pub members: Vec<Member>,
+    pub docker: DockerStatus,
+    pub dns_listen: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Member {
+    pub name: String,
+    pub id: u64,
+    pub peer_addr: String,
+    /// `voter` or `learner`.
+    pub role: String,
+    pub alive: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DockerStatus {
+    pub connected: bool,
+    pub error: Option<String>,
+}
+
+pub struct AdminState {
+    node: Arc<NodeHandle>,
+    node_name: String,
+    dns_listen: Mutex<Vec<SocketAddr>>,
+    docker: Mutex<DockerStatus>,
+    metrics: MetricsRegistry,
+    node_metrics: NodeMetrics,
+}
+
+impl AdminState {
+    pub fn new(node: Arc<NodeHandle>, node_name: String, dns_listen: Vec<SocketAddr>, dns: DnsMetrics, node_metrics: NodeMetrics) -> AdminState {
+        let mut metrics = MetricsRegistry::default();
+        dns.register(&mut metrics);
+        metrics.register("linkdns_docker_events", "Container changes reported by the Docker watcher", node_metrics.docker_events.clone());
+        metrics.register("linkdns_docker_resyncs", "Full resyncs with the Docker engine", node_metrics.resyncs.clone());
+        metrics.register("linkdns_records", "Container records in the local replica", node_metrics.records.clone());
+        metrics.register("linkdns_raft_term", "Current Raft term", node_metrics.term.clone());
+        metrics.register("linkdns_raft_commit_index", "Raft commit index", node_metrics.commit.clone());
+        metrics.register("linkdns_raft_applied_index", "Raft applied index", node_metrics.applied.clone());
+        AdminState {
+            node,
+            node_name,
+            dns_listen: Mutex::new(dns_listen),
+            docker: Mutex::new(DockerStatus::default()),
+            metrics,
+            node_metrics,
+        }
+    }
+
+    pub fn set_docker(&self, connected: bool, error: Option<String>) {
+        if let Ok(mut d) = self.docker.lock() {
+            *d = DockerStatus { connected, error };
+        }
+    }
+
+    pub fn set_dns_listen(&self, addrs: Vec<SocketAddr>) {
+        if let Ok(mut d) = self.dns_listen.lock() {
+            *d = addrs;
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let raft = self.node.status();
+        let published = self.node.published().load_full();
+        let registry = &published.registry;
+        let name_of = |id: u64| registry.node(id).map(|n| n.name.clone());
+        let mut members: Vec<Member> = raft
+            .voters
+            .iter()
+            .map(|&id| (id, "voter"))
+            .chain(raft.learners.iter().map(|&id| (id, "learner")))
+            .map(|(id, role)| Member {
+                name: name_of(id).unwrap_or_else(|| format!("node-{id}")),
+                id,
+                peer_addr: registry.node(id).map(|n| n.peer_addr.clone()).unwrap_or_default(),
+                role: role.to_string(),
+                // Liveness of other hosts comes with the cluster transport; this node is alive.
+                alive: id == raft.id && raft.role != linkdns_raft::Role::Stopped,
+            })
+            .collect();
+        members.sort_by_key(|m| m.id);
+        Status {
+            node: self.node_name.clone(),
+            node_id: raft.id,
+            leader: raft.leader.and_then(name_of),
+            leader_id: raft.leader,
+            role: serde_json::to_value(raft.role)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            term: raft.term,
+            commit_index: raft.commit_index,
+            applied_index: raft.applied_index,
+            snapshot_index: raft.snapshot_index,
+            records: registry.record_count(),
+            members,
+            docker: self.docker.lock().map(|d| d.clone()).unwrap_or_default(),
+            dns_listen: self.dns_listen.lock().map(|d| d.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        let s = self.status();
+        let m = &self.node_metrics;
+        m.records.set(s.records as i64);
+        m.term.set(s.term as i64);
+        m.commit.set(s.commit_index as i64);
+        m.applied.set(s.applied_index as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.metrics)?;
+        Ok(out)
+    }
+}
+
+/// Binds the admin endpoint and serves it in the background; returns the bound address.
+pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for the admin endpoint on {addr} (--admin-listen)"))?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/status", get(status_handler))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "admin endpoint listening (/status, /metrics)");
+    Ok(bound)
+}
+
+async fn status_handler(State(state): State<Arc<AdminState>>) -> Json<Status> {
+    Json(state.status())
+}
+
+async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    match state.metrics_text() {
+        Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new()),
+    }
+}

@@ -1,0 +1,281 @@
+//! Configuration: embedded defaults, then a TOML file, then `LINKDNS_*` environment variables,
+//! then command-line flags, each overriding the one before. `config/linkdns.toml` documents
+//! every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use linkdns_registry::Subnet;
+use serde::Deserialize;
+
+/// The file layer: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub node_name: Option<String>,
+    pub dns_listen: Option<Vec<SocketAddr>>,
+    pub peer_listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub docker: Option<String>,
+    pub domain: Option<String>,
+    pub upstreams: Option<Vec<SocketAddr>>,
+    pub ttl: Option<u32>,
+    pub allowed_clients: Option<Vec<String>>,
+    pub bridge_network: Option<String>,
+    pub snapshot_every: Option<u64>,
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The flag/environment layer (`linkdns run` options). Each is also `LINKDNS_<NAME>`.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunArgs {
+    /// TOML config file (see config/linkdns.toml).
+    #[arg(long, env = "LINKDNS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the Raft log, snapshots and node identity live.
+    #[arg(long, env = "LINKDNS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This host's name in the cluster (`<container>.<node>.cluster`); default: the hostname.
+    #[arg(long, env = "LINKDNS_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// DNS listen address (repeatable; comma-separated in the environment).
+    #[arg(long, env = "LINKDNS_DNS_LISTEN", value_delimiter = ',')]
+    pub dns_listen: Vec<SocketAddr>,
+    /// Raft peer transport address.
+    #[arg(long, env = "LINKDNS_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Admin HTTP address (/status, /metrics); keep it on loopback.
+    #[arg(long, env = "LINKDNS_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Docker engine socket (unix:///var/run/docker.sock).
+    #[arg(long, env = "LINKDNS_DOCKER")]
+    pub docker: Option<String>,
+    /// The cluster DNS domain.
+    #[arg(long, env = "LINKDNS_DOMAIN")]
+    pub domain: Option<String>,
+    /// Upstream resolver for other names (repeatable); default: the host's resolv.conf.
+    #[arg(long = "upstream", env = "LINKDNS_UPSTREAMS", value_delimiter = ',')]
+    pub upstreams: Vec<SocketAddr>,
+    /// TTL of answers, seconds.
+    #[arg(long, env = "LINKDNS_TTL")]
+    pub ttl: Option<u32>,
+    /// Extra networks allowed to use forwarding (repeatable).
+    #[arg(long = "allow", env = "LINKDNS_ALLOWED_CLIENTS", value_delimiter = ',')]
+    pub allowed_clients: Vec<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "LINKDNS_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The resolved configuration the node runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    /// Listen addresses; `None` means the defaults (loopback, plus the Docker bridge gateway).
+    pub dns_listen: Option<Vec<SocketAddr>>,
+    pub peer_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub docker: String,
+    pub domain: String,
+    pub upstreams: Vec<SocketAddr>,
+    pub ttl: u32,
+    pub allowed_clients: Vec<Subnet>,
+    pub bridge_network: String,
+    pub snapshot_every: u64,
+    pub log_format: LogFormat,
+    pub proposal_timeout: Duration,
+}
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/linkdns";
+pub const DEFAULT_DNS_LISTEN: &str = "127.0.0.1:53";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7381";
+pub const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:7380";
+
+impl FileConfig {
+    /// Reads and parses a config file; errors name the file, the key and the problem.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        FileConfig::parse(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<FileConfig> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+    }
+}
+
+impl Config {
+    /// Merges the layers: flags and environment over the file over the defaults.
+    pub fn resolve(args: &RunArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let pick_list = |flag: &Vec<SocketAddr>, file: &Option<Vec<SocketAddr>>| {
+            if flag.is_empty() {
+                file.clone()
+            } else {
+                Some(flag.clone())
+            }
+        };
+        let parse = |s: &str| -> anyhow::Result<SocketAddr> { Ok(s.parse()?) };
+        let allowed_text = if args.allowed_clients.is_empty() {
+            file.allowed_clients.clone().unwrap_or_default()
+        } else {
+            args.allowed_clients.clone()
+        };
+        let mut allowed_clients = Vec::new();
+        for text in &allowed_text {
+            let subnet = text
+                .parse::<Subnet>()
+                .map_err(|e| anyhow::anyhow!("allowed_clients: {e}"))?;
+            allowed_clients.push(subnet);
+        }
+        let ttl = args.ttl.or(file.ttl).unwrap_or(5);
+        if ttl == 0 {
+            bail!("ttl: 0 would disable caching in every client; use at least 1 (seconds)");
+        }
+        let domain = args
+            .domain
+            .clone()
+            .or(file.domain)
+            .unwrap_or_else(|| "cluster".to_string());
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if domain.is_empty() || domain.split('.').any(|l| l.is_empty() || l.len() > 63) {
+            bail!("domain: {domain:?} is not a DNS name (expected e.g. \"cluster\")");
+        }
+        let node_name = match args.node_name.clone().or(file.node_name) {
+            Some(n) => n,
+            None => default_node_name(),
+        };
+        let node_name = node_name.trim().to_ascii_lowercase();
+        if node_name.is_empty()
+            || node_name.len() > 63
+            || !node_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            bail!("node_name: {node_name:?} must be one DNS label (letters, digits, '-')");
+        }
+        Ok(Config {
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            node_name,
+            dns_listen: pick_list(&args.dns_listen, &file.dns_listen),
+            peer_listen: match args.peer_listen.or(file.peer_listen) {
+                Some(a) => a,
+                None => parse(DEFAULT_PEER_LISTEN)?,
+            },
+            admin_listen: match args.admin_listen.or(file.admin_listen) {
+                Some(a) => a,
+                None => parse(DEFAULT_ADMIN_LISTEN)?,
+            },
+            docker: args
+                .docker
+                .clone()
+                .or(file.docker)
+                .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string()),
+            domain,
+            upstreams: pick_list(&args.upstreams, &file.upstreams).unwrap_or_default(),
+            ttl,
+            allowed_clients,
+            bridge_network: file.bridge_network.unwrap_or_else(|| "bridge".to_string()),
+            snapshot_every: file.snapshot_every.unwrap_or(10_000).max(1),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            proposal_timeout: Duration::from_secs(5),
+        })
+    }
+}
+
+/// The kernel's hostname, first label, lowercased.
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .and_then(|h| h.trim().split('.').next().map(str::to_string))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_in_config_dir_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("config dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                FileConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                let args = RunArgs {
+                    config: Some(path.clone()),
+                    ..RunArgs::default()
+                };
+                Config::resolve(&args).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no config files found in {}", dir.display());
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_named() {
+        let err = FileConfig::parse("dns_listne = [\"127.0.0.1:53\"]")
+            .expect_err("typo")
+            .to_string();
+        assert!(err.contains("dns_listne"), "{err}");
+        let err = FileConfig::parse("ttl = \"five\"").expect_err("type").to_string();
+        assert!(err.contains("ttl"), "{err}");
+        let err = FileConfig::parse("dns_listen = [\"localhost\"]")
+            .expect_err("addr")
+            .to_string();
+        assert!(err.contains("dns_listen"), "{err}");
+        let args = RunArgs {
+            allowed_clients: vec!["10.0.0.0/99".into()],
+            ..RunArgs::default()
+        };
+        let err = Config::resolve(&args).expect_err("prefix").to_string();
+        assert!(err.contains("allowed_clients"), "{err}");
+        let args = RunArgs {
+            node_name: Some("no spaces".into()),
+            ..RunArgs::default()
+        };
+        assert!(Config::resolve(&args)
+            .expect_err("name")
+            .to_string()
+            .contains("node_name"));
+    }
+
+    #[test]
+    fn flags_override_file_over_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "ttl = 9\ndomain = \"Corp.Example.\"\nnode_name = \"filehost\"\n")
+            .expect("write");
+        let args = RunArgs {
+            config: Some(path),
+            node_name: Some("flaghost".into()),
+            ..RunArgs::default()
+        };
+        let c = Config::resolve(&args).expect("resolve");
+        assert_eq!((c.ttl, c.domain.as_str(), c.node_name.as_str()), (9, "corp.example", "flaghost"));
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert!(c.dns_listen.is_none());
+    }
+}
