@@ -1,0 +1,439 @@
+//! The test bed: each host is a network namespace with its own Docker engine, a veth to the root
+//! namespace, and (when started) a real `linkdns` process. See DESIGN.md's test-bed facts.
+//!
+//! Prerequisites are checked once and fail loudly: root, iproute2, nsenter, dockerd, dig,
+//! busybox. Nothing here is skipped.
+
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Root of everything the test bed writes.
+const BASE: &str = "/tmp/linkdns-e2e";
+/// Name of the image every host gets: busybox, built offline.
+pub const IMAGE: &str = "ldt-busybox:latest";
+
+static NEXT_HOST: AtomicU8 = AtomicU8::new(1);
+static PREPARED: OnceLock<PathBuf> = OnceLock::new();
+
+pub fn linkdns_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_linkdns")
+}
+
+/// Runs a command; panics with its output if it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    if !out.status.success() {
+        panic!(
+            "`{program} {}` failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (is it installed? see .ci/run)"))
+}
+
+/// Checks the prerequisites, clears what an earlier crashed run left, builds the image tar.
+fn prepare() -> &'static Path {
+    PREPARED.get_or_init(|| {
+        let uid = sh("id", &["-u"]);
+        assert_eq!(uid.trim(), "0", "the e2e tests need root (network namespaces, dockerd)");
+        for tool in ["ip", "nsenter", "dockerd", "docker", "dig", "busybox", "iptables"] {
+            let found = run("sh", &["-c", &format!("command -v {tool}")]);
+            assert!(
+                found.status.success(),
+                "e2e prerequisite `{tool}` is missing: install it (see .ci/run: docker.io iproute2 iptables busybox-static dnsutils)"
+            );
+        }
+        cleanup_stale();
+        let base = PathBuf::from(BASE);
+        std::fs::create_dir_all(&base).expect("create test bed dir");
+        // busybox, statically linked, as the whole image.
+        let rootfs = base.join("rootfs");
+        let bin = rootfs.join("bin");
+        std::fs::create_dir_all(&bin).expect("rootfs");
+        let busybox = sh("sh", &["-c", "command -v busybox"]);
+        std::fs::copy(busybox.trim(), bin.join("busybox")).expect("copy busybox");
+        for applet in ["sh", "sleep", "nc", "nslookup", "ping", "httpd", "cat", "echo", "ls", "wget", "hostname"] {
+            let link = bin.join(applet);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink("busybox", &link).expect("applet link");
+        }
+        std::fs::create_dir_all(rootfs.join("etc")).expect("etc");
+        let tar = base.join("image.tar");
+        sh("tar", &["-C", &rootfs.to_string_lossy(), "-cf", &tar.to_string_lossy(), "."]);
+        base
+    })
+}
+
+/// Removes namespaces, links and daemons left by an earlier run that did not clean up.
+fn cleanup_stale() {
+    let _ = run("sh", &["-c", &format!("pkill -9 -f '{BASE}/' ; sleep 0.5")]);
+    let list = sh("ip", &["netns", "list"]);
+    for line in list.lines() {
+        if let Some(name) = line.split_whitespace().next() {
+            if name.starts_with("ldt-") {
+                let _ = run("ip", &["netns", "delete", name]);
+            }
+        }
+    }
+    let links = sh("ip", &["-o", "link", "show"]);
+    for line in links.lines() {
+        if let Some(name) = line.split(": ").nth(1) {
+            let name = name.split('@').next().unwrap_or(name);
+            if name.starts_with("ldt-") {
+                let _ = run("ip", &["link", "delete", name]);
+            }
+        }
+    }
+    let _ = run("sh", &["-c", &format!("umount -R {BASE}/*/exec 2>/dev/null; umount -R {BASE}/*/data/* 2>/dev/null; true")]);
+    let _ = std::fs::remove_dir_all(BASE);
+}
+
+/// One host of the test bed.
+pub struct Host {
+    pub index: u8,
+    pub ns: String,
+    /// The host's address on its veth (reachable from the root namespace).
+    pub addr: Ipv4Addr,
+    /// The root namespace's end of the veth.
+    pub outside: Ipv4Addr,
+    /// The Docker bridge's gateway (where containers find DNS by default).
+    pub gateway: Ipv4Addr,
+    pub dir: PathBuf,
+    dockerd: Option<Child>,
+    linkdns: Option<Child>,
+    linkdns_args: Vec<String>,
+}
+
+impl Host {
+    /// A new host with a running Docker engine that has the busybox image.
+    pub fn new() -> Host {
+        let base = prepare();
+        let index = NEXT_HOST.fetch_add(1, Ordering::SeqCst);
+        assert!(index < 200, "too many test hosts");
+        let ns = format!("ldt-h{index}");
+        let dir = base.join(format!("h{index}"));
+        std::fs::create_dir_all(&dir).expect("host dir");
+        let addr = Ipv4Addr::new(172, 30, index, 2);
+        let outside = Ipv4Addr::new(172, 30, index, 1);
+        let (veth_out, veth_in) = (format!("ldt-{index}o"), format!("ldt-{index}i"));
+        sh("ip", &["netns", "add", &ns]);
+        sh("ip", &["link", "add", &veth_out, "type", "veth", "peer", "name", &veth_in]);
+        sh("ip", &["link", "set", &veth_in, "netns", &ns]);
+        sh("ip", &["addr", "add", &format!("{outside}/24"), "dev", &veth_out]);
+        sh("ip", &["link", "set", &veth_out, "up"]);
+        let in_ns = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", ns.as_str()];
+            full.extend_from_slice(args);
+            sh("ip", &full);
+        };
+        in_ns(&["ip", "link", "set", "lo", "up"]);
+        in_ns(&["ip", "addr", "add", &format!("{addr}/24"), "dev", &veth_in]);
+        in_ns(&["ip", "link", "set", &veth_in, "up"]);
+        let mut host = Host {
+            index,
+            ns,
+            addr,
+            outside,
+            gateway: Ipv4Addr::new(192, 168, index, 1),
+            dir,
+            dockerd: None,
+            linkdns: None,
+            linkdns_args: Vec::new(),
+        };
+        host.start_dockerd();
+        host.docker(&["import", &base.join("image.tar").to_string_lossy(), IMAGE]);
+        host
+    }
+
+    pub fn docker_sock(&self) -> PathBuf {
+        self.dir.join("docker.sock")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("linkdns")
+    }
+
+    /// Starts this host's Docker engine and waits until it answers.
+    pub fn start_dockerd(&mut self) {
+        let log = std::fs::File::create(self.dir.join("dockerd.log")).expect("dockerd log");
+        let d = |p: &str| self.dir.join(p).to_string_lossy().into_owned();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns))
+            .args(["dockerd", "--data-root", &d("data"), "--exec-root", &d("exec"), "--pidfile", &d("docker.pid")])
+            .args(["-H", &format!("unix://{}", d("docker.sock")), "--bip", &format!("{}/24", self.gateway)])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        self.dockerd = Some(child);
+        wait_until(Duration::from_secs(60), "dockerd to answer", || {
+            self.try_docker(&["info", "--format", "{{.ID}}"]).status.success()
+        });
+    }
+
+    /// Stops the Docker engine (SIGTERM) and waits for it to exit.
+    pub fn stop_dockerd(&mut self) {
+        if let Some(mut child) = self.dockerd.take() {
+            let _ = run("kill", &["-TERM", &child.id().to_string()]);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn try_docker(&self, args: &[&str]) -> Output {
+        let host = format!("unix://{}", self.docker_sock().display());
+        let mut full = vec!["-H", host.as_str()];
+        full.extend_from_slice(args);
+        run("docker", &full)
+    }
+
+    /// Runs a docker CLI command against this host's engine; panics on failure.
+    pub fn docker(&self, args: &[&str]) -> String {
+        let out = self.try_docker(args);
+        assert!(
+            out.status.success(),
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `docker run -d` of the busybox image with `flags`, running `sleep`; returns the id.
+    pub fn run_container(&self, name: &str, flags: &[&str]) -> String {
+        let mut args = vec!["run", "-d", "--name", name];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[IMAGE, "sleep", "3600"]);
+        self.docker(&args)
+    }
+
+    /// The container's IPv4 address on its networks, as Docker reports it.
+    pub fn container_ip(&self, name: &str) -> String {
+        self.docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", name])
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Starts `linkdns run` inside the namespace with this host's data dir and Docker socket.
+    pub fn start_linkdns(&mut self, extra: &[&str]) {
+        self.linkdns_args = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn_linkdns();
+        self.wait_for_dns();
+    }
+
+    fn spawn_linkdns(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("linkdns.log"))
+            .expect("linkdns log");
+        let data_dir = self.data_dir();
+        let docker = format!("unix://{}", self.docker_sock().display());
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--data-dir".into(),
+            data_dir.to_string_lossy().into_owned(),
+            "--node-name".into(),
+            format!("h{}", self.index),
+        ];
+        if !self.linkdns_args.iter().any(|a| a == "--docker") {
+            args.extend(["--docker".to_string(), docker]);
+        }
+        args.extend(self.linkdns_args.iter().cloned());
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.ns))
+            .arg(linkdns_bin())
+            .args(&args)
+            .env("LINKDNS_LOG", "info,linkdns=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start linkdns");
+        self.linkdns = Some(child);
+    }
+
+    fn wait_for_dns(&mut self) {
+        wait_until(Duration::from_secs(30), "linkdns to answer DNS", || {
+            if let Some(child) = self.linkdns.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("linkdns exited early ({status}); log:\n{}", self.log());
+                }
+            }
+            self.dig(&["@127.0.0.1", "cluster", "SOA", "+time=1", "+tries=1"]).status == "NOERROR"
+        });
+    }
+
+    /// Stops linkdns with SIGTERM (a clean shutdown) and waits for it.
+    pub fn stop_linkdns(&mut self) -> std::process::ExitStatus {
+        let mut child = self.linkdns.take().expect("linkdns is running");
+        let _ = run("kill", &["-TERM", &child.id().to_string()]);
+        child.wait().expect("wait linkdns")
+    }
+
+    /// Kills linkdns with SIGKILL.
+    pub fn kill_linkdns(&mut self) {
+        if let Some(mut child) = self.linkdns.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("linkdns.log")).unwrap_or_default()
+    }
+
+    /// Runs a command inside this host's namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", self.ns.as_str(), program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// `dig` from inside the host, parsed.
+    pub fn dig(&self, args: &[&str]) -> Dig {
+        let mut full = vec!["+time=2", "+tries=1", "+noall", "+comments", "+answer", "+authority"];
+        full.extend_from_slice(args);
+        let out = self.exec("dig", &full);
+        Dig::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// `linkdns status --json` from inside the host.
+    pub fn status_json(&self) -> serde_json::Value {
+        let data_dir = self.data_dir();
+        let out = self.exec(linkdns_bin(), &["status", "--json", "--data-dir", &data_dir.to_string_lossy()]);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Sends one UDP datagram to `addr` from the root namespace and returns the reply, if any.
+    pub fn udp_exchange(to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.set_read_timeout(Some(Duration::from_millis(700))).expect("timeout");
+        socket.send_to(payload, to).expect("send");
+        let mut buf = vec![0u8; 65535];
+        match socket.recv_from(&mut buf) {
+            Ok((n, _)) => Some(buf[..n].to_vec()),
+            Err(_) => None,
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill_linkdns();
+        if std::thread::panicking() {
+            let _ = std::io::stderr().write_all(format!("--- linkdns log of {} ---\n{}\n", self.ns, self.log()).as_bytes());
+        }
+        let ids = self.try_docker(&["ps", "-aq"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.try_docker(&["rm", "-f", id]);
+        }
+        self.stop_dockerd();
+        let _ = run("ip", &["netns", "delete", &self.ns]);
+        let _ = run("ip", &["link", "delete", &format!("ldt-{}o", self.index)]);
+        let exec = self.dir.join("exec");
+        let _ = run("sh", &["-c", &format!("umount -R {}/* 2>/dev/null; true", exec.display())]);
+    }
+}
+
+/// Polls `check` until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A parsed `dig +noall +comments +answer +authority` output.
+#[derive(Debug, Default, Clone)]
+pub struct Dig {
+    pub status: String,
+    pub flags: Vec<String>,
+    /// Answer records as `name ttl class type rdata`, whitespace-normalized.
+    pub answers: Vec<String>,
+    pub authority: Vec<String>,
+    pub edns_udp: Option<u16>,
+    pub raw: String,
+}
+
+impl Dig {
+    pub fn parse(text: &str) -> Dig {
+        let mut dig = Dig {
+            raw: text.to_string(),
+            ..Dig::default()
+        };
+        let mut section = "";
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.split("status: ").nth(1) {
+                dig.status = rest.split(',').next().unwrap_or("").to_string();
+            } else if let Some(rest) = line.strip_prefix(";; flags: ") {
+                let flags = rest.split(';').next().unwrap_or("");
+                dig.flags = flags.split_whitespace().map(str::to_string).collect();
+            } else if let Some(rest) = line.split("udp: ").nth(1) {
+                dig.edns_udp = rest.trim().parse().ok();
+            } else if line.starts_with(";; ANSWER SECTION") {
+                section = "answer";
+            } else if line.starts_with(";; AUTHORITY SECTION") {
+                section = "authority";
+            } else if line.is_empty() || line.starts_with(';') {
+                if line.is_empty() {
+                    section = "";
+                }
+            } else {
+                let record = line.split_whitespace().collect::<Vec<_>>().join(" ");
+                match section {
+                    "answer" => dig.answers.push(record),
+                    "authority" => dig.authority.push(record),
+                    _ => {}
+                }
+            }
+        }
+        dig
+    }
+
+    /// The rdata of the answers, sorted (`192.168.1.2`, `web.cluster.`).
+    pub fn rdata(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .answers
+            .iter()
+            .filter_map(|r| r.split_whitespace().nth(4).map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn has_flag(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+}
