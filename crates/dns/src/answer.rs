@@ -181,9 +181,9 @@ impl Zone {
 /// Checks what every query must satisfy before it is looked at. Returns the error response for
 /// one that fails: a non-QUERY opcode (NOTIMP), not exactly one question (FORMERR), an EDNS
 /// version above 0 (BADVERS).
-pub fn check_request(request: &Message) -> Result<&Query, Message> {
+pub fn check_request(request: &Message) -> Result<&Query, Box<Message>> {
     if request.metadata.op_code != OpCode::Query {
-        return Err(reply_to(request, ResponseCode::NotImp));
+        return Err(Box::new(reply_to(request, ResponseCode::NotImp)));
     }
     if let Some(edns) = &request.edns {
         if edns.version() > 0 {
@@ -192,12 +192,12 @@ pub fn check_request(request: &Message) -> Result<&Query, Message> {
             let mut edns = response_edns();
             edns.set_rcode_high(ResponseCode::BADVERS.high());
             response.set_edns(edns);
-            return Err(response);
+            return Err(Box::new(response));
         }
     }
     match request.queries.as_slice() {
         [query] => Ok(query),
-        _ => Err(reply_to(request, ResponseCode::FormErr)),
+        _ => Err(Box::new(reply_to(request, ResponseCode::FormErr))),
     }
 }
 
@@ -208,7 +208,11 @@ pub fn reply_to(request: &Message, rcode: ResponseCode) -> Message {
     metadata.message_type = MessageType::Response;
     metadata.response_code = rcode;
     metadata.recursion_available = true;
-    let mut response = Message::new(request.metadata.id, MessageType::Response, request.metadata.op_code);
+    let mut response = Message::new(
+        request.metadata.id,
+        MessageType::Response,
+        request.metadata.op_code,
+    );
     response.metadata = metadata;
     response.add_queries(request.queries.iter().cloned());
     if request.edns.is_some() {
@@ -228,7 +232,7 @@ pub fn formerr_for(bytes: &[u8]) -> Option<Vec<u8>> {
     out[0] = header[0];
     out[1] = header[1];
     out[2] = 0x80 | (header[2] & 0x78) | (header[2] & 0x01);
-    out[3] = 0x80 | u8::from(ResponseCode::FormErr.low());
+    out[3] = 0x80 | ResponseCode::FormErr.low();
     Some(out)
 }
 
@@ -249,9 +253,11 @@ fn address_records(owner: &Name, ips: &[IpAddr], qtype: RecordType, ttl: u32) ->
             (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => {
                 Some(Record::from_rdata(owner.clone(), ttl, RData::A(A(*v4))))
             }
-            (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => {
-                Some(Record::from_rdata(owner.clone(), ttl, RData::AAAA(AAAA(*v6))))
-            }
+            (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => Some(Record::from_rdata(
+                owner.clone(),
+                ttl,
+                RData::AAAA(AAAA(*v6)),
+            )),
             _ => None,
         })
         .collect()

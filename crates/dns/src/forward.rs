@@ -110,7 +110,7 @@ pub fn upstreams_from_resolv_conf(path: &Path) -> Result<Vec<SocketAddr>, Error>
         let real = Path::new(RESOLVED_REAL);
         if real.exists() {
             let servers = parse_nameservers(&read(real)?);
-            return Ok(to_sockets(servers, RESOLVED_REAL)?);
+            return to_sockets(servers, RESOLVED_REAL);
         }
     }
     to_sockets(servers, &path.display().to_string())

@@ -40,14 +40,33 @@ impl Default for DnsMetrics {
 impl DnsMetrics {
     /// Adds the metrics to `registry` under `linkdns_dns_*`.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("linkdns_dns_queries", "DNS queries answered, by query type and response code", self.queries.clone());
-        registry.register("linkdns_dns_answer_seconds", "Time from receiving a query to sending its answer", self.latency.clone());
-        registry.register("linkdns_dns_forwarded", "Queries forwarded to upstream resolvers", self.forwarded.clone());
-        registry.register("linkdns_dns_malformed", "Packets that did not parse as DNS queries", self.malformed.clone());
+        registry.register(
+            "linkdns_dns_queries",
+            "DNS queries answered, by query type and response code",
+            self.queries.clone(),
+        );
+        registry.register(
+            "linkdns_dns_answer_seconds",
+            "Time from receiving a query to sending its answer",
+            self.latency.clone(),
+        );
+        registry.register(
+            "linkdns_dns_forwarded",
+            "Queries forwarded to upstream resolvers",
+            self.forwarded.clone(),
+        );
+        registry.register(
+            "linkdns_dns_malformed",
+            "Packets that did not parse as DNS queries",
+            self.malformed.clone(),
+        );
     }
 
     pub(crate) fn record(&self, response: &Message) {
-        let qtype = response.queries.first().map_or(RecordType::Unknown(0), |q| q.query_type());
+        let qtype = response
+            .queries
+            .first()
+            .map_or(RecordType::Unknown(0), |q| q.query_type());
         self.count(qtype, response.metadata.response_code);
     }
 
@@ -62,7 +81,9 @@ impl DnsMetrics {
         }
         let qtype = wire
             .get(pos + 1..pos + 3)
-            .map_or(RecordType::Unknown(0), |b| RecordType::from(u16::from_be_bytes([b[0], b[1]])));
+            .map_or(RecordType::Unknown(0), |b| {
+                RecordType::from(u16::from_be_bytes([b[0], b[1]]))
+            });
         let rcode = ResponseCode::from(0, wire.get(3).map_or(0, |b| b & 0x0f));
         self.count(qtype, rcode);
     }

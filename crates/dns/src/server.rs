@@ -18,7 +18,9 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use linkdns_registry::Published;
 
 use crate::acl::{canonical, Acl};
-use crate::answer::{check_request, formerr_for, reply_to, Cacheable, Decision, Zone, MAX_UDP_PAYLOAD};
+use crate::answer::{
+    check_request, formerr_for, reply_to, Cacheable, Decision, Zone, MAX_UDP_PAYLOAD,
+};
 use crate::forward::Forwarder;
 use crate::metrics::DnsMetrics;
 use crate::Error;
@@ -41,7 +43,7 @@ enum Handled {
 
 /// Encoded answers of the current registry version, keyed by the lowercased question and
 /// whether the client used EDNS. Owned by one UDP thread: no locks.
-struct AnswerCache {
+pub struct AnswerCache {
     applied: u64,
     entries: HashMap<(Vec<u8>, bool), Vec<u8>>,
 }
@@ -49,8 +51,14 @@ struct AnswerCache {
 /// Upper bound on cached answers per thread; a flood of distinct names cannot grow it further.
 const CACHE_LIMIT: usize = 200_000;
 
+impl Default for AnswerCache {
+    fn default() -> Self {
+        AnswerCache::new()
+    }
+}
+
 impl AnswerCache {
-    fn new() -> AnswerCache {
+    pub fn new() -> AnswerCache {
         AnswerCache {
             applied: u64::MAX,
             entries: HashMap::new(),
@@ -124,6 +132,20 @@ fn udp_limit(edns_payload: Option<u16>) -> usize {
 }
 
 impl Answerer {
+    /// Answers one datagram as the UDP path does, without a socket and with `cache` kept by the
+    /// caller: `None` when it would be dropped or forwarded. For tests and fuzzing.
+    pub fn answer_datagram(
+        &self,
+        bytes: &[u8],
+        src: SocketAddr,
+        cache: &mut AnswerCache,
+    ) -> Option<Vec<u8>> {
+        match self.handle_datagram(bytes, src, cache) {
+            Handled::Reply(b) => Some(b),
+            Handled::Forward | Handled::Drop => None,
+        }
+    }
+
     /// Answers one UDP datagram.
     fn handle_datagram(&self, bytes: &[u8], src: SocketAddr, cache: &mut AnswerCache) -> Handled {
         let published = self.published.load();
@@ -133,7 +155,10 @@ impl Answerer {
         }
         let scanned = scan_query(bytes);
         if let Some(q) = &scanned {
-            let key = (bytes[12..q.question_end].to_ascii_lowercase(), q.edns.is_some());
+            let key = (
+                bytes[12..q.question_end].to_ascii_lowercase(),
+                q.edns.is_some(),
+            );
             if let Some(cached) = cache.entries.get(&key) {
                 if cached.len() <= udp_limit(q.edns) {
                     let mut out = cached.clone();
@@ -228,7 +253,11 @@ fn encode(message: &Message, limit: usize) -> Option<Vec<u8>> {
 }
 
 fn reply_header_only(message: &Message) -> Message {
-    let mut m = Message::new(message.metadata.id, message.metadata.message_type, message.metadata.op_code);
+    let mut m = Message::new(
+        message.metadata.id,
+        message.metadata.message_type,
+        message.metadata.op_code,
+    );
     m.metadata = message.metadata;
     m.add_queries(message.queries.iter().cloned());
     m
@@ -244,10 +273,16 @@ pub struct DnsServer {
 
 impl DnsServer {
     /// Binds UDP and TCP on every address and starts serving. Must run inside a tokio runtime.
-    pub async fn start(listen: &[SocketAddr], answerer: Arc<Answerer>, tcp_idle: Duration) -> Result<DnsServer, Error> {
+    pub async fn start(
+        listen: &[SocketAddr],
+        answerer: Arc<Answerer>,
+        tcp_idle: Duration,
+    ) -> Result<DnsServer, Error> {
         let stop = Arc::new(AtomicBool::new(false));
         let runtime = tokio::runtime::Handle::current();
-        let mut tcp = hickory_server::Server::new(TcpHandler { answerer: answerer.clone() });
+        let mut tcp = hickory_server::Server::new(TcpHandler {
+            answerer: answerer.clone(),
+        });
         let mut udp_threads = Vec::new();
         let mut bound = Vec::new();
         for addr in listen {
@@ -255,7 +290,9 @@ impl DnsServer {
             let socket = UdpSocket::bind(addr).map_err(bind_err)?;
             let local = socket.local_addr().map_err(bind_err)?;
             // Same port for TCP as UDP, also when the config asked for port 0.
-            let listener = tokio::net::TcpListener::bind(local).await.map_err(bind_err)?;
+            let listener = tokio::net::TcpListener::bind(local)
+                .await
+                .map_err(bind_err)?;
             socket
                 .set_read_timeout(Some(Duration::from_millis(200)))
                 .map_err(bind_err)?;
@@ -299,13 +336,25 @@ impl Drop for DnsServer {
     }
 }
 
-fn udp_loop(socket: UdpSocket, answerer: Arc<Answerer>, stop: Arc<AtomicBool>, runtime: tokio::runtime::Handle) {
+fn udp_loop(
+    socket: UdpSocket,
+    answerer: Arc<Answerer>,
+    stop: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
+) {
     let mut cache = AnswerCache::new();
     let mut buf = vec![0u8; 65535];
     while !stop.load(Ordering::Relaxed) {
         let (n, src) = match socket.recv_from(&mut buf) {
             Ok(r) => r,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "udp receive failed");
                 continue;
@@ -327,7 +376,11 @@ fn udp_loop(socket: UdpSocket, answerer: Arc<Answerer>, stop: Arc<AtomicBool>, r
                 let answerer = answerer.clone();
                 runtime.spawn(async move {
                     let response = forward_or_servfail(&answerer, &query, false).await;
-                    let limit = udp_limit(Message::from_vec(&query).ok().and_then(|m| m.edns.map(|e| e.max_payload())));
+                    let limit = udp_limit(
+                        Message::from_vec(&query)
+                            .ok()
+                            .and_then(|m| m.edns.map(|e| e.max_payload())),
+                    );
                     let response = fit_udp(response, limit);
                     if let Err(e) = reply_socket.send_to(&response, src) {
                         tracing::debug!(%src, error = %e, "udp send failed");
@@ -373,7 +426,11 @@ pub struct TcpHandler {
 
 #[async_trait::async_trait]
 impl RequestHandler for TcpHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
         let started = Instant::now();
         let answerer = &self.answerer;
         let failed = |code: ResponseCode| {
@@ -390,11 +447,14 @@ impl RequestHandler for TcpHandler {
                 answerer.metrics.record_malformed();
                 let builder = MessageResponseBuilder::new(&request.queries, None);
                 let response = builder.error_msg(&request.metadata, ResponseCode::FormErr);
-                return response_handle.send_response(response).await.unwrap_or_else(|_| failed(ResponseCode::FormErr));
+                return response_handle
+                    .send_response(response)
+                    .await
+                    .unwrap_or_else(|_| failed(ResponseCode::FormErr));
             }
         };
         let response = match check_request(&message) {
-            Err(response) => response,
+            Err(response) => *response,
             Ok(query) => {
                 let published = answerer.published.load();
                 let (decision, _) = answerer.zone.decide(

@@ -16,21 +16,34 @@ const LABEL_COMPOSE_SERVICE: &str = "com.docker.compose.service";
 
 /// The registry record of an inspected container, or `None` if it is not running (stopped,
 /// paused, restarting) and so must not be answered.
-pub fn container_from_inspect(details: &ContainerInspectResponse, node: NodeId) -> Option<Container> {
+pub fn container_from_inspect(
+    details: &ContainerInspectResponse,
+    node: NodeId,
+) -> Option<Container> {
     let state = details.state.as_ref()?;
     if state.running != Some(true) || state.paused == Some(true) || state.restarting == Some(true) {
         return None;
     }
     let id = details.id.clone()?;
     let name = details.name.clone()?;
-    let labels = details.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+    let labels = details
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default();
     let short_id = id.get(..12).unwrap_or(&id).to_string();
 
     let mut ips = Vec::new();
     let mut aliases = BTreeSet::new();
-    let networks = details.network_settings.as_ref().and_then(|n| n.networks.as_ref());
+    let networks = details
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref());
     for endpoint in networks.into_iter().flat_map(|n| n.values()) {
-        for addr in [&endpoint.ip_address, &endpoint.global_ipv6_address].into_iter().flatten() {
+        for addr in [&endpoint.ip_address, &endpoint.global_ipv6_address]
+            .into_iter()
+            .flatten()
+        {
             if let Ok(ip) = addr.parse::<IpAddr>() {
                 ips.push(ip);
             }
@@ -48,7 +61,10 @@ pub fn container_from_inspect(details: &ContainerInspectResponse, node: NodeId) 
     if let Some(service) = labels.get(LABEL_COMPOSE_SERVICE) {
         aliases.insert(service.clone());
     }
-    let links = labels.get(LABEL_LINKS).map(|l| parse_links(l)).unwrap_or_default();
+    let links = labels
+        .get(LABEL_LINKS)
+        .map(|l| parse_links(l))
+        .unwrap_or_default();
     let ports = details
         .config
         .as_ref()
@@ -116,14 +132,20 @@ mod tests {
         let pairs: Vec<(String, String)> = links.into_iter().map(|l| (l.target, l.alias)).collect();
         assert_eq!(
             pairs,
-            [("mysql".to_string(), "db".to_string()), ("redis".to_string(), "redis".to_string())]
+            [
+                ("mysql".to_string(), "db".to_string()),
+                ("redis".to_string(), "redis".to_string())
+            ]
         );
     }
 
     #[test]
     fn ports_parse() {
         assert_eq!(parse_port("80/tcp").map(|p| p.port), Some(80));
-        assert_eq!(parse_port("53/udp").map(|p| p.protocol), Some(Protocol::Udp));
+        assert_eq!(
+            parse_port("53/udp").map(|p| p.protocol),
+            Some(Protocol::Udp)
+        );
         assert_eq!(parse_port("x/tcp"), None);
     }
 }

@@ -56,7 +56,11 @@ pub struct WatcherConfig {
 }
 
 /// Runs until `shutdown` flips to true or the receiver of `reports` is gone.
-pub async fn watch(config: WatcherConfig, reports: mpsc::Sender<Report>, mut shutdown: watch::Receiver<bool>) {
+pub async fn watch(
+    config: WatcherConfig,
+    reports: mpsc::Sender<Report>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(250);
     let mut was_connected = true; // log the first failure as a warning too
     loop {
@@ -82,7 +86,11 @@ pub async fn watch(config: WatcherConfig, reports: mpsc::Sender<Report>, mut shu
         }
         if was_connected {
             tracing::warn!(uri = %config.uri, %reason, "docker unavailable; DNS keeps serving the last known records, retrying");
-            let _ = reports.send(Report::Disconnected { reason: reason.clone() }).await;
+            let _ = reports
+                .send(Report::Disconnected {
+                    reason: reason.clone(),
+                })
+                .await;
         } else {
             tracing::debug!(uri = %config.uri, %reason, ?backoff, "docker still unavailable");
         }
@@ -97,12 +105,17 @@ pub async fn watch(config: WatcherConfig, reports: mpsc::Sender<Report>, mut shu
 
 /// Connects to the engine, subscribes to events, resyncs, then follows events until the stream
 /// ends or fails.
-async fn follow(config: &WatcherConfig, reports: &mpsc::Sender<Report>, resynced: &mut bool) -> Result<(), Error> {
+async fn follow(
+    config: &WatcherConfig,
+    reports: &mpsc::Sender<Report>,
+    resynced: &mut bool,
+) -> Result<(), Error> {
     let docker = connect(&config.uri).await?;
     // Subscribe before listing, so that nothing that happens during the listing is missed.
     let mut filters = HashMap::new();
     filters.insert("type", vec!["container", "network"]);
-    let mut events = Box::pin(docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build())));
+    let mut events =
+        Box::pin(docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build())));
 
     let (bridge_subnets, bridge_gateways) = bridge_network(&docker, &config.bridge_network).await;
     let containers = list_running(&docker, config.node).await?;
@@ -139,7 +152,10 @@ async fn follow(config: &WatcherConfig, reports: &mpsc::Sender<Report>, resynced
 }
 
 async fn send(reports: &mpsc::Sender<Report>, report: Report) -> Result<(), Error> {
-    reports.send(report).await.map_err(|_| Error::Api("the node stopped listening".into()))
+    reports
+        .send(report)
+        .await
+        .map_err(|_| Error::Api("the node stopped listening".into()))
 }
 
 /// Opens a client and checks that the engine answers.
@@ -151,8 +167,14 @@ pub async fn connect(uri: &str) -> Result<Docker, Error> {
     let path = uri.strip_prefix("unix://").unwrap_or(uri);
     let docker = Docker::connect_with_unix(path, 30, bollard::API_DEFAULT_VERSION)
         .map_err(|e| unavailable(e.to_string()))?;
-    let docker = docker.negotiate_version().await.map_err(|e| unavailable(e.to_string()))?;
-    docker.ping().await.map_err(|e| unavailable(e.to_string()))?;
+    let docker = docker
+        .negotiate_version()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    docker
+        .ping()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
     Ok(docker)
 }
 
@@ -179,7 +201,9 @@ async fn list_running(docker: &Docker, node: NodeId) -> Result<Vec<Container>, E
 async fn inspect(docker: &Docker, node: NodeId, id: &str) -> Result<Option<Container>, Error> {
     match docker.inspect_container(id, None).await {
         Ok(details) => Ok(container_from_inspect(&details, node)),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
         Err(e) => Err(Error::Api(e.to_string())),
     }
 }
@@ -203,7 +227,16 @@ fn affected_container(event: &EventMessage) -> Option<String> {
         EventMessageTypeEnum::CONTAINER => {
             let relevant = matches!(
                 action,
-                "start" | "restart" | "die" | "stop" | "kill" | "destroy" | "pause" | "unpause" | "rename" | "update"
+                "start"
+                    | "restart"
+                    | "die"
+                    | "stop"
+                    | "kill"
+                    | "destroy"
+                    | "pause"
+                    | "unpause"
+                    | "rename"
+                    | "update"
             ) || action.starts_with("health_status");
             if relevant {
                 actor.id.clone()

@@ -71,15 +71,45 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(node: Arc<NodeHandle>, node_name: String, dns_listen: Vec<SocketAddr>, dns: DnsMetrics, node_metrics: NodeMetrics) -> AdminState {
+    pub fn new(
+        node: Arc<NodeHandle>,
+        node_name: String,
+        dns_listen: Vec<SocketAddr>,
+        dns: DnsMetrics,
+        node_metrics: NodeMetrics,
+    ) -> AdminState {
         let mut metrics = MetricsRegistry::default();
         dns.register(&mut metrics);
-        metrics.register("linkdns_docker_events", "Container changes reported by the Docker watcher", node_metrics.docker_events.clone());
-        metrics.register("linkdns_docker_resyncs", "Full resyncs with the Docker engine", node_metrics.resyncs.clone());
-        metrics.register("linkdns_records", "Container records in the local replica", node_metrics.records.clone());
-        metrics.register("linkdns_raft_term", "Current Raft term", node_metrics.term.clone());
-        metrics.register("linkdns_raft_commit_index", "Raft commit index", node_metrics.commit.clone());
-        metrics.register("linkdns_raft_applied_index", "Raft applied index", node_metrics.applied.clone());
+        metrics.register(
+            "linkdns_docker_events",
+            "Container changes reported by the Docker watcher",
+            node_metrics.docker_events.clone(),
+        );
+        metrics.register(
+            "linkdns_docker_resyncs",
+            "Full resyncs with the Docker engine",
+            node_metrics.resyncs.clone(),
+        );
+        metrics.register(
+            "linkdns_records",
+            "Container records in the local replica",
+            node_metrics.records.clone(),
+        );
+        metrics.register(
+            "linkdns_raft_term",
+            "Current Raft term",
+            node_metrics.term.clone(),
+        );
+        metrics.register(
+            "linkdns_raft_commit_index",
+            "Raft commit index",
+            node_metrics.commit.clone(),
+        );
+        metrics.register(
+            "linkdns_raft_applied_index",
+            "Raft applied index",
+            node_metrics.applied.clone(),
+        );
         AdminState {
             node,
             node_name,
@@ -115,7 +145,10 @@ impl AdminState {
             .map(|(id, role)| Member {
                 name: name_of(id).unwrap_or_else(|| format!("node-{id}")),
                 id,
-                peer_addr: registry.node(id).map(|n| n.peer_addr.clone()).unwrap_or_default(),
+                peer_addr: registry
+                    .node(id)
+                    .map(|n| n.peer_addr.clone())
+                    .unwrap_or_default(),
                 role: role.to_string(),
                 // Liveness of other hosts comes with the cluster transport; this node is alive.
                 alive: id == raft.id && raft.role != linkdns_raft::Role::Stopped,
@@ -138,7 +171,11 @@ impl AdminState {
             records: registry.record_count(),
             members,
             docker: self.docker.lock().map(|d| d.clone()).unwrap_or_default(),
-            dns_listen: self.dns_listen.lock().map(|d| d.clone()).unwrap_or_default(),
+            dns_listen: self
+                .dns_listen
+                .lock()
+                .map(|d| d.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -157,9 +194,9 @@ impl AdminState {
 
 /// Binds the admin endpoint and serves it in the background; returns the bound address.
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for the admin endpoint on {addr} (--admin-listen)"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen for the admin endpoint on {addr} (--admin-listen)")
+    })?;
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/status", get(status_handler))
@@ -180,7 +217,15 @@ async fn status_handler(State(state): State<Arc<AdminState>>) -> Json<Status> {
 
 async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     match state.metrics_text() {
-        Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new()),
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            text,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            String::new(),
+        ),
     }
 }

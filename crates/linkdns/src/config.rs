@@ -240,7 +240,9 @@ mod tests {
             .expect_err("typo")
             .to_string();
         assert!(err.contains("dns_listne"), "{err}");
-        let err = FileConfig::parse("ttl = \"five\"").expect_err("type").to_string();
+        let err = FileConfig::parse("ttl = \"five\"")
+            .expect_err("type")
+            .to_string();
         assert!(err.contains("ttl"), "{err}");
         let err = FileConfig::parse("dns_listen = [\"localhost\"]")
             .expect_err("addr")
@@ -266,15 +268,21 @@ mod tests {
     fn flags_override_file_over_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "ttl = 9\ndomain = \"Corp.Example.\"\nnode_name = \"filehost\"\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "ttl = 9\ndomain = \"Corp.Example.\"\nnode_name = \"filehost\"\n",
+        )
+        .expect("write");
         let args = RunArgs {
             config: Some(path),
             node_name: Some("flaghost".into()),
             ..RunArgs::default()
         };
         let c = Config::resolve(&args).expect("resolve");
-        assert_eq!((c.ttl, c.domain.as_str(), c.node_name.as_str()), (9, "corp.example", "flaghost"));
+        assert_eq!(
+            (c.ttl, c.domain.as_str(), c.node_name.as_str()),
+            (9, "corp.example", "flaghost")
+        );
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert!(c.dns_listen.is_none());
     }

@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{LogFormat, RunArgs, DEFAULT_DATA_DIR};
 
 #[derive(Debug, Parser)]
-#[command(name = "linkdns", version, about = "Service-discovery DNS for cross-host container links")]
+#[command(
+    name = "linkdns",
+    version,
+    about = "Service-discovery DNS for cross-host container links"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -23,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run a node: watch Docker, replicate records through Raft, serve DNS.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the cluster as the running node on this data dir sees it.
     Status {
         #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
@@ -36,9 +40,9 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Cmd::Run(RunArgs::default()));
+    let command = cli.command.unwrap_or_else(|| Cmd::Run(Box::default()));
     let result = match command {
-        Cmd::Run(args) => run_node(args),
+        Cmd::Run(args) => run_node(*args),
         Cmd::Status { data_dir, json } => status::print(&data_dir, json),
     };
     match result {
@@ -65,6 +69,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

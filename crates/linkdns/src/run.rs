@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use linkdns_dns::{upstreams_from_resolv_conf, Acl, Answerer, DnsMetrics, DnsServer, Forwarder, Zone};
+use linkdns_dns::{
+    upstreams_from_resolv_conf, Acl, Answerer, DnsMetrics, DnsServer, Forwarder, Zone,
+};
 use linkdns_docker::{Report, WatcherConfig};
 use linkdns_raft::{NodeConfig, NodeHandle, SledStore};
 use linkdns_registry::{Command, NodeId, NodeInfo};
@@ -66,10 +68,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => vec![DEFAULT_DNS_LISTEN.parse()?],
     };
     let mut dns = vec![DnsServer::start(&listen, answerer.clone(), Duration::from_secs(10)).await?];
-    let mut dns_addrs: Vec<SocketAddr> = dns.iter().flat_map(|d| d.local_addrs().to_vec()).collect();
+    let mut dns_addrs: Vec<SocketAddr> =
+        dns.iter().flat_map(|d| d.local_addrs().to_vec()).collect();
 
     let node_metrics = NodeMetrics::default();
-    let admin_state = Arc::new(AdminState::new(node.clone(), config.node_name.clone(), dns_addrs.clone(), dns_metrics, node_metrics.clone()));
+    let admin_state = Arc::new(AdminState::new(
+        node.clone(),
+        config.node_name.clone(),
+        dns_addrs.clone(),
+        dns_metrics,
+        node_metrics.clone(),
+    ));
     let admin_addr = admin::serve(config.admin_listen, admin_state.clone()).await?;
     write_admin_addr(&config.data_dir, admin_addr)?;
 
@@ -157,7 +166,9 @@ async fn register_self(node: &NodeHandle, config: &Config, id: NodeId) -> anyhow
     for attempt in 0..20 {
         match node.propose(Command::UpsertNode(info.clone())).await {
             Ok(_) => return Ok(()),
-            Err(linkdns_raft::Error::Registry(e)) => bail!("cannot register node {:?}: {e}", config.node_name),
+            Err(linkdns_raft::Error::Registry(e)) => {
+                bail!("cannot register node {:?}: {e}", config.node_name)
+            }
             Err(e) if attempt < 19 => {
                 tracing::debug!(error = %e, "registering this node; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -197,8 +208,12 @@ fn write_admin_addr(data_dir: &Path, addr: SocketAddr) -> anyhow::Result<()> {
 /// The loopback address `linkdns status` should use for an admin endpoint bound to `addr`.
 pub fn reachable(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), addr.port()),
-        IpAddr::V6(v6) if v6.is_unspecified() => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), addr.port()),
+        IpAddr::V4(v4) if v4.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(v6) if v6.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), addr.port())
+        }
         _ => addr,
     }
 }

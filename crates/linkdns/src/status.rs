@@ -12,7 +12,9 @@ use crate::admin::Status;
 use crate::run::{reachable, ADMIN_ADDR_FILE};
 
 pub fn print(data_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let status = runtime.block_on(fetch(data_dir))?;
     let text = if json {
         serde_json::to_string_pretty(&status)? + "\n"
@@ -33,7 +35,8 @@ pub async fn fetch(data_dir: &Path) -> anyhow::Result<Status> {
     let addr = reachable(addr);
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         let request = hyper::Request::get("/status")
             .header(hyper::header::HOST, addr.to_string())
@@ -48,7 +51,12 @@ pub async fn fetch(data_dir: &Path) -> anyhow::Result<Status> {
     tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
         .await
         .map_err(|_| anyhow::anyhow!("the node at {addr} did not answer within 5 s"))?
-        .with_context(|| format!("cannot read status from the node at {addr} (data dir {}); is it running?", data_dir.display()))
+        .with_context(|| {
+            format!(
+                "cannot read status from the node at {addr} (data dir {}); is it running?",
+                data_dir.display()
+            )
+        })
 }
 
 /// The human table.
@@ -61,20 +69,39 @@ pub fn render(s: &Status) -> String {
     };
     let _ = writeln!(out, "node     {} (id {}, {})", s.node, s.node_id, s.role);
     let _ = writeln!(out, "leader   {leader}");
-    let _ = writeln!(out, "raft     term {}  commit {}  applied {}  snapshot {}", s.term, s.commit_index, s.applied_index, s.snapshot_index);
+    let _ = writeln!(
+        out,
+        "raft     term {}  commit {}  applied {}  snapshot {}",
+        s.term, s.commit_index, s.applied_index, s.snapshot_index
+    );
     let _ = writeln!(out, "records  {}", s.records);
     let docker = if s.docker.connected {
         "connected".to_string()
     } else {
-        format!("disconnected ({})", s.docker.error.as_deref().unwrap_or("not yet connected"))
+        format!(
+            "disconnected ({})",
+            s.docker.error.as_deref().unwrap_or("not yet connected")
+        )
     };
     let _ = writeln!(out, "docker   {docker}");
     let listen: Vec<String> = s.dns_listen.iter().map(ToString::to_string).collect();
     let _ = writeln!(out, "dns      {}", listen.join(", "));
     let _ = writeln!(out);
-    let _ = writeln!(out, "{:<16} {:>4}  {:<22} {:<8} {}", "MEMBER", "ID", "PEER", "ROLE", "ALIVE");
+    let _ = writeln!(
+        out,
+        "{:<16} {:>4}  {:<22} {:<8} ALIVE",
+        "MEMBER", "ID", "PEER", "ROLE"
+    );
     for m in &s.members {
-        let _ = writeln!(out, "{:<16} {:>4}  {:<22} {:<8} {}", m.name, m.id, m.peer_addr, m.role, if m.alive { "yes" } else { "no" });
+        let _ = writeln!(
+            out,
+            "{:<16} {:>4}  {:<22} {:<8} {}",
+            m.name,
+            m.id,
+            m.peer_addr,
+            m.role,
+            if m.alive { "yes" } else { "no" }
+        );
     }
     out
 }

@@ -82,7 +82,10 @@ type Reply = oneshot::Sender<Result<Outcome, Error>>;
 
 /// The closed set of events the driver loop handles.
 enum Event {
-    Propose { command: Command, reply: Reply },
+    Propose {
+        command: Command,
+        reply: Reply,
+    },
     /// A Raft message from a peer (delivered by the transport).
     Step(Box<Message>),
     Shutdown,
@@ -164,7 +167,10 @@ pub fn start<S: LogStore + Send + 'static>(
         && initial.conf_state.learners.is_empty()
         && store.current_snapshot()?.get_metadata().index == 0;
     if fresh {
-        tracing::info!(node = config.id, "empty data dir: bootstrapping a one-voter cluster");
+        tracing::info!(
+            node = config.id,
+            "empty data dir: bootstrapping a one-voter cluster"
+        );
         let mut snapshot = Snapshot::default();
         snapshot.data = Registry::new().snapshot().into();
         let meta = snapshot.mut_metadata();
@@ -190,7 +196,14 @@ pub fn start<S: LogStore + Send + 'static>(
         ..Default::default()
     };
     let mut raw = RawNode::new(&raft_config, store, &raft_logger(config.id))?;
-    let voters = raw.raft.prs().conf().voters().ids().iter().collect::<Vec<u64>>();
+    let voters = raw
+        .raft
+        .prs()
+        .conf()
+        .voters()
+        .ids()
+        .iter()
+        .collect::<Vec<u64>>();
     if voters == [config.id] {
         // The only voter wins at once; no reason to wait out an election timeout.
         raw.campaign()?;
@@ -465,7 +478,10 @@ impl<S: LogStore> Driver<S> {
     fn send(&mut self, messages: Vec<Message>) {
         if !messages.is_empty() {
             // Peers arrive with the cluster transport; a one-voter group has no one to talk to.
-            tracing::debug!(count = messages.len(), "no peer transport; raft messages dropped");
+            tracing::debug!(
+                count = messages.len(),
+                "no peer transport; raft messages dropped"
+            );
         }
     }
 
@@ -478,7 +494,8 @@ impl<S: LogStore> Driver<S> {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.apply_command(&entry),
                 EntryType::EntryConfChange => {
-                    let cc = ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
+                    let cc =
+                        ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.raw.mut_store().set_conf_state(&cs)?;
                 }
@@ -505,7 +522,8 @@ impl<S: LogStore> Driver<S> {
         };
         if node == self.config.id {
             if let Some(p) = self.pending.remove(&request) {
-                self.replies.push((p.reply, result.map_err(Error::Registry)));
+                self.replies
+                    .push((p.reply, result.map_err(Error::Registry)));
             }
         }
     }
@@ -527,7 +545,12 @@ impl<S: LogStore> Driver<S> {
         store.install_snapshot(&snapshot)?;
         store.sync()?;
         self.snapshot_index = index;
-        tracing::info!(index, term, records = self.registry.record_count(), "snapshot taken, log compacted");
+        tracing::info!(
+            index,
+            term,
+            records = self.registry.record_count(),
+            "snapshot taken, log compacted"
+        );
         Ok(())
     }
 }

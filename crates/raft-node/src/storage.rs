@@ -348,11 +348,7 @@ impl LogStore for SledStore {
         }
         // Keep entries after the snapshot only if the log agrees with it at its index.
         let keep_tail = matches!(self.entry(meta.index)?, Some(e) if e.term == meta.term);
-        let end = if keep_tail {
-            meta.index + 1
-        } else {
-            u64::MAX
-        };
+        let end = if keep_tail { meta.index + 1 } else { u64::MAX };
         self.remove_range(0, end)?;
         self.put_meta(SNAPSHOT, "snapshot", snapshot)?;
         self.snapshot = snapshot.clone();

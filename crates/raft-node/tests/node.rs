@@ -27,7 +27,9 @@ fn container(i: u32) -> Command {
         id: ContainerId(format!("c{i}")),
         name: format!("svc{i}"),
         node: 1,
-        ips: vec![format!("10.9.{}.{}", i / 250, i % 250 + 1).parse().expect("ip")],
+        ips: vec![format!("10.9.{}.{}", i / 250, i % 250 + 1)
+            .parse()
+            .expect("ip")],
         aliases: BTreeSet::new(),
         links: BTreeSet::new(),
         ports: BTreeSet::new(),
@@ -39,7 +41,10 @@ async fn proposals_apply_and_survive_restart_with_compaction() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let node = start(config(), SledStore::open(dir.path()).expect("open")).expect("start");
-        assert_eq!(node.propose(register("h1")).await.expect("register"), Outcome::Changed);
+        assert_eq!(
+            node.propose(register("h1")).await.expect("register"),
+            Outcome::Changed
+        );
         for i in 0..12 {
             node.propose(container(i)).await.expect("container");
         }
@@ -52,7 +57,10 @@ async fn proposals_apply_and_survive_restart_with_compaction() {
         assert_eq!(status.applied_index, status.commit_index);
         // A rejected command comes back as an error and changes nothing.
         let err = node
-            .propose(Command::RemoveContainer { node: 7, id: ContainerId("x".into()) })
+            .propose(Command::RemoveContainer {
+                node: 7,
+                id: ContainerId("x".into()),
+            })
             .await
             .expect_err("unknown node");
         assert!(err.to_string().contains("node 7"), "{err}");

@@ -59,7 +59,10 @@ fn names_resolve_across_nodes_and_per_node() {
     r.apply(&Command::UpsertContainer(web1)).expect("web1");
     r.apply(&Command::UpsertContainer(web2)).expect("web2");
 
-    assert_eq!(r.resolve("web", None, None), found(&["192.168.1.2", "192.168.2.2"]));
+    assert_eq!(
+        r.resolve("web", None, None),
+        found(&["192.168.1.2", "192.168.2.2"])
+    );
     assert_eq!(r.resolve("web.h2", None, None), found(&["192.168.2.2"]));
     assert_eq!(r.resolve("web.h3", None, None), Resolution::NotFound);
     assert_eq!(r.resolve("nope.h1", None, None), Resolution::NotFound);
@@ -75,7 +78,10 @@ fn aliases_collect_every_carrier() {
     let b = with_alias(container("b2", "api-2", 2, &["192.168.2.7"]), "api");
     r.apply(&Command::UpsertContainer(a)).expect("a");
     r.apply(&Command::UpsertContainer(b)).expect("b");
-    assert_eq!(r.resolve("api", None, None), found(&["192.168.1.2", "192.168.2.7"]));
+    assert_eq!(
+        r.resolve("api", None, None),
+        found(&["192.168.1.2", "192.168.2.7"])
+    );
     assert_eq!(r.resolve("api.h2", None, None), found(&["192.168.2.7"]));
 }
 
@@ -83,15 +89,25 @@ fn aliases_collect_every_carrier() {
 fn link_alias_is_scoped_to_the_asking_container() {
     let mut r = two_nodes();
     let mysql = container("m1", "mysql", 1, &["192.168.1.5"]);
-    let wp = with_link(container("w2", "wordpress", 2, &["192.168.2.9"]), "mysql", "db");
+    let wp = with_link(
+        container("w2", "wordpress", 2, &["192.168.2.9"]),
+        "mysql",
+        "db",
+    );
     let other = container("o2", "other", 2, &["192.168.2.10"]);
     for c in [mysql, wp, other] {
         r.apply(&Command::UpsertContainer(c)).expect("container");
     }
     let from_wp = Some(ip("192.168.2.9"));
     assert_eq!(r.resolve("db", from_wp, Some(2)), found(&["192.168.1.5"]));
-    assert_eq!(r.resolve_bare("db", from_wp, Some(2)), Some(vec![ip("192.168.1.5")]));
-    assert_eq!(r.resolve("db", Some(ip("192.168.2.10")), Some(2)), Resolution::NotFound);
+    assert_eq!(
+        r.resolve_bare("db", from_wp, Some(2)),
+        Some(vec![ip("192.168.1.5")])
+    );
+    assert_eq!(
+        r.resolve("db", Some(ip("192.168.2.10")), Some(2)),
+        Resolution::NotFound
+    );
     assert_eq!(r.resolve_bare("db", None, Some(2)), None);
     assert!(r.is_link_alias("db"));
 
@@ -128,12 +144,27 @@ fn same_source_ip_on_two_hosts_prefers_the_local_one() {
 #[test]
 fn replace_reconciles_one_node_only() {
     let mut r = two_nodes();
-    r.apply(&Command::UpsertContainer(container("a1", "a", 1, &["10.0.1.2"])))
-        .expect("a");
-    r.apply(&Command::UpsertContainer(container("b1", "b", 1, &["10.0.1.3"])))
-        .expect("b");
-    r.apply(&Command::UpsertContainer(container("c2", "c", 2, &["10.0.2.2"])))
-        .expect("c");
+    r.apply(&Command::UpsertContainer(container(
+        "a1",
+        "a",
+        1,
+        &["10.0.1.2"],
+    )))
+    .expect("a");
+    r.apply(&Command::UpsertContainer(container(
+        "b1",
+        "b",
+        1,
+        &["10.0.1.3"],
+    )))
+    .expect("b");
+    r.apply(&Command::UpsertContainer(container(
+        "c2",
+        "c",
+        2,
+        &["10.0.2.2"],
+    )))
+    .expect("c");
     let outcome = r
         .apply(&Command::ReplaceContainers {
             node: 1,
@@ -165,8 +196,13 @@ fn replace_reconciles_one_node_only() {
 #[test]
 fn rejected_commands_change_nothing() {
     let mut r = two_nodes();
-    r.apply(&Command::UpsertContainer(container("a1", "a", 1, &["10.0.1.2"])))
-        .expect("a");
+    r.apply(&Command::UpsertContainer(container(
+        "a1",
+        "a",
+        1,
+        &["10.0.1.2"],
+    )))
+    .expect("a");
     let before = r.snapshot();
 
     let stolen = container("a1", "a", 2, &["10.0.2.2"]);
@@ -241,12 +277,20 @@ fn snapshot_round_trips_and_rebuilds_indexes() {
         protocol: Protocol::Tcp,
     });
     r.apply(&Command::UpsertContainer(c)).expect("a");
-    r.apply(&Command::UpsertContainer(container("b2", "b", 2, &["10.0.2.2"])))
-        .expect("b");
+    r.apply(&Command::UpsertContainer(container(
+        "b2",
+        "b",
+        2,
+        &["10.0.2.2"],
+    )))
+    .expect("b");
     let bytes = r.snapshot();
     let restored = Registry::restore(&bytes).expect("restore");
     assert_eq!(restored.snapshot(), bytes);
-    assert_eq!(restored.resolve("x", None, None), found(&["10.0.1.2", "fd00::2"]));
+    assert_eq!(
+        restored.resolve("x", None, None),
+        found(&["10.0.1.2", "fd00::2"])
+    );
     assert_eq!(
         restored.resolve("bee", Some(ip("10.0.1.2")), Some(1)),
         found(&["10.0.2.2"])
@@ -259,7 +303,10 @@ fn snapshot_round_trips_and_rebuilds_indexes() {
 fn bad_encodings_are_refused_with_a_reason() {
     assert!(matches!(
         Registry::restore(b"nope"),
-        Err(Error::Decode { what: "snapshot", .. })
+        Err(Error::Decode {
+            what: "snapshot",
+            ..
+        })
     ));
     assert!(matches!(
         Registry::restore(b"LDNS\x09rest"),

@@ -31,7 +31,11 @@ fn expect_answer(host: &Host, name: &str, qtype: &str, want: &[&str]) -> Dig {
         }
         done
     });
-    assert!(ok, "{name} {qtype}: wanted {want:?}, last answer:\n{}", last.raw);
+    assert!(
+        ok,
+        "{name} {qtype}: wanted {want:?}, last answer:\n{}",
+        last.raw
+    );
     last
 }
 
@@ -45,7 +49,11 @@ fn names_follow_container_lifecycle() {
 
     let answer = expect_answer(&h, "web.cluster", "A", &[&ip]);
     assert!(answer.has_flag("aa"), "authoritative: {:?}", answer.flags);
-    assert_eq!(answer.answers[0], format!("web.cluster. 5 IN A {ip}"), "default TTL is 5 s");
+    assert_eq!(
+        answer.answers[0],
+        format!("web.cluster. 5 IN A {ip}"),
+        "default TTL is 5 s"
+    );
     expect_answer(&h, &format!("web.{node}.cluster"), "A", &[&ip]);
     expect_answer(&h, "WEB.Cluster", "A", &[&ip]);
 
@@ -97,19 +105,58 @@ fn names_follow_container_lifecycle() {
 
 /// GET on the admin endpoint from inside the host (busybox wget in the host namespace).
 fn admin_get(h: &Host, path: &str) -> String {
-    let out = h.exec("busybox", &["wget", "-q", "-O", "-", &format!("http://127.0.0.1:7381{path}")]);
-    assert!(out.status.success(), "GET {path}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = h.exec(
+        "busybox",
+        &[
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://127.0.0.1:7381{path}"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "GET {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
 fn aliases_links_ptr_and_negative_answers() {
     let mut h = Host::new();
-    h.docker(&["network", "create", "--subnet", &format!("10.{}.0.0/24", h.index), "app"]);
+    h.docker(&[
+        "network",
+        "create",
+        "--subnet",
+        &format!("10.{}.0.0/24", h.index),
+        "app",
+    ]);
     h.run_container("mysql", &["--label", "linkdns.alias=database,sql"]);
-    h.run_container("cache", &["--network", "app", "--network-alias", "redis-main", "--label", "com.docker.compose.service=redis"]);
+    h.run_container(
+        "cache",
+        &[
+            "--network",
+            "app",
+            "--network-alias",
+            "redis-main",
+            "--label",
+            "com.docker.compose.service=redis",
+        ],
+    );
     let dns = h.gateway.to_string();
-    h.run_container("wordpress", &["--label", "linkdns.links=mysql:db,cache", "--dns", &dns, "--dns-search", "cluster"]);
+    h.run_container(
+        "wordpress",
+        &[
+            "--label",
+            "linkdns.links=mysql:db,cache",
+            "--dns",
+            &dns,
+            "--dns-search",
+            "cluster",
+        ],
+    );
     h.run_container("other", &["--dns", &dns, "--dns-search", "cluster"]);
     h.start_linkdns(&[]);
     let mysql = h.container_ip("mysql");
@@ -126,11 +173,16 @@ fn aliases_links_ptr_and_negative_answers() {
         let out = h.try_docker(&["exec", container, "nslookup", name]);
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     };
-    wait_until(SETTLE, "db from wordpress", || nslookup("wordpress", "db").contains(&mysql));
+    wait_until(SETTLE, "db from wordpress", || {
+        nslookup("wordpress", "db").contains(&mysql)
+    });
     assert!(nslookup("wordpress", "db.cluster").contains(&mysql));
     assert!(nslookup("wordpress", "cache").contains(&cache));
     let from_other = nslookup("other", "db.cluster");
-    assert!(!from_other.contains(&mysql), "db is wordpress's link, not other's:\n{from_other}");
+    assert!(
+        !from_other.contains(&mysql),
+        "db is wordpress's link, not other's:\n{from_other}"
+    );
     // dig with a bare name from the host is not a link of anybody: NXDOMAIN (from the cluster
     // zone) for db.cluster.
     expect_answer(&h, "db.cluster", "A", &[]);
@@ -142,11 +194,21 @@ fn aliases_links_ptr_and_negative_answers() {
     // NXDOMAIN and NODATA carry the zone's SOA.
     let nx = h.dig(&["@127.0.0.1", "nope.cluster", "A"]);
     assert_eq!(nx.status, "NXDOMAIN");
-    assert!(nx.authority.iter().any(|r| r.starts_with("cluster. 5 IN SOA")), "{}", nx.raw);
+    assert!(
+        nx.authority
+            .iter()
+            .any(|r| r.starts_with("cluster. 5 IN SOA")),
+        "{}",
+        nx.raw
+    );
     let nodata = h.dig(&["@127.0.0.1", "mysql.cluster", "AAAA"]);
     assert_eq!(nodata.status, "NOERROR", "{}", nodata.raw);
     assert!(nodata.answers.is_empty());
-    assert!(nodata.authority.iter().any(|r| r.contains(" SOA ")), "{}", nodata.raw);
+    assert!(
+        nodata.authority.iter().any(|r| r.contains(" SOA ")),
+        "{}",
+        nodata.raw
+    );
     let apex = h.dig(&["@127.0.0.1", "cluster", "SOA"]);
     assert_eq!(apex.answers.len(), 1, "{}", apex.raw);
 
@@ -155,7 +217,7 @@ fn aliases_links_ptr_and_negative_answers() {
     assert_eq!(edns.edns_udp, Some(1232), "{}", edns.raw);
     let plain = h.dig(&["@127.0.0.1", "mysql.cluster", "+noedns"]);
     assert_eq!(plain.edns_udp, None, "{}", plain.raw);
-    assert_eq!(plain.rdata(), [mysql.clone()]);
+    assert_eq!(plain.rdata(), [mysql.as_str()]);
 }
 
 #[test]
@@ -170,7 +232,11 @@ fn large_answers_truncate_over_udp_and_complete_over_tcp() {
         h.dig(&["@127.0.0.1", "farm.cluster", "+tcp"]).answers.len() == count
     });
     let udp = h.dig(&["@127.0.0.1", "farm.cluster", "+noedns", "+ignore"]);
-    assert!(udp.has_flag("tc"), "512-byte UDP answer must be truncated: {}", udp.raw);
+    assert!(
+        udp.has_flag("tc"),
+        "512-byte UDP answer must be truncated: {}",
+        udp.raw
+    );
     assert!(udp.answers.len() < count);
     let tcp = h.dig(&["@127.0.0.1", "farm.cluster", "+tcp"]);
     assert!(!tcp.has_flag("tc"));
@@ -187,7 +253,16 @@ fn forwards_for_allowed_clients_and_refuses_outsiders() {
     let listen_outside = format!("{}:53", h.addr);
     let upstream_addr = upstream.addr.to_string();
     let gateway_listen = format!("{}:53", h.gateway);
-    h.start_linkdns(&["--upstream", &upstream_addr, "--dns-listen", "127.0.0.1:53", "--dns-listen", &listen_outside, "--dns-listen", &gateway_listen]);
+    h.start_linkdns(&[
+        "--upstream",
+        &upstream_addr,
+        "--dns-listen",
+        "127.0.0.1:53",
+        "--dns-listen",
+        &listen_outside,
+        "--dns-listen",
+        &gateway_listen,
+    ]);
     h.run_container("app", &["--dns", &h.gateway.to_string()]);
     let app = h.container_ip("app");
     expect_answer(&h, "app.cluster", "A", &[&app]);
@@ -198,7 +273,11 @@ fn forwards_for_allowed_clients_and_refuses_outsiders() {
     let fwd_tcp = h.dig(&["@127.0.0.1", "example.test", "A", "+tcp"]);
     assert_eq!(fwd_tcp.rdata(), [upstream::ANSWER], "{}", fwd_tcp.raw);
     let nx = h.dig(&["@127.0.0.1", "missing.test", "A"]);
-    assert_eq!(nx.status, "NXDOMAIN", "upstream's NXDOMAIN is passed on: {}", nx.raw);
+    assert_eq!(
+        nx.status, "NXDOMAIN",
+        "upstream's NXDOMAIN is passed on: {}",
+        nx.raw
+    );
 
     // From a container: forwarded.
     let out = h.docker(&["exec", "app", "nslookup", "example.test"]);
@@ -206,12 +285,18 @@ fn forwards_for_allowed_clients_and_refuses_outsiders() {
 
     // From outside the cluster (the root namespace): cluster names yes, forwarding no.
     let outsider = |name: &str| {
-        let out = testbed::run("dig", &["+time=2", "+tries=1", &format!("@{}", h.addr), name, "A"]);
+        let out = testbed::run(
+            "dig",
+            &["+time=2", "+tries=1", &format!("@{}", h.addr), name, "A"],
+        );
         Dig::parse(&String::from_utf8_lossy(&out.stdout))
     };
     assert_eq!(outsider("example.test").status, "REFUSED");
-    assert_eq!(outsider("app.cluster").rdata(), [app.clone()]);
-    assert!(upstream.queries() >= 4, "upstream saw the forwarded queries");
+    assert_eq!(outsider("app.cluster").rdata(), [app.as_str()]);
+    assert!(
+        upstream.queries() >= 4,
+        "upstream saw the forwarded queries"
+    );
 }
 
 #[test]
@@ -226,13 +311,17 @@ fn docker_restart_resyncs_and_dns_keeps_serving() {
 
     h.stop_dockerd();
     // Docker is gone: the node says so and still answers from its replica.
-    wait_until(SETTLE, "status to show docker disconnected", || h.status_json()["docker"]["connected"] == false);
+    wait_until(SETTLE, "status to show docker disconnected", || {
+        h.status_json()["docker"]["connected"] == false
+    });
     expect_answer(&h, "stay.cluster", "A", &[&stay]);
 
     h.start_dockerd();
     // The resync drops what did not come back and keeps what did.
     expect_answer(&h, "vanish.cluster", "A", &[]);
-    wait_until(SETTLE, "stay to run again", || !h.container_ip("stay").is_empty());
+    wait_until(SETTLE, "stay to run again", || {
+        !h.container_ip("stay").is_empty()
+    });
     let stay_now = h.container_ip("stay");
     expect_answer(&h, "stay.cluster", "A", &[&stay_now]);
     assert_eq!(h.status_json()["docker"]["connected"], true);
@@ -267,10 +356,15 @@ fn node_restart_keeps_state_then_reconciles() {
     expect_answer(&h, "drop.cluster", "A", &[&dropped]);
     expect_answer(&h, "late.cluster", "A", &[]);
     let status = h.status_json();
-    assert!(status["applied_index"].as_u64() >= Some(applied_before), "{status}");
+    assert!(
+        status["applied_index"].as_u64() >= Some(applied_before),
+        "{status}"
+    );
     assert_eq!(status["docker"]["connected"], false);
     assert!(
-        status["docker"]["error"].as_str().is_some_and(|e| e.contains("no-such.sock")),
+        status["docker"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no-such.sock")),
         "the missing socket is named: {status}"
     );
     assert_eq!(h.stop_linkdns().code(), Some(0), "clean shutdown");
@@ -339,14 +433,17 @@ fn malformed_packets_and_stalled_tcp_clients_do_not_hurt() {
     let mut stalled = std::net::TcpStream::connect(target).expect("tcp connect");
     stalled.write_all(&[0, 40, 0x12]).expect("half a message");
     let tcp = h.dig(&["@127.0.0.1", "svc.cluster", "+tcp"]);
-    assert_eq!(tcp.rdata(), [svc.clone()], "{}", tcp.raw);
+    assert_eq!(tcp.rdata(), [svc.as_str()], "{}", tcp.raw);
     let udp = h.dig(&["@127.0.0.1", "svc.cluster"]);
-    assert_eq!(udp.rdata(), [svc.clone()]);
+    assert_eq!(udp.rdata(), [svc.as_str()]);
     drop(stalled);
 
     let text = admin_get(&h, "/metrics");
     assert!(text.contains("linkdns_dns_malformed_total"), "{text}");
-    assert!(!text.contains("linkdns_dns_malformed_total 0"), "malformed packets were counted:\n{text}");
+    assert!(
+        !text.contains("linkdns_dns_malformed_total 0"),
+        "malformed packets were counted:\n{text}"
+    );
 }
 
 #[test]
@@ -355,12 +452,27 @@ fn corrupt_data_dir_is_refused_and_left_untouched() {
     let data = dir.path().join("data");
     // A real data dir first: run a node briefly, on unprivileged ports, no Docker.
     let mut child = std::process::Command::new(testbed::linkdns_bin())
-        .args(["run", "--data-dir", &data.to_string_lossy(), "--node-name", "solo"])
-        .args(["--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--docker", "unix:///nonexistent.sock"])
+        .args([
+            "run",
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--node-name",
+            "solo",
+        ])
+        .args([
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--docker",
+            "unix:///nonexistent.sock",
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start");
-    wait_until(SETTLE, "the node to write its admin address", || data.join("admin.addr").exists());
+    wait_until(SETTLE, "the node to write its admin address", || {
+        data.join("admin.addr").exists()
+    });
     let _ = testbed::run("kill", &["-TERM", &child.id().to_string()]);
     assert!(child.wait().expect("wait").success());
 
@@ -371,16 +483,38 @@ fn corrupt_data_dir_is_refused_and_left_untouched() {
     for f in &files {
         std::fs::write(f, vec![0x5a; 1024]).expect("scribble");
     }
-    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).expect("read")).collect();
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(f).expect("read"))
+        .collect();
     let out = std::process::Command::new(testbed::linkdns_bin())
-        .args(["run", "--data-dir", &data.to_string_lossy(), "--node-name", "solo"])
-        .args(["--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--docker", "unix:///nonexistent.sock"])
+        .args([
+            "run",
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--node-name",
+            "solo",
+        ])
+        .args([
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--docker",
+            "unix:///nonexistent.sock",
+        ])
         .output()
         .expect("run");
     assert!(!out.status.success(), "a damaged data dir must not start");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("damaged") && stderr.contains(&*data.to_string_lossy()), "clear error naming the dir:\n{stderr}");
-    let after: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).expect("read")).collect();
+    assert!(
+        stderr.contains("damaged") && stderr.contains(&*data.to_string_lossy()),
+        "clear error naming the dir:\n{stderr}"
+    );
+    let after: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(f).expect("read"))
+        .collect();
     assert!(before == after, "nothing was overwritten");
 }
 
@@ -406,7 +540,10 @@ fn bad_config_names_the_key() {
         .expect("run");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("dns_listen") && stderr.contains("bad.toml"), "{stderr}");
+    assert!(
+        stderr.contains("dns_listen") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
     // And status without a running node says so.
     let out = std::process::Command::new(testbed::linkdns_bin())
         .args(["status", "--data-dir", &dir.path().to_string_lossy()])

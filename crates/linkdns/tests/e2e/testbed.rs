@@ -99,7 +99,15 @@ fn cleanup_stale() {
             }
         }
     }
-    let _ = run("sh", &["-c", &format!("umount -R {BASE}/*/exec 2>/dev/null; umount -R {BASE}/*/data/* 2>/dev/null; true")]);
+    let _ = run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "umount -R {BASE}/*/exec 2>/dev/null; umount -R {BASE}/*/data/* 2>/dev/null; true"
+            ),
+        ],
+    );
     let _ = std::fs::remove_dir_all(BASE);
 }
 
@@ -132,9 +140,17 @@ impl Host {
         let outside = Ipv4Addr::new(172, 30, index, 1);
         let (veth_out, veth_in) = (format!("ldt-{index}o"), format!("ldt-{index}i"));
         sh("ip", &["netns", "add", &ns]);
-        sh("ip", &["link", "add", &veth_out, "type", "veth", "peer", "name", &veth_in]);
+        sh(
+            "ip",
+            &[
+                "link", "add", &veth_out, "type", "veth", "peer", "name", &veth_in,
+            ],
+        );
         sh("ip", &["link", "set", &veth_in, "netns", &ns]);
-        sh("ip", &["addr", "add", &format!("{outside}/24"), "dev", &veth_out]);
+        sh(
+            "ip",
+            &["addr", "add", &format!("{outside}/24"), "dev", &veth_out],
+        );
         sh("ip", &["link", "set", &veth_out, "up"]);
         let in_ns = |args: &[&str]| {
             let mut full = vec!["netns", "exec", ns.as_str()];
@@ -174,15 +190,30 @@ impl Host {
         let d = |p: &str| self.dir.join(p).to_string_lossy().into_owned();
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.ns))
-            .args(["dockerd", "--data-root", &d("data"), "--exec-root", &d("exec"), "--pidfile", &d("docker.pid")])
-            .args(["-H", &format!("unix://{}", d("docker.sock")), "--bip", &format!("{}/24", self.gateway)])
+            .args([
+                "dockerd",
+                "--data-root",
+                &d("data"),
+                "--exec-root",
+                &d("exec"),
+                "--pidfile",
+                &d("docker.pid"),
+            ])
+            .args([
+                "-H",
+                &format!("unix://{}", d("docker.sock")),
+                "--bip",
+                &format!("{}/24", self.gateway),
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start dockerd");
         self.dockerd = Some(child);
         wait_until(Duration::from_secs(60), "dockerd to answer", || {
-            self.try_docker(&["info", "--format", "{{.ID}}"]).status.success()
+            self.try_docker(&["info", "--format", "{{.ID}}"])
+                .status
+                .success()
         });
     }
 
@@ -231,11 +262,16 @@ impl Host {
 
     /// The container's IPv4 address on its networks, as Docker reports it.
     pub fn container_ip(&self, name: &str) -> String {
-        self.docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", name])
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string()
+        self.docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            name,
+        ])
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
     }
 
     /// Starts `linkdns run` inside the namespace with this host's data dir and Docker socket.
@@ -283,7 +319,9 @@ impl Host {
                     panic!("linkdns exited early ({status}); log:\n{}", self.log());
                 }
             }
-            self.dig(&["@127.0.0.1", "cluster", "SOA", "+time=1", "+tries=1"]).status == "NOERROR"
+            self.dig(&["@127.0.0.1", "cluster", "SOA", "+time=1", "+tries=1"])
+                .status
+                == "NOERROR"
         });
     }
 
@@ -315,7 +353,14 @@ impl Host {
 
     /// `dig` from inside the host, parsed.
     pub fn dig(&self, args: &[&str]) -> Dig {
-        let mut full = vec!["+time=2", "+tries=1", "+noall", "+comments", "+answer", "+authority"];
+        let mut full = vec![
+            "+time=2",
+            "+tries=1",
+            "+noall",
+            "+comments",
+            "+answer",
+            "+authority",
+        ];
         full.extend_from_slice(args);
         let out = self.exec("dig", &full);
         Dig::parse(&String::from_utf8_lossy(&out.stdout))
@@ -324,15 +369,29 @@ impl Host {
     /// `linkdns status --json` from inside the host.
     pub fn status_json(&self) -> serde_json::Value {
         let data_dir = self.data_dir();
-        let out = self.exec(linkdns_bin(), &["status", "--json", "--data-dir", &data_dir.to_string_lossy()]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self.exec(
+            linkdns_bin(),
+            &[
+                "status",
+                "--json",
+                "--data-dir",
+                &data_dir.to_string_lossy(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     /// Sends one UDP datagram to `addr` from the root namespace and returns the reply, if any.
     pub fn udp_exchange(to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
-        socket.set_read_timeout(Some(Duration::from_millis(700))).expect("timeout");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .expect("timeout");
         socket.send_to(payload, to).expect("send");
         let mut buf = vec![0u8; 65535];
         match socket.recv_from(&mut buf) {
@@ -346,7 +405,9 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.kill_linkdns();
         if std::thread::panicking() {
-            let _ = std::io::stderr().write_all(format!("--- linkdns log of {} ---\n{}\n", self.ns, self.log()).as_bytes());
+            let _ = std::io::stderr().write_all(
+                format!("--- linkdns log of {} ---\n{}\n", self.ns, self.log()).as_bytes(),
+            );
         }
         let ids = self.try_docker(&["ps", "-aq"]);
         for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
@@ -356,7 +417,13 @@ impl Drop for Host {
         let _ = run("ip", &["netns", "delete", &self.ns]);
         let _ = run("ip", &["link", "delete", &format!("ldt-{}o", self.index)]);
         let exec = self.dir.join("exec");
-        let _ = run("sh", &["-c", &format!("umount -R {}/* 2>/dev/null; true", exec.display())]);
+        let _ = run(
+            "sh",
+            &[
+                "-c",
+                &format!("umount -R {}/* 2>/dev/null; true", exec.display()),
+            ],
+        );
     }
 }
 

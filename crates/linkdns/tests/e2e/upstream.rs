@@ -22,7 +22,8 @@ impl Upstream {
         let count = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let udp = UdpSocket::bind(addr).expect("upstream udp");
-        udp.set_read_timeout(Some(std::time::Duration::from_millis(200))).expect("timeout");
+        udp.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .expect("timeout");
         let tcp = TcpListener::bind(addr).expect("upstream tcp");
         tcp.set_nonblocking(true).expect("nonblocking");
         let (c, s) = (count.clone(), stop.clone());
@@ -79,13 +80,25 @@ impl Drop for Upstream {
 fn answer(query: &[u8]) -> Option<Vec<u8>> {
     let query = Message::from_vec(query).ok()?;
     let q = query.queries.first()?.clone();
-    let mut reply = Message::new(query.metadata.id, MessageType::Response, query.metadata.op_code);
+    let mut reply = Message::new(
+        query.metadata.id,
+        MessageType::Response,
+        query.metadata.op_code,
+    );
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
     reply.metadata.recursion_available = true;
     reply.add_query(q.clone());
-    if q.name().to_ascii().trim_end_matches('.').eq_ignore_ascii_case("example.test") {
+    if q.name()
+        .to_ascii()
+        .trim_end_matches('.')
+        .eq_ignore_ascii_case("example.test")
+    {
         let ip: std::net::Ipv4Addr = ANSWER.parse().ok()?;
-        reply.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(ip.into())));
+        reply.add_answer(Record::from_rdata(
+            q.name().clone(),
+            60,
+            RData::A(ip.into()),
+        ));
     } else {
         reply.metadata.response_code = ResponseCode::NXDomain;
     }

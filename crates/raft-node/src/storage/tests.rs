@@ -6,11 +6,12 @@ use raft::{GetEntriesContext, Storage, StorageError};
 use super::{LogStore, MemStore, SledStore};
 
 fn entry(index: u64, term: u64) -> Entry {
-    let mut e = Entry::default();
-    e.index = index;
-    e.term = term;
-    e.data = vec![index as u8; 16].into();
-    e
+    Entry {
+        index,
+        term,
+        data: vec![index as u8; 16].into(),
+        ..Default::default()
+    }
 }
 
 fn snapshot(index: u64, term: u64, voters: Vec<u64>) -> Snapshot {
@@ -108,7 +109,10 @@ fn empty_store_starts_after_index_zero() {
         assert_eq!((s.first(), s.last()), (1, 0));
         assert_eq!(s.term(0).expect("term 0"), 0);
         assert_eq!(s.entries(1, 1, None).expect("empty range"), vec![]);
-        assert!(is_store_err(s.entries(1, 2, None), StorageError::Unavailable));
+        assert!(is_store_err(
+            s.entries(1, 2, None),
+            StorageError::Unavailable
+        ));
     });
 }
 
@@ -118,13 +122,19 @@ fn append_then_read_ranges_terms_and_limits() {
         let mut s = new();
         s.append(&[entry(1, 1), entry(2, 1), entry(3, 2)]);
         assert_eq!((s.first(), s.last()), (1, 3));
-        assert_eq!(indexes(&s.entries(1, 4, None).expect("all")), [(1, 1), (2, 1), (3, 2)]);
+        assert_eq!(
+            indexes(&s.entries(1, 4, None).expect("all")),
+            [(1, 1), (2, 1), (3, 2)]
+        );
         assert_eq!(indexes(&s.entries(2, 3, None).expect("one")), [(2, 1)]);
         // A size limit still returns at least one entry.
         assert_eq!(s.entries(1, 4, Some(0)).expect("limited").len(), 1);
         assert_eq!(s.term(3).expect("term"), 2);
         assert!(is_store_err(s.term(4), StorageError::Unavailable));
-        assert!(is_store_err(s.entries(2, 5, None), StorageError::Unavailable));
+        assert!(is_store_err(
+            s.entries(2, 5, None),
+            StorageError::Unavailable
+        ));
     });
 }
 
@@ -135,7 +145,10 @@ fn append_replaces_a_conflicting_suffix() {
         s.append(&[entry(1, 1), entry(2, 1), entry(3, 1), entry(4, 1)]);
         s.append(&[entry(3, 2)]);
         assert_eq!(s.last(), 3);
-        assert_eq!(indexes(&s.entries(1, 4, None).expect("all")), [(1, 1), (2, 1), (3, 2)]);
+        assert_eq!(
+            indexes(&s.entries(1, 4, None).expect("all")),
+            [(1, 1), (2, 1), (3, 2)]
+        );
         s.append(&[entry(4, 2), entry(5, 2)]);
         assert_eq!(s.last(), 5);
     });
@@ -151,10 +164,16 @@ fn snapshot_compacts_and_keeps_a_matching_tail() {
         assert_eq!(s.term(2).expect("snapshot term"), 1);
         assert!(is_store_err(s.term(1), StorageError::Compacted));
         assert!(is_store_err(s.entries(2, 4, None), StorageError::Compacted));
-        assert_eq!(indexes(&s.entries(3, 5, None).expect("tail")), [(3, 2), (4, 2)]);
+        assert_eq!(
+            indexes(&s.entries(3, 5, None).expect("tail")),
+            [(3, 2), (4, 2)]
+        );
         assert_eq!(s.state().1.voters, vec![1]);
         assert_eq!(s.snapshot(2).expect("snapshot").get_metadata().index, 2);
-        assert!(is_store_err(s.snapshot(3), StorageError::SnapshotTemporarilyUnavailable));
+        assert!(is_store_err(
+            s.snapshot(3),
+            StorageError::SnapshotTemporarilyUnavailable
+        ));
         // An older snapshot changes nothing.
         s.install(&snapshot(1, 1, vec![9]));
         assert_eq!((s.first(), s.state().1.voters), (3, vec![1]));
@@ -183,7 +202,8 @@ fn holes_and_writes_below_the_snapshot_are_refused() {
     let mut sled = SledStore::open(dir.path()).expect("open");
     LogStore::append(&mut sled, &[entry(1, 1)]).expect("append");
     assert!(LogStore::append(&mut sled, &[entry(3, 1)]).is_err());
-    sled.install_snapshot(&snapshot(1, 1, vec![1])).expect("install");
+    sled.install_snapshot(&snapshot(1, 1, vec![1]))
+        .expect("install");
     assert!(LogStore::append(&mut sled, &[entry(1, 1)]).is_err());
 }
 
@@ -192,15 +212,19 @@ fn hard_and_conf_state_round_trip() {
     both(|new| {
         let mut s = new();
         s.append(&[entry(1, 1), entry(2, 1)]);
-        let mut hs = HardState::default();
-        hs.term = 4;
-        hs.vote = 2;
-        hs.commit = 1;
+        let hs = HardState {
+            term: 4,
+            vote: 2,
+            commit: 1,
+            ..Default::default()
+        };
         s.hard_state(&hs);
         s.commit(2);
-        let mut cs = ConfState::default();
-        cs.voters = vec![1, 2, 3];
-        cs.learners = vec![4];
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            learners: vec![4],
+            ..Default::default()
+        };
         s.conf(&cs);
         let (hs2, cs2) = s.state();
         assert_eq!((hs2.term, hs2.vote, hs2.commit), (4, 2, 2));
@@ -214,12 +238,16 @@ fn sled_store_survives_reopen() {
     {
         let mut s = SledStore::open(dir.path()).expect("open");
         LogStore::append(&mut s, &[entry(1, 1), entry(2, 1), entry(3, 1)]).expect("append");
-        s.install_snapshot(&snapshot(1, 1, vec![1])).expect("install");
+        s.install_snapshot(&snapshot(1, 1, vec![1]))
+            .expect("install");
         s.set_commit(3).expect("commit");
         s.sync().expect("sync");
     }
     let s = SledStore::open(dir.path()).expect("reopen");
-    assert_eq!((s.first_index().ok(), s.last_index().ok()), (Some(2), Some(3)));
+    assert_eq!(
+        (s.first_index().ok(), s.last_index().ok()),
+        (Some(2), Some(3))
+    );
     assert_eq!(s.initial_state().expect("state").hard_state.commit, 3);
     assert_eq!(s.current_snapshot().expect("snap").data.as_ref(), b"state");
 }

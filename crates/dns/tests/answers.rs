@@ -1,0 +1,333 @@
+//! Golden tests of DNS answers: wire query in, wire answer out (the UDP path, cache included),
+//! rendered as text a reader can check against the naming table.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RecordType};
+use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Zone};
+use linkdns_registry::{Command, Container, ContainerId, LinkAlias, NodeInfo, Published, Registry};
+
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    for (id, name) in [(1, "h1"), (2, "h2")] {
+        r.apply(&Command::UpsertNode(NodeInfo {
+            id,
+            name: name.into(),
+            peer_addr: format!("172.30.0.{id}:7380"),
+        }))
+        .expect("node");
+    }
+    let c = |id: &str,
+             name: &str,
+             node: u64,
+             ips: &[&str],
+             aliases: &[&str],
+             links: &[(&str, &str)]| Container {
+        id: ContainerId(id.into()),
+        name: name.into(),
+        node,
+        ips: ips.iter().map(|s| s.parse().expect("ip")).collect(),
+        aliases: aliases.iter().map(|s| s.to_string()).collect(),
+        links: links
+            .iter()
+            .map(|(t, a)| LinkAlias {
+                target: t.to_string(),
+                alias: a.to_string(),
+            })
+            .collect(),
+        ports: BTreeSet::new(),
+    };
+    for container in [
+        c("m1", "mysql", 1, &["192.168.1.5"], &["database"], &[]),
+        c(
+            "w2",
+            "wordpress",
+            2,
+            &["192.168.2.9", "fd00::9"],
+            &[],
+            &[("mysql", "db")],
+        ),
+        c("x1", "web", 1, &["192.168.1.7"], &[], &[]),
+        c("x2", "web", 2, &["192.168.2.7"], &[], &[]),
+    ] {
+        r.apply(&Command::UpsertContainer(container))
+            .expect("container");
+    }
+    r
+}
+
+fn answerer(registry: Registry) -> Answerer {
+    Answerer {
+        zone: Zone::new("cluster", 5, Some(1)).expect("zone"),
+        acl: Acl::new(vec!["10.99.0.0/16".parse().expect("subnet")]),
+        forwarder: Forwarder::new(vec![], Duration::from_secs(1)),
+        published: Arc::new(ArcSwap::from_pointee(Published {
+            applied: 42,
+            registry,
+        })),
+        metrics: DnsMetrics::default(),
+    }
+}
+
+fn query(name: &str, qtype: RecordType, edns: bool) -> Vec<u8> {
+    let mut m = Message::new(0xbeef, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+    if edns {
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        m.set_edns(e);
+    }
+    m.to_vec().expect("encode")
+}
+
+/// Renders a response: header line, then one line per record, section by section.
+fn render(bytes: &[u8]) -> String {
+    let m = Message::from_vec(bytes).expect("response parses");
+    let md = &m.metadata;
+    let mut flags = vec![];
+    for (on, f) in [
+        (md.authoritative, "aa"),
+        (md.truncation, "tc"),
+        (md.recursion_desired, "rd"),
+        (md.recursion_available, "ra"),
+    ] {
+        if on {
+            flags.push(f);
+        }
+    }
+    let mut out = format!("id={:#x} {:?} {}", md.id, md.response_code, flags.join(" "));
+    if let Some(e) = &m.edns {
+        let _ = write!(out, " edns={}", e.max_payload());
+    }
+    out.push('\n');
+    for (section, records) in [("an", &m.answers), ("ns", &m.authorities)] {
+        for r in records.iter() {
+            let _ = writeln!(
+                out,
+                "{section} {} {} {} {}",
+                r.name,
+                r.ttl,
+                r.record_type(),
+                r.data
+            );
+        }
+    }
+    out
+}
+
+fn ask(
+    a: &Answerer,
+    cache: &mut AnswerCache,
+    src: &str,
+    name: &str,
+    qtype: RecordType,
+    edns: bool,
+) -> String {
+    let src: SocketAddr = src.parse().expect("src");
+    match a.answer_datagram(&query(name, qtype, edns), src, cache) {
+        Some(bytes) => render(&bytes),
+        None => "(no answer: forwarded or dropped)\n".into(),
+    }
+}
+
+#[test]
+fn naming_table_golden() {
+    let a = answerer(registry());
+    let mut cache = AnswerCache::new();
+    let local = "127.0.0.1:5000";
+    let cases: Vec<(&str, &str, RecordType, bool)> = vec![
+        (local, "mysql.cluster.", RecordType::A, false),
+        (local, "web.cluster.", RecordType::A, false),
+        (local, "web.h2.cluster.", RecordType::A, false),
+        (local, "database.cluster.", RecordType::A, true),
+        (local, "wordpress.cluster.", RecordType::AAAA, false),
+        (local, "mysql.cluster.", RecordType::AAAA, false),
+        (local, "nope.cluster.", RecordType::A, false),
+        (local, "h1.cluster.", RecordType::A, false),
+        (local, "cluster.", RecordType::SOA, false),
+        (local, "5.1.168.192.in-addr.arpa.", RecordType::PTR, false),
+        ("192.168.2.9:5000", "db.cluster.", RecordType::A, false),
+        ("192.168.2.9:5000", "db.", RecordType::A, false),
+        ("192.168.1.7:5000", "db.cluster.", RecordType::A, false),
+        ("203.0.113.1:5000", "example.com.", RecordType::A, false),
+        ("203.0.113.1:5000", "web.cluster.", RecordType::A, false),
+        (local, "example.com.", RecordType::A, false),
+    ];
+    let mut got = String::new();
+    for (src, name, qtype, edns) in cases {
+        let _ = write!(
+            got,
+            "> {src} {name} {qtype}{}\n{}",
+            if edns { " +edns" } else { "" },
+            ask(&a, &mut cache, src, name, qtype, edns)
+        );
+    }
+    let want = "\
+> 127.0.0.1:5000 mysql.cluster. A
+id=0xbeef NoError aa rd ra
+an mysql.cluster. 5 A 192.168.1.5
+> 127.0.0.1:5000 web.cluster. A
+id=0xbeef NoError aa rd ra
+an web.cluster. 5 A 192.168.1.7
+an web.cluster. 5 A 192.168.2.7
+> 127.0.0.1:5000 web.h2.cluster. A
+id=0xbeef NoError aa rd ra
+an web.h2.cluster. 5 A 192.168.2.7
+> 127.0.0.1:5000 database.cluster. A +edns
+id=0xbeef NoError aa rd ra edns=1232
+an database.cluster. 5 A 192.168.1.5
+> 127.0.0.1:5000 wordpress.cluster. AAAA
+id=0xbeef NoError aa rd ra
+an wordpress.cluster. 5 AAAA fd00::9
+> 127.0.0.1:5000 mysql.cluster. AAAA
+id=0xbeef NoError aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 nope.cluster. A
+id=0xbeef NXDomain aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 h1.cluster. A
+id=0xbeef NoError aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 cluster. SOA
+id=0xbeef NoError aa rd ra
+an cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 5.1.168.192.in-addr.arpa. PTR
+id=0xbeef NoError aa rd ra
+an 5.1.168.192.in-addr.arpa. 5 PTR mysql.cluster.
+> 192.168.2.9:5000 db.cluster. A
+id=0xbeef NoError aa rd ra
+an db.cluster. 5 A 192.168.1.5
+> 192.168.2.9:5000 db. A
+id=0xbeef NoError aa rd ra
+an db. 5 A 192.168.1.5
+> 192.168.1.7:5000 db.cluster. A
+id=0xbeef NXDomain aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 203.0.113.1:5000 example.com. A
+id=0xbeef Refused rd ra
+> 203.0.113.1:5000 web.cluster. A
+id=0xbeef NoError aa rd ra
+an web.cluster. 5 A 192.168.1.7
+an web.cluster. 5 A 192.168.2.7
+> 127.0.0.1:5000 example.com. A
+(no answer: forwarded or dropped)
+";
+    assert_eq!(got, want, "\n--- got ---\n{got}");
+}
+
+#[test]
+fn cached_answers_keep_the_askers_id_case_and_flags() {
+    let a = answerer(registry());
+    let mut cache = AnswerCache::new();
+    let src: SocketAddr = "127.0.0.1:5000".parse().expect("src");
+    let first = a
+        .answer_datagram(
+            &query("mysql.cluster.", RecordType::A, false),
+            src,
+            &mut cache,
+        )
+        .expect("first");
+    let mut second_query = query("MySQL.CLUSTER.", RecordType::A, false);
+    second_query[0] = 0x12;
+    second_query[1] = 0x34;
+    second_query[2] &= !0x01; // RD off
+    let second = a
+        .answer_datagram(&second_query, src, &mut cache)
+        .expect("second");
+    let m = Message::from_vec(&second).expect("parse");
+    assert_eq!(m.metadata.id, 0x1234);
+    assert!(!m.metadata.recursion_desired);
+    assert_eq!(m.queries[0].name().to_ascii(), "MySQL.CLUSTER.");
+    assert_eq!(first.len(), second.len());
+    // The answer's owner points at the question, so it too comes back in the asker's case.
+    assert_eq!(
+        render(&second).lines().nth(1),
+        Some("an MySQL.CLUSTER. 5 A 192.168.1.5")
+    );
+    assert_eq!(
+        render(&first).lines().nth(1),
+        Some("an mysql.cluster. 5 A 192.168.1.5")
+    );
+}
+
+#[test]
+fn a_new_registry_version_invalidates_cached_answers() {
+    let a = answerer(registry());
+    let mut cache = AnswerCache::new();
+    let src: SocketAddr = "127.0.0.1:5000".parse().expect("src");
+    let before = render(
+        &a.answer_datagram(
+            &query("mysql.cluster.", RecordType::A, false),
+            src,
+            &mut cache,
+        )
+        .expect("a"),
+    );
+    assert!(before.contains("192.168.1.5"));
+    let mut r = registry();
+    r.apply(&Command::RemoveContainer {
+        node: 1,
+        id: ContainerId("m1".into()),
+    })
+    .expect("remove");
+    a.published.store(Arc::new(Published {
+        applied: 43,
+        registry: r,
+    }));
+    let after = render(
+        &a.answer_datagram(
+            &query("mysql.cluster.", RecordType::A, false),
+            src,
+            &mut cache,
+        )
+        .expect("b"),
+    );
+    assert!(after.contains("NXDomain"), "{after}");
+}
+
+#[test]
+fn malformed_input_gets_formerr_or_nothing() {
+    let a = answerer(registry());
+    let mut cache = AnswerCache::new();
+    let src: SocketAddr = "127.0.0.1:5000".parse().expect("src");
+    let q = query("mysql.cluster.", RecordType::A, true);
+    for len in 0..q.len() {
+        if let Some(r) = a.answer_datagram(&q[..len], src, &mut cache) {
+            assert_eq!(r[3] & 0x0f, 1, "{len} bytes: FORMERR");
+            assert_eq!(&r[..2], &q[..2]);
+        }
+    }
+    // Two questions: FORMERR. A NOTIFY: NOTIMP.
+    let mut two = Message::from_vec(&q).expect("parse");
+    two.add_query(Query::query(
+        Name::from_ascii("web.cluster.").expect("n"),
+        RecordType::A,
+    ));
+    let r = Message::from_vec(
+        &a.answer_datagram(&two.to_vec().expect("enc"), src, &mut cache)
+            .expect("r"),
+    )
+    .expect("p");
+    assert_eq!(
+        r.metadata.response_code,
+        hickory_proto::op::ResponseCode::FormErr
+    );
+    let mut notify = Message::from_vec(&q).expect("parse");
+    notify.metadata.op_code = OpCode::Notify;
+    let r = Message::from_vec(
+        &a.answer_datagram(&notify.to_vec().expect("enc"), src, &mut cache)
+            .expect("r"),
+    )
+    .expect("p");
+    assert_eq!(
+        r.metadata.response_code,
+        hickory_proto::op::ResponseCode::NotImp
+    );
+}
