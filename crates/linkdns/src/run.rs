@@ -53,6 +53,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         config.upstreams.clone()
     };
+    let explicit_listen = config.dns_listen.is_some();
+    let listen = match &config.dns_listen {
+        Some(l) => l.clone(),
+        None => vec![DEFAULT_DNS_LISTEN.parse()?],
+    };
+    // Forwarding to ourselves would loop (a host whose resolv.conf already points at linkdns).
+    let (upstreams, own): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        upstreams.into_iter().partition(|u| !listen.contains(u));
+    if !own.is_empty() {
+        tracing::warn!(skipped = ?own, "upstream resolvers that are this node's own DNS address are skipped; set --upstream");
+    }
     tracing::info!(?upstreams, "upstream resolvers");
     let dns_metrics = DnsMetrics::default();
     let answerer = Arc::new(Answerer {
@@ -62,11 +73,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         published: node.published(),
         metrics: dns_metrics.clone(),
     });
-    let explicit_listen = config.dns_listen.is_some();
-    let listen = match &config.dns_listen {
-        Some(l) => l.clone(),
-        None => vec![DEFAULT_DNS_LISTEN.parse()?],
-    };
     let mut dns = vec![DnsServer::start(&listen, answerer.clone(), Duration::from_secs(10)).await?];
     let mut dns_addrs: Vec<SocketAddr> =
         dns.iter().flat_map(|d| d.local_addrs().to_vec()).collect();
@@ -107,7 +113,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         if matches!(command, Command::ReplaceContainers { .. }) {
                             node_metrics.resyncs.inc();
                         }
-                        propose_with_retry(&node, command).await;
+                        if let Err(e) = propose_with_retry(&node, command).await {
+                            break Err(e);
+                        }
                     }
                     Report::Connected { bridge_subnets, bridge_gateways } => {
                         admin_state.set_docker(true, None);
@@ -180,14 +188,18 @@ async fn register_self(node: &NodeHandle, config: &Config, id: NodeId) -> anyhow
 }
 
 /// Proposes a watcher command; retries a few times on transient failures. A command that keeps
-/// failing is dropped with a warning: the watcher's next resync restates the whole node.
-async fn propose_with_retry(node: &NodeHandle, command: Command) {
+/// failing is dropped with a warning: the watcher's next resync restates the whole node. Fails
+/// only when the Raft node itself has stopped.
+async fn propose_with_retry(node: &NodeHandle, command: Command) -> anyhow::Result<()> {
     for attempt in 1..=5 {
         match node.propose(command.clone()).await {
-            Ok(_) => return,
+            Ok(_) => return Ok(()),
             Err(linkdns_raft::Error::Registry(e)) => {
                 tracing::warn!(error = %e, "watcher command rejected");
-                return;
+                return Ok(());
+            }
+            Err(linkdns_raft::Error::Stopped) => {
+                bail!("the raft node stopped; see the log above")
             }
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "proposal failed; retrying");
@@ -195,6 +207,7 @@ async fn propose_with_retry(node: &NodeHandle, command: Command) {
             }
         }
     }
+    Ok(())
 }
 
 fn write_admin_addr(data_dir: &Path, addr: SocketAddr) -> anyhow::Result<()> {

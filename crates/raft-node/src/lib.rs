@@ -55,6 +55,10 @@ impl Error {
             sled::Error::Io(ref io) if io.to_string().contains("lock") => {
                 Error::Locked { path: path_text }
             }
+            sled::Error::Io(io) => Error::Storage {
+                path: path_text,
+                reason: format!("{io}; check free space and permissions, then restart"),
+            },
             other => Error::Storage {
                 path: path_text,
                 reason: other.to_string(),

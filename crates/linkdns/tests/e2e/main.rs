@@ -552,3 +552,57 @@ fn bad_config_names_the_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no linkdns node is running"));
 }
+
+#[test]
+fn full_data_dir_stops_the_node_and_loses_nothing() {
+    let mut h = Host::new();
+    let data = h.data_dir();
+    std::fs::create_dir_all(&data).expect("data dir");
+    testbed::sh(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=16m",
+            "tmpfs",
+            &data.to_string_lossy(),
+        ],
+    );
+    h.run_container("before", &[]);
+    h.start_linkdns(&[]);
+    let before = h.container_ip("before");
+    expect_answer(&h, "before.cluster", "A", &[&before]);
+
+    // Fill the disk, then make the watcher write.
+    let filler = data.join("filler");
+    let _ = testbed::run(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={}", filler.display()),
+            "bs=1M",
+            "count=64",
+        ],
+    );
+    for i in 0..20 {
+        h.run_container(&format!("during{i}"), &[]);
+    }
+    let status = h.wait_linkdns_exit(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "a node that cannot write must stop, not carry on: {status}"
+    );
+    let log = h.log();
+    assert!(
+        log.contains("No space left") || log.contains("os error 28"),
+        "the log says why:\n{log}"
+    );
+
+    // Space again: everything committed before is there, and Docker's current state follows.
+    std::fs::remove_file(&filler).expect("free space");
+    h.start_linkdns(&[]);
+    expect_answer(&h, "before.cluster", "A", &[&before]);
+    let during = h.container_ip("during19");
+    expect_answer(&h, "during19.cluster", "A", &[&during]);
+}

@@ -332,6 +332,25 @@ impl Host {
         child.wait().expect("wait linkdns")
     }
 
+    /// Waits for linkdns to exit on its own; panics after `timeout`.
+    pub fn wait_linkdns_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.linkdns.take().expect("linkdns is running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "linkdns did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Kills linkdns with SIGKILL.
     pub fn kill_linkdns(&mut self) {
         if let Some(mut child) = self.linkdns.take() {
@@ -414,6 +433,7 @@ impl Drop for Host {
             let _ = self.try_docker(&["rm", "-f", id]);
         }
         self.stop_dockerd();
+        let _ = run("umount", &[&self.data_dir().to_string_lossy()]);
         let _ = run("ip", &["netns", "delete", &self.ns]);
         let _ = run("ip", &["link", "delete", &format!("ldt-{}o", self.index)]);
         let exec = self.dir.join("exec");

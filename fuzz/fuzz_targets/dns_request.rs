@@ -1,0 +1,51 @@
+//! Bytes → DNS answer through the UDP path (cache included): never a panic, and every answer
+//! parses and carries the query's id.
+#![no_main]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use libfuzzer_sys::fuzz_target;
+use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Zone};
+use linkdns_registry::{Command, Container, ContainerId, LinkAlias, NodeInfo, Published, Registry};
+
+fn answerer() -> &'static (Answerer, Mutex<AnswerCache>) {
+    static A: OnceLock<(Answerer, Mutex<AnswerCache>)> = OnceLock::new();
+    A.get_or_init(|| {
+        let mut r = Registry::new();
+        let _ = r.apply(&Command::UpsertNode(NodeInfo { id: 1, name: "h1".into(), peer_addr: "127.0.0.1:7380".into() }));
+        let _ = r.apply(&Command::UpsertContainer(Container {
+            id: ContainerId("a".into()),
+            name: "web".into(),
+            node: 1,
+            ips: vec!["192.168.1.2".parse().expect("ip"), "fd00::2".parse().expect("ip")],
+            aliases: ["www".to_string()].into_iter().collect(),
+            links: [LinkAlias { target: "web".into(), alias: "self".into() }].into_iter().collect(),
+            ports: BTreeSet::new(),
+        }));
+        let answerer = Answerer {
+            zone: Zone::new("cluster", 5, Some(1)).expect("zone"),
+            acl: Acl::new(vec![]),
+            forwarder: Forwarder::new(vec![], Duration::from_secs(1)),
+            published: Arc::new(ArcSwap::from_pointee(Published { applied: 7, registry: r })),
+            metrics: DnsMetrics::default(),
+        };
+        (answerer, Mutex::new(AnswerCache::new()))
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (answerer, cache) = answerer();
+    let Ok(mut cache) = cache.lock() else { return };
+    for src in ["192.168.1.2:53000", "203.0.113.9:53000"] {
+        let src: SocketAddr = src.parse().expect("src");
+        if let Some(reply) = answerer.answer_datagram(data, src, &mut cache) {
+            assert!(reply.len() >= 12);
+            assert_eq!(reply[..2], data[..2], "the reply carries the query's id");
+            assert!(reply[2] & 0x80 != 0, "the reply is a response");
+        }
+    }
+});

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# DNS benchmark: linkdns beside Knot DNS, both serving the same 10,000 names on loopback, each
+# pinned to one core, driven by dnsperf pinned to the other core. Prints, for each server:
+#   - server CPU microseconds per answered query at a fixed 20,000 queries/s (10 s)
+#   - queries lost in that run
+#   - max queries/s (dnsperf flat out, 10 s)
+#   - peak RSS (VmHWM)
+# Needs root for nothing; needs dnsperf, knot, dnsutils (apt-get install dnsperf knot dnsutils).
+# Only loopback is ever a target. Usage: tests/bench-dns.sh [names] [seconds]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NAMES=${1:-10000}
+SECONDS_PER_RUN=${2:-10}
+RATE=20000
+LINKDNS_PORT=5353
+KNOT_PORT=5354
+SERVER_CORE=1
+CLIENT_CORE=0
+
+for tool in dnsperf knotd dig taskset; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install dnsperf knot dnsutils util-linux)" >&2; exit 1; }
+done
+
+cargo build --release -q -p linkdns --bins
+BIN=target/release
+WORK=$(mktemp -d /tmp/linkdns-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+"$BIN/linkdns-bench-load" --data-dir "$WORK/linkdns" --names "$NAMES" --zone "$WORK/cluster.zone" --queries "$WORK/queries.txt"
+
+LINKDNS_LOG=warn taskset -c $SERVER_CORE "$BIN/linkdns" run --data-dir "$WORK/linkdns" --node-name bench \
+  --dns-listen 127.0.0.1:$LINKDNS_PORT --admin-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
+  --docker "unix://$WORK/no-docker.sock" --upstream 127.0.0.1:9 2>"$WORK/linkdns.log" &
+PIDS+=($!); LINKDNS_PID=$!
+
+mkdir -p "$WORK/knot"
+cat > "$WORK/knot.conf" <<EOF
+server:
+    listen: 127.0.0.1@$KNOT_PORT
+    rundir: "$WORK/knot"
+    udp-workers: 1
+    tcp-workers: 1
+    background-workers: 1
+database:
+    storage: "$WORK/knot"
+log:
+  - target: stderr
+    any: warning
+zone:
+  - domain: cluster
+    file: "$WORK/cluster.zone"
+    storage: "$WORK/knot"
+    journal-content: none
+    zonefile-sync: -1
+EOF
+taskset -c $SERVER_CORE knotd -c "$WORK/knot.conf" 2>"$WORK/knot.log" &
+PIDS+=($!); KNOT_PID=$!
+
+wait_answer() { # port name
+  for _ in $(seq 100); do
+    if dig +short +time=1 +tries=1 @127.0.0.1 -p "$1" "$2" A | grep -q .; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench: server on port $1 does not answer $2" >&2; exit 1
+}
+wait_answer $LINKDNS_PORT svc1.cluster
+wait_answer $KNOT_PORT svc1.cluster
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+measure() { # label pid port
+  local label=$1 pid=$2 port=$3
+  # warm-up
+  taskset -c $CLIENT_CORE dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l 2 -Q $RATE >/dev/null 2>&1
+  local t0 t1 out completed lost cpu_us per_query max_qps rss
+  t0=$(cpu_ticks "$pid")
+  out=$(taskset -c $CLIENT_CORE dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$SECONDS_PER_RUN" -Q $RATE 2>&1)
+  t1=$(cpu_ticks "$pid")
+  completed=$(echo "$out" | awk '/Queries completed:/ {print $3}')
+  lost=$(echo "$out" | awk '/Queries lost:/ {print $3}')
+  cpu_us=$(( (t1 - t0) * 1000000 / hz ))
+  per_query=$(awk -v c="$cpu_us" -v q="$completed" 'BEGIN { printf "%.1f", c / q }')
+  out=$(taskset -c $CLIENT_CORE dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$SECONDS_PER_RUN" -q 2000 -c 4 2>&1)
+  max_qps=$(echo "$out" | awk '/Queries per second:/ {printf "%d", $4}')
+  rss=$(awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status")
+  printf "%-8s %22s %14s %10s %12s\n" "$label" "$per_query" "$lost" "$max_qps" "$rss"
+}
+
+echo "names: $NAMES   fixed rate: $RATE q/s for ${SECONDS_PER_RUN}s   servers on core $SERVER_CORE, dnsperf on core $CLIENT_CORE"
+printf "%-8s %22s %14s %10s %12s\n" server "cpu_us/query@${RATE}" "lost@${RATE}" "max_qps" "peak_rss_MB"
+measure linkdns "$LINKDNS_PID" $LINKDNS_PORT
+measure knot "$KNOT_PID" $KNOT_PORT
