@@ -69,20 +69,21 @@ wait_answer() { # port name
 wait_answer $LINKDNS_PORT svc1.cluster
 wait_answer $KNOT_PORT svc1.cluster
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
+# CPU time of every thread of a process in ns, from the scheduler's own accounting
+# (/proc/PID/task/*/schedstat, first field): exact, unlike the tick-sampled utime/stime.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d", s}'; }
 
 measure() { # label pid port
   local label=$1 pid=$2 port=$3
   # warm-up
   taskset -c $CLIENT_CORE dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l 2 -Q $RATE >/dev/null 2>&1
   local t0 t1 out completed lost cpu_us per_query max_qps rss
-  t0=$(cpu_ticks "$pid")
+  t0=$(cpu_ns "$pid")
   out=$(taskset -c $CLIENT_CORE dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$SECONDS_PER_RUN" -Q $RATE 2>&1)
-  t1=$(cpu_ticks "$pid")
+  t1=$(cpu_ns "$pid")
   completed=$(echo "$out" | awk '/Queries completed:/ {print $3}')
   lost=$(echo "$out" | awk '/Queries lost:/ {print $3}')
-  cpu_us=$(( (t1 - t0) * 1000000 / hz ))
+  cpu_us=$(( (t1 - t0) / 1000 ))
   per_query=$(awk -v c="$cpu_us" -v q="$completed" 'BEGIN { printf "%.1f", c / q }')
   out=$(taskset -c $CLIENT_CORE dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$SECONDS_PER_RUN" -q 2000 -c 4 2>&1)
   max_qps=$(echo "$out" | awk '/Queries per second:/ {printf "%d", $4}')
