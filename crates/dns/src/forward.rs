@@ -71,8 +71,9 @@ impl Forwarder {
                 .map_err(|_| Error::Upstream(upstream, "timed out".into()))?
                 .map_err(io)?;
             // A connected socket only hears from the upstream; the id must match ours.
-            if n >= 12 && buf[..2] == query[..2] {
+            if n >= 12 && buf.get(..2) == query.get(..2) {
                 buf.truncate(n);
+                buf.shrink_to_fit();
                 return Ok(buf);
             }
         }

@@ -46,10 +46,16 @@ enum Handled {
 pub struct AnswerCache {
     applied: u64,
     entries: HashMap<(Vec<u8>, bool), Vec<u8>>,
+    /// Bytes held by keys and answers.
+    bytes: usize,
 }
 
-/// Upper bound on cached answers per thread; a flood of distinct names cannot grow it further.
-const CACHE_LIMIT: usize = 200_000;
+/// Budget of one cache (one per UDP socket): a flood of distinct names empties it rather than
+/// growing it past this.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// At most this many forwarded queries wait on upstreams at once; more get SERVFAIL at once.
+const MAX_FORWARDS_IN_FLIGHT: usize = 256;
 
 impl Default for AnswerCache {
     fn default() -> Self {
@@ -62,8 +68,37 @@ impl AnswerCache {
         AnswerCache {
             applied: u64::MAX,
             entries: HashMap::new(),
+            bytes: 0,
         }
     }
+
+    /// Empties the cache when the registry moved on since it was filled.
+    fn follow(&mut self, applied: u64) {
+        if self.applied != applied {
+            self.entries.clear();
+            self.bytes = 0;
+            self.applied = applied;
+        }
+    }
+
+    fn insert(&mut self, key: (Vec<u8>, bool), answer: Vec<u8>) {
+        let size = key.0.len() + answer.len() + 64;
+        if self.bytes + size > CACHE_BYTES {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        self.entries.insert(key, answer);
+    }
+}
+
+/// The cache key of a scanned query: the question name lowercased (type and class as they are),
+/// and whether the client used EDNS.
+fn cache_key(bytes: &[u8], q: &WireQuery) -> (Vec<u8>, bool) {
+    let name_end = q.question_end - 4;
+    let mut key = bytes[12..name_end].to_ascii_lowercase();
+    key.extend_from_slice(&bytes[name_end..q.question_end]);
+    (key, q.edns.is_some())
 }
 
 /// The parts of a query the fast path reads straight off the wire.
@@ -149,17 +184,10 @@ impl Answerer {
     /// Answers one UDP datagram.
     fn handle_datagram(&self, bytes: &[u8], src: SocketAddr, cache: &mut AnswerCache) -> Handled {
         let published = self.published.load();
-        if cache.applied != published.applied || cache.entries.len() >= CACHE_LIMIT {
-            cache.entries.clear();
-            cache.applied = published.applied;
-        }
+        cache.follow(published.applied);
         let scanned = scan_query(bytes);
         if let Some(q) = &scanned {
-            let key = (
-                bytes[12..q.question_end].to_ascii_lowercase(),
-                q.edns.is_some(),
-            );
-            if let Some(cached) = cache.entries.get(&key) {
+            if let Some(cached) = cache.entries.get(&cache_key(bytes, q)) {
                 if cached.len() <= udp_limit(q.edns) {
                     let mut out = cached.clone();
                     // Same question length, so the cached answer's name pointers still fit;
@@ -199,10 +227,7 @@ impl Answerer {
             Decision::Forward => Handled::Forward,
             Decision::Respond(response) => {
                 let key = match (&scanned, cacheable) {
-                    (Some(q), Cacheable::Yes) => Some((
-                        bytes[12..q.question_end].to_ascii_lowercase(),
-                        q.edns.is_some(),
-                    )),
+                    (Some(q), Cacheable::Yes) => Some(cache_key(bytes, q)),
                     _ => None,
                 };
                 let limit = udp_limit(request.edns.as_ref().map(Edns::max_payload));
@@ -228,28 +253,32 @@ impl Answerer {
         let truncated = bytes.get(2).is_some_and(|b| b & 0x02 != 0);
         if let Some(key) = key {
             if !truncated {
-                cache.entries.insert(key, bytes.clone());
+                cache.insert(key, bytes.clone());
             }
         }
         Handled::Reply(bytes)
     }
 }
 
-/// Encodes `message` in at most `limit` bytes. Records that do not fit are left out and TC is
-/// set; if even that fails, a bare header with TC.
+/// Encodes `message` in at most `limit` bytes. If it does not fit, the answer is the header,
+/// the question and the OPT record (EDNS stays echoed) with TC set and no records, which tells
+/// the client to ask again over TCP.
 fn encode(message: &Message, limit: usize) -> Option<Vec<u8>> {
     let mut buf = Vec::with_capacity(512);
     let mut encoder = BinEncoder::new(&mut buf);
     encoder.set_max_size(u16::try_from(limit).unwrap_or(u16::MAX));
-    match message.emit(&mut encoder) {
-        Ok(()) if buf.len() <= limit => Some(buf),
-        _ => {
-            // Fall back to the header and question only, marked truncated.
-            let mut bare = reply_header_only(message);
-            bare.metadata.truncation = true;
-            bare.to_vec().ok()
-        }
+    let complete = message.emit(&mut encoder).is_ok()
+        && buf.len() <= limit
+        && buf.get(2).is_some_and(|flags| flags & 0x02 == 0);
+    if complete {
+        return Some(buf);
     }
+    let mut bare = reply_header_only(message);
+    bare.metadata.truncation = true;
+    if let Some(edns) = &message.edns {
+        bare.set_edns(edns.clone());
+    }
+    bare.to_vec().ok()
 }
 
 fn reply_header_only(message: &Message) -> Message {
@@ -342,6 +371,8 @@ fn udp_loop(
     stop: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
 ) {
+    let socket = Arc::new(socket);
+    let forwards = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
     let mut cache = AnswerCache::new();
     let mut buf = vec![0u8; 65535];
     while !stop.load(Ordering::Relaxed) {
@@ -370,19 +401,26 @@ fn udp_loop(
             }
             Handled::Forward => {
                 let query = buf[..n].to_vec();
-                let Ok(reply_socket) = socket.try_clone() else {
+                let Ok(permit) = forwards.clone().try_acquire_owned() else {
+                    tracing::debug!(%src, "too many forwarded queries in flight; SERVFAIL");
+                    if let Some(fail) = servfail_for(&query) {
+                        let _ = socket.send_to(&fail, src);
+                    }
                     continue;
                 };
-                let answerer = answerer.clone();
+                let (answerer, socket) = (answerer.clone(), socket.clone());
                 runtime.spawn(async move {
-                    let response = forward_or_servfail(&answerer, &query, false).await;
+                    let _permit = permit;
+                    let Some(response) = forward_or_servfail(&answerer, &query, false).await else {
+                        return;
+                    };
                     let limit = udp_limit(
                         Message::from_vec(&query)
                             .ok()
                             .and_then(|m| m.edns.map(|e| e.max_payload())),
                     );
                     let response = fit_udp(response, limit);
-                    if let Err(e) = reply_socket.send_to(&response, src) {
+                    if let Err(e) = socket.send_to(&response, src) {
                         tracing::debug!(%src, error = %e, "udp send failed");
                     }
                     answerer.metrics.observe_latency(started.elapsed());
@@ -404,19 +442,22 @@ fn fit_udp(response: Vec<u8>, limit: usize) -> Vec<u8> {
     }
 }
 
-async fn forward_or_servfail(answerer: &Answerer, query: &[u8], tcp: bool) -> Vec<u8> {
+/// The upstream's answer, or SERVFAIL when no upstream answered (`None` if even that cannot be
+/// built: then the client hears nothing and retries).
+async fn forward_or_servfail(answerer: &Answerer, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     answerer.metrics.record_forward();
     match answerer.forwarder.forward(query, tcp).await {
-        Ok(response) => response,
+        Ok(response) => Some(response),
         Err(e) => {
             tracing::warn!(error = %e, "forwarding failed; answering SERVFAIL");
-            let fail = Message::from_vec(query)
-                .ok()
-                .map(|m| reply_to(&m, ResponseCode::ServFail))
-                .and_then(|m| m.to_vec().ok());
-            fail.unwrap_or_default()
+            servfail_for(query)
         }
     }
+}
+
+fn servfail_for(query: &[u8]) -> Option<Vec<u8>> {
+    let request = Message::from_vec(query).ok()?;
+    reply_to(&request, ResponseCode::ServFail).to_vec().ok()
 }
 
 /// TCP requests, through hickory-server.
@@ -469,9 +510,9 @@ impl RequestHandler for TcpHandler {
                     Decision::Respond(response) => response,
                     Decision::Forward => {
                         let bytes = forward_or_servfail(answerer, request.as_slice(), true).await;
-                        match Message::from_vec(&bytes) {
-                            Ok(m) => m,
-                            Err(_) => reply_to(&message, ResponseCode::ServFail),
+                        match bytes.map(|b| Message::from_vec(&b)) {
+                            Some(Ok(m)) => m,
+                            _ => reply_to(&message, ResponseCode::ServFail),
                         }
                     }
                 }

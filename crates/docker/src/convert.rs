@@ -50,7 +50,7 @@ pub fn container_from_inspect(
         }
         for alias in endpoint.aliases.iter().flatten() {
             // Docker adds the short id as an alias on user-defined networks; it is not a name.
-            if *alias != short_id && !id.starts_with(alias.as_str()) {
+            if *alias != short_id && *alias != id {
                 aliases.insert(alias.clone());
             }
         }

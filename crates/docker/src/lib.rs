@@ -8,6 +8,7 @@ mod convert;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::models::{EventMessage, EventMessageTypeEnum};
@@ -17,7 +18,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures_util::StreamExt;
 use linkdns_registry::{Command, Container, ContainerId, NodeId, Subnet};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 pub use convert::{container_from_inspect, parse_links, LABEL_ALIAS, LABEL_LINKS};
 
@@ -53,12 +54,16 @@ pub struct WatcherConfig {
     pub bridge_network: String,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// A full resync this often even when no event was missed (belt and braces).
+    pub resync_every: Duration,
 }
 
-/// Runs until `shutdown` flips to true or the receiver of `reports` is gone.
+/// Runs until `shutdown` flips to true or the receiver of `reports` is gone. A notification on
+/// `resync` makes it restate this node's whole container set (after a lost proposal).
 pub async fn watch(
     config: WatcherConfig,
     reports: mpsc::Sender<Report>,
+    resync: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(250);
@@ -69,7 +74,7 @@ pub async fn watch(
         }
         let mut resynced = false;
         let ended = tokio::select! {
-            r = follow(&config, &reports, &mut resynced) => r,
+            r = follow(&config, &reports, &resync, &mut resynced) => r,
             _ = shutdown.changed() => return,
         };
         if resynced {
@@ -108,18 +113,26 @@ pub async fn watch(
 async fn follow(
     config: &WatcherConfig,
     reports: &mpsc::Sender<Report>,
+    resync: &Notify,
     resynced: &mut bool,
 ) -> Result<(), Error> {
     let docker = connect(&config.uri).await?;
-    // Subscribe before listing, so that nothing that happens during the listing is missed.
+    // The event stream only connects when first polled, after the listing; asking for events
+    // since a second before the listing replays whatever happened in between. Replays are
+    // harmless: each event leads to an inspection of the container's current state.
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs().saturating_sub(1))
+        .to_string();
     let mut filters = HashMap::new();
     filters.insert("type", vec!["container", "network"]);
-    let mut events =
-        Box::pin(docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build())));
+    let options = EventsOptionsBuilder::new()
+        .since(&since)
+        .filters(&filters)
+        .build();
+    let mut events = Box::pin(docker.events(Some(options)));
 
     let (bridge_subnets, bridge_gateways) = bridge_network(&docker, &config.bridge_network).await;
-    let containers = list_running(&docker, config.node).await?;
-    tracing::info!(uri = %config.uri, containers = containers.len(), "docker connected; resyncing this node's records");
     send(
         reports,
         Report::Connected {
@@ -128,6 +141,38 @@ async fn follow(
         },
     )
     .await?;
+    resync_all(&docker, config, reports).await?;
+    *resynced = true;
+
+    let mut periodic = tokio::time::interval(config.resync_every);
+    periodic.tick().await; // the first tick is immediate; we just resynced
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { return Ok(()) };
+                let event = event.map_err(|e| Error::Unavailable {
+                    uri: config.uri.clone(),
+                    reason: e.to_string(),
+                })?;
+                if let Some(id) = affected_container(&event) {
+                    let command = current_state(&docker, config.node, &id).await?;
+                    send(reports, Report::Command(command)).await?;
+                }
+            }
+            _ = resync.notified() => resync_all(&docker, config, reports).await?,
+            _ = periodic.tick() => resync_all(&docker, config, reports).await?,
+        }
+    }
+}
+
+/// Lists every running container and reports them as this node's whole set.
+async fn resync_all(
+    docker: &Docker,
+    config: &WatcherConfig,
+    reports: &mpsc::Sender<Report>,
+) -> Result<(), Error> {
+    let containers = list_running(docker, config.node).await?;
+    tracing::info!(uri = %config.uri, containers = containers.len(), "resyncing this node's records with docker");
     send(
         reports,
         Report::Command(Command::ReplaceContainers {
@@ -135,20 +180,7 @@ async fn follow(
             containers,
         }),
     )
-    .await?;
-    *resynced = true;
-
-    while let Some(event) = events.next().await {
-        let event = event.map_err(|e| Error::Unavailable {
-            uri: config.uri.clone(),
-            reason: e.to_string(),
-        })?;
-        if let Some(id) = affected_container(&event) {
-            let command = current_state(&docker, config.node, &id).await?;
-            send(reports, Report::Command(command)).await?;
-        }
-    }
-    Ok(())
+    .await
 }
 
 async fn send(reports: &mpsc::Sender<Report>, report: Report) -> Result<(), Error> {

@@ -73,6 +73,12 @@ pub struct RunArgs {
     /// Extra networks allowed to use forwarding (repeatable).
     #[arg(long = "allow", env = "LINKDNS_ALLOWED_CLIENTS", value_delimiter = ',')]
     pub allowed_clients: Vec<String>,
+    /// The Docker network whose subnet is this host's container subnet.
+    #[arg(long, env = "LINKDNS_BRIDGE_NETWORK")]
+    pub bridge_network: Option<String>,
+    /// Applied log entries between registry snapshots.
+    #[arg(long, env = "LINKDNS_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -143,6 +149,9 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("allowed_clients: {e}"))?;
             allowed_clients.push(subnet);
         }
+        if args.snapshot_every.or(file.snapshot_every) == Some(0) {
+            bail!("snapshot_every: must be at least 1 (applied entries between snapshots)");
+        }
         let ttl = args.ttl.or(file.ttl).unwrap_or(5);
         if ttl == 0 {
             bail!("ttl: 0 would disable caching in every client; use at least 1 (seconds)");
@@ -194,8 +203,15 @@ impl Config {
             upstreams: pick_list(&args.upstreams, &file.upstreams).unwrap_or_default(),
             ttl,
             allowed_clients,
-            bridge_network: file.bridge_network.unwrap_or_else(|| "bridge".to_string()),
-            snapshot_every: file.snapshot_every.unwrap_or(10_000).max(1),
+            bridge_network: args
+                .bridge_network
+                .clone()
+                .or(file.bridge_network)
+                .unwrap_or_else(|| "bridge".to_string()),
+            snapshot_every: args
+                .snapshot_every
+                .or(file.snapshot_every)
+                .unwrap_or(10_000),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             proposal_timeout: Duration::from_secs(5),
         })

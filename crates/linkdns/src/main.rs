@@ -24,6 +24,13 @@ struct Cli {
     command: Option<Cmd>,
 }
 
+/// `run`'s options alone, to read them from the environment when no subcommand is given.
+#[derive(Debug, Parser)]
+struct RunOnly {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run a node: watch Docker, replicate records through Raft, serve DNS.
@@ -40,7 +47,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or_else(|| Cmd::Run(Box::default()));
+    // Bare `linkdns` is `linkdns run` with no flags (environment variables still apply).
+    let command = cli
+        .command
+        .unwrap_or_else(|| Cmd::Run(Box::new(RunOnly::parse_from(["linkdns"]).args)));
     let result = match command {
         Cmd::Run(args) => run_node(*args),
         Cmd::Status { data_dir, json } => status::print(&data_dir, json),

@@ -13,7 +13,8 @@ use linkdns_dns::{
 use linkdns_docker::{Report, WatcherConfig};
 use linkdns_raft::{NodeConfig, NodeHandle, SledStore};
 use linkdns_registry::{Command, NodeId, NodeInfo};
-use tokio::sync::{mpsc, watch};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
@@ -59,8 +60,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => vec![DEFAULT_DNS_LISTEN.parse()?],
     };
     // Forwarding to ourselves would loop (a host whose resolv.conf already points at linkdns).
-    let (upstreams, own): (Vec<SocketAddr>, Vec<SocketAddr>) =
-        upstreams.into_iter().partition(|u| !listen.contains(u));
+    let is_own = |u: &SocketAddr| {
+        listen.iter().any(|l| {
+            l.port() == u.port()
+                && (l.ip() == u.ip()
+                    || (l.ip().is_unspecified()
+                        && (u.ip().is_loopback() || u.ip().is_unspecified())))
+        })
+    };
+    let (own, upstreams): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        upstreams.into_iter().partition(is_own);
     if !own.is_empty() {
         tracing::warn!(skipped = ?own, "upstream resolvers that are this node's own DNS address are skipped; set --upstream");
     }
@@ -89,6 +98,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     write_admin_addr(&config.data_dir, admin_addr)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let resync = Arc::new(Notify::new());
     let (reports_tx, mut reports) = mpsc::channel(1024);
     let watcher = tokio::spawn(linkdns_docker::watch(
         WatcherConfig {
@@ -96,13 +106,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             node: node_id,
             bridge_network: config.bridge_network.clone(),
             max_backoff: Duration::from_secs(5),
+            resync_every: Duration::from_secs(300),
         },
         reports_tx,
+        resync.clone(),
         shutdown_rx,
     ));
 
     let mut stop_check = tokio::time::interval(Duration::from_millis(500));
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Created once, so a signal that arrives while a proposal is under way is not lost.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let exit = loop {
         tokio::select! {
             report = reports.recv() => {
@@ -113,8 +127,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         if matches!(command, Command::ReplaceContainers { .. }) {
                             node_metrics.resyncs.inc();
                         }
-                        if let Err(e) = propose_with_retry(&node, command).await {
-                            break Err(e);
+                        tokio::select! {
+                            result = propose_with_retry(&node, command) => match result {
+                                Ok(Proposed::Applied) => {}
+                                // Lost: have the watcher restate the whole node.
+                                Ok(Proposed::GaveUp) => resync.notify_one(),
+                                Err(e) => break Err(e),
+                            },
+                            _ = interrupt.recv() => break Ok(()),
+                            _ = terminate.recv() => break Ok(()),
                         }
                     }
                     Report::Connected { bridge_subnets, bridge_gateways } => {
@@ -145,7 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     break Err(anyhow::anyhow!("the raft node stopped; see the log above"));
                 }
             }
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
             _ = terminate.recv() => break Ok(()),
         }
     };
@@ -156,12 +177,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         server.shutdown().await;
     }
     let _ = std::fs::remove_file(config.data_dir.join(ADMIN_ADDR_FILE));
-    drop(admin_state);
-    match Arc::try_unwrap(node) {
-        Ok(node) => node.shutdown()?,
-        Err(node) => drop(node),
-    }
-    exit
+    // Flushes and joins the Raft thread; an error that stopped it is reported.
+    let stopped = node.shutdown();
+    exit?;
+    stopped?;
+    Ok(())
 }
 
 /// Adds this node to the registry (or updates its name), waiting for the node to lead.
@@ -187,16 +207,22 @@ async fn register_self(node: &NodeHandle, config: &Config, id: NodeId) -> anyhow
     Ok(())
 }
 
-/// Proposes a watcher command; retries a few times on transient failures. A command that keeps
-/// failing is dropped with a warning: the watcher's next resync restates the whole node. Fails
-/// only when the Raft node itself has stopped.
-async fn propose_with_retry(node: &NodeHandle, command: Command) -> anyhow::Result<()> {
+enum Proposed {
+    /// Applied, or rejected by the registry (a deterministic answer; retrying cannot help).
+    Applied,
+    /// Still failing after the retries.
+    GaveUp,
+}
+
+/// Proposes a watcher command; retries a few times on transient failures. Fails only when the
+/// Raft node itself has stopped.
+async fn propose_with_retry(node: &NodeHandle, command: Command) -> anyhow::Result<Proposed> {
     for attempt in 1..=5 {
         match node.propose(command.clone()).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(Proposed::Applied),
             Err(linkdns_raft::Error::Registry(e)) => {
                 tracing::warn!(error = %e, "watcher command rejected");
-                return Ok(());
+                return Ok(Proposed::Applied);
             }
             Err(linkdns_raft::Error::Stopped) => {
                 bail!("the raft node stopped; see the log above")
@@ -207,7 +233,8 @@ async fn propose_with_retry(node: &NodeHandle, command: Command) -> anyhow::Resu
             }
         }
     }
-    Ok(())
+    tracing::warn!("a watcher command kept failing; asking the watcher for a full resync");
+    Ok(Proposed::GaveUp)
 }
 
 fn write_admin_addr(data_dir: &Path, addr: SocketAddr) -> anyhow::Result<()> {

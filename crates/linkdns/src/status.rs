@@ -105,3 +105,67 @@ pub fn render(s: &Status) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::{DockerStatus, Member};
+
+    #[test]
+    fn status_table_golden() {
+        let status = Status {
+            node: "h1".into(),
+            node_id: 1,
+            leader: Some("h1".into()),
+            leader_id: Some(1),
+            role: "leader".into(),
+            term: 2,
+            commit_index: 17,
+            applied_index: 17,
+            snapshot_index: 1,
+            records: 3,
+            members: vec![Member {
+                name: "h1".into(),
+                id: 1,
+                peer_addr: "172.30.0.2:7380".into(),
+                role: "voter".into(),
+                alive: true,
+            }],
+            docker: DockerStatus {
+                connected: false,
+                error: Some("connection refused".into()),
+            },
+            dns_listen: vec!["127.0.0.1:53".parse().expect("addr")],
+        };
+        let want = "\
+node     h1 (id 1, leader)
+leader   h1 (id 1)
+raft     term 2  commit 17  applied 17  snapshot 1
+records  3
+docker   disconnected (connection refused)
+dns      127.0.0.1:53
+
+MEMBER             ID  PEER                   ROLE     ALIVE
+h1                  1  172.30.0.2:7380        voter    yes
+";
+        assert_eq!(render(&status), want);
+        let json = serde_json::to_value(&status).expect("json");
+        for key in [
+            "node",
+            "leader",
+            "term",
+            "commit_index",
+            "applied_index",
+            "records",
+            "members",
+        ] {
+            assert!(json.get(key).is_some(), "status JSON has {key}");
+        }
+        for key in ["name", "id", "role", "alive"] {
+            assert!(
+                json["members"][0].get(key).is_some(),
+                "member JSON has {key}"
+            );
+        }
+    }
+}

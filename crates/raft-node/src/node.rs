@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -97,7 +97,7 @@ pub struct NodeHandle {
     published: Arc<ArcSwap<Published>>,
     status: Arc<ArcSwap<RaftStatus>>,
     proposal_timeout: Duration,
-    thread: Option<JoinHandle<Result<(), Error>>>,
+    thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
 }
 
 impl NodeHandle {
@@ -132,17 +132,21 @@ impl NodeHandle {
 
     /// Whether the loop thread has ended (after an error or a shutdown).
     pub fn is_stopped(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        match self.thread.lock() {
+            Ok(t) => t.as_ref().is_none_or(|t| t.is_finished()),
+            Err(_) => true,
+        }
     }
 
-    /// Stops the loop and waits for it; returns the error that ended it early, if any.
-    pub fn shutdown(mut self) -> Result<(), Error> {
-        self.stop()
-    }
-
-    fn stop(&mut self) -> Result<(), Error> {
+    /// Stops the loop (flushing what it holds) and waits for it; returns the error that ended it
+    /// early, if any. Later calls return `Ok`.
+    pub fn shutdown(&self) -> Result<(), Error> {
         let _ = self.events.send(Event::Shutdown);
-        match self.thread.take() {
+        let thread = match self.thread.lock() {
+            Ok(mut t) => t.take(),
+            Err(_) => None,
+        };
+        match thread {
             Some(t) => t.join().unwrap_or(Err(Error::Stopped)),
             None => Ok(()),
         }
@@ -151,7 +155,7 @@ impl NodeHandle {
 
 impl Drop for NodeHandle {
     fn drop(&mut self) {
-        let _ = self.stop();
+        let _ = self.shutdown();
     }
 }
 
@@ -224,6 +228,7 @@ pub fn start<S: LogStore + Send + 'static>(
         pending: HashMap::new(),
         replies: Vec::new(),
         next_request: 1,
+        incarnation: incarnation(),
         published: published.clone(),
         status: status.clone(),
     };
@@ -249,7 +254,7 @@ pub fn start<S: LogStore + Send + 'static>(
         published,
         status,
         proposal_timeout: config.proposal_timeout,
-        thread: Some(thread),
+        thread: Mutex::new(Some(thread)),
     })
 }
 
@@ -268,22 +273,50 @@ struct Driver<S: LogStore> {
     /// Results of applied proposals, sent once the registry that includes them is published.
     replies: Vec<(Reply, Result<Outcome, Error>)>,
     next_request: u64,
+    incarnation: u64,
     published: Arc<ArcSwap<Published>>,
     status: Arc<ArcSwap<RaftStatus>>,
 }
 
-/// An entry's context: who proposed it and under which request id.
-fn encode_context(node: u64, request: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(16);
-    v.extend_from_slice(&node.to_be_bytes());
-    v.extend_from_slice(&request.to_be_bytes());
-    v
+/// Who proposed an entry: the node, which run of that node (request ids restart at 1 with every
+/// run, and a restart replays entries of earlier runs), and the request id within the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Proposer {
+    node: u64,
+    incarnation: u64,
+    request: u64,
 }
 
-fn decode_context(context: &[u8]) -> Option<(u64, u64)> {
-    let node = u64::from_be_bytes(context.get(..8)?.try_into().ok()?);
-    let request = u64::from_be_bytes(context.get(8..16)?.try_into().ok()?);
-    Some((node, request))
+impl Proposer {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        v.extend_from_slice(&self.node.to_be_bytes());
+        v.extend_from_slice(&self.incarnation.to_be_bytes());
+        v.extend_from_slice(&self.request.to_be_bytes());
+        v
+    }
+
+    fn decode(context: &[u8]) -> Option<Proposer> {
+        let word = |i: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(
+                context.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        Some(Proposer {
+            node: word(0)?,
+            incarnation: word(1)?,
+            request: word(2)?,
+        })
+    }
+}
+
+/// A number that differs between runs of this process: start time and pid. Only used to tell
+/// this run's proposals from replayed ones, never by the state machine.
+fn incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 48)
 }
 
 fn status_of<S: Storage>(raw: &RawNode<S>, applied: u64) -> RaftStatus {
@@ -363,7 +396,12 @@ impl<S: LogStore> Driver<S> {
     fn propose(&mut self, command: Command, reply: Reply) {
         let request = self.next_request;
         self.next_request += 1;
-        let context = encode_context(self.config.id, request);
+        let context = Proposer {
+            node: self.config.id,
+            incarnation: self.incarnation,
+            request,
+        }
+        .encode();
         match self.raw.propose(context, command.encode()) {
             Ok(()) => {
                 let deadline = Instant::now() + self.config.proposal_timeout;
@@ -488,44 +526,49 @@ impl<S: LogStore> Driver<S> {
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Error> {
         for entry in entries {
             self.applied = entry.index;
-            if entry.data.is_empty() {
-                continue; // the empty entry a new leader appends
-            }
+            // Conf changes update the in-memory configuration only; the stored conf state is the
+            // one of the latest snapshot, and a restart replays later conf changes from the log.
             match entry.get_entry_type() {
-                EntryType::EntryNormal => self.apply_command(&entry),
+                EntryType::EntryNormal if entry.data.is_empty() => {} // a new leader's empty entry
+                EntryType::EntryNormal => self.apply_command(&entry)?,
                 EntryType::EntryConfChange => {
                     let cc =
                         ConfChange::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
-                    let cs = self.raw.apply_conf_change(&cc)?;
-                    self.raw.mut_store().set_conf_state(&cs)?;
+                    self.raw.apply_conf_change(&cc)?;
                 }
                 EntryType::EntryConfChangeV2 => {
+                    // Also the empty one raft-rs appends to leave a joint configuration.
                     let cc =
                         ConfChangeV2::parse_from_bytes(&entry.data).map_err(raft::Error::from)?;
-                    let cs = self.raw.apply_conf_change(&cc)?;
-                    self.raw.mut_store().set_conf_state(&cs)?;
+                    self.raw.apply_conf_change(&cc)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn apply_command(&mut self, entry: &Entry) {
-        // Decoding and applying are deterministic: a bad command is rejected the same way on every
+    fn apply_command(&mut self, entry: &Entry) -> Result<(), Error> {
+        // A committed entry that does not decode is corruption (or a newer format): stop rather
+        // than let this replica diverge from the others.
+        let command = Command::decode(&entry.data).map_err(|e| Error::Corrupt {
+            what: "committed log entry",
+            reason: format!("entry {}: {e}", entry.index),
+        })?;
+        // Applying is deterministic: a rejected command is rejected the same way on every
         // replica, so it is a result for the proposer, not a reason to stop.
-        let result = Command::decode(&entry.data).and_then(|c| self.registry.apply(&c));
+        let result = self.registry.apply(&command);
         if let Err(e) = &result {
             tracing::warn!(index = entry.index, error = %e, "command rejected");
         }
-        let Some((node, request)) = decode_context(&entry.context) else {
-            return;
-        };
-        if node == self.config.id {
-            if let Some(p) = self.pending.remove(&request) {
-                self.replies
-                    .push((p.reply, result.map_err(Error::Registry)));
+        if let Some(p) = Proposer::decode(&entry.context) {
+            if p.node == self.config.id && p.incarnation == self.incarnation {
+                if let Some(pending) = self.pending.remove(&p.request) {
+                    self.replies
+                        .push((pending.reply, result.map_err(Error::Registry)));
+                }
             }
         }
+        Ok(())
     }
 
     /// Snapshots the registry and compacts the log once enough entries have been applied.

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
 
 use crate::Error;
 
@@ -204,16 +206,6 @@ impl SledStore {
         Ok(())
     }
 
-    /// Removes entries in `[from, to)`.
-    fn remove_range(&self, from: u64, to: u64) -> Result<(), Error> {
-        let mut batch = sled::Batch::default();
-        for item in self.entries.range(from.to_be_bytes()..to.to_be_bytes()) {
-            let (key, _) = item.map_err(self.sled_err())?;
-            batch.remove(key);
-        }
-        self.entries.apply_batch(batch).map_err(self.sled_err())
-    }
-
     /// Bytes the database takes on disk (for status).
     pub fn size_on_disk(&self) -> Result<u64, Error> {
         self.db.size_on_disk().map_err(self.sled_err())
@@ -349,16 +341,41 @@ impl LogStore for SledStore {
         // Keep entries after the snapshot only if the log agrees with it at its index.
         let keep_tail = matches!(self.entry(meta.index)?, Some(e) if e.term == meta.term);
         let end = if keep_tail { meta.index + 1 } else { u64::MAX };
-        self.remove_range(0, end)?;
-        self.put_meta(SNAPSHOT, "snapshot", snapshot)?;
-        self.snapshot = snapshot.clone();
-        self.set_conf_state(meta.get_conf_state())?;
-        if self.hard_state.commit < meta.index {
-            let mut hs = self.hard_state.clone();
-            hs.commit = meta.index;
-            hs.term = hs.term.max(meta.term);
-            self.set_hard_state(&hs)?;
+        let mut doomed = Vec::new();
+        for item in self.entries.range(0u64.to_be_bytes()..end.to_be_bytes()) {
+            let (key, _) = item.map_err(self.sled_err())?;
+            doomed.push(key);
         }
+        let mut hard_state = self.hard_state.clone();
+        if hard_state.commit < meta.index {
+            hard_state.commit = meta.index;
+            hard_state.term = hard_state.term.max(meta.term);
+        }
+        let snapshot_bytes = encode("snapshot", snapshot)?;
+        let conf_bytes = encode("conf state", meta.get_conf_state())?;
+        let hard_bytes = encode("hard state", &hard_state)?;
+        // One transaction: a crash leaves either the old log and snapshot or the new ones, never
+        // a log whose start does not meet its snapshot, nor a commit index below the snapshot.
+        (&self.entries, &self.meta)
+            .transaction(|(entries, meta_tree)| {
+                for key in &doomed {
+                    entries.remove(key)?;
+                }
+                meta_tree.insert(SNAPSHOT, snapshot_bytes.as_slice())?;
+                meta_tree.insert(CONF_STATE, conf_bytes.as_slice())?;
+                meta_tree.insert(HARD_STATE, hard_bytes.as_slice())?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => Error::from_sled(&self.path, e),
+                TransactionError::Abort(()) => Error::Corrupt {
+                    what: "snapshot install",
+                    reason: "transaction aborted".into(),
+                },
+            })?;
+        self.snapshot = snapshot.clone();
+        self.conf_state = meta.get_conf_state().clone();
+        self.hard_state = hard_state;
         Ok(())
     }
 

@@ -93,3 +93,33 @@ async fn a_second_process_on_the_same_data_dir_is_refused() {
     };
     assert!(err.contains("in use"), "{err}");
 }
+
+#[tokio::test]
+async fn replayed_entries_never_answer_a_new_runs_proposals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = NodeConfig {
+        snapshot_every: 1_000,
+        ..config()
+    };
+    {
+        let node =
+            start(config.clone(), SledStore::open(dir.path()).expect("open")).expect("start");
+        node.propose(register("h1")).await.expect("register");
+        node.propose(container(1)).await.expect("container");
+        node.shutdown().expect("shutdown");
+    }
+    // The new run's first requests reuse ids 1 and 2 while the old entries 1.. are replayed;
+    // each must get its own answer: this removal of an unknown node's container is rejected.
+    let node = start(config, SledStore::open(dir.path()).expect("reopen")).expect("restart");
+    for _ in 0..3 {
+        let err = node
+            .propose(Command::RemoveContainer {
+                node: 9,
+                id: ContainerId("c1".into()),
+            })
+            .await
+            .expect_err("node 9 does not exist");
+        assert!(err.to_string().contains("node 9"), "{err}");
+    }
+    assert_eq!(node.published().load().registry.record_count(), 1);
+}

@@ -103,11 +103,11 @@ impl Container {
     }
 }
 
-/// Lowercases a name and strips a leading `/` (Docker's names) and a trailing `.`.
+/// Lowercases a name and strips leading `/` (Docker's names), trailing `.` and surrounding
+/// white space. Idempotent: a normalized name normalizes to itself.
 pub fn normalize_name(name: &str) -> String {
-    name.trim()
-        .trim_start_matches('/')
-        .trim_end_matches('.')
+    name.trim_start_matches(|c: char| c == '/' || c.is_whitespace())
+        .trim_end_matches(|c: char| c == '.' || c.is_whitespace())
         .to_ascii_lowercase()
 }
 

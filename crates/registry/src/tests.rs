@@ -356,3 +356,20 @@ fn subnets_parse_and_contain() {
     assert!("10.0.0.0/33".parse::<Subnet>().is_err());
     assert!("nonsense/8".parse::<Subnet>().is_err());
 }
+
+#[test]
+fn normalizing_is_idempotent() {
+    for raw in [
+        "/\x0c\0\x01",
+        " /Web. ",
+        "a.b..",
+        "\t\0x",
+        "//x//",
+        "..",
+        "/ \t/",
+    ] {
+        let once = normalize_name(raw);
+        assert_eq!(normalize_name(&once), once, "{raw:?}");
+    }
+    assert_eq!(normalize_name(" /Web. "), "web");
+}
