@@ -108,7 +108,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(&path)
             .mode(sled::Mode::LowSpace)
-            .cache_capacity(16 * 1024 * 1024)
+            .cache_capacity(8 * 1024 * 1024)
             .open()
             .map_err(sled_err)?;
         let entries = db.open_tree("entries").map_err(sled_err)?;

@@ -9,7 +9,7 @@ mod lookup;
 mod model;
 mod snapshot;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 pub use command::{Command, COMMAND_VERSION};
@@ -70,9 +70,9 @@ pub struct Registry {
     containers: BTreeMap<ContainerId, Container>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
-    by_name: HashMap<String, BTreeSet<ContainerId>>,
-    by_alias: HashMap<String, BTreeSet<ContainerId>>,
-    by_ip: HashMap<IpAddr, BTreeSet<ContainerId>>,
+    by_name: HashMap<String, IdSet>,
+    by_alias: HashMap<String, IdSet>,
+    by_ip: HashMap<IpAddr, IdSet>,
     /// How many containers use each link alias.
     link_aliases: HashMap<String, usize>,
 }
@@ -225,12 +225,12 @@ impl Registry {
             return Outcome::Unchanged;
         }
         self.remove_container(&c.id);
-        index_insert(&mut self.by_name, &c.name, &c.id);
+        index_insert(&mut self.by_name, c.name.clone(), &c.id);
         for alias in &c.aliases {
-            index_insert(&mut self.by_alias, alias, &c.id);
+            index_insert(&mut self.by_alias, alias.clone(), &c.id);
         }
         for ip in &c.ips {
-            self.by_ip.entry(*ip).or_default().insert(c.id.clone());
+            index_insert(&mut self.by_ip, *ip, &c.id);
         }
         for link in &c.links {
             *self.link_aliases.entry(link.alias.clone()).or_default() += 1;
@@ -243,17 +243,12 @@ impl Registry {
         let Some(c) = self.containers.remove(id) else {
             return;
         };
-        index_remove(&mut self.by_name, &c.name, id);
+        index_remove(&mut self.by_name, c.name.as_str(), id);
         for alias in &c.aliases {
-            index_remove(&mut self.by_alias, alias, id);
+            index_remove(&mut self.by_alias, alias.as_str(), id);
         }
         for ip in &c.ips {
-            if let Some(set) = self.by_ip.get_mut(ip) {
-                set.remove(id);
-                if set.is_empty() {
-                    self.by_ip.remove(ip);
-                }
-            }
+            index_remove(&mut self.by_ip, ip, id);
         }
         for link in &c.links {
             if let Some(count) = self.link_aliases.get_mut(&link.alias) {
@@ -300,13 +295,26 @@ impl Registry {
     }
 }
 
-fn index_insert(index: &mut HashMap<String, BTreeSet<ContainerId>>, key: &str, id: &ContainerId) {
-    index.entry(key.to_string()).or_default().insert(id.clone());
+/// The containers under one index key: a sorted vector, since most keys have one or two (a
+/// B-tree node per key would cost hundreds of bytes for each).
+type IdSet = Vec<ContainerId>;
+
+fn index_insert<K: Eq + std::hash::Hash>(index: &mut HashMap<K, IdSet>, key: K, id: &ContainerId) {
+    let set = index.entry(key).or_default();
+    if let Err(at) = set.binary_search(id) {
+        set.insert(at, id.clone());
+    }
 }
 
-fn index_remove(index: &mut HashMap<String, BTreeSet<ContainerId>>, key: &str, id: &ContainerId) {
+fn index_remove<K, Q>(index: &mut HashMap<K, IdSet>, key: &Q, id: &ContainerId)
+where
+    K: Eq + std::hash::Hash + std::borrow::Borrow<Q>,
+    Q: Eq + std::hash::Hash + ?Sized,
+{
     if let Some(set) = index.get_mut(key) {
-        set.remove(id);
+        if let Ok(at) = set.binary_search(id) {
+            set.remove(at);
+        }
         if set.is_empty() {
             index.remove(key);
         }
