@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use bollard::models::ContainerInspectResponse;
+use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
 use linkdns_registry::{Container, ContainerId, LinkAlias, NodeId, Port, Protocol};
 
 /// `linkdns.alias=a,b`: extra names for the container.
@@ -14,14 +14,22 @@ pub const LABEL_LINKS: &str = "linkdns.links";
 /// Docker Compose's service name, an alias too.
 const LABEL_COMPOSE_SERVICE: &str = "com.docker.compose.service";
 
-/// The registry record of an inspected container, or `None` if it is not running (stopped,
-/// paused, restarting) and so must not be answered.
+/// The registry record of an inspected container, or `None` if it must not be answered: not
+/// running (stopped, paused, restarting), or it has a health check that does not (yet) pass.
+/// Like a load balancer, DNS sends no one to a container that says it is not ready.
 pub fn container_from_inspect(
     details: &ContainerInspectResponse,
     node: NodeId,
 ) -> Option<Container> {
     let state = details.state.as_ref()?;
     if state.running != Some(true) || state.paused == Some(true) || state.restarting == Some(true) {
+        return None;
+    }
+    let health = state.health.as_ref().and_then(|h| h.status);
+    if matches!(
+        health,
+        Some(HealthStatusEnum::STARTING | HealthStatusEnum::UNHEALTHY)
+    ) {
         return None;
     }
     let id = details.id.clone()?;

@@ -91,11 +91,10 @@ pub async fn watch(
         }
         if was_connected {
             tracing::warn!(uri = %config.uri, %reason, "docker unavailable; DNS keeps serving the last known records, retrying");
-            let _ = reports
-                .send(Report::Disconnected {
-                    reason: reason.clone(),
-                })
-                .await;
+            // Never block here: a full queue must not hold up shutdown.
+            let _ = reports.try_send(Report::Disconnected {
+                reason: reason.clone(),
+            });
         } else {
             tracing::debug!(uri = %config.uri, %reason, ?backoff, "docker still unavailable");
         }

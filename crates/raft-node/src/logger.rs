@@ -41,6 +41,7 @@ impl Drain for TracingDrain {
 }
 
 /// The logger handed to `RawNode::new`.
-pub fn raft_logger(node_id: u64) -> slog::Logger {
-    slog::Logger::root(TracingDrain.fuse(), slog::o!("raft_id" => node_id))
+/// raft-rs adds `raft_id` to its records itself.
+pub fn raft_logger() -> slog::Logger {
+    slog::Logger::root(TracingDrain.fuse(), slog::o!())
 }

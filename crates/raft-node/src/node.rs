@@ -199,7 +199,7 @@ pub fn start<S: LogStore + Send + 'static>(
         max_inflight_msgs: 256,
         ..Default::default()
     };
-    let mut raw = RawNode::new(&raft_config, store, &raft_logger(config.id))?;
+    let mut raw = RawNode::new(&raft_config, store, &raft_logger())?;
     let voters = raw
         .raft
         .prs()

@@ -221,6 +221,36 @@ fn aliases_links_ptr_and_negative_answers() {
 }
 
 #[test]
+fn health_checks_gate_answers() {
+    let mut h = Host::new();
+    let check = [
+        "--health-cmd",
+        "test -f /tmp/ready",
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+    ];
+    h.run_container("api", &check);
+    h.run_container("plain", &[]);
+    h.start_linkdns(&[]);
+    let plain = h.container_ip("plain");
+    let api = h.container_ip("api");
+    expect_answer(&h, "plain.cluster", "A", &[&plain]);
+    // Starting, then unhealthy: not answered.
+    expect_answer(&h, "api.cluster", "A", &[]);
+    wait_until(SETTLE, "api to be unhealthy", || {
+        h.docker(&["inspect", "-f", "{{.State.Health.Status}}", "api"]) == "unhealthy"
+    });
+    expect_answer(&h, "api.cluster", "A", &[]);
+    // Healthy: answered. Unhealthy again: gone again.
+    h.docker(&["exec", "api", "touch", "/tmp/ready"]);
+    expect_answer(&h, "api.cluster", "A", &[&api]);
+    h.docker(&["exec", "api", "rm", "/tmp/ready"]);
+    expect_answer(&h, "api.cluster", "A", &[]);
+}
+
+#[test]
 fn large_answers_truncate_over_udp_and_complete_over_tcp() {
     let mut h = Host::new();
     let count = 40;
@@ -238,6 +268,14 @@ fn large_answers_truncate_over_udp_and_complete_over_tcp() {
         udp.raw
     );
     assert!(udp.answers.len() < count);
+    let edns = h.dig(&["@127.0.0.1", "farm.cluster", "+bufsize=600", "+ignore"]);
+    assert!(edns.has_flag("tc"), "{}", edns.raw);
+    assert_eq!(
+        edns.edns_udp,
+        Some(1232),
+        "a truncated answer still echoes EDNS: {}",
+        edns.raw
+    );
     let tcp = h.dig(&["@127.0.0.1", "farm.cluster", "+tcp"]);
     assert!(!tcp.has_flag("tc"));
     assert_eq!(tcp.answers.len(), count);

@@ -67,12 +67,14 @@ fn prepare() -> &'static Path {
         std::fs::create_dir_all(&bin).expect("rootfs");
         let busybox = sh("sh", &["-c", "command -v busybox"]);
         std::fs::copy(busybox.trim(), bin.join("busybox")).expect("copy busybox");
-        for applet in ["sh", "sleep", "nc", "nslookup", "ping", "httpd", "cat", "echo", "ls", "wget", "hostname"] {
+        for applet in ["sh", "sleep", "nc", "nslookup", "ping", "httpd", "cat", "echo", "ls", "wget", "hostname", "test", "touch", "rm", "true", "false"] {
             let link = bin.join(applet);
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink("busybox", &link).expect("applet link");
         }
-        std::fs::create_dir_all(rootfs.join("etc")).expect("etc");
+        for dir in ["etc", "tmp"] {
+            std::fs::create_dir_all(rootfs.join(dir)).expect("rootfs dir");
+        }
         let tar = base.join("image.tar");
         sh("tar", &["-C", &rootfs.to_string_lossy(), "-cf", &tar.to_string_lossy(), "."]);
         base
@@ -304,7 +306,7 @@ impl Host {
             .arg(format!("--net=/var/run/netns/{}", self.ns))
             .arg(linkdns_bin())
             .args(&args)
-            .env("LINKDNS_LOG", "info,linkdns=debug")
+            .env("LINKDNS_LOG", "info,raft=warn,linkdns=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
