@@ -59,6 +59,27 @@ fn within_size(entries: &mut Vec<Entry>, max_size: Option<u64>) {
     raft::util::limit_size(entries, max_size);
 }
 
+/// `term` at or below the snapshot: the snapshot's own term at its index, `Compacted` below it;
+/// `None` above it (the log answers).
+fn snapshot_term(snapshot: &Snapshot, idx: u64) -> Option<raft::Result<u64>> {
+    let meta = snapshot.get_metadata();
+    match idx.cmp(&meta.index) {
+        std::cmp::Ordering::Equal => Some(Ok(meta.term)),
+        std::cmp::Ordering::Less => Some(Err(raft::Error::Store(StorageError::Compacted))),
+        std::cmp::Ordering::Greater => None,
+    }
+}
+
+/// `raft::Storage::snapshot`: the stored snapshot if it is recent enough.
+fn snapshot_at_least(snapshot: &Snapshot, request_index: u64) -> raft::Result<Snapshot> {
+    if snapshot.get_metadata().index < request_index {
+        return Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ));
+    }
+    Ok(snapshot.clone())
+}
+
 /// Shared bounds checks of `raft::Storage::entries`.
 fn check_range(low: u64, high: u64, first: u64, last: u64) -> raft::Result<()> {
     if low < first {
@@ -254,12 +275,8 @@ impl raft::Storage for SledStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let meta = self.snapshot.get_metadata();
-        if idx == meta.index {
-            return Ok(meta.term);
-        }
-        if idx < meta.index {
-            return Err(raft::Error::Store(StorageError::Compacted));
+        if let Some(at_or_below) = snapshot_term(&self.snapshot, idx) {
+            return at_or_below;
         }
         match self.entry(idx).map_err(to_raft)? {
             Some(e) => Ok(e.term),
@@ -276,12 +293,7 @@ impl raft::Storage for SledStore {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snapshot.get_metadata().index < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        Ok(self.snapshot.clone())
+        snapshot_at_least(&self.snapshot, request_index)
     }
 }
 
@@ -443,12 +455,8 @@ impl raft::Storage for MemStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let meta = self.snapshot.get_metadata();
-        if idx == meta.index {
-            return Ok(meta.term);
-        }
-        if idx < meta.index {
-            return Err(raft::Error::Store(StorageError::Compacted));
+        if let Some(at_or_below) = snapshot_term(&self.snapshot, idx) {
+            return at_or_below;
         }
         self.entries
             .get((idx - self.offset()) as usize)
@@ -465,12 +473,7 @@ impl raft::Storage for MemStore {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snapshot.get_metadata().index < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        Ok(self.snapshot.clone())
+        snapshot_at_least(&self.snapshot, request_index)
     }
 }
 

@@ -489,22 +489,7 @@ fn corrupt_data_dir_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     // A real data dir first: run a node briefly, on unprivileged ports, no Docker.
-    let mut child = std::process::Command::new(testbed::linkdns_bin())
-        .args([
-            "run",
-            "--data-dir",
-            &data.to_string_lossy(),
-            "--node-name",
-            "solo",
-        ])
-        .args([
-            "--dns-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--docker",
-            "unix:///nonexistent.sock",
-        ])
+    let mut child = solo_node(&data)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start");
@@ -525,7 +510,24 @@ fn corrupt_data_dir_is_refused_and_left_untouched() {
         .iter()
         .map(|f| std::fs::read(f).expect("read"))
         .collect();
-    let out = std::process::Command::new(testbed::linkdns_bin())
+    let out = solo_node(&data).output().expect("run");
+    assert!(!out.status.success(), "a damaged data dir must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("damaged") && stderr.contains(&*data.to_string_lossy()),
+        "clear error naming the dir:\n{stderr}"
+    );
+    let after: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(f).expect("read"))
+        .collect();
+    assert!(before == after, "nothing was overwritten");
+}
+
+/// `linkdns run` on `data`, unprivileged ports, no Docker: a node that needs no test host.
+fn solo_node(data: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(testbed::linkdns_bin());
+    command
         .args([
             "run",
             "--data-dir",
@@ -538,22 +540,9 @@ fn corrupt_data_dir_is_refused_and_left_untouched() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
-            "--docker",
-            "unix:///nonexistent.sock",
         ])
-        .output()
-        .expect("run");
-    assert!(!out.status.success(), "a damaged data dir must not start");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("damaged") && stderr.contains(&*data.to_string_lossy()),
-        "clear error naming the dir:\n{stderr}"
-    );
-    let after: Vec<Vec<u8>> = files
-        .iter()
-        .map(|f| std::fs::read(f).expect("read"))
-        .collect();
-    assert!(before == after, "nothing was overwritten");
+        .args(["--docker", "unix:///nonexistent.sock"]);
+    command
 }
 
 fn collect_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
