@@ -132,7 +132,102 @@ fn parse_port(spec: &str) -> Option<Port> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use bollard::models::{
+        ContainerConfig, ContainerState, EndpointSettings, Health, NetworkSettings,
+    };
+
     use super::*;
+
+    fn inspected(health: Option<HealthStatusEnum>) -> ContainerInspectResponse {
+        let id = format!("{:064x}", 0xabcdefu64);
+        let endpoint = |ip: &str, v6: &str, aliases: &[&str]| EndpointSettings {
+            ip_address: Some(ip.into()),
+            global_ipv6_address: Some(v6.into()),
+            aliases: Some(aliases.iter().map(|a| a.to_string()).collect()),
+            ..Default::default()
+        };
+        let short = id[..12].to_string();
+        ContainerInspectResponse {
+            id: Some(id.clone()),
+            name: Some("/Web".into()),
+            state: Some(ContainerState {
+                running: Some(true),
+                paused: Some(false),
+                restarting: Some(false),
+                health: health.map(|status| Health {
+                    status: Some(status),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            config: Some(ContainerConfig {
+                labels: Some(HashMap::from([
+                    (LABEL_ALIAS.to_string(), "Front, www ".to_string()),
+                    (LABEL_LINKS.to_string(), "mysql:db".to_string()),
+                    (LABEL_COMPOSE_SERVICE.to_string(), "web-svc".to_string()),
+                ])),
+                exposed_ports: Some(vec!["80/tcp".into()]),
+                ..Default::default()
+            }),
+            network_settings: Some(NetworkSettings {
+                networks: Some(HashMap::from([
+                    ("bridge".to_string(), endpoint("172.17.0.2", "", &[])),
+                    (
+                        "app".to_string(),
+                        endpoint(
+                            "10.1.0.5",
+                            "fd00::5",
+                            &[short.as_str(), &id, "db-ish", "api"],
+                        ),
+                    ),
+                ])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn inspected_container_becomes_a_record() {
+        let c = container_from_inspect(&inspected(None), 3).expect("running");
+        assert_eq!(c.name, "web");
+        assert_eq!(c.node, 3);
+        let ips: Vec<String> = c.ips.iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.1.0.5", "172.17.0.2", "fd00::5"]);
+        let aliases: Vec<&str> = c.aliases.iter().map(String::as_str).collect();
+        assert_eq!(
+            aliases,
+            ["api", "db-ish", "front", "web-svc", "www"],
+            "ids are not aliases"
+        );
+        let links: Vec<(&str, &str)> = c
+            .links
+            .iter()
+            .map(|l| (l.target.as_str(), l.alias.as_str()))
+            .collect();
+        assert_eq!(links, [("mysql", "db")]);
+        assert_eq!(c.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [80]);
+    }
+
+    #[test]
+    fn only_ready_containers_are_answerable() {
+        assert!(container_from_inspect(&inspected(Some(HealthStatusEnum::HEALTHY)), 1).is_some());
+        assert!(container_from_inspect(&inspected(Some(HealthStatusEnum::NONE)), 1).is_some());
+        assert!(container_from_inspect(&inspected(Some(HealthStatusEnum::STARTING)), 1).is_none());
+        assert!(container_from_inspect(&inspected(Some(HealthStatusEnum::UNHEALTHY)), 1).is_none());
+        let mut paused = inspected(None);
+        if let Some(state) = paused.state.as_mut() {
+            state.paused = Some(true);
+        }
+        assert!(container_from_inspect(&paused, 1).is_none());
+        let mut stopped = inspected(None);
+        if let Some(state) = stopped.state.as_mut() {
+            state.running = Some(false);
+        }
+        assert!(container_from_inspect(&stopped, 1).is_none());
+    }
 
     #[test]
     fn links_label_parses_pairs_and_bare_names() {

@@ -306,3 +306,80 @@ async fn bridge_network(docker: &Docker, network: &str) -> (Vec<Subnet>, Vec<IpA
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bollard::models::EventActor;
+
+    use super::*;
+
+    fn event(
+        typ: EventMessageTypeEnum,
+        action: &str,
+        id: &str,
+        attrs: &[(&str, &str)],
+    ) -> EventMessage {
+        EventMessage {
+            typ: Some(typ),
+            action: Some(action.into()),
+            actor: Some(EventActor {
+                id: Some(id.into()),
+                attributes: Some(
+                    attrs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn events_that_change_answers_name_their_container() {
+        use EventMessageTypeEnum::{CONTAINER, IMAGE, NETWORK};
+        for action in [
+            "start",
+            "die",
+            "destroy",
+            "rename",
+            "pause",
+            "unpause",
+            "health_status: healthy",
+        ] {
+            assert_eq!(
+                affected_container(&event(CONTAINER, action, "c1", &[])),
+                Some("c1".into()),
+                "{action}"
+            );
+        }
+        for action in [
+            "exec_create: true",
+            "exec_start: true",
+            "exec_die",
+            "attach",
+            "create",
+        ] {
+            assert_eq!(
+                affected_container(&event(CONTAINER, action, "c1", &[])),
+                None,
+                "{action}"
+            );
+        }
+        let connect = event(
+            NETWORK,
+            "connect",
+            "net1",
+            &[("container", "c2"), ("name", "app")],
+        );
+        assert_eq!(affected_container(&connect), Some("c2".into()));
+        assert_eq!(
+            affected_container(&event(NETWORK, "create", "net1", &[])),
+            None
+        );
+        assert_eq!(
+            affected_container(&event(IMAGE, "pull", "busybox", &[])),
+            None
+        );
+    }
+}
