@@ -82,7 +82,7 @@ pub fn container_from_inspect(
 
     Some(
         Container {
-            id: ContainerId(id),
+            id: ContainerId::new(id),
             name,
             node,
             ips,

@@ -245,7 +245,7 @@ async fn current_state(docker: &Docker, node: NodeId, id: &str) -> Result<Comman
         Some(container) => Command::UpsertContainer(container),
         None => Command::RemoveContainer {
             node,
-            id: ContainerId(id.to_string()),
+            id: ContainerId::new(id),
         },
     })
 }

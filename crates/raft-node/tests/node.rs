@@ -24,7 +24,7 @@ fn register(name: &str) -> Command {
 
 fn container(i: u32) -> Command {
     Command::UpsertContainer(Container {
-        id: ContainerId(format!("c{i}")),
+        id: ContainerId::new(format!("c{i}")),
         name: format!("svc{i}"),
         node: 1,
         ips: vec![format!("10.9.{}.{}", i / 250, i % 250 + 1)

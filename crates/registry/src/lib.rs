@@ -11,6 +11,7 @@ mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub use command::{Command, COMMAND_VERSION};
 pub use lookup::{reverse_name_to_ip, Resolution};
@@ -67,7 +68,8 @@ pub enum Outcome {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     nodes: BTreeMap<NodeId, NodeInfo>,
-    containers: BTreeMap<ContainerId, Container>,
+    /// Containers are shared (`Arc`) between this registry and its published clones.
+    containers: BTreeMap<ContainerId, Arc<Container>>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
     by_name: HashMap<String, IdSet>,
@@ -221,7 +223,7 @@ impl Registry {
 
     /// Inserts or replaces a normalized container, keeping the indexes in step.
     fn put_container(&mut self, c: Container) -> Outcome {
-        if self.containers.get(&c.id) == Some(&c) {
+        if self.containers.get(&c.id).is_some_and(|old| **old == c) {
             return Outcome::Unchanged;
         }
         self.remove_container(&c.id);
@@ -235,7 +237,7 @@ impl Registry {
         for link in &c.links {
             *self.link_aliases.entry(link.alias.clone()).or_default() += 1;
         }
-        self.containers.insert(c.id.clone(), c);
+        self.containers.insert(c.id.clone(), Arc::new(c));
         Outcome::Changed
     }
 
@@ -277,16 +279,19 @@ impl Registry {
 
     /// All containers, by id.
     pub fn containers(&self) -> impl Iterator<Item = &Container> {
-        self.containers.values()
+        self.containers.values().map(|c| &**c)
     }
 
     pub fn container(&self, id: &ContainerId) -> Option<&Container> {
-        self.containers.get(id)
+        self.containers.get(id).map(|c| &**c)
     }
 
     /// Containers of one node, by id.
     pub fn containers_of(&self, node: NodeId) -> impl Iterator<Item = &Container> {
-        self.containers.values().filter(move |c| c.node == node)
+        self.containers
+            .values()
+            .map(|c| &**c)
+            .filter(move |c| c.node == node)
     }
 
     /// Number of container records.

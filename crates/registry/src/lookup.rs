@@ -36,14 +36,14 @@ impl Registry {
         }
         let global = self.named(name);
         if !global.is_empty() {
-            return Resolution::Found(addresses(global.iter().map(|id| &self.containers[id])));
+            return Resolution::Found(addresses(global.iter().map(|id| &*self.containers[id])));
         }
         if let Some((head, node_name)) = name.rsplit_once('.') {
             if let Some(node) = self.node_by_name(node_name) {
                 let on_node = self
                     .named(head)
                     .into_iter()
-                    .map(|id| &self.containers[id])
+                    .map(|id| &*self.containers[id])
                     .filter(|c| c.node == node.id);
                 let ips = addresses(on_node);
                 // `<name>.<node>` exists only if such a container runs there.
@@ -85,7 +85,9 @@ impl Registry {
     /// The container that holds `ip`, preferring one on `local`.
     pub fn container_at(&self, ip: IpAddr, local: Option<NodeId>) -> Option<&Container> {
         let ids = self.by_ip.get(&ip)?;
-        let mut candidates = ids.iter().filter_map(|id| self.containers.get(id));
+        let mut candidates = ids
+            .iter()
+            .filter_map(|id| self.containers.get(id).map(|c| &**c));
         match local {
             Some(node) => {
                 let all: Vec<&Container> = candidates.collect();
@@ -111,7 +113,7 @@ impl Registry {
             // The linked container is not running: fall through to the cluster-wide names.
             return None;
         }
-        Some(addresses(targets.iter().map(|id| &self.containers[id])))
+        Some(addresses(targets.iter().map(|id| &*self.containers[id])))
     }
 
     /// Containers whose name or alias is `name`.

@@ -6,15 +6,23 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 /// A Raft node id. Also the key of a node in the registry.
 pub type NodeId = u64;
 
-/// Docker's container id (the full 64 hex digits), unique across the cluster.
+/// Docker's container id (the full 64 hex digits), unique across the cluster. Shared, not
+/// copied, by the registry's indexes and its published copies.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ContainerId(pub String);
+pub struct ContainerId(pub Arc<str>);
+
+impl ContainerId {
+    pub fn new(id: impl Into<Arc<str>>) -> ContainerId {
+        ContainerId(id.into())
+    }
+}
 
 impl fmt::Display for ContainerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -14,18 +14,25 @@ pub const SNAPSHOT_VERSION: u8 = 1;
 /// Leading bytes of every snapshot, so a stray blob is refused rather than misread.
 const MAGIC: &[u8; 4] = b"LDNS";
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct SnapshotV1 {
     nodes: Vec<NodeInfo>,
     containers: Vec<Container>,
 }
 
+/// The same layout as [`SnapshotV1`], borrowing from the registry instead of copying it.
+#[derive(Serialize)]
+struct SnapshotV1Ref<'a> {
+    nodes: Vec<&'a NodeInfo>,
+    containers: Vec<&'a Container>,
+}
+
 impl Registry {
     /// Encodes the whole registry.
     pub fn snapshot(&self) -> Vec<u8> {
-        let body = SnapshotV1 {
-            nodes: self.nodes.values().cloned().collect(),
-            containers: self.containers.values().cloned().collect(),
+        let body = SnapshotV1Ref {
+            nodes: self.nodes.values().collect(),
+            containers: self.containers.values().map(|c| &**c).collect(),
         };
         let mut out = MAGIC.to_vec();
         out.push(SNAPSHOT_VERSION);

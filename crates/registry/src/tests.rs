@@ -17,7 +17,7 @@ fn node(id: NodeId, name: &str) -> Command {
 
 fn container(id: &str, name: &str, node: NodeId, ips: &[&str]) -> Container {
     Container {
-        id: ContainerId(id.to_string()),
+        id: ContainerId::new(id),
         name: name.to_string(),
         node,
         ips: ips.iter().map(|s| ip(s)).collect(),

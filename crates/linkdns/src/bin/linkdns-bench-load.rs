@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
     .context("register the bench node")?;
     let containers: Vec<Container> = (0..args.names)
         .map(|i| Container {
-            id: ContainerId(format!("{i:064x}")),
+            id: ContainerId::new(format!("{i:064x}")),
             name: format!("svc{i}"),
             node: 1,
             ips: vec![address(i)],
