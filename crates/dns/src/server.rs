@@ -82,13 +82,16 @@ impl AnswerCache {
     }
 
     fn insert(&mut self, key: (Vec<u8>, bool), answer: Vec<u8>) {
-        let size = key.0.len() + answer.len() + 64;
+        let answer_len = answer.len();
+        let size = key.0.len() + answer_len + 64;
         if self.bytes + size > CACHE_BYTES {
             self.entries.clear();
             self.bytes = 0;
         }
         self.bytes += size;
-        self.entries.insert(key, answer);
+        if let Some(old) = self.entries.insert(key, answer) {
+            self.bytes -= size - answer_len + old.len();
+        }
     }
 }
 

@@ -73,12 +73,14 @@ pub async fn watch(
             return;
         }
         let mut resynced = false;
+        let started = tokio::time::Instant::now();
         let ended = tokio::select! {
             r = follow(&config, &reports, &resync, &mut resynced) => r,
             _ = shutdown.changed() => return,
         };
-        if resynced {
-            // The session worked for a while: start the backoff over.
+        if resynced && started.elapsed() >= HEALTHY_SESSION {
+            // The session worked for a while: start the backoff over. One that failed right
+            // after its resync (an events endpoint that refuses, say) keeps backing off.
             backoff = Duration::from_millis(250);
             was_connected = true;
         }
@@ -91,10 +93,13 @@ pub async fn watch(
         }
         if was_connected {
             tracing::warn!(uri = %config.uri, %reason, "docker unavailable; DNS keeps serving the last known records, retrying");
-            // Never block here: a full queue must not hold up shutdown.
-            let _ = reports.try_send(Report::Disconnected {
+            let disconnected = Report::Disconnected {
                 reason: reason.clone(),
-            });
+            };
+            tokio::select! {
+                _ = reports.send(disconnected) => {}
+                _ = shutdown.changed() => return,
+            }
         } else {
             tracing::debug!(uri = %config.uri, %reason, ?backoff, "docker still unavailable");
         }
@@ -116,9 +121,9 @@ async fn follow(
     resynced: &mut bool,
 ) -> Result<(), Error> {
     let docker = connect(&config.uri).await?;
-    // The event stream only connects when first polled, after the listing; asking for events
-    // since a second before the listing replays whatever happened in between. Replays are
-    // harmless: each event leads to an inspection of the container's current state.
+    // The event stream connects when first polled, a moment after this; asking for events since
+    // a second before the listing replays whatever happened in between. Replays are harmless:
+    // each event leads to an inspection of the container's current state.
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs().saturating_sub(1))
@@ -129,7 +134,18 @@ async fn follow(
         .since(&since)
         .filters(&filters)
         .build();
-    let mut events = Box::pin(docker.events(Some(options)));
+    // Read the stream from now on in a task of its own, so the daemon never drops events for a
+    // subscriber that is busy listing, inspecting or waiting on the node.
+    let mut stream = Box::pin(docker.events(Some(options)));
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let pump = tokio::spawn(async move {
+        while let Some(event) = stream.next().await {
+            if event_tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    let _pump = AbortOnDrop(pump);
 
     let (bridge_subnets, bridge_gateways) = bridge_network(&docker, &config.bridge_network).await;
     send(
@@ -147,7 +163,7 @@ async fn follow(
     periodic.tick().await; // the first tick is immediate; we just resynced
     loop {
         tokio::select! {
-            event = events.next() => {
+            event = events.recv() => {
                 let Some(event) = event else { return Ok(()) };
                 let event = event.map_err(|e| Error::Unavailable {
                     uri: config.uri.clone(),
@@ -161,6 +177,18 @@ async fn follow(
             _ = resync.notified() => resync_all(&docker, config, reports).await?,
             _ = periodic.tick() => resync_all(&docker, config, reports).await?,
         }
+    }
+}
+
+/// A session that lasted this long was healthy: the next failure starts the backoff over.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// Aborts the task when dropped (the event pump dies with its session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

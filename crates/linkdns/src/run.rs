@@ -179,9 +179,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(config.data_dir.join(ADMIN_ADDR_FILE));
     // Flushes and joins the Raft thread; an error that stopped it is reported.
     let stopped = node.shutdown();
-    exit?;
-    stopped?;
-    Ok(())
+    match (exit, stopped) {
+        // The Raft thread's own error says why better than "the node stopped".
+        (_, Err(e)) => Err(e.into()),
+        (exit, Ok(())) => exit,
+    }
 }
 
 /// Adds this node to the registry (or updates its name), waiting for the node to lead.

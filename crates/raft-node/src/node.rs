@@ -199,19 +199,7 @@ pub fn start<S: LogStore + Send + 'static>(
         max_inflight_msgs: 256,
         ..Default::default()
     };
-    let mut raw = RawNode::new(&raft_config, store, &raft_logger())?;
-    let voters = raw
-        .raft
-        .prs()
-        .conf()
-        .voters()
-        .ids()
-        .iter()
-        .collect::<Vec<u64>>();
-    if voters == [config.id] {
-        // The only voter wins at once; no reason to wait out an election timeout.
-        raw.campaign()?;
-    }
+    let raw = RawNode::new(&raft_config, store, &raft_logger())?;
 
     let published = Arc::new(ArcSwap::from_pointee(Published {
         applied: snapshot_index,
@@ -351,6 +339,9 @@ fn status_of<S: Storage>(raw: &RawNode<S>, applied: u64) -> RaftStatus {
 
 impl<S: LogStore> Driver<S> {
     fn run(&mut self, rx: Receiver<Event>) -> Result<(), Error> {
+        // Replay the committed log first (it may change the configuration), then decide.
+        self.on_ready()?;
+        self.maybe_campaign_alone()?;
         let mut next_tick = Instant::now() + self.config.tick;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -506,6 +497,16 @@ impl<S: LogStore> Driver<S> {
         }
         self.status
             .store(Arc::new(status_of(&self.raw, self.applied)));
+        Ok(())
+    }
+
+    /// The only voter wins at once: no reason to wait out an election timeout.
+    fn maybe_campaign_alone(&mut self) -> Result<(), Error> {
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        if voters.len() == 1 && voters.contains(self.config.id) {
+            self.raw.campaign()?;
+            self.on_ready()?;
+        }
         Ok(())
     }
 
