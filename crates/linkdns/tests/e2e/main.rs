@@ -633,3 +633,61 @@ fn full_data_dir_stops_the_node_and_loses_nothing() {
     let during = h.container_ip("during19");
     expect_answer(&h, "during19.cluster", "A", &[&during]);
 }
+
+#[test]
+fn a_burst_of_changes_all_arrive() {
+    let mut h = Host::new();
+    h.start_linkdns(&[]);
+    // 24 containers started at once, then every other one removed at once.
+    let sock = format!("unix://{}", h.docker_sock().display());
+    let parallel = |commands: Vec<Vec<String>>| {
+        let children: Vec<_> = commands
+            .into_iter()
+            .map(|args| {
+                std::process::Command::new("docker")
+                    .arg("-H")
+                    .arg(&sock)
+                    .args(args)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("docker")
+            })
+            .collect();
+        for mut child in children {
+            assert!(child.wait().expect("wait").success());
+        }
+    };
+    parallel(
+        (0..24)
+            .map(|i| {
+                [
+                    "run",
+                    "-d",
+                    "--name",
+                    &format!("b{i}"),
+                    testbed::IMAGE,
+                    "sleep",
+                    "3600",
+                ]
+                .map(String::from)
+                .to_vec()
+            })
+            .collect(),
+    );
+    parallel(
+        (0..24)
+            .step_by(2)
+            .map(|i| ["rm", "-f", &format!("b{i}")].map(String::from).to_vec())
+            .collect(),
+    );
+    for i in 0..24 {
+        let name = format!("b{i}.cluster");
+        if i % 2 == 0 {
+            expect_answer(&h, &name, "A", &[]);
+        } else {
+            let ip = h.container_ip(&format!("b{i}"));
+            expect_answer(&h, &name, "A", &[&ip]);
+        }
+    }
+    assert_eq!(h.status_json()["records"], 12);
+}
