@@ -70,22 +70,10 @@ impl DnsMetrics {
         self.count(qtype, response.metadata.response_code);
     }
 
-    /// Counts a cached answer from its wire bytes (type after the question name, rcode in byte 3).
-    pub(crate) fn record_cached(&self, wire: &[u8]) {
-        let mut pos = 12;
-        while let Some(&len) = wire.get(pos) {
-            if len == 0 {
-                break;
-            }
-            pos += 1 + usize::from(len);
-        }
-        let qtype = wire
-            .get(pos + 1..pos + 3)
-            .map_or(RecordType::Unknown(0), |b| {
-                RecordType::from(u16::from_be_bytes([b[0], b[1]]))
-            });
-        let rcode = ResponseCode::from(0, wire.get(3).map_or(0, |b| b & 0x0f));
-        self.count(qtype, rcode);
+    /// Counts a cached answer: its query type and the header byte that holds the rcode.
+    pub(crate) fn record_cached(&self, qtype: u16, flags_low: u8) {
+        let rcode = ResponseCode::from(0, flags_low & 0x0f);
+        self.count(RecordType::from(qtype), rcode);
     }
 
     fn count(&self, qtype: RecordType, rcode: ResponseCode) {

@@ -42,12 +42,15 @@ enum Handled {
 }
 
 /// Encoded answers of the current registry version, keyed by the lowercased question and
-/// whether the client used EDNS. Owned by one UDP thread: no locks.
+/// whether the client used EDNS (see [`AnswerCache::build_key`]). Owned by one UDP thread: no
+/// locks.
 pub struct AnswerCache {
     applied: u64,
-    entries: HashMap<(Vec<u8>, bool), Vec<u8>>,
+    entries: HashMap<Vec<u8>, Vec<u8>>,
     /// Bytes held by keys and answers.
     bytes: usize,
+    /// Where the key of the query at hand is built, so a lookup allocates nothing.
+    scratch: Vec<u8>,
 }
 
 /// Budget of one cache (one per UDP socket): a flood of distinct names empties it rather than
@@ -69,7 +72,20 @@ impl AnswerCache {
             applied: u64::MAX,
             entries: HashMap::new(),
             bytes: 0,
+            scratch: Vec::with_capacity(300),
         }
+    }
+
+    /// Builds the key of a scanned query in the scratch buffer: the question name lowercased,
+    /// type and class as they are, then whether the client used EDNS.
+    fn build_key(&mut self, bytes: &[u8], q: &WireQuery) {
+        let name_end = q.question_end - 4;
+        self.scratch.clear();
+        self.scratch
+            .extend(bytes[12..name_end].iter().map(u8::to_ascii_lowercase));
+        self.scratch
+            .extend_from_slice(&bytes[name_end..q.question_end]);
+        self.scratch.push(u8::from(q.edns.is_some()));
     }
 
     /// Empties the cache when the registry moved on since it was filled.
@@ -81,9 +97,9 @@ impl AnswerCache {
         }
     }
 
-    fn insert(&mut self, key: (Vec<u8>, bool), answer: Vec<u8>) {
+    fn insert(&mut self, key: Vec<u8>, answer: Vec<u8>) {
         let answer_len = answer.len();
-        let size = key.0.len() + answer_len + 64;
+        let size = key.len() + answer_len + 64;
         if self.bytes + size > CACHE_BYTES {
             self.entries.clear();
             self.bytes = 0;
@@ -93,15 +109,6 @@ impl AnswerCache {
             self.bytes -= size - answer_len + old.len();
         }
     }
-}
-
-/// The cache key of a scanned query: the question name lowercased (type and class as they are),
-/// and whether the client used EDNS.
-fn cache_key(bytes: &[u8], q: &WireQuery) -> (Vec<u8>, bool) {
-    let name_end = q.question_end - 4;
-    let mut key = bytes[12..name_end].to_ascii_lowercase();
-    key.extend_from_slice(&bytes[name_end..q.question_end]);
-    (key, q.edns.is_some())
 }
 
 /// The parts of a query the fast path reads straight off the wire.
@@ -190,7 +197,8 @@ impl Answerer {
         cache.follow(published.applied);
         let scanned = scan_query(bytes);
         if let Some(q) = &scanned {
-            if let Some(cached) = cache.entries.get(&cache_key(bytes, q)) {
+            cache.build_key(bytes, q);
+            if let Some(cached) = cache.entries.get(cache.scratch.as_slice()) {
                 if cached.len() <= udp_limit(q.edns) {
                     let mut out = cached.clone();
                     // Same question length, so the cached answer's name pointers still fit;
@@ -199,7 +207,9 @@ impl Answerer {
                     out[2] = (out[2] & !0x01) | (bytes[2] & 0x01);
                     out[3] = (out[3] & !0x10) | (bytes[3] & 0x10);
                     out[12..q.question_end].copy_from_slice(&bytes[12..q.question_end]);
-                    self.metrics.record_cached(&out);
+                    let qtype =
+                        u16::from_be_bytes([bytes[q.question_end - 4], bytes[q.question_end - 3]]);
+                    self.metrics.record_cached(qtype, out[3]);
                     return Handled::Reply(out);
                 }
             }
@@ -230,7 +240,8 @@ impl Answerer {
             Decision::Forward => Handled::Forward,
             Decision::Respond(response) => {
                 let key = match (&scanned, cacheable) {
-                    (Some(q), Cacheable::Yes) => Some(cache_key(bytes, q)),
+                    // The scratch buffer still holds this query's key.
+                    (Some(_), Cacheable::Yes) => Some(cache.scratch.clone()),
                     _ => None,
                 };
                 let limit = udp_limit(request.edns.as_ref().map(Edns::max_payload));
@@ -245,7 +256,7 @@ impl Answerer {
         &self,
         response: &Message,
         limit: Option<usize>,
-        key: Option<(Vec<u8>, bool)>,
+        key: Option<Vec<u8>>,
         cache: &mut AnswerCache,
     ) -> Handled {
         let limit = limit.unwrap_or(512);
