@@ -319,6 +319,19 @@ fn malformed_input_gets_formerr_or_nothing() {
         r.metadata.response_code,
         hickory_proto::op::ResponseCode::FormErr
     );
+    // EDNS version 1: BADVERS, with our OPT (version 0) so the client can fall back.
+    let mut v1 = Message::from_vec(&q).expect("parse");
+    if let Some(edns) = v1.edns.as_mut() {
+        edns.set_version(1);
+    }
+    let r = Message::from_vec(
+        &a.answer_datagram(&v1.to_vec().expect("enc"), src, &mut cache)
+            .expect("r"),
+    )
+    .expect("p");
+    // Extended rcode 16 (BADVERS; hickory's decoder names the shared value BADSIG).
+    assert_eq!(u16::from(r.metadata.response_code), 16);
+    assert_eq!(r.edns.as_ref().map(|e| e.version()), Some(0));
     let mut notify = Message::from_vec(&q).expect("parse");
     notify.metadata.op_code = OpCode::Notify;
     let r = Message::from_vec(
