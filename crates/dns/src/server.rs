@@ -37,7 +37,10 @@ pub struct Answerer {
 /// What the UDP path does with one datagram.
 enum Handled {
     Reply(Vec<u8>),
-    Forward,
+    /// Ask the upstreams; the client takes UDP answers of at most this many bytes.
+    Forward {
+        udp_limit: usize,
+    },
     Drop,
 }
 
@@ -187,7 +190,7 @@ impl Answerer {
     ) -> Option<Vec<u8>> {
         match self.handle_datagram(bytes, src, cache) {
             Handled::Reply(b) => Some(b),
-            Handled::Forward | Handled::Drop => None,
+            Handled::Forward { .. } | Handled::Drop => None,
         }
     }
 
@@ -236,15 +239,15 @@ impl Answerer {
             published.applied,
             &self.acl,
         );
+        let limit = udp_limit(request.edns.as_ref().map(Edns::max_payload));
         match decision {
-            Decision::Forward => Handled::Forward,
+            Decision::Forward => Handled::Forward { udp_limit: limit },
             Decision::Respond(response) => {
                 let key = match (&scanned, cacheable) {
                     // The scratch buffer still holds this query's key.
                     (Some(_), Cacheable::Yes) => Some(cache.scratch.clone()),
                     _ => None,
                 };
-                let limit = udp_limit(request.edns.as_ref().map(Edns::max_payload));
                 self.encode_udp(&response, Some(limit), key, cache)
             }
         }
@@ -413,7 +416,7 @@ fn udp_loop(
                 }
                 answerer.metrics.observe_latency(started.elapsed());
             }
-            Handled::Forward => {
+            Handled::Forward { udp_limit: limit } => {
                 let query = buf[..n].to_vec();
                 let Ok(permit) = forwards.clone().try_acquire_owned() else {
                     tracing::debug!(%src, "too many forwarded queries in flight; SERVFAIL");
@@ -428,11 +431,6 @@ fn udp_loop(
                     let Some(response) = forward_or_servfail(&answerer, &query, false).await else {
                         return;
                     };
-                    let limit = udp_limit(
-                        Message::from_vec(&query)
-                            .ok()
-                            .and_then(|m| m.edns.map(|e| e.max_payload())),
-                    );
                     let response = fit_udp(response, limit);
                     if let Err(e) = socket.send_to(&response, src) {
                         tracing::debug!(%src, error = %e, "udp send failed");

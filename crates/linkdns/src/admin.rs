@@ -160,10 +160,7 @@ impl AdminState {
             node_id: raft.id,
             leader: raft.leader.and_then(name_of),
             leader_id: raft.leader,
-            role: serde_json::to_value(raft.role)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            role: raft.role.as_str().to_string(),
             term: raft.term,
             commit_index: raft.commit_index,
             applied_index: raft.applied_index,

@@ -64,6 +64,20 @@ pub enum Role {
     Stopped,
 }
 
+impl Role {
+    /// The name used in status output (the same as the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::PreCandidate => "pre_candidate",
+            Role::Learner => "learner",
+            Role::Stopped => "stopped",
+        }
+    }
+}
+
 /// What the node last reported about its Raft state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RaftStatus {

@@ -226,11 +226,6 @@ impl SledStore {
             .map_err(self.sled_err())?;
         Ok(())
     }
-
-    /// Bytes the database takes on disk (for status).
-    pub fn size_on_disk(&self) -> Result<u64, Error> {
-        self.db.size_on_disk().map_err(self.sled_err())
-    }
 }
 
 fn key_index(key: &[u8]) -> Result<u64, Error> {

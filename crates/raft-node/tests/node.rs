@@ -52,6 +52,7 @@ async fn proposals_apply_and_survive_restart_with_compaction() {
         assert_eq!(published.registry.record_count(), 12);
         let status = node.status();
         assert_eq!(status.role, Role::Leader);
+        assert_eq!(status.role.as_str(), "leader");
         assert_eq!(status.leader, Some(1));
         assert!(status.snapshot_index > 1, "log compacted: {status:?}");
         assert_eq!(status.applied_index, status.commit_index);
