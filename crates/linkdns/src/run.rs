@@ -37,6 +37,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             ..NodeConfig::new(node_id)
         },
         store,
+        Arc::new(linkdns_raft::NoPeers),
     )?;
     let node = Arc::new(node);
     tracing::info!(node = %config.node_name, id = node_id, data_dir = %config.data_dir.display(), "raft node started");

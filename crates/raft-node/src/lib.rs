@@ -4,14 +4,16 @@
 //! The loop in [`node`] owns the `RawNode` and the registry; everything else talks to it through
 //! [`NodeHandle`] (proposals) and reads [`Published`] state without locks on the answer path.
 
+mod core;
 mod logger;
 mod node;
 mod storage;
 
 use std::path::Path;
 
+pub use crate::core::{Core, CoreConfig, Membership, Progress, RaftStatus, Role};
 pub use linkdns_registry::Published;
-pub use node::{start, NodeConfig, NodeHandle, RaftStatus, Role};
+pub use node::{start, NoPeers, NodeConfig, NodeHandle, Outbox};
 pub use storage::{LogStore, MemStore, SledStore};
 
 /// Errors of the Raft node.
@@ -29,10 +31,12 @@ pub enum Error {
     Raft(#[from] raft::Error),
     #[error("registry: {0}")]
     Registry(#[from] linkdns_registry::Error),
-    #[error("proposal timed out after {0:?}; is a leader elected? (see `linkdns status`)")]
-    Timeout(std::time::Duration),
+    #[error("proposal timed out; is a leader elected? (see `linkdns status`)")]
+    Timeout,
     #[error("this node is not the leader (leader: {leader:?}); proposal dropped")]
     NotLeader { leader: Option<u64> },
+    #[error("another membership change is in progress; retry when it has landed")]
+    ConfChangeInProgress,
     #[error("the raft node has stopped")]
     Stopped,
 }

@@ -9,6 +9,7 @@
 //! `first_index` is `snapshot.index + 1`, as in raft-rs's own `MemStorage`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
@@ -33,6 +34,9 @@ pub trait LogStore: raft::Storage {
     fn current_snapshot(&self) -> Result<Snapshot, Error>;
     /// Makes everything written so far durable.
     fn sync(&mut self) -> Result<(), Error>;
+    /// Whether Raft asked for a snapshot the store could not give (too old, or taken before the
+    /// peer it is for was added); the driver then takes a fresh one. Clears the request.
+    fn take_snapshot_request(&self) -> bool;
 }
 
 fn proto_err(what: &'static str) -> impl Fn(protobuf::ProtobufError) -> Error {
@@ -70,9 +74,22 @@ fn snapshot_term(snapshot: &Snapshot, idx: u64) -> Option<raft::Result<u64>> {
     }
 }
 
-/// `raft::Storage::snapshot`: the stored snapshot if it is recent enough.
-fn snapshot_at_least(snapshot: &Snapshot, request_index: u64) -> raft::Result<Snapshot> {
-    if snapshot.get_metadata().index < request_index {
+/// `raft::Storage::snapshot`: the stored snapshot if it is recent enough and its configuration
+/// includes the peer `to` (raft-rs refuses a snapshot that does not name the receiver). Otherwise
+/// a fresh snapshot is requested through `wanted` and Raft retries later.
+fn snapshot_for(
+    snapshot: &Snapshot,
+    request_index: u64,
+    to: u64,
+    wanted: &AtomicBool,
+) -> raft::Result<Snapshot> {
+    let meta = snapshot.get_metadata();
+    let conf = meta.get_conf_state();
+    let names_peer = conf.voters.contains(&to)
+        || conf.learners.contains(&to)
+        || conf.voters_outgoing.contains(&to);
+    if meta.index < request_index || !names_peer {
+        wanted.store(true, Ordering::Relaxed);
         return Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ));
@@ -108,6 +125,7 @@ pub struct SledStore {
     hard_state: HardState,
     conf_state: ConfState,
     snapshot: Snapshot,
+    snapshot_wanted: AtomicBool,
 }
 
 impl SledStore {
@@ -155,6 +173,7 @@ impl SledStore {
             hard_state,
             conf_state,
             snapshot,
+            snapshot_wanted: AtomicBool::new(false),
         };
         store.check_consistency()?;
         Ok(store)
@@ -287,8 +306,8 @@ impl raft::Storage for SledStore {
         self.last_index_inner().map_err(to_raft)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        snapshot_at_least(&self.snapshot, request_index)
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        snapshot_for(&self.snapshot, request_index, to, &self.snapshot_wanted)
     }
 }
 
@@ -394,6 +413,10 @@ impl LogStore for SledStore {
         self.db.flush().map_err(self.sled_err())?;
         Ok(())
     }
+
+    fn take_snapshot_request(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::Relaxed)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,6 +431,7 @@ pub struct MemStore {
     snapshot: Snapshot,
     /// Entries after the snapshot, in order; `entries[0].index == snapshot.index + 1`.
     entries: Vec<Entry>,
+    snapshot_wanted: AtomicBool,
 }
 
 impl MemStore {
@@ -467,8 +491,8 @@ impl raft::Storage for MemStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        snapshot_at_least(&self.snapshot, request_index)
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        snapshot_for(&self.snapshot, request_index, to, &self.snapshot_wanted)
     }
 }
 
@@ -544,6 +568,10 @@ impl LogStore for MemStore {
 
     fn sync(&mut self) -> Result<(), Error> {
         Ok(())
+    }
+
+    fn take_snapshot_request(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::Relaxed)
     }
 }
 

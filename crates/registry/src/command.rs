@@ -27,6 +27,11 @@ pub enum Command {
     RemoveContainer { node: NodeId, id: ContainerId },
     /// Several commands applied in order, as one log entry (batched watcher output).
     Batch(Vec<Command>),
+    /// Hides (`down: true`) or shows again a node's containers: the leader's liveness verdict.
+    /// Hidden is not deleted; the records stay and return with the node.
+    SetNodeDown { node: NodeId, down: bool },
+    /// Removes a node and all its containers (the node left or was removed from the cluster).
+    RemoveNode { node: NodeId },
 }
 
 impl Command {

@@ -9,7 +9,7 @@ mod lookup;
 mod model;
 mod snapshot;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -68,6 +68,10 @@ pub enum Outcome {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     nodes: BTreeMap<NodeId, NodeInfo>,
+    /// Nodes whose containers are hidden from answers (stopped reporting; see `SetNodeDown`).
+    down: BTreeSet<NodeId>,
+    /// The highest node id ever registered: ids of removed nodes are never handed out again.
+    max_node_id: NodeId,
     /// Containers are shared (`Arc`) between this registry and its published clones.
     containers: BTreeMap<ContainerId, Arc<Container>>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
@@ -113,6 +117,32 @@ impl Registry {
                     None => Ok(Outcome::Unchanged),
                 }
             }
+            Command::SetNodeDown { node, down } => {
+                self.known_node(*node)?;
+                let changed = if *down {
+                    self.down.insert(*node)
+                } else {
+                    self.down.remove(node)
+                };
+                Ok(if changed {
+                    Outcome::Changed
+                } else {
+                    Outcome::Unchanged
+                })
+            }
+            Command::RemoveNode { node } => {
+                let Some(info) = self.nodes.remove(node) else {
+                    return Ok(Outcome::Unchanged);
+                };
+                self.node_by_name.remove(&info.name);
+                self.down.remove(node);
+                let ids: Vec<ContainerId> =
+                    self.containers_of(*node).map(|c| c.id.clone()).collect();
+                for id in ids {
+                    self.remove_container(&id);
+                }
+                Ok(Outcome::Changed)
+            }
             Command::Batch(commands) => {
                 // Each member is atomic, the batch is not: a rejected member is skipped and the
                 // rest apply, in order. Cloning the registry to make batches atomic would cost
@@ -152,6 +182,7 @@ impl Registry {
             return Ok(Outcome::Unchanged);
         }
         let id = node.id;
+        self.max_node_id = self.max_node_id.max(id);
         if let Some(old) = self.nodes.insert(id, node) {
             self.node_by_name.remove(&old.name);
         }
@@ -275,6 +306,16 @@ impl Registry {
         self.node_by_name
             .get(&normalize_name(name))
             .and_then(|id| self.nodes.get(id))
+    }
+
+    /// Whether the node's containers are hidden from answers (it stopped reporting).
+    pub fn is_down(&self, id: NodeId) -> bool {
+        self.down.contains(&id)
+    }
+
+    /// The id to give the next node that joins: above every id ever registered.
+    pub fn next_node_id(&self) -> NodeId {
+        self.max_node_id + 1
     }
 
     /// All containers, by id.

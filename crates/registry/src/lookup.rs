@@ -87,7 +87,8 @@ impl Registry {
         let ids = self.by_ip.get(&ip)?;
         let mut candidates = ids
             .iter()
-            .filter_map(|id| self.containers.get(id).map(|c| &**c));
+            .filter_map(|id| self.containers.get(id).map(|c| &**c))
+            .filter(|c| !self.down.contains(&c.node));
         match local {
             Some(node) => {
                 let all: Vec<&Container> = candidates.collect();
@@ -117,10 +118,22 @@ impl Registry {
     }
 
     /// Containers whose name or alias is `name`.
+    /// Containers whose name or alias is `name`, except those of nodes that are down.
     fn named(&self, name: &str) -> BTreeSet<&ContainerId> {
         let by_name = self.by_name.get(name).into_iter().flatten();
         let by_alias = self.by_alias.get(name).into_iter().flatten();
-        by_name.chain(by_alias).collect()
+        by_name
+            .chain(by_alias)
+            .filter(|id| self.visible(id))
+            .collect()
+    }
+
+    fn visible(&self, id: &ContainerId) -> bool {
+        self.down.is_empty()
+            || self
+                .containers
+                .get(id)
+                .is_some_and(|c| !self.down.contains(&c.node))
     }
 
     fn has_named_on(&self, name: &str, node: NodeId) -> bool {

@@ -5,34 +5,47 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Container, NodeInfo};
+use crate::model::{Container, NodeId, NodeInfo};
 use crate::{Command, Error, Registry};
 
 /// Current version of the snapshot encoding.
-pub const SNAPSHOT_VERSION: u8 = 1;
+pub const SNAPSHOT_VERSION: u8 = 2;
 
 /// Leading bytes of every snapshot, so a stray blob is refused rather than misread.
 const MAGIC: &[u8; 4] = b"LDNS";
 
+/// Version 1 (linkdns before clusters): no liveness, no id counter. Still read.
 #[derive(Deserialize)]
 struct SnapshotV1 {
     nodes: Vec<NodeInfo>,
     containers: Vec<Container>,
 }
 
-/// The same layout as [`SnapshotV1`], borrowing from the registry instead of copying it.
+#[derive(Deserialize)]
+struct SnapshotV2 {
+    nodes: Vec<NodeInfo>,
+    containers: Vec<Container>,
+    down: Vec<NodeId>,
+    max_node_id: NodeId,
+}
+
+/// The same layout as [`SnapshotV2`], borrowing from the registry instead of copying it.
 #[derive(Serialize)]
-struct SnapshotV1Ref<'a> {
+struct SnapshotV2Ref<'a> {
     nodes: Vec<&'a NodeInfo>,
     containers: Vec<&'a Container>,
+    down: Vec<NodeId>,
+    max_node_id: NodeId,
 }
 
 impl Registry {
     /// Encodes the whole registry.
     pub fn snapshot(&self) -> Vec<u8> {
-        let body = SnapshotV1Ref {
+        let body = SnapshotV2Ref {
             nodes: self.nodes.values().collect(),
             containers: self.containers.values().map(|c| &**c).collect(),
+            down: self.down.iter().copied().collect(),
+            max_node_id: self.max_node_id,
         };
         let mut out = MAGIC.to_vec();
         out.push(SNAPSHOT_VERSION);
@@ -59,14 +72,28 @@ impl Registry {
         let (&version, body) = rest
             .split_first()
             .ok_or_else(|| decode_err("truncated header".to_string()))?;
-        if version != SNAPSHOT_VERSION {
-            return Err(Error::UnsupportedVersion {
-                what: "snapshot",
-                found: version,
-                supported: SNAPSHOT_VERSION,
-            });
-        }
-        let body: SnapshotV1 = postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
+        let body = match version {
+            1 => {
+                let v1: SnapshotV1 =
+                    postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
+                SnapshotV2 {
+                    nodes: v1.nodes,
+                    containers: v1.containers,
+                    down: Vec::new(),
+                    max_node_id: 0,
+                }
+            }
+            SNAPSHOT_VERSION => {
+                postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?
+            }
+            found => {
+                return Err(Error::UnsupportedVersion {
+                    what: "snapshot",
+                    found,
+                    supported: SNAPSHOT_VERSION,
+                })
+            }
+        };
         let mut registry = Registry::new();
         for node in &body.nodes {
             registry
@@ -78,6 +105,12 @@ impl Registry {
                 .apply(&Command::UpsertContainer(container.clone()))
                 .map_err(|e| decode_err(format!("inconsistent container: {e}")))?;
         }
+        for &node in &body.down {
+            registry
+                .apply(&Command::SetNodeDown { node, down: true })
+                .map_err(|e| decode_err(format!("inconsistent liveness: {e}")))?;
+        }
+        registry.max_node_id = registry.max_node_id.max(body.max_node_id);
         Ok(registry)
     }
 }

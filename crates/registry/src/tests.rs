@@ -373,3 +373,111 @@ fn normalizing_is_idempotent() {
     }
     assert_eq!(normalize_name(" /Web. "), "web");
 }
+
+#[test]
+fn a_down_node_is_hidden_not_deleted() {
+    let mut r = two_nodes();
+    let db = container("a1", "db", 1, &["10.0.1.2"]);
+    let web1 = with_link(container("a2", "web", 1, &["10.0.1.3"]), "db", "mysql");
+    let web2 = container("b1", "web", 2, &["10.0.2.2"]);
+    for c in [db, web1, web2] {
+        r.apply(&Command::UpsertContainer(c)).expect("container");
+    }
+    let down = Command::SetNodeDown {
+        node: 1,
+        down: true,
+    };
+    assert_eq!(r.apply(&down), Ok(Outcome::Changed));
+    assert_eq!(r.apply(&down), Ok(Outcome::Unchanged));
+    assert!(r.is_down(1));
+    assert_eq!(r.resolve("web", None, None), found(&["10.0.2.2"]));
+    assert_eq!(r.resolve("db", None, None), Resolution::NotFound);
+    assert_eq!(r.resolve("web.h1", None, None), Resolution::NotFound);
+    assert_eq!(r.reverse(ip("10.0.1.2"), None), None);
+    // Hidden, not deleted: the records are all still there, and survive a snapshot.
+    assert_eq!(r.record_count(), 3);
+    let restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert!(restored.is_down(1));
+    assert_eq!(restored.resolve("db", None, None), Resolution::NotFound);
+
+    r.apply(&Command::SetNodeDown {
+        node: 1,
+        down: false,
+    })
+    .expect("up");
+    assert_eq!(r.resolve("db", None, None), found(&["10.0.1.2"]));
+    assert_eq!(
+        r.resolve("mysql", Some(ip("10.0.1.3")), Some(1)),
+        found(&["10.0.1.2"])
+    );
+    assert_eq!(
+        r.apply(&Command::SetNodeDown {
+            node: 9,
+            down: true
+        }),
+        Err(Error::UnknownNode(9))
+    );
+}
+
+#[test]
+fn removing_a_node_drops_its_records_and_never_reuses_its_id() {
+    let mut r = two_nodes();
+    assert_eq!(r.next_node_id(), 3);
+    r.apply(&node(3, "h3")).expect("node 3");
+    r.apply(&Command::UpsertContainer(container(
+        "c1",
+        "web",
+        3,
+        &["10.0.3.2"],
+    )))
+    .expect("web");
+    r.apply(&Command::UpsertContainer(container(
+        "a1",
+        "web",
+        1,
+        &["10.0.1.2"],
+    )))
+    .expect("web");
+    assert_eq!(
+        r.apply(&Command::RemoveNode { node: 3 }),
+        Ok(Outcome::Changed)
+    );
+    assert_eq!(
+        r.apply(&Command::RemoveNode { node: 3 }),
+        Ok(Outcome::Unchanged)
+    );
+    assert_eq!(r.resolve("web", None, None), found(&["10.0.1.2"]));
+    assert!(r.node_by_name("h3").is_none());
+    assert_eq!(r.record_count(), 1);
+    // The name is free again, the id is not.
+    assert_eq!(r.next_node_id(), 4);
+    let restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert_eq!(restored.next_node_id(), 4);
+    r.apply(&node(4, "h3"))
+        .expect("the name can be taken again");
+}
+
+#[test]
+fn version_1_snapshots_still_restore() {
+    // Written by linkdns before clusters: nodes and containers only.
+    #[derive(serde::Serialize)]
+    struct V1<'a> {
+        nodes: Vec<NodeInfo>,
+        containers: Vec<&'a Container>,
+    }
+    let c = container("a1", "web", 1, &["10.0.1.2"]);
+    let body = V1 {
+        nodes: vec![NodeInfo {
+            id: 1,
+            name: "h1".into(),
+            peer_addr: "127.0.0.1:7380".into(),
+        }],
+        containers: vec![&c],
+    };
+    let mut bytes = b"LDNS\x01".to_vec();
+    bytes.extend(postcard::to_allocvec(&body).expect("encode"));
+    let r = Registry::restore(&bytes).expect("v1 restores");
+    assert_eq!(r.resolve("web", None, None), found(&["10.0.1.2"]));
+    assert_eq!(r.next_node_id(), 2);
+    assert!(!r.is_down(1));
+}

@@ -37,7 +37,11 @@ fn address(i: u32) -> IpAddr {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.data_dir)?;
-    let node = linkdns_raft::start(NodeConfig::new(1), SledStore::open(&args.data_dir)?)?;
+    let node = linkdns_raft::start(
+        NodeConfig::new(1),
+        SledStore::open(&args.data_dir)?,
+        std::sync::Arc::new(linkdns_raft::NoPeers),
+    )?;
     node.propose(Command::UpsertNode(NodeInfo {
         id: 1,
         name: args.node_name.clone(),

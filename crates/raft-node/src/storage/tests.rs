@@ -54,6 +54,8 @@ trait Store {
     fn first(&self) -> u64;
     fn last(&self) -> u64;
     fn snapshot(&self, request: u64) -> raft::Result<Snapshot>;
+    fn snapshot_for(&self, to: u64) -> raft::Result<Snapshot>;
+    fn wanted(&self) -> bool;
     fn hard_state(&mut self, hs: &HardState);
     fn commit(&mut self, c: u64);
     fn conf(&mut self, cs: &ConfState);
@@ -81,7 +83,13 @@ impl<S: LogStore> Store for S {
         self.last_index().expect("last")
     }
     fn snapshot(&self, request: u64) -> raft::Result<Snapshot> {
-        Storage::snapshot(self, request, 0)
+        Storage::snapshot(self, request, 1)
+    }
+    fn snapshot_for(&self, to: u64) -> raft::Result<Snapshot> {
+        Storage::snapshot(self, 0, to)
+    }
+    fn wanted(&self) -> bool {
+        self.take_snapshot_request()
     }
     fn hard_state(&mut self, hs: &HardState) {
         self.set_hard_state(hs).expect("hs");
@@ -170,10 +178,20 @@ fn snapshot_compacts_and_keeps_a_matching_tail() {
         );
         assert_eq!(s.state().1.voters, vec![1]);
         assert_eq!(s.snapshot(2).expect("snapshot").get_metadata().index, 2);
+        assert!(!s.wanted());
         assert!(is_store_err(
             s.snapshot(3),
             StorageError::SnapshotTemporarilyUnavailable
         ));
+        assert!(s.wanted(), "a too-old snapshot asks for a fresh one");
+        assert!(!s.wanted(), "the request is taken once");
+        // A snapshot for a peer that its configuration does not name would be refused by
+        // that peer (a node that just joined): the store asks for a fresh one instead.
+        assert!(is_store_err(
+            s.snapshot_for(7),
+            StorageError::SnapshotTemporarilyUnavailable
+        ));
+        assert!(s.wanted());
         // An older snapshot changes nothing.
         s.install(&snapshot(1, 1, vec![9]));
         assert_eq!((s.first(), s.state().1.voters), (3, vec![1]));

@@ -3,8 +3,14 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use linkdns_raft::{start, NodeConfig, Role, SledStore};
+use std::sync::Arc;
+
+use linkdns_raft::{NoPeers, NodeConfig, NodeHandle, Role, SledStore};
 use linkdns_registry::{Command, Container, ContainerId, NodeInfo, Outcome, Resolution};
+
+fn start(config: NodeConfig, store: SledStore) -> Result<NodeHandle, linkdns_raft::Error> {
+    linkdns_raft::start(config, store, Arc::new(NoPeers))
+}
 
 fn config() -> NodeConfig {
     NodeConfig {

@@ -1,0 +1,626 @@
+//! The deterministic core of a node: the `RawNode`, its log store and the registry it applies
+//! to, driven by explicit calls (tick, step, propose, ready) with no threads, clocks or sockets.
+//!
+//! The driver thread ([`crate::node`]) wraps a `Core` with real time and channels; the simulated
+//! cluster tests drive several `Core`s directly over a simulated network. A proposal carries a
+//! caller-chosen token `T` that comes back with its result once the entry is applied.
+
+use std::collections::{BTreeMap, HashMap};
+
+use linkdns_registry::{Command, Outcome, Published, Registry};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use serde::Serialize;
+
+use crate::logger::raft_logger;
+use crate::storage::LogStore;
+use crate::Error;
+
+/// Settings of the Raft core.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// This node's Raft id (non-zero).
+    pub id: u64,
+    /// On an empty store: start a new one-voter cluster (`true`), or wait to be added to an
+    /// existing one and receive its snapshot (`false`, a joining node).
+    pub bootstrap: bool,
+    /// Ticks without a leader before an election (randomized up to twice this).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Applied entries between snapshots; the log before a snapshot is compacted away.
+    pub snapshot_every: u64,
+    /// Ticks a proposal may wait to be applied before it fails.
+    pub proposal_timeout_ticks: u64,
+}
+
+/// A node's role in the Raft group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    PreCandidate,
+    Learner,
+    /// Not (or no longer) in the cluster's configuration: joining, or removed.
+    Detached,
+    Stopped,
+}
+
+impl Role {
+    /// The name used in status output (the same as the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::PreCandidate => "pre_candidate",
+            Role::Learner => "learner",
+            Role::Detached => "detached",
+            Role::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the node last reported about its Raft state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub role: Role,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub last_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// On the leader: the highest log index known to be replicated on each member.
+    pub matched: BTreeMap<u64, u64>,
+    /// A configuration change is proposed and not yet applied.
+    pub conf_change_pending: bool,
+}
+
+impl RaftStatus {
+    pub fn is_member(&self, id: u64) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+}
+
+/// A change of membership, proposed by the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Membership {
+    /// Adds a node as a learner (a full replica without a vote) and registers it.
+    AddLearner(linkdns_registry::NodeInfo),
+    /// Makes a learner a voter.
+    Promote(u64),
+    /// Removes a node from the configuration and its records from the registry.
+    Remove(u64),
+}
+
+/// What one [`Core::ready`] produced.
+pub struct Progress<T> {
+    /// Raft messages to send to peers.
+    pub messages: Vec<Message>,
+    /// Proposals that finished (applied, rejected or failed), with their tokens. Their results
+    /// are visible in the registry that `published` carries (or that was published before).
+    pub done: Vec<(T, Result<Outcome, Error>)>,
+    /// The registry changed: the new view to publish.
+    pub published: Option<Published>,
+}
+
+impl<T> Default for Progress<T> {
+    fn default() -> Self {
+        Progress {
+            messages: Vec::new(),
+            done: Vec::new(),
+            published: None,
+        }
+    }
+}
+
+/// Who proposed an entry: the node, which run of that node (request ids restart at 1 with every
+/// run, and a restart replays entries of earlier runs), and the request id within the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Proposer {
+    node: u64,
+    incarnation: u64,
+    request: u64,
+}
+
+impl Proposer {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        v.extend_from_slice(&self.node.to_be_bytes());
+        v.extend_from_slice(&self.incarnation.to_be_bytes());
+        v.extend_from_slice(&self.request.to_be_bytes());
+        v
+    }
+
+    fn decode(context: &[u8]) -> Option<Proposer> {
+        let word = |i: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(
+                context.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        Some(Proposer {
+            node: word(0)?,
+            incarnation: word(1)?,
+            request: word(2)?,
+        })
+    }
+}
+
+struct Pending<T> {
+    token: T,
+    deadline_tick: u64,
+}
+
+/// One Raft member with its storage and state machine.
+pub struct Core<S: LogStore, T> {
+    config: CoreConfig,
+    raw: RawNode<S>,
+    registry: Registry,
+    applied: u64,
+    snapshot_index: u64,
+    ticks: u64,
+    pending: HashMap<u64, Pending<T>>,
+    next_request: u64,
+    incarnation: u64,
+    /// Results of applied proposals, handed out once the registry that holds them is published.
+    done: Vec<(T, Result<Outcome, Error>)>,
+}
+
+impl<S: LogStore, T> Core<S, T> {
+    /// Opens the core on `store`. An empty store is bootstrapped as a one-voter cluster when
+    /// `config.bootstrap`, else left empty for a leader to fill (a joining node). The registry
+    /// is restored from the latest snapshot; committed entries after it are re-applied by the
+    /// first [`Core::ready`] (`Config.applied` is the snapshot's index). `incarnation` must differ
+    /// between runs of the same node.
+    pub fn open(config: CoreConfig, mut store: S, incarnation: u64) -> Result<Self, Error> {
+        let initial = store.initial_state()?;
+        let fresh = initial.conf_state.voters.is_empty()
+            && initial.conf_state.learners.is_empty()
+            && store.current_snapshot()?.get_metadata().index == 0;
+        if fresh && config.bootstrap {
+            tracing::info!(
+                node = config.id,
+                "empty data dir: bootstrapping a one-voter cluster"
+            );
+            let mut snapshot = Snapshot::default();
+            snapshot.data = Registry::new().snapshot().into();
+            let meta = snapshot.mut_metadata();
+            meta.index = 1;
+            meta.term = 1;
+            meta.mut_conf_state().voters = vec![config.id];
+            store.install_snapshot(&snapshot)?;
+            store.sync()?;
+        }
+        let snapshot = store.current_snapshot()?;
+        let registry = Registry::restore(&snapshot.data)?;
+        let snapshot_index = snapshot.get_metadata().index;
+
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied: snapshot_index,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&raft_config, store, &raft_logger())?;
+        Ok(Core {
+            config,
+            raw,
+            registry,
+            applied: snapshot_index,
+            snapshot_index,
+            ticks: 0,
+            pending: HashMap::new(),
+            next_request: 1,
+            incarnation,
+            done: Vec::new(),
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.config.id
+    }
+
+    /// The applied registry (the driver's copy; readers use the published one).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Gives the store back (a simulated restart reopens a core on it).
+    pub fn into_store(self) -> S {
+        self.raw.raft.r.raft_log.store
+    }
+
+    /// Advances logical time by one tick: elections, heartbeats, proposal deadlines.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        self.raw.tick();
+        let now = self.ticks;
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline_tick <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                self.done.push((p.token, Err(Error::Timeout)));
+            }
+        }
+    }
+
+    /// Hands a peer's message to Raft. Messages from unknown peers or of a stale term are
+    /// dropped by Raft itself.
+    pub fn step(&mut self, message: Message) {
+        if let Err(e) = self.raw.step(message) {
+            tracing::debug!(error = %e, "dropped a raft message");
+        }
+    }
+
+    /// The transport could not reach `peer`: Raft slows down replication to it.
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.raw.report_unreachable(peer);
+    }
+
+    /// The transport finished (or failed) streaming a snapshot to `peer`.
+    pub fn report_snapshot(&mut self, peer: u64, delivered: bool) {
+        let status = if delivered {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(peer, status);
+    }
+
+    /// Starts an election now (a lone voter need not wait out the election timeout).
+    pub fn campaign(&mut self) -> Result<(), Error> {
+        self.raw.campaign()?;
+        Ok(())
+    }
+
+    /// Proposes a registry command. On a follower or learner Raft forwards it to the leader;
+    /// with no leader known it fails at once with [`Error::NotLeader`].
+    pub fn propose(&mut self, command: &Command, token: T) {
+        let context = self.proposer();
+        match self.raw.propose(context.encode(), command.encode()) {
+            Ok(()) => self.track(context.request, token),
+            Err(e) => self.done.push((token, Err(self.propose_error(e)))),
+        }
+    }
+
+    /// Proposes a membership change. Only the leader takes them, one at a time.
+    pub fn propose_membership(&mut self, change: &Membership, token: T) {
+        if self.raw.raft.state != StateRole::Leader {
+            let e = self.not_leader();
+            self.done.push((token, Err(e)));
+            return;
+        }
+        if self.raw.raft.has_pending_conf() {
+            self.done.push((token, Err(Error::ConfChangeInProgress)));
+            return;
+        }
+        let mut cc = ConfChange::default();
+        match change {
+            Membership::AddLearner(info) => {
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.node_id = info.id;
+                cc.context = Command::UpsertNode(info.clone()).encode().into();
+            }
+            Membership::Promote(id) => {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = *id;
+            }
+            Membership::Remove(id) => {
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = *id;
+            }
+        }
+        let context = self.proposer();
+        match self.raw.propose_conf_change(context.encode(), cc) {
+            Ok(()) => self.track(context.request, token),
+            Err(e) => self.done.push((token, Err(self.propose_error(e)))),
+        }
+    }
+
+    fn proposer(&mut self) -> Proposer {
+        let request = self.next_request;
+        self.next_request += 1;
+        Proposer {
+            node: self.config.id,
+            incarnation: self.incarnation,
+            request,
+        }
+    }
+
+    fn track(&mut self, request: u64, token: T) {
+        let deadline_tick = self.ticks + self.config.proposal_timeout_ticks;
+        self.pending.insert(
+            request,
+            Pending {
+                token,
+                deadline_tick,
+            },
+        );
+    }
+
+    fn not_leader(&self) -> Error {
+        let leader = self.raw.raft.leader_id;
+        Error::NotLeader {
+            leader: (leader != raft::INVALID_ID).then_some(leader),
+        }
+    }
+
+    fn propose_error(&self, e: raft::Error) -> Error {
+        match e {
+            raft::Error::ProposalDropped => self.not_leader(),
+            e => Error::Raft(e),
+        }
+    }
+
+    /// Fails every proposal still waiting (the node is stopping).
+    pub fn fail_pending(&mut self) -> Vec<(T, Result<Outcome, Error>)> {
+        let mut out: Vec<_> = self.done.drain(..).collect();
+        out.extend(
+            self.pending
+                .drain()
+                .map(|(_, p)| (p.token, Err(Error::Stopped))),
+        );
+        out
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf();
+        let mut voters: Vec<u64> = conf.voters().ids().iter().collect();
+        voters.sort_unstable();
+        let mut learners: Vec<u64> = conf.learners().iter().copied().collect();
+        learners.sort_unstable();
+        let member = voters.contains(&raft.id) || learners.contains(&raft.id);
+        let role = if !member {
+            Role::Detached
+        } else if learners.contains(&raft.id) {
+            Role::Learner
+        } else {
+            match raft.state {
+                StateRole::Leader => Role::Leader,
+                StateRole::Follower => Role::Follower,
+                StateRole::Candidate => Role::Candidate,
+                StateRole::PreCandidate => Role::PreCandidate,
+            }
+        };
+        let matched = if raft.state == StateRole::Leader {
+            raft.prs()
+                .iter()
+                .map(|(&id, pr)| (id, pr.matched))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        RaftStatus {
+            id: raft.id,
+            role,
+            leader: (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id),
+            term: raft.term,
+            commit_index: raft.raft_log.committed,
+            applied_index: self.applied,
+            snapshot_index: raft.raft_log.store.first_index().unwrap_or(1) - 1,
+            last_index: raft.raft_log.last_index(),
+            voters,
+            learners,
+            matched,
+            conf_change_pending: raft.state == StateRole::Leader && raft.has_pending_conf(),
+        }
+    }
+
+    /// Whether this node is the only voter: it can elect itself at once.
+    pub fn is_lone_voter(&self) -> bool {
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        voters.len() == 1 && voters.contains(self.config.id)
+    }
+
+    /// Handles what Raft has ready. The order is raft-rs's (examples/five_mem_node `on_ready`)
+    /// with one change, so that the commit index is durable before anything is applied:
+    ///
+    /// 1. take `messages` (the leader may send while it persists),
+    /// 2. install `snapshot` into the store and the registry,
+    /// 3. append `entries` and write `hs` (term, vote, commit) together, then flush,
+    /// 4. apply `committed_entries` (raft-rs applies them before step 3; we apply after the
+    ///    flush so a crash never leaves applied state ahead of the durable commit index),
+    /// 5. take `persisted_messages` (votes and append responses: only after the flush),
+    /// 6. `advance`; from the light ready: persist and flush the commit index, take its
+    ///    messages, apply its committed entries,
+    /// 7. `advance_apply`, snapshot and compact if due (or if a peer needs a newer snapshot),
+    ///    and hand out the new registry and the finished proposals.
+    pub fn ready(&mut self) -> Result<Progress<T>, Error> {
+        let mut progress = Progress::default();
+        let applied_before = self.applied;
+        if self.raw.has_ready() {
+            let mut ready = self.raw.ready();
+            progress.messages = ready.take_messages();
+
+            if !ready.snapshot().is_empty() {
+                let snapshot = ready.snapshot().clone();
+                self.raw.mut_store().install_snapshot(&snapshot)?;
+                self.registry = Registry::restore(&snapshot.data)?;
+                self.applied = snapshot.get_metadata().index;
+                self.snapshot_index = self.applied;
+                tracing::info!(
+                    index = self.applied,
+                    records = self.registry.record_count(),
+                    "installed a snapshot from the leader"
+                );
+            }
+
+            let store = self.raw.mut_store();
+            store.append(ready.entries())?;
+            if let Some(hs) = ready.hs() {
+                store.set_hard_state(hs)?;
+            }
+            store.sync()?;
+
+            self.apply(ready.take_committed_entries())?;
+            progress.messages.extend(ready.take_persisted_messages());
+
+            let mut light = self.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                let store = self.raw.mut_store();
+                store.set_commit(commit)?;
+                store.sync()?;
+            }
+            progress.messages.extend(light.take_messages());
+            self.apply(light.take_committed_entries())?;
+            self.raw.advance_apply();
+        }
+
+        let wanted = self.raw.store().take_snapshot_request();
+        if self.applied != applied_before || wanted {
+            self.maybe_snapshot(wanted)?;
+        }
+        if self.applied != applied_before {
+            progress.published = Some(Published {
+                applied: self.applied,
+                registry: self.registry.clone(),
+            });
+        }
+        progress.done = std::mem::take(&mut self.done);
+        Ok(progress)
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Error> {
+        for entry in entries {
+            self.applied = entry.index;
+            // Conf changes update the in-memory configuration; the stored conf state is the one
+            // of the latest snapshot, and a restart replays later conf changes from the log.
+            let result = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => continue, // a new leader's
+                EntryType::EntryNormal => self.apply_command(&entry)?,
+                EntryType::EntryConfChange => {
+                    let cc =
+                        ConfChange::parse_from_bytes(&entry.data).map_err(|e| Error::Corrupt {
+                            what: "committed conf change",
+                            reason: format!("entry {}: {e}", entry.index),
+                        })?;
+                    self.apply_conf_change(&cc, entry.index)?
+                }
+                EntryType::EntryConfChangeV2 => {
+                    // Not proposed by linkdns; applied as raft-rs defines them.
+                    let cc = ConfChangeV2::parse_from_bytes(&entry.data).map_err(|e| {
+                        Error::Corrupt {
+                            what: "committed conf change",
+                            reason: format!("entry {}: {e}", entry.index),
+                        }
+                    })?;
+                    self.raw
+                        .apply_conf_change(&cc)
+                        .map(|_| Outcome::Changed)
+                        .map_err(Error::Raft)
+                }
+            };
+            if let Some(p) = Proposer::decode(&entry.context) {
+                if p.node == self.config.id && p.incarnation == self.incarnation {
+                    if let Some(pending) = self.pending.remove(&p.request) {
+                        self.done.push((pending.token, result));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_command(&mut self, entry: &Entry) -> Result<Result<Outcome, Error>, Error> {
+        // A committed entry that does not decode is corruption (or a newer format): stop rather
+        // than let this replica diverge from the others.
+        let command = Command::decode(&entry.data).map_err(|e| Error::Corrupt {
+            what: "committed log entry",
+            reason: format!("entry {}: {e}", entry.index),
+        })?;
+        // Applying is deterministic: a rejected command is rejected the same way on every
+        // replica, so it is a result for the proposer, not a reason to stop.
+        let result = self.registry.apply(&command);
+        if let Err(e) = &result {
+            tracing::warn!(index = entry.index, error = %e, "command rejected");
+        }
+        Ok(result.map_err(Error::Registry))
+    }
+
+    /// Applies a membership change to the configuration and the registry together.
+    fn apply_conf_change(
+        &mut self,
+        cc: &ConfChange,
+        index: u64,
+    ) -> Result<Result<Outcome, Error>, Error> {
+        if let Err(e) = self.raw.apply_conf_change(cc) {
+            // Deterministic (the same configuration on every replica): a result, not a stop.
+            tracing::warn!(index, node = cc.node_id, error = %e, "conf change rejected");
+            return Ok(Err(Error::Raft(e)));
+        }
+        let registry_change = match cc.get_change_type() {
+            ConfChangeType::AddLearnerNode | ConfChangeType::AddNode if !cc.context.is_empty() => {
+                Some(Command::decode(&cc.context).map_err(|e| Error::Corrupt {
+                    what: "committed conf change",
+                    reason: format!("entry {index}: {e}"),
+                })?)
+            }
+            ConfChangeType::RemoveNode => Some(Command::RemoveNode { node: cc.node_id }),
+            _ => None,
+        };
+        if let Some(command) = registry_change {
+            if let Err(e) = self.registry.apply(&command) {
+                tracing::warn!(index, error = %e, "registry side of a conf change rejected");
+            }
+        }
+        tracing::info!(
+            index,
+            node = cc.node_id,
+            change = ?cc.get_change_type(),
+            "membership changed"
+        );
+        Ok(Ok(Outcome::Changed))
+    }
+
+    /// Snapshots the registry and compacts the log once enough entries have been applied, or
+    /// at once when `wanted` (a peer needs a snapshot the store does not have).
+    fn maybe_snapshot(&mut self, wanted: bool) -> Result<(), Error> {
+        let due = self.applied >= self.snapshot_index + self.config.snapshot_every;
+        if !(due || wanted) || self.applied <= self.snapshot_index {
+            return Ok(());
+        }
+        let index = self.applied;
+        let term = self.raw.raft.raft_log.term(index)?;
+        let mut snapshot = Snapshot::default();
+        snapshot.data = self.registry.snapshot().into();
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+        let store = self.raw.mut_store();
+        store.install_snapshot(&snapshot)?;
+        store.sync()?;
+        self.snapshot_index = index;
+        tracing::info!(
+            index,
+            term,
+            records = self.registry.record_count(),
+            for_peer = wanted,
+            "snapshot taken, log compacted"
+        );
+        Ok(())
+    }
+}

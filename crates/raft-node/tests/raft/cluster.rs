@@ -1,0 +1,600 @@
+//! Clusters of [`Core`]s on a simulated network, driven in logical time: messages are delivered,
+//! dropped, delayed, cut by partitions; nodes crash and restart on the store they had.
+//!
+//! The network is driven by a seeded generator, so a failing seed replays the same message
+//! schedule. (raft-rs draws its randomized election timeouts from its own generator, so leader
+//! choice can still differ between runs; the assertions hold for every schedule.)
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use linkdns_raft::{Core, CoreConfig, Error, MemStore, Membership, RaftStatus, Role};
+use linkdns_registry::{Command, Container, ContainerId, NodeInfo, Outcome, Resolution};
+use raft::eraftpb::{Message, MessageType};
+
+/// Delivery rounds per tick: a message delayed by one round arrives within the same tick.
+const ROUNDS: u64 = 4;
+
+/// A small, seeded generator (xorshift64*): the simulated network's only source of chance.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+type Token = u64;
+type Node = Core<MemStore, Token>;
+
+struct Sim {
+    rng: Rng,
+    round: u64,
+    config: CoreConfig,
+    live: BTreeMap<u64, Node>,
+    crashed: BTreeMap<u64, MemStore>,
+    in_flight: Vec<(u64, Message)>,
+    /// Directed links that deliver nothing.
+    cut: BTreeSet<(u64, u64)>,
+    drop_per_mille: u64,
+    max_delay_rounds: u64,
+    next_token: Token,
+    incarnation: u64,
+    results: HashMap<Token, Result<Outcome, Error>>,
+}
+
+fn core_config(id: u64, bootstrap: bool, snapshot_every: u64) -> CoreConfig {
+    CoreConfig {
+        id,
+        bootstrap,
+        election_ticks: 10,
+        heartbeat_ticks: 2,
+        snapshot_every,
+        proposal_timeout_ticks: 50,
+    }
+}
+
+fn info(id: u64) -> NodeInfo {
+    NodeInfo {
+        id,
+        name: format!("h{id}"),
+        peer_addr: format!("10.0.0.{id}:7380"),
+    }
+}
+
+fn container(node: u64, i: u64) -> Command {
+    Command::UpsertContainer(Container {
+        id: ContainerId::new(format!("n{node}-c{i}")),
+        name: format!("svc-{node}-{i}"),
+        node,
+        ips: vec![format!("10.{node}.{}.{}", i / 200, i % 200 + 1)
+            .parse()
+            .expect("ip")],
+        aliases: BTreeSet::new(),
+        links: BTreeSet::new(),
+        ports: BTreeSet::new(),
+    })
+}
+
+impl Sim {
+    /// Node 1 alone, bootstrapped and leading.
+    fn new(seed: u64, snapshot_every: u64) -> Sim {
+        let config = core_config(1, true, snapshot_every);
+        let mut sim = Sim {
+            rng: Rng::new(seed),
+            round: 0,
+            config: config.clone(),
+            live: BTreeMap::new(),
+            crashed: BTreeMap::new(),
+            in_flight: Vec::new(),
+            cut: BTreeSet::new(),
+            drop_per_mille: 0,
+            max_delay_rounds: 1,
+            next_token: 1,
+            incarnation: 1,
+            results: HashMap::new(),
+        };
+        let mut first = Core::open(config, MemStore::new(), 1).expect("open node 1");
+        first.campaign().expect("campaign");
+        sim.live.insert(1, first);
+        sim.settle(5);
+        let t = sim.propose(1, &Command::UpsertNode(info(1)));
+        sim.settle(5);
+        assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+        sim
+    }
+
+    /// `voters` voters (node 1 and the next ones) and then `learners` learners, all caught up.
+    fn cluster(seed: u64, voters: u64, learners: u64, snapshot_every: u64) -> Sim {
+        let mut sim = Sim::new(seed, snapshot_every);
+        for id in 2..=voters + learners {
+            sim.join(id);
+            if id <= voters {
+                sim.change(Membership::Promote(id));
+            }
+        }
+        sim.settle(20);
+        sim
+    }
+
+    /// Starts an empty node `id` and has the leader add it as a learner.
+    fn join(&mut self, id: u64) {
+        self.incarnation += 1;
+        let core = Core::open(
+            core_config(id, false, self.config.snapshot_every),
+            MemStore::new(),
+            self.incarnation,
+        )
+        .expect("open joining node");
+        self.live.insert(id, core);
+        self.change(Membership::AddLearner(info(id)));
+    }
+
+    /// Proposes a membership change on the leader until it lands.
+    fn change(&mut self, change: Membership) {
+        for _ in 0..20 {
+            let leader = self.wait_leader(100);
+            let token = self.token();
+            if let Some(core) = self.live.get_mut(&leader) {
+                core.propose_membership(&change, token);
+            }
+            for _ in 0..60 {
+                self.run_ticks(1);
+                if self.results.contains_key(&token) {
+                    break;
+                }
+            }
+            if let Some(Ok(_)) = self.results.get(&token) {
+                return;
+            }
+        }
+        panic!("membership change {change:?} never landed");
+    }
+
+    fn token(&mut self) -> Token {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn propose(&mut self, on: u64, command: &Command) -> Token {
+        let token = self.token();
+        let core = self.live.get_mut(&on).expect("proposing node is live");
+        core.propose(command, token);
+        token
+    }
+
+    fn result(&self, token: Token) -> Option<Result<Outcome, String>> {
+        self.results
+            .get(&token)
+            .map(|r| r.as_ref().copied().map_err(|e| e.to_string()))
+    }
+
+    /// One delivery round: deliver what is due, then run every node's ready.
+    fn round(&mut self) {
+        self.round += 1;
+        let now = self.round;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.in_flight = later;
+        for (_, message) in due {
+            let (from, to) = (message.from, message.to);
+            let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+            let delivered = match self.live.get_mut(&to) {
+                Some(core) => {
+                    core.step(message);
+                    true
+                }
+                None => false,
+            };
+            if snapshot {
+                if let Some(sender) = self.live.get_mut(&from) {
+                    sender.report_snapshot(to, delivered);
+                }
+            }
+        }
+        let ids: Vec<u64> = self.live.keys().copied().collect();
+        for id in ids {
+            let Some(core) = self.live.get_mut(&id) else {
+                continue;
+            };
+            let progress = core.ready().expect("ready");
+            for (token, result) in progress.done {
+                self.results.insert(token, result);
+            }
+            for message in progress.messages {
+                self.route(message);
+            }
+        }
+    }
+
+    fn route(&mut self, message: Message) {
+        let (from, to) = (message.from, message.to);
+        let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
+        let lost = self.cut.contains(&(from, to))
+            || !self.live.contains_key(&to)
+            || self.rng.chance(self.drop_per_mille);
+        if lost {
+            if let Some(sender) = self.live.get_mut(&from) {
+                if snapshot {
+                    sender.report_snapshot(to, false);
+                } else if self.rng.chance(100) {
+                    sender.report_unreachable(to);
+                }
+            }
+            return;
+        }
+        let at = self.round + 1 + self.rng.below(self.max_delay_rounds);
+        self.in_flight.push((at, message));
+    }
+
+    fn run_ticks(&mut self, ticks: u64) {
+        for _ in 0..ticks {
+            for core in self.live.values_mut() {
+                core.tick();
+            }
+            for _ in 0..ROUNDS {
+                self.round();
+            }
+        }
+    }
+
+    /// Runs with a healthy network until nothing is in flight (or `ticks` pass).
+    fn settle(&mut self, ticks: u64) {
+        self.run_ticks(ticks);
+    }
+
+    fn status(&self, id: u64) -> RaftStatus {
+        self.live.get(&id).expect("live node").status()
+    }
+
+    fn leaders(&self) -> Vec<u64> {
+        self.live
+            .values()
+            .map(|c| c.status())
+            .filter(|s| s.role == Role::Leader)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// Runs until exactly one live node leads, with the highest term among live nodes.
+    fn wait_leader(&mut self, max_ticks: u64) -> u64 {
+        for _ in 0..max_ticks {
+            let leaders = self.leaders();
+            let max_term = self.live.values().map(|c| c.status().term).max();
+            if let [one] = leaders[..] {
+                if Some(self.status(one).term) == max_term {
+                    return one;
+                }
+            }
+            self.run_ticks(1);
+        }
+        panic!(
+            "no single leader after {max_ticks} ticks: {:?}",
+            self.describe()
+        );
+    }
+
+    fn describe(&self) -> Vec<String> {
+        self.live
+            .values()
+            .map(|c| {
+                let s = c.status();
+                format!(
+                    "{} {:?} term {} leader {:?} commit {} applied {}",
+                    s.id, s.role, s.term, s.leader, s.commit_index, s.applied_index
+                )
+            })
+            .collect()
+    }
+
+    fn crash(&mut self, id: u64) {
+        let core = self.live.remove(&id).expect("crashing a live node");
+        self.crashed.insert(id, core.into_store());
+        self.in_flight.retain(|(_, m)| m.to != id);
+    }
+
+    fn restart(&mut self, id: u64) {
+        let store = self.crashed.remove(&id).expect("restarting a crashed node");
+        self.incarnation += 1;
+        let config = core_config(id, id == 1, self.config.snapshot_every);
+        let core = Core::open(config, store, self.incarnation).expect("reopen");
+        self.live.insert(id, core);
+    }
+
+    /// Cuts every link between `side` and the rest, both ways.
+    fn partition(&mut self, side: &[u64]) {
+        let all: Vec<u64> = self
+            .live
+            .keys()
+            .chain(self.crashed.keys())
+            .copied()
+            .collect();
+        for &a in side {
+            for &b in &all {
+                if !side.contains(&b) {
+                    self.cut.insert((a, b));
+                    self.cut.insert((b, a));
+                }
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+        self.drop_per_mille = 0;
+        self.max_delay_rounds = 1;
+    }
+
+    /// After healing: every live node applied the same log and holds the same registry.
+    fn assert_converged(&mut self, max_ticks: u64) {
+        for _ in 0..max_ticks {
+            if self.converged() {
+                return;
+            }
+            self.run_ticks(1);
+        }
+        panic!("replicas did not converge: {:?}", self.describe());
+    }
+
+    fn converged(&self) -> bool {
+        let mut views = self.live.values().map(|c| {
+            (
+                c.status().commit_index,
+                c.applied(),
+                c.registry().snapshot(),
+            )
+        });
+        let Some(first) = views.next() else {
+            return true;
+        };
+        first.0 == first.1 && views.all(|v| v == first)
+    }
+
+    fn resolves(&self, on: u64, name: &str) -> bool {
+        let core = self.live.get(&on).expect("live node");
+        matches!(core.registry().resolve(name, None, None), Resolution::Found(ips) if !ips.is_empty())
+    }
+}
+
+#[test]
+fn three_voters_replicate_proposals_made_on_any_node() {
+    let mut sim = Sim::cluster(1, 3, 0, 1_000);
+    let leader = sim.wait_leader(50);
+    assert_eq!(sim.status(leader).voters, vec![1, 2, 3]);
+    // Every node registers itself and proposes its own containers, followers included: Raft
+    // forwards a follower's proposal to the leader.
+    let mut tokens = Vec::new();
+    for id in [2, 3] {
+        // Joining registered the node already: the same record again changes nothing.
+        let t = sim.propose(id, &Command::UpsertNode(info(id)));
+        sim.settle(10);
+        assert_eq!(sim.result(t), Some(Ok(Outcome::Unchanged)));
+    }
+    for id in 1..=3 {
+        for i in 0..5 {
+            tokens.push(sim.propose(id, &container(id, i)));
+        }
+    }
+    sim.settle(20);
+    for t in tokens {
+        assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)), "token {t}");
+    }
+    sim.assert_converged(10);
+    for on in 1..=3 {
+        for of in 1..=3 {
+            assert!(sim.resolves(on, &format!("svc-{of}-4")), "{of} on {on}");
+        }
+        assert_eq!(sim.live[&on].registry().record_count(), 15);
+    }
+}
+
+#[test]
+fn a_new_leader_takes_over_when_the_leader_dies_and_the_old_one_catches_up() {
+    let mut sim = Sim::cluster(2, 3, 0, 1_000);
+    let old = sim.wait_leader(50);
+    let t = sim.propose(old, &container(1, 1));
+    sim.settle(5);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+    sim.crash(old);
+    let new = sim.wait_leader(100);
+    assert_ne!(new, old);
+    let follower = *sim.live.keys().find(|&&id| id != new).expect("a follower");
+    // Writes resume, also through the remaining follower.
+    let t = sim.propose(follower, &container(1, 2));
+    sim.settle(10);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+    sim.restart(old);
+    sim.assert_converged(100);
+    assert!(sim.resolves(old, "svc-1-2"), "restarted node caught up");
+    assert_eq!(sim.leaders().len(), 1);
+}
+
+#[test]
+fn a_learner_far_behind_catches_up_by_snapshot() {
+    // Snapshot (and compact) every 10 entries: a new node cannot get the early log.
+    let mut sim = Sim::cluster(3, 3, 0, 10);
+    let leader = sim.wait_leader(50);
+    for i in 0..60 {
+        let on = 1 + i % 3;
+        sim.propose(on, &container(1, i));
+        if i % 10 == 0 {
+            sim.settle(2);
+        }
+    }
+    sim.settle(20);
+    assert!(sim.status(leader).snapshot_index > 10, "log compacted");
+    sim.join(4);
+    sim.assert_converged(100);
+    let learner = sim.status(4);
+    assert_eq!(learner.role, Role::Learner);
+    assert!(
+        learner.snapshot_index > 1,
+        "installed a snapshot: {learner:?}"
+    );
+    assert_eq!(sim.live[&4].registry().record_count(), 60);
+    assert!(sim.resolves(4, "svc-1-59"));
+    // A learner proposes like any node (forwarded to the leader), but has no vote.
+    let t = sim.propose(4, &container(4, 1));
+    sim.settle(10);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+    assert!(sim.resolves(leader, "svc-4-1"));
+    assert_eq!(sim.status(leader).voters, vec![1, 2, 3]);
+}
+
+#[test]
+fn membership_changes_go_one_at_a_time_and_removal_detaches_a_node() {
+    let mut sim = Sim::cluster(4, 3, 1, 1_000);
+    let leader = sim.wait_leader(50);
+    assert_eq!(sim.status(leader).learners, vec![4]);
+    // Two changes at once: the second is refused while the first is in flight.
+    let victim = if leader == 3 { 2 } else { 3 };
+    let (t1, t2) = (sim.token(), sim.token());
+    let core = sim.live.get_mut(&leader).expect("leader");
+    core.propose_membership(&Membership::Remove(victim), t1);
+    core.propose_membership(&Membership::Promote(4), t2);
+    sim.settle(10);
+    assert_eq!(sim.result(t1), Some(Ok(Outcome::Changed)));
+    let second = sim.result(t2).expect("answered");
+    assert!(
+        second.as_ref().is_err_and(|e| e.contains("in progress")),
+        "{second:?}"
+    );
+    sim.change(Membership::Promote(4));
+    sim.settle(10);
+    let leader = sim.wait_leader(50);
+    let status = sim.status(leader);
+    let mut expected: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|&i| i != victim).collect();
+    expected.sort_unstable();
+    assert_eq!(status.voters, expected);
+    assert!(status.learners.is_empty());
+    assert_eq!(sim.status(victim).role, Role::Detached);
+    // The removed node's registry entry is gone everywhere it is still a member.
+    for id in expected {
+        assert!(sim.live[&id].registry().node(victim).is_none());
+    }
+    // Followers refuse membership changes: only the leader proposes them.
+    let follower = *sim
+        .live
+        .keys()
+        .find(|&&id| id != leader && id != victim)
+        .expect("follower");
+    let t = sim.token();
+    sim.live
+        .get_mut(&follower)
+        .expect("follower")
+        .propose_membership(&Membership::Promote(9), t);
+    sim.settle(1);
+    assert!(sim.result(t).expect("answered").is_err());
+}
+
+#[test]
+fn a_partitioned_minority_accepts_no_writes_and_converges_after_healing() {
+    let mut sim = Sim::cluster(5, 3, 0, 1_000);
+    let leader = sim.wait_leader(50);
+    let before = sim.propose(leader, &container(1, 1));
+    sim.settle(10);
+    assert_eq!(sim.result(before), Some(Ok(Outcome::Changed)));
+    // Cut the leader off: the majority elects another one.
+    sim.partition(&[leader]);
+    let minority_write = sim.propose(leader, &container(1, 100));
+    let majority = *sim.live.keys().find(|&&id| id != leader).expect("majority");
+    sim.run_ticks(40);
+    let new = sim
+        .leaders()
+        .into_iter()
+        .find(|&l| l != leader)
+        .expect("the majority elected a leader");
+    let t = sim.propose(majority, &container(1, 101));
+    sim.run_ticks(20);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+    // The old leader stepped down (check-quorum) and its write never committed.
+    sim.run_ticks(60);
+    assert_ne!(sim.status(leader).role, Role::Leader);
+    let minority = sim.result(minority_write).expect("answered");
+    assert!(minority.is_err(), "{minority:?}");
+    // ... and it kept its replica to answer from.
+    assert!(sim.resolves(leader, "svc-1-1"));
+    sim.heal();
+    sim.assert_converged(100);
+    assert!(sim.resolves(leader, "svc-1-101"));
+    assert!(
+        !sim.resolves(new, "svc-1-100"),
+        "the uncommitted write is gone"
+    );
+}
+
+/// Many schedules: a lossy, reordering network, crashes and restarts, partitions, proposals on
+/// random nodes. Afterwards every acknowledged write is on every replica, and they all agree.
+#[test]
+fn random_faults_lose_no_acknowledged_write() {
+    for seed in 10..110 {
+        let mut sim = Sim::cluster(seed, 3, 1, 25);
+        sim.drop_per_mille = 100;
+        sim.max_delay_rounds = 6;
+        let mut acked_candidates = Vec::new();
+        for step in 0..60u64 {
+            let live: Vec<u64> = sim.live.keys().copied().collect();
+            let on = live[sim.rng.below(live.len() as u64) as usize];
+            let command = container(1, step);
+            acked_candidates.push((sim.propose(on, &command), step));
+            match sim.rng.below(20) {
+                0 if sim.crashed.is_empty() && sim.live.len() > 3 => {
+                    let victim = live[sim.rng.below(live.len() as u64) as usize];
+                    sim.crash(victim);
+                }
+                1 if !sim.crashed.is_empty() => {
+                    let id = *sim.crashed.keys().next().expect("crashed");
+                    sim.restart(id);
+                }
+                2 if sim.cut.is_empty() => {
+                    let side = live[sim.rng.below(live.len() as u64) as usize];
+                    sim.partition(&[side]);
+                }
+                3 => sim.cut.clear(),
+                _ => {}
+            }
+            let ticks = 1 + sim.rng.below(4);
+            sim.run_ticks(ticks);
+        }
+        let crashed: Vec<u64> = sim.crashed.keys().copied().collect();
+        for id in crashed {
+            sim.restart(id);
+        }
+        sim.heal();
+        sim.wait_leader(200);
+        sim.assert_converged(300);
+        let mut acked = 0;
+        for (token, step) in acked_candidates {
+            if let Some(Ok(_)) = sim.result(token) {
+                acked += 1;
+                for (&id, core) in &sim.live {
+                    let name = format!("svc-1-{step}");
+                    assert!(
+                        matches!(
+                            core.registry().resolve(&name, None, None),
+                            Resolution::Found(_)
+                        ),
+                        "seed {seed}: acknowledged {name} missing on node {id}"
+                    );
+                }
+            }
+        }
+        assert!(acked > 0, "seed {seed}: no write got through at all");
+    }
+}
