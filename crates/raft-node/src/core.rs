@@ -461,6 +461,11 @@ impl<S: LogStore, T> Core<S, T> {
                 self.registry = Registry::restore(&snapshot.data)?;
                 self.applied = snapshot.get_metadata().index;
                 self.snapshot_index = self.applied;
+                // Entries inside the snapshot are never applied here one by one: whoever waits
+                // for one cannot be told whether it is in.
+                for (_, p) in self.pending.drain() {
+                    self.done.push((p.token, Err(Error::OutcomeUnknown)));
+                }
                 tracing::info!(
                     index = self.applied,
                     records = self.registry.record_count(),

@@ -313,6 +313,12 @@ impl Registry {
         self.down.contains(&id)
     }
 
+    /// Whether node `id` was registered once and has been removed since. (An id above every
+    /// id this registry has seen belongs to a node that joined after this replica's state.)
+    pub fn was_removed(&self, id: NodeId) -> bool {
+        id <= self.max_node_id && !self.nodes.contains_key(&id)
+    }
+
     /// The id to give the next node that joins: above every id ever registered.
     pub fn next_node_id(&self) -> NodeId {
         self.max_node_id + 1

@@ -451,6 +451,8 @@ fn removing_a_node_drops_its_records_and_never_reuses_its_id() {
     assert_eq!(r.record_count(), 1);
     // The name is free again, the id is not.
     assert_eq!(r.next_node_id(), 4);
+    assert!(r.was_removed(3));
+    assert!(!r.was_removed(1) && !r.was_removed(9));
     let restored = Registry::restore(&r.snapshot()).expect("restore");
     assert_eq!(restored.next_node_id(), 4);
     r.apply(&node(4, "h3"))

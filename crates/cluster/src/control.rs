@@ -1,0 +1,222 @@
+//! Control requests: a new host asks to join, a member asks to remove a node. Served by the
+//! leader; other members redirect to it. Both end in one membership change through Raft.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use linkdns_raft::{Membership, NodeHandle, Role};
+use linkdns_registry::{normalize_name, Command, NodeInfo};
+use rustls::pki_types::CertificateDer;
+
+use crate::identity::{RawPublicKey, Secret};
+use crate::transport::Inner;
+use crate::wire::{self, Reply, Request};
+
+/// How long a membership change may keep meeting another one in progress.
+const CHANGE_PATIENCE: Duration = Duration::from_secs(15);
+
+pub(crate) async fn handle(
+    inner: &Inner,
+    request: Request,
+    certs: &[CertificateDer<'static>],
+    local: Option<SocketAddr>,
+    remote: SocketAddr,
+) -> Reply {
+    let Some(node) = inner.node() else {
+        return refused("this node is still starting; retry in a moment");
+    };
+    match request {
+        Request::Join {
+            version,
+            cluster,
+            secret,
+            name,
+            peer_addr,
+            public_key,
+        } => {
+            if version != wire::PROTOCOL_VERSION {
+                return refused(format!(
+                    "protocol version {version}; this node speaks {}: use the same linkdns version",
+                    wire::PROTOCOL_VERSION
+                ));
+            }
+            if cluster != inner.identity.cluster {
+                return refused(format!(
+                    "the token is for cluster {cluster}, this node belongs to cluster {}",
+                    inner.identity.cluster
+                ));
+            }
+            if !Secret(secret).matches(&inner.identity.secret) {
+                return refused("wrong join token: the secret does not match this cluster's");
+            }
+            if let Some(reply) = redirect_unless_leader(node) {
+                return reply;
+            }
+            let _one_at_a_time = inner.admission.lock().await;
+            admit(inner, node, name, peer_addr, public_key, local, remote).await
+        }
+        Request::Remove { node: target } => {
+            let registry = node.published().load_full();
+            let status = node.status();
+            let member_ids = status
+                .voters
+                .iter()
+                .chain(&status.learners)
+                .copied()
+                .chain(registry.registry.nodes().map(|n| n.id));
+            let mut ids: Vec<u64> = member_ids.collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if !ids.iter().any(|&id| inner.tls.is_node(certs, id)) {
+                return refused("only a member of the cluster may remove nodes");
+            }
+            if let Some(reply) = redirect_unless_leader(node) {
+                return reply;
+            }
+            let id = match registry.registry.node_by_name(&target) {
+                Some(n) => n.id,
+                None => match target.parse::<u64>() {
+                    Ok(id) if ids.contains(&id) => id,
+                    _ => return refused(format!("no node {target:?} in this cluster")),
+                },
+            };
+            let _one_at_a_time = inner.admission.lock().await;
+            match change(node, Membership::Remove(id)).await {
+                Ok(()) => {
+                    tracing::info!(node = id, "node removed from the cluster");
+                    Reply::Removed { node_id: id }
+                }
+                Err(e) => refused(format!("cannot remove node {id}: {e}")),
+            }
+        }
+    }
+}
+
+fn refused(reason: impl Into<String>) -> Reply {
+    Reply::Refused {
+        reason: reason.into(),
+    }
+}
+
+/// `None` on the leader; else where to go (or why there is nowhere).
+fn redirect_unless_leader(node: &NodeHandle) -> Option<Reply> {
+    let status = node.status();
+    if status.role == Role::Leader {
+        return None;
+    }
+    let leader = status
+        .leader
+        .and_then(|id| node.published().load().registry.node(id).cloned());
+    Some(match leader {
+        Some(info) => Reply::Redirect {
+            leader: info.peer_addr,
+        },
+        None => refused("no leader is elected right now; retry in a few seconds"),
+    })
+}
+
+async fn admit(
+    inner: &Inner,
+    node: &NodeHandle,
+    name: String,
+    peer_addr: String,
+    public_key: Vec<u8>,
+    local: Option<SocketAddr>,
+    remote: SocketAddr,
+) -> Reply {
+    let name = normalize_name(&name);
+    if name.is_empty() {
+        return refused("the node name is empty");
+    }
+    let published = node.published().load_full();
+    let registry = &published.registry;
+    if let Some(owner) = registry.node_by_name(&name) {
+        return refused(format!(
+            "node name {name:?} is already used by node {}; pick another --node-name, or run `linkdns remove {name}` on a member first",
+            owner.id
+        ));
+    }
+    let peer_addr = match peer_addr.parse::<SocketAddr>() {
+        // A node listening on 0.0.0.0 is reached at the address it came from.
+        Ok(a) if a.ip().is_unspecified() => SocketAddr::new(remote.ip(), a.port()).to_string(),
+        Ok(a) => a.to_string(),
+        Err(_) => return refused(format!("peer address {peer_addr:?} is not ip:port")),
+    };
+    if public_key.len() != 65 || public_key.first() != Some(&4) {
+        return refused("the public key is not an uncompressed P-256 point");
+    }
+    let status = node.status();
+    let highest_member = status
+        .voters
+        .iter()
+        .chain(&status.learners)
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let id = registry.next_node_id().max(highest_member + 1);
+    let node_cert = match inner.identity.issue(id, &RawPublicKey(public_key)) {
+        Ok(c) => c,
+        Err(e) => return refused(format!("cannot issue a certificate: {e}")),
+    };
+    fix_own_address(inner, node, local).await;
+    let info = NodeInfo {
+        id,
+        name: name.clone(),
+        peer_addr: peer_addr.clone(),
+    };
+    match change(node, Membership::AddLearner(info)).await {
+        Ok(()) => {
+            tracing::info!(node = id, %name, %peer_addr, "node joined as a learner");
+            Reply::Joined {
+                node_id: id,
+                node_cert,
+                ca_cert: inner.identity.ca_cert.clone(),
+                ca_key: inner.identity.ca_key.clone(),
+            }
+        }
+        Err(e) => refused(format!("cannot add the node: {e}")),
+    }
+}
+
+/// A node that registered an unspecified listen address (`0.0.0.0:7380`) is given the address
+/// a joining node reached it at, so that the new node can reach it back.
+async fn fix_own_address(inner: &Inner, node: &NodeHandle, local: Option<SocketAddr>) {
+    let Some(local) = local else { return };
+    let published = node.published().load_full();
+    let Some(me) = published.registry.node(inner.id) else {
+        return;
+    };
+    let Ok(current) = me.peer_addr.parse::<SocketAddr>() else {
+        return;
+    };
+    if !current.ip().is_unspecified() {
+        return;
+    }
+    let fixed = NodeInfo {
+        peer_addr: SocketAddr::new(local.ip(), current.port()).to_string(),
+        ..me.clone()
+    };
+    tracing::info!(addr = %fixed.peer_addr, "advertising this node's peer address as seen by a joining node");
+    if let Err(e) = node.propose(Command::UpsertNode(fixed)).await {
+        tracing::warn!(error = %e, "cannot record this node's peer address");
+    }
+}
+
+/// Proposes a membership change, waiting out one already in progress.
+pub(crate) async fn change(
+    node: &NodeHandle,
+    change: Membership,
+) -> Result<(), linkdns_raft::Error> {
+    let deadline = tokio::time::Instant::now() + CHANGE_PATIENCE;
+    loop {
+        match node.change_membership(change.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(linkdns_raft::Error::ConfChangeInProgress)
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! linkdns peers: what makes several nodes one cluster.
+//!
+//! - [`identity`]: cluster id, join secret and CA (made at bootstrap), node certificates (issued
+//!   at join), join tokens, and their file in the data dir.
+//! - [`transport`]: Raft messages between members over mutual TLS.
+//! - control requests (join, remove), served by the leader ([`client`] is their caller side).
+//! - [`maintain`]: the leader's liveness verdicts and voter promotions.
+
+pub mod client;
+mod control;
+pub mod identity;
+pub mod maintain;
+mod tls;
+pub mod transport;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use client::{join, remove, JoinAs};
+pub use identity::{ClusterId, Identity, Token, IDENTITY_FILE};
+pub use maintain::{maintain, MaintainConfig};
+pub use transport::Transport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad join token: {0}")]
+    BadToken(String),
+    #[error("crypto: {0}")]
+    Crypto(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is damaged ({reason}); this node cannot prove its membership. Restore it from a backup, or remove this node from the cluster and join again")]
+    DamagedIdentity { path: PathBuf, reason: String },
+    #[error("cannot listen for peers on {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("refused: {0}")]
+    JoinRefused(String),
+    #[error("peer protocol: {0}")]
+    Protocol(String),
+}

@@ -1,0 +1,102 @@
+//! What the leader keeps doing for the cluster, once a second:
+//! - liveness: a node not heard from for `liveness_timeout` is marked down (its records are
+//!   hidden on every host) and marked up again when it is heard from;
+//! - voters: while there are fewer voters than wanted, the most caught-up live learner is
+//!   promoted (one change at a time).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use linkdns_raft::{Membership, NodeHandle, Role};
+use linkdns_registry::Command;
+use tokio::sync::watch;
+
+use crate::control::change;
+use crate::transport::Transport;
+
+#[derive(Clone, Debug)]
+pub struct MaintainConfig {
+    /// Voters wanted: 1, 3 or 5.
+    pub voters: usize,
+    /// Silence after which a node's records are hidden.
+    pub liveness_timeout: Duration,
+}
+
+/// A learner this far behind the leader's log is not promoted yet.
+const CAUGHT_UP: u64 = 100;
+
+pub async fn maintain(
+    transport: Transport,
+    node: Arc<NodeHandle>,
+    config: MaintainConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let status = node.status();
+        if status.role != Role::Leader {
+            continue;
+        }
+        let silence = |id: u64| -> Duration {
+            transport
+                .last_contact(id)
+                .unwrap_or_else(|| started.elapsed())
+        };
+        // Liveness, as one batch.
+        let published = node.published().load_full();
+        let registry = &published.registry;
+        let mut verdicts = Vec::new();
+        for n in registry.nodes() {
+            let down = n.id != status.id && silence(n.id) > config.liveness_timeout;
+            if down != registry.is_down(n.id) {
+                if down {
+                    tracing::warn!(node = n.id, name = %n.name, timeout = ?config.liveness_timeout, "node stopped reporting; hiding its records");
+                } else {
+                    tracing::info!(node = n.id, name = %n.name, "node reporting again; showing its records");
+                }
+                verdicts.push(Command::SetNodeDown { node: n.id, down });
+            }
+        }
+        if !verdicts.is_empty() {
+            if let Err(e) = node.propose(Command::Batch(verdicts)).await {
+                tracing::warn!(error = %e, "cannot record liveness");
+            }
+        }
+        // Voters.
+        if status.voters.len() < config.voters && !status.conf_change_pending {
+            let candidate = status
+                .learners
+                .iter()
+                .copied()
+                // Heard from, and holding nearly all of the log: a voter that cannot vote
+                // yet would only weaken the quorum.
+                .filter(|&id| {
+                    transport
+                        .last_contact(id)
+                        .is_some_and(|d| d < config.liveness_timeout)
+                })
+                .filter(|id| {
+                    status.matched.get(id).is_some_and(|&m| {
+                        m > 0 && m + CAUGHT_UP >= status.last_index && m >= status.snapshot_index
+                    })
+                })
+                .max_by_key(|id| (status.matched.get(id).copied(), std::cmp::Reverse(*id)));
+            if let Some(id) = candidate {
+                tracing::info!(
+                    node = id,
+                    voters = status.voters.len(),
+                    wanted = config.voters,
+                    "promoting a learner to voter"
+                );
+                if let Err(e) = change(&node, Membership::Promote(id)).await {
+                    tracing::warn!(node = id, error = %e, "promotion failed; will retry");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! The peer transport: Raft messages between members over mutual TLS.
+//!
+//! - Outgoing: one task and one bounded queue per peer. The Raft thread never blocks: a full
+//!   queue drops the message and reports the peer unreachable (Raft resends). Messages are sent
+//!   in batches; a snapshot goes in chunks between batches, so heartbeats never wait behind a
+//!   whole snapshot. Failed connects back off (100 ms doubling to 2 s).
+//! - Incoming: every connection must finish a TLS handshake and open with a `Hello` carrying a
+//!   member certificate of the node it claims to be, or with a control request. Anything else is
+//!   dropped with one log line and never reaches Raft.
+//! - Contact: every frame from a peer refreshes its last-contact time; idle senders ping once a
+//!   second, so every node knows when it last heard from every other one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use linkdns_raft::{NodeHandle, Outbox};
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::control;
+use crate::identity::Identity;
+use crate::tls::MemberTls;
+use crate::wire::{self, Hello, Reassembly, WireError};
+use crate::Error;
+
+/// Messages queued for one peer before new ones are dropped.
+const QUEUE: usize = 4096;
+/// Messages per RAFT frame, at most.
+const BATCH: usize = 256;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// The transport of one member. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: u64,
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) tls: MemberTls,
+    runtime: tokio::runtime::Handle,
+    node: OnceLock<Arc<NodeHandle>>,
+    queues: Mutex<HashMap<u64, PeerQueue>>,
+    contacts: Mutex<HashMap<u64, Instant>>,
+    /// Peer addresses learned from their hellos, for peers the registry does not list yet.
+    learned: Mutex<HashMap<u64, SocketAddr>>,
+    /// This node's own peer address, as announced in hellos.
+    advertised: Mutex<Option<SocketAddr>>,
+    shutdown: watch::Receiver<bool>,
+    /// One membership change at a time from this node's control handler.
+    pub(crate) admission: tokio::sync::Mutex<()>,
+}
+
+struct PeerQueue {
+    tx: mpsc::Sender<Message>,
+    snapshot: Arc<SnapshotSlot>,
+}
+
+/// The latest snapshot message waiting for a peer (a newer one replaces an older one).
+#[derive(Default)]
+struct SnapshotSlot {
+    message: Mutex<Option<Message>>,
+    ready: Notify,
+}
+
+impl Transport {
+    /// Creates the transport of node `identity.node_id`. Call [`Transport::attach`] with the
+    /// Raft node before peers can be reached, and [`Transport::serve`] to accept connections.
+    pub fn new(identity: Identity, shutdown: watch::Receiver<bool>) -> Result<Transport, Error> {
+        let tls = MemberTls::new(&identity)?;
+        Ok(Transport {
+            inner: Arc::new(Inner {
+                id: identity.node_id,
+                identity: Arc::new(identity),
+                tls,
+                runtime: tokio::runtime::Handle::current(),
+                node: OnceLock::new(),
+                queues: Mutex::new(HashMap::new()),
+                contacts: Mutex::new(HashMap::new()),
+                learned: Mutex::new(HashMap::new()),
+                advertised: Mutex::new(None),
+                shutdown,
+                admission: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The outbox to start the Raft node with.
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(PeerOutbox(self.inner.clone()))
+    }
+
+    /// Connects the transport to the Raft node it carries messages for.
+    pub fn attach(&self, node: Arc<NodeHandle>) {
+        let _ = self.inner.node.set(node);
+        let inner = self.inner.clone();
+        self.inner.runtime.spawn(keep_peers(inner));
+    }
+
+    /// The address this node announces to the peers it dials.
+    pub fn set_advertised(&self, addr: SocketAddr) {
+        if let Ok(mut a) = self.inner.advertised.lock() {
+            *a = (!addr.ip().is_unspecified()).then_some(addr);
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// How long ago anything arrived from `peer`.
+    pub fn last_contact(&self, peer: u64) -> Option<Duration> {
+        let contacts = self.inner.contacts.lock().ok()?;
+        contacts.get(&peer).map(|t| t.elapsed())
+    }
+
+    /// Binds `addr` and serves peers until shutdown. Returns the bound address.
+    pub async fn serve(&self, addr: SocketAddr) -> Result<SocketAddr, Error> {
+        let listener = TcpListener::bind(addr).await.map_err(|e| Error::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let local = listener.local_addr().map_err(|e| Error::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let inner = self.inner.clone();
+        self.inner.runtime.spawn(accept_loop(inner, listener));
+        tracing::info!(addr = %local, "peer transport listening");
+        Ok(local)
+    }
+}
+
+impl Inner {
+    pub(crate) fn node(&self) -> Option<&Arc<NodeHandle>> {
+        self.node.get()
+    }
+
+    fn touch(&self, peer: u64) {
+        if let Ok(mut contacts) = self.contacts.lock() {
+            contacts.insert(peer, Instant::now());
+        }
+    }
+
+    /// The queue to `peer`, started on first use.
+    fn queue(self: &Arc<Self>, peer: u64) -> Option<(mpsc::Sender<Message>, Arc<SnapshotSlot>)> {
+        let mut queues = self.queues.lock().ok()?;
+        if let Some(q) = queues.get(&peer) {
+            if !q.tx.is_closed() {
+                return Some((q.tx.clone(), q.snapshot.clone()));
+            }
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let snapshot = Arc::new(SnapshotSlot::default());
+        self.runtime
+            .spawn(send_loop(self.clone(), peer, rx, snapshot.clone()));
+        queues.insert(
+            peer,
+            PeerQueue {
+                tx: tx.clone(),
+                snapshot: snapshot.clone(),
+            },
+        );
+        Some((tx, snapshot))
+    }
+
+    fn report_unreachable(&self, peer: u64) {
+        if let Some(node) = self.node() {
+            node.report_unreachable(peer);
+        }
+    }
+
+    /// The address peers reach `peer` at: from the replicated registry, else as the peer
+    /// announced itself.
+    fn address_of(&self, peer: u64) -> Option<SocketAddr> {
+        let node = self.node()?;
+        let published = node.published().load_full();
+        let registered = published
+            .registry
+            .node(peer)
+            .and_then(|info| info.peer_addr.parse::<SocketAddr>().ok())
+            .filter(|a| !a.ip().is_unspecified());
+        registered.or_else(|| self.learned.lock().ok()?.get(&peer).copied())
+    }
+
+    fn own_address(&self) -> String {
+        let advertised = self.advertised.lock().ok().and_then(|a| *a);
+        let registered = || {
+            let node = self.node()?;
+            let published = node.published().load_full();
+            let addr: SocketAddr = published.registry.node(self.id)?.peer_addr.parse().ok()?;
+            (!addr.ip().is_unspecified()).then_some(addr)
+        };
+        advertised
+            .or_else(registered)
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    }
+
+    fn learn(&self, peer: u64, addr: &str) {
+        if let Ok(addr) = addr.parse::<SocketAddr>() {
+            if !addr.ip().is_unspecified() {
+                if let Ok(mut learned) = self.learned.lock() {
+                    learned.insert(peer, addr);
+                }
+            }
+        }
+    }
+
+    /// Whether `peer`, which holds a certificate of this cluster's CA, may talk to this node:
+    /// yes unless this replica knows it was removed. A node newer than this replica's state
+    /// (a joining node's replica knows nobody yet) is let in: its certificate vouches for it.
+    pub(crate) fn is_member(&self, peer: u64) -> bool {
+        let Some(node) = self.node() else {
+            return false;
+        };
+        node.status().is_member(peer) || !node.published().load().registry.was_removed(peer)
+    }
+}
+
+struct PeerOutbox(Arc<Inner>);
+
+impl Outbox for PeerOutbox {
+    fn send(&self, messages: Vec<Message>) {
+        for m in messages {
+            let to = m.to;
+            if to == self.0.id {
+                continue;
+            }
+            let Some((tx, slot)) = self.0.queue(to) else {
+                continue;
+            };
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                let replaced = slot.message.lock().ok().and_then(|mut s| s.replace(m));
+                if replaced.is_some() {
+                    if let Some(node) = self.0.node() {
+                        node.report_snapshot(to, false);
+                    }
+                }
+                slot.ready.notify_one();
+                continue;
+            }
+            if tx.try_send(m).is_err() {
+                tracing::debug!(peer = to, "peer queue full; message dropped");
+                self.0.report_unreachable(to);
+            }
+        }
+    }
+}
+
+/// Keeps a sender to every node in the registry (so pings flow even when Raft is quiet) and
+/// drops those of nodes that are gone.
+async fn keep_peers(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.clone();
+    let mut every = tokio::time::interval(PING_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let Some(node) = inner.node() else { continue };
+        let published = node.published().load_full();
+        let wanted: Vec<u64> = published
+            .registry
+            .nodes()
+            .map(|n| n.id)
+            .filter(|&id| id != inner.id)
+            .collect();
+        for &id in &wanted {
+            inner.queue(id);
+        }
+        if let Ok(mut queues) = inner.queues.lock() {
+            let status = node.status();
+            queues.retain(|id, _| wanted.contains(id) || status.is_member(*id));
+        }
+    }
+}
+
+type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Sends everything queued for `peer`, reconnecting as needed, until the queue is dropped.
+async fn send_loop(
+    inner: Arc<Inner>,
+    peer: u64,
+    mut rx: mpsc::Receiver<Message>,
+    snapshot: Arc<SnapshotSlot>,
+) {
+    let mut shutdown = inner.shutdown.clone();
+    let mut backoff = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let stream = match connect(&inner, peer).await {
+            Ok(s) => {
+                if warned {
+                    tracing::info!(peer, "peer reachable again");
+                }
+                warned = false;
+                backoff = Duration::from_millis(100);
+                s
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(peer, error = %e, "cannot reach peer; retrying");
+                    warned = true;
+                } else {
+                    tracing::debug!(peer, error = %e, "cannot reach peer");
+                }
+                inner.report_unreachable(peer);
+                fail_snapshot(&inner, peer, &snapshot);
+                // Keep what is queued through a short outage (a forwarded proposal is not
+                // resent by Raft); after that, Raft resends what matters and stale messages
+                // would only slow the catch-up down.
+                if backoff >= Duration::from_secs(2) {
+                    while rx.try_recv().is_ok() {}
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        match session(&inner, peer, stream, &mut rx, &snapshot, &mut shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::debug!(peer, error = %e, "peer stream ended; reconnecting");
+                inner.report_unreachable(peer);
+            }
+        }
+    }
+}
+
+fn fail_snapshot(inner: &Inner, peer: u64, slot: &SnapshotSlot) {
+    let dropped = slot.message.lock().ok().and_then(|mut s| s.take());
+    if dropped.is_some() {
+        if let Some(node) = inner.node() {
+            node.report_snapshot(peer, false);
+        }
+    }
+}
+
+async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
+    let addr = inner
+        .address_of(peer)
+        .ok_or_else(|| format!("no usable peer address for node {peer} in the registry"))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connect to {addr} timed out"))?
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let name = inner.tls.server_name(peer).map_err(|e| e.to_string())?;
+    let connector = TlsConnector::from(inner.tls.client.clone());
+    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| format!("TLS handshake with {addr} timed out"))?
+        .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+    let hello = Hello {
+        version: wire::PROTOCOL_VERSION,
+        cluster: inner.identity.cluster,
+        from: inner.id,
+        to: peer,
+        addr: inner.own_address(),
+    };
+    wire::write_frame(&mut tls, wire::HELLO, &wire::encode(&hello))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls)
+}
+
+/// One connection's life: batches first, then a snapshot chunk, then wait.
+async fn session(
+    inner: &Inner,
+    peer: u64,
+    mut stream: ClientStream,
+    rx: &mut mpsc::Receiver<Message>,
+    slot: &SnapshotSlot,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), WireError> {
+    // A snapshot being streamed: its encoding and how much is sent.
+    let mut streaming: Option<(Vec<u8>, usize)> = None;
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut out = Vec::new();
+    let mut last_write = Instant::now();
+    let result = loop {
+        batch.clear();
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    if batch.is_empty() {
+                        return Ok(());
+                    }
+                    break;
+                }
+            }
+        }
+        out.clear();
+        if !batch.is_empty() {
+            wire::frame(&mut out, wire::RAFT, &wire::encode_messages(&batch));
+        } else if let Some((bytes, sent)) = &mut streaming {
+            let end = (*sent + wire::CHUNK).min(bytes.len());
+            let mut payload = wire::chunk_header(bytes.len() as u64, *sent as u64).to_vec();
+            payload.extend_from_slice(&bytes[*sent..end]);
+            wire::frame(&mut out, wire::CHUNK_KIND, &payload);
+            *sent = end;
+        } else if let Some(m) = slot.message.lock().ok().and_then(|mut s| s.take()) {
+            streaming = Some((m.write_to_bytes().unwrap_or_default(), 0));
+            continue;
+        }
+        if !out.is_empty() {
+            if let Err(e) = write(&mut stream, &out).await {
+                break Err(e);
+            }
+            last_write = Instant::now();
+            if let Some((bytes, sent)) = &streaming {
+                if *sent == bytes.len() {
+                    streaming = None;
+                    if let Some(node) = inner.node() {
+                        node.report_snapshot(peer, true);
+                    }
+                }
+            }
+            continue;
+        }
+        // Nothing to send: wait for messages, a snapshot, the ping time, or shutdown.
+        let ping_in = PING_EVERY.saturating_sub(last_write.elapsed());
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => {
+                    let mut one = Vec::new();
+                    wire::frame(&mut one, wire::RAFT, &wire::encode_messages(&[m]));
+                    // Take whatever else arrived with it in the same frame next time round.
+                    if let Err(e) = write(&mut stream, &one).await {
+                        break Err(e);
+                    }
+                    last_write = Instant::now();
+                }
+                None => return Ok(()),
+            },
+            _ = slot.ready.notified() => {}
+            _ = tokio::time::sleep(ping_in) => {
+                if let Err(e) = write(&mut stream, &[0, 0, 0, 1, wire::PING]).await {
+                    break Err(e);
+                }
+                last_write = Instant::now();
+            }
+            _ = shutdown.changed() => {
+                let _ = stream.shutdown().await;
+                return Ok(());
+            }
+        }
+    };
+    if streaming.is_some() {
+        if let Some(node) = inner.node() {
+            node.report_snapshot(peer, false);
+        }
+    }
+    result
+}
+
+async fn write(stream: &mut ClientStream, bytes: &[u8]) -> Result<(), WireError> {
+    let io = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, io).await {
+        Ok(r) => r.map_err(WireError::from),
+        Err(_) => Err(WireError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "write timed out",
+        ))),
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    let mut shutdown = inner.shutdown.clone();
+    let acceptor = TlsAcceptor::from(inner.tls.server.clone());
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let inner = inner.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = serve_connection(&inner, acceptor, tcp, remote).await {
+                tracing::warn!(peer = %remote, %reason, "peer connection refused");
+            }
+        });
+    }
+}
+
+/// One accepted connection. An `Err` is a refusal (logged once by the caller); the end of a
+/// healthy stream is `Ok`.
+async fn serve_connection(
+    inner: &Arc<Inner>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+) -> Result<(), String> {
+    let local = tcp.local_addr().ok();
+    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let (kind, payload) = tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls))
+        .await
+        .map_err(|_| "no hello within the handshake timeout".to_string())?
+        .map_err(|e| format!("bad first frame: {e}"))?;
+    let certs: Vec<_> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    match kind {
+        wire::HELLO => {
+            let hello: Hello = wire::decode("hello", &payload).map_err(|e| e.to_string())?;
+            if hello.version != wire::PROTOCOL_VERSION {
+                return Err(format!(
+                    "protocol version {} (this node speaks {})",
+                    hello.version,
+                    wire::PROTOCOL_VERSION
+                ));
+            }
+            if hello.cluster != inner.identity.cluster || hello.to != inner.id {
+                return Err(format!(
+                    "hello for cluster {} node {}, this is cluster {} node {}",
+                    hello.cluster, hello.to, inner.identity.cluster, inner.id
+                ));
+            }
+            if !inner.tls.is_node(&certs, hello.from) {
+                return Err(format!("no member certificate for node {}", hello.from));
+            }
+            if !inner.is_member(hello.from) {
+                return Err(format!("node {} was removed from this cluster", hello.from));
+            }
+            inner.learn(hello.from, &hello.addr);
+            receive(inner, hello.from, tls).await
+        }
+        wire::REQUEST => {
+            let request: wire::Request =
+                wire::decode("request", &payload).map_err(|e| e.to_string())?;
+            let reply = control::handle(inner, request, &certs, local, remote).await;
+            let refused = match &reply {
+                wire::Reply::Refused { reason } => Some(reason.clone()),
+                _ => None,
+            };
+            wire::write_frame(&mut tls, wire::REPLY, &wire::encode(&reply))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tls.shutdown().await;
+            match refused {
+                Some(reason) => Err(format!("request refused: {reason}")),
+                None => Ok(()),
+            }
+        }
+        other => Err(format!("unexpected first frame of kind {other}")),
+    }
+}
+
+/// Reads a member's Raft stream into the node.
+async fn receive(
+    inner: &Arc<Inner>,
+    from: u64,
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+) -> Result<(), String> {
+    let mut shutdown = inner.shutdown.clone();
+    let mut reassembly = Reassembly::default();
+    inner.touch(from);
+    loop {
+        let frame = tokio::select! {
+            f = wire::read_frame(&mut tls) => f,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let (kind, payload) = match frame {
+            Ok(f) => f,
+            Err(WireError::Closed) => return Ok(()),
+            Err(e) => return Err(format!("stream from node {from}: {e}")),
+        };
+        inner.touch(from);
+        let messages = match kind {
+            wire::RAFT => wire::decode_messages(&payload).map_err(|e| e.to_string())?,
+            wire::CHUNK_KIND => match reassembly.add(&payload).map_err(|e| e.to_string())? {
+                Some(m) => vec![m],
+                None => continue,
+            },
+            wire::PING => continue,
+            other => return Err(format!("unexpected frame kind {other} from node {from}")),
+        };
+        let Some(node) = inner.node() else { continue };
+        for m in messages {
+            if m.from != from || m.to != inner.id {
+                return Err(format!(
+                    "node {from} sent a message from {} to {}",
+                    m.from, m.to
+                ));
+            }
+            if node.step(m).is_err() {
+                return Ok(()); // the node is stopping
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The peer protocol, inside TLS: length-prefixed frames.
+//!
+//! ```text
+//! frame   = length:u32be kind:u8 payload      (length counts kind + payload; at most 16 MiB)
+//! HELLO   = postcard Hello                    first frame of a Raft stream (member cert needed)
+//! RAFT    = count:u32be (len:u32be protobuf eraftpb.Message)*
+//! CHUNK   = total:u64be offset:u64be bytes     a piece of one snapshot message (protobuf)
+//! PING    = (empty)                           keeps the contact time fresh when idle
+//! REQUEST = postcard Request                  first frame of a control connection
+//! REPLY   = postcard Reply                    its answer; then the connection closes
+//! ```
+//!
+//! A Raft stream is one-way: the dialer sends, the acceptor steps what it reads into Raft.
+
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::identity::ClusterId;
+
+/// Version of the peer protocol, in `Hello` and `Request::Join`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame accepted.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// Largest snapshot accepted in chunks.
+pub const MAX_SNAPSHOT: u64 = 4 * 1024 * 1024 * 1024;
+
+/// Size of one snapshot chunk: heartbeats queued behind it wait for at most one chunk.
+pub const CHUNK: usize = 256 * 1024;
+
+pub const HELLO: u8 = 1;
+pub const RAFT: u8 = 2;
+pub const CHUNK_KIND: u8 = 3;
+pub const PING: u8 = 4;
+pub const REQUEST: u8 = 5;
+pub const REPLY: u8 = 6;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub cluster: ClusterId,
+    pub from: u64,
+    pub to: u64,
+    /// Where the sender takes peer connections (empty if it does not know): lets a node that
+    /// has no registry yet (it is joining) answer the leader.
+    pub addr: String,
+}
+
+/// A control request: one per connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Admit the sender as a new node (no client certificate needed).
+    Join {
+        version: u32,
+        cluster: ClusterId,
+        secret: [u8; 32],
+        name: String,
+        /// Where peers reach the new node.
+        peer_addr: String,
+        /// The new node's P-256 public key (raw point); its certificate is issued for it.
+        public_key: Vec<u8>,
+    },
+    /// Take a node out of the cluster, by name or id (member certificate needed).
+    Remove { node: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Joined {
+        node_id: u64,
+        node_cert: Vec<u8>,
+        ca_cert: Vec<u8>,
+        ca_key: Vec<u8>,
+    },
+    Removed {
+        node_id: u64,
+    },
+    /// Ask the leader instead.
+    Redirect {
+        leader: String,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes is too large or empty")]
+    BadLength(usize),
+    #[error("malformed {what}: {reason}")]
+    Malformed { what: &'static str, reason: String },
+}
+
+fn malformed(what: &'static str) -> impl Fn(String) -> WireError {
+    move |reason| WireError::Malformed { what, reason }
+}
+
+/// Reads one frame: (kind, payload).
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>), WireError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(WireError::BadLength(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    let kind = body.remove(0);
+    Ok((kind, body))
+}
+
+/// Appends one frame to `out`.
+pub fn frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+    out.extend_from_slice(&((payload.len() + 1) as u32).to_be_bytes());
+    out.push(kind);
+    out.extend_from_slice(payload);
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: u8,
+    payload: &[u8],
+) -> Result<(), WireError> {
+    let mut out = Vec::with_capacity(payload.len() + 5);
+    frame(&mut out, kind, payload);
+    w.write_all(&out).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain data into a Vec: postcard fails only on writer exhaustion.
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(what: &'static str, bytes: &'a [u8]) -> Result<T, WireError> {
+    postcard::from_bytes(bytes).map_err(|e| malformed(what)(e.to_string()))
+}
+
+/// Encodes Raft messages for one RAFT frame.
+pub fn encode_messages(messages: &[Message]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(messages.len() as u32).to_be_bytes());
+    for m in messages {
+        let bytes = m.write_to_bytes().unwrap_or_default();
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+pub fn decode_messages(mut payload: &[u8]) -> Result<Vec<Message>, WireError> {
+    let bad = malformed("raft frame");
+    let take = |n: usize, p: &mut &[u8]| -> Result<Vec<u8>, WireError> {
+        if p.len() < n {
+            return Err(bad("truncated".into()));
+        }
+        let (head, rest) = p.split_at(n);
+        *p = rest;
+        Ok(head.to_vec())
+    };
+    let count = u32::from_be_bytes(take(4, &mut payload)?.try_into().unwrap_or([0; 4]));
+    let mut out = Vec::with_capacity((count as usize).min(4096));
+    for _ in 0..count {
+        let len = u32::from_be_bytes(take(4, &mut payload)?.try_into().unwrap_or([0; 4]));
+        let bytes = take(len as usize, &mut payload)?;
+        let m = Message::parse_from_bytes(&bytes)
+            .map_err(|e| malformed("raft message")(e.to_string()))?;
+        out.push(m);
+    }
+    if !payload.is_empty() {
+        return Err(malformed("raft frame")("trailing bytes".into()));
+    }
+    Ok(out)
+}
+
+/// The header of a CHUNK frame.
+pub fn chunk_header(total: u64, offset: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&total.to_be_bytes());
+    h[8..].copy_from_slice(&offset.to_be_bytes());
+    h
+}
+
+pub fn parse_chunk(payload: &[u8]) -> Result<(u64, u64, &[u8]), WireError> {
+    if payload.len() < 16 {
+        return Err(malformed("snapshot chunk")("truncated header".into()));
+    }
+    let total = u64::from_be_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+    let offset = u64::from_be_bytes(payload[8..16].try_into().unwrap_or([0; 8]));
+    Ok((total, offset, &payload[16..]))
+}
+
+/// Reassembles one snapshot message from its chunks, in order.
+#[derive(Default)]
+pub struct Reassembly {
+    total: u64,
+    buf: Vec<u8>,
+}
+
+impl Reassembly {
+    /// Adds a chunk; returns the whole message when the last one arrives.
+    pub fn add(&mut self, payload: &[u8]) -> Result<Option<Message>, WireError> {
+        let bad = malformed("snapshot chunk");
+        let (total, offset, bytes) = parse_chunk(payload)?;
+        if total > MAX_SNAPSHOT {
+            return Err(bad(format!("snapshot of {total} bytes is too large")));
+        }
+        if offset == 0 {
+            self.total = total;
+            self.buf.clear();
+        } else if total != self.total || offset != self.buf.len() as u64 {
+            return Err(bad(format!(
+                "chunk at {offset} of {total} does not follow {} of {}",
+                self.buf.len(),
+                self.total
+            )));
+        }
+        if self.buf.len() as u64 + bytes.len() as u64 > total {
+            return Err(bad("chunk runs past the end".into()));
+        }
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() as u64 == total {
+            let m = Message::parse_from_bytes(&self.buf)
+                .map_err(|e| malformed("snapshot message")(e.to_string()))?;
+            self.buf = Vec::new();
+            return Ok(Some(m));
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,316 @@
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use linkdns_cluster::{
+    join, maintain, remove, Error, Identity, JoinAs, MaintainConfig, Token, Transport,
+};
+use linkdns_raft::{NodeConfig, NodeHandle, Role, SledStore};
+use linkdns_registry::{Command, Container, ContainerId, NodeInfo, Resolution};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+struct TestNode {
+    id: u64,
+    node: Arc<NodeHandle>,
+    transport: Transport,
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let _ = self.node.shutdown();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+async fn start(identity: Identity, bootstrap: bool, name: &str, port: u16) -> TestNode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (stop, stopped) = watch::channel(false);
+    let id = identity.node_id;
+    let transport = Transport::new(identity, stopped.clone()).expect("transport");
+    let config = NodeConfig {
+        bootstrap,
+        tick: Duration::from_millis(20),
+        ..NodeConfig::new(id)
+    };
+    let store = SledStore::open(dir.path()).expect("store");
+    let node = Arc::new(linkdns_raft::start(config, store, transport.outbox()).expect("start"));
+    transport.attach(node.clone());
+    let addr = transport
+        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .expect("serve");
+    transport.set_advertised(addr);
+    if bootstrap {
+        wait("bootstrap leader", || node.status().role == Role::Leader).await;
+        node.propose(Command::UpsertNode(NodeInfo {
+            id,
+            name: name.into(),
+            peer_addr: addr.to_string(),
+        }))
+        .await
+        .expect("register");
+    }
+    tokio::spawn(maintain(
+        transport.clone(),
+        node.clone(),
+        MaintainConfig {
+            voters: 3,
+            liveness_timeout: Duration::from_secs(2),
+        },
+        stopped,
+    ));
+    TestNode {
+        id,
+        node,
+        transport,
+        addr,
+        stop,
+        _dir: dir,
+    }
+}
+
+async fn join_node(via: &TestNode, token: &Token, name: &str) -> TestNode {
+    let port = free_port();
+    let identity = join(
+        &via.addr.to_string(),
+        token,
+        &JoinAs {
+            name: name.into(),
+            advertise: None,
+            listen_port: port,
+        },
+    )
+    .await
+    .expect("join");
+    start(identity, false, name, port).await
+}
+
+async fn wait(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn container(node: u64, name: &str, ip: &str) -> Command {
+    Command::UpsertContainer(Container {
+        id: ContainerId::new(format!("{node}-{name}")),
+        name: name.into(),
+        node,
+        ips: vec![ip.parse().expect("ip")],
+        aliases: BTreeSet::new(),
+        links: BTreeSet::new(),
+        ports: BTreeSet::new(),
+    })
+}
+
+/// Proposes as `linkdns run` does: a proposal whose outcome is unknown (forwarded and lost, or
+/// overtaken by a snapshot) is retried; commands are idempotent.
+async fn propose(node: &NodeHandle, command: Command) {
+    for _ in 0..5 {
+        match node.propose(command.clone()).await {
+            Ok(_) => return,
+            Err(e @ linkdns_raft::Error::Registry(_)) => panic!("rejected: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("proposal kept failing");
+}
+
+fn resolves(node: &TestNode, name: &str) -> bool {
+    matches!(
+        node.node.published().load().registry.resolve(name, None, None),
+        Resolution::Found(ips) if !ips.is_empty()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let token = first.transport.identity().token();
+    let second = join_node(&first, &token, "h2").await;
+    let third = join_node(&first, &token, "h3").await;
+    assert_eq!((second.id, third.id), (2, 3));
+
+    // Writes from any node reach every node.
+    for n in [&first, &second, &third] {
+        wait("a leader is known", || n.node.status().leader == Some(1)).await;
+        let ip = format!("10.0.{}.2", n.id);
+        propose(&n.node, container(n.id, &format!("web{}", n.id), &ip)).await;
+    }
+    for n in [&first, &second, &third] {
+        wait("replication", || {
+            resolves(n, "web1") && resolves(n, "web2") && resolves(n, "web3")
+        })
+        .await;
+    }
+    // The leader promotes caught-up learners until there are three voters.
+    wait("three voters", || {
+        first.node.status().voters == vec![1, 2, 3]
+    })
+    .await;
+
+    // A fourth host joins through a follower (redirected to the leader) and stays a learner.
+    let fourth = join_node(&second, &token, "h4").await;
+    wait("learner caught up", || resolves(&fourth, "web3")).await;
+    let status = first.node.status();
+    assert_eq!(status.learners, vec![4]);
+    assert_eq!(fourth.node.status().role, Role::Learner);
+
+    // Every node hears from every other one.
+    wait("contacts", || {
+        [1, 2, 3].iter().all(|&p| {
+            fourth
+                .transport
+                .last_contact(p)
+                .is_some_and(|d| d < Duration::from_secs(2))
+        })
+    })
+    .await;
+
+    // Removing a voter promotes the learner.
+    let identity = third.transport.identity().clone();
+    let removed = remove(&third.addr.to_string(), &identity, "h2")
+        .await
+        .expect("remove");
+    assert_eq!(removed, 2);
+    wait("h4 promoted", || {
+        let s = first.node.status();
+        s.voters == vec![1, 3, 4] && s.learners.is_empty()
+    })
+    .await;
+    wait("h2 detached", || {
+        second.node.status().role == Role::Detached
+    })
+    .await;
+    assert!(first
+        .node
+        .published()
+        .load()
+        .registry
+        .node_by_name("h2")
+        .is_none());
+    assert!(
+        !resolves(&fourth, "web2"),
+        "a removed node's records go with it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_and_names_are_refused_and_nothing_is_admitted() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let good = first.transport.identity().token();
+    let me = |name: &str| JoinAs {
+        name: name.into(),
+        advertise: Some("127.0.0.1:1".parse().expect("addr")),
+        listen_port: 1,
+    };
+    let peer = first.addr.to_string();
+
+    // Right cluster, wrong secret.
+    let mut wrong_secret = good.clone();
+    wrong_secret.secret.0[0] ^= 1;
+    let e = join(&peer, &wrong_secret, &me("x"))
+        .await
+        .expect_err("wrong secret");
+    assert!(
+        matches!(&e, Error::JoinRefused(r) if r.contains("secret")),
+        "{e}"
+    );
+
+    // A token of another cluster: its CA does not match, the TLS handshake fails.
+    let other = Identity::bootstrap(1).expect("other").token();
+    let e = join(&peer, &other, &me("x"))
+        .await
+        .expect_err("other cluster");
+    assert!(
+        e.to_string().contains("member of the token's cluster"),
+        "{e}"
+    );
+
+    // A name in use.
+    let e = join(&peer, &good, &me("H1")).await.expect_err("name taken");
+    assert!(e.to_string().contains("already used"), "{e}");
+
+    // Nobody listening.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let e = join(&dead, &good, &me("x")).await.expect_err("unreachable");
+    assert!(matches!(e, Error::Unreachable { .. }), "{e}");
+
+    let status = first.node.status();
+    assert_eq!((status.voters, status.learners), (vec![1], vec![]));
+    assert_eq!(first.node.published().load().registry.nodes().count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_impostors_never_reach_raft() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let applied = first.node.status().applied_index;
+
+    // Plain bytes instead of TLS.
+    let mut tcp = tokio::net::TcpStream::connect(first.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(6), tcp.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert!(n < 64, "no conversation with garbage");
+
+    // Half a TLS hello, then silence: dropped after the handshake timeout, not kept forever.
+    let mut tcp = tokio::net::TcpStream::connect(first.addr)
+        .await
+        .expect("connect");
+    tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .expect("write");
+
+    // A member of another cluster, with a valid certificate of its own CA, claiming to be a
+    // member: its handshake fails against this cluster's CA.
+    let impostor = start(Identity::bootstrap(2).expect("identity"), true, "imp", 0).await;
+    impostor
+        .node
+        .propose(Command::UpsertNode(NodeInfo {
+            id: 1,
+            name: "h1".into(),
+            peer_addr: first.addr.to_string(),
+        }))
+        .await
+        .expect("impostor's own registry");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The node kept serving and no foreign entry arrived.
+    let status = first.node.status();
+    assert_eq!(status.role, Role::Leader);
+    assert_eq!(status.voters, vec![1]);
+    assert!(first.node.published().load().registry.node(2).is_none());
+    assert!(status.applied_index >= applied);
+    first
+        .node
+        .propose(container(1, "still", "10.0.0.9"))
+        .await
+        .expect("still writable");
+}
