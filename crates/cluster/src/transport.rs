@@ -599,6 +599,11 @@ async fn receive(
         let (kind, payload) = match frame {
             Ok(f) => f,
             Err(WireError::Closed) => return Ok(()),
+            Err(WireError::Io(e)) => {
+                // The peer went away (restart, crash): its sender reconnects.
+                tracing::debug!(peer = from, error = %e, "peer stream ended");
+                return Ok(());
+            }
             Err(e) => return Err(format!("stream from node {from}: {e}")),
         };
         inner.touch(from);

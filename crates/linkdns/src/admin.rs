@@ -9,6 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use linkdns_cluster::Transport;
 use linkdns_dns::DnsMetrics;
 use linkdns_raft::NodeHandle;
 use prometheus_client::metrics::counter::Counter;
@@ -30,6 +31,7 @@ pub struct NodeMetrics {
 /// `/status` and `linkdns status --json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Status {
+    pub cluster: String,
     pub node: String,
     pub node_id: u64,
     pub leader: Option<String>,
@@ -52,7 +54,10 @@ pub struct Member {
     pub peer_addr: String,
     /// `voter` or `learner`.
     pub role: String,
+    /// The cluster's verdict (the leader's): `false` while the host's records are hidden.
     pub alive: bool,
+    /// Milliseconds since this node last heard from the member (`None`: never, or itself).
+    pub last_contact_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -63,6 +68,7 @@ pub struct DockerStatus {
 
 pub struct AdminState {
     node: Arc<NodeHandle>,
+    transport: Transport,
     node_name: String,
     dns_listen: Mutex<Vec<SocketAddr>>,
     docker: Mutex<DockerStatus>,
@@ -73,6 +79,7 @@ pub struct AdminState {
 impl AdminState {
     pub fn new(
         node: Arc<NodeHandle>,
+        transport: Transport,
         node_name: String,
         dns_listen: Vec<SocketAddr>,
         dns: DnsMetrics,
@@ -112,6 +119,7 @@ impl AdminState {
         );
         AdminState {
             node,
+            transport,
             node_name,
             dns_listen: Mutex::new(dns_listen),
             docker: Mutex::new(DockerStatus::default()),
@@ -150,12 +158,20 @@ impl AdminState {
                     .map(|n| n.peer_addr.clone())
                     .unwrap_or_default(),
                 role: role.to_string(),
-                // Liveness of other hosts comes with the cluster transport; this node is alive.
-                alive: id == raft.id && raft.role != linkdns_raft::Role::Stopped,
+                alive: if id == raft.id {
+                    raft.role != linkdns_raft::Role::Stopped
+                } else {
+                    !registry.is_down(id)
+                },
+                last_contact_ms: (id != raft.id)
+                    .then(|| self.transport.last_contact(id))
+                    .flatten()
+                    .map(|d| d.as_millis() as u64),
             })
             .collect();
         members.sort_by_key(|m| m.id);
         Status {
+            cluster: self.transport.identity().cluster.to_string(),
             node: self.node_name.clone(),
             node_id: raft.id,
             leader: raft.leader.and_then(name_of),

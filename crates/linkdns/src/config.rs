@@ -18,6 +18,7 @@ pub struct FileConfig {
     pub node_name: Option<String>,
     pub dns_listen: Option<Vec<SocketAddr>>,
     pub peer_listen: Option<SocketAddr>,
+    pub advertise_addr: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub docker: Option<String>,
     pub domain: Option<String>,
@@ -26,6 +27,8 @@ pub struct FileConfig {
     pub allowed_clients: Option<Vec<String>>,
     pub bridge_network: Option<String>,
     pub snapshot_every: Option<u64>,
+    pub voters: Option<usize>,
+    pub liveness_timeout_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -55,6 +58,10 @@ pub struct RunArgs {
     /// Raft peer transport address.
     #[arg(long, env = "LINKDNS_PEER_LISTEN")]
     pub peer_listen: Option<SocketAddr>,
+    /// The address other hosts reach this node's peer transport at; default: the listen
+    /// address, or if that is 0.0.0.0, the address the cluster sees this host connect from.
+    #[arg(long, env = "LINKDNS_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<SocketAddr>,
     /// Admin HTTP address (/status, /metrics); keep it on loopback.
     #[arg(long, env = "LINKDNS_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
@@ -79,6 +86,12 @@ pub struct RunArgs {
     /// Applied log entries between registry snapshots.
     #[arg(long, env = "LINKDNS_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
+    /// Voters the cluster keeps (1, 3 or 5); later hosts are learners. Read by the leader.
+    #[arg(long, env = "LINKDNS_VOTERS")]
+    pub voters: Option<usize>,
+    /// Seconds of silence after which a host's records are hidden from answers.
+    #[arg(long = "liveness-timeout", env = "LINKDNS_LIVENESS_TIMEOUT")]
+    pub liveness_timeout_secs: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -92,6 +105,7 @@ pub struct Config {
     /// Listen addresses; `None` means the defaults (loopback, plus the Docker bridge gateway).
     pub dns_listen: Option<Vec<SocketAddr>>,
     pub peer_listen: SocketAddr,
+    pub advertise_addr: Option<SocketAddr>,
     pub admin_listen: SocketAddr,
     pub docker: String,
     pub domain: String,
@@ -100,6 +114,8 @@ pub struct Config {
     pub allowed_clients: Vec<Subnet>,
     pub bridge_network: String,
     pub snapshot_every: u64,
+    pub voters: usize,
+    pub liveness_timeout: Duration,
     pub log_format: LogFormat,
     pub proposal_timeout: Duration,
 }
@@ -152,6 +168,17 @@ impl Config {
         if args.snapshot_every.or(file.snapshot_every) == Some(0) {
             bail!("snapshot_every: must be at least 1 (applied entries between snapshots)");
         }
+        let voters = args.voters.or(file.voters).unwrap_or(3);
+        if ![1, 3, 5].contains(&voters) {
+            bail!("voters: {voters}; use 1, 3 or 5 (an odd number keeps a majority after one or two losses)");
+        }
+        let liveness = args
+            .liveness_timeout_secs
+            .or(file.liveness_timeout_secs)
+            .unwrap_or(15);
+        if liveness < 2 {
+            bail!("liveness_timeout_secs: {liveness}; use at least 2 (peers ping once a second)");
+        }
         let ttl = args.ttl.or(file.ttl).unwrap_or(5);
         if ttl == 0 {
             bail!("ttl: 0 would disable caching in every client; use at least 1 (seconds)");
@@ -190,6 +217,7 @@ impl Config {
                 Some(a) => a,
                 None => parse(DEFAULT_PEER_LISTEN)?,
             },
+            advertise_addr: args.advertise_addr.or(file.advertise_addr),
             admin_listen: match args.admin_listen.or(file.admin_listen) {
                 Some(a) => a,
                 None => parse(DEFAULT_ADMIN_LISTEN)?,
@@ -212,6 +240,8 @@ impl Config {
                 .snapshot_every
                 .or(file.snapshot_every)
                 .unwrap_or(10_000),
+            voters,
+            liveness_timeout: Duration::from_secs(liveness),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             proposal_timeout: Duration::from_secs(5),
         })

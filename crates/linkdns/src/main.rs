@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod members;
 mod run;
 mod status;
 
@@ -35,6 +36,16 @@ struct RunOnly {
 enum Cmd {
     /// Run a node: watch Docker, replicate records through Raft, serve DNS.
     Run(Box<RunArgs>),
+    /// Join an existing cluster through any member, then run (later starts: `linkdns run`).
+    Join {
+        /// Peer address of any member (ip:port, its --peer-listen / --advertise-addr).
+        peer: String,
+        /// The token `linkdns token` prints on a member.
+        #[arg(long, env = "LINKDNS_TOKEN")]
+        token: String,
+        #[command(flatten)]
+        args: Box<RunArgs>,
+    },
     /// Show the cluster as the running node on this data dir sees it.
     Status {
         #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
@@ -42,6 +53,23 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the token other hosts join this cluster with (one line; keep it secret).
+    Token {
+        #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Take a host out of the cluster (by node name or id); asks the running node on this
+    /// data dir, which asks the leader.
+    Remove {
+        node: String,
+        #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Take this host out of the cluster; its running node stops and moves its state aside.
+    Leave {
+        #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
     },
 }
 
@@ -52,8 +80,20 @@ fn main() -> ExitCode {
         .command
         .unwrap_or_else(|| Cmd::Run(Box::new(RunOnly::parse_from(["linkdns"]).args)));
     let result = match command {
-        Cmd::Run(args) => run_node(*args),
+        Cmd::Run(args) => run_node(*args, None),
+        Cmd::Join { peer, token, args } => run_node(*args, Some((peer, token))),
         Cmd::Status { data_dir, json } => status::print(&data_dir, json),
+        Cmd::Token { data_dir } => members::token(&data_dir),
+        Cmd::Remove { node, data_dir } => client(async move {
+            let id = members::remove(&data_dir, &node).await?;
+            say(&format!("removed node {id} ({node}) from the cluster\n"))
+        }),
+        Cmd::Leave { data_dir } => client(async move {
+            let id = members::leave(&data_dir).await?;
+            say(&format!(
+                "node {id} left the cluster; its running node stops and moves its state aside\n"
+            ))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,14 +104,30 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_node(args: RunArgs) -> anyhow::Result<()> {
+fn run_node(args: RunArgs, join: Option<(String, String)>) -> anyhow::Result<()> {
     let config = config::Config::resolve(&args)?;
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run::run(config))
+    match join {
+        None => runtime.block_on(run::run(config)),
+        Some((peer, token)) => runtime.block_on(members::join(config, &peer, &token)),
+    }
+}
+
+/// Runs a short client command.
+fn client(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn say(text: &str) -> anyhow::Result<()> {
+    std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,5 +1,6 @@
-//! `linkdns run`: opens the data dir, starts the Raft node, the DNS front end, the Docker watcher
-//! and the admin endpoint, and feeds the watcher's commands into Raft until told to stop.
+//! `linkdns run`: opens the data dir, starts the Raft node and its peer transport, the DNS front
+//! end, the Docker watcher and the admin endpoint, and feeds the watcher's commands into Raft
+//! until told to stop (or until this node is removed from the cluster).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -7,42 +8,67 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use linkdns_cluster::{Identity, MaintainConfig, Transport, IDENTITY_FILE};
 use linkdns_dns::{
     upstreams_from_resolv_conf, Acl, Answerer, DnsMetrics, DnsServer, Forwarder, Zone,
 };
 use linkdns_docker::{Report, WatcherConfig};
-use linkdns_raft::{NodeConfig, NodeHandle, SledStore};
-use linkdns_registry::{Command, NodeId, NodeInfo};
+use linkdns_raft::{NodeConfig, NodeHandle, Role, SledStore};
+use linkdns_registry::{Command, NodeInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
 
-/// The bootstrap node's Raft id; joined nodes get theirs from the cluster.
-const BOOTSTRAP_ID: NodeId = 1;
-
 /// Name of the file in the data dir that holds the admin address, for `linkdns status`.
 pub const ADMIN_ADDR_FILE: &str = "admin.addr";
+
+/// The Raft id of the node that bootstraps a cluster; joining nodes get higher ones.
+const BOOTSTRAP_ID: u64 = 1;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let store = SledStore::open(&config.data_dir)?;
-    let node_id = BOOTSTRAP_ID;
+    let identity = identity(&config.data_dir, &store)?;
+    let node_id = identity.node_id;
+    let cluster = identity.cluster;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let transport = Transport::new(identity, shutdown_rx.clone())?;
     let node = linkdns_raft::start(
         NodeConfig {
+            // Only the first node of a cluster bootstraps; a joined node waits for the leader.
+            bootstrap: node_id == BOOTSTRAP_ID,
             snapshot_every: config.snapshot_every,
             proposal_timeout: config.proposal_timeout,
             ..NodeConfig::new(node_id)
         },
         store,
-        Arc::new(linkdns_raft::NoPeers),
+        transport.outbox(),
     )?;
     let node = Arc::new(node);
-    tracing::info!(node = %config.node_name, id = node_id, data_dir = %config.data_dir.display(), "raft node started");
+    transport.attach(node.clone());
+    let peer_addr = transport.serve(config.peer_listen).await?;
+    let advertised = config.advertise_addr.unwrap_or(peer_addr);
+    transport.set_advertised(advertised);
+    tracing::info!(node = %config.node_name, id = node_id, %cluster, peer = %advertised, data_dir = %config.data_dir.display(), "raft node started");
 
-    register_self(&node, &config, node_id).await?;
+    tokio::spawn(register_self(
+        node.clone(),
+        config.node_name.clone(),
+        advertised,
+    ));
+    tokio::spawn(linkdns_cluster::maintain(
+        transport.clone(),
+        node.clone(),
+        MaintainConfig {
+            voters: config.voters,
+            liveness_timeout: config.liveness_timeout,
+        },
+        shutdown_rx.clone(),
+    ));
 
     let upstreams = if config.upstreams.is_empty() {
         match upstreams_from_resolv_conf(Path::new("/etc/resolv.conf")) {
@@ -90,6 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node_metrics = NodeMetrics::default();
     let admin_state = Arc::new(AdminState::new(
         node.clone(),
+        transport.clone(),
         config.node_name.clone(),
         dns_addrs.clone(),
         dns_metrics,
@@ -98,23 +125,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_addr = admin::serve(config.admin_listen, admin_state.clone()).await?;
     write_admin_addr(&config.data_dir, admin_addr)?;
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let resync = Arc::new(Notify::new());
     let (reports_tx, mut reports) = mpsc::channel(1024);
-    let watcher = tokio::spawn(linkdns_docker::watch(
-        WatcherConfig {
-            uri: config.docker.clone(),
-            node: node_id,
-            bridge_network: config.bridge_network.clone(),
-            max_backoff: Duration::from_secs(5),
-            resync_every: Duration::from_secs(300),
-        },
-        reports_tx,
-        resync.clone(),
-        shutdown_rx,
-    ));
+    let watcher_config = WatcherConfig {
+        uri: config.docker.clone(),
+        node: node_id,
+        bridge_network: config.bridge_network.clone(),
+        max_backoff: Duration::from_secs(5),
+        resync_every: Duration::from_secs(300),
+    };
+    let watcher = {
+        let (node, resync, mut shutdown) = (node.clone(), resync.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            // Containers are refused for a node the registry does not know yet.
+            while node.published().load().registry.node(node_id).is_none() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            linkdns_docker::watch(watcher_config, reports_tx, resync, shutdown).await;
+        })
+    };
 
     let mut stop_check = tokio::time::interval(Duration::from_millis(500));
+    let mut was_member = false;
+    let mut was_down = false;
+    let mut removed = false;
     // Created once, so a signal that arrives while a proposal is under way is not lost.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -166,6 +203,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 if node.is_stopped() {
                     break Err(anyhow::anyhow!("the raft node stopped; see the log above"));
                 }
+                let status = node.status();
+                if status.is_member(node_id) {
+                    was_member = true;
+                } else if was_member && status.role == Role::Detached {
+                    tracing::warn!("this node was removed from the cluster; stopping");
+                    removed = true;
+                    break Ok(());
+                }
+                // Hidden by the leader while it could not hear us: once shown again, restate
+                // everything, in case events were lost meanwhile.
+                let down = node.published().load().registry.is_down(node_id);
+                if was_down && !down {
+                    tracing::info!("this node is reporting again; resyncing with Docker");
+                    resync.notify_one();
+                }
+                was_down = down;
             }
             _ = interrupt.recv() => break Ok(()),
             _ = terminate.recv() => break Ok(()),
@@ -180,6 +233,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(config.data_dir.join(ADMIN_ADDR_FILE));
     // Flushes and joins the Raft thread; an error that stopped it is reported.
     let stopped = node.shutdown();
+    if removed && stopped.is_ok() {
+        drop(node);
+        retire(&config.data_dir)?;
+    }
     match (exit, stopped) {
         // The Raft thread's own error says why better than "the node stopped".
         (_, Err(e)) => Err(e.into()),
@@ -187,27 +244,77 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Adds this node to the registry (or updates its name), waiting for the node to lead.
-async fn register_self(node: &NodeHandle, config: &Config, id: NodeId) -> anyhow::Result<()> {
-    let info = NodeInfo {
-        id,
-        name: config.node_name.clone(),
-        peer_addr: config.peer_listen.to_string(),
-    };
-    for attempt in 0..20 {
-        match node.propose(Command::UpsertNode(info.clone())).await {
-            Ok(_) => return Ok(()),
+/// This node's cluster identity: from `DIR/cluster.json`, or a new cluster's if the data dir is
+/// new (or holds a one-node store from before clusters).
+fn identity(data_dir: &Path, store: &SledStore) -> anyhow::Result<Identity> {
+    if let Some(identity) = Identity::load(data_dir)? {
+        return Ok(identity);
+    }
+    let single = store.stored_voters() == [BOOTSTRAP_ID];
+    if !store.is_fresh() && !single {
+        bail!(
+            "data dir {} holds a cluster member's log but no {IDENTITY_FILE}, so this node cannot prove its membership; restore the file, or run `linkdns remove` for this node on a member and join again with an empty data dir",
+            data_dir.display()
+        );
+    }
+    let identity = Identity::bootstrap(BOOTSTRAP_ID)?;
+    identity.save(data_dir)?;
+    tracing::info!(cluster = %identity.cluster, "created a new cluster; `linkdns token` prints the token other hosts join with");
+    Ok(identity)
+}
+
+/// Moves the state of a node that was removed aside: a later `linkdns run` on this data dir
+/// starts a new cluster, `linkdns join` joins one again.
+fn retire(data_dir: &Path) -> anyhow::Result<()> {
+    let suffix = format!(
+        "removed-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    );
+    let raft = data_dir.join("raft");
+    let raft_to = data_dir.join(format!("raft.{suffix}"));
+    std::fs::rename(&raft, &raft_to)
+        .with_context(|| format!("cannot move {} aside", raft.display()))?;
+    let identity_to = Identity::retire(data_dir, &suffix)?;
+    tracing::warn!(raft = %raft_to.display(), identity = %identity_to.display(), "this node's state was moved aside; join a cluster again with `linkdns join`");
+    Ok(())
+}
+
+/// Keeps this node's registry entry (name, peer address) current; retried until it lands,
+/// in the background so DNS serves from the replica meanwhile.
+async fn register_self(node: Arc<NodeHandle>, name: String, advertised: SocketAddr) {
+    let id = node.id();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let current = node.published().load().registry.node(id).cloned();
+        // An unspecified address is only kept until a better one is known.
+        let peer_addr = match &current {
+            Some(c) if advertised.ip().is_unspecified() => c.peer_addr.clone(),
+            _ => advertised.to_string(),
+        };
+        let wanted = NodeInfo {
+            id,
+            name: name.clone(),
+            peer_addr,
+        };
+        if current.as_ref() == Some(&wanted) {
+            return;
+        }
+        match node.propose(Command::UpsertNode(wanted)).await {
+            Ok(_) => return,
             Err(linkdns_raft::Error::Registry(e)) => {
-                bail!("cannot register node {:?}: {e}", config.node_name)
+                tracing::error!(error = %e, "cannot register this node under its name; DNS keeps serving, but its containers cannot be published");
+                return;
             }
-            Err(e) if attempt < 19 => {
+            Err(linkdns_raft::Error::Stopped) => return,
+            Err(e) => {
                 tracing::debug!(error = %e, "registering this node; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(e).context("cannot register this node"),
         }
     }
-    Ok(())
 }
 
 enum Proposed {

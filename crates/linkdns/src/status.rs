@@ -67,6 +67,7 @@ pub fn render(s: &Status) -> String {
         (None, Some(id)) => format!("id {id}"),
         _ => "none".to_string(),
     };
+    let _ = writeln!(out, "cluster  {}", s.cluster);
     let _ = writeln!(out, "node     {} (id {}, {})", s.node, s.node_id, s.role);
     let _ = writeln!(out, "leader   {leader}");
     let _ = writeln!(
@@ -89,13 +90,18 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<16} {:>4}  {:<22} {:<8} ALIVE",
-        "MEMBER", "ID", "PEER", "ROLE"
+        "{:<16} {:>4}  {:<22} {:<8} {:<6} LAST CONTACT",
+        "MEMBER", "ID", "PEER", "ROLE", "ALIVE"
     );
     for m in &s.members {
+        let contact = match m.last_contact_ms {
+            _ if m.id == s.node_id => "(this node)".to_string(),
+            Some(ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
+            None => "never".to_string(),
+        };
         let _ = writeln!(
             out,
-            "{:<16} {:>4}  {:<22} {:<8} {}",
+            "{:<16} {:>4}  {:<22} {:<8} {:<6} {contact}",
             m.name,
             m.id,
             m.peer_addr,
@@ -113,7 +119,16 @@ mod tests {
 
     #[test]
     fn status_table_golden() {
+        let member = |name: &str, id, role: &str, alive, contact| Member {
+            name: name.into(),
+            id,
+            peer_addr: format!("172.30.0.{id}:7380"),
+            role: role.into(),
+            alive,
+            last_contact_ms: contact,
+        };
         let status = Status {
+            cluster: "5f0c2a1e9b7d4c3a8e6f1b2d3c4a5e6f".into(),
             node: "h1".into(),
             node_id: 1,
             leader: Some("h1".into()),
@@ -124,13 +139,12 @@ mod tests {
             applied_index: 17,
             snapshot_index: 1,
             records: 3,
-            members: vec![Member {
-                name: "h1".into(),
-                id: 1,
-                peer_addr: "172.30.0.2:7380".into(),
-                role: "voter".into(),
-                alive: true,
-            }],
+            members: vec![
+                member("h1", 1, "voter", true, None),
+                member("h2", 2, "voter", true, Some(412)),
+                member("h4", 4, "learner", false, Some(21_800)),
+                member("h5", 5, "learner", true, None),
+            ],
             docker: DockerStatus {
                 connected: false,
                 error: Some("connection refused".into()),
@@ -138,6 +152,7 @@ mod tests {
             dns_listen: vec!["127.0.0.1:53".parse().expect("addr")],
         };
         let want = "\
+cluster  5f0c2a1e9b7d4c3a8e6f1b2d3c4a5e6f
 node     h1 (id 1, leader)
 leader   h1 (id 1)
 raft     term 2  commit 17  applied 17  snapshot 1
@@ -145,8 +160,11 @@ records  3
 docker   disconnected (connection refused)
 dns      127.0.0.1:53
 
-MEMBER             ID  PEER                   ROLE     ALIVE
-h1                  1  172.30.0.2:7380        voter    yes
+MEMBER             ID  PEER                   ROLE     ALIVE  LAST CONTACT
+h1                  1  172.30.0.1:7380        voter    yes    (this node)
+h2                  2  172.30.0.2:7380        voter    yes    0.4s ago
+h4                  4  172.30.0.4:7380        learner  no     21.8s ago
+h5                  5  172.30.0.5:7380        learner  yes    never
 ";
         assert_eq!(render(&status), want);
         let json = serde_json::to_value(&status).expect("json");
@@ -161,7 +179,14 @@ h1                  1  172.30.0.2:7380        voter    yes
         ] {
             assert!(json.get(key).is_some(), "status JSON has {key}");
         }
-        for key in ["name", "id", "role", "alive"] {
+        for key in [
+            "name",
+            "id",
+            "peer_addr",
+            "role",
+            "alive",
+            "last_contact_ms",
+        ] {
             assert!(
                 json["members"][0].get(key).is_some(),
                 "member JSON has {key}"

@@ -179,6 +179,18 @@ impl SledStore {
         Ok(store)
     }
 
+    /// Whether nothing was ever stored (a data dir that never bootstrapped or joined).
+    pub fn is_fresh(&self) -> bool {
+        self.conf_state.voters.is_empty()
+            && self.conf_state.learners.is_empty()
+            && self.snapshot.get_metadata().index == 0
+    }
+
+    /// Voters of the stored configuration (that of the latest snapshot).
+    pub fn stored_voters(&self) -> &[u64] {
+        &self.conf_state.voters
+    }
+
     fn sled_err(&self) -> impl Fn(sled::Error) -> Error + '_ {
         |e| Error::from_sled(&self.path, e)
     }
