@@ -54,8 +54,13 @@ pub(crate) struct Inner {
     contacts: Mutex<HashMap<u64, Instant>>,
     /// Peer addresses learned from their hellos, for peers the registry does not list yet.
     learned: Mutex<HashMap<u64, SocketAddr>>,
-    /// This node's own peer address, as announced in hellos.
+    /// This node's own peer address, as configured (a specified IP only).
     advertised: Mutex<Option<SocketAddr>>,
+    /// The port peers connect to (set by `serve`).
+    listen_port: Mutex<Option<u16>>,
+    /// This node's address as its outgoing connections show it: their local IP with the
+    /// listen port. The address to announce when none is configured.
+    observed: Mutex<Option<SocketAddr>>,
     shutdown: watch::Receiver<bool>,
     /// One membership change at a time from this node's control handler.
     pub(crate) admission: tokio::sync::Mutex<()>,
@@ -89,6 +94,8 @@ impl Transport {
                 contacts: Mutex::new(HashMap::new()),
                 learned: Mutex::new(HashMap::new()),
                 advertised: Mutex::new(None),
+                listen_port: Mutex::new(None),
+                observed: Mutex::new(None),
                 shutdown,
                 admission: tokio::sync::Mutex::new(()),
             }),
@@ -114,6 +121,12 @@ impl Transport {
         }
     }
 
+    /// This node's peer address as seen on its outgoing connections (local IP, listen port):
+    /// what to register when no address is configured and it listens on 0.0.0.0.
+    pub fn observed_address(&self) -> Option<SocketAddr> {
+        self.inner.observed.lock().ok().and_then(|a| *a)
+    }
+
     pub fn identity(&self) -> &Identity {
         &self.inner.identity
     }
@@ -134,6 +147,9 @@ impl Transport {
             addr,
             reason: e.to_string(),
         })?;
+        if let Ok(mut port) = self.inner.listen_port.lock() {
+            *port = Some(local.port());
+        }
         let inner = self.inner.clone();
         self.inner.runtime.spawn(accept_loop(inner, listener));
         tracing::info!(addr = %local, "peer transport listening");
@@ -193,16 +209,22 @@ impl Inner {
         registered.or_else(|| self.learned.lock().ok()?.get(&peer).copied())
     }
 
-    fn own_address(&self) -> String {
+    /// The address to announce: configured, else as seen on the connection `local` just made.
+    fn own_address(&self, local: Option<SocketAddr>) -> String {
         let advertised = self.advertised.lock().ok().and_then(|a| *a);
-        let registered = || {
-            let node = self.node()?;
-            let published = node.published().load_full();
-            let addr: SocketAddr = published.registry.node(self.id)?.peer_addr.parse().ok()?;
-            (!addr.ip().is_unspecified()).then_some(addr)
+        let port = self.listen_port.lock().ok().and_then(|p| *p);
+        let observed = match (local, port) {
+            (Some(local), Some(port)) => {
+                let addr = SocketAddr::new(local.ip(), port);
+                if let Ok(mut o) = self.observed.lock() {
+                    *o = Some(addr);
+                }
+                Some(addr)
+            }
+            _ => None,
         };
         advertised
-            .or_else(registered)
+            .or(observed)
             .map(|a| a.to_string())
             .unwrap_or_default()
     }
@@ -362,6 +384,7 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
         .map_err(|_| format!("connect to {addr} timed out"))?
         .map_err(|e| format!("connect to {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().ok();
     let name = inner.tls.server_name(peer).map_err(|e| e.to_string())?;
     let connector = TlsConnector::from(inner.tls.client.clone());
     let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
@@ -373,7 +396,7 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
         cluster: inner.identity.cluster,
         from: inner.id,
         to: peer,
-        addr: inner.own_address(),
+        addr: inner.own_address(local),
     };
     wire::write_frame(&mut tls, wire::HELLO, &wire::encode(&hello))
         .await

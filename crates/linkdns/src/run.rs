@@ -57,6 +57,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     tokio::spawn(register_self(
         node.clone(),
+        transport.clone(),
         config.node_name.clone(),
         advertised,
     ));
@@ -281,17 +282,39 @@ fn retire(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps this node's registry entry (name, peer address) current; retried until it lands,
-/// in the background so DNS serves from the replica meanwhile.
-async fn register_self(node: Arc<NodeHandle>, name: String, advertised: SocketAddr) {
+/// Keeps this node's registry entry (name, peer address) current, in the background so DNS
+/// serves from the replica meanwhile. The address is the configured one; with none (listening
+/// on 0.0.0.0) it is the one already registered (from the join), else the one this node's
+/// connections to peers show. A joined node waits for its entry (made at admission) to arrive.
+async fn register_self(
+    node: Arc<NodeHandle>,
+    transport: Transport,
+    name: String,
+    advertised: SocketAddr,
+) {
     let id = node.id();
-    let mut delay = Duration::from_millis(100);
+    let usable = |a: &str| {
+        a.parse::<SocketAddr>()
+            .is_ok_and(|a| !a.ip().is_unspecified())
+    };
+    let mut every = tokio::time::interval(Duration::from_millis(500));
     loop {
+        every.tick().await;
+        if node.is_stopped() {
+            return;
+        }
         let current = node.published().load().registry.node(id).cloned();
-        // An unspecified address is only kept until a better one is known.
-        let peer_addr = match &current {
-            Some(c) if advertised.ip().is_unspecified() => c.peer_addr.clone(),
-            _ => advertised.to_string(),
+        if current.is_none() && id != BOOTSTRAP_ID {
+            continue;
+        }
+        let peer_addr = if !advertised.ip().is_unspecified() {
+            advertised.to_string()
+        } else if let Some(c) = current.as_ref().filter(|c| usable(&c.peer_addr)) {
+            c.peer_addr.clone()
+        } else if let Some(seen) = transport.observed_address() {
+            seen.to_string()
+        } else {
+            advertised.to_string()
         };
         let wanted = NodeInfo {
             id,
@@ -299,20 +322,19 @@ async fn register_self(node: Arc<NodeHandle>, name: String, advertised: SocketAd
             peer_addr,
         };
         if current.as_ref() == Some(&wanted) {
-            return;
+            if usable(&wanted.peer_addr) {
+                return;
+            }
+            continue;
         }
         match node.propose(Command::UpsertNode(wanted)).await {
-            Ok(_) => return,
+            Ok(_) => {}
             Err(linkdns_raft::Error::Registry(e)) => {
                 tracing::error!(error = %e, "cannot register this node under its name; DNS keeps serving, but its containers cannot be published");
                 return;
             }
             Err(linkdns_raft::Error::Stopped) => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "registering this node; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
+            Err(e) => tracing::debug!(error = %e, "registering this node; retrying"),
         }
     }
 }

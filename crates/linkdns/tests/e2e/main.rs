@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `linkdns` binary in a network namespace with its own Docker
 //! engine, asked by `dig` and by busybox `nslookup` inside containers.
 
+mod cluster;
 mod testbed;
 mod upstream;
 
@@ -12,7 +13,7 @@ use testbed::{wait_until, Dig, Host};
 const SETTLE: Duration = Duration::from_secs(10);
 
 /// Waits until `dig` of `name` from inside `host` gives `want` (sorted rdata; empty = NXDOMAIN).
-fn expect_answer(host: &Host, name: &str, qtype: &str, want: &[&str]) -> Dig {
+pub(crate) fn expect_answer(host: &Host, name: &str, qtype: &str, want: &[&str]) -> Dig {
     let mut last = Dig::default();
     let want_sorted = {
         let mut w: Vec<String> = want.iter().map(|s| s.to_string()).collect();

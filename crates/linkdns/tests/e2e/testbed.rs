@@ -19,6 +19,13 @@ pub const IMAGE: &str = "ldt-busybox:latest";
 
 static NEXT_HOST: AtomicU8 = AtomicU8::new(1);
 static PREPARED: OnceLock<PathBuf> = OnceLock::new();
+static LAN: OnceLock<()> = OnceLock::new();
+
+/// The shared "VPC" of multi-host tests: a bridge in the root namespace, 172.30.0.0/24.
+const LAN_BRIDGE: &str = "ldt-lan";
+const LAN_ROOT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
+/// The port every test node's peer transport uses (each host has its own namespace).
+pub const PEER_PORT: u16 = 7380;
 
 pub fn linkdns_bin() -> &'static str {
     env!("CARGO_BIN_EXE_linkdns")
@@ -124,22 +131,68 @@ pub struct Host {
     /// The Docker bridge's gateway (where containers find DNS by default).
     pub gateway: Ipv4Addr,
     pub dir: PathBuf,
+    /// On the shared LAN: the veth end inside the namespace (to cut in a partition).
+    pub lan_if: Option<String>,
     dockerd: Option<Child>,
     linkdns: Option<Child>,
     linkdns_args: Vec<String>,
+    /// The subcommand of the next start (`run`, or a `join` with its peer and token).
+    subcommand: Vec<String>,
+}
+
+/// Creates the LAN bridge once; bridged traffic must pass the root FORWARD chain (Docker loads
+/// br_netfilter and may set its policy to DROP).
+fn lan() {
+    LAN.get_or_init(|| {
+        prepare();
+        sh("ip", &["link", "add", LAN_BRIDGE, "type", "bridge"]);
+        sh(
+            "ip",
+            &["addr", "add", &format!("{LAN_ROOT}/24"), "dev", LAN_BRIDGE],
+        );
+        sh("ip", &["link", "set", LAN_BRIDGE, "up"]);
+        let rule = [
+            "FORWARD", "-i", LAN_BRIDGE, "-o", LAN_BRIDGE, "-j", "ACCEPT",
+        ];
+        let mut check = vec!["-C"];
+        check.extend_from_slice(&rule);
+        if !run("iptables", &check).status.success() {
+            let mut insert = vec!["-I"];
+            insert.extend_from_slice(&rule);
+            sh("iptables", &insert);
+        }
+    });
 }
 
 impl Host {
-    /// A new host with a running Docker engine that has the busybox image.
+    /// A new host with a running Docker engine that has the busybox image, alone on its own
+    /// link to the root namespace (172.30.N.2, the root side being 172.30.N.1).
     pub fn new() -> Host {
+        Host::create(false)
+    }
+
+    /// A new host on the shared LAN (172.30.0.N/24, the root namespace at 172.30.0.254), where
+    /// the hosts reach each other.
+    pub fn on_lan() -> Host {
+        lan();
+        Host::create(true)
+    }
+
+    fn create(on_lan: bool) -> Host {
         let base = prepare();
         let index = NEXT_HOST.fetch_add(1, Ordering::SeqCst);
         assert!(index < 200, "too many test hosts");
         let ns = format!("ldt-h{index}");
         let dir = base.join(format!("h{index}"));
         std::fs::create_dir_all(&dir).expect("host dir");
-        let addr = Ipv4Addr::new(172, 30, index, 2);
-        let outside = Ipv4Addr::new(172, 30, index, 1);
+        let (addr, outside) = if on_lan {
+            (Ipv4Addr::new(172, 30, 0, index), LAN_ROOT)
+        } else {
+            (
+                Ipv4Addr::new(172, 30, index, 2),
+                Ipv4Addr::new(172, 30, index, 1),
+            )
+        };
         let (veth_out, veth_in) = (format!("ldt-{index}o"), format!("ldt-{index}i"));
         sh("ip", &["netns", "add", &ns]);
         sh(
@@ -149,10 +202,14 @@ impl Host {
             ],
         );
         sh("ip", &["link", "set", &veth_in, "netns", &ns]);
-        sh(
-            "ip",
-            &["addr", "add", &format!("{outside}/24"), "dev", &veth_out],
-        );
+        if on_lan {
+            sh("ip", &["link", "set", &veth_out, "master", LAN_BRIDGE]);
+        } else {
+            sh(
+                "ip",
+                &["addr", "add", &format!("{outside}/24"), "dev", &veth_out],
+            );
+        }
         sh("ip", &["link", "set", &veth_out, "up"]);
         let in_ns = |args: &[&str]| {
             let mut full = vec!["netns", "exec", ns.as_str()];
@@ -169,9 +226,11 @@ impl Host {
             outside,
             gateway: Ipv4Addr::new(192, 168, index, 1),
             dir,
+            lan_if: on_lan.then_some(veth_in.clone()),
             dockerd: None,
             linkdns: None,
             linkdns_args: Vec::new(),
+            subcommand: vec!["run".to_string()],
         };
         host.start_dockerd();
         host.docker(&["import", &base.join("image.tar").to_string_lossy(), IMAGE]);
@@ -283,6 +342,65 @@ impl Host {
         self.wait_for_dns();
     }
 
+    /// Starts `linkdns join <via's peer address> --token TOKEN` with the same options as
+    /// `start_linkdns`; later restarts are plain `linkdns run`.
+    pub fn join_linkdns(&mut self, via: &Host, token: &str, extra: &[&str]) {
+        self.subcommand = vec![
+            "join".into(),
+            via.peer_addr(),
+            "--token".into(),
+            token.to_string(),
+        ];
+        self.start_linkdns(extra);
+    }
+
+    /// Restarts linkdns (after a kill or a stop) with the options it had.
+    pub fn restart_linkdns(&mut self) {
+        self.spawn_linkdns();
+        self.wait_for_dns();
+    }
+
+    /// Where peers reach this host's node.
+    pub fn peer_addr(&self) -> String {
+        format!("{}:{PEER_PORT}", self.addr)
+    }
+
+    /// Runs a `linkdns` subcommand inside the namespace, on this host's data dir.
+    pub fn linkdns(&self, args: &[&str]) -> Output {
+        let data_dir = self.data_dir();
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--data-dir", data_dir.to_str().unwrap_or_default()]);
+        self.exec(linkdns_bin(), &full)
+    }
+
+    /// `linkdns token` of this host's cluster.
+    pub fn token(&self) -> String {
+        let out = self.linkdns(&["token"]);
+        assert!(
+            out.status.success(),
+            "token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Cuts this host off the LAN (both directions), leaving loopback and its containers.
+    pub fn partition(&self) {
+        let lan_if = self.lan_if.as_deref().expect("a LAN host");
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            let out = self.exec("iptables", &["-I", chain, dir, lan_if, "-j", "DROP"]);
+            assert!(out.status.success(), "iptables: {out:?}");
+        }
+    }
+
+    pub fn heal(&self) {
+        let lan_if = self.lan_if.as_deref().expect("a LAN host");
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            let out = self.exec("iptables", &["-D", chain, dir, lan_if, "-j", "DROP"]);
+            assert!(out.status.success(), "iptables: {out:?}");
+        }
+    }
+
     fn spawn_linkdns(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -291,13 +409,14 @@ impl Host {
             .expect("linkdns log");
         let data_dir = self.data_dir();
         let docker = format!("unix://{}", self.docker_sock().display());
-        let mut args: Vec<String> = vec![
-            "run".into(),
+        // A join happens once; every later start is `run`.
+        let mut args: Vec<String> = std::mem::replace(&mut self.subcommand, vec!["run".into()]);
+        args.extend([
             "--data-dir".into(),
             data_dir.to_string_lossy().into_owned(),
             "--node-name".into(),
             format!("h{}", self.index),
-        ];
+        ]);
         if !self.linkdns_args.iter().any(|a| a == "--docker") {
             args.extend(["--docker".to_string(), docker]);
         }
@@ -306,7 +425,7 @@ impl Host {
             .arg(format!("--net=/var/run/netns/{}", self.ns))
             .arg(linkdns_bin())
             .args(&args)
-            .env("LINKDNS_LOG", "info,raft=warn,linkdns=debug")
+            .env("LINKDNS_LOG", "info,raft=info,linkdns=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -351,6 +470,11 @@ impl Host {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The running linkdns process's pid.
+    pub fn linkdns_pid(&self) -> Option<u32> {
+        self.linkdns.as_ref().map(Child::id)
     }
 
     /// Kills linkdns with SIGKILL.

@@ -1,0 +1,299 @@
+//! Several hosts, one cluster: each host a network namespace on a shared LAN with its own
+//! Docker engine and `linkdns` node; joined with `linkdns join` and the token of `linkdns token`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::expect_answer;
+use crate::testbed::{wait_until, Host};
+
+const FORM: Duration = Duration::from_secs(60);
+
+/// `n` hosts: the first bootstraps the cluster, the others join through it. Returns once the
+/// first host sees min(n, 3) voters and the rest as learners, all heard from.
+fn form_cluster(n: usize, extra: &[&str]) -> Vec<Host> {
+    let mut hosts: Vec<Host> = (0..n).map(|_| Host::on_lan()).collect();
+    hosts[0].start_linkdns(extra);
+    let token = hosts[0].token();
+    assert!(token.starts_with("LDNS1-"), "token: {token}");
+    let (first, rest) = hosts.split_at_mut(1);
+    for h in rest {
+        h.join_linkdns(&first[0], &token, extra);
+    }
+    let voters = n.min(3);
+    wait_until(FORM, "the cluster to form", || {
+        let s = hosts[0].status_json();
+        let members = s["members"].as_array().cloned().unwrap_or_default();
+        let count = |role: &str| members.iter().filter(|m| m["role"] == role).count();
+        members.len() == n
+            && count("voter") == voters
+            && count("learner") == n - voters
+            && members.iter().all(|m| m["alive"] == true)
+    });
+    hosts
+}
+
+fn name(h: &Host) -> String {
+    format!("h{}", h.index)
+}
+
+/// The index in `hosts` of the leader, as `from` sees it.
+fn leader(hosts: &[Host], from: &Host) -> Option<usize> {
+    let s = from.status_json();
+    let leader = s["leader"].as_str()?.to_string();
+    hosts.iter().position(|h| name(h) == leader)
+}
+
+fn nslookup(h: &Host, container: &str, query: &str) -> String {
+    let out = h.try_docker(&["exec", container, "nslookup", query]);
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn three_hosts_answer_for_each_other_and_survive_losing_the_leader() {
+    let mut hosts = form_cluster(3, &[]);
+    let (h1, h2, h3) = (&hosts[0], &hosts[1], &hosts[2]);
+
+    // A container on h2 is answered on h1 and h3, also by its node-qualified name.
+    h2.run_container("web", &[]);
+    let web = h2.container_ip("web");
+    for h in [h1, h3] {
+        expect_answer(h, "web.cluster", "A", &[&web]);
+        expect_answer(h, &format!("web.{}.cluster", name(h2)), "A", &[&web]);
+    }
+    expect_answer(h1, &format!("web.{}.cluster", name(h1)), "A", &[]);
+
+    // A link across hosts: wordpress on h3 links mysql on h1 as `db`.
+    h1.run_container("mysql", &[]);
+    let mysql = h1.container_ip("mysql");
+    let dns = h3.gateway.to_string();
+    h3.run_container(
+        "wordpress",
+        &[
+            "--label",
+            "linkdns.links=mysql:db",
+            "--dns",
+            &dns,
+            "--dns-search",
+            "cluster",
+        ],
+    );
+    wait_until(Duration::from_secs(20), "db from wordpress on h3", || {
+        nslookup(h3, "wordpress", "db").contains(&mysql)
+    });
+
+    // Kill the leader while the others answer queries: not one may fail.
+    let dead = leader(&hosts, &hosts[1]).expect("a leader");
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != dead).collect();
+    let pid = hosts[dead].linkdns_pid().expect("running");
+    let (failed, asked) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for &i in &survivors {
+            let (h, web, failed, asked) = (&hosts[i], &web, &failed, &asked);
+            s.spawn(move || {
+                for _ in 0..60 {
+                    let d = h.dig(&["@127.0.0.1", "web.cluster", "A", "+time=1", "+tries=1"]);
+                    asked.fetch_add(1, Ordering::Relaxed);
+                    if d.status != "NOERROR" || d.rdata() != [web.clone()] {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("failed query on {}: {}", h.ns, d.raw);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        crate::testbed::sh("kill", &["-9", &pid.to_string()]);
+    });
+    hosts[dead].kill_linkdns();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "queries failed during the leader's death"
+    );
+    assert!(asked.load(Ordering::Relaxed) >= 100);
+
+    // A new leader; writes resume: a container started now is answered on the other survivor.
+    let (a, b) = (survivors[0], survivors[1]);
+    wait_until(Duration::from_secs(15), "a new leader", || {
+        leader(&hosts, &hosts[a]).is_some_and(|l| l != dead)
+    });
+    hosts[a].run_container("api", &[]);
+    let api = hosts[a].container_ip("api");
+    expect_answer(&hosts[b], "api.cluster", "A", &[&api]);
+
+    // The killed node restarts with plain `linkdns run` and catches up.
+    hosts[dead].restart_linkdns();
+    expect_answer(&hosts[dead], "api.cluster", "A", &[&api]);
+    expect_answer(&hosts[dead], "web.cluster", "A", &[&web]);
+}
+
+#[test]
+fn a_partitioned_host_keeps_answering_and_converges_after_healing() {
+    let hosts = form_cluster(3, &["--liveness-timeout", "3"]);
+    // Cut off the leader: the majority must elect another and carry on.
+    let cut = leader(&hosts, &hosts[0]).expect("a leader");
+    let majority: Vec<usize> = (0..3).filter(|&i| i != cut).collect();
+    let (m0, m1) = (&hosts[majority[0]], &hosts[majority[1]]);
+    let c = &hosts[cut];
+    c.run_container("before", &[]);
+    m0.run_container("web", &[]);
+    let before = c.container_ip("before");
+    let web = m0.container_ip("web");
+    expect_answer(m1, "before.cluster", "A", &[&before]);
+    expect_answer(c, "web.cluster", "A", &[&web]);
+
+    c.partition();
+    // The cut host answers from its replica.
+    expect_answer(c, "web.cluster", "A", &[&web]);
+    expect_answer(c, "before.cluster", "A", &[&before]);
+    // The majority hides the silent host's records after the liveness timeout.
+    expect_answer(m1, "before.cluster", "A", &[]);
+    let s = m1.status_json();
+    let cut_member = s["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == name(c)).cloned())
+        .expect("cut host listed");
+    assert_eq!(cut_member["alive"], false, "{s}");
+    // Writes on the majority go on; the cut host accepts none and does not see them.
+    m0.run_container("during", &[]);
+    let during = m0.container_ip("during");
+    expect_answer(m1, "during.cluster", "A", &[&during]);
+    c.run_container("isolated", &[]);
+    let isolated = c.container_ip("isolated");
+    std::thread::sleep(Duration::from_secs(2));
+    expect_answer(c, "during.cluster", "A", &[]);
+    expect_answer(m1, "isolated.cluster", "A", &[]);
+
+    c.heal();
+    // Everyone converges: the majority's write reaches the cut host, the cut host's containers
+    // (the hidden one and the one started while cut off) reach the majority.
+    for h in [c, m0, m1] {
+        expect_answer(h, "during.cluster", "A", &[&during]);
+        expect_answer(h, "isolated.cluster", "A", &[&isolated]);
+        expect_answer(h, "before.cluster", "A", &[&before]);
+    }
+    wait_until(Duration::from_secs(20), "replicas to agree", || {
+        let views: Vec<(u64, u64, u64)> = [c, m0, m1]
+            .iter()
+            .map(|h| {
+                let s = h.status_json();
+                (
+                    s["applied_index"].as_u64().unwrap_or(0),
+                    s["records"].as_u64().unwrap_or(0),
+                    s["leader_id"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        views.iter().all(|v| *v == views[0])
+    });
+}
+
+#[test]
+fn joining_needs_the_right_token_a_reachable_member_and_a_free_name() {
+    let mut h1 = Host::on_lan();
+    h1.start_linkdns(&[]);
+    let mut other = Host::on_lan();
+    other.start_linkdns(&[]);
+    let h2 = Host::on_lan();
+    let token = h1.token();
+    let peer = h1.peer_addr();
+    let join = |token: &str, peer: &str, node_name: &str| {
+        let data_dir = h2.data_dir();
+        let out = h2.exec(
+            "timeout",
+            &[
+                "20",
+                crate::testbed::linkdns_bin(),
+                "join",
+                peer,
+                "--token",
+                token,
+                "--node-name",
+                node_name,
+                "--data-dir",
+                data_dir.to_str().unwrap_or_default(),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1), "join must fail: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let mut wrong = token.clone();
+    let last = if wrong.ends_with('0') { '1' } else { '0' };
+    wrong.pop();
+    wrong.push(last);
+    assert!(join(&wrong, &peer, "h2").contains("secret does not match"));
+    assert!(join(&other.token(), &peer, "h2").contains("member of the token's cluster"));
+    assert!(join("not-a-token", &peer, "h2").contains("bad join token"));
+    assert!(join(&token, "172.30.0.250:7380", "h2").contains("cannot reach"));
+    assert!(join(&token, &peer, &name(&h1)).contains("already used"));
+
+    // Nothing was admitted, nothing was written on the joining host.
+    let s = h1.status_json();
+    assert_eq!(s["members"].as_array().map(Vec::len), Some(1), "{s}");
+    assert!(!h2.data_dir().join("cluster.json").exists());
+    other.stop_linkdns();
+}
+
+#[test]
+fn a_fourth_host_is_a_learner_and_is_promoted_when_a_voter_is_removed() {
+    let mut hosts = form_cluster(4, &[]);
+    let learner = {
+        let s = hosts[0].status_json();
+        let members = s["members"].as_array().cloned().unwrap_or_default();
+        let m = members
+            .iter()
+            .find(|m| m["role"] == "learner")
+            .expect("a learner")
+            .clone();
+        hosts
+            .iter()
+            .position(|h| m["name"] == name(h))
+            .expect("learner host")
+    };
+    // The learner holds a full replica.
+    hosts[0].run_container("db", &[]);
+    let db = hosts[0].container_ip("db");
+    expect_answer(&hosts[learner], "db.cluster", "A", &[&db]);
+
+    // Remove a voter that is not the leader, from another host.
+    let lead = leader(&hosts, &hosts[0]).expect("leader");
+    let victim = (0..4)
+        .find(|&i| i != lead && i != learner)
+        .expect("a voter");
+    let asker = (0..4)
+        .find(|&i| i != victim && i != learner)
+        .expect("another host");
+    hosts[victim].run_container("gone", &[]);
+    expect_answer(
+        &hosts[learner],
+        "gone.cluster",
+        "A",
+        &[&hosts[victim].container_ip("gone")],
+    );
+    let out = hosts[asker].linkdns(&["remove", &name(&hosts[victim])]);
+    assert!(
+        out.status.success(),
+        "remove: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed node"));
+
+    wait_until(Duration::from_secs(20), "the learner's promotion", || {
+        let s = hosts[asker].status_json();
+        let members = s["members"].as_array().cloned().unwrap_or_default();
+        members.len() == 3
+            && members
+                .iter()
+                .all(|m| m["role"] == "voter" && m["name"] != name(&hosts[victim]))
+    });
+    // The removed host's records are gone, and its node stops and moves its state aside.
+    expect_answer(&hosts[learner], "gone.cluster", "A", &[]);
+    let status = hosts[victim].wait_linkdns_exit(Duration::from_secs(20));
+    assert!(status.success(), "a removed node exits cleanly: {status}");
+    let moved = std::fs::read_dir(hosts[victim].data_dir())
+        .expect("data dir")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with("raft.removed-"));
+    assert!(moved, "the removed node's log is moved aside");
+}
