@@ -21,6 +21,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
 
+/// Most watcher reports folded into one proposal.
+const MAX_BATCH: usize = 1024;
+
 /// Name of the file in the data dir that holds the admin address, for `linkdns status`.
 pub const ADMIN_ADDR_FILE: &str = "admin.addr";
 
@@ -160,22 +163,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             report = reports.recv() => {
                 let Some(report) = report else { break Ok(()) };
+                // Everything the watcher has queued goes into one proposal (one log entry, one
+                // round of fsyncs), however many containers changed at once.
+                let mut queued = vec![report];
+                while queued.len() < MAX_BATCH {
+                    match reports.try_recv() {
+                        Ok(r) => queued.push(r),
+                        Err(_) => break,
+                    }
+                }
+                let mut commands = Vec::new();
+                for report in queued {
                 match report {
                     Report::Command(command) => {
                         node_metrics.docker_events.inc();
                         if matches!(command, Command::ReplaceContainers { .. }) {
                             node_metrics.resyncs.inc();
                         }
-                        tokio::select! {
-                            result = propose_with_retry(&node, command) => match result {
-                                Ok(Proposed::Applied) => {}
-                                // Lost: have the watcher restate the whole node.
-                                Ok(Proposed::GaveUp) => resync.notify_one(),
-                                Err(e) => break Err(e),
-                            },
-                            _ = interrupt.recv() => break Ok(()),
-                            _ = terminate.recv() => break Ok(()),
-                        }
+                        commands.push(command);
                     }
                     Report::Connected { bridge_subnets, bridge_gateways } => {
                         admin_state.set_docker(true, None);
@@ -198,6 +203,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         }
                     }
                     Report::Disconnected { reason } => admin_state.set_docker(false, Some(reason)),
+                }
+                }
+                let command = match commands.len() {
+                    0 => continue,
+                    1 => commands.swap_remove(0),
+                    _ => Command::Batch(commands),
+                };
+                tokio::select! {
+                    result = propose_with_retry(&node, command) => match result {
+                        Ok(Proposed::Applied) => {}
+                        // Lost: have the watcher restate the whole node.
+                        Ok(Proposed::GaveUp) => resync.notify_one(),
+                        Err(e) => break Err(e),
+                    },
+                    _ = interrupt.recv() => break Ok(()),
+                    _ = terminate.recv() => break Ok(()),
                 }
             }
             _ = stop_check.tick() => {

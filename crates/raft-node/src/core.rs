@@ -207,6 +207,10 @@ impl<S: LogStore, T> Core<S, T> {
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
+            // Randomized in [1, 1.4) election timeouts rather than raft-rs's [1, 2): a dead
+            // leader is replaced sooner, split votes stay rare with a handful of voters.
+            min_election_tick: config.election_ticks,
+            max_election_tick: config.election_ticks + config.election_ticks.div_ceil(5) * 2,
             heartbeat_tick: config.heartbeat_ticks,
             applied: snapshot_index,
             check_quorum: true,
