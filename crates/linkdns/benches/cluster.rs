@@ -1,0 +1,804 @@
+//! Cluster benchmarks: documented commands that print figures (never pass/fail on time).
+//!
+//! ```text
+//! cargo bench -p linkdns --bench cluster -- <propagation|churn|failover|scale|crash|all> [N]
+//! ```
+//!
+//! - `propagation [containers=200]`: 3 hosts of the namespace test bed, each with its own Docker
+//!   engine; containers start one at a time on rotating hosts; the time from Docker's `start`
+//!   event to the name being answered by each *other* host's DNS. p50/p99/max.
+//! - `churn [seconds=10]`: 3 real `linkdns` voters on loopback (sled, fsync), plus an in-process
+//!   learner that proposes batches of container starts and stops through them; record changes
+//!   committed per second.
+//! - `failover [rounds=5]`: 3 real voters on loopback with records; kill -9 the leader while the
+//!   two others are queried every 2 ms; failed queries, and the time until a new leader commits.
+//! - `scale [records=100000]`: a real node that joins a cluster holding `records` records: its
+//!   RSS over an empty joined node, per record; then kill -9 and the time from `linkdns run` to
+//!   the first answer.
+//! - `crash [rounds=100]`: 3 real voters under a steady write load from an in-process learner;
+//!   each round kill -9 a random voter and restart it. Then: acknowledged records missing on any
+//!   node, and restarts that failed or panicked.
+//!
+//! All need root only for `propagation` (network namespaces, dockerd).
+
+#[allow(dead_code)]
+#[path = "../tests/e2e/testbed.rs"]
+mod testbed;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use linkdns_cluster::{JoinAs, Token, Transport};
+use linkdns_raft::{NodeConfig, NodeHandle, SledStore};
+use linkdns_registry::{Command as RegistryCommand, Container, ContainerId};
+use tokio::sync::watch;
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let mode = args.first().map(String::as_str).unwrap_or("all");
+    let n = args.get(1).and_then(|s| s.parse::<u64>().ok());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let modes: Vec<&str> = match mode {
+        "all" => vec!["churn", "failover", "scale", "crash", "propagation"],
+        m => vec![m],
+    };
+    for m in modes {
+        println!("== {m}");
+        match m {
+            "propagation" => propagation(n.unwrap_or(200) as usize),
+            "churn" => runtime.block_on(churn(n.unwrap_or(10))),
+            "failover" => runtime.block_on(failover(n.unwrap_or(5) as usize)),
+            "scale" => runtime.block_on(scale(n.unwrap_or(100_000))),
+            "crash" => runtime.block_on(crash(n.unwrap_or(100) as usize)),
+            other => {
+                eprintln!("unknown benchmark {other}; see the header of benches/cluster.rs");
+                std::process::exit(2);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Real nodes on loopback.
+
+const BASE: &str = "/tmp/linkdns-bench";
+
+struct Proc {
+    index: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    first: Vec<String>,
+}
+
+impl Proc {
+    fn dns(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 5300 + self.index))
+    }
+    fn peer(&self) -> String {
+        format!("127.0.0.1:{}", 7400 + self.index)
+    }
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join(format!("h{}", self.index))
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("h{}.log", self.index)))
+            .expect("log");
+        let mut args = std::mem::replace(&mut self.first, vec!["run".into()]);
+        args.extend(
+            [
+                "--data-dir",
+                &self.data_dir().to_string_lossy(),
+                "--node-name",
+                &format!("h{}", self.index),
+                "--dns-listen",
+                &self.dns().to_string(),
+                "--peer-listen",
+                &self.peer(),
+                "--admin-listen",
+                &format!("127.0.0.1:{}", 7500 + self.index),
+                "--docker",
+                "unix:///nonexistent/docker.sock",
+                "--upstream",
+                "127.0.0.1:9",
+            ]
+            .map(String::from),
+        );
+        let child = Command::new(testbed::linkdns_bin())
+            .args(&args)
+            .env("LINKDNS_LOG", "info,raft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn linkdns");
+        self.child = Some(child);
+    }
+
+    /// Waits until the node answers DNS (the zone apex); false if it exited or took > `limit`.
+    fn wait_serving(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false;
+                }
+            }
+            if ask(self.dns(), "cluster", 6, Duration::from_millis(50)).is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(testbed::linkdns_bin())
+            .args([
+                "status",
+                "--json",
+                "--data-dir",
+                &self.data_dir().to_string_lossy(),
+            ])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("h{}.log", self.index))).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `voters` real nodes: h1 bootstraps, the others join; returns once h1 sees them all voters.
+fn real_cluster(name: &str, voters: u16) -> (Vec<Proc>, String) {
+    let dir = PathBuf::from(BASE).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let mut procs: Vec<Proc> = (1..=voters)
+        .map(|index| Proc {
+            index,
+            dir: dir.clone(),
+            child: None,
+            first: vec!["run".into()],
+        })
+        .collect();
+    procs[0].spawn();
+    assert!(
+        procs[0].wait_serving(Duration::from_secs(20)),
+        "h1 did not start:\n{}",
+        procs[0].log()
+    );
+    let token = loop {
+        let out = Command::new(testbed::linkdns_bin())
+            .args([
+                "token",
+                "--data-dir",
+                &procs[0].data_dir().to_string_lossy(),
+            ])
+            .output()
+            .expect("token");
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let first_peer = procs[0].peer();
+    for p in procs.iter_mut().skip(1) {
+        p.first = vec![
+            "join".into(),
+            first_peer.clone(),
+            "--token".into(),
+            token.clone(),
+        ];
+        p.spawn();
+        assert!(
+            p.wait_serving(Duration::from_secs(30)),
+            "h{} did not join:\n{}",
+            p.index,
+            p.log()
+        );
+    }
+    wait(Duration::from_secs(60), "all voters", || {
+        procs[0].status().is_some_and(|s| {
+            s["members"].as_array().is_some_and(|m| {
+                m.iter().filter(|m| m["role"] == "voter").count() == voters as usize
+            })
+        })
+    });
+    (procs, token)
+}
+
+fn wait(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An in-process learner that writes records through the cluster (it is never killed).
+struct Injector {
+    node: Arc<NodeHandle>,
+    id: u64,
+    _stop: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+impl Injector {
+    async fn join(via: &str, token: &str, port: u16) -> Injector {
+        let token: Token = token.parse().expect("token");
+        let me = JoinAs {
+            name: "bench".into(),
+            advertise: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            listen_port: port,
+        };
+        let identity = linkdns_cluster::join(via, &token, &me).await.expect("join");
+        let id = identity.node_id;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (stop, stopped) = watch::channel(false);
+        let transport = Transport::new(identity, stopped).expect("transport");
+        let config = NodeConfig {
+            bootstrap: false,
+            ..NodeConfig::new(id)
+        };
+        let store = SledStore::open(dir.path()).expect("store");
+        let node = Arc::new(linkdns_raft::start(config, store, transport.outbox()).expect("start"));
+        transport.attach(node.clone());
+        transport
+            .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .expect("serve");
+        transport.set_advertised(SocketAddr::from(([127, 0, 0, 1], port)));
+        let injector = Injector {
+            node,
+            id,
+            _stop: stop,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while injector.node.published().load().registry.node(id).is_none() {
+            assert!(Instant::now() < deadline, "the injector never caught up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        injector
+    }
+
+    /// Proposes until applied (idempotent commands; the outcome of a failed try is unknown).
+    async fn write(&self, command: RegistryCommand) -> bool {
+        for _ in 0..50 {
+            match self.node.propose(command.clone()).await {
+                Ok(_) => return true,
+                Err(linkdns_raft::Error::Registry(e)) => panic!("rejected: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        false
+    }
+}
+
+fn container(node: u64, i: u64) -> Container {
+    Container {
+        id: ContainerId::new(format!("{i:064x}")),
+        name: format!("svc{i}"),
+        node,
+        ips: vec![std::net::IpAddr::from([
+            10,
+            (i >> 16) as u8,
+            (i >> 8) as u8,
+            i as u8,
+        ])],
+        aliases: BTreeSet::new(),
+        links: BTreeSet::new(),
+        ports: BTreeSet::new(),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// DNS over UDP, by hand: one A query, was it answered with records?
+
+fn query(name: &str, id: u16) -> Vec<u8> {
+    let mut q = vec![(id >> 8) as u8, id as u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Asks `server` for `name` (A = 1, SOA = 6); returns (rcode, answer count).
+fn ask(server: SocketAddr, name: &str, qtype: u8, timeout: Duration) -> Option<(u8, u16)> {
+    let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.set_read_timeout(Some(timeout)).ok()?;
+    let id = (Instant::now().elapsed().as_nanos() as u16) ^ 0x5a5a;
+    let mut q = query(name, id);
+    let len = q.len();
+    q[len - 3] = qtype;
+    socket.send_to(&q, server).ok()?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (n, _) = socket.recv_from(&mut buf).ok()?;
+        if n >= 12 && buf[0] == (id >> 8) as u8 && buf[1] == id as u8 {
+            return Some((buf[3] & 0x0f, u16::from_be_bytes([buf[6], buf[7]])));
+        }
+    }
+}
+
+fn answered(server: SocketAddr, name: &str) -> bool {
+    matches!(ask(server, name, 1, Duration::from_millis(200)), Some((0, n)) if n > 0)
+}
+
+fn percentiles(mut v: Vec<f64>) -> String {
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+    format!(
+        "n={} p50={:.1} p90={:.1} p99={:.1} max={:.1}",
+        v.len(),
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        v[v.len() - 1]
+    )
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+// ------------------------------------------------------------------------------------------
+
+async fn churn(seconds: u64) {
+    let (procs, token) = real_cluster("churn", 3);
+    let injector = Arc::new(Injector::join(&procs[0].peer(), &token, 7499).await);
+    // Containers come and go: each batch starts 100 and stops the 100 of the batch before.
+    const BATCH: u64 = 100;
+    const WRITERS: u64 = 32;
+    let changes = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (injector, changes, stop) = (injector.clone(), changes.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let base = (w * 1_000_000) + (round % 2) * BATCH;
+                let old = (w * 1_000_000) + ((round + 1) % 2) * BATCH;
+                let mut batch = Vec::with_capacity(2 * BATCH as usize);
+                for i in 0..BATCH {
+                    batch.push(RegistryCommand::UpsertContainer(container(
+                        injector.id,
+                        base + i,
+                    )));
+                    batch.push(RegistryCommand::RemoveContainer {
+                        node: injector.id,
+                        id: container(injector.id, old + i).id,
+                    });
+                }
+                if injector.write(RegistryCommand::Batch(batch)).await {
+                    changes.fetch_add(2 * BATCH, Ordering::Relaxed);
+                }
+                round += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let total = changes.load(Ordering::Relaxed);
+    let status = procs[0].status().unwrap_or_default();
+    println!(
+        "3 voters (real processes, sled, fsync per ready) + 1 learner proposing; {WRITERS} writers, batches of {} changes",
+        2 * BATCH
+    );
+    println!(
+        "committed record changes: {total} in {:.1}s = {:.0}/s; leader term {} commit {}",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        status["term"],
+        status["commit_index"]
+    );
+}
+
+async fn failover(rounds: usize) {
+    let (mut procs, token) = real_cluster("failover", 3);
+    let injector = Injector::join(&procs[0].peer(), &token, 7498).await;
+    injector
+        .write(RegistryCommand::UpsertContainer(container(injector.id, 1)))
+        .await;
+    for p in &procs {
+        wait(Duration::from_secs(10), "web on every node", || {
+            answered(p.dns(), "svc1.cluster")
+        });
+    }
+    let mut resume_ms = Vec::new();
+    let mut failed_total = 0;
+    let mut asked_total = 0;
+    for round in 0..rounds {
+        let leader_name = procs[0]
+            .status()
+            .or_else(|| procs[1].status())
+            .and_then(|s| s["leader"].as_str().map(str::to_string))
+            .expect("a leader");
+        let dead = procs
+            .iter()
+            .position(|p| format!("h{}", p.index) == leader_name)
+            .expect("leader is a real node");
+        let survivors: Vec<usize> = (0..3).filter(|&i| i != dead).collect();
+        let commit_before = procs[survivors[0]].status().expect("status")["commit_index"]
+            .as_u64()
+            .unwrap_or(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (failed, asked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut loops = Vec::new();
+        for &i in &survivors {
+            let (server, stop, failed, asked) =
+                (procs[i].dns(), stop.clone(), failed.clone(), asked.clone());
+            loops.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    asked.fetch_add(1, Ordering::Relaxed);
+                    match ask(server, "svc1.cluster", 1, Duration::from_secs(1)) {
+                        Some((0, n)) if n > 0 => {}
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let killed = Instant::now();
+        procs[dead].kill();
+        // Writes resume when a survivor sees a new leader whose commit index moved on.
+        let mut resumed = None;
+        while killed.elapsed() < Duration::from_secs(10) {
+            let s = procs[survivors[0]].status();
+            if let Some(s) = s {
+                let new_leader = s["leader"].as_str().is_some_and(|l| l != leader_name);
+                if new_leader && s["commit_index"].as_u64().unwrap_or(0) > commit_before {
+                    resumed = Some(killed.elapsed());
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A write through the new leader confirms it.
+        let t = Instant::now();
+        let ok = injector
+            .write(RegistryCommand::UpsertContainer(container(
+                injector.id,
+                100 + round as u64,
+            )))
+            .await;
+        let write_ms = t.elapsed().as_secs_f64() * 1000.0;
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        for l in loops {
+            let _ = l.join();
+        }
+        let (f, a) = (
+            failed.load(Ordering::Relaxed),
+            asked.load(Ordering::Relaxed),
+        );
+        failed_total += f;
+        asked_total += a;
+        let resumed_ms = resumed.map(|d| d.as_secs_f64() * 1000.0);
+        println!(
+            "round {round}: killed leader {leader_name}; survivors answered {a} queries, {f} failed; new leader committing after {} ms; a write then took {:.0} ms ({})",
+            resumed_ms.map_or("never".into(), |m| format!("{m:.0}")),
+            write_ms,
+            if ok { "applied" } else { "FAILED" }
+        );
+        if let Some(m) = resumed_ms {
+            resume_ms.push(m);
+        }
+        procs[dead].spawn();
+        assert!(
+            procs[dead].wait_serving(Duration::from_secs(20)),
+            "restart failed"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    println!("failed queries on survivors: {failed_total} of {asked_total}");
+    println!("time until writes resume (ms): {}", percentiles(resume_ms));
+}
+
+async fn scale(records: u64) {
+    let (procs, token) = real_cluster("scale", 1);
+    let injector = Injector::join(&procs[0].peer(), &token, 7497).await;
+    // The measured node: a real process that joins and holds everything.
+    let dir = PathBuf::from(BASE).join("scale");
+    let mut measured = Proc {
+        index: 9,
+        dir: dir.clone(),
+        child: None,
+        first: vec![
+            "join".into(),
+            procs[0].peer(),
+            "--token".into(),
+            token.clone(),
+        ],
+    };
+    measured.spawn();
+    assert!(
+        measured.wait_serving(Duration::from_secs(30)),
+        "join:\n{}",
+        measured.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let empty_kb = rss_kb(measured.pid());
+    let started = Instant::now();
+    let mut written = 0;
+    while written < records {
+        let batch: Vec<RegistryCommand> = (written..(written + 1000).min(records))
+            .map(|i| RegistryCommand::UpsertContainer(container(injector.id, i)))
+            .collect();
+        written += batch.len() as u64;
+        assert!(
+            injector.write(RegistryCommand::Batch(batch)).await,
+            "write failed"
+        );
+    }
+    let last = format!("svc{}.cluster", records - 1);
+    wait(
+        Duration::from_secs(120),
+        "the measured node to catch up",
+        || answered(measured.dns(), &last),
+    );
+    println!(
+        "loaded {records} records in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let full_kb = rss_kb(measured.pid());
+    println!(
+        "joined node RSS: empty {empty_kb} kB, with {records} records {full_kb} kB: {:.0} bytes per record",
+        (full_kb.saturating_sub(empty_kb) * 1024) as f64 / records as f64
+    );
+    for attempt in 0..3 {
+        measured.kill();
+        let t = Instant::now();
+        measured.spawn();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !answered(measured.dns(), &last) {
+            assert!(
+                Instant::now() < deadline,
+                "no answer after restart:\n{}",
+                measured.log()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        println!(
+            "restart {attempt}: kill -9, `linkdns run`, first answer for {last} after {:.0} ms",
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    drop(injector);
+}
+
+async fn crash(rounds: usize) {
+    let (mut procs, token) = real_cluster("crash", 3);
+    let injector = Arc::new(Injector::join(&procs[0].peer(), &token, 7496).await);
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (injector, acked, stop) = (injector.clone(), acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                if injector
+                    .write(RegistryCommand::UpsertContainer(container(injector.id, i)))
+                    .await
+                {
+                    if let Ok(mut a) = acked.lock() {
+                        a.push(i);
+                    }
+                }
+                i += 4;
+            }
+        }));
+    }
+    let mut seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut failed_restarts = 0;
+    let mut kills: HashMap<u16, usize> = HashMap::new();
+    for round in 0..rounds {
+        let victim = (next() % 3) as usize;
+        tokio::time::sleep(Duration::from_millis(next() % 400)).await;
+        procs[victim].kill();
+        *kills.entry(procs[victim].index).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(next() % 300)).await;
+        procs[victim].spawn();
+        let p = &mut procs[victim];
+        let ok = tokio::task::block_in_place(|| p.wait_serving(Duration::from_secs(20)));
+        if !ok {
+            failed_restarts += 1;
+            println!("round {round}: h{} did not come back", p.index);
+            p.kill();
+            p.spawn();
+        }
+        if round % 10 == 9 {
+            let n = acked.lock().map_or(0, |a| a.len());
+            println!("round {}: {n} records acknowledged so far", round + 1);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    // Every acknowledged record must be on every voter once they agree.
+    let mut missing = 0;
+    for p in &procs {
+        let server = p.dns();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let last = acked.iter().max().copied().unwrap_or(0);
+        while !answered(server, &format!("svc{last}.cluster")) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for &i in &acked {
+            if !answered(server, &format!("svc{i}.cluster")) {
+                missing += 1;
+                if missing < 10 {
+                    println!("svc{i} missing on h{}", p.index);
+                }
+            }
+        }
+    }
+    let panics: usize = procs
+        .iter()
+        .map(|p| p.log().matches("panicked").count())
+        .sum();
+    println!(
+        "{rounds} rounds of kill -9 (per node: {:?}); {} records acknowledged; missing on any node: {missing}; restarts that failed: {failed_restarts}; panics in logs: {panics}",
+        {
+            let mut k: Vec<_> = kills.into_iter().collect();
+            k.sort();
+            k
+        },
+        acked.len()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+
+fn propagation(containers: usize) {
+    let mut hosts: Vec<testbed::Host> = (0..3).map(|_| testbed::Host::on_lan()).collect();
+    let extra = ["--dns-listen", "0.0.0.0:53"];
+    hosts[0].start_linkdns(&extra);
+    let token = hosts[0].token();
+    let (first, rest) = hosts.split_at_mut(1);
+    for h in rest {
+        h.join_linkdns(&first[0], &token, &extra);
+    }
+    testbed::wait_until(Duration::from_secs(60), "three voters", || {
+        hosts[0].status_json()["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().filter(|m| m["role"] == "voter").count() == 3)
+    });
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // (container, answering host index) -> wall-clock ns of the first answer.
+    let mut answered_at: HashMap<(String, usize), u128> = HashMap::new();
+    for i in 0..containers {
+        let on = i % 3;
+        let name = format!("p{i}");
+        hosts[on].run_container(&name, &[]);
+        let others: Vec<usize> = (0..3).filter(|&h| h != on).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut pending = others.clone();
+        while !pending.is_empty() && Instant::now() < deadline {
+            pending.retain(|&h| {
+                let server = SocketAddr::from((hosts[h].addr, 53));
+                if matches!(ask(server, &format!("{name}.cluster"), 1, Duration::from_millis(100)), Some((0, n)) if n > 0) {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos());
+                    answered_at.insert((name.clone(), h), now);
+                    false
+                } else {
+                    true
+                }
+            });
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+    // Docker's own start times.
+    let mut started: HashMap<String, u128> = HashMap::new();
+    for h in &hosts {
+        let until = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 1;
+        let out = h.docker(&[
+            "events",
+            "--since",
+            &since.to_string(),
+            "--until",
+            &until.to_string(),
+            "--filter",
+            "event=start",
+            "--format",
+            "{{.TimeNano}} {{.Actor.Attributes.name}}",
+        ]);
+        for line in out.lines() {
+            let mut parts = line.split_whitespace();
+            if let (Some(t), Some(n)) = (parts.next(), parts.next()) {
+                if let Ok(t) = t.parse::<u128>() {
+                    started.insert(n.to_string(), t);
+                }
+            }
+        }
+    }
+    let mut ms = Vec::new();
+    let mut never = 0;
+    for i in 0..containers {
+        let name = format!("p{i}");
+        for h in (0..3).filter(|&h| h != i % 3) {
+            match (answered_at.get(&(name.clone(), h)), started.get(&name)) {
+                (Some(&a), Some(&s)) => ms.push(a.saturating_sub(s) as f64 / 1e6),
+                _ => never += 1,
+            }
+        }
+    }
+    println!(
+        "{containers} containers on 3 hosts; Docker start event -> answered by another host's DNS (ms): {}; never answered within 10 s: {never}",
+        percentiles(ms)
+    );
+}
