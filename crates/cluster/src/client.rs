@@ -57,6 +57,7 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
                 node_cert,
                 ca_cert,
                 ca_key,
+                members,
             } => {
                 if fingerprint(&ca_cert) != token.ca_fingerprint {
                     return Err(Error::JoinRefused(
@@ -71,6 +72,7 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
                     ca_key,
                     node_cert,
                     node_key: key.serialize_der(),
+                    peers: members,
                 });
             }
             Reply::Redirect { leader } => {

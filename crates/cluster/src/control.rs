@@ -8,7 +8,7 @@ use linkdns_raft::{Membership, NodeHandle, Role};
 use linkdns_registry::{normalize_name, Command, NodeInfo};
 use rustls::pki_types::CertificateDer;
 
-use crate::identity::{RawPublicKey, Secret};
+use crate::identity::{fingerprint, RawPublicKey, Secret};
 use crate::transport::Inner;
 use crate::wire::{self, Reply, Request};
 
@@ -67,7 +67,10 @@ pub(crate) async fn handle(
             let mut ids: Vec<u64> = member_ids.collect();
             ids.sort_unstable();
             ids.dedup();
-            if !ids.iter().any(|&id| inner.tls.is_node(certs, id)) {
+            if !ids
+                .iter()
+                .any(|&id| crate::transport::check_node(inner, id, certs).is_ok())
+            {
                 return refused("only a member of the cluster may remove nodes");
             }
             if let Some(reply) = redirect_unless_leader(node) {
@@ -145,36 +148,66 @@ async fn admit(
     if public_key.len() != 65 || public_key.first() != Some(&4) {
         return refused("the public key is not an uncompressed P-256 point");
     }
-    let status = node.status();
-    let highest_member = status
-        .voters
-        .iter()
-        .chain(&status.learners)
-        .copied()
-        .max()
-        .unwrap_or(0);
-    let id = registry.next_node_id().max(highest_member + 1);
-    let node_cert = match inner.identity.issue(id, &RawPublicKey(public_key)) {
-        Ok(c) => c,
-        Err(e) => return refused(format!("cannot issue a certificate: {e}")),
-    };
     fix_own_address(inner, node, local).await;
-    let info = NodeInfo {
-        id,
-        name: name.clone(),
-        peer_addr: peer_addr.clone(),
-    };
-    match change(node, Membership::AddLearner(info)).await {
-        Ok(()) => {
-            tracing::info!(node = id, %name, %peer_addr, "node joined as a learner");
-            Reply::Joined {
-                node_id: id,
-                node_cert,
-                ca_cert: inner.identity.ca_cert.clone(),
-                ca_key: inner.identity.ca_key.clone(),
+    // The id is chosen afresh on every attempt: a change still in flight from an earlier
+    // admission may take the one chosen before. The applied change is checked again (a used id
+    // or name is refused there), so two hosts never share an id.
+    let deadline = tokio::time::Instant::now() + CHANGE_PATIENCE;
+    loop {
+        let published = node.published().load_full();
+        let status = node.status();
+        let highest_member = status
+            .voters
+            .iter()
+            .chain(&status.learners)
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let id = published.registry.next_node_id().max(highest_member + 1);
+        let node_cert = match inner.identity.issue(id, &RawPublicKey(public_key.clone())) {
+            Ok(c) => c,
+            Err(e) => return refused(format!("cannot issue a certificate: {e}")),
+        };
+        let info = NodeInfo {
+            id,
+            name: name.clone(),
+            peer_addr: peer_addr.clone(),
+        };
+        let change = Membership::AddLearner {
+            info,
+            cert: fingerprint(&node_cert),
+        };
+        match node.change_membership(change).await {
+            Ok(_) => {
+                tracing::info!(node = id, %name, %peer_addr, "node joined as a learner");
+                let registry = &node.published().load_full().registry;
+                let mut members: Vec<(u64, [u8; 32])> = registry
+                    .nodes()
+                    .filter_map(|n| registry.node_cert(n.id).map(|f| (n.id, *f)))
+                    .collect();
+                if registry.node_cert(inner.id).is_none() {
+                    members.push((inner.id, inner.identity.cert_fingerprint()));
+                }
+                return Reply::Joined {
+                    node_id: id,
+                    node_cert,
+                    ca_cert: inner.identity.ca_cert.clone(),
+                    ca_key: inner.identity.ca_key.clone(),
+                    members,
+                };
             }
+            Err(linkdns_raft::Error::ConfChangeInProgress)
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(linkdns_raft::Error::Timeout | linkdns_raft::Error::OutcomeUnknown) => {
+                return refused(format!(
+                    "the admission of node {id} did not complete in time; its outcome is unknown. Check `linkdns status` on a member, remove {name:?} if it is listed, and join again"
+                ))
+            }
+            Err(e) => return refused(format!("cannot add the node: {e}")),
         }
-        Err(e) => refused(format!("cannot add the node: {e}")),
     }
 }
 

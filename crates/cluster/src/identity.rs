@@ -75,6 +75,9 @@ pub struct Identity {
     /// This node's certificate (DER, issued by the CA) and key (PKCS#8 DER).
     pub node_cert: Vec<u8>,
     pub node_key: Vec<u8>,
+    /// The members at join time and their certificate fingerprints: trusted until this node's
+    /// replica (which binds every member to its certificate) has them.
+    pub peers: Vec<(u64, [u8; 32])>,
 }
 
 impl fmt::Debug for Identity {
@@ -151,6 +154,7 @@ impl Identity {
             ca_key: ca_key.serialize_der(),
             node_cert: Vec::new(),
             node_key: node_key.serialize_der(),
+            peers: Vec::new(),
         };
         identity.node_cert = identity.issue(node_id, &RawPublicKey::of(&node_key))?;
         Ok(identity)
@@ -176,6 +180,11 @@ impl Identity {
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(public_key, &issuer).map_err(crypto)?;
         Ok(cert.der().to_vec())
+    }
+
+    /// The fingerprint of this node's own certificate.
+    pub fn cert_fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.node_cert)
     }
 
     /// The token that lets a new host join this cluster.
@@ -345,6 +354,8 @@ struct Stored {
     ca_key: String,
     node_cert: String,
     node_key: String,
+    #[serde(default)]
+    peers: Vec<(u64, String)>,
 }
 
 impl From<&Identity> for Stored {
@@ -358,6 +369,7 @@ impl From<&Identity> for Stored {
             ca_key: hex(&i.ca_key),
             node_cert: hex(&i.node_cert),
             node_key: hex(&i.node_key),
+            peers: i.peers.iter().map(|(id, f)| (*id, hex(f))).collect(),
         }
     }
 }
@@ -387,6 +399,15 @@ impl Stored {
             ca_key: bytes("ca_key", &self.ca_key)?,
             node_cert: bytes("node_cert", &self.node_cert)?,
             node_key: bytes("node_key", &self.node_key)?,
+            peers: self
+                .peers
+                .iter()
+                .map(|(id, f)| {
+                    unhex(f)
+                        .map(|f| (*id, f))
+                        .ok_or("peer fingerprint is not hex")
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -24,6 +24,8 @@ pub struct MaintainConfig {
 
 /// A learner this far behind the leader's log is not promoted yet.
 const CAUGHT_UP: u64 = 100;
+/// A learner not heard from this recently is not promoted.
+const RECENT: Duration = Duration::from_secs(3);
 
 pub async fn maintain(
     transport: Transport,
@@ -67,25 +69,26 @@ pub async fn maintain(
                 tracing::warn!(error = %e, "cannot record liveness");
             }
         }
-        // Voters.
+        // Voters: towards the target through odd counts. From an odd count a promotion needs
+        // two ready learners (the second follows a second later): an even count tolerates no
+        // more failures than the odd one below it, and needs more nodes up.
         if status.voters.len() < config.voters && !status.conf_change_pending {
-            let candidate = status
+            let mut ready: Vec<u64> = status
                 .learners
                 .iter()
                 .copied()
-                // Heard from, and holding nearly all of the log: a voter that cannot vote
-                // yet would only weaken the quorum.
-                .filter(|&id| {
-                    transport
-                        .last_contact(id)
-                        .is_some_and(|d| d < config.liveness_timeout)
-                })
+                // Heard from just now, and holding nearly all of the log: a voter that cannot
+                // vote yet would only weaken the quorum.
+                .filter(|&id| transport.last_contact(id).is_some_and(|d| d < RECENT))
                 .filter(|id| {
                     status.matched.get(id).is_some_and(|&m| {
                         m > 0 && m + CAUGHT_UP >= status.last_index && m >= status.snapshot_index
                     })
                 })
-                .max_by_key(|id| (status.matched.get(id).copied(), std::cmp::Reverse(*id)));
+                .collect();
+            ready.sort_by_key(|id| (std::cmp::Reverse(status.matched.get(id).copied()), *id));
+            let needed = if status.voters.len() % 2 == 1 { 2 } else { 1 };
+            let candidate = (ready.len() >= needed).then(|| ready[0]);
             if let Some(id) = candidate {
                 tracing::info!(
                     node = id,

@@ -24,10 +24,11 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::control;
-use crate::identity::Identity;
+use crate::identity::{fingerprint, Identity};
 use crate::tls::MemberTls;
 use crate::wire::{self, Hello, Reassembly, WireError};
 use crate::Error;
+use rustls::pki_types::CertificateDer;
 
 /// Messages queued for one peer before new ones are dropped.
 const QUEUE: usize = 4096;
@@ -37,6 +38,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// A member stream with no frame for this long (pings come every second) is dropped.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Inbound connections at once, authenticated or not.
+const MAX_CONNECTIONS: usize = 256;
 
 /// The transport of one member. Cheap to clone.
 #[derive(Clone)]
@@ -64,6 +69,19 @@ pub(crate) struct Inner {
     shutdown: watch::Receiver<bool>,
     /// One membership change at a time from this node's control handler.
     pub(crate) admission: tokio::sync::Mutex<()>,
+    connections: Arc<tokio::sync::Semaphore>,
+    /// A peer refused this node's hello because it was removed from the cluster.
+    removed: std::sync::atomic::AtomicBool,
+}
+
+/// What certificate a peer claiming to be some node must present.
+enum Expected {
+    /// Exactly this one (SHA-256 of the DER).
+    Bound([u8; 32]),
+    /// Any from the cluster CA for that node name (a member whose binding has not arrived).
+    Unbound,
+    Removed,
+    Unknown,
 }
 
 struct PeerQueue {
@@ -98,6 +116,8 @@ impl Transport {
                 observed: Mutex::new(None),
                 shutdown,
                 admission: tokio::sync::Mutex::new(()),
+                connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+                removed: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -112,6 +132,13 @@ impl Transport {
         let _ = self.inner.node.set(node);
         let inner = self.inner.clone();
         self.inner.runtime.spawn(keep_peers(inner));
+    }
+
+    /// Whether a peer told this node it was removed from the cluster.
+    pub fn removed(&self) -> bool {
+        self.inner
+            .removed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The address this node announces to the peers it dials.
@@ -239,14 +266,34 @@ impl Inner {
         }
     }
 
-    /// Whether `peer`, which holds a certificate of this cluster's CA, may talk to this node:
-    /// yes unless this replica knows it was removed. A node newer than this replica's state
-    /// (a joining node's replica knows nobody yet) is let in: its certificate vouches for it.
-    pub(crate) fn is_member(&self, peer: u64) -> bool {
+    /// The certificate a peer claiming to be `peer` must present: the one the replicated
+    /// registry binds to it, else (while this node's replica does not list it yet) the one it
+    /// had when this node joined.
+    fn expected(&self, peer: u64) -> Expected {
         let Some(node) = self.node() else {
-            return false;
+            return Expected::Unknown;
         };
-        node.status().is_member(peer) || !node.published().load().registry.was_removed(peer)
+        let published = node.published().load_full();
+        let registry = &published.registry;
+        if let Some(fingerprint) = registry.node_cert(peer) {
+            return Expected::Bound(*fingerprint);
+        }
+        if registry.was_removed(peer) {
+            return Expected::Removed;
+        }
+        if registry.node(peer).is_some() || node.status().is_member(peer) {
+            return Expected::Unbound;
+        }
+        match self.identity.peers.iter().find(|(id, _)| *id == peer) {
+            Some((_, fingerprint)) => Expected::Bound(*fingerprint),
+            None => Expected::Unknown,
+        }
+    }
+
+    /// Whether this node knows `peer` was removed.
+    fn was_removed(&self, peer: u64) -> bool {
+        self.node()
+            .is_some_and(|n| n.published().load().registry.was_removed(peer))
     }
 }
 
@@ -263,11 +310,10 @@ impl Outbox for PeerOutbox {
                 continue;
             };
             if m.get_msg_type() == MessageType::MsgSnapshot {
-                let replaced = slot.message.lock().ok().and_then(|mut s| s.replace(m));
-                if replaced.is_some() {
-                    if let Some(node) = self.0.node() {
-                        node.report_snapshot(to, false);
-                    }
+                // A newer snapshot replaces one not yet started; Raft tracks only the newest,
+                // so nothing is reported for the replaced one.
+                if let Ok(mut s) = slot.message.lock() {
+                    *s = Some(m);
                 }
                 slot.ready.notify_one();
                 continue;
@@ -401,7 +447,26 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
     wire::write_frame(&mut tls, wire::HELLO, &wire::encode(&hello))
         .await
         .map_err(|e| e.to_string())?;
-    Ok(tls)
+    let answer = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        wire::read_frame_within(&mut tls, wire::MAX_FIRST_FRAME),
+    )
+    .await
+    .map_err(|_| format!("no answer to the hello from {addr}"))?
+    .map_err(|e| format!("answer to the hello from {addr}: {e}"))?;
+    match answer {
+        (wire::ACCEPT, _) => Ok(tls),
+        (wire::REFUSE, reason) => {
+            let reason = String::from_utf8_lossy(&reason).into_owned();
+            if reason.starts_with(wire::REMOVED) {
+                inner
+                    .removed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(format!("{addr} refused this node: {reason}"))
+        }
+        (kind, _) => Err(format!("{addr} answered the hello with frame kind {kind}")),
+    }
 }
 
 /// One connection's life: batches first, then a snapshot chunk, then wait.
@@ -420,17 +485,25 @@ async fn session(
     let mut last_write = Instant::now();
     let result = loop {
         batch.clear();
-        while batch.len() < BATCH {
+        let mut bytes = 0;
+        let mut closed = false;
+        // A frame holds up to BATCH messages or about FRAME_TARGET bytes, far below MAX_FRAME
+        // (raft-rs keeps one append message near 1 MiB).
+        while batch.len() < BATCH && bytes < wire::FRAME_TARGET {
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => {
+                    bytes += m.compute_size() as usize;
+                    batch.push(m);
+                }
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    if batch.is_empty() {
-                        return Ok(());
-                    }
+                    closed = true;
                     break;
                 }
             }
+        }
+        if closed && batch.is_empty() {
+            break Ok(());
         }
         out.clear();
         if !batch.is_empty() {
@@ -473,7 +546,7 @@ async fn session(
                     }
                     last_write = Instant::now();
                 }
-                None => return Ok(()),
+                None => break Ok(()),
             },
             _ = slot.ready.notified() => {}
             _ = tokio::time::sleep(ping_in) => {
@@ -484,10 +557,11 @@ async fn session(
             }
             _ = shutdown.changed() => {
                 let _ = stream.shutdown().await;
-                return Ok(());
+                break Ok(());
             }
         }
     };
+    // Every way out of a session with a snapshot half sent tells Raft it failed.
     if streaming.is_some() {
         if let Some(node) = inner.node() {
             node.report_snapshot(peer, false);
@@ -525,6 +599,10 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
             },
             _ = shutdown.changed() => return,
         };
+        let Ok(permit) = inner.connections.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %remote, limit = MAX_CONNECTIONS, "too many peer connections; refused");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let inner = inner.clone();
         let acceptor = acceptor.clone();
@@ -532,6 +610,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
             if let Err(reason) = serve_connection(&inner, acceptor, tcp, remote).await {
                 tracing::warn!(peer = %remote, %reason, "peer connection refused");
             }
+            drop(permit);
         });
     }
 }
@@ -549,16 +628,19 @@ async fn serve_connection(
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let (kind, payload) = tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls))
-        .await
-        .map_err(|_| "no hello within the handshake timeout".to_string())?
-        .map_err(|e| format!("bad first frame: {e}"))?;
     let certs: Vec<_> = tls
         .get_ref()
         .1
         .peer_certificates()
         .map(|c| c.to_vec())
         .unwrap_or_default();
+    let (kind, payload) = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        wire::read_frame_within(&mut tls, wire::MAX_FIRST_FRAME),
+    )
+    .await
+    .map_err(|_| "no hello within the handshake timeout".to_string())?
+    .map_err(|e| format!("bad first frame: {e}"))?;
     match kind {
         wire::HELLO => {
             let hello: Hello = wire::decode("hello", &payload).map_err(|e| e.to_string())?;
@@ -575,12 +657,13 @@ async fn serve_connection(
                     hello.cluster, hello.to, inner.identity.cluster, inner.id
                 ));
             }
-            if !inner.tls.is_node(&certs, hello.from) {
-                return Err(format!("no member certificate for node {}", hello.from));
+            if let Err(reason) = check_hello(inner, &hello, &certs) {
+                let _ = wire::write_frame(&mut tls, wire::REFUSE, reason.as_bytes()).await;
+                return Err(reason);
             }
-            if !inner.is_member(hello.from) {
-                return Err(format!("node {} was removed from this cluster", hello.from));
-            }
+            wire::write_frame(&mut tls, wire::ACCEPT, &[])
+                .await
+                .map_err(|e| e.to_string())?;
             inner.learn(hello.from, &hello.addr);
             receive(inner, hello.from, tls).await
         }
@@ -605,6 +688,40 @@ async fn serve_connection(
     }
 }
 
+/// Whether the dialer is the node it claims to be, with the certificate bound to that node,
+/// and still a member.
+fn check_hello(
+    inner: &Inner,
+    hello: &Hello,
+    certs: &[CertificateDer<'static>],
+) -> Result<(), String> {
+    check_node(inner, hello.from, certs)
+}
+
+/// Whether `certs` are those of member `from`: issued by the cluster CA for that node, and the
+/// very certificate the registry binds to it.
+pub(crate) fn check_node(
+    inner: &Inner,
+    from: u64,
+    certs: &[CertificateDer<'static>],
+) -> Result<(), String> {
+    if !inner.tls.is_node(certs, from) {
+        return Err(format!("no certificate of this cluster for node {from}"));
+    }
+    let presented = certs.first().map(|c| fingerprint(c));
+    match inner.expected(from) {
+        Expected::Bound(f) if presented == Some(f) => Ok(()),
+        Expected::Bound(_) => Err(format!(
+            "the certificate is not the one bound to node {from}"
+        )),
+        Expected::Unbound => Ok(()),
+        Expected::Removed => Err(format!("{}: node {from}", wire::REMOVED)),
+        Expected::Unknown => Err(format!(
+            "node {from} is not a member this node knows of (yet)"
+        )),
+    }
+}
+
 /// Reads a member's Raft stream into the node.
 async fn receive(
     inner: &Arc<Inner>,
@@ -616,7 +733,10 @@ async fn receive(
     inner.touch(from);
     loop {
         let frame = tokio::select! {
-            f = wire::read_frame(&mut tls) => f,
+            f = tokio::time::timeout(IDLE_TIMEOUT, wire::read_frame(&mut tls)) => match f {
+                Ok(f) => f,
+                Err(_) => return Err(format!("node {from} sent nothing for {IDLE_TIMEOUT:?}")),
+            },
             _ = shutdown.changed() => return Ok(()),
         };
         let (kind, payload) = match frame {
@@ -636,7 +756,13 @@ async fn receive(
                 Some(m) => vec![m],
                 None => continue,
             },
-            wire::PING => continue,
+            wire::PING => {
+                // A connection outlives a removal only until the next ping.
+                if inner.was_removed(from) {
+                    return Err(format!("node {from} was removed; closing its stream"));
+                }
+                continue;
+            }
             other => return Err(format!("unexpected frame kind {other} from node {from}")),
         };
         let Some(node) = inner.node() else { continue };

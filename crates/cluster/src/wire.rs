@@ -8,9 +8,12 @@
 //! PING    = (empty)                           keeps the contact time fresh when idle
 //! REQUEST = postcard Request                  first frame of a control connection
 //! REPLY   = postcard Reply                    its answer; then the connection closes
+//! ACCEPT  = (empty)                           the acceptor's answer to a good hello
+//! REFUSE  = utf-8 reason                      ... to a bad one; then it closes
 //! ```
 //!
-//! A Raft stream is one-way: the dialer sends, the acceptor steps what it reads into Raft.
+//! A Raft stream is one-way after the hello: the dialer sends, the acceptor steps what it reads
+//! into Raft.
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
@@ -25,8 +28,14 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame accepted.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
+/// Largest first frame from a connection that has not proven membership.
+pub const MAX_FIRST_FRAME: usize = 64 * 1024;
+
+/// A sender closes a RAFT frame once it holds this much (one larger message goes alone).
+pub const FRAME_TARGET: usize = 4 * 1024 * 1024;
+
 /// Largest snapshot accepted in chunks.
-pub const MAX_SNAPSHOT: u64 = 4 * 1024 * 1024 * 1024;
+pub const MAX_SNAPSHOT: u64 = 1024 * 1024 * 1024;
 
 /// Size of one snapshot chunk: heartbeats queued behind it wait for at most one chunk.
 pub const CHUNK: usize = 256 * 1024;
@@ -37,6 +46,11 @@ pub const CHUNK_KIND: u8 = 3;
 pub const PING: u8 = 4;
 pub const REQUEST: u8 = 5;
 pub const REPLY: u8 = 6;
+pub const ACCEPT: u8 = 7;
+pub const REFUSE: u8 = 8;
+
+/// How a refusal of a removed node starts, so that the node can tell it was removed.
+pub const REMOVED: &str = "removed from the cluster";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -74,6 +88,8 @@ pub enum Reply {
         node_cert: Vec<u8>,
         ca_cert: Vec<u8>,
         ca_key: Vec<u8>,
+        /// The members and their certificate fingerprints, to trust until the snapshot comes.
+        members: Vec<(u64, [u8; 32])>,
     },
     Removed {
         node_id: u64,
@@ -105,6 +121,14 @@ fn malformed(what: &'static str) -> impl Fn(String) -> WireError {
 
 /// Reads one frame: (kind, payload).
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>), WireError> {
+    read_frame_within(r, MAX_FRAME).await
+}
+
+/// Reads one frame of at most `max` bytes.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<(u8, Vec<u8>), WireError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -112,7 +136,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>)
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
+    if len == 0 || len > max {
         return Err(WireError::BadLength(len));
     }
     let mut body = vec![0u8; len];

@@ -21,6 +21,9 @@
 //!
 //! All need root only for `propagation` (network namespaces, dockerd).
 
+// A benchmark's output is its figures, on stdout.
+#![allow(clippy::print_stdout)]
+
 #[allow(dead_code)]
 #[path = "../tests/e2e/testbed.rs"]
 mod testbed;

@@ -21,6 +21,10 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
 
+/// Written once the node holds Raft state: an identity without state after that means the log
+/// was lost.
+const STARTED_MARKER: &str = "raft.started";
+
 /// Most watcher reports folded into one proposal.
 const MAX_BATCH: usize = 1024;
 
@@ -34,16 +38,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let store = SledStore::open(&config.data_dir)?;
-    let identity = identity(&config.data_dir, &store)?;
+    let (identity, created) = identity(&config.data_dir, &store)?;
     let node_id = identity.node_id;
     let cluster = identity.cluster;
+    let fingerprint = identity.cert_fingerprint();
+    let marker = config.data_dir.join(STARTED_MARKER);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let transport = Transport::new(identity, shutdown_rx.clone())?;
+    let transport = Transport::new(identity.clone(), shutdown_rx.clone())?;
     let node = linkdns_raft::start(
         NodeConfig {
-            // Only the first node of a cluster bootstraps; a joined node waits for the leader.
-            bootstrap: node_id == BOOTSTRAP_ID,
+            // Only a new cluster's first node bootstraps; a joined node waits for the leader.
+            bootstrap: created,
             snapshot_every: config.snapshot_every,
             proposal_timeout: config.proposal_timeout,
             ..NodeConfig::new(node_id)
@@ -52,6 +58,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         transport.outbox(),
     )?;
     let node = Arc::new(node);
+    if created {
+        // After the store is bootstrapped: a crash in between leaves a one-voter store
+        // without identity, which the next start completes.
+        identity.save(&config.data_dir)?;
+        tracing::info!(%cluster, "created a new cluster; `linkdns token` prints the token other hosts join with");
+    }
     transport.attach(node.clone());
     let peer_addr = transport.serve(config.peer_listen).await?;
     let advertised = config.advertise_addr.unwrap_or(peer_addr);
@@ -63,6 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         transport.clone(),
         config.node_name.clone(),
         advertised,
+        fingerprint,
     ));
     tokio::spawn(linkdns_cluster::maintain(
         transport.clone(),
@@ -152,6 +165,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
 
+    // Proposals run beside the main loop, so a slow one (no leader, say) never holds up signals,
+    // the stop checks or Docker state; what queues up meanwhile goes out as one batch.
+    let (proposals_tx, proposals_rx) = mpsc::channel::<Command>(MAX_BATCH);
+    let proposer = tokio::spawn(propose_loop(node.clone(), proposals_rx, resync.clone()));
     let mut stop_check = tokio::time::interval(Duration::from_millis(500));
     let mut was_member = false;
     let mut was_down = false;
@@ -163,24 +180,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             report = reports.recv() => {
                 let Some(report) = report else { break Ok(()) };
-                // Everything the watcher has queued goes into one proposal (one log entry, one
-                // round of fsyncs), however many containers changed at once.
-                let mut queued = vec![report];
-                while queued.len() < MAX_BATCH {
-                    match reports.try_recv() {
-                        Ok(r) => queued.push(r),
-                        Err(_) => break,
-                    }
-                }
-                let mut commands = Vec::new();
-                for report in queued {
                 match report {
                     Report::Command(command) => {
                         node_metrics.docker_events.inc();
                         if matches!(command, Command::ReplaceContainers { .. }) {
                             node_metrics.resyncs.inc();
                         }
-                        commands.push(command);
+                        if proposals_tx.send(command).await.is_err() {
+                            break Err(anyhow::anyhow!("the proposer stopped; see the log above"));
+                        }
                     }
                     Report::Connected { bridge_subnets, bridge_gateways } => {
                         admin_state.set_docker(true, None);
@@ -204,22 +212,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     }
                     Report::Disconnected { reason } => admin_state.set_docker(false, Some(reason)),
                 }
-                }
-                let command = match commands.len() {
-                    0 => continue,
-                    1 => commands.swap_remove(0),
-                    _ => Command::Batch(commands),
-                };
-                tokio::select! {
-                    result = propose_with_retry(&node, command) => match result {
-                        Ok(Proposed::Applied) => {}
-                        // Lost: have the watcher restate the whole node.
-                        Ok(Proposed::GaveUp) => resync.notify_one(),
-                        Err(e) => break Err(e),
-                    },
-                    _ = interrupt.recv() => break Ok(()),
-                    _ = terminate.recv() => break Ok(()),
-                }
             }
             _ = stop_check.tick() => {
                 if node.is_stopped() {
@@ -228,8 +220,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 let status = node.status();
                 if status.is_member(node_id) {
                     was_member = true;
+                    if !marker.exists() && status.applied_index > 0 {
+                        if let Err(e) = std::fs::write(&marker, b"") {
+                            tracing::warn!(error = %e, path = %marker.display(), "cannot write the state marker");
+                        }
+                    }
                 } else if was_member && status.role == Role::Detached {
                     tracing::warn!("this node was removed from the cluster; stopping");
+                    removed = true;
+                    break Ok(());
+                }
+                if transport.removed() {
+                    tracing::warn!("a peer says this node was removed from the cluster (while it was away); stopping");
                     removed = true;
                     break Ok(());
                 }
@@ -249,6 +251,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = watcher.await;
+    proposer.abort();
     for server in dns {
         server.shutdown().await;
     }
@@ -268,9 +271,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// This node's cluster identity: from `DIR/cluster.json`, or a new cluster's if the data dir is
 /// new (or holds a one-node store from before clusters).
-fn identity(data_dir: &Path, store: &SledStore) -> anyhow::Result<Identity> {
+/// This node's cluster identity: from `DIR/cluster.json`, or a new cluster's (not saved yet;
+/// `true`) if the data dir is new or holds a one-node store without one (from before clusters,
+/// or a crash during bootstrap).
+fn identity(data_dir: &Path, store: &SledStore) -> anyhow::Result<(Identity, bool)> {
     if let Some(identity) = Identity::load(data_dir)? {
-        return Ok(identity);
+        // A member whose log is gone would vote with an empty log, or (the first node)
+        // start a new cluster of its own under the old one's identity.
+        let had_state = data_dir.join(STARTED_MARKER).exists() || identity.node_id == BOOTSTRAP_ID;
+        if store.is_fresh() && had_state {
+            bail!(
+                "data dir {} has this node's identity ({IDENTITY_FILE}) but its Raft log is gone; starting would risk the cluster's data. Run `linkdns remove` for this node on a member, then join again with an empty data dir",
+                data_dir.display()
+            );
+        }
+        return Ok((identity, false));
     }
     let single = store.stored_voters() == [BOOTSTRAP_ID];
     if !store.is_fresh() && !single {
@@ -279,10 +294,7 @@ fn identity(data_dir: &Path, store: &SledStore) -> anyhow::Result<Identity> {
             data_dir.display()
         );
     }
-    let identity = Identity::bootstrap(BOOTSTRAP_ID)?;
-    identity.save(data_dir)?;
-    tracing::info!(cluster = %identity.cluster, "created a new cluster; `linkdns token` prints the token other hosts join with");
-    Ok(identity)
+    Ok((Identity::bootstrap(BOOTSTRAP_ID)?, true))
 }
 
 /// Moves the state of a node that was removed aside: a later `linkdns run` on this data dir
@@ -294,11 +306,14 @@ fn retire(data_dir: &Path) -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     );
+    // The identity first: a crash between the two leaves a log without identity, which is
+    // refused at start, never an identity without its log.
+    let identity_to = Identity::retire(data_dir, &suffix)?;
+    let _ = std::fs::remove_file(data_dir.join(STARTED_MARKER));
     let raft = data_dir.join("raft");
     let raft_to = data_dir.join(format!("raft.{suffix}"));
     std::fs::rename(&raft, &raft_to)
         .with_context(|| format!("cannot move {} aside", raft.display()))?;
-    let identity_to = Identity::retire(data_dir, &suffix)?;
     tracing::warn!(raft = %raft_to.display(), identity = %identity_to.display(), "this node's state was moved aside; join a cluster again with `linkdns join`");
     Ok(())
 }
@@ -312,6 +327,7 @@ async fn register_self(
     transport: Transport,
     name: String,
     advertised: SocketAddr,
+    fingerprint: [u8; 32],
 ) {
     let id = node.id();
     let usable = |a: &str| {
@@ -343,6 +359,17 @@ async fn register_self(
             peer_addr,
         };
         if current.as_ref() == Some(&wanted) {
+            // The first node's certificate was made at bootstrap, not at an admission: bind it.
+            if node.published().load().registry.node_cert(id).is_none() {
+                let bind = Command::SetNodeCert {
+                    node: id,
+                    fingerprint,
+                };
+                if let Err(e) = node.propose(bind).await {
+                    tracing::debug!(error = %e, "binding this node's certificate; retrying");
+                }
+                continue;
+            }
             if usable(&wanted.peer_addr) {
                 return;
             }
@@ -356,6 +383,38 @@ async fn register_self(
             }
             Err(linkdns_raft::Error::Stopped) => return,
             Err(e) => tracing::debug!(error = %e, "registering this node; retrying"),
+        }
+    }
+}
+
+/// Proposes the watcher's commands: everything queued goes into one proposal (one log entry,
+/// one round of fsyncs), however many containers changed at once.
+async fn propose_loop(
+    node: Arc<NodeHandle>,
+    mut commands: mpsc::Receiver<Command>,
+    resync: Arc<Notify>,
+) {
+    while let Some(first) = commands.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match commands.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let command = if batch.len() == 1 {
+            batch.swap_remove(0)
+        } else {
+            Command::Batch(batch)
+        };
+        match propose_with_retry(&node, command).await {
+            Ok(Proposed::Applied) => {}
+            // Lost: have the watcher restate the whole node.
+            Ok(Proposed::GaveUp) => resync.notify_one(),
+            Err(e) => {
+                tracing::error!(error = %e, "proposer stopped");
+                return;
+            }
         }
     }
 }

@@ -94,8 +94,12 @@ impl RaftStatus {
 /// A change of membership, proposed by the leader.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Membership {
-    /// Adds a node as a learner (a full replica without a vote) and registers it.
-    AddLearner(linkdns_registry::NodeInfo),
+    /// Adds a node as a learner (a full replica without a vote), registers it and binds it to
+    /// its certificate (SHA-256 fingerprint).
+    AddLearner {
+        info: linkdns_registry::NodeInfo,
+        cert: [u8; 32],
+    },
     /// Makes a learner a voter.
     Promote(u64),
     /// Removes a node from the configuration and its records from the registry.
@@ -322,10 +326,18 @@ impl<S: LogStore, T> Core<S, T> {
         }
         let mut cc = ConfChange::default();
         match change {
-            Membership::AddLearner(info) => {
+            Membership::AddLearner { info, cert } => {
                 cc.set_change_type(ConfChangeType::AddLearnerNode);
                 cc.node_id = info.id;
-                cc.context = Command::UpsertNode(info.clone()).encode().into();
+                cc.context = Command::Batch(vec![
+                    Command::UpsertNode(info.clone()),
+                    Command::SetNodeCert {
+                        node: info.id,
+                        fingerprint: *cert,
+                    },
+                ])
+                .encode()
+                .into();
             }
             Membership::Promote(id) => {
                 cc.set_change_type(ConfChangeType::AddNode);
@@ -335,6 +347,12 @@ impl<S: LogStore, T> Core<S, T> {
                 cc.set_change_type(ConfChangeType::RemoveNode);
                 cc.node_id = *id;
             }
+        }
+        // Checked here for a quick answer, and again when applied (where it counts).
+        if let Some(reason) = self.membership_error(&cc) {
+            self.done
+                .push((token, Err(Error::InvalidMembership(reason))));
+            return;
         }
         let context = self.proposer();
         match self.raw.propose_conf_change(context.encode(), cc) {
@@ -569,12 +587,64 @@ impl<S: LogStore, T> Core<S, T> {
         Ok(result.map_err(Error::Registry))
     }
 
-    /// Applies a membership change to the configuration and the registry together.
+    /// Why a membership change is not valid now, if it is not: judged against the current
+    /// configuration and registry, which are the same on every replica at a given index.
+    fn membership_error(&self, cc: &ConfChange) -> Option<String> {
+        let conf = self.raw.raft.prs().conf();
+        let id = cc.node_id;
+        let voters = conf.voters().ids();
+        let is_voter = voters.contains(id);
+        let is_learner = conf.learners().contains(&id);
+        match cc.get_change_type() {
+            ConfChangeType::AddLearnerNode => {
+                if is_voter || is_learner {
+                    return Some(format!("node {id} is already a member"));
+                }
+                if id < self.registry.next_node_id() {
+                    return Some(format!("node id {id} was used before"));
+                }
+                let info = match Command::decode(&cc.context) {
+                    Ok(Command::Batch(commands)) => commands.into_iter().find_map(|c| match c {
+                        Command::UpsertNode(info) => Some(info),
+                        _ => None,
+                    }),
+                    Ok(Command::UpsertNode(info)) => Some(info),
+                    _ => None,
+                };
+                match info {
+                    Some(info) if info.id != id => {
+                        Some(format!("record of node {} for node {id}", info.id))
+                    }
+                    Some(info) => self.registry.node_by_name(&info.name).map(|owner| {
+                        format!("node name {:?} is used by node {}", owner.name, owner.id)
+                    }),
+                    None => Some(format!("no registry record for node {id}")),
+                }
+            }
+            ConfChangeType::AddNode => (!is_learner).then(|| format!("node {id} is not a learner")),
+            ConfChangeType::RemoveNode => {
+                if !is_voter && !is_learner {
+                    Some(format!("node {id} is not a member"))
+                } else if is_voter && voters.len() == 1 {
+                    Some(format!("node {id} is the last voter"))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Applies a membership change to the configuration and the registry together, or to
+    /// neither if it is not valid at this point of the log.
     fn apply_conf_change(
         &mut self,
         cc: &ConfChange,
         index: u64,
     ) -> Result<Result<Outcome, Error>, Error> {
+        if let Some(reason) = self.membership_error(cc) {
+            tracing::warn!(index, node = cc.node_id, %reason, "conf change rejected");
+            return Ok(Err(Error::InvalidMembership(reason)));
+        }
         if let Err(e) = self.raw.apply_conf_change(cc) {
             // Deterministic (the same configuration on every replica): a result, not a stop.
             tracing::warn!(index, node = cc.node_id, error = %e, "conf change rejected");

@@ -37,6 +37,8 @@ pub enum Error {
     NotLeader { leader: Option<u64> },
     #[error("another membership change is in progress; retry when it has landed")]
     ConfChangeInProgress,
+    #[error("membership change refused: {0}")]
+    InvalidMembership(String),
     #[error("a snapshot from the leader replaced this node's log before the proposal was seen applied; its outcome is unknown (commands are idempotent: retry)")]
     OutcomeUnknown,
     #[error("the raft node has stopped")]

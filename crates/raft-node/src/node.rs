@@ -86,6 +86,9 @@ impl Outbox for NoPeers {
 
 type Reply = oneshot::Sender<Result<Outcome, Error>>;
 
+/// Events handled between two readies, at most.
+const MAX_EVENTS_PER_READY: usize = 4096;
+
 /// The closed set of events the driver loop handles.
 enum Event {
     Propose {
@@ -283,8 +286,10 @@ impl<S: LogStore> Driver<S> {
                     if !self.handle(event) {
                         return Ok(());
                     }
-                    // Take everything already queued, so one ready (one fsync) covers it all.
-                    while let Ok(event) = rx.try_recv() {
+                    // Take what is already queued, so one ready (one fsync) covers it all; but
+                    // not forever, or a flood of messages would starve ticks and readies.
+                    for _ in 0..MAX_EVENTS_PER_READY {
+                        let Ok(event) = rx.try_recv() else { break };
                         if !self.handle(event) {
                             return Ok(());
                         }

@@ -32,6 +32,9 @@ pub enum Command {
     SetNodeDown { node: NodeId, down: bool },
     /// Removes a node and all its containers (the node left or was removed from the cluster).
     RemoveNode { node: NodeId },
+    /// Binds a node to its certificate (SHA-256 of the DER): peers accept only that one for
+    /// it. Set once; later attempts change nothing.
+    SetNodeCert { node: NodeId, fingerprint: [u8; 32] },
 }
 
 impl Command {

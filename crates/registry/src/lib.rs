@@ -72,6 +72,8 @@ pub struct Registry {
     down: BTreeSet<NodeId>,
     /// The highest node id ever registered: ids of removed nodes are never handed out again.
     max_node_id: NodeId,
+    /// Each node's certificate fingerprint (SHA-256 of its DER).
+    certs: BTreeMap<NodeId, [u8; 32]>,
     /// Containers are shared (`Arc`) between this registry and its published clones.
     containers: BTreeMap<ContainerId, Arc<Container>>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
@@ -136,11 +138,20 @@ impl Registry {
                 };
                 self.node_by_name.remove(&info.name);
                 self.down.remove(node);
+                self.certs.remove(node);
                 let ids: Vec<ContainerId> =
                     self.containers_of(*node).map(|c| c.id.clone()).collect();
                 for id in ids {
                     self.remove_container(&id);
                 }
+                Ok(Outcome::Changed)
+            }
+            Command::SetNodeCert { node, fingerprint } => {
+                self.known_node(*node)?;
+                if self.certs.contains_key(node) {
+                    return Ok(Outcome::Unchanged);
+                }
+                self.certs.insert(*node, *fingerprint);
                 Ok(Outcome::Changed)
             }
             Command::Batch(commands) => {
@@ -311,6 +322,11 @@ impl Registry {
     /// Whether the node's containers are hidden from answers (it stopped reporting).
     pub fn is_down(&self, id: NodeId) -> bool {
         self.down.contains(&id)
+    }
+
+    /// The certificate fingerprint node `id` must present to its peers, once bound.
+    pub fn node_cert(&self, id: NodeId) -> Option<&[u8; 32]> {
+        self.certs.get(&id)
     }
 
     /// Whether node `id` was registered once and has been removed since. (An id above every

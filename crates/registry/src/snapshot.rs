@@ -27,6 +27,7 @@ struct SnapshotV2 {
     containers: Vec<Container>,
     down: Vec<NodeId>,
     max_node_id: NodeId,
+    certs: Vec<(NodeId, [u8; 32])>,
 }
 
 /// The same layout as [`SnapshotV2`], borrowing from the registry instead of copying it.
@@ -36,6 +37,7 @@ struct SnapshotV2Ref<'a> {
     containers: Vec<&'a Container>,
     down: Vec<NodeId>,
     max_node_id: NodeId,
+    certs: Vec<(NodeId, [u8; 32])>,
 }
 
 impl Registry {
@@ -46,6 +48,7 @@ impl Registry {
             containers: self.containers.values().map(|c| &**c).collect(),
             down: self.down.iter().copied().collect(),
             max_node_id: self.max_node_id,
+            certs: self.certs.iter().map(|(&n, &f)| (n, f)).collect(),
         };
         let mut out = MAGIC.to_vec();
         out.push(SNAPSHOT_VERSION);
@@ -81,6 +84,7 @@ impl Registry {
                     containers: v1.containers,
                     down: Vec::new(),
                     max_node_id: 0,
+                    certs: Vec::new(),
                 }
             }
             SNAPSHOT_VERSION => {
@@ -109,6 +113,11 @@ impl Registry {
             registry
                 .apply(&Command::SetNodeDown { node, down: true })
                 .map_err(|e| decode_err(format!("inconsistent liveness: {e}")))?;
+        }
+        for &(node, fingerprint) in &body.certs {
+            registry
+                .apply(&Command::SetNodeCert { node, fingerprint })
+                .map_err(|e| decode_err(format!("inconsistent certificate: {e}")))?;
         }
         registry.max_node_id = registry.max_node_id.max(body.max_node_id);
         Ok(registry)

@@ -449,6 +449,25 @@ fn removing_a_node_drops_its_records_and_never_reuses_its_id() {
     assert_eq!(r.resolve("web", None, None), found(&["10.0.1.2"]));
     assert!(r.node_by_name("h3").is_none());
     assert_eq!(r.record_count(), 1);
+    r.apply(&Command::SetNodeCert {
+        node: 1,
+        fingerprint: [7; 32],
+    })
+    .expect("cert");
+    assert_eq!(
+        r.apply(&Command::SetNodeCert {
+            node: 1,
+            fingerprint: [8; 32]
+        }),
+        Ok(Outcome::Unchanged),
+        "a node's certificate is bound once"
+    );
+    assert_eq!(
+        Registry::restore(&r.snapshot())
+            .expect("restore")
+            .node_cert(1),
+        Some(&[7; 32])
+    );
     // The name is free again, the id is not.
     assert_eq!(r.next_node_id(), 4);
     assert!(r.was_removed(3));

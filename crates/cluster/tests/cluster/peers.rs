@@ -213,6 +213,28 @@ async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
         !resolves(&fourth, "web2"),
         "a removed node's records go with it"
     );
+
+    // The removed node keeps the CA key it was given, but neither its own certificate nor one
+    // it mints for a live node's id is accepted any more.
+    let stolen = second.transport.identity().clone();
+    let e = remove(&first.addr.to_string(), &stolen, "h4")
+        .await
+        .expect_err("a removed node");
+    assert!(e.to_string().contains("only a member"), "{e}");
+    let key = linkdns_cluster::identity::new_node_key().expect("key");
+    let forged = Identity {
+        node_id: 3,
+        node_cert: stolen
+            .issue(3, &linkdns_cluster::identity::RawPublicKey::of(&key))
+            .expect("mint"),
+        node_key: key.serialize_der(),
+        ..stolen
+    };
+    let e = remove(&first.addr.to_string(), &forged, "h4")
+        .await
+        .expect_err("a forged certificate");
+    assert!(e.to_string().contains("only a member"), "{e}");
+    assert_eq!(first.node.status().voters, vec![1, 3, 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,7 +142,10 @@ impl Sim {
         )
         .expect("open joining node");
         self.live.insert(id, core);
-        self.change(Membership::AddLearner(info(id)));
+        self.change(Membership::AddLearner {
+            info: info(id),
+            cert: [id as u8; 32],
+        });
     }
 
     /// Proposes a membership change on the leader until it lands.
@@ -487,6 +490,36 @@ fn membership_changes_go_one_at_a_time_and_removal_detaches_a_node() {
     // The removed node's registry entry is gone everywhere it is still a member.
     for id in expected {
         assert!(sim.live[&id].registry().node(victim).is_none());
+    }
+    // Changes that do not fit the configuration are refused, also when they were proposed
+    // before an earlier change made them invalid: judged when applied, the same everywhere.
+    let leader = sim.wait_leader(50);
+    for change in [
+        Membership::Promote(victim),
+        Membership::Remove(victim),
+        Membership::AddLearner {
+            info: info(victim),
+            cert: [0; 32],
+        },
+        Membership::AddLearner {
+            info: NodeInfo {
+                name: "h1".into(),
+                ..info(9)
+            },
+            cert: [0; 32],
+        },
+    ] {
+        let t = sim.token();
+        sim.live
+            .get_mut(&leader)
+            .expect("leader")
+            .propose_membership(&change, t);
+        sim.settle(5);
+        let r = sim.result(t).expect("answered");
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("refused")),
+            "{change:?}: {r:?}"
+        );
     }
     // Followers refuse membership changes: only the leader proposes them.
     let follower = *sim
