@@ -309,7 +309,18 @@ impl Sim {
     fn crash(&mut self, id: u64) {
         let core = self.live.remove(&id).expect("crashing a live node");
         self.crashed.insert(id, core.into_store());
-        self.in_flight.retain(|(_, m)| m.to != id);
+        // What was on its way to it is lost; a transport tells the sender of a snapshot.
+        let (lost, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .partition(|(_, m)| m.to == id);
+        self.in_flight = kept;
+        for (_, m) in lost {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                if let Some(sender) = self.live.get_mut(&m.from) {
+                    sender.report_snapshot(id, false);
+                }
+            }
+        }
     }
 
     fn restart(&mut self, id: u64) {
