@@ -7,9 +7,9 @@
 //! - `propagation [containers=200]`: 3 hosts of the namespace test bed, each with its own Docker
 //!   engine; containers start one at a time on rotating hosts; the time from Docker's `start`
 //!   event to the name being answered by each *other* host's DNS. p50/p99/max.
-//! - `churn [seconds=10]`: 3 real `linkdns` voters on loopback (sled, fsync), plus an in-process
-//!   learner that proposes batches of container starts and stops through them; record changes
-//!   committed per second.
+//! - `churn [seconds=10] [starts per batch=100]`: 3 real `linkdns` voters on loopback (sled,
+//!   fsync), plus an in-process learner whose 32 writers propose batches of container starts and
+//!   stops (each start paired with a stop) through them; record changes committed per second.
 //! - `failover [rounds=5]`: 3 real voters on loopback with records; kill -9 the leader while the
 //!   two others are queried every 2 ms; failed queries, and the time until a new leader commits.
 //! - `scale [records=100000]`: a real node that joins a cluster holding `records` records: its
@@ -61,7 +61,10 @@ fn main() {
         println!("== {m}");
         match m {
             "propagation" => propagation(n.unwrap_or(200) as usize),
-            "churn" => runtime.block_on(churn(n.unwrap_or(10))),
+            "churn" => {
+                let batch = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
+                runtime.block_on(churn(n.unwrap_or(10), batch))
+            }
             "failover" => runtime.block_on(failover(n.unwrap_or(5) as usize)),
             "scale" => runtime.block_on(scale(n.unwrap_or(100_000))),
             "crash" => runtime.block_on(crash(n.unwrap_or(100) as usize)),
@@ -392,11 +395,11 @@ fn rss_kb(pid: u32) -> u64 {
 
 // ------------------------------------------------------------------------------------------
 
-async fn churn(seconds: u64) {
+async fn churn(seconds: u64, batch_size: u64) {
     let (procs, token) = real_cluster("churn", 3);
     let injector = Arc::new(Injector::join(&procs[0].peer(), &token, 7499).await);
-    // Containers come and go: each batch starts 100 and stops the 100 of the batch before.
-    const BATCH: u64 = 100;
+    // Containers come and go: each batch starts `batch_size` and stops those of the batch before.
+    let batch_size = batch_size.max(1);
     const WRITERS: u64 = 32;
     let changes = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -407,10 +410,10 @@ async fn churn(seconds: u64) {
         tasks.push(tokio::spawn(async move {
             let mut round = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let base = (w * 1_000_000) + (round % 2) * BATCH;
-                let old = (w * 1_000_000) + ((round + 1) % 2) * BATCH;
-                let mut batch = Vec::with_capacity(2 * BATCH as usize);
-                for i in 0..BATCH {
+                let base = (w * 1_000_000) + (round % 2) * batch_size;
+                let old = (w * 1_000_000) + ((round + 1) % 2) * batch_size;
+                let mut batch = Vec::with_capacity(2 * batch_size as usize);
+                for i in 0..batch_size {
                     batch.push(RegistryCommand::UpsertContainer(container(
                         injector.id,
                         base + i,
@@ -421,7 +424,7 @@ async fn churn(seconds: u64) {
                     });
                 }
                 if injector.write(RegistryCommand::Batch(batch)).await {
-                    changes.fetch_add(2 * BATCH, Ordering::Relaxed);
+                    changes.fetch_add(2 * batch_size, Ordering::Relaxed);
                 }
                 round += 1;
             }
@@ -437,7 +440,7 @@ async fn churn(seconds: u64) {
     let status = procs[0].status().unwrap_or_default();
     println!(
         "3 voters (real processes, sled, fsync per ready) + 1 learner proposing; {WRITERS} writers, batches of {} changes",
-        2 * BATCH
+        2 * batch_size
     );
     println!(
         "committed record changes: {total} in {:.1}s = {:.0}/s; leader term {} commit {}",

@@ -124,11 +124,27 @@ pub struct SledStore {
     // Cached copies of what is in `meta`, so reads on the Raft path do not decode protobuf.
     hard_state: HardState,
     conf_state: ConfState,
+    /// The snapshot's metadata only: its data (the whole registry) stays on disk until a peer
+    /// or a restart needs it, rather than doubling the registry's memory.
     snapshot: Snapshot,
     snapshot_wanted: AtomicBool,
 }
 
+fn metadata_only(snapshot: &Snapshot) -> Snapshot {
+    let mut s = Snapshot::default();
+    s.set_metadata(snapshot.get_metadata().clone());
+    s
+}
+
 impl SledStore {
+    /// The stored snapshot with its data, read from disk.
+    fn load_snapshot(&self) -> Result<Snapshot, Error> {
+        match self.meta.get(SNAPSHOT).map_err(self.sled_err())? {
+            Some(v) => decode("snapshot", &v),
+            None => Ok(Snapshot::default()),
+        }
+    }
+
     /// Opens (or creates) the store in `dir`. A directory that is not a linkdns store, or one
     /// that is damaged, is refused without being written to.
     pub fn open(dir: &Path) -> Result<SledStore, Error> {
@@ -161,10 +177,11 @@ impl SledStore {
             Some(v) => decode("conf state", &v)?,
             None => ConfState::default(),
         };
-        let snapshot = match read(SNAPSHOT)? {
+        let snapshot: Snapshot = match read(SNAPSHOT)? {
             Some(v) => decode("snapshot", &v)?,
             None => Snapshot::default(),
         };
+        let snapshot = metadata_only(&snapshot);
         let store = SledStore {
             path,
             db,
@@ -319,7 +336,9 @@ impl raft::Storage for SledStore {
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        snapshot_for(&self.snapshot, request_index, to, &self.snapshot_wanted)
+        // Decided on the metadata; the data is read only for a snapshot that will be sent.
+        snapshot_for(&self.snapshot, request_index, to, &self.snapshot_wanted)?;
+        self.load_snapshot().map_err(to_raft)
     }
 }
 
@@ -411,14 +430,14 @@ impl LogStore for SledStore {
                     reason: "transaction aborted".into(),
                 },
             })?;
-        self.snapshot = snapshot.clone();
+        self.snapshot = metadata_only(snapshot);
         self.conf_state = meta.get_conf_state().clone();
         self.hard_state = hard_state;
         Ok(())
     }
 
     fn current_snapshot(&self) -> Result<Snapshot, Error> {
-        Ok(self.snapshot.clone())
+        self.load_snapshot()
     }
 
     fn sync(&mut self) -> Result<(), Error> {

@@ -10,6 +10,8 @@ mod model;
 mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use imbl::OrdMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -65,6 +67,11 @@ pub enum Outcome {
 }
 
 /// The registry: the state every node replicates, with indexes for DNS lookups.
+///
+/// The container map and the indexes are persistent maps (`imbl::OrdMap`): a clone — one per
+/// published version — shares everything with the original and costs O(1); a change copies only
+/// the few tree nodes on its path. So the applying side and every published version together
+/// hold about one copy of the data.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     nodes: BTreeMap<NodeId, NodeInfo>,
@@ -74,15 +81,14 @@ pub struct Registry {
     max_node_id: NodeId,
     /// Each node's certificate fingerprint (SHA-256 of its DER).
     certs: BTreeMap<NodeId, [u8; 32]>,
-    /// Containers are shared (`Arc`) between this registry and its published clones.
-    containers: BTreeMap<ContainerId, Arc<Container>>,
+    containers: OrdMap<ContainerId, Arc<Container>>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
-    by_name: HashMap<String, IdSet>,
-    by_alias: HashMap<String, IdSet>,
-    by_ip: HashMap<IpAddr, IdSet>,
+    by_name: OrdMap<String, IdSet>,
+    by_alias: OrdMap<String, IdSet>,
+    by_ip: OrdMap<IpAddr, IdSet>,
     /// How many containers use each link alias.
-    link_aliases: HashMap<String, usize>,
+    link_aliases: OrdMap<String, usize>,
 }
 
 impl Registry {
@@ -363,29 +369,84 @@ impl Registry {
     }
 }
 
-/// The containers under one index key: a sorted vector, since most keys have one or two (a
-/// B-tree node per key would cost hundreds of bytes for each).
-type IdSet = Vec<ContainerId>;
+/// The containers under one index key. Most keys have one: that one is held inline, with no
+/// allocation of its own; more are a sorted vector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum IdSet {
+    One(ContainerId),
+    Many(Vec<ContainerId>),
+}
 
-fn index_insert<K: Eq + std::hash::Hash>(index: &mut HashMap<K, IdSet>, key: K, id: &ContainerId) {
-    let set = index.entry(key).or_default();
-    if let Err(at) = set.binary_search(id) {
-        set.insert(at, id.clone());
+impl IdSet {
+    fn insert(&mut self, id: &ContainerId) {
+        match self {
+            IdSet::One(one) if one == id => {}
+            IdSet::One(one) => {
+                let mut v = vec![one.clone(), id.clone()];
+                v.sort();
+                *self = IdSet::Many(v);
+            }
+            IdSet::Many(v) => {
+                if let Err(at) = v.binary_search(id) {
+                    v.insert(at, id.clone());
+                }
+            }
+        }
+    }
+
+    /// Removes `id`; `true` when the set is now empty.
+    fn remove(&mut self, id: &ContainerId) -> bool {
+        match self {
+            IdSet::One(one) => one == id,
+            IdSet::Many(v) => {
+                if let Ok(at) = v.binary_search(id) {
+                    v.remove(at);
+                }
+                match v.len() {
+                    0 => true,
+                    1 => {
+                        *self = IdSet::One(v.remove(0));
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, ContainerId> {
+        match self {
+            IdSet::One(one) => std::slice::from_ref(one).iter(),
+            IdSet::Many(v) => v.iter(),
+        }
     }
 }
 
-fn index_remove<K, Q>(index: &mut HashMap<K, IdSet>, key: &Q, id: &ContainerId)
+impl<'a> IntoIterator for &'a IdSet {
+    type Item = &'a ContainerId;
+    type IntoIter = std::slice::Iter<'a, ContainerId>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+fn index_insert<K: Ord + Clone>(index: &mut OrdMap<K, IdSet>, key: K, id: &ContainerId) {
+    match index.get_mut(&key) {
+        Some(set) => set.insert(id),
+        None => {
+            index.insert(key, IdSet::One(id.clone()));
+        }
+    }
+}
+
+fn index_remove<K, Q>(index: &mut OrdMap<K, IdSet>, key: &Q, id: &ContainerId)
 where
-    K: Eq + std::hash::Hash + std::borrow::Borrow<Q>,
-    Q: Eq + std::hash::Hash + ?Sized,
+    K: Ord + Clone + std::borrow::Borrow<Q>,
+    Q: Ord + ?Sized,
 {
-    if let Some(set) = index.get_mut(key) {
-        if let Ok(at) = set.binary_search(id) {
-            set.remove(at);
-        }
-        if set.is_empty() {
-            index.remove(key);
-        }
+    let empty = index.get_mut(key).is_some_and(|set| set.remove(id));
+    if empty {
+        index.remove(key);
     }
 }
 

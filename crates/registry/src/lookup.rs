@@ -36,7 +36,7 @@ impl Registry {
         }
         let global = self.named(name);
         if !global.is_empty() {
-            return Resolution::Found(addresses(global.iter().map(|id| &*self.containers[id])));
+            return Resolution::Found(addresses(global.iter().map(|id| &*self.containers[*id])));
         }
         if let Some((head, node_name)) = name.rsplit_once('.') {
             if let Some(node) = self.node_by_name(node_name) {
@@ -114,7 +114,7 @@ impl Registry {
             // The linked container is not running: fall through to the cluster-wide names.
             return None;
         }
-        Some(addresses(targets.iter().map(|id| &*self.containers[id])))
+        Some(addresses(targets.iter().map(|id| &*self.containers[*id])))
     }
 
     /// Containers whose name or alias is `name`.
