@@ -46,6 +46,8 @@ async fn start(identity: Identity, bootstrap: bool, name: &str, port: u16) -> Te
     let config = NodeConfig {
         bootstrap,
         tick: Duration::from_millis(20),
+        election_ticks: 10,
+        heartbeat_ticks: 2,
         ..NodeConfig::new(id)
     };
     let store = SledStore::open(dir.path()).expect("store");

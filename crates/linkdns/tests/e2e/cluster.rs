@@ -126,6 +126,14 @@ fn three_hosts_answer_for_each_other_and_survive_losing_the_leader() {
     hosts[dead].restart_linkdns();
     expect_answer(&hosts[dead], "api.cluster", "A", &[&api]);
     expect_answer(&hosts[dead], "web.cluster", "A", &[&web]);
+
+    // So does a node that joined (h3 was never the bootstrap node), killed while a container
+    // starts on another host.
+    hosts[2].kill_linkdns();
+    hosts[0].run_container("late", &[]);
+    let late = hosts[0].container_ip("late");
+    hosts[2].restart_linkdns();
+    expect_answer(&hosts[2], "late.cluster", "A", &[&late]);
 }
 
 #[test]
@@ -291,9 +299,34 @@ fn a_fourth_host_is_a_learner_and_is_promoted_when_a_voter_is_removed() {
     expect_answer(&hosts[learner], "gone.cluster", "A", &[]);
     let status = hosts[victim].wait_linkdns_exit(Duration::from_secs(20));
     assert!(status.success(), "a removed node exits cleanly: {status}");
-    let moved = std::fs::read_dir(hosts[victim].data_dir())
-        .expect("data dir")
-        .filter_map(Result::ok)
-        .any(|e| e.file_name().to_string_lossy().starts_with("raft.removed-"));
-    assert!(moved, "the removed node's log is moved aside");
+    let moved = |h: &Host| {
+        std::fs::read_dir(h.data_dir())
+            .expect("data dir")
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("raft.removed-"))
+    };
+    assert!(
+        moved(&hosts[victim]),
+        "the removed node's log is moved aside"
+    );
+
+    // `leave` on a host takes it out the same way, from the host itself.
+    let lead = leader(&hosts, &hosts[asker]).expect("leader");
+    let leaver = (0..4)
+        .find(|&i| i != victim && i != lead)
+        .expect("a non-leader");
+    let out = hosts[leaver].linkdns(&["leave"]);
+    assert!(
+        out.status.success(),
+        "leave: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = hosts[leaver].wait_linkdns_exit(Duration::from_secs(20));
+    assert!(status.success(), "a node that left exits cleanly: {status}");
+    assert!(moved(&hosts[leaver]));
+    wait_until(Duration::from_secs(10), "two members left", || {
+        hosts[lead].status_json()["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 2)
+    });
 }
