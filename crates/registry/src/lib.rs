@@ -18,7 +18,8 @@ use std::sync::Arc;
 pub use command::{Command, COMMAND_VERSION};
 pub use lookup::{reverse_name_to_ip, Resolution};
 pub use model::{
-    normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo, Port, Protocol, Subnet,
+    normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo, Port, Protocol, Record,
+    Subnet,
 };
 pub use snapshot::SNAPSHOT_VERSION;
 
@@ -81,10 +82,11 @@ pub struct Registry {
     max_node_id: NodeId,
     /// Each node's certificate fingerprint (SHA-256 of its DER).
     certs: BTreeMap<NodeId, [u8; 32]>,
-    containers: OrdMap<ContainerId, Arc<Container>>,
+    containers: OrdMap<ContainerId, Arc<Record>>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
-    by_name: OrdMap<String, IdSet>,
+    /// Keyed by the record's own name (shared, not copied).
+    by_name: OrdMap<Arc<str>, IdSet>,
     by_alias: OrdMap<String, IdSet>,
     by_ip: OrdMap<IpAddr, IdSet>,
     /// How many containers use each link alias.
@@ -271,18 +273,19 @@ impl Registry {
 
     /// Inserts or replaces a normalized container, keeping the indexes in step.
     fn put_container(&mut self, c: Container) -> Outcome {
+        let c = Record::from(c);
         if self.containers.get(&c.id).is_some_and(|old| **old == c) {
             return Outcome::Unchanged;
         }
         self.remove_container(&c.id);
         index_insert(&mut self.by_name, c.name.clone(), &c.id);
-        for alias in &c.aliases {
+        for alias in c.aliases() {
             index_insert(&mut self.by_alias, alias.clone(), &c.id);
         }
         for ip in &c.ips {
             index_insert(&mut self.by_ip, *ip, &c.id);
         }
-        for link in &c.links {
+        for link in c.links() {
             *self.link_aliases.entry(link.alias.clone()).or_default() += 1;
         }
         self.containers.insert(c.id.clone(), Arc::new(c));
@@ -293,14 +296,14 @@ impl Registry {
         let Some(c) = self.containers.remove(id) else {
             return;
         };
-        index_remove(&mut self.by_name, c.name.as_str(), id);
-        for alias in &c.aliases {
+        index_remove(&mut self.by_name, &*c.name, id);
+        for alias in c.aliases() {
             index_remove(&mut self.by_alias, alias.as_str(), id);
         }
         for ip in &c.ips {
             index_remove(&mut self.by_ip, ip, id);
         }
-        for link in &c.links {
+        for link in c.links() {
             if let Some(count) = self.link_aliases.get_mut(&link.alias) {
                 *count -= 1;
                 if *count == 0 {
@@ -347,16 +350,16 @@ impl Registry {
     }
 
     /// All containers, by id.
-    pub fn containers(&self) -> impl Iterator<Item = &Container> {
+    pub fn containers(&self) -> impl Iterator<Item = &Record> {
         self.containers.values().map(|c| &**c)
     }
 
-    pub fn container(&self, id: &ContainerId) -> Option<&Container> {
+    pub fn container(&self, id: &ContainerId) -> Option<&Record> {
         self.containers.get(id).map(|c| &**c)
     }
 
     /// Containers of one node, by id.
-    pub fn containers_of(&self, node: NodeId) -> impl Iterator<Item = &Container> {
+    pub fn containers_of(&self, node: NodeId) -> impl Iterator<Item = &Record> {
         self.containers
             .values()
             .map(|c| &**c)

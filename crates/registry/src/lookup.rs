@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{Container, ContainerId, NodeId};
+use crate::model::{ContainerId, NodeId, Record};
 use crate::Registry;
 
 /// The answer to a name lookup.
@@ -79,11 +79,11 @@ impl Registry {
 
     /// The name a PTR query for `ip` answers: the container's name, relative to the domain.
     pub fn reverse(&self, ip: IpAddr, local: Option<NodeId>) -> Option<&str> {
-        self.container_at(ip, local).map(|c| c.name.as_str())
+        self.container_at(ip, local).map(|c| &*c.name)
     }
 
     /// The container that holds `ip`, preferring one on `local`.
-    pub fn container_at(&self, ip: IpAddr, local: Option<NodeId>) -> Option<&Container> {
+    pub fn container_at(&self, ip: IpAddr, local: Option<NodeId>) -> Option<&Record> {
         let ids = self.by_ip.get(&ip)?;
         let mut candidates = ids
             .iter()
@@ -91,7 +91,7 @@ impl Registry {
             .filter(|c| !self.down.contains(&c.node));
         match local {
             Some(node) => {
-                let all: Vec<&Container> = candidates.collect();
+                let all: Vec<&Record> = candidates.collect();
                 all.iter()
                     .find(|c| c.node == node)
                     .or_else(|| all.first())
@@ -108,7 +108,7 @@ impl Registry {
         local: Option<NodeId>,
     ) -> Option<Vec<IpAddr>> {
         let asker = self.container_at(source?, local)?;
-        let link = asker.links.iter().find(|l| l.alias == name)?;
+        let link = asker.links().iter().find(|l| l.alias == name)?;
         let targets = self.named(&link.target);
         if targets.is_empty() {
             // The linked container is not running: fall through to the cluster-wide names.
@@ -143,7 +143,7 @@ impl Registry {
     }
 }
 
-fn addresses<'a>(containers: impl Iterator<Item = &'a Container>) -> Vec<IpAddr> {
+fn addresses<'a>(containers: impl Iterator<Item = &'a Record>) -> Vec<IpAddr> {
     let set: BTreeSet<IpAddr> = containers.flat_map(|c| c.ips.iter().copied()).collect();
     set.into_iter().collect()
 }

@@ -111,6 +111,101 @@ impl Container {
     }
 }
 
+/// A container as the registry keeps it: the content of a normalized [`Container`], packed —
+/// boxed slices instead of vectors and sets, the rarely used aliases, links and ports behind one
+/// pointer, the name shared with the name index. It encodes exactly as the `Container` it came
+/// from, so snapshots do not depend on the packing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub id: ContainerId,
+    pub name: Arc<str>,
+    pub node: NodeId,
+    pub ips: Box<[IpAddr]>,
+    extra: Option<Box<Extra>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Extra {
+    aliases: Box<[String]>,
+    links: Box<[LinkAlias]>,
+    ports: Box<[Port]>,
+}
+
+impl Record {
+    pub fn aliases(&self) -> &[String] {
+        self.extra.as_ref().map_or(&[], |e| &e.aliases)
+    }
+
+    pub fn links(&self) -> &[LinkAlias] {
+        self.extra.as_ref().map_or(&[], |e| &e.links)
+    }
+
+    pub fn ports(&self) -> &[Port] {
+        self.extra.as_ref().map_or(&[], |e| &e.ports)
+    }
+
+    /// The container this record holds.
+    pub fn to_container(&self) -> Container {
+        Container {
+            id: self.id.clone(),
+            name: self.name.to_string(),
+            node: self.node,
+            ips: self.ips.to_vec(),
+            aliases: self.aliases().iter().cloned().collect(),
+            links: self.links().iter().cloned().collect(),
+            ports: self.ports().iter().cloned().collect(),
+        }
+    }
+}
+
+impl From<Container> for Record {
+    /// Packs a container (normalize it first: the sets' order is kept as it is).
+    fn from(c: Container) -> Record {
+        let extra =
+            (!c.aliases.is_empty() || !c.links.is_empty() || !c.ports.is_empty()).then(|| {
+                Box::new(Extra {
+                    aliases: c.aliases.into_iter().collect(),
+                    links: c.links.into_iter().collect(),
+                    ports: c.ports.into_iter().collect(),
+                })
+            });
+        Record {
+            id: c.id,
+            name: c.name.into(),
+            node: c.node,
+            ips: c.ips.into_boxed_slice(),
+            extra,
+        }
+    }
+}
+
+/// The fields of [`Container`], in its order, borrowed from a [`Record`].
+#[derive(Serialize)]
+struct ContainerRef<'a> {
+    id: &'a ContainerId,
+    name: &'a str,
+    node: NodeId,
+    ips: &'a [IpAddr],
+    aliases: &'a [String],
+    links: &'a [LinkAlias],
+    ports: &'a [Port],
+}
+
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        ContainerRef {
+            id: &self.id,
+            name: &self.name,
+            node: self.node,
+            ips: &self.ips,
+            aliases: self.aliases(),
+            links: self.links(),
+            ports: self.ports(),
+        }
+        .serialize(serializer)
+    }
+}
+
 /// Lowercases a name and strips leading `/` (Docker's names), trailing `.` and surrounding
 /// white space. Idempotent: a normalized name normalizes to itself.
 pub fn normalize_name(name: &str) -> String {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Container, NodeId, NodeInfo};
+use crate::model::{Container, NodeId, NodeInfo, Record};
 use crate::{Command, Error, Registry};
 
 /// Current version of the snapshot encoding.
@@ -34,7 +34,7 @@ struct SnapshotV2 {
 #[derive(Serialize)]
 struct SnapshotV2Ref<'a> {
     nodes: Vec<&'a NodeInfo>,
-    containers: Vec<&'a Container>,
+    containers: Vec<&'a Record>,
     down: Vec<NodeId>,
     max_node_id: NodeId,
     certs: Vec<(NodeId, [u8; 32])>,

@@ -175,7 +175,7 @@ fn replace_reconciles_one_node_only() {
         })
         .expect("replace");
     assert_eq!(outcome, Outcome::Changed);
-    let names: Vec<&str> = r.containers().map(|c| c.name.as_str()).collect();
+    let names: Vec<&str> = r.containers().map(|c| &*c.name).collect();
     assert_eq!(names, ["b", "c", "d"]);
     assert_eq!(r.resolve("a", None, None), Resolution::NotFound);
     assert_eq!(r.reverse(ip("10.0.1.2"), None), None);
@@ -501,4 +501,25 @@ fn version_1_snapshots_still_restore() {
     assert_eq!(r.resolve("web", None, None), found(&["10.0.1.2"]));
     assert_eq!(r.next_node_id(), 2);
     assert!(!r.is_down(1));
+}
+
+#[test]
+fn a_record_encodes_exactly_as_its_container() {
+    let mut c = with_link(
+        with_alias(container("a1", "web", 1, &["10.0.1.2", "fd00::2"]), "www"),
+        "db",
+        "mysql",
+    );
+    c.ports.insert(Port {
+        port: 443,
+        protocol: Protocol::Tcp,
+    });
+    for c in [c.normalized(), container("b2", "plain", 2, &[])] {
+        let record = Record::from(c.clone());
+        assert_eq!(
+            postcard::to_allocvec(&record).expect("record"),
+            postcard::to_allocvec(&c).expect("container")
+        );
+        assert_eq!(record.to_container(), c);
+    }
 }
