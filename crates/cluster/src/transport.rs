@@ -3,7 +3,7 @@
 //! - Outgoing: one task and one bounded queue per peer. The Raft thread never blocks: a full
 //!   queue drops the message and reports the peer unreachable (Raft resends). Messages are sent
 //!   in batches; a snapshot goes in chunks between batches, so heartbeats never wait behind a
-//!   whole snapshot. Failed connects back off (100 ms doubling to 2 s).
+//!   whole snapshot. Failed connects back off (100 ms doubling to 500 ms).
 //! - Incoming: every connection must finish a TLS handshake and open with a `Hello` carrying a
 //!   member certificate of the node it claims to be, or with a control request. Anything else is
 //!   dropped with one log line and never reaches Raft.
@@ -38,6 +38,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait between connection attempts to a peer: a restarted peer is reached again
+/// well within an election timeout.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// A member stream with no frame for this long (pings come every second) is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Inbound connections at once, authenticated or not.
@@ -391,14 +394,14 @@ async fn send_loop(
                 // Keep what is queued through a short outage (a forwarded proposal is not
                 // resent by Raft); after that, Raft resends what matters and stale messages
                 // would only slow the catch-up down.
-                if backoff >= Duration::from_secs(2) {
+                if backoff >= MAX_BACKOFF {
                     while rx.try_recv().is_ok() {}
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };

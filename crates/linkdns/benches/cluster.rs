@@ -16,8 +16,8 @@
 //!   RSS over an empty joined node, per record; then kill -9 and the time from `linkdns run` to
 //!   the first answer.
 //! - `crash [rounds=100]`: 3 real voters under a steady write load from an in-process learner;
-//!   each round kill -9 a random voter and restart it. Then: acknowledged records missing on any
-//!   node, and restarts that failed or panicked.
+//!   each round kill -9 a random voter, restart it, and wait (at most 5 s) for a leader. Then:
+//!   acknowledged records missing on any node, and restarts that failed or panicked.
 //!
 //! All need root only for `propagation` (network namespaces, dockerd).
 
@@ -678,9 +678,38 @@ async fn crash(rounds: usize) {
             p.kill();
             p.spawn();
         }
+        // Each round is one crash and recovery: the next kill waits for a leader (at most 5 s),
+        // or kills faster than elections (1.0-1.4 s) would leave the cluster leaderless.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && !procs
+                .iter()
+                .any(|p| p.status().is_some_and(|s| s["role"] == "leader"))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         if round % 10 == 9 {
             let n = acked.lock().map_or(0, |a| a.len());
-            println!("round {}: {n} records acknowledged so far", round + 1);
+            let s = injector.node.status();
+            let views: Vec<String> = procs
+                .iter()
+                .map(|p| {
+                    p.status().map_or("-".into(), |s| {
+                        format!(
+                            "h{}:{} t{} c{}",
+                            p.index, s["role"], s["term"], s["commit_index"]
+                        )
+                    })
+                })
+                .collect();
+            println!(
+                "round {}: {n} records acknowledged so far; writer sees leader {:?} term {} commit {}; {}",
+                round + 1,
+                s.leader,
+                s.term,
+                s.commit_index,
+                views.join(", ")
+            );
         }
     }
     stop.store(true, Ordering::Relaxed);

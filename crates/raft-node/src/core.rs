@@ -177,6 +177,8 @@ pub struct Core<S: LogStore, T> {
     incarnation: u64,
     /// Results of applied proposals, handed out once the registry that holds them is published.
     done: Vec<(T, Result<Outcome, Error>)>,
+    /// The leader when the last ready ran.
+    leader: u64,
 }
 
 impl<S: LogStore, T> Core<S, T> {
@@ -235,6 +237,7 @@ impl<S: LogStore, T> Core<S, T> {
             next_request: 1,
             incarnation,
             done: Vec::new(),
+            leader: raft::INVALID_ID,
         })
     }
 
@@ -484,7 +487,7 @@ impl<S: LogStore, T> Core<S, T> {
                 self.applied = snapshot.get_metadata().index;
                 self.snapshot_index = self.applied;
                 // Entries inside the snapshot are never applied here one by one: whoever waits
-                // for one cannot be told whether it is in.
+                // for one cannot be told whether it is in (nor, below, after a change of leader).
                 for (_, p) in self.pending.drain() {
                     self.done.push((p.token, Err(Error::OutcomeUnknown)));
                 }
@@ -514,6 +517,19 @@ impl<S: LogStore, T> Core<S, T> {
             progress.messages.extend(light.take_messages());
             self.apply(light.take_committed_entries())?;
             self.raw.advance_apply();
+        }
+
+        // A new leader: proposals forwarded to the old one may be lost with it, and waiting out
+        // their timeout would stall the proposers. Their outcome is unknown; they retry
+        // (commands are idempotent).
+        let leader = self.raw.raft.leader_id;
+        if leader != self.leader {
+            if self.leader != raft::INVALID_ID {
+                for (_, p) in self.pending.drain() {
+                    self.done.push((p.token, Err(Error::OutcomeUnknown)));
+                }
+            }
+            self.leader = leader;
         }
 
         let wanted = self.raw.store().take_snapshot_request();

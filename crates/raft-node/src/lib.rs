@@ -39,7 +39,7 @@ pub enum Error {
     ConfChangeInProgress,
     #[error("membership change refused: {0}")]
     InvalidMembership(String),
-    #[error("a snapshot from the leader replaced this node's log before the proposal was seen applied; its outcome is unknown (commands are idempotent: retry)")]
+    #[error("the leader changed, or a snapshot replaced this node's log, before the proposal was seen applied; its outcome is unknown (commands are idempotent: retry)")]
     OutcomeUnknown,
     #[error("the raft node has stopped")]
     Stopped,

@@ -149,7 +149,18 @@ impl SledStore {
     /// that is damaged, is refused without being written to.
     pub fn open(dir: &Path) -> Result<SledStore, Error> {
         let path = dir.join("raft");
-        SledStore::open_at(path.clone()).map_err(|e| match e {
+        // sled lets go of its file lock a moment after the store is dropped (its flusher
+        // thread ends last): a store reopened at once by the same process waits that out. A
+        // store held by another process is still refused, after half a second.
+        let mut result = SledStore::open_at(path.clone());
+        for _ in 0..10 {
+            if !matches!(result, Err(Error::Locked { .. })) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            result = SledStore::open_at(path.clone());
+        }
+        result.map_err(|e| match e {
             Error::Corrupt { what, reason } => Error::DamagedDataDir {
                 path: path.display().to_string(),
                 reason: format!("{what}: {reason}"),
