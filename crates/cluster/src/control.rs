@@ -59,10 +59,7 @@ pub(crate) async fn handle(
             let registry = node.published().load_full();
             let status = node.status();
             let member_ids = status
-                .voters
-                .iter()
-                .chain(&status.learners)
-                .copied()
+                .members()
                 .chain(registry.registry.nodes().map(|n| n.id));
             let mut ids: Vec<u64> = member_ids.collect();
             ids.sort_unstable();
@@ -156,13 +153,7 @@ async fn admit(
     loop {
         let published = node.published().load_full();
         let status = node.status();
-        let highest_member = status
-            .voters
-            .iter()
-            .chain(&status.learners)
-            .copied()
-            .max()
-            .unwrap_or(0);
+        let highest_member = status.members().max().unwrap_or(0);
         let id = published.registry.next_node_id().max(highest_member + 1);
         let node_cert = match inner.identity.issue(id, &RawPublicKey(public_key.clone())) {
             Ok(c) => c,

@@ -89,6 +89,11 @@ impl RaftStatus {
     pub fn is_member(&self, id: u64) -> bool {
         self.voters.contains(&id) || self.learners.contains(&id)
     }
+
+    /// Voters, then learners.
+    pub fn members(&self) -> impl Iterator<Item = u64> + '_ {
+        self.voters.iter().chain(&self.learners).copied()
+    }
 }
 
 /// A change of membership, proposed by the leader.
