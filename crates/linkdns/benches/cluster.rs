@@ -620,9 +620,12 @@ async fn scale(records: u64) {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+        let answered_after = t.elapsed();
+        std::thread::sleep(Duration::from_secs(2));
         println!(
-            "restart {attempt}: kill -9, `linkdns run`, first answer for {last} after {:.0} ms",
-            t.elapsed().as_secs_f64() * 1000.0
+            "restart {attempt}: kill -9, `linkdns run`, first answer for {last} after {:.0} ms; RSS then {} kB",
+            answered_after.as_secs_f64() * 1000.0,
+            rss_kb(measured.pid())
         );
     }
     drop(injector);
