@@ -304,13 +304,24 @@ struct PeerOutbox(Arc<Inner>);
 
 impl Outbox for PeerOutbox {
     fn send(&self, messages: Vec<Message>) {
+        // One lookup (a lock and two clones) per peer in the batch, not per message: this runs
+        // on the Raft thread.
+        let mut queues: Vec<(u64, mpsc::Sender<Message>, Arc<SnapshotSlot>)> = Vec::new();
         for m in messages {
             let to = m.to;
             if to == self.0.id {
                 continue;
             }
-            let Some((tx, slot)) = self.0.queue(to) else {
-                continue;
+            let (tx, slot) = match queues.iter().find(|(peer, _, _)| *peer == to) {
+                Some((_, tx, slot)) => (tx, slot),
+                None => {
+                    let Some((tx, slot)) = self.0.queue(to) else {
+                        continue;
+                    };
+                    queues.push((to, tx, slot));
+                    let (_, tx, slot) = &queues[queues.len() - 1];
+                    (tx, slot)
+                }
             };
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 // A newer snapshot replaces one not yet started; Raft tracks only the newest,
