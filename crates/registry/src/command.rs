@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Container, ContainerId, NodeId, NodeInfo};
+use crate::model::{Container, ContainerId, NodeId, NodeInfo, Subnet};
 use crate::Error;
 
 /// Current version of the command encoding.
@@ -35,6 +35,9 @@ pub enum Command {
     /// Binds a node to its certificate (SHA-256 of the DER): peers accept only that one for
     /// it. Set once; later attempts change nothing.
     SetNodeCert { node: NodeId, fingerprint: [u8; 32] },
+    /// Replaces the container subnets a node claims (routed to it by every other host). The
+    /// whole claim is refused if any subnet overlaps another node's; an empty list releases.
+    SetNodeSubnets { node: NodeId, subnets: Vec<Subnet> },
 }
 
 impl Command {

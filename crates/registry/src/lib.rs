@@ -41,6 +41,18 @@ pub enum Error {
     EmptyName { id: ContainerId },
     #[error("{count} command(s) of a batch were rejected, the first: {first}")]
     BatchPartlyRejected { count: usize, first: Box<Error> },
+    #[error("subnet {subnet} overlaps {owner_subnet} of node {owner_name} (id {owner}); give this host's Docker network a subnet of its own")]
+    SubnetTaken {
+        subnet: Subnet,
+        owner: NodeId,
+        owner_name: String,
+        owner_subnet: Subnet,
+    },
+    #[error("subnet {subnet} cannot be a container subnet: {reason}")]
+    BadSubnet {
+        subnet: Subnet,
+        reason: &'static str,
+    },
     #[error("cannot decode {what}: {reason}")]
     Decode { what: &'static str, reason: String },
     #[error("{what} has encoding version {found}, this build reads version {supported}; upgrade linkdns")]
@@ -82,6 +94,8 @@ pub struct Registry {
     max_node_id: NodeId,
     /// Each node's certificate fingerprint (SHA-256 of its DER).
     certs: BTreeMap<NodeId, [u8; 32]>,
+    /// The container subnets each node claims; no two nodes' subnets overlap.
+    subnets: BTreeMap<NodeId, Vec<Subnet>>,
     containers: OrdMap<ContainerId, Arc<Record>>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
@@ -147,6 +161,7 @@ impl Registry {
                 self.node_by_name.remove(&info.name);
                 self.down.remove(node);
                 self.certs.remove(node);
+                self.subnets.remove(node);
                 let ids: Vec<ContainerId> =
                     self.containers_of(*node).map(|c| c.id.clone()).collect();
                 for id in ids {
@@ -162,6 +177,7 @@ impl Registry {
                 self.certs.insert(*node, *fingerprint);
                 Ok(Outcome::Changed)
             }
+            Command::SetNodeSubnets { node, subnets } => self.set_subnets(*node, subnets),
             Command::Batch(commands) => {
                 // Each member is atomic, the batch is not: a rejected member is skipped and the
                 // rest apply, in order. Cloning the registry to make batches atomic would cost
@@ -206,6 +222,56 @@ impl Registry {
             self.node_by_name.remove(&old.name);
         }
         self.node_by_name.insert(name, id);
+        Ok(Outcome::Changed)
+    }
+
+    fn set_subnets(&mut self, node: NodeId, subnets: &[Subnet]) -> Result<Outcome, Error> {
+        self.known_node(node)?;
+        let mut wanted = subnets.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        for (i, &subnet) in wanted.iter().enumerate() {
+            if subnet.prefix() == 0 {
+                return Err(Error::BadSubnet {
+                    subnet,
+                    reason: "it covers every address (prefix length 0)",
+                });
+            }
+            if wanted[..i].iter().any(|other| other.overlaps(&subnet)) {
+                return Err(Error::BadSubnet {
+                    subnet,
+                    reason: "it overlaps another subnet of the same claim",
+                });
+            }
+            let taken = self
+                .subnets
+                .iter()
+                .filter(|(&owner, _)| owner != node)
+                .find_map(|(&owner, theirs)| {
+                    let hit = theirs.iter().find(|s| s.overlaps(&subnet))?;
+                    Some((owner, *hit))
+                });
+            if let Some((owner, owner_subnet)) = taken {
+                return Err(Error::SubnetTaken {
+                    subnet,
+                    owner,
+                    owner_name: self
+                        .nodes
+                        .get(&owner)
+                        .map_or_else(String::new, |n| n.name.clone()),
+                    owner_subnet,
+                });
+            }
+        }
+        let current = self.subnets.get(&node).map_or(&[][..], Vec::as_slice);
+        if current == wanted.as_slice() {
+            return Ok(Outcome::Unchanged);
+        }
+        if wanted.is_empty() {
+            self.subnets.remove(&node);
+        } else {
+            self.subnets.insert(node, wanted);
+        }
         Ok(Outcome::Changed)
     }
 
@@ -336,6 +402,24 @@ impl Registry {
     /// The certificate fingerprint node `id` must present to its peers, once bound.
     pub fn node_cert(&self, id: NodeId) -> Option<&[u8; 32]> {
         self.certs.get(&id)
+    }
+
+    /// The container subnets node `id` claims (empty if none).
+    pub fn node_subnets(&self, id: NodeId) -> &[Subnet] {
+        self.subnets.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every node's claimed subnets, by node id.
+    pub fn subnets(&self) -> impl Iterator<Item = (NodeId, &[Subnet])> {
+        self.subnets.iter().map(|(&n, s)| (n, s.as_slice()))
+    }
+
+    /// The node whose claimed subnet holds `ip`.
+    pub fn subnet_owner(&self, ip: IpAddr) -> Option<NodeId> {
+        self.subnets
+            .iter()
+            .find(|(_, subnets)| subnets.iter().any(|s| s.contains(ip)))
+            .map(|(&n, _)| n)
     }
 
     /// Whether node `id` was registered once and has been removed since. (An id above every

@@ -243,6 +243,31 @@ impl Subnet {
         self.prefix
     }
 
+    /// Whether the two share any address (one contains the other). Networks of different
+    /// families never overlap.
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        let wider = if self.prefix <= other.prefix {
+            self
+        } else {
+            other
+        };
+        let narrower = if self.prefix <= other.prefix {
+            other
+        } else {
+            self
+        };
+        wider.contains(narrower.addr)
+    }
+
+    /// Whether every address of `other` is in this one.
+    pub fn covers(&self, other: &Subnet) -> bool {
+        self.prefix <= other.prefix && self.contains(other.addr)
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {

@@ -1,15 +1,15 @@
 //! Versioned snapshot encoding of the registry: what Raft compaction stores and ships.
 //!
-//! Only the primary data (nodes, containers) is encoded; indexes are rebuilt on restore, so a
-//! snapshot can never carry an index that disagrees with its data.
+//! Only the primary data (nodes, containers, liveness, certificates, subnets) is encoded; indexes
+//! are rebuilt on restore, so a snapshot can never carry an index that disagrees with its data.
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Container, NodeId, NodeInfo, Record};
+use crate::model::{Container, NodeId, NodeInfo, Record, Subnet};
 use crate::{Command, Error, Registry};
 
 /// Current version of the snapshot encoding.
-pub const SNAPSHOT_VERSION: u8 = 2;
+pub const SNAPSHOT_VERSION: u8 = 3;
 
 /// Leading bytes of every snapshot, so a stray blob is refused rather than misread.
 const MAGIC: &[u8; 4] = b"LDNS";
@@ -21,6 +21,7 @@ struct SnapshotV1 {
     containers: Vec<Container>,
 }
 
+/// Version 2 (clusters): no container subnets. Still read.
 #[derive(Deserialize)]
 struct SnapshotV2 {
     nodes: Vec<NodeInfo>,
@@ -30,25 +31,37 @@ struct SnapshotV2 {
     certs: Vec<(NodeId, [u8; 32])>,
 }
 
-/// The same layout as [`SnapshotV2`], borrowing from the registry instead of copying it.
+#[derive(Deserialize)]
+struct SnapshotV3 {
+    nodes: Vec<NodeInfo>,
+    containers: Vec<Container>,
+    down: Vec<NodeId>,
+    max_node_id: NodeId,
+    certs: Vec<(NodeId, [u8; 32])>,
+    subnets: Vec<(NodeId, Vec<Subnet>)>,
+}
+
+/// The same layout as [`SnapshotV3`], borrowing from the registry instead of copying it.
 #[derive(Serialize)]
-struct SnapshotV2Ref<'a> {
+struct SnapshotV3Ref<'a> {
     nodes: Vec<&'a NodeInfo>,
     containers: Vec<&'a Record>,
     down: Vec<NodeId>,
     max_node_id: NodeId,
     certs: Vec<(NodeId, [u8; 32])>,
+    subnets: Vec<(NodeId, &'a [Subnet])>,
 }
 
 impl Registry {
     /// Encodes the whole registry.
     pub fn snapshot(&self) -> Vec<u8> {
-        let body = SnapshotV2Ref {
+        let body = SnapshotV3Ref {
             nodes: self.nodes.values().collect(),
             containers: self.containers.values().map(|c| &**c).collect(),
             down: self.down.iter().copied().collect(),
             max_node_id: self.max_node_id,
             certs: self.certs.iter().map(|(&n, &f)| (n, f)).collect(),
+            subnets: self.subnets().collect(),
         };
         let mut out = MAGIC.to_vec();
         out.push(SNAPSHOT_VERSION);
@@ -79,12 +92,25 @@ impl Registry {
             1 => {
                 let v1: SnapshotV1 =
                     postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
-                SnapshotV2 {
+                SnapshotV3 {
                     nodes: v1.nodes,
                     containers: v1.containers,
                     down: Vec::new(),
                     max_node_id: 0,
                     certs: Vec::new(),
+                    subnets: Vec::new(),
+                }
+            }
+            2 => {
+                let v2: SnapshotV2 =
+                    postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
+                SnapshotV3 {
+                    nodes: v2.nodes,
+                    containers: v2.containers,
+                    down: v2.down,
+                    max_node_id: v2.max_node_id,
+                    certs: v2.certs,
+                    subnets: Vec::new(),
                 }
             }
             SNAPSHOT_VERSION => {
@@ -118,6 +144,11 @@ impl Registry {
             registry
                 .apply(&Command::SetNodeCert { node, fingerprint })
                 .map_err(|e| decode_err(format!("inconsistent certificate: {e}")))?;
+        }
+        for (node, subnets) in body.subnets {
+            registry
+                .apply(&Command::SetNodeSubnets { node, subnets })
+                .map_err(|e| decode_err(format!("inconsistent subnets: {e}")))?;
         }
         registry.max_node_id = registry.max_node_id.max(body.max_node_id);
         Ok(registry)

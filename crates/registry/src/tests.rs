@@ -523,3 +523,123 @@ fn a_record_encodes_exactly_as_its_container() {
         assert_eq!(record.to_container(), c);
     }
 }
+
+fn net(s: &str) -> Subnet {
+    s.parse().expect("subnet")
+}
+
+fn claim(node: NodeId, subnets: &[&str]) -> Command {
+    Command::SetNodeSubnets {
+        node,
+        subnets: subnets.iter().map(|s| net(s)).collect(),
+    }
+}
+
+#[test]
+fn subnet_claims_never_overlap_and_name_the_owner() {
+    let mut r = two_nodes();
+    assert_eq!(
+        r.apply(&claim(1, &["192.168.1.0/24"])),
+        Ok(Outcome::Changed)
+    );
+    assert_eq!(
+        r.apply(&claim(1, &["192.168.1.7/24"])),
+        Ok(Outcome::Unchanged),
+        "host bits are cleared, so this is the same claim"
+    );
+    // Equal, narrower and wider subnets of another node's are all refused, whole.
+    for overlapping in ["192.168.1.0/24", "192.168.1.128/25", "192.168.0.0/16"] {
+        let err = r
+            .apply(&claim(2, &["10.9.0.0/24", overlapping]))
+            .expect_err("overlap refused");
+        assert_eq!(
+            err.to_string(),
+            format!("subnet {} overlaps 192.168.1.0/24 of node h1 (id 1); give this host's Docker network a subnet of its own", net(overlapping))
+        );
+        assert!(
+            r.node_subnets(2).is_empty(),
+            "nothing of a refused claim applies"
+        );
+    }
+    assert_eq!(
+        r.apply(&claim(2, &["192.168.2.0/24"])),
+        Ok(Outcome::Changed)
+    );
+    assert_eq!(r.subnet_owner(ip("192.168.2.9")), Some(2));
+    assert_eq!(r.subnet_owner(ip("192.168.3.9")), None);
+    assert!(matches!(
+        r.apply(&claim(2, &["0.0.0.0/0"])),
+        Err(Error::BadSubnet { .. })
+    ));
+    assert!(matches!(
+        r.apply(&claim(2, &["10.0.0.0/8", "10.1.0.0/16"])),
+        Err(Error::BadSubnet { .. })
+    ));
+    assert_eq!(
+        r.apply(&claim(3, &["10.0.0.0/8"])),
+        Err(Error::UnknownNode(3))
+    );
+    // A node may move to another subnet, and its old one is free again.
+    assert_eq!(
+        r.apply(&claim(1, &["192.168.11.0/24"])),
+        Ok(Outcome::Changed)
+    );
+    assert_eq!(
+        r.apply(&claim(2, &["192.168.1.0/24"])),
+        Ok(Outcome::Changed)
+    );
+    // Snapshots keep the claims; removing a node frees its subnet.
+    let restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert_eq!(restored.node_subnets(2), &[net("192.168.1.0/24")]);
+    assert_eq!(restored.node_subnets(1), &[net("192.168.11.0/24")]);
+    r.apply(&Command::RemoveNode { node: 2 }).expect("remove");
+    assert!(r.node_subnets(2).is_empty());
+    assert_eq!(
+        r.apply(&claim(1, &["192.168.0.0/16"])),
+        Ok(Outcome::Changed)
+    );
+    assert_eq!(r.apply(&claim(1, &[])), Ok(Outcome::Changed));
+    assert_eq!(r.subnets().count(), 0);
+}
+
+#[test]
+fn subnets_overlap_only_when_they_share_addresses() {
+    assert!(net("10.0.0.0/8").overlaps(&net("10.1.2.0/24")));
+    assert!(net("10.1.2.0/24").overlaps(&net("10.0.0.0/8")));
+    assert!(!net("10.1.2.0/24").overlaps(&net("10.1.3.0/24")));
+    assert!(!net("10.0.0.0/8").overlaps(&net("::/0")));
+    assert!(net("fd00::/64").overlaps(&net("fd00::/8")));
+    assert!(net("10.0.0.0/8").covers(&net("10.1.2.0/24")));
+    assert!(!net("10.1.2.0/24").covers(&net("10.0.0.0/8")));
+}
+
+#[test]
+fn version_2_snapshots_still_restore() {
+    #[derive(serde::Serialize)]
+    struct V2<'a> {
+        nodes: Vec<NodeInfo>,
+        containers: Vec<&'a Container>,
+        down: Vec<NodeId>,
+        max_node_id: NodeId,
+        certs: Vec<(NodeId, [u8; 32])>,
+    }
+    let c = container("a1", "web", 1, &["10.0.1.2"]);
+    let body = V2 {
+        nodes: vec![NodeInfo {
+            id: 1,
+            name: "h1".into(),
+            peer_addr: "127.0.0.1:7380".into(),
+        }],
+        containers: vec![&c],
+        down: vec![1],
+        max_node_id: 5,
+        certs: vec![(1, [7; 32])],
+    };
+    let mut bytes = b"LDNS\x02".to_vec();
+    bytes.extend(postcard::to_allocvec(&body).expect("encode"));
+    let r = Registry::restore(&bytes).expect("v2 restores");
+    assert!(r.is_down(1));
+    assert_eq!(r.next_node_id(), 6);
+    assert_eq!(r.node_cert(1), Some(&[7; 32]));
+    assert_eq!(r.subnets().count(), 0);
+}
