@@ -1,0 +1,725 @@
+//! The route planner: what this host should have (a route to every other node's container
+//! subnet via that node's host address, and the forwarding rules container traffic needs),
+//! compared with what it has, gives the changes to make and the routes it refuses to make.
+//!
+//! Pure: no netlink, no iptables, no clock. The edges read [`HostState`] and apply [`Plan`].
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use linkdns_registry::{NodeId, Registry, Subnet};
+
+/// The route protocol number linkdns marks its routes with (`ip route show proto 151`). The
+/// kernel keeps it as given; linkdns treats exactly the routes with it as its own.
+pub const DEFAULT_PROTOCOL: u8 = 151;
+
+/// The main routing table, where linkdns puts its routes.
+pub const MAIN_TABLE: u32 = 254;
+
+/// The local table: the kernel's routes for the host's own addresses.
+const LOCAL_TABLE: u32 = 255;
+
+/// IPv4 or IPv6: routes, forwarding switches and firewall tables are per family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        })
+    }
+}
+
+/// A route as the kernel has it, in the project's terms.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostRoute {
+    // `dst` first: routes sort by destination.
+    pub dst: Subnet,
+    pub table: u32,
+    pub gateway: Option<IpAddr>,
+    /// The output interface's name, when the route names one.
+    pub device: Option<String>,
+    pub protocol: u8,
+    pub kind: RouteKind,
+    pub metric: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouteKind {
+    Unicast,
+    Local,
+    Broadcast,
+    Blackhole,
+    Unreachable,
+    Prohibit,
+    Other(u8),
+}
+
+impl fmt::Display for HostRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            RouteKind::Unicast => {}
+            RouteKind::Local => f.write_str("local ")?,
+            RouteKind::Broadcast => f.write_str("broadcast ")?,
+            RouteKind::Blackhole => f.write_str("blackhole ")?,
+            RouteKind::Unreachable => f.write_str("unreachable ")?,
+            RouteKind::Prohibit => f.write_str("prohibit ")?,
+            RouteKind::Other(k) => write!(f, "type {k} ")?,
+        }
+        write!(f, "{}", self.dst)?;
+        if let Some(gw) = self.gateway {
+            write!(f, " via {gw}")?;
+        }
+        if let Some(dev) = &self.device {
+            write!(f, " dev {dev}")?;
+        }
+        write!(f, " proto {}", protocol_name(self.protocol))?;
+        if self.metric != 0 {
+            write!(f, " metric {}", self.metric)?;
+        }
+        if self.table != MAIN_TABLE {
+            write!(f, " table {}", self.table)?;
+        }
+        Ok(())
+    }
+}
+
+/// The names `ip route` prints for the common protocol numbers.
+fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        0 => "unspec".into(),
+        1 => "redirect".into(),
+        2 => "kernel".into(),
+        3 => "boot".into(),
+        4 => "static".into(),
+        16 => "dhcp".into(),
+        p => p.to_string(),
+    }
+}
+
+/// An address on one of the host's interfaces (`ip addr`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostAddress {
+    pub device: String,
+    pub addr: IpAddr,
+    pub prefix: u8,
+    /// Whether the interface is up; a gateway is only reachable through an interface that is.
+    pub up: bool,
+}
+
+impl HostAddress {
+    fn network(&self) -> Option<Subnet> {
+        Subnet::new(self.addr, self.prefix)
+    }
+}
+
+/// One rule of a linkdns chain: traffic from `src` to `dst` is accepted (forward chain) or
+/// exempted from masquerading (nat chain).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Rule {
+    Accept {
+        src: Subnet,
+        dst: Subnet,
+    },
+    NoMasquerade {
+        src: Subnet,
+        dst: Subnet,
+    },
+    /// Something in a linkdns chain that linkdns did not write; the chain is rewritten.
+    Unknown(String),
+}
+
+/// linkdns's two chains. Each hangs off one built-in chain by a single jump, which must be that
+/// chain's first rule so Docker's own rules (drops, masquerading) come after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Chain {
+    /// `filter` table, jumped to from `FORWARD`.
+    Forward,
+    /// `nat` table, jumped to from `POSTROUTING`.
+    Postrouting,
+}
+
+impl Chain {
+    pub const ALL: [Chain; 2] = [Chain::Forward, Chain::Postrouting];
+
+    pub fn table(self) -> &'static str {
+        match self {
+            Chain::Forward => "filter",
+            Chain::Postrouting => "nat",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Chain::Forward => "LINKDNS-FORWARD",
+            Chain::Postrouting => "LINKDNS-POSTROUTING",
+        }
+    }
+
+    pub fn parent(self) -> &'static str {
+        match self {
+            Chain::Forward => "FORWARD",
+            Chain::Postrouting => "POSTROUTING",
+        }
+    }
+}
+
+/// One of linkdns's chains as the host has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChainState {
+    pub exists: bool,
+    pub rules: Vec<Rule>,
+    /// Positions (1-based) of the jumps to this chain in its parent chain.
+    pub jumps: Vec<usize>,
+}
+
+/// What the host has: routes of every table, interface addresses, linkdns's chains.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostState {
+    pub routes: Vec<HostRoute>,
+    pub addresses: Vec<HostAddress>,
+    /// linkdns's chains per family; a family whose firewall could not be read is absent.
+    pub chains: Vec<(Family, Chain, ChainState)>,
+    /// Families whose IP forwarding is on.
+    pub forwarding: BTreeSet<Family>,
+}
+
+impl HostState {
+    fn chain(&self, family: Family, chain: Chain) -> Option<&ChainState> {
+        self.chains
+            .iter()
+            .find(|(f, c, _)| *f == family && *c == chain)
+            .map(|(_, _, s)| s)
+    }
+}
+
+/// Another node, as far as routing goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub id: NodeId,
+    pub name: String,
+    /// The node's host address (from its peer address); routes to its subnets go via it.
+    pub host: Option<IpAddr>,
+    pub subnets: Vec<Subnet>,
+}
+
+/// What the cluster wants this host to route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    /// This node's own container subnets (the far end of every forwarding rule).
+    pub local_subnets: Vec<Subnet>,
+    /// Every other node that claims a subnet, by id.
+    pub peers: Vec<Peer>,
+}
+
+impl Desired {
+    /// The routing wanted on node `local`: every other member's claimed subnets, whether or
+    /// not the node is hidden as down (withdrawing its route would only send that traffic to
+    /// the default route). Removed nodes are gone from the registry, and so are their routes.
+    pub fn from_registry(registry: &Registry, local: NodeId) -> Desired {
+        let peers = registry
+            .subnets()
+            .filter(|(id, _)| *id != local)
+            .map(|(id, subnets)| {
+                let node = registry.node(id);
+                Peer {
+                    id,
+                    name: node.map_or_else(|| format!("node {id}"), |n| n.name.clone()),
+                    host: node.and_then(|n| host_address(&n.peer_addr)),
+                    subnets: subnets.to_vec(),
+                }
+            })
+            .collect();
+        Desired {
+            local_subnets: registry.node_subnets(local).to_vec(),
+            peers,
+        }
+    }
+}
+
+/// The host part of a peer address (`172.30.0.2:7380`); none for an unspecified one.
+fn host_address(peer_addr: &str) -> Option<IpAddr> {
+    let addr: std::net::SocketAddr = peer_addr.parse().ok()?;
+    let ip = addr.ip();
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// A route linkdns wants: `dst via via`, for node `node`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Route {
+    pub dst: Subnet,
+    pub via: IpAddr,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteChange {
+    Add(Route),
+    /// linkdns's own route to the subnet goes elsewhere (the node moved): replaced in place.
+    Replace {
+        old: HostRoute,
+        new: Route,
+    },
+    /// linkdns's own route that is no longer wanted (or a duplicate of a wanted one).
+    Remove {
+        route: HostRoute,
+        why: String,
+    },
+}
+
+/// Why a subnet is not routed. Each names what is in the way; nothing in the way is touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Conflict {
+    /// The node's peer address is unspecified, or of the other family than the subnet.
+    NoHostAddress,
+    /// The subnet overlaps an address of this host's interfaces.
+    LocalAddress(HostAddress),
+    /// The subnet overlaps a route that linkdns does not own.
+    ForeignRoute(HostRoute),
+    /// The subnet overlaps this node's own subnet or an earlier node's.
+    OtherSubnet { node: String, subnet: Subnet },
+    /// The gateway is one of this host's own addresses.
+    GatewayIsLocal(IpAddr),
+    /// The gateway is on none of this host's connected networks.
+    GatewayUnreachable(IpAddr),
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Conflict::NoHostAddress => {
+                f.write_str("the node has no host address of this family to route through")
+            }
+            Conflict::LocalAddress(a) => write!(
+                f,
+                "overlaps this host's address {}/{} on {}",
+                a.addr, a.prefix, a.device
+            ),
+            Conflict::ForeignRoute(r) => {
+                write!(
+                    f,
+                    "overlaps existing route `{r}`, which linkdns does not own"
+                )
+            }
+            Conflict::OtherSubnet { node, subnet } => {
+                write!(f, "overlaps {subnet} of node {node}")
+            }
+            Conflict::GatewayIsLocal(gw) => {
+                write!(f, "the gateway {gw} is an address of this host")
+            }
+            Conflict::GatewayUnreachable(gw) => write!(
+                f,
+                "the gateway {gw} is not on a directly connected network of this host"
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub subnet: Subnet,
+    pub node: String,
+    pub conflict: Conflict,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "not routing {} of node {}: {}",
+            self.subnet, self.node, self.conflict
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirewallChange {
+    /// Create the chain if needed and set its rules to exactly these.
+    WriteChain {
+        family: Family,
+        chain: Chain,
+        rules: Vec<Rule>,
+    },
+    /// Make the jump to the chain the parent chain's first rule, and the only jump to it.
+    PlaceJump {
+        family: Family,
+        chain: Chain,
+        /// Positions of the existing jumps, to delete.
+        existing: Vec<usize>,
+    },
+    /// linkdns's chain is not needed: delete its jumps, then the chain.
+    RemoveChain {
+        family: Family,
+        chain: Chain,
+        existing_jumps: Vec<usize>,
+    },
+}
+
+/// The changes that bring the host to the desired state, and what is refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Routes already right.
+    pub keep: Vec<Route>,
+    pub routes: Vec<RouteChange>,
+    pub refused: Vec<Refusal>,
+    pub firewall: Vec<FirewallChange>,
+    /// Families whose IP forwarding must be switched on.
+    pub enable_forwarding: Vec<Family>,
+}
+
+impl Plan {
+    /// Whether applying the plan changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.firewall.is_empty() && self.enable_forwarding.is_empty()
+    }
+}
+
+/// Plans the changes that bring `host` to `desired`. Only routes marked with `protocol`, and
+/// only linkdns's chains, are ever changed; anything else in the way is refused and reported.
+pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
+    let mut plan = Plan::default();
+    let mut wanted: Vec<Route> = Vec::new();
+    // Subnets already taken, in order: this node's own first, then each accepted peer's.
+    let mut taken: Vec<(String, Subnet)> = desired
+        .local_subnets
+        .iter()
+        .map(|s| ("(this host)".to_string(), *s))
+        .collect();
+    let mut peers = desired.peers.clone();
+    peers.sort_by_key(|p| p.id);
+    for peer in &peers {
+        let mut subnets = peer.subnets.clone();
+        subnets.sort();
+        for subnet in subnets {
+            match check(subnet, peer, &taken, host, protocol) {
+                Ok(via) => {
+                    taken.push((peer.name.clone(), subnet));
+                    wanted.push(Route {
+                        dst: subnet,
+                        via,
+                        node: peer.name.clone(),
+                    });
+                }
+                Err(conflict) => plan.refused.push(Refusal {
+                    subnet,
+                    node: peer.name.clone(),
+                    conflict,
+                }),
+            }
+        }
+    }
+    wanted.sort();
+
+    let mut owned: Vec<&HostRoute> = host
+        .routes
+        .iter()
+        .filter(|r| r.protocol == protocol)
+        .collect();
+    owned.sort();
+    for route in &wanted {
+        let mine: Vec<&HostRoute> = owned
+            .iter()
+            .copied()
+            .filter(|r| r.dst == route.dst)
+            .collect();
+        let right = mine.iter().position(|r| is_exactly(r, route));
+        let kept = match right {
+            Some(i) => {
+                plan.keep.push(route.clone());
+                Some(i)
+            }
+            None => match mine
+                .iter()
+                .position(|r| r.table == MAIN_TABLE && r.kind == RouteKind::Unicast)
+            {
+                Some(i) => {
+                    plan.routes.push(RouteChange::Replace {
+                        old: mine[i].clone(),
+                        new: route.clone(),
+                    });
+                    Some(i)
+                }
+                None => {
+                    plan.routes.push(RouteChange::Add(route.clone()));
+                    None
+                }
+            },
+        };
+        for (i, extra) in mine.iter().enumerate() {
+            if Some(i) != kept {
+                plan.routes.push(RouteChange::Remove {
+                    route: (*extra).clone(),
+                    why: "a duplicate of linkdns's route to this subnet".to_string(),
+                });
+            }
+        }
+    }
+    for route in owned {
+        if wanted.iter().any(|w| w.dst == route.dst) {
+            continue;
+        }
+        let why = match plan.refused.iter().find(|r| r.subnet == route.dst) {
+            Some(refusal) => format!("refused now: {}", refusal.conflict),
+            None => "no other node claims this subnet".to_string(),
+        };
+        plan.routes.push(RouteChange::Remove {
+            route: route.clone(),
+            why,
+        });
+    }
+
+    plan_firewall(&mut plan, desired, host, &wanted);
+    plan.keep.sort();
+    plan
+}
+
+/// Whether `host_route` is exactly linkdns's route `route` in the main table.
+fn is_exactly(host_route: &HostRoute, route: &Route) -> bool {
+    host_route.table == MAIN_TABLE
+        && host_route.kind == RouteKind::Unicast
+        && host_route.gateway == Some(route.via)
+        && host_route.metric == 0
+}
+
+/// Checks one peer subnet against everything on this host; the gateway to use if it is clear.
+fn check(
+    subnet: Subnet,
+    peer: &Peer,
+    taken: &[(String, Subnet)],
+    host: &HostState,
+    protocol: u8,
+) -> Result<IpAddr, Conflict> {
+    let via = peer
+        .host
+        .filter(|h| Family::of(*h) == Family::of(subnet.addr()))
+        .ok_or(Conflict::NoHostAddress)?;
+    if let Some((node, other)) = taken.iter().find(|(_, s)| s.overlaps(&subnet)) {
+        return Err(Conflict::OtherSubnet {
+            node: node.clone(),
+            subnet: *other,
+        });
+    }
+    if let Some(a) = host
+        .addresses
+        .iter()
+        .find(|a| a.network().is_some_and(|n| n.overlaps(&subnet)))
+    {
+        return Err(Conflict::LocalAddress(a.clone()));
+    }
+    let mut foreign: Vec<&HostRoute> = host
+        .routes
+        .iter()
+        .filter(|r| {
+            r.protocol != protocol
+                && r.table != LOCAL_TABLE
+                && r.dst.prefix() > 0
+                && r.dst.overlaps(&subnet)
+        })
+        .collect();
+    foreign.sort();
+    if let Some(r) = foreign.first() {
+        return Err(Conflict::ForeignRoute((*r).clone()));
+    }
+    if host.addresses.iter().any(|a| a.addr == via) {
+        return Err(Conflict::GatewayIsLocal(via));
+    }
+    let on_link = host.addresses.iter().any(|a| {
+        a.up && a
+            .network()
+            .is_some_and(|n| n.contains(via) && n.prefix() < max_prefix(via))
+    });
+    if !on_link {
+        return Err(Conflict::GatewayUnreachable(via));
+    }
+    Ok(via)
+}
+
+fn max_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// For each family with routes: accept forwarded traffic between this node's subnets and the
+/// routed ones both ways, and do not masquerade this node's containers towards them. Families
+/// without routes get no chains (a single host is left as it was).
+fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &[Route]) {
+    for family in [Family::V4, Family::V6] {
+        let remote: Vec<Subnet> = wanted
+            .iter()
+            .map(|r| r.dst)
+            .filter(|s| Family::of(s.addr()) == family)
+            .collect();
+        if !remote.is_empty() && !host.forwarding.contains(&family) {
+            plan.enable_forwarding.push(family);
+        }
+        let local: Vec<Subnet> = desired
+            .local_subnets
+            .iter()
+            .copied()
+            .filter(|s| Family::of(s.addr()) == family)
+            .collect();
+        let mut forward = Vec::new();
+        let mut nat = Vec::new();
+        for l in &local {
+            for r in &remote {
+                forward.push(Rule::Accept { src: *r, dst: *l });
+                forward.push(Rule::Accept { src: *l, dst: *r });
+                nat.push(Rule::NoMasquerade { src: *l, dst: *r });
+            }
+        }
+        for (chain, rules) in [(Chain::Forward, forward), (Chain::Postrouting, nat)] {
+            // A family whose firewall cannot be read is left alone (reported by the edge).
+            let Some(state) = host.chain(family, chain) else {
+                continue;
+            };
+            if rules.is_empty() {
+                if state.exists || !state.jumps.is_empty() {
+                    plan.firewall.push(FirewallChange::RemoveChain {
+                        family,
+                        chain,
+                        existing_jumps: state.jumps.clone(),
+                    });
+                }
+                continue;
+            }
+            if !state.exists || state.rules != rules {
+                plan.firewall.push(FirewallChange::WriteChain {
+                    family,
+                    chain,
+                    rules,
+                });
+            }
+            if state.jumps != [1] {
+                plan.firewall.push(FirewallChange::PlaceJump {
+                    family,
+                    chain,
+                    existing: state.jumps.clone(),
+                });
+            }
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    /// The rule as `iptables -S` prints it after the `-A CHAIN` part.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::Accept { src, dst } => write!(f, "-s {src} -d {dst} -j ACCEPT"),
+            Rule::NoMasquerade { src, dst } => write!(f, "-s {src} -d {dst} -j RETURN"),
+            Rule::Unknown(text) => f.write_str(text),
+        }
+    }
+}
+
+impl Rule {
+    /// Parses a rule of `chain` as `iptables -S` prints it (without the `-A CHAIN `).
+    pub fn parse(chain: Chain, text: &str) -> Rule {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let parsed = match words.as_slice() {
+            ["-s", src, "-d", dst, "-j", target] => {
+                match (src.parse::<Subnet>(), dst.parse::<Subnet>(), chain, *target) {
+                    (Ok(src), Ok(dst), Chain::Forward, "ACCEPT") => Some(Rule::Accept { src, dst }),
+                    (Ok(src), Ok(dst), Chain::Postrouting, "RETURN") => {
+                        Some(Rule::NoMasquerade { src, dst })
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        parsed.unwrap_or_else(|| Rule::Unknown(text.to_string()))
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} via {} ({})", self.dst, self.via, self.node)
+    }
+}
+
+impl fmt::Display for Plan {
+    /// One line per change, in the order they apply, then the refusals: what `linkdns routes
+    /// --plan` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for route in &self.keep {
+            writeln!(f, "keep     {route}")?;
+        }
+        for change in &self.routes {
+            match change {
+                RouteChange::Add(route) => writeln!(f, "add      {route}")?,
+                RouteChange::Replace { old, new } => writeln!(f, "replace  {old}  ->  {new}")?,
+                RouteChange::Remove { route, why } => writeln!(f, "remove   {route}: {why}")?,
+            }
+        }
+        for family in &self.enable_forwarding {
+            writeln!(f, "enable   {family} forwarding")?;
+        }
+        for change in &self.firewall {
+            match change {
+                FirewallChange::WriteChain {
+                    family,
+                    chain,
+                    rules,
+                } => {
+                    writeln!(
+                        f,
+                        "write    {family} {} {}: {} rule(s)",
+                        chain.table(),
+                        chain.name(),
+                        rules.len()
+                    )?;
+                    for rule in rules {
+                        writeln!(f, "           -A {} {rule}", chain.name())?;
+                    }
+                }
+                FirewallChange::PlaceJump {
+                    family,
+                    chain,
+                    existing,
+                } => writeln!(
+                    f,
+                    "jump     {family} {} {} -> {} first (now at {existing:?})",
+                    chain.table(),
+                    chain.parent(),
+                    chain.name()
+                )?,
+                FirewallChange::RemoveChain { family, chain, .. } => writeln!(
+                    f,
+                    "delete   {family} {} {} and its jump",
+                    chain.table(),
+                    chain.name()
+                )?,
+            }
+        }
+        for refusal in &self.refused {
+            writeln!(f, "refuse   {refusal}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

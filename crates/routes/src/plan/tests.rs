@@ -1,0 +1,410 @@
+//! Golden tests of the planner: a host and a cluster in, the plan as `linkdns routes --plan`
+//! prints it out.
+
+use super::*;
+use linkdns_registry::{Command, NodeInfo};
+
+const P: u8 = DEFAULT_PROTOCOL;
+
+fn net(s: &str) -> Subnet {
+    s.parse().expect("subnet")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn addr(device: &str, cidr: &str) -> HostAddress {
+    let (a, p) = cidr.split_once('/').expect("cidr");
+    HostAddress {
+        device: device.into(),
+        addr: ip(a),
+        prefix: p.parse().expect("prefix"),
+        up: true,
+    }
+}
+
+fn route(dst: &str, via: Option<&str>, protocol: u8) -> HostRoute {
+    HostRoute {
+        table: MAIN_TABLE,
+        dst: net(dst),
+        gateway: via.map(ip),
+        device: Some("eth0".into()),
+        protocol,
+        kind: RouteKind::Unicast,
+        metric: 0,
+    }
+}
+
+fn peer(id: NodeId, name: &str, host: &str, subnets: &[&str]) -> Peer {
+    Peer {
+        id,
+        name: name.into(),
+        host: Some(ip(host)),
+        subnets: subnets.iter().map(|s| net(s)).collect(),
+    }
+}
+
+/// h1 of the test bed: 172.30.0.1 on the LAN, Docker's bridge on 192.168.1.0/24, the kernel's
+/// connected routes, linkdns's chains not there yet.
+fn h1() -> HostState {
+    HostState {
+        routes: vec![
+            route("172.30.0.0/24", None, 2),
+            route("192.168.1.0/24", None, 2),
+            route("0.0.0.0/0", Some("172.30.0.254"), 4),
+            HostRoute {
+                table: 255,
+                kind: RouteKind::Local,
+                ..route("172.30.0.1/32", None, 2)
+            },
+        ],
+        addresses: vec![
+            addr("lo", "127.0.0.1/8"),
+            addr("eth0", "172.30.0.1/24"),
+            addr("docker0", "192.168.1.1/24"),
+        ],
+        chains: [Family::V4, Family::V6]
+            .into_iter()
+            .flat_map(|f| Chain::ALL.map(|c| (f, c, ChainState::default())))
+            .collect(),
+        forwarding: [Family::V4].into(),
+    }
+}
+
+fn three_hosts() -> Desired {
+    Desired {
+        local_subnets: vec![net("192.168.1.0/24")],
+        peers: vec![
+            peer(3, "h3", "172.30.0.3", &["192.168.3.0/24"]),
+            peer(2, "h2", "172.30.0.2", &["192.168.2.0/24"]),
+        ],
+    }
+}
+
+/// The host after applying `plan` (what the edges would leave), for steady-state checks.
+fn applied(mut host: HostState, plan: &Plan) -> HostState {
+    for change in &plan.routes {
+        match change {
+            RouteChange::Add(r) | RouteChange::Replace { new: r, .. } => {
+                if let RouteChange::Replace { old, .. } = change {
+                    host.routes.retain(|h| h != old);
+                }
+                host.routes.push(HostRoute {
+                    device: Some("eth0".into()),
+                    ..route(&r.dst.to_string(), Some(&r.via.to_string()), P)
+                });
+            }
+            RouteChange::Remove { route, .. } => host.routes.retain(|h| h != route),
+        }
+    }
+    host.forwarding
+        .extend(plan.enable_forwarding.iter().copied());
+    for change in &plan.firewall {
+        for (f, c, state) in &mut host.chains {
+            match change {
+                FirewallChange::WriteChain {
+                    family,
+                    chain,
+                    rules,
+                } if (family, chain) == (f, c) => {
+                    state.exists = true;
+                    state.rules = rules.clone();
+                }
+                FirewallChange::PlaceJump { family, chain, .. } if (family, chain) == (f, c) => {
+                    state.jumps = vec![1];
+                }
+                FirewallChange::RemoveChain { family, chain, .. } if (family, chain) == (f, c) => {
+                    *state = ChainState::default();
+                }
+                _ => {}
+            }
+        }
+    }
+    host
+}
+
+#[test]
+fn a_new_host_gets_a_route_per_peer_and_the_forwarding_rules() {
+    let plan = plan(&three_hosts(), &h1(), P);
+    assert_eq!(
+        plan.to_string(),
+        "\
+add      192.168.2.0/24 via 172.30.0.2 (h2)
+add      192.168.3.0/24 via 172.30.0.3 (h3)
+write    ipv4 filter LINKDNS-FORWARD: 4 rule(s)
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD first (now at [])
+write    ipv4 nat LINKDNS-POSTROUTING: 2 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j RETURN
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING first (now at [])
+"
+    );
+    // Once applied, planning again changes nothing: restarts do not flap.
+    let host = applied(h1(), &plan);
+    let again = super::plan(&three_hosts(), &host, P);
+    assert!(again.is_empty(), "{again}");
+    assert_eq!(
+        again.to_string(),
+        "\
+keep     192.168.2.0/24 via 172.30.0.2 (h2)
+keep     192.168.3.0/24 via 172.30.0.3 (h3)
+"
+    );
+}
+
+#[test]
+fn conflicts_are_refused_and_what_is_in_the_way_is_left_alone() {
+    let mut host = h1();
+    // Someone routes h2's subnet elsewhere; h4's is inside this host's 10.5.0.0/16 network.
+    host.routes
+        .push(route("192.168.2.0/24", Some("172.30.0.99"), 4));
+    host.routes.push(route("10.5.0.0/16", None, 2));
+    host.addresses.push(addr("eth1", "10.5.0.1/16"));
+    // A wider foreign route covering h6's subnet counts too; a default route does not.
+    host.routes
+        .push(route("10.60.0.0/16", Some("172.30.0.254"), 3));
+    let desired = Desired {
+        local_subnets: vec![net("192.168.1.0/24")],
+        peers: vec![
+            peer(2, "h2", "172.30.0.2", &["192.168.2.0/24"]),
+            peer(3, "h3", "172.30.0.3", &["192.168.3.0/24"]),
+            peer(4, "h4", "172.30.0.4", &["10.5.3.0/24"]),
+            // Behind a router, not on the LAN: reported, not programmed.
+            peer(5, "h5", "198.51.100.5", &["192.168.5.0/24"]),
+            peer(6, "h6", "172.30.0.6", &["10.60.6.0/24"]),
+            // Claims this host's own LAN address as its host address.
+            peer(7, "h7", "172.30.0.1", &["192.168.7.0/24"]),
+            Peer {
+                host: None,
+                ..peer(8, "h8", "0.0.0.0", &["192.168.8.0/24"])
+            },
+            // Overlaps this node's subnet (the registry refuses such claims; the planner too).
+            peer(9, "h9", "172.30.0.9", &["192.168.0.0/16"]),
+            // An IPv6 subnet behind an IPv4-only host address.
+            peer(10, "h10", "172.30.0.10", &["fd00:10::/64"]),
+        ],
+    };
+    assert_eq!(
+        plan(&desired, &host, P).to_string(),
+        "\
+add      192.168.3.0/24 via 172.30.0.3 (h3)
+write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD first (now at [])
+write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j RETURN
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING first (now at [])
+refuse   not routing 192.168.2.0/24 of node h2: overlaps existing route `192.168.2.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own
+refuse   not routing 10.5.3.0/24 of node h4: overlaps this host's address 10.5.0.1/16 on eth1
+refuse   not routing 192.168.5.0/24 of node h5: the gateway 198.51.100.5 is not on a directly connected network of this host
+refuse   not routing 10.60.6.0/24 of node h6: overlaps existing route `10.60.0.0/16 via 172.30.0.254 dev eth0 proto boot`, which linkdns does not own
+refuse   not routing 192.168.7.0/24 of node h7: the gateway 172.30.0.1 is an address of this host
+refuse   not routing 192.168.8.0/24 of node h8: the node has no host address of this family to route through
+refuse   not routing 192.168.0.0/16 of node h9: overlaps 192.168.1.0/24 of node (this host)
+refuse   not routing fd00:10::/64 of node h10: the node has no host address of this family to route through
+"
+    );
+}
+
+#[test]
+fn only_linkdns_routes_are_replaced_or_withdrawn() {
+    let mut host = applied(h1(), &plan(&three_hosts(), &h1(), P));
+    // h2 moved to another address; a duplicate of h3's route sits in another table; a route
+    // of a node that was removed is still there; a foreign route to a fourth subnet stays.
+    host.routes
+        .retain(|r| !(r.protocol == P && r.dst == net("192.168.2.0/24")));
+    host.routes
+        .push(route("192.168.2.0/24", Some("172.30.0.22"), P));
+    host.routes.push(HostRoute {
+        table: 100,
+        ..route("192.168.3.0/24", Some("172.30.0.3"), P)
+    });
+    host.routes
+        .push(route("192.168.4.0/24", Some("172.30.0.4"), P));
+    host.routes
+        .push(route("192.168.40.0/24", Some("172.30.0.40"), 4));
+    let mut desired = three_hosts();
+    desired.peers[1].host = Some(ip("172.30.0.12"));
+    assert_eq!(
+        plan(&desired, &host, P).to_string(),
+        "\
+keep     192.168.3.0/24 via 172.30.0.3 (h3)
+replace  192.168.2.0/24 via 172.30.0.22 dev eth0 proto 151  ->  192.168.2.0/24 via 172.30.0.12 (h2)
+remove   192.168.3.0/24 via 172.30.0.3 dev eth0 proto 151 table 100: a duplicate of linkdns's route to this subnet
+remove   192.168.4.0/24 via 172.30.0.4 dev eth0 proto 151: no other node claims this subnet
+"
+    );
+
+    // Every other node gone: the routes, the chains and their jumps go; the foreign route and
+    // forwarding (Docker's too) stay.
+    let alone = Desired {
+        local_subnets: vec![net("192.168.1.0/24")],
+        peers: Vec::new(),
+    };
+    let plan = plan(&alone, &host, P);
+    assert_eq!(
+        plan.to_string(),
+        "\
+remove   192.168.2.0/24 via 172.30.0.22 dev eth0 proto 151: no other node claims this subnet
+remove   192.168.3.0/24 via 172.30.0.3 dev eth0 proto 151 table 100: no other node claims this subnet
+remove   192.168.3.0/24 via 172.30.0.3 dev eth0 proto 151: no other node claims this subnet
+remove   192.168.4.0/24 via 172.30.0.4 dev eth0 proto 151: no other node claims this subnet
+delete   ipv4 filter LINKDNS-FORWARD and its jump
+delete   ipv4 nat LINKDNS-POSTROUTING and its jump
+"
+    );
+    let host = applied(host, &plan);
+    assert!(host.routes.iter().all(|r| r.protocol != P));
+    assert!(host
+        .routes
+        .contains(&route("192.168.40.0/24", Some("172.30.0.40"), 4)));
+}
+
+#[test]
+fn a_route_refused_now_is_withdrawn_and_says_why() {
+    let mut host = applied(h1(), &plan(&three_hosts(), &h1(), P));
+    // An interface with an address in h3's subnet appears on this host.
+    host.addresses.push(addr("wg0", "192.168.3.77/24"));
+    assert_eq!(
+        plan(&three_hosts(), &host, P).to_string(),
+        "\
+keep     192.168.2.0/24 via 172.30.0.2 (h2)
+remove   192.168.3.0/24 via 172.30.0.3 dev eth0 proto 151: refused now: overlaps this host's address 192.168.3.77/24 on wg0
+write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN
+refuse   not routing 192.168.3.0/24 of node h3: overlaps this host's address 192.168.3.77/24 on wg0
+"
+    );
+}
+
+#[test]
+fn jumps_pushed_down_by_docker_are_put_back_first_and_foreign_rules_rewritten() {
+    let mut host = applied(h1(), &plan(&three_hosts(), &h1(), P));
+    for (_, chain, state) in host.chains.iter_mut().filter(|(f, ..)| *f == Family::V4) {
+        match chain {
+            // Docker restarted and inserted its rules above the jump.
+            Chain::Postrouting => state.jumps = vec![3],
+            // Someone added a rule to linkdns's chain, and a second jump.
+            Chain::Forward => {
+                state
+                    .rules
+                    .push(Rule::parse(Chain::Forward, "-s 10.0.0.0/8 -j DROP"));
+                state.jumps = vec![1, 5];
+            }
+        }
+    }
+    host.forwarding.clear();
+    let out = plan(&three_hosts(), &host, P).to_string();
+    assert_eq!(
+        out,
+        "\
+keep     192.168.2.0/24 via 172.30.0.2 (h2)
+keep     192.168.3.0/24 via 172.30.0.3 (h3)
+enable   ipv4 forwarding
+write    ipv4 filter LINKDNS-FORWARD: 4 rule(s)
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD first (now at [1, 5])
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING first (now at [3])
+"
+    );
+}
+
+#[test]
+fn a_firewall_that_cannot_be_read_is_left_alone() {
+    let mut host = h1();
+    host.chains.clear();
+    assert_eq!(
+        plan(&three_hosts(), &host, P).to_string(),
+        "\
+add      192.168.2.0/24 via 172.30.0.2 (h2)
+add      192.168.3.0/24 via 172.30.0.3 (h3)
+"
+    );
+}
+
+#[test]
+fn rules_print_and_parse_as_iptables_does() {
+    for (chain, text) in [
+        (
+            Chain::Forward,
+            "-s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT",
+        ),
+        (
+            Chain::Postrouting,
+            "-s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN",
+        ),
+        (Chain::Forward, "-s fd00:2::/64 -d fd00:1::/64 -j ACCEPT"),
+    ] {
+        let rule = Rule::parse(chain, text);
+        assert!(!matches!(rule, Rule::Unknown(_)), "{text}");
+        assert_eq!(rule.to_string(), text);
+    }
+    assert!(matches!(
+        Rule::parse(
+            Chain::Postrouting,
+            "-s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT"
+        ),
+        Rule::Unknown(_)
+    ));
+}
+
+#[test]
+fn the_desired_state_comes_from_the_registry() {
+    let mut r = Registry::new();
+    for (id, name, peer) in [
+        (1, "h1", "172.30.0.1:7380"),
+        (2, "h2", "172.30.0.2:7380"),
+        (3, "h3", "0.0.0.0:7380"),
+        (4, "h4", "[::ffff:172.30.0.4]:7380"),
+    ] {
+        r.apply(&Command::UpsertNode(NodeInfo {
+            id,
+            name: name.into(),
+            peer_addr: peer.into(),
+        }))
+        .expect("node");
+    }
+    for (id, subnet) in [
+        (1, "192.168.1.0/24"),
+        (2, "192.168.2.0/24"),
+        (3, "192.168.3.0/24"),
+        (4, "192.168.4.0/24"),
+    ] {
+        r.apply(&Command::SetNodeSubnets {
+            node: id,
+            subnets: vec![net(subnet)],
+        })
+        .expect("claim");
+    }
+    // A node hidden as down keeps its route: traffic to it should not leak to the default route.
+    r.apply(&Command::SetNodeDown {
+        node: 2,
+        down: true,
+    })
+    .expect("down");
+    let desired = Desired::from_registry(&r, 1);
+    assert_eq!(desired.local_subnets, vec![net("192.168.1.0/24")]);
+    assert_eq!(
+        desired.peers,
+        vec![
+            peer(2, "h2", "172.30.0.2", &["192.168.2.0/24"]),
+            Peer {
+                host: None,
+                ..peer(3, "h3", "0.0.0.0", &["192.168.3.0/24"])
+            },
+            peer(4, "h4", "172.30.0.4", &["192.168.4.0/24"]),
+        ]
+    );
+}
