@@ -1,5 +1,6 @@
 //! Who may use this node as a recursive resolver: loopback, the configured and detected
-//! container subnets, any address of a container in the registry, and the cluster's hosts.
+//! container subnets, every node's claimed subnet, any address of a container in the registry,
+//! and the cluster's hosts.
 //! Everyone may ask about the cluster's own names; only these may have other names forwarded.
 
 use std::net::IpAddr;
@@ -42,7 +43,7 @@ impl Acl {
         {
             return true;
         }
-        if registry.container_at(ip, None).is_some() {
+        if registry.container_at(ip, None).is_some() || registry.subnet_owner(ip).is_some() {
             return true;
         }
         registry.nodes().any(|n| {

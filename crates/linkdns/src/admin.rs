@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -16,6 +16,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use serde::{Deserialize, Serialize};
+
+use crate::routing::{RoutesStatus, Routing};
 
 /// Counters of the node itself (the DNS crate keeps its own).
 #[derive(Clone, Debug, Default)]
@@ -45,6 +47,9 @@ pub struct Status {
     pub members: Vec<Member>,
     pub docker: DockerStatus,
     pub dns_listen: Vec<SocketAddr>,
+    /// Routes to the other hosts' container subnets (`linkdns routes` has the details).
+    #[serde(default)]
+    pub routing: RoutesStatus,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -74,6 +79,7 @@ pub struct AdminState {
     docker: Mutex<DockerStatus>,
     metrics: MetricsRegistry,
     node_metrics: NodeMetrics,
+    routing: Arc<Routing>,
 }
 
 impl AdminState {
@@ -84,6 +90,7 @@ impl AdminState {
         dns_listen: Vec<SocketAddr>,
         dns: DnsMetrics,
         node_metrics: NodeMetrics,
+        routing: Arc<Routing>,
     ) -> AdminState {
         let mut metrics = MetricsRegistry::default();
         dns.register(&mut metrics);
@@ -125,6 +132,7 @@ impl AdminState {
             docker: Mutex::new(DockerStatus::default()),
             metrics,
             node_metrics,
+            routing,
         }
     }
 
@@ -140,7 +148,7 @@ impl AdminState {
         }
     }
 
-    pub fn status(&self) -> Status {
+    pub async fn status(&self) -> Status {
         let raft = self.node.status();
         let published = self.node.published().load_full();
         let registry = &published.registry;
@@ -189,11 +197,12 @@ impl AdminState {
                 .lock()
                 .map(|d| d.clone())
                 .unwrap_or_default(),
+            routing: self.routing.status(false).await,
         }
     }
 
-    fn metrics_text(&self) -> Result<String, std::fmt::Error> {
-        let s = self.status();
+    async fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        let s = self.status().await;
         let m = &self.node_metrics;
         m.records.set(s.records as i64);
         m.term.set(s.term as i64);
@@ -214,6 +223,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
     let app = Router::new()
         .route("/status", get(status_handler))
         .route("/metrics", get(metrics_handler))
+        .route("/routes", get(routes_handler))
         .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -225,11 +235,25 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
 }
 
 async fn status_handler(State(state): State<Arc<AdminState>>) -> Json<Status> {
-    Json(state.status())
+    Json(state.status().await)
+}
+
+#[derive(Debug, Deserialize)]
+struct RoutesQuery {
+    #[serde(default)]
+    plan: bool,
+}
+
+/// `/routes`, and with `?plan=true` the changes a reconciliation would make now.
+async fn routes_handler(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<RoutesQuery>,
+) -> Json<RoutesStatus> {
+    Json(state.routing.status(query.plan).await)
 }
 
 async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    match state.metrics_text() {
+    match state.metrics_text().await {
         Ok(text) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

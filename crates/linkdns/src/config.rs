@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub snapshot_every: Option<u64>,
     pub voters: Option<usize>,
     pub liveness_timeout_secs: Option<u64>,
+    pub routing: Option<bool>,
+    pub route_protocol: Option<u8>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -92,6 +94,13 @@ pub struct RunArgs {
     /// Seconds of silence after which a host's records are hidden from answers.
     #[arg(long = "liveness-timeout", env = "LINKDNS_LIVENESS_TIMEOUT")]
     pub liveness_timeout_secs: Option<u64>,
+    /// Program routes to the other hosts' container subnets, and the forwarding rules they
+    /// need (true/false).
+    #[arg(long, env = "LINKDNS_ROUTING")]
+    pub routing: Option<bool>,
+    /// Route protocol number that marks linkdns's routes (`ip route show proto N`).
+    #[arg(long, env = "LINKDNS_ROUTE_PROTOCOL")]
+    pub route_protocol: Option<u8>,
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -116,6 +125,8 @@ pub struct Config {
     pub snapshot_every: u64,
     pub voters: usize,
     pub liveness_timeout: Duration,
+    pub routing: bool,
+    pub route_protocol: u8,
     pub log_format: LogFormat,
     pub proposal_timeout: Duration,
 }
@@ -205,6 +216,13 @@ impl Config {
         {
             bail!("node_name: {node_name:?} must be one DNS label (letters, digits, '-')");
         }
+        let route_protocol = args
+            .route_protocol
+            .or(file.route_protocol)
+            .unwrap_or(linkdns_routes::DEFAULT_PROTOCOL);
+        if route_protocol <= 4 || route_protocol == 255 {
+            bail!("route_protocol: {route_protocol} is reserved (0-4 belong to the kernel, boot-time and static routes); use a number of its own, e.g. {}", linkdns_routes::DEFAULT_PROTOCOL);
+        }
         Ok(Config {
             data_dir: args
                 .data_dir
@@ -242,6 +260,8 @@ impl Config {
                 .unwrap_or(10_000),
             voters,
             liveness_timeout: Duration::from_secs(liveness),
+            routing: args.routing.or(file.routing).unwrap_or(true),
+            route_protocol,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             proposal_timeout: Duration::from_secs(5),
         })

@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod members;
+mod routing;
 mod run;
 mod status;
 
@@ -54,6 +55,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show the routes and forwarding rules linkdns keeps on this host; with --plan, what it
+    /// would change now and what it refuses, and why.
+    Routes {
+        #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Show the changes a reconciliation would make now, and the refused routes.
+        #[arg(long)]
+        plan: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the token other hosts join this cluster with (one line; keep it secret).
     Token {
         #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
@@ -83,6 +96,11 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run_node(*args, None),
         Cmd::Join { peer, token, args } => run_node(*args, Some((peer, token))),
         Cmd::Status { data_dir, json } => status::print(&data_dir, json),
+        Cmd::Routes {
+            data_dir,
+            plan,
+            json,
+        } => status::print_routes(&data_dir, plan, json),
         Cmd::Token { data_dir } => members::token(&data_dir),
         Cmd::Remove { node, data_dir } => client(async move {
             let id = members::remove(&data_dir, &node).await?;

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
+use crate::routing::Routing;
 
 /// Written once the node holds Raft state: an identity without state after that means the log
 /// was lost.
@@ -130,6 +131,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut dns_addrs: Vec<SocketAddr> =
         dns.iter().flat_map(|d| d.local_addrs().to_vec()).collect();
 
+    let routing = Routing::new(node.clone(), config.routing, config.route_protocol);
+    tokio::spawn(routing.clone().claim(shutdown_rx.clone()));
+    tokio::spawn(routing.clone().program(shutdown_rx.clone()));
+
     let node_metrics = NodeMetrics::default();
     let admin_state = Arc::new(AdminState::new(
         node.clone(),
@@ -138,6 +143,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         dns_addrs.clone(),
         dns_metrics,
         node_metrics.clone(),
+        routing.clone(),
     ));
     let admin_addr = admin::serve(config.admin_listen, admin_state.clone()).await?;
     write_admin_addr(&config.data_dir, admin_addr)?;
@@ -192,6 +198,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     }
                     Report::Connected { bridge_subnets, bridge_gateways } => {
                         admin_state.set_docker(true, None);
+                        routing.set_local_subnets(bridge_subnets.clone());
                         answerer.acl.set_detected(bridge_subnets);
                         if !explicit_listen {
                             for gateway in bridge_gateways {
@@ -258,6 +265,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(config.data_dir.join(ADMIN_ADDR_FILE));
     // Flushes and joins the Raft thread; an error that stopped it is reported.
     let stopped = node.shutdown();
+    if removed {
+        // Other hosts no longer route here, nor this host to them.
+        routing.withdraw().await;
+    }
     if removed && stopped.is_ok() {
         drop(node);
         retire(&config.data_dir)?;

@@ -9,6 +9,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
 use crate::admin::Status;
+use crate::routing::RoutesStatus;
 use crate::run::{reachable, ADMIN_ADDR_FILE};
 
 pub fn print(data_dir: &Path, json: bool) -> anyhow::Result<()> {
@@ -27,6 +28,72 @@ pub fn print(data_dir: &Path, json: bool) -> anyhow::Result<()> {
 
 /// Reads `/status` from the node whose data dir is `data_dir`.
 pub async fn fetch(data_dir: &Path) -> anyhow::Result<Status> {
+    get(data_dir, "/status").await
+}
+
+/// `linkdns routes [--plan] [--json]`.
+pub fn print_routes(data_dir: &Path, plan: bool, json: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let path = if plan { "/routes?plan=true" } else { "/routes" };
+    let routes: RoutesStatus = runtime.block_on(get(data_dir, path))?;
+    let text = if json {
+        serde_json::to_string_pretty(&routes)? + "\n"
+    } else {
+        render_routes(&routes, plan)
+    };
+    std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
+    Ok(())
+}
+
+/// `linkdns routes`: linkdns's routes and rules on this host; with `plan`, what it would
+/// change and what it refuses.
+pub fn render_routes(r: &RoutesStatus, plan: bool) -> String {
+    let mut out = String::new();
+    match &r.disabled {
+        None => {
+            let _ = writeln!(out, "routing  on (routes marked proto {})", r.protocol);
+        }
+        Some(reason) => {
+            let _ = writeln!(out, "routing  off: {reason}");
+        }
+    }
+    let subnets = if r.subnets.is_empty() {
+        "none claimed".to_string()
+    } else {
+        r.subnets.join(", ")
+    };
+    let _ = writeln!(out, "subnet   {subnets}");
+    if let Some(reason) = &r.claim_refused {
+        let _ = writeln!(out, "         claim refused: {reason}");
+    }
+    let mut section = |title: &str, lines: &[String], empty: &str| {
+        let _ = writeln!(out, "\n{title}");
+        if lines.is_empty() {
+            let _ = writeln!(out, "  {empty}");
+        }
+        for line in lines {
+            let _ = writeln!(out, "  {line}");
+        }
+    };
+    if plan {
+        section("PLAN", &r.plan, "nothing to change");
+    } else {
+        section("ROUTES", &r.routes, "none");
+        section("RULES", &r.rules, "none");
+    }
+    if !r.refused.is_empty() {
+        section("REFUSED", &r.refused, "");
+    }
+    if !r.errors.is_empty() {
+        section("ERRORS", &r.errors, "");
+    }
+    out
+}
+
+/// GETs `path` from the admin endpoint of the node whose data dir is `data_dir`.
+async fn get<T: serde::de::DeserializeOwned>(data_dir: &Path, path: &str) -> anyhow::Result<T> {
     let file = data_dir.join(ADMIN_ADDR_FILE);
     let addr = match std::fs::read_to_string(&file) {
         Ok(text) => text.trim().parse().with_context(|| format!("{} is damaged", file.display()))?,
@@ -38,7 +105,7 @@ pub async fn fetch(data_dir: &Path) -> anyhow::Result<Status> {
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let request = hyper::Request::get("/status")
+        let request = hyper::Request::get(path)
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new())?;
         let response = sender.send_request(request).await?;
@@ -46,7 +113,7 @@ pub async fn fetch(data_dir: &Path) -> anyhow::Result<Status> {
             bail!("admin endpoint answered {}", response.status());
         }
         let body = response.into_body().collect().await?.to_bytes();
-        Ok::<_, anyhow::Error>(serde_json::from_slice::<Status>(&body)?)
+        Ok::<_, anyhow::Error>(serde_json::from_slice::<T>(&body)?)
     };
     tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
         .await
@@ -87,6 +154,24 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(out, "docker   {docker}");
     let listen: Vec<String> = s.dns_listen.iter().map(ToString::to_string).collect();
     let _ = writeln!(out, "dns      {}", listen.join(", "));
+    let r = &s.routing;
+    let routing = match &r.disabled {
+        Some(reason) => format!("off ({reason})"),
+        None => format!(
+            "{} route(s), {} refused, subnet {}",
+            r.routes.len(),
+            r.refused.len(),
+            if r.subnets.is_empty() {
+                "none claimed".to_string()
+            } else {
+                r.subnets.join(", ")
+            }
+        ),
+    };
+    let _ = writeln!(out, "routing  {routing}");
+    for line in r.claim_refused.iter().chain(&r.refused) {
+        let _ = writeln!(out, "         {line}");
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -150,6 +235,14 @@ mod tests {
                 error: Some("connection refused".into()),
             },
             dns_listen: vec!["127.0.0.1:53".parse().expect("addr")],
+            routing: RoutesStatus {
+                enabled: true,
+                protocol: 151,
+                subnets: vec!["192.168.1.0/24".into()],
+                routes: vec!["192.168.2.0/24 via 172.30.0.2 dev eth0 proto 151".into()],
+                refused: vec!["not routing 192.168.4.0/24 of node h4: overlaps existing route `192.168.4.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own".into()],
+                ..RoutesStatus::default()
+            },
         };
         let want = "\
 cluster  5f0c2a1e9b7d4c3a8e6f1b2d3c4a5e6f
@@ -159,6 +252,8 @@ raft     term 2  commit 17  applied 17  snapshot 1
 records  3
 docker   disconnected (connection refused)
 dns      127.0.0.1:53
+routing  1 route(s), 1 refused, subnet 192.168.1.0/24
+         not routing 192.168.4.0/24 of node h4: overlaps existing route `192.168.4.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own
 
 MEMBER             ID  PEER                   ROLE     ALIVE  LAST CONTACT
 h1                  1  172.30.0.1:7380        voter    yes    (this node)

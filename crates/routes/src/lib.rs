@@ -3,8 +3,10 @@
 //! traffic needs and no masquerading between cluster subnets.
 //!
 //! [`plan`] is pure (desired vs. actual → changes and refusals); [`netlink`] and [`firewall`]
-//! are the edges that read the host and apply a plan.
+//! are the edges that read the host and apply a plan; [`Programmer`] ties them together.
 
+pub mod firewall;
+pub mod netlink;
 pub mod plan;
 
 pub use plan::{
@@ -12,3 +14,255 @@ pub use plan::{
     HostState, Peer, Plan, Refusal, Route, RouteChange, RouteKind, Rule, DEFAULT_PROTOCOL,
     MAIN_TABLE,
 };
+
+use netlink::Netlink;
+
+/// Errors of reading or changing the host's routing. None of them stops a node: DNS goes on,
+/// and the next reconciliation tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("netlink: cannot {action}: {source}")]
+    Netlink {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {reason}")]
+    Firewall { command: String, reason: String },
+    #[error("cannot switch on IP forwarding ({path}): {reason}")]
+    Forwarding { path: &'static str, reason: String },
+}
+
+/// Whether this process may change routes and firewall rules (CAP_NET_ADMIN in its effective
+/// set, read from `/proc/self/status`).
+pub fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// What one reconciliation saw and did.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// The plan against the host as it was.
+    pub plan: Plan,
+    /// linkdns's routes and rules after the reconciliation.
+    pub owned_routes: Vec<HostRoute>,
+    pub owned_rules: Vec<String>,
+    /// What could not be read or applied.
+    pub errors: Vec<String>,
+}
+
+/// Reads the host, plans, and (if asked) applies, touching only linkdns's own routes (by
+/// `protocol`) and chains.
+#[derive(Debug)]
+pub struct Programmer {
+    protocol: u8,
+    netlink: Option<Netlink>,
+}
+
+impl Programmer {
+    pub fn new(protocol: u8) -> Programmer {
+        Programmer {
+            protocol,
+            netlink: None,
+        }
+    }
+
+    pub fn protocol(&self) -> u8 {
+        self.protocol
+    }
+
+    /// Plans against the host as it is; with `apply`, makes the changes, then reads the host
+    /// again for the report. A change that fails is reported and the others still go ahead.
+    pub fn reconcile(&mut self, desired: &Desired, apply: bool) -> Report {
+        let mut report = Report::default();
+        let host = match self.read_host(&mut report.errors) {
+            Ok(host) => host,
+            Err(e) => {
+                report.errors.push(e.to_string());
+                return report;
+            }
+        };
+        report.plan = plan(desired, &host, self.protocol);
+        if apply && !report.plan.is_empty() {
+            self.apply(&report.plan, &mut report.errors);
+            let mut ignored = Vec::new();
+            match self.read_host(&mut ignored) {
+                Ok(after) => self.describe_owned(&after, &mut report),
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        } else {
+            self.describe_owned(&host, &mut report);
+        }
+        report
+    }
+
+    /// Removes every route and chain linkdns owns (the node left the cluster).
+    pub fn withdraw(&mut self) -> Report {
+        let nothing = Desired {
+            local_subnets: Vec::new(),
+            peers: Vec::new(),
+        };
+        self.reconcile(&nothing, true)
+    }
+
+    fn describe_owned(&self, host: &HostState, report: &mut Report) {
+        report.owned_routes = host
+            .routes
+            .iter()
+            .filter(|r| r.protocol == self.protocol)
+            .cloned()
+            .collect();
+        report.owned_routes.sort();
+        for (family, chain, state) in &host.chains {
+            let prefix = match family {
+                Family::V4 => "",
+                Family::V6 => "(ipv6) ",
+            };
+            if !state.jumps.is_empty() {
+                report.owned_rules.push(format!(
+                    "{prefix}-t {} -A {} -j {} (rule {:?})",
+                    chain.table(),
+                    chain.parent(),
+                    chain.name(),
+                    state.jumps
+                ));
+            }
+            for rule in &state.rules {
+                report.owned_rules.push(format!(
+                    "{prefix}-t {} -A {} {rule}",
+                    chain.table(),
+                    chain.name()
+                ));
+            }
+        }
+    }
+
+    fn netlink(&mut self) -> Result<&mut Netlink, Error> {
+        if self.netlink.is_none() {
+            let socket = Netlink::open().map_err(|source| Error::Netlink {
+                action: "open a NETLINK_ROUTE socket".into(),
+                source,
+            })?;
+            self.netlink = Some(socket);
+        }
+        self.netlink.as_mut().ok_or_else(|| Error::Netlink {
+            action: "open a NETLINK_ROUTE socket".into(),
+            source: std::io::Error::other("no socket"),
+        })
+    }
+
+    /// Routes and addresses (required), and the firewall of each family (a family whose
+    /// firewall cannot be read is reported in `errors` and left out, so it is left alone).
+    fn read_host(&mut self, errors: &mut Vec<String>) -> Result<HostState, Error> {
+        let result = self.read_netlink();
+        if result.is_err() {
+            // A socket in a bad state is not reused.
+            self.netlink = None;
+        }
+        let (routes, addresses) = result?;
+        let mut chains = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            match firewall::read(family) {
+                Ok(read) => chains.extend(read.into_iter().map(|(c, s)| (family, c, s))),
+                Err(e) => errors.push(format!("{family} firewall not managed: {e}")),
+            }
+        }
+        Ok(HostState {
+            routes,
+            addresses,
+            chains,
+            forwarding: firewall::forwarding(),
+        })
+    }
+
+    fn read_netlink(&mut self) -> Result<(Vec<HostRoute>, Vec<HostAddress>), Error> {
+        let netlink = self.netlink()?;
+        let routes = netlink.routes().map_err(|source| Error::Netlink {
+            action: "list routes".into(),
+            source,
+        })?;
+        let addresses = netlink.addresses().map_err(|source| Error::Netlink {
+            action: "list addresses".into(),
+            source,
+        })?;
+        Ok((routes, addresses))
+    }
+
+    fn apply(&mut self, plan: &Plan, errors: &mut Vec<String>) {
+        let protocol = self.protocol;
+        for change in &plan.routes {
+            let result = self.netlink().and_then(|netlink| {
+                let (action, io) = match change {
+                    RouteChange::Add(r) => (
+                        format!("add route {} via {}", r.dst, r.via),
+                        netlink.add_route(r.dst, r.via, protocol, false),
+                    ),
+                    RouteChange::Replace { new, .. } => (
+                        format!("replace route {} via {}", new.dst, new.via),
+                        netlink.add_route(new.dst, new.via, protocol, true),
+                    ),
+                    RouteChange::Remove { route, .. } => {
+                        (format!("delete route {route}"), netlink.delete_route(route))
+                    }
+                };
+                io.map_err(|source| Error::Netlink { action, source })
+            });
+            match result {
+                Ok(()) => tracing::info!(change = %describe(change), "route changed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "route change failed");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        for family in &plan.enable_forwarding {
+            match firewall::enable_forwarding(*family) {
+                Ok(()) => tracing::info!(%family, "IP forwarding switched on"),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        for family in [Family::V4, Family::V6] {
+            let changes: Vec<&FirewallChange> = plan
+                .firewall
+                .iter()
+                .filter(|c| change_family(c) == family)
+                .collect();
+            if changes.is_empty() {
+                continue;
+            }
+            match firewall::apply(family, &changes) {
+                Ok(()) => {
+                    tracing::info!(%family, changes = changes.len(), "forwarding rules updated")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "forwarding rules not updated");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+fn change_family(change: &FirewallChange) -> Family {
+    match change {
+        FirewallChange::WriteChain { family, .. }
+        | FirewallChange::PlaceJump { family, .. }
+        | FirewallChange::RemoveChain { family, .. } => *family,
+    }
+}
+
+fn describe(change: &RouteChange) -> String {
+    match change {
+        RouteChange::Add(r) => format!("add {r}"),
+        RouteChange::Replace { old, new } => format!("replace {old} with {new}"),
+        RouteChange::Remove { route, why } => format!("remove {route} ({why})"),
+    }
+}

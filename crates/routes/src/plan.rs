@@ -498,7 +498,6 @@ fn is_exactly(host_route: &HostRoute, route: &Route) -> bool {
     host_route.table == MAIN_TABLE
         && host_route.kind == RouteKind::Unicast
         && host_route.gateway == Some(route.via)
-        && host_route.metric == 0
 }
 
 /// Checks one peer subnet against everything on this host; the gateway to use if it is clear.

@@ -1,0 +1,282 @@
+//! The node's routing duties: claims this host's container subnet in the registry, and keeps
+//! the host's routes and forwarding rules in step with the cluster's claims through
+//! [`linkdns_routes::Programmer`] — at start, on every change of the claims or members, after
+//! Docker reconnects, and every [`RECONCILE_EVERY`] in any case.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use linkdns_raft::NodeHandle;
+use linkdns_registry::{Command, NodeId, Subnet};
+use linkdns_routes::{Desired, Programmer, Report};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+/// A reconciliation this often even when nothing changed (someone deleted a route, Docker
+/// rewrote its rules).
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the registry is looked at for changes of the desired routes.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Other nodes' subnet claims, by node.
+type Claims = Vec<(NodeId, Vec<Subnet>)>;
+
+/// `GET /routes` and `linkdns routes`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoutesStatus {
+    /// Whether linkdns programs this host's routes.
+    pub enabled: bool,
+    /// Why not, when it does not.
+    pub disabled: Option<String>,
+    pub protocol: u8,
+    /// This node's claimed container subnets, as the registry has them.
+    pub subnets: Vec<String>,
+    /// Why the registry refused this node's claim, if it did.
+    pub claim_refused: Option<String>,
+    /// linkdns's routes on this host.
+    pub routes: Vec<String>,
+    /// linkdns's firewall rules on this host.
+    pub rules: Vec<String>,
+    /// Subnets of other nodes not routed, and why.
+    pub refused: Vec<String>,
+    /// What could not be read or changed at the last reconciliation.
+    pub errors: Vec<String>,
+    /// Changes still to make (`--plan`; empty once reconciled).
+    pub plan: Vec<String>,
+}
+
+/// Shared between the routing tasks and the admin endpoint.
+pub struct Routing {
+    node: Arc<NodeHandle>,
+    protocol: u8,
+    /// `None` when routes are programmed; else why not.
+    disabled: Option<String>,
+    status: Mutex<RoutesStatus>,
+    reconcile_now: Notify,
+    wanted: watch::Sender<Option<Vec<Subnet>>>,
+}
+
+impl Routing {
+    pub fn new(node: Arc<NodeHandle>, enabled: bool, protocol: u8) -> Arc<Routing> {
+        let disabled = if !enabled {
+            Some("routing is off in the configuration (routing = false)".to_string())
+        } else if !linkdns_routes::has_net_admin() {
+            Some("this process lacks CAP_NET_ADMIN; run linkdns as root (or grant the capability) to program routes".to_string())
+        } else {
+            None
+        };
+        match &disabled {
+            Some(reason) => tracing::warn!(%reason, "not programming routes; DNS works as usual"),
+            None => tracing::info!(
+                protocol,
+                "programming routes to the other hosts' container subnets"
+            ),
+        }
+        Arc::new(Routing {
+            node,
+            protocol,
+            disabled,
+            status: Mutex::new(RoutesStatus::default()),
+            reconcile_now: Notify::new(),
+            wanted: watch::channel(None).0,
+        })
+    }
+
+    /// The container subnets this host's Docker network has (after every Docker connect).
+    pub fn set_local_subnets(&self, subnets: Vec<Subnet>) {
+        if !subnets.is_empty() {
+            self.wanted.send_replace(Some(subnets));
+        }
+        // Docker may have rewritten its rules above linkdns's on a restart.
+        self.reconcile_now.notify_one();
+    }
+
+    /// The current view, with (for `plan`) the changes a reconciliation would make now.
+    pub async fn status(&self, plan: bool) -> RoutesStatus {
+        let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let registry = self.node.published().load_full();
+        status.enabled = self.disabled.is_none();
+        status.disabled = self.disabled.clone();
+        status.protocol = self.protocol;
+        status.subnets = registry
+            .registry
+            .node_subnets(self.node.id())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if plan {
+            let desired = Desired::from_registry(&registry.registry, self.node.id());
+            let protocol = self.protocol;
+            let report = tokio::task::spawn_blocking(move || {
+                Programmer::new(protocol).reconcile(&desired, false)
+            })
+            .await
+            .unwrap_or_default();
+            fill(&mut status, &report);
+        }
+        status
+    }
+
+    /// Keeps this node's claim in the registry equal to Docker's subnets. A refused claim is
+    /// reported (log and status) and tried again when the other claims change.
+    pub async fn claim(self: Arc<Routing>, mut shutdown: watch::Receiver<bool>) {
+        let id = self.node.id();
+        let mut wanted_rx = self.wanted.subscribe();
+        // The claims of the others when a claim was refused, so it is retried only once they
+        // change.
+        let mut refused_against: Option<(Vec<Subnet>, Claims)> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = wanted_rx.changed() => {}
+                _ = shutdown.changed() => return,
+            }
+            let Some(mut wanted) = wanted_rx.borrow().clone() else {
+                continue;
+            };
+            wanted.sort();
+            wanted.dedup();
+            let published = self.node.published().load_full();
+            let registry = &published.registry;
+            if registry.node(id).is_none() || registry.node_subnets(id) == wanted.as_slice() {
+                continue;
+            }
+            let others: Claims = registry
+                .subnets()
+                .filter(|(n, _)| *n != id)
+                .map(|(n, s)| (n, s.to_vec()))
+                .collect();
+            if refused_against.as_ref() == Some(&(wanted.clone(), others.clone())) {
+                continue;
+            }
+            let command = Command::SetNodeSubnets {
+                node: id,
+                subnets: wanted.clone(),
+            };
+            match self.node.propose(command).await {
+                Ok(_) => {
+                    refused_against = None;
+                    self.set_claim_refused(None);
+                    tracing::info!(subnets = ?wanted.iter().map(ToString::to_string).collect::<Vec<_>>(), "claimed this host's container subnet");
+                    self.reconcile_now.notify_one();
+                }
+                Err(linkdns_raft::Error::Registry(e)) => {
+                    tracing::error!(error = %e, "the cluster refused this host's container subnet; other hosts will not route to its containers. DNS keeps working");
+                    self.set_claim_refused(Some(e.to_string()));
+                    refused_against = Some((wanted, others));
+                }
+                Err(linkdns_raft::Error::Stopped) => return,
+                Err(e) => tracing::debug!(error = %e, "claiming the container subnet; retrying"),
+            }
+        }
+    }
+
+    fn set_claim_refused(&self, reason: Option<String>) {
+        if let Ok(mut s) = self.status.lock() {
+            s.claim_refused = reason;
+        }
+    }
+
+    /// Reconciles the host with the cluster until shutdown. Does nothing but report when
+    /// routing is disabled.
+    pub async fn program(self: Arc<Routing>, mut shutdown: watch::Receiver<bool>) {
+        if self.disabled.is_some() {
+            return;
+        }
+        let id = self.node.id();
+        let programmer = Arc::new(Mutex::new(Programmer::new(self.protocol)));
+        let mut last: Option<Desired> = None;
+        let mut last_refused: Vec<String> = Vec::new();
+        let mut last_errors: Vec<String> = Vec::new();
+        let mut every = tokio::time::interval(RECONCILE_EVERY);
+        let mut watch = tokio::time::interval(WATCH_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = self.reconcile_now.notified() => {}
+                _ = watch.tick() => {
+                    let registry = self.node.published().load_full();
+                    if last.as_ref() == Some(&Desired::from_registry(&registry.registry, id)) {
+                        continue;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+            // A joined node's registry arrives with its first snapshot; until it names this
+            // node, it is not the cluster's view (and must not withdraw routes).
+            let registry = self.node.published().load_full();
+            if registry.registry.node(id).is_none() {
+                continue;
+            }
+            let desired = Desired::from_registry(&registry.registry, id);
+            let report = {
+                let (programmer, desired) = (programmer.clone(), desired.clone());
+                tokio::task::spawn_blocking(move || match programmer.lock() {
+                    Ok(mut p) => p.reconcile(&desired, true),
+                    Err(_) => Report::default(),
+                })
+                .await
+                .unwrap_or_default()
+            };
+            last = Some(desired);
+            let refused: Vec<String> = report
+                .plan
+                .refused
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            for r in refused.iter().filter(|r| !last_refused.contains(r)) {
+                tracing::warn!(refusal = %r, "route refused; what is in the way is left as it is");
+            }
+            last_refused = refused;
+            for e in report.errors.iter().filter(|e| !last_errors.contains(e)) {
+                tracing::warn!(error = %e, "routing");
+            }
+            last_errors = report.errors.clone();
+            if let Ok(mut s) = self.status.lock() {
+                fill(&mut s, &report);
+                // Applied already; `--plan` asks for what is still to do.
+                s.plan.clear();
+            }
+        }
+    }
+
+    /// Withdraws every route and rule linkdns made on this host (the node left the cluster).
+    pub async fn withdraw(&self) {
+        if self.disabled.is_some() {
+            return;
+        }
+        let protocol = self.protocol;
+        let report = tokio::task::spawn_blocking(move || Programmer::new(protocol).withdraw())
+            .await
+            .unwrap_or_default();
+        for e in &report.errors {
+            tracing::warn!(error = %e, "withdrawing this host's routes");
+        }
+        tracing::info!(
+            removed = report.plan.routes.len(),
+            "withdrew this host's cluster routes and forwarding rules"
+        );
+    }
+}
+
+fn fill(status: &mut RoutesStatus, report: &Report) {
+    status.routes = report
+        .owned_routes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    status.rules = report.owned_rules.clone();
+    status.refused = report
+        .plan
+        .refused
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    status.errors = report.errors.clone();
+    let mut changes = report.plan.clone();
+    changes.refused.clear();
+    changes.keep.clear();
+    status.plan = changes.to_string().lines().map(str::to_string).collect();
+}
