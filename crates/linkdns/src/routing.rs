@@ -19,6 +19,11 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 /// How often the registry is looked at for changes of the desired routes.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
 
+/// After a start, routes change only once the replica has applied the log it had on disk (it
+/// is behind until a leader confirms those entries) — or after this long with a leader, in case
+/// the leader truncated part of that log.
+const CATCH_UP_GRACE: Duration = Duration::from_secs(30);
+
 /// Other nodes' subnet claims, by node.
 type Claims = Vec<(NodeId, Vec<Subnet>)>;
 
@@ -185,6 +190,8 @@ impl Routing {
             return;
         }
         let id = self.node.id();
+        let on_disk = self.node.status().last_index;
+        let started = std::time::Instant::now();
         let programmer = Arc::new(Mutex::new(Programmer::new(self.protocol)));
         let mut last: Option<Desired> = None;
         let mut last_refused: Vec<String> = Vec::new();
@@ -203,10 +210,17 @@ impl Routing {
                 }
                 _ = shutdown.changed() => return,
             }
-            // A joined node's registry arrives with its first snapshot; until it names this
-            // node, it is not the cluster's view (and must not withdraw routes).
+            // Routes follow the cluster's view only: a replica without a leader, or still
+            // applying what it had on disk at start, may be behind, and would withdraw routes
+            // that are still wanted (and flap them on every restart). A joined node's registry
+            // arrives with its first snapshot; until it names this node, it is not that view
+            // either.
+            let raft = self.node.status();
+            let caught_up = raft.leader.is_some()
+                && raft.applied_index >= raft.commit_index
+                && (raft.applied_index >= on_disk || started.elapsed() > CATCH_UP_GRACE);
             let registry = self.node.published().load_full();
-            if registry.registry.node(id).is_none() {
+            if !caught_up || registry.registry.node(id).is_none() {
                 continue;
             }
             let desired = Desired::from_registry(&registry.registry, id);

@@ -627,7 +627,9 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rule::Accept { src, dst } => write!(f, "-s {src} -d {dst} -j ACCEPT"),
-            Rule::NoMasquerade { src, dst } => write!(f, "-s {src} -d {dst} -j RETURN"),
+            // ACCEPT ends the nat chain's traversal, so Docker's MASQUERADE after the jump is
+            // skipped (a RETURN would come back to it).
+            Rule::NoMasquerade { src, dst } => write!(f, "-s {src} -d {dst} -j ACCEPT"),
             Rule::Unknown(text) => f.write_str(text),
         }
     }
@@ -641,7 +643,7 @@ impl Rule {
             ["-s", src, "-d", dst, "-j", target] => {
                 match (src.parse::<Subnet>(), dst.parse::<Subnet>(), chain, *target) {
                     (Ok(src), Ok(dst), Chain::Forward, "ACCEPT") => Some(Rule::Accept { src, dst }),
-                    (Ok(src), Ok(dst), Chain::Postrouting, "RETURN") => {
+                    (Ok(src), Ok(dst), Chain::Postrouting, "ACCEPT") => {
                         Some(Rule::NoMasquerade { src, dst })
                     }
                     _ => None,

@@ -12,7 +12,12 @@ const FORM: Duration = Duration::from_secs(60);
 /// `n` hosts: the first bootstraps the cluster, the others join through it. Returns once the
 /// first host sees min(n, 3) voters and the rest as learners, all heard from.
 fn form_cluster(n: usize, extra: &[&str]) -> Vec<Host> {
-    let mut hosts: Vec<Host> = (0..n).map(|_| Host::on_lan()).collect();
+    form((0..n).map(|_| Host::on_lan()).collect(), extra)
+}
+
+/// [`form_cluster`] of hosts made already.
+pub(crate) fn form(mut hosts: Vec<Host>, extra: &[&str]) -> Vec<Host> {
+    let n = hosts.len();
     hosts[0].start_linkdns(extra);
     let token = hosts[0].token();
     assert!(token.starts_with("LDNS1-"), "token: {token}");
@@ -33,7 +38,7 @@ fn form_cluster(n: usize, extra: &[&str]) -> Vec<Host> {
     hosts
 }
 
-fn name(h: &Host) -> String {
+pub(crate) fn name(h: &Host) -> String {
     format!("h{}", h.index)
 }
 

@@ -2,6 +2,7 @@
 //! engine, asked by `dig` and by busybox `nslookup` inside containers.
 
 mod cluster;
+mod routes;
 mod testbed;
 mod upstream;
 

@@ -139,8 +139,8 @@ write    ipv4 filter LINKDNS-FORWARD: 4 rule(s)
            -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
 jump     ipv4 filter FORWARD -> LINKDNS-FORWARD first (now at [])
 write    ipv4 nat LINKDNS-POSTROUTING: 2 rule(s)
-           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN
-           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j RETURN
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
 jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING first (now at [])
 "
     );
@@ -198,7 +198,7 @@ write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
            -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
 jump     ipv4 filter FORWARD -> LINKDNS-FORWARD first (now at [])
 write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
-           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j RETURN
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
 jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING first (now at [])
 refuse   not routing 192.168.2.0/24 of node h2: overlaps existing route `192.168.2.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own
 refuse   not routing 10.5.3.0/24 of node h4: overlaps this host's address 10.5.0.1/16 on eth1
@@ -280,7 +280,7 @@ write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
            -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT
            -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
 write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
-           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
 refuse   not routing 192.168.3.0/24 of node h3: overlaps this host's address 192.168.3.77/24 on wg0
 "
     );
@@ -343,7 +343,7 @@ fn rules_print_and_parse_as_iptables_does() {
         ),
         (
             Chain::Postrouting,
-            "-s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN",
+            "-s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT",
         ),
         (Chain::Forward, "-s fd00:2::/64 -d fd00:1::/64 -j ACCEPT"),
     ] {
@@ -354,7 +354,7 @@ fn rules_print_and_parse_as_iptables_does() {
     assert!(matches!(
         Rule::parse(
             Chain::Postrouting,
-            "-s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT"
+            "-s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN"
         ),
         Rule::Unknown(_)
     ));

@@ -1,0 +1,227 @@
+//! Routes between hosts: each node routes the other hosts' container subnets via their LAN
+//! addresses, so a container on one host reaches a container on another by name, with its own
+//! address (no NAT). What is in the way is refused and left alone.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::cluster::{form, name};
+use crate::testbed::{wait_until, Host, IMAGE};
+
+const ROUTES: Duration = Duration::from_secs(30);
+
+/// Container subnet of a test host (Docker's `--bip 192.168.N.1/24`).
+fn subnet(h: &Host) -> String {
+    format!("192.168.{}.0/24", h.index)
+}
+
+/// linkdns's routes on `h` as `ip route` prints them: `<subnet> via <gateway>`, sorted.
+fn owned_routes(h: &Host) -> Vec<String> {
+    let out = h.exec("ip", &["route", "show", "proto", "151"]);
+    assert!(out.status.success(), "ip route: {out:?}");
+    let mut routes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .collect();
+    routes.sort();
+    routes
+}
+
+/// The route `h`'s node should have to `to`'s containers.
+fn route_to(to: &Host) -> String {
+    format!("{} via {}", subnet(to), to.addr)
+}
+
+/// The routes a host should have to the hosts `to`, as [`owned_routes`] lists them.
+fn routes_to(to: &[&Host]) -> Vec<String> {
+    let mut want: Vec<String> = to.iter().copied().map(route_to).collect();
+    want.sort();
+    want
+}
+
+fn text(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn iptables_s(h: &Host, table: &str) -> String {
+    text(&h.exec("iptables", &["-w", "-t", table, "-S"]))
+}
+
+#[test]
+fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
+    let hosts: Vec<Host> = (0..3).map(|_| Host::on_lan()).collect();
+    // h3 already routes h2's container subnet elsewhere (someone's static route): linkdns
+    // must refuse its own route there, say so, and leave that route exactly as it is.
+    let foreign = format!("{} via 172.30.0.250", subnet(&hosts[1]));
+    let out = hosts[2].exec(
+        "ip",
+        &[
+            "route",
+            "add",
+            &subnet(&hosts[1]),
+            "via",
+            "172.30.0.250",
+            "proto",
+            "static",
+        ],
+    );
+    assert!(out.status.success(), "ip route add: {}", text(&out));
+    let foreign_before = text(&hosts[2].exec("ip", &["route", "show", &subnet(&hosts[1])]));
+    let mut hosts = form(hosts, &[]);
+
+    // Every host routes every other host's subnet via its LAN address (h3 all but h2's).
+    wait_until(ROUTES, "the routes on every host", || {
+        let (h1, h2, h3) = (&hosts[0], &hosts[1], &hosts[2]);
+        owned_routes(h1) == routes_to(&[h2, h3])
+            && owned_routes(h2) == routes_to(&[h1, h3])
+            && owned_routes(h3) == routes_to(&[h1])
+    });
+    let (h1, h2, h3) = (&hosts[0], &hosts[1], &hosts[2]);
+    assert!(foreign.starts_with(&subnet(h2)));
+    assert_eq!(
+        text(&h3.exec("ip", &["route", "show", &subnet(h2)])),
+        foreign_before,
+        "the conflicting route on h3 is untouched"
+    );
+    let refusal = format!(
+        "not routing {} of node {}: overlaps existing route `{} via 172.30.0.250 dev {} proto static`, which linkdns does not own",
+        subnet(h2),
+        name(h2),
+        subnet(h2),
+        h3.lan_if.as_deref().expect("lan host")
+    );
+    let plan = text(&h3.linkdns(&["routes", "--plan"]));
+    assert!(plan.contains(&refusal), "routes --plan on h3:\n{plan}");
+    assert!(plan.contains("PLAN\n  nothing to change"), "{plan}");
+    let status = text(&h3.linkdns(&["status"]));
+    assert!(status.contains(&refusal), "status on h3:\n{status}");
+    assert!(h3.log().contains("route refused"), "the refusal is logged");
+    let routes = text(&h1.linkdns(&["routes"]));
+    for want in [
+        format!("{} via {} dev", subnet(h2), h2.addr),
+        format!(
+            "-t filter -A LINKDNS-FORWARD -s {} -d {} -j ACCEPT",
+            subnet(h2),
+            subnet(h1)
+        ),
+        format!(
+            "-t nat -A LINKDNS-POSTROUTING -s {} -d {} -j ACCEPT",
+            subnet(h1),
+            subnet(h2)
+        ),
+    ] {
+        assert!(
+            routes.contains(&want),
+            "routes on h1 lack {want:?}:\n{routes}"
+        );
+    }
+    // linkdns's jumps come before Docker's rules (its drops and its masquerading).
+    for (table, chain, jump) in [
+        ("filter", "FORWARD", "LINKDNS-FORWARD"),
+        ("nat", "POSTROUTING", "LINKDNS-POSTROUTING"),
+    ] {
+        let listing = iptables_s(h1, table);
+        let first = listing
+            .lines()
+            .find(|l| l.starts_with(&format!("-A {chain} ")))
+            .unwrap_or_default();
+        assert_eq!(
+            first,
+            format!("-A {chain} -j {jump}"),
+            "{table}:\n{listing}"
+        );
+    }
+
+    // A container on h1 pings `web` on h2 by name, and connects to it: `web` sees the
+    // connection come from the container's own address.
+    let web_id = h2.docker(&[
+        "run", "-d", "--name", "web", IMAGE, "nc", "-ll", "-p", "8080", "-e", "netstat", "-tn",
+    ]);
+    assert!(!web_id.is_empty());
+    let web = h2.container_ip("web");
+    let dns = h1.gateway.to_string();
+    h1.run_container("client", &["--dns", &dns, "--dns-search", "cluster"]);
+    let client = h1.container_ip("client");
+    wait_until(
+        Duration::from_secs(20),
+        "client on h1 to ping web on h2",
+        || {
+            let out = h1.try_docker(&["exec", "client", "ping", "-c", "1", "-W", "2", "web"]);
+            out.status.success() && text(&out).contains(&format!("from {web}"))
+        },
+    );
+    let out = h1.try_docker(&["exec", "client", "nc", "-w", "5", "web", "8080"]);
+    let seen = text(&out);
+    let line = seen
+        .lines()
+        .find(|l| l.contains(&format!("{web}:8080")))
+        .unwrap_or_else(|| panic!("no connection in web's netstat:\n{seen}"));
+    // An IPv6 socket shows an IPv4 peer as ::ffff:a.b.c.d.
+    let peer = line.split_whitespace().nth(4).unwrap_or_default();
+    let peer = peer.trim_start_matches("::ffff:");
+    assert!(
+        peer.starts_with(&format!("{client}:")),
+        "web sees the connection from {peer}, not from the client's own {client} (NAT?):\n{seen}"
+    );
+
+    // A restart of h1's node changes nothing: no route deleted or added, no duplicates.
+    let mut monitor = Command::new("ip")
+        .args(["-n", &h1.ns, "monitor", "route"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ip monitor");
+    let before = owned_routes(&hosts[0]);
+    let rules_before = (
+        iptables_s(&hosts[0], "filter"),
+        iptables_s(&hosts[0], "nat"),
+    );
+    hosts[0].stop_linkdns();
+    hosts[0].restart_linkdns();
+    wait_until(ROUTES, "h1's node to reconcile after its restart", || {
+        let r = text(&hosts[0].linkdns(&["routes", "--plan"]));
+        r.contains("routing  on")
+            && r.contains("PLAN\n  nothing to change")
+            && r.contains(&format!("subnet   {}", subnet(&hosts[0])))
+    });
+    // Past a periodic reconciliation too.
+    std::thread::sleep(Duration::from_secs(11));
+    let _ = monitor.kill();
+    let changes = monitor.wait_with_output().expect("monitor output");
+    let changes = String::from_utf8_lossy(&changes.stdout);
+    assert!(
+        !changes.contains("proto 151"),
+        "linkdns's routes changed across a restart:\n{changes}"
+    );
+    assert_eq!(owned_routes(&hosts[0]), before);
+    assert_eq!(
+        (
+            iptables_s(&hosts[0], "filter"),
+            iptables_s(&hosts[0], "nat")
+        ),
+        rules_before,
+        "the forwarding rules changed across a restart"
+    );
+
+    // Removing h2 withdraws its route everywhere; h2 withdraws its own routes and rules.
+    let out = hosts[0].linkdns(&["remove", &name(&hosts[1])]);
+    assert!(out.status.success(), "remove: {}", text(&out));
+    let status = hosts[1].wait_linkdns_exit(Duration::from_secs(20));
+    assert!(status.success(), "h2 exits cleanly: {status}");
+    wait_until(ROUTES, "h2's route withdrawn everywhere", || {
+        let (h1, h3) = (&hosts[0], &hosts[2]);
+        owned_routes(h1) == routes_to(&[h3]) && owned_routes(h3) == routes_to(&[h1])
+    });
+    assert_eq!(owned_routes(&hosts[1]), Vec::<String>::new());
+    for table in ["filter", "nat"] {
+        let listing = iptables_s(&hosts[1], table);
+        assert!(
+            !listing.contains("LINKDNS"),
+            "h2 keeps linkdns rules:\n{listing}"
+        );
+    }
+    // h3's foreign route is still there as it was, now that nobody claims that subnet.
+    assert_eq!(
+        text(&hosts[2].exec("ip", &["route", "show", &subnet(&hosts[1])])),
+        foreign_before
+    );
+}
