@@ -17,7 +17,6 @@ fn form_cluster(n: usize, extra: &[&str]) -> Vec<Host> {
 
 /// [`form_cluster`] of hosts made already.
 pub(crate) fn form(mut hosts: Vec<Host>, extra: &[&str]) -> Vec<Host> {
-    let n = hosts.len();
     hosts[0].start_linkdns(extra);
     let token = hosts[0].token();
     assert!(token.starts_with("LDNS1-"), "token: {token}");
@@ -25,6 +24,12 @@ pub(crate) fn form(mut hosts: Vec<Host>, extra: &[&str]) -> Vec<Host> {
     for h in rest {
         h.join_linkdns(&first[0], &token, extra);
     }
+    form_joined(hosts)
+}
+
+/// Waits for hosts whose first one bootstrapped and the others joined to form the cluster.
+pub(crate) fn form_joined(hosts: Vec<Host>) -> Vec<Host> {
+    let n = hosts.len();
     let voters = n.min(3);
     wait_until(FORM, "the cluster to form", || {
         let s = hosts[0].status_json();

@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::cluster::{form, name};
+use crate::cluster::{form, form_joined, name};
 use crate::testbed::{wait_until, Host, IMAGE};
 
 const ROUTES: Duration = Duration::from_secs(30);
@@ -45,6 +45,24 @@ fn text(out: &std::process::Output) -> String {
 
 fn iptables_s(h: &Host, table: &str) -> String {
     text(&h.exec("iptables", &["-w", "-t", table, "-S"]))
+}
+
+/// Whether linkdns's jumps are the first rules of FORWARD and nat POSTROUTING on `h`, before
+/// Docker's drops and masquerading.
+fn jumps_first(h: &Host) -> bool {
+    [
+        ("filter", "FORWARD", "LINKDNS-FORWARD"),
+        ("nat", "POSTROUTING", "LINKDNS-POSTROUTING"),
+    ]
+    .iter()
+    .all(|(table, chain, jump)| {
+        let listing = iptables_s(h, table);
+        let first = listing
+            .lines()
+            .find(|l| l.starts_with(&format!("-A {chain} ")))
+            .unwrap_or_default();
+        first == format!("-A {chain} -j {jump}")
+    })
 }
 
 #[test]
@@ -116,21 +134,7 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
         );
     }
     // linkdns's jumps come before Docker's rules (its drops and its masquerading).
-    for (table, chain, jump) in [
-        ("filter", "FORWARD", "LINKDNS-FORWARD"),
-        ("nat", "POSTROUTING", "LINKDNS-POSTROUTING"),
-    ] {
-        let listing = iptables_s(h1, table);
-        let first = listing
-            .lines()
-            .find(|l| l.starts_with(&format!("-A {chain} ")))
-            .unwrap_or_default();
-        assert_eq!(
-            first,
-            format!("-A {chain} -j {jump}"),
-            "{table}:\n{listing}"
-        );
-    }
+    assert!(jumps_first(h1), "{}", iptables_s(h1, "nat"));
 
     // A container on h1 pings `web` on h2 by name, and connects to it: `web` sees the
     // connection come from the container's own address.
@@ -202,6 +206,25 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
         "the forwarding rules changed across a restart"
     );
 
+    // Docker restarting puts its rules back; linkdns's jumps end up first again, and
+    // containers still reach each other.
+    hosts[0].stop_dockerd();
+    hosts[0].start_dockerd();
+    wait_until(
+        ROUTES,
+        "linkdns's jumps first after Docker's restart",
+        || jumps_first(&hosts[0]),
+    );
+    hosts[0].docker(&["start", "client"]);
+    wait_until(
+        Duration::from_secs(20),
+        "client on h1 to ping web again",
+        || {
+            let out = hosts[0].try_docker(&["exec", "client", "ping", "-c", "1", "-W", "2", "web"]);
+            out.status.success()
+        },
+    );
+
     // Removing h2 withdraws its route everywhere; h2 withdraws its own routes and rules.
     let out = hosts[0].linkdns(&["remove", &name(&hosts[1])]);
     assert!(out.status.success(), "remove: {}", text(&out));
@@ -223,5 +246,67 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
     assert_eq!(
         text(&hosts[2].exec("ip", &["route", "show", &subnet(&hosts[1])])),
         foreign_before
+    );
+}
+
+#[test]
+fn a_refused_subnet_routing_off_or_no_privilege_leave_hosts_alone_and_dns_working() {
+    let mut hosts: Vec<Host> = (0..3).map(|_| Host::on_lan()).collect();
+    // h2's containers live on a Docker network that reuses h1's subnet; h2's node claims it.
+    let clash = subnet(&hosts[0]);
+    hosts[1].docker(&["network", "create", "--subnet", &clash, "clash"]);
+    // h3's node runs without CAP_NET_ADMIN.
+    hosts[2].wrapper = [
+        "setpriv",
+        "--bounding-set=-net_admin",
+        "--inh-caps=-net_admin",
+    ]
+    .map(String::from)
+    .to_vec();
+    hosts[0].start_linkdns(&["--routing", "false"]);
+    let token = hosts[0].token();
+    let (first, rest) = hosts.split_at_mut(1);
+    rest[0].join_linkdns(&first[0], &token, &["--bridge-network", "clash"]);
+    rest[1].join_linkdns(&first[0], &token, &[]);
+    let hosts = form_joined(hosts);
+    let (h1, h2, h3) = (&hosts[0], &hosts[1], &hosts[2]);
+
+    // The cluster refuses h2's claim, naming h1 and its subnet; h2 says so and serves DNS.
+    let refusal = format!(
+        "subnet {clash} overlaps {clash} of node {} (id 1); give this host's Docker network a subnet of its own",
+        name(h1)
+    );
+    wait_until(ROUTES, "h2 to report its refused claim", || {
+        text(&h2.linkdns(&["routes"])).contains(&format!("claim refused: {refusal}"))
+    });
+    let status = text(&h2.linkdns(&["status"]));
+    assert!(status.contains(&refusal), "status on h2:\n{status}");
+    assert!(h2
+        .log()
+        .contains("the cluster refused this host's container subnet"));
+    h2.run_container("api", &["--network", "clash"]);
+    let api = h2.container_ip("api");
+    for h in [h1, h2, h3] {
+        crate::expect_answer(h, "api.cluster", "A", &[&api]);
+    }
+
+    // h1 (routing off) and h3 (no CAP_NET_ADMIN) say why, once, and change nothing; h3 alone
+    // would route h1's subnet.
+    for (h, why) in [
+        (h1, "routing is off in the configuration"),
+        (h3, "this process lacks CAP_NET_ADMIN"),
+    ] {
+        let routes = text(&h.linkdns(&["routes"]));
+        assert!(routes.contains(&format!("routing  off: {why}")), "{routes}");
+        assert_eq!(h.log().matches(why).count(), 1, "said once:\n{}", h.log());
+        assert_eq!(owned_routes(h), Vec::<String>::new());
+        for table in ["filter", "nat"] {
+            assert!(!iptables_s(h, table).contains("LINKDNS"));
+        }
+    }
+    let plan = text(&h3.linkdns(&["routes", "--plan"]));
+    assert!(
+        plan.contains(&format!("add      {}", route_to(h1))),
+        "h3's plan shows what it would do:\n{plan}"
     );
 }

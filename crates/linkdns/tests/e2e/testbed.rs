@@ -58,7 +58,7 @@ fn prepare() -> &'static Path {
     PREPARED.get_or_init(|| {
         let uid = sh("id", &["-u"]);
         assert_eq!(uid.trim(), "0", "the e2e tests need root (network namespaces, dockerd)");
-        for tool in ["ip", "nsenter", "dockerd", "docker", "dig", "busybox", "iptables"] {
+        for tool in ["ip", "nsenter", "dockerd", "docker", "dig", "busybox", "iptables", "setpriv"] {
             let found = run("sh", &["-c", &format!("command -v {tool}")]);
             assert!(
                 found.status.success(),
@@ -133,6 +133,8 @@ pub struct Host {
     pub dir: PathBuf,
     /// On the shared LAN: the veth end inside the namespace (to cut in a partition).
     pub lan_if: Option<String>,
+    /// A command linkdns is started under (e.g. `setpriv` to drop a capability).
+    pub wrapper: Vec<String>,
     dockerd: Option<Child>,
     linkdns: Option<Child>,
     linkdns_args: Vec<String>,
@@ -227,6 +229,7 @@ impl Host {
             gateway: Ipv4Addr::new(192, 168, index, 1),
             dir,
             lan_if: on_lan.then_some(veth_in.clone()),
+            wrapper: Vec::new(),
             dockerd: None,
             linkdns: None,
             linkdns_args: Vec::new(),
@@ -423,6 +426,7 @@ impl Host {
         args.extend(self.linkdns_args.iter().cloned());
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.ns))
+            .args(&self.wrapper)
             .arg(linkdns_bin())
             .args(&args)
             .env("LINKDNS_LOG", "info,raft=info,linkdns=debug")
