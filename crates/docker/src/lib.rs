@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bollard::models::{EventMessage, EventMessageTypeEnum};
+use bollard::models::{EventMessage, EventMessageTypeEnum, Ipam, IpamConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     EventsOptionsBuilder, InspectNetworkOptions, ListContainersOptionsBuilder,
 };
@@ -52,6 +52,9 @@ pub struct WatcherConfig {
     pub node: NodeId,
     /// The Docker network whose subnet is this host's container subnet.
     pub bridge_network: String,
+    /// Create `bridge_network` as a bridge network with this subnet (gateway at its first
+    /// address) whenever it does not exist: the subnet linkdns allocated to this host.
+    pub create_network: Option<Subnet>,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
     /// A full resync this often even when no event was missed (belt and braces).
@@ -147,7 +150,12 @@ async fn follow(
     });
     let _pump = AbortOnDrop(pump);
 
-    let (bridge_subnets, bridge_gateways) = bridge_network(&docker, &config.bridge_network).await;
+    let (mut bridge_subnets, mut bridge_gateways) =
+        bridge_network(&docker, &config.bridge_network).await;
+    if let (true, Some(subnet)) = (bridge_subnets.is_empty(), config.create_network) {
+        create_network(&docker, &config.bridge_network, subnet).await?;
+        (bridge_subnets, bridge_gateways) = bridge_network(&docker, &config.bridge_network).await;
+    }
     send(
         reports,
         Report::Connected {
@@ -308,6 +316,39 @@ fn affected_container(event: &EventMessage) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// Creates the bridge network `name` with `subnet`, its gateway at the first address.
+async fn create_network(docker: &Docker, name: &str, subnet: Subnet) -> Result<(), Error> {
+    let gateway = match subnet.addr() {
+        IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(1).into()),
+        IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(1).into()),
+    };
+    let request = NetworkCreateRequest {
+        name: name.to_string(),
+        driver: Some("bridge".to_string()),
+        enable_ipv6: Some(!subnet.is_ipv4()),
+        ipam: Some(Ipam {
+            config: Some(vec![IpamConfig {
+                subnet: Some(subnet.to_string()),
+                gateway: Some(gateway.to_string()),
+                ..IpamConfig::default()
+            }]),
+            ..Ipam::default()
+        }),
+        labels: Some(HashMap::from([(
+            "linkdns.allocated".to_string(),
+            subnet.to_string(),
+        )])),
+        ..NetworkCreateRequest::default()
+    };
+    docker.create_network(request).await.map_err(|e| {
+        Error::Api(format!(
+            "cannot create Docker network {name} with subnet {subnet}: {e}"
+        ))
+    })?;
+    tracing::info!(network = %name, %subnet, %gateway, "created this host's container network with its allocated subnet; run containers with --network {name}");
+    Ok(())
 }
 
 /// Subnets and gateways of the named Docker network (empty if it does not exist).

@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub liveness_timeout_secs: Option<u64>,
     pub routing: Option<bool>,
     pub route_protocol: Option<u8>,
+    pub cluster_cidr: Option<String>,
+    pub subnet_prefix: Option<u8>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -101,6 +103,13 @@ pub struct RunArgs {
     /// Route protocol number that marks linkdns's routes (`ip route show proto N`).
     #[arg(long, env = "LINKDNS_ROUTE_PROTOCOL")]
     pub route_protocol: Option<u8>,
+    /// Give each host a free subnet of this network for its containers (a Docker network
+    /// `linkdns`, or --bridge-network, created with it) instead of claiming Docker's bridge.
+    #[arg(long, env = "LINKDNS_CLUSTER_CIDR")]
+    pub cluster_cidr: Option<String>,
+    /// Prefix length of each host's subnet allocated from --cluster-cidr (24; 64 for IPv6).
+    #[arg(long, env = "LINKDNS_SUBNET_PREFIX")]
+    pub subnet_prefix: Option<u8>,
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -127,6 +136,8 @@ pub struct Config {
     pub liveness_timeout: Duration,
     pub routing: bool,
     pub route_protocol: u8,
+    /// Allocate each host's subnet from this pool, in blocks of the given prefix length.
+    pub cluster_cidr: Option<(Subnet, u8)>,
     pub log_format: LogFormat,
     pub proposal_timeout: Duration,
 }
@@ -223,6 +234,24 @@ impl Config {
         if route_protocol <= 4 || route_protocol == 255 {
             bail!("route_protocol: {route_protocol} is reserved (0-4 belong to the kernel, boot-time and static routes); use a number of its own, e.g. {}", linkdns_routes::DEFAULT_PROTOCOL);
         }
+        let cluster_cidr = match args.cluster_cidr.clone().or(file.cluster_cidr) {
+            None => None,
+            Some(text) => {
+                let pool: Subnet = text
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("cluster_cidr: {e}"))?;
+                let default_prefix = if pool.is_ipv4() { 24 } else { 64 };
+                let prefix = args
+                    .subnet_prefix
+                    .or(file.subnet_prefix)
+                    .unwrap_or(default_prefix);
+                let most = if pool.is_ipv4() { 30 } else { 126 };
+                if prefix < pool.prefix() || prefix > most {
+                    bail!("subnet_prefix: {prefix} does not fit cluster_cidr {pool}; use a length from {} to {most}", pool.prefix());
+                }
+                Some((pool, prefix))
+            }
+        };
         Ok(Config {
             data_dir: args
                 .data_dir
@@ -249,11 +278,20 @@ impl Config {
             upstreams: pick_list(&args.upstreams, &file.upstreams).unwrap_or_default(),
             ttl,
             allowed_clients,
+            // An allocated subnet needs a network of its own: Docker's default bridge takes
+            // its subnet from the daemon's configuration.
             bridge_network: args
                 .bridge_network
                 .clone()
                 .or(file.bridge_network)
-                .unwrap_or_else(|| "bridge".to_string()),
+                .unwrap_or_else(|| {
+                    if cluster_cidr.is_some() {
+                        "linkdns"
+                    } else {
+                        "bridge"
+                    }
+                    .to_string()
+                }),
             snapshot_every: args
                 .snapshot_every
                 .or(file.snapshot_every)
@@ -262,6 +300,7 @@ impl Config {
             liveness_timeout: Duration::from_secs(liveness),
             routing: args.routing.or(file.routing).unwrap_or(true),
             route_protocol,
+            cluster_cidr,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             proposal_timeout: Duration::from_secs(5),
         })

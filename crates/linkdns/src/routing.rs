@@ -58,6 +58,9 @@ pub struct Routing {
     /// `None` when routes are programmed; else why not.
     disabled: Option<String>,
     status: Mutex<RoutesStatus>,
+    /// The one programmer that changes the host; `None` once withdrawn (the node left), so a
+    /// reconciliation still under way cannot put routes back.
+    programmer: Arc<Mutex<Option<Programmer>>>,
     reconcile_now: Notify,
     wanted: watch::Sender<Option<Vec<Subnet>>>,
 }
@@ -83,6 +86,7 @@ impl Routing {
             protocol,
             disabled,
             status: Mutex::new(RoutesStatus::default()),
+            programmer: Arc::new(Mutex::new(Some(Programmer::new(protocol)))),
             reconcile_now: Notify::new(),
             wanted: watch::channel(None).0,
         })
@@ -177,6 +181,67 @@ impl Routing {
         }
     }
 
+    /// Claims a free `/prefix` block of `pool` for this host (the one it has, after a restart),
+    /// avoiding the host's own networks; waits while the pool is full. None on shutdown.
+    pub async fn allocate(
+        &self,
+        pool: Subnet,
+        prefix: u8,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Option<Subnet> {
+        let id = self.node.id();
+        let protocol = self.protocol;
+        let avoid = match tokio::task::spawn_blocking(move || {
+            linkdns_routes::host_networks(protocol)
+        })
+        .await
+        {
+            Ok(Ok(networks)) => networks,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read this host's networks; allocating a subnet without avoiding them");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        loop {
+            if *shutdown.borrow() {
+                return None;
+            }
+            let published = self.node.published().load_full();
+            let registry = &published.registry;
+            let Some(candidate) = registry.free_subnet(id, pool, prefix, &avoid) else {
+                tracing::error!(%pool, prefix, "no free subnet left in cluster_cidr; this host gets no container network until one is freed (remove a host, or widen cluster_cidr)");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.changed() => return None,
+                }
+                continue;
+            };
+            if registry.node_subnets(id) == [candidate] {
+                return Some(candidate);
+            }
+            let command = Command::SetNodeSubnets {
+                node: id,
+                subnets: vec![candidate],
+            };
+            match self.node.propose(command).await {
+                Ok(_) => {
+                    tracing::info!(subnet = %candidate, %pool, "allocated this host's container subnet");
+                    return Some(candidate);
+                }
+                // Another host took it meanwhile: the next free one.
+                Err(linkdns_raft::Error::Registry(e)) => {
+                    tracing::info!(error = %e, "subnet taken meanwhile; trying the next")
+                }
+                Err(linkdns_raft::Error::Stopped) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "allocating a subnet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
     fn set_claim_refused(&self, reason: Option<String>) {
         if let Ok(mut s) = self.status.lock() {
             s.claim_refused = reason;
@@ -192,7 +257,6 @@ impl Routing {
         let id = self.node.id();
         let on_disk = self.node.status().last_index;
         let started = std::time::Instant::now();
-        let programmer = Arc::new(Mutex::new(Programmer::new(self.protocol)));
         let mut last: Option<Desired> = None;
         let mut last_refused: Vec<String> = Vec::new();
         let mut last_errors: Vec<String> = Vec::new();
@@ -225,13 +289,17 @@ impl Routing {
             }
             let desired = Desired::from_registry(&registry.registry, id);
             let report = {
-                let (programmer, desired) = (programmer.clone(), desired.clone());
+                let (programmer, desired) = (self.programmer.clone(), desired.clone());
                 tokio::task::spawn_blocking(move || match programmer.lock() {
-                    Ok(mut p) => p.reconcile(&desired, true),
-                    Err(_) => Report::default(),
+                    Ok(mut p) => p.as_mut().map(|p| p.reconcile(&desired, true)),
+                    Err(_) => None,
                 })
                 .await
-                .unwrap_or_default()
+                .ok()
+                .flatten()
+            };
+            let Some(report) = report else {
+                return;
             };
             last = Some(desired);
             let refused: Vec<String> = report
@@ -261,10 +329,14 @@ impl Routing {
         if self.disabled.is_some() {
             return;
         }
-        let protocol = self.protocol;
-        let report = tokio::task::spawn_blocking(move || Programmer::new(protocol).withdraw())
-            .await
-            .unwrap_or_default();
+        let programmer = self.programmer.clone();
+        // Waits for a reconciliation under way, then takes the programmer for good.
+        let report = tokio::task::spawn_blocking(move || {
+            let taken = programmer.lock().ok().and_then(|mut p| p.take());
+            taken.map(|mut p| p.withdraw()).unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
         for e in &report.errors {
             tracing::warn!(error = %e, "withdrawing this host's routes");
         }

@@ -150,21 +150,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let resync = Arc::new(Notify::new());
     let (reports_tx, mut reports) = mpsc::channel(1024);
-    let watcher_config = WatcherConfig {
+    let mut watcher_config = WatcherConfig {
         uri: config.docker.clone(),
         node: node_id,
         bridge_network: config.bridge_network.clone(),
+        create_network: None,
         max_backoff: Duration::from_secs(5),
         resync_every: Duration::from_secs(300),
     };
     let watcher = {
         let (node, resync, mut shutdown) = (node.clone(), resync.clone(), shutdown_rx.clone());
+        let (routing, pool) = (routing.clone(), config.cluster_cidr);
         tokio::spawn(async move {
             // Containers are refused for a node the registry does not know yet.
             while node.published().load().registry.node(node_id).is_none() {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     _ = shutdown.changed() => return,
+                }
+            }
+            if let Some((pool, prefix)) = pool {
+                match routing.allocate(pool, prefix, shutdown.clone()).await {
+                    Some(subnet) => watcher_config.create_network = Some(subnet),
+                    None => return,
                 }
             }
             linkdns_docker::watch(watcher_config, reports_tx, resync, shutdown).await;

@@ -414,6 +414,58 @@ impl Registry {
         self.subnets.iter().map(|(&n, s)| (n, s.as_slice()))
     }
 
+    /// The subnet node `node` should claim inside `pool`, in blocks of `/prefix`: the block it
+    /// claims already, else the first block that overlaps neither another node's claim nor any
+    /// of `avoid` (the host's own networks, say). None if the pool is full.
+    pub fn free_subnet(
+        &self,
+        node: NodeId,
+        pool: Subnet,
+        prefix: u8,
+        avoid: &[Subnet],
+    ) -> Option<Subnet> {
+        /// Blocks looked at, at most (a /8 pool has 65,536 /24s).
+        const MAX_BLOCKS: u128 = 1 << 20;
+        let bits: u8 = if pool.is_ipv4() { 32 } else { 128 };
+        if prefix < pool.prefix() || prefix > bits {
+            return None;
+        }
+        if let Some(own) = self
+            .node_subnets(node)
+            .iter()
+            .find(|s| s.prefix() == prefix && pool.covers(s))
+        {
+            return Some(*own);
+        }
+        let base = match pool.addr() {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let blocks = 1u128
+            .checked_shl(u32::from(prefix - pool.prefix()))
+            .unwrap_or(u128::MAX)
+            .min(MAX_BLOCKS);
+        let step = 1u128.checked_shl(u32::from(bits - prefix)).unwrap_or(0);
+        (0..blocks)
+            .filter_map(|i| {
+                let addr = base.checked_add(i.checked_mul(step)?)?;
+                let addr = if pool.is_ipv4() {
+                    IpAddr::V4(u32::try_from(addr).ok()?.into())
+                } else {
+                    IpAddr::V6(addr.into())
+                };
+                Subnet::new(addr, prefix)
+            })
+            .find(|candidate| {
+                let claimed = self
+                    .subnets
+                    .iter()
+                    .filter(|(&owner, _)| owner != node)
+                    .any(|(_, theirs)| theirs.iter().any(|s| s.overlaps(candidate)));
+                !claimed && !avoid.iter().any(|a| a.overlaps(candidate))
+            })
+    }
+
     /// The node whose claimed subnet holds `ip`.
     pub fn subnet_owner(&self, ip: IpAddr) -> Option<NodeId> {
         self.subnets

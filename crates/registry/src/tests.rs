@@ -643,3 +643,35 @@ fn version_2_snapshots_still_restore() {
     assert_eq!(r.node_cert(1), Some(&[7; 32]));
     assert_eq!(r.subnets().count(), 0);
 }
+
+#[test]
+fn free_subnets_come_from_the_pool_in_order_and_skip_what_is_taken() {
+    let mut r = two_nodes();
+    let pool = net("10.77.0.0/16");
+    assert_eq!(r.free_subnet(1, pool, 24, &[]), Some(net("10.77.0.0/24")));
+    r.apply(&claim(1, &["10.77.0.0/24"])).expect("claim");
+    // A node keeps the block it has; the next node gets the next free one, past what the host
+    // itself uses.
+    assert_eq!(r.free_subnet(1, pool, 24, &[]), Some(net("10.77.0.0/24")));
+    assert_eq!(
+        r.free_subnet(2, pool, 24, &[net("10.77.1.5/32")]),
+        Some(net("10.77.2.0/24"))
+    );
+    // A claim outside the pool, or of another size, is not kept.
+    r.apply(&claim(2, &["192.168.2.0/24"])).expect("claim");
+    assert_eq!(r.free_subnet(2, pool, 24, &[]), Some(net("10.77.1.0/24")));
+    assert_eq!(r.free_subnet(2, pool, 16, &[]), None, "the pool is taken");
+    assert_eq!(r.free_subnet(2, pool, 8, &[]), None, "wider than the pool");
+    let tiny = net("10.9.9.0/30");
+    r.apply(&claim(1, &["10.9.9.0/31"])).expect("claim");
+    assert_eq!(r.free_subnet(2, tiny, 31, &[]), Some(net("10.9.9.2/31")));
+    assert_eq!(
+        r.free_subnet(2, tiny, 31, &[net("10.9.9.3/32")]),
+        None,
+        "full"
+    );
+    assert_eq!(
+        r.free_subnet(2, net("fd00:77::/48"), 64, &[]),
+        Some(net("fd00:77::/64"))
+    );
+}

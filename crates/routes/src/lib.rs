@@ -47,6 +47,34 @@ pub fn has_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
+/// The networks this host already uses — its interface addresses' networks and the
+/// destinations of routes not marked with `protocol` (but the default routes and the local
+/// table) — which a container subnet allocated to it must not overlap.
+pub fn host_networks(protocol: u8) -> Result<Vec<linkdns_registry::Subnet>, Error> {
+    let netlink_err = |action: &str| {
+        let action = action.to_string();
+        move |source| Error::Netlink { action, source }
+    };
+    let mut netlink = Netlink::open().map_err(netlink_err("open a NETLINK_ROUTE socket"))?;
+    let mut networks: Vec<linkdns_registry::Subnet> = netlink
+        .addresses()
+        .map_err(netlink_err("list addresses"))?
+        .iter()
+        .filter_map(|a| linkdns_registry::Subnet::new(a.addr, a.prefix))
+        .collect();
+    networks.extend(
+        netlink
+            .routes()
+            .map_err(netlink_err("list routes"))?
+            .into_iter()
+            .filter(|r| r.protocol != protocol && r.table != 255 && r.dst.prefix() > 0)
+            .map(|r| r.dst),
+    );
+    networks.sort();
+    networks.dedup();
+    Ok(networks)
+}
+
 /// What one reconciliation saw and did.
 #[derive(Clone, Debug, Default)]
 pub struct Report {

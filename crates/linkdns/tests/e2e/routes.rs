@@ -310,3 +310,102 @@ fn a_refused_subnet_routing_off_or_no_privilege_leave_hosts_alone_and_dns_workin
         "h3's plan shows what it would do:\n{plan}"
     );
 }
+
+#[test]
+fn hosts_get_subnets_from_the_cluster_cidr_and_their_containers_reach_each_other() {
+    let pool = "10.77.0.0/16";
+    let mut hosts = form(
+        (0..2).map(|_| Host::on_lan()).collect(),
+        &["--cluster-cidr", pool],
+    );
+    // Each host claims a /24 of the pool of its own, and its Docker network `linkdns` has it.
+    let claimed = |h: &Host| -> String {
+        let routes = text(&h.linkdns(&["routes"]));
+        routes
+            .lines()
+            .find_map(|l| l.strip_prefix("subnet   "))
+            .filter(|s| s.starts_with("10.77."))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let network = |h: &Host| {
+        let out = h.try_docker(&[
+            "network",
+            "inspect",
+            "linkdns",
+            "-f",
+            "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_until(ROUTES, "a network with a subnet of the pool on each host", || {
+        hosts
+            .iter()
+            .all(|h| !claimed(h).is_empty() && network(h) == claimed(h))
+    });
+    let (s1, s2) = (claimed(&hosts[0]), claimed(&hosts[1]));
+    assert_ne!(s1, s2);
+    let via = |to: &Host, s: &str| format!("{s} via {}", to.addr);
+    wait_until(ROUTES, "routes to the allocated subnets", || {
+        owned_routes(&hosts[0]) == [via(&hosts[1], &s2)]
+            && owned_routes(&hosts[1]) == [via(&hosts[0], &s1)]
+    });
+
+    // Containers on the allocated networks reach each other by name, un-NATed.
+    hosts[1].docker(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "linkdns",
+        IMAGE,
+        "nc",
+        "-ll",
+        "-p",
+        "8080",
+        "-e",
+        "netstat",
+        "-tn",
+    ]);
+    let web = hosts[1].container_ip("web");
+    let gateway = s1.replace(".0/24", ".1");
+    hosts[0].run_container(
+        "client",
+        &[
+            "--network",
+            "linkdns",
+            "--dns",
+            &gateway,
+            "--dns-search",
+            "cluster",
+        ],
+    );
+    let client = hosts[0].container_ip("client");
+    wait_until(
+        Duration::from_secs(20),
+        "client to ping web by name",
+        || {
+            let out = hosts[0].try_docker(&["exec", "client", "ping", "-c", "1", "-W", "2", "web"]);
+            out.status.success() && text(&out).contains(&format!("from {web}"))
+        },
+    );
+    let seen = text(&hosts[0].try_docker(&["exec", "client", "nc", "-w", "5", "web", "8080"]));
+    assert!(
+        seen.lines()
+            .any(|l| l.contains(&format!("{web}:8080")) && l.contains(&format!("{client}:"))),
+        "web sees the client's own address {client}:\n{seen}"
+    );
+
+    // A restarted node keeps its subnet, and its network is not made again.
+    let network_id = hosts[0].docker(&["network", "inspect", "linkdns", "-f", "{{.Id}}"]);
+    hosts[0].stop_linkdns();
+    hosts[0].restart_linkdns();
+    wait_until(ROUTES, "h1 to report its subnet again", || {
+        claimed(&hosts[0]) == s1
+    });
+    assert_eq!(
+        hosts[0].docker(&["network", "inspect", "linkdns", "-f", "{{.Id}}"]),
+        network_id
+    );
+}
