@@ -63,6 +63,9 @@ pub struct Routing {
     programmer: Arc<Mutex<Option<Programmer>>>,
     reconcile_now: Notify,
     wanted: watch::Sender<Option<Vec<Subnet>>>,
+    /// The last log index on disk at start, and when that was: see [`Routing::caught_up`].
+    on_disk: u64,
+    started: std::time::Instant,
 }
 
 impl Routing {
@@ -82,14 +85,32 @@ impl Routing {
             ),
         }
         Arc::new(Routing {
-            node,
             protocol,
             disabled,
             status: Mutex::new(RoutesStatus::default()),
             programmer: Arc::new(Mutex::new(Some(Programmer::new(protocol)))),
             reconcile_now: Notify::new(),
             wanted: watch::channel(None).0,
+            on_disk: node.status().last_index,
+            started: std::time::Instant::now(),
+            node,
         })
+    }
+
+    /// Whether routes are programmed (else `status` says why not).
+    pub fn enabled(&self) -> bool {
+        self.disabled.is_none()
+    }
+
+    /// Whether this replica holds the cluster's view: it has a leader, and has applied the log
+    /// it had on disk at start (it is behind until a leader confirms those entries) — or has had
+    /// a leader for [`CATCH_UP_GRACE`], in case the leader truncated part of that log. Routes and
+    /// claims change only then, so a restart or a partition does not flap them.
+    fn caught_up(&self) -> bool {
+        let raft = self.node.status();
+        raft.leader.is_some()
+            && raft.applied_index >= raft.commit_index
+            && (raft.applied_index >= self.on_disk || self.started.elapsed() > CATCH_UP_GRACE)
     }
 
     /// The container subnets this host's Docker network has (after every Docker connect).
@@ -141,9 +162,18 @@ impl Routing {
                 _ = wanted_rx.changed() => {}
                 _ = shutdown.changed() => return,
             }
-            let Some(mut wanted) = wanted_rx.borrow().clone() else {
+            // A node that does not route claims nothing: other hosts would route to it, and
+            // their containers' traffic would find no way back.
+            let wanted = match &self.disabled {
+                Some(_) => Some(Vec::new()),
+                None => wanted_rx.borrow().clone(),
+            };
+            let Some(mut wanted) = wanted else {
                 continue;
             };
+            if !self.caught_up() {
+                continue;
+            }
             wanted.sort();
             wanted.dedup();
             let published = self.node.published().load_full();
@@ -207,8 +237,20 @@ impl Routing {
             if *shutdown.borrow() {
                 return None;
             }
+            if !self.caught_up() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = shutdown.changed() => return None,
+                }
+                continue;
+            }
             let published = self.node.published().load_full();
             let registry = &published.registry;
+            // The subnet this host has (after a restart), even if outside the pool: its Docker
+            // network has it.
+            if let Some(own) = registry.node_subnets(id).first() {
+                return Some(*own);
+            }
             let Some(candidate) = registry.free_subnet(id, pool, prefix, &avoid) else {
                 tracing::error!(%pool, prefix, "no free subnet left in cluster_cidr; this host gets no container network until one is freed (remove a host, or widen cluster_cidr)");
                 tokio::select! {
@@ -231,7 +273,8 @@ impl Routing {
                 }
                 // Another host took it meanwhile: the next free one.
                 Err(linkdns_raft::Error::Registry(e)) => {
-                    tracing::info!(error = %e, "subnet taken meanwhile; trying the next")
+                    tracing::info!(error = %e, "subnet taken meanwhile; trying the next");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(linkdns_raft::Error::Stopped) => return None,
                 Err(e) => {
@@ -252,11 +295,13 @@ impl Routing {
     /// routing is disabled.
     pub async fn program(self: Arc<Routing>, mut shutdown: watch::Receiver<bool>) {
         if self.disabled.is_some() {
+            // Turned off by configuration: what an earlier run made goes (a no-op if nothing).
+            if linkdns_routes::has_net_admin() {
+                self.withdraw_now().await;
+            }
             return;
         }
         let id = self.node.id();
-        let on_disk = self.node.status().last_index;
-        let started = std::time::Instant::now();
         let mut last: Option<Desired> = None;
         let mut last_refused: Vec<String> = Vec::new();
         let mut last_errors: Vec<String> = Vec::new();
@@ -279,27 +324,28 @@ impl Routing {
             // that are still wanted (and flap them on every restart). A joined node's registry
             // arrives with its first snapshot; until it names this node, it is not that view
             // either.
-            let raft = self.node.status();
-            let caught_up = raft.leader.is_some()
-                && raft.applied_index >= raft.commit_index
-                && (raft.applied_index >= on_disk || started.elapsed() > CATCH_UP_GRACE);
             let registry = self.node.published().load_full();
-            if !caught_up || registry.registry.node(id).is_none() {
+            if !self.caught_up() || registry.registry.node(id).is_none() {
                 continue;
             }
             let desired = Desired::from_registry(&registry.registry, id);
             let report = {
                 let (programmer, desired) = (self.programmer.clone(), desired.clone());
                 tokio::task::spawn_blocking(move || match programmer.lock() {
-                    Ok(mut p) => p.as_mut().map(|p| p.reconcile(&desired, true)),
-                    Err(_) => None,
+                    Ok(mut p) => Ok(p.as_mut().map(|p| p.reconcile(&desired, true))),
+                    Err(_) => Err("an earlier reconciliation panicked".to_string()),
                 })
                 .await
-                .ok()
-                .flatten()
+                .unwrap_or_else(|e| Err(e.to_string()))
             };
-            let Some(report) = report else {
-                return;
+            let report = match report {
+                Ok(Some(report)) => report,
+                // Withdrawn: the node is leaving.
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "the route programmer failed; routes stay as they are until linkdns restarts");
+                    return;
+                }
             };
             last = Some(desired);
             let refused: Vec<String> = report
@@ -329,6 +375,10 @@ impl Routing {
         if self.disabled.is_some() {
             return;
         }
+        self.withdraw_now().await;
+    }
+
+    async fn withdraw_now(&self) {
         let programmer = self.programmer.clone();
         // Waits for a reconciliation under way, then takes the programmer for good.
         let report = tokio::task::spawn_blocking(move || {

@@ -169,7 +169,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     _ = shutdown.changed() => return,
                 }
             }
-            if let Some((pool, prefix)) = pool {
+            if let Some((pool, prefix)) = pool.filter(|_| {
+                // A host that does not route takes no subnet (see `Routing::claim`).
+                routing.enabled() || {
+                    tracing::warn!("cluster_cidr is ignored: this node does not program routes (see `linkdns routes`)");
+                    false
+                }
+            }) {
                 match routing.allocate(pool, prefix, shutdown.clone()).await {
                     Some(subnet) => watcher_config.create_network = Some(subnet),
                     None => return,

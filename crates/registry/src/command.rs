@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Container, ContainerId, NodeId, NodeInfo, Subnet};
 use crate::Error;
 
-/// Current version of the command encoding.
-pub const COMMAND_VERSION: u8 = 1;
+/// Current version of the command encoding. Version 2 added `SetNodeSubnets`; every other
+/// command is still written as version 1, which older nodes read, so only the commands they
+/// cannot apply stop them, and with "upgrade linkdns" rather than "corrupt".
+pub const COMMAND_VERSION: u8 = 2;
 
 /// A change to the registry. Each node's watcher issues commands about its own containers only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +45,7 @@ pub enum Command {
 impl Command {
     /// Encodes the command for the log.
     pub fn encode(&self) -> Vec<u8> {
-        let out = vec![COMMAND_VERSION];
+        let out = vec![self.version()];
         // Serializing plain data into a Vec cannot fail: postcard only errors on writer
         // exhaustion or on types it cannot represent, and these types are all representable.
         match postcard::to_extend(self, out) {
@@ -58,7 +60,7 @@ impl Command {
             what: "command",
             reason: "empty".to_string(),
         })?;
-        if version != COMMAND_VERSION {
+        if !(1..=COMMAND_VERSION).contains(&version) {
             return Err(Error::UnsupportedVersion {
                 what: "command",
                 found: version,
@@ -69,6 +71,15 @@ impl Command {
             what: "command",
             reason: e.to_string(),
         })
+    }
+
+    /// The oldest encoding version that can carry this command.
+    fn version(&self) -> u8 {
+        match self {
+            Command::SetNodeSubnets { .. } => 2,
+            Command::Batch(commands) => commands.iter().map(Command::version).max().unwrap_or(1),
+            _ => 1,
+        }
     }
 
     /// Number of single record changes this command carries (for metrics and batching).

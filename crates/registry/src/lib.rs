@@ -231,6 +231,13 @@ impl Registry {
         wanted.sort();
         wanted.dedup();
         for (i, &subnet) in wanted.iter().enumerate() {
+            // Decoded from the log: a prefix too long or host bits set is not a network.
+            if Subnet::new(subnet.addr(), subnet.prefix()) != Some(subnet) {
+                return Err(Error::BadSubnet {
+                    subnet,
+                    reason: "it is not a network address (host bits set, or prefix too long)",
+                });
+            }
             if subnet.prefix() == 0 {
                 return Err(Error::BadSubnet {
                     subnet,

@@ -281,12 +281,18 @@ impl Subnet {
     }
 }
 
+/// The netmask of a prefix length; a length above 32 (never made by `Subnet::new`, but
+/// decodable) is treated as 32.
 fn mask32(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+    u32::MAX
+        .checked_shl(32u32.saturating_sub(u32::from(prefix)))
+        .unwrap_or(0)
 }
 
 fn mask128(prefix: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+    u128::MAX
+        .checked_shl(128u32.saturating_sub(u32::from(prefix)))
+        .unwrap_or(0)
 }
 
 impl fmt::Display for Subnet {

@@ -675,3 +675,39 @@ fn free_subnets_come_from_the_pool_in_order_and_skip_what_is_taken() {
         Some(net("fd00:77::/64"))
     );
 }
+
+#[test]
+fn a_decoded_subnet_that_is_not_a_network_is_refused() {
+    let mut r = two_nodes();
+    // Subnet's fields are private; postcard writes them in order: the address, then the prefix.
+    for (addr, prefix) in [("10.1.2.3", 24u8), ("10.1.2.0", 40)] {
+        let bytes = postcard::to_allocvec(&(ip(addr), prefix)).expect("encode");
+        let subnet: Subnet = postcard::from_bytes(&bytes).expect("decodes as is");
+        assert!(matches!(
+            r.apply(&Command::SetNodeSubnets {
+                node: 1,
+                subnets: vec![subnet],
+            }),
+            Err(Error::BadSubnet { .. })
+        ));
+    }
+    assert!(r.node_subnets(1).is_empty());
+}
+
+#[test]
+fn only_commands_older_nodes_cannot_apply_carry_the_new_version() {
+    assert_eq!(node(1, "h1").encode()[0], 1);
+    let c = claim(1, &["10.0.0.0/24"]);
+    assert_eq!(c.encode()[0], 2);
+    assert_eq!(
+        Command::Batch(vec![node(1, "h1"), c.clone()]).encode()[0],
+        2
+    );
+    assert_eq!(Command::decode(&c.encode()), Ok(c));
+    let mut future = node(1, "h1").encode();
+    future[0] = COMMAND_VERSION + 1;
+    assert!(Command::decode(&future)
+        .expect_err("newer")
+        .to_string()
+        .contains("upgrade linkdns"));
+}

@@ -26,16 +26,18 @@ fn forwarding_switch(family: Family) -> &'static str {
     }
 }
 
-/// linkdns's chains of one family as the host has them.
-pub fn read(family: Family) -> Result<Vec<(Chain, ChainState)>, Error> {
-    let mut chains = Vec::new();
-    for table in ["filter", "nat"] {
-        let listing = run(iptables(family), &["-w", "-t", table, "-S"], None)?;
-        for chain in Chain::ALL.into_iter().filter(|c| c.table() == table) {
-            chains.push((chain, parse_chain(chain, &listing)));
-        }
-    }
-    Ok(chains)
+/// How long an iptables command waits for the xtables lock (held by Docker, say).
+const LOCK_WAIT: &str = "5";
+
+/// One of linkdns's chains as the host has it; each table is read on its own, so a table the
+/// kernel lacks (nat for IPv6, say) leaves only its chain unmanaged.
+pub fn read(family: Family, chain: Chain) -> Result<ChainState, Error> {
+    let listing = run(
+        iptables(family),
+        &["-w", LOCK_WAIT, "-t", chain.table(), "-S"],
+        None,
+    )?;
+    Ok(parse_chain(chain, &listing))
 }
 
 /// One chain and the jumps to it, from `iptables -S` of its whole table.
@@ -45,6 +47,8 @@ pub fn parse_chain(chain: Chain, listing: &str) -> ChainState {
     let parent = format!("-A {} ", chain.parent());
     let jump = format!("-j {}", chain.name());
     let mut position = 0;
+    // The parent's rules other than linkdns's jumps, in order.
+    let mut others = Vec::new();
     for line in listing.lines().map(str::trim) {
         if line == format!("-N {}", chain.name()) {
             state.exists = true;
@@ -54,9 +58,13 @@ pub fn parse_chain(chain: Chain, listing: &str) -> ChainState {
             position += 1;
             if rule.trim() == jump {
                 state.jumps.push(position);
+            } else {
+                others.push(rule.trim());
             }
         }
     }
+    let user_first = chain == Chain::Forward && others.first() == Some(&"-j DOCKER-USER");
+    state.position = if user_first { 2 } else { 1 };
     state
 }
 
@@ -75,12 +83,19 @@ pub fn apply(family: Family, changes: &[&FirewallChange]) -> Result<(), Error> {
                     }
                 }
                 FirewallChange::PlaceJump {
-                    chain, existing, ..
+                    chain,
+                    existing,
+                    position,
+                    ..
                 } if chain.table() == table => {
                     for _ in existing {
                         script.push_str(&format!("-D {} -j {}\n", chain.parent(), chain.name()));
                     }
-                    script.push_str(&format!("-I {} 1 -j {}\n", chain.parent(), chain.name()));
+                    script.push_str(&format!(
+                        "-I {} {position} -j {}\n",
+                        chain.parent(),
+                        chain.name()
+                    ));
                 }
                 FirewallChange::RemoveChain {
                     chain,
@@ -102,7 +117,7 @@ pub fn apply(family: Family, changes: &[&FirewallChange]) -> Result<(), Error> {
         }
         let input = format!("*{table}\n{script}COMMIT\n");
         let restore = format!("{}-restore", iptables(family));
-        run(&restore, &["-w", "--noflush"], Some(&input))?;
+        run(&restore, &["-w", LOCK_WAIT, "--noflush"], Some(&input))?;
     }
     Ok(())
 }
@@ -180,25 +195,31 @@ mod tests {
 -A FORWARD -o docker0 -j DOCKER
 -A FORWARD -j LINKDNS-FORWARD
 -A DOCKER-USER -j RETURN
--A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT
+-A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
 -A LINKDNS-FORWARD -s 10.0.0.0/8 -j DROP
 ";
         let state = parse_chain(Chain::Forward, listing);
         assert!(state.exists);
         assert_eq!(state.jumps, vec![2, 4]);
+        assert_eq!(state.position, 2, "after DOCKER-USER");
         assert_eq!(
             state.rules,
             vec![
                 Rule::Accept {
                     src: "192.168.2.0/24".parse().expect("subnet"),
                     dst: "192.168.1.0/24".parse().expect("subnet"),
+                    in_if: "eth0".into(),
+                    out_if: "docker0".into(),
                 },
                 Rule::Unknown("-s 10.0.0.0/8 -j DROP".into()),
             ]
         );
         assert_eq!(
             parse_chain(Chain::Postrouting, listing),
-            ChainState::default()
+            ChainState {
+                position: 1,
+                ..ChainState::default()
+            }
         );
     }
 }

@@ -110,8 +110,29 @@ impl Programmer {
     /// Plans against the host as it is; with `apply`, makes the changes, then reads the host
     /// again for the report. A change that fails is reported and the others still go ahead.
     pub fn reconcile(&mut self, desired: &Desired, apply: bool) -> Report {
+        // IPv6 rules only matter where IPv6 subnets are wanted: a host without ip6tables, or
+        // without IPv6 nat, is not told about it every 10 s.
+        let has_v6 = desired
+            .local_subnets
+            .iter()
+            .chain(desired.peers.iter().flat_map(|p| &p.subnets))
+            .any(|s| !s.is_ipv4());
+        let families: &[Family] = if has_v6 {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
+        };
+        self.reconcile_families(desired, apply, families)
+    }
+
+    fn reconcile_families(
+        &mut self,
+        desired: &Desired,
+        apply: bool,
+        families: &[Family],
+    ) -> Report {
         let mut report = Report::default();
-        let host = match self.read_host(&mut report.errors) {
+        let host = match self.read_host(families, &mut report.errors) {
             Ok(host) => host,
             Err(e) => {
                 report.errors.push(e.to_string());
@@ -122,7 +143,7 @@ impl Programmer {
         if apply && !report.plan.is_empty() {
             self.apply(&report.plan, &mut report.errors);
             let mut ignored = Vec::new();
-            match self.read_host(&mut ignored) {
+            match self.read_host(families, &mut ignored) {
                 Ok(after) => self.describe_owned(&after, &mut report),
                 Err(e) => report.errors.push(e.to_string()),
             }
@@ -138,7 +159,7 @@ impl Programmer {
             local_subnets: Vec::new(),
             peers: Vec::new(),
         };
-        self.reconcile(&nothing, true)
+        self.reconcile_families(&nothing, true, &[Family::V4, Family::V6])
     }
 
     fn describe_owned(&self, host: &HostState, report: &mut Report) {
@@ -187,9 +208,13 @@ impl Programmer {
         })
     }
 
-    /// Routes and addresses (required), and the firewall of each family (a family whose
-    /// firewall cannot be read is reported in `errors` and left out, so it is left alone).
-    fn read_host(&mut self, errors: &mut Vec<String>) -> Result<HostState, Error> {
+    /// Routes and addresses (required), and linkdns's chains of `families` (a chain that cannot
+    /// be read is reported in `errors` and left out, so it is left alone).
+    fn read_host(
+        &mut self,
+        families: &[Family],
+        errors: &mut Vec<String>,
+    ) -> Result<HostState, Error> {
         let result = self.read_netlink();
         if result.is_err() {
             // A socket in a bad state is not reused.
@@ -197,10 +222,16 @@ impl Programmer {
         }
         let (routes, addresses) = result?;
         let mut chains = Vec::new();
-        for family in [Family::V4, Family::V6] {
-            match firewall::read(family) {
-                Ok(read) => chains.extend(read.into_iter().map(|(c, s)| (family, c, s))),
-                Err(e) => errors.push(format!("{family} firewall not managed: {e}")),
+        for &family in families {
+            for chain in Chain::ALL {
+                match firewall::read(family, chain) {
+                    Ok(state) => chains.push((family, chain, state)),
+                    Err(e) => errors.push(format!(
+                        "{family} {} {} not managed: {e}",
+                        chain.table(),
+                        chain.name()
+                    )),
+                }
             }
         }
         Ok(HostState {
@@ -231,11 +262,11 @@ impl Programmer {
                 let (action, io) = match change {
                     RouteChange::Add(r) => (
                         format!("add route {} via {}", r.dst, r.via),
-                        netlink.add_route(r.dst, r.via, protocol, false),
+                        netlink.add_route(r.dst, r.via, protocol, None),
                     ),
-                    RouteChange::Replace { new, .. } => (
+                    RouteChange::Replace { old, new } => (
                         format!("replace route {} via {}", new.dst, new.via),
-                        netlink.add_route(new.dst, new.via, protocol, true),
+                        netlink.add_route(new.dst, new.via, protocol, Some(old.metric)),
                     ),
                     RouteChange::Remove { route, .. } => {
                         (format!("delete route {route}"), netlink.delete_route(route))

@@ -31,6 +31,10 @@ const DUMP_ATTEMPTS: usize = 5;
 /// `EINTR`, which stands for an interrupted (inconsistent) dump.
 const EINTR: i32 = 4;
 
+/// The kernel answers at once; a reply this late means something is wrong, and the caller
+/// must not hang (it holds up the reconciliation and a node's shutdown).
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A NETLINK_ROUTE socket bound to the kernel.
 pub struct Netlink {
     socket: Socket,
@@ -48,6 +52,7 @@ impl Netlink {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
+        socket2::SockRef::from(&socket).set_read_timeout(Some(REPLY_TIMEOUT))?;
         Ok(Netlink {
             socket,
             sequence: 0,
@@ -93,6 +98,7 @@ impl Netlink {
             let Some(addr) = local.or(address) else {
                 continue;
             };
+            let peer = address.filter(|a| local.is_some() && *a != addr);
             let (device, up) = links
                 .get(&m.header.index)
                 .cloned()
@@ -100,6 +106,7 @@ impl Netlink {
             addresses.push(HostAddress {
                 device,
                 addr,
+                peer,
                 prefix: m.header.prefix_len,
                 up,
             });
@@ -107,19 +114,24 @@ impl Netlink {
         Ok(addresses)
     }
 
-    /// Adds `dst via gateway` to the main table with `protocol`; with `replace`, in place of the
-    /// route to `dst` that is there.
+    /// Adds `dst via gateway` to the main table with `protocol`; with `replace: Some(metric)`,
+    /// in place of the route to `dst` with that metric (the kernel matches destination and
+    /// metric, so the planner makes sure that route is linkdns's).
     pub fn add_route(
         &mut self,
         dst: Subnet,
         gateway: IpAddr,
         protocol: u8,
-        replace: bool,
+        replace: Option<u32>,
     ) -> io::Result<()> {
-        let mut message = route_message(MAIN_TABLE, dst, Some(gateway), protocol, None);
+        let mut message = route_message(MAIN_TABLE, dst, Some(gateway), protocol, replace);
         message.header.scope = RouteScope::Universe;
         message.header.kind = RouteType::Unicast;
-        let mode = if replace { NLM_F_REPLACE } else { NLM_F_EXCL };
+        let mode = if replace.is_some() {
+            NLM_F_REPLACE
+        } else {
+            NLM_F_EXCL
+        };
         self.request(
             RouteNetlinkMessage::NewRoute(message),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | mode,

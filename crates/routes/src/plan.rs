@@ -118,14 +118,18 @@ fn protocol_name(protocol: u8) -> String {
 pub struct HostAddress {
     pub device: String,
     pub addr: IpAddr,
+    /// The far end of a point-to-point address (`10.0.0.1 peer 10.0.0.2/32`): the prefix is
+    /// the peer's.
+    pub peer: Option<IpAddr>,
     pub prefix: u8,
     /// Whether the interface is up; a gateway is only reachable through an interface that is.
     pub up: bool,
 }
 
 impl HostAddress {
+    /// The network this address makes directly reachable.
     fn network(&self) -> Option<Subnet> {
-        Subnet::new(self.addr, self.prefix)
+        Subnet::new(self.peer.unwrap_or(self.addr), self.prefix)
     }
 }
 
@@ -133,9 +137,12 @@ impl HostAddress {
 /// exempted from masquerading (nat chain).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Rule {
+    /// Forwarded traffic from `src` arriving on `in_if` to `dst` leaving on `out_if`.
     Accept {
         src: Subnet,
         dst: Subnet,
+        in_if: String,
+        out_if: String,
     },
     NoMasquerade {
         src: Subnet,
@@ -187,6 +194,9 @@ pub struct ChainState {
     pub rules: Vec<Rule>,
     /// Positions (1-based) of the jumps to this chain in its parent chain.
     pub jumps: Vec<usize>,
+    /// Where the jump belongs (1-based, counted without linkdns's own jumps): first, but after
+    /// a leading jump to `DOCKER-USER`, where administrators filter container traffic.
+    pub position: usize,
 }
 
 /// What the host has: routes of every table, interface addresses, linkdns's chains.
@@ -270,6 +280,18 @@ pub struct Route {
     pub dst: Subnet,
     pub via: IpAddr,
     pub node: String,
+    /// The interface towards `via`.
+    pub device: String,
+}
+
+impl RouteChange {
+    /// Destination, then table: the order changes are listed and made in.
+    fn order(&self) -> (Subnet, u32) {
+        match self {
+            RouteChange::Add(r) | RouteChange::Replace { new: r, .. } => (r.dst, MAIN_TABLE),
+            RouteChange::Remove { route, .. } => (route.dst, route.table),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -366,6 +388,8 @@ pub enum FirewallChange {
         chain: Chain,
         /// Positions of the existing jumps, to delete.
         existing: Vec<usize>,
+        /// Where the one jump goes, counted without the existing ones.
+        position: usize,
     },
     /// linkdns's chain is not needed: delete its jumps, then the chain.
     RemoveChain {
@@ -380,6 +404,8 @@ pub enum FirewallChange {
 pub struct Plan {
     /// Routes already right.
     pub keep: Vec<Route>,
+    /// Things the host should change itself, which linkdns does not (IPv6 forwarding).
+    pub notes: Vec<String>,
     pub routes: Vec<RouteChange>,
     pub refused: Vec<Refusal>,
     pub firewall: Vec<FirewallChange>,
@@ -412,12 +438,13 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
         subnets.sort();
         for subnet in subnets {
             match check(subnet, peer, &taken, host, protocol) {
-                Ok(via) => {
+                Ok((via, device)) => {
                     taken.push((peer.name.clone(), subnet));
                     wanted.push(Route {
                         dst: subnet,
                         via,
                         node: peer.name.clone(),
+                        device,
                     });
                 }
                 Err(conflict) => plan.refused.push(Refusal {
@@ -436,6 +463,8 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
         .filter(|r| r.protocol == protocol)
         .collect();
     owned.sort();
+    // Removals go first, so an add never meets a route of linkdns's that is on its way out.
+    let mut additions = Vec::new();
     for route in &wanted {
         let mine: Vec<&HostRoute> = owned
             .iter()
@@ -453,14 +482,14 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
                 .position(|r| r.table == MAIN_TABLE && r.kind == RouteKind::Unicast)
             {
                 Some(i) => {
-                    plan.routes.push(RouteChange::Replace {
+                    additions.push(RouteChange::Replace {
                         old: mine[i].clone(),
                         new: route.clone(),
                     });
                     Some(i)
                 }
                 None => {
-                    plan.routes.push(RouteChange::Add(route.clone()));
+                    additions.push(RouteChange::Add(route.clone()));
                     None
                 }
             },
@@ -487,6 +516,8 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
             why,
         });
     }
+    plan.routes.sort_by_key(RouteChange::order);
+    plan.routes.extend(additions);
 
     plan_firewall(&mut plan, desired, host, &wanted);
     plan.keep.sort();
@@ -507,7 +538,7 @@ fn check(
     taken: &[(String, Subnet)],
     host: &HostState,
     protocol: u8,
-) -> Result<IpAddr, Conflict> {
+) -> Result<(IpAddr, String), Conflict> {
     let via = peer
         .host
         .filter(|h| Family::of(*h) == Family::of(subnet.addr()))
@@ -542,15 +573,15 @@ fn check(
     if host.addresses.iter().any(|a| a.addr == via) {
         return Err(Conflict::GatewayIsLocal(via));
     }
-    let on_link = host.addresses.iter().any(|a| {
-        a.up && a
-            .network()
-            .is_some_and(|n| n.contains(via) && n.prefix() < max_prefix(via))
+    let on_link = host.addresses.iter().find(|a| {
+        a.up && a.network().is_some_and(|n| {
+            n.contains(via) && (n.prefix() < max_prefix(via) || a.peer == Some(via))
+        })
     });
-    if !on_link {
-        return Err(Conflict::GatewayUnreachable(via));
+    match on_link {
+        Some(a) => Ok((via, a.device.clone())),
+        None => Err(Conflict::GatewayUnreachable(via)),
     }
-    Ok(via)
 }
 
 fn max_prefix(ip: IpAddr) -> u8 {
@@ -572,21 +603,47 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
             .filter(|s| Family::of(s.addr()) == family)
             .collect();
         if !remote.is_empty() && !host.forwarding.contains(&family) {
-            plan.enable_forwarding.push(family);
+            match family {
+                Family::V4 => plan.enable_forwarding.push(family),
+                // Switching it on makes the kernel ignore router advertisements, which may be
+                // how this host gets its own IPv6 default route: left to the administrator.
+                Family::V6 => plan.notes.push("IPv6 forwarding is off, so other hosts' containers cannot reach this host's over IPv6: set net.ipv6.conf.all.forwarding=1 (and accept_ra=2 on interfaces configured by router advertisements)".to_string()),
+            }
         }
-        let local: Vec<Subnet> = desired
+        // Each local subnet with the interface it is on (Docker's bridge): the rules name the
+        // interfaces, so traffic claiming a cluster source on any other interface is not let in.
+        let local: Vec<(Subnet, &str)> = desired
             .local_subnets
             .iter()
-            .copied()
             .filter(|s| Family::of(s.addr()) == family)
+            .filter_map(|s| {
+                let bridge = host
+                    .addresses
+                    .iter()
+                    .find(|a| a.network().is_some_and(|n| s.overlaps(&n)))?;
+                Some((*s, bridge.device.as_str()))
+            })
             .collect();
         let mut forward = Vec::new();
         let mut nat = Vec::new();
-        for l in &local {
-            for r in &remote {
-                forward.push(Rule::Accept { src: *r, dst: *l });
-                forward.push(Rule::Accept { src: *l, dst: *r });
-                nat.push(Rule::NoMasquerade { src: *l, dst: *r });
+        for (l, bridge) in &local {
+            for r in wanted.iter().filter(|r| Family::of(r.dst.addr()) == family) {
+                forward.push(Rule::Accept {
+                    src: r.dst,
+                    dst: *l,
+                    in_if: r.device.clone(),
+                    out_if: bridge.to_string(),
+                });
+                forward.push(Rule::Accept {
+                    src: *l,
+                    dst: r.dst,
+                    in_if: bridge.to_string(),
+                    out_if: r.device.clone(),
+                });
+                nat.push(Rule::NoMasquerade {
+                    src: *l,
+                    dst: r.dst,
+                });
             }
         }
         for (chain, rules) in [(Chain::Forward, forward), (Chain::Postrouting, nat)] {
@@ -611,11 +668,12 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
                     rules,
                 });
             }
-            if state.jumps != [1] {
+            if state.jumps != [state.position] {
                 plan.firewall.push(FirewallChange::PlaceJump {
                     family,
                     chain,
                     existing: state.jumps.clone(),
+                    position: state.position,
                 });
             }
         }
@@ -626,7 +684,12 @@ impl fmt::Display for Rule {
     /// The rule as `iptables -S` prints it after the `-A CHAIN` part.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Rule::Accept { src, dst } => write!(f, "-s {src} -d {dst} -j ACCEPT"),
+            Rule::Accept {
+                src,
+                dst,
+                in_if,
+                out_if,
+            } => write!(f, "-s {src} -d {dst} -i {in_if} -o {out_if} -j ACCEPT"),
             // ACCEPT ends the nat chain's traversal, so Docker's MASQUERADE after the jump is
             // skipped (a RETURN would come back to it).
             Rule::NoMasquerade { src, dst } => write!(f, "-s {src} -d {dst} -j ACCEPT"),
@@ -640,12 +703,22 @@ impl Rule {
     pub fn parse(chain: Chain, text: &str) -> Rule {
         let words: Vec<&str> = text.split_whitespace().collect();
         let parsed = match words.as_slice() {
-            ["-s", src, "-d", dst, "-j", target] => {
-                match (src.parse::<Subnet>(), dst.parse::<Subnet>(), chain, *target) {
-                    (Ok(src), Ok(dst), Chain::Forward, "ACCEPT") => Some(Rule::Accept { src, dst }),
-                    (Ok(src), Ok(dst), Chain::Postrouting, "ACCEPT") => {
-                        Some(Rule::NoMasquerade { src, dst })
-                    }
+            ["-s", src, "-d", dst, "-i", in_if, "-o", out_if, "-j", "ACCEPT"]
+                if chain == Chain::Forward =>
+            {
+                match (src.parse::<Subnet>(), dst.parse::<Subnet>()) {
+                    (Ok(src), Ok(dst)) => Some(Rule::Accept {
+                        src,
+                        dst,
+                        in_if: in_if.to_string(),
+                        out_if: out_if.to_string(),
+                    }),
+                    _ => None,
+                }
+            }
+            ["-s", src, "-d", dst, "-j", "ACCEPT"] if chain == Chain::Postrouting => {
+                match (src.parse::<Subnet>(), dst.parse::<Subnet>()) {
+                    (Ok(src), Ok(dst)) => Some(Rule::NoMasquerade { src, dst }),
                     _ => None,
                 }
             }
@@ -700,9 +773,10 @@ impl fmt::Display for Plan {
                     family,
                     chain,
                     existing,
+                    position,
                 } => writeln!(
                     f,
-                    "jump     {family} {} {} -> {} first (now at {existing:?})",
+                    "jump     {family} {} {} -> {} at {position} (now at {existing:?})",
                     chain.table(),
                     chain.parent(),
                     chain.name()
@@ -717,6 +791,9 @@ impl fmt::Display for Plan {
         }
         for refusal in &self.refused {
             writeln!(f, "refuse   {refusal}")?;
+        }
+        for note in &self.notes {
+            writeln!(f, "note     {note}")?;
         }
         Ok(())
     }

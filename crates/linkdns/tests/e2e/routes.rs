@@ -47,8 +47,8 @@ fn iptables_s(h: &Host, table: &str) -> String {
     text(&h.exec("iptables", &["-w", "-t", table, "-S"]))
 }
 
-/// Whether linkdns's jumps are the first rules of FORWARD and nat POSTROUTING on `h`, before
-/// Docker's drops and masquerading.
+/// Whether linkdns's jumps come first in FORWARD (after Docker's DOCKER-USER, where
+/// administrators filter) and in nat POSTROUTING on `h`: before Docker's drops and masquerading.
 fn jumps_first(h: &Host) -> bool {
     [
         ("filter", "FORWARD", "LINKDNS-FORWARD"),
@@ -59,7 +59,8 @@ fn jumps_first(h: &Host) -> bool {
         let listing = iptables_s(h, table);
         let first = listing
             .lines()
-            .find(|l| l.starts_with(&format!("-A {chain} ")))
+            .filter(|l| l.starts_with(&format!("-A {chain} ")))
+            .find(|l| *l != "-A FORWARD -j DOCKER-USER")
             .unwrap_or_default();
         first == format!("-A {chain} -j {jump}")
     })
@@ -118,9 +119,10 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
     for want in [
         format!("{} via {} dev", subnet(h2), h2.addr),
         format!(
-            "-t filter -A LINKDNS-FORWARD -s {} -d {} -j ACCEPT",
+            "-t filter -A LINKDNS-FORWARD -s {} -d {} -i {} -o docker0 -j ACCEPT",
             subnet(h2),
-            subnet(h1)
+            subnet(h1),
+            h1.lan_if.as_deref().expect("lan host")
         ),
         format!(
             "-t nat -A LINKDNS-POSTROUTING -s {} -d {} -j ACCEPT",
@@ -250,7 +252,7 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
 }
 
 #[test]
-fn a_refused_subnet_routing_off_or_no_privilege_leave_hosts_alone_and_dns_working() {
+fn a_refused_subnet_no_privilege_or_routing_off_leave_hosts_alone_and_dns_working() {
     let mut hosts: Vec<Host> = (0..3).map(|_| Host::on_lan()).collect();
     // h2's containers live on a Docker network that reuses h1's subnet; h2's node claims it.
     let clash = subnet(&hosts[0]);
@@ -263,52 +265,78 @@ fn a_refused_subnet_routing_off_or_no_privilege_leave_hosts_alone_and_dns_workin
     ]
     .map(String::from)
     .to_vec();
-    hosts[0].start_linkdns(&["--routing", "false"]);
+    hosts[0].start_linkdns(&[]);
     let token = hosts[0].token();
     let (first, rest) = hosts.split_at_mut(1);
     rest[0].join_linkdns(&first[0], &token, &["--bridge-network", "clash"]);
     rest[1].join_linkdns(&first[0], &token, &[]);
-    let hosts = form_joined(hosts);
-    let (h1, h2, h3) = (&hosts[0], &hosts[1], &hosts[2]);
+    let mut hosts = form_joined(hosts);
 
     // The cluster refuses h2's claim, naming h1 and its subnet; h2 says so and serves DNS.
     let refusal = format!(
         "subnet {clash} overlaps {clash} of node {} (id 1); give this host's Docker network a subnet of its own",
-        name(h1)
+        name(&hosts[0])
     );
     wait_until(ROUTES, "h2 to report its refused claim", || {
-        text(&h2.linkdns(&["routes"])).contains(&format!("claim refused: {refusal}"))
+        text(&hosts[1].linkdns(&["routes"])).contains(&format!("claim refused: {refusal}"))
     });
-    let status = text(&h2.linkdns(&["status"]));
+    let status = text(&hosts[1].linkdns(&["status"]));
     assert!(status.contains(&refusal), "status on h2:\n{status}");
-    assert!(h2
+    assert!(hosts[1]
         .log()
         .contains("the cluster refused this host's container subnet"));
-    h2.run_container("api", &["--network", "clash"]);
-    let api = h2.container_ip("api");
-    for h in [h1, h2, h3] {
+    hosts[1].run_container("api", &["--network", "clash"]);
+    let api = hosts[1].container_ip("api");
+    for h in &hosts {
         crate::expect_answer(h, "api.cluster", "A", &[&api]);
     }
 
-    // h1 (routing off) and h3 (no CAP_NET_ADMIN) say why, once, and change nothing; h3 alone
-    // would route h1's subnet.
-    for (h, why) in [
-        (h1, "routing is off in the configuration"),
-        (h3, "this process lacks CAP_NET_ADMIN"),
-    ] {
-        let routes = text(&h.linkdns(&["routes"]));
-        assert!(routes.contains(&format!("routing  off: {why}")), "{routes}");
-        assert_eq!(h.log().matches(why).count(), 1, "said once:\n{}", h.log());
-        assert_eq!(owned_routes(h), Vec::<String>::new());
-        for table in ["filter", "nat"] {
-            assert!(!iptables_s(h, table).contains("LINKDNS"));
-        }
-    }
-    let plan = text(&h3.linkdns(&["routes", "--plan"]));
+    // h3 without CAP_NET_ADMIN says so once, claims nothing and changes nothing, but shows
+    // what it would do.
+    let h3 = &hosts[2];
+    let why = "this process lacks CAP_NET_ADMIN";
+    let routes = text(&h3.linkdns(&["routes", "--plan"]));
+    assert!(routes.contains(&format!("routing  off: {why}")), "{routes}");
+    assert!(routes.contains("subnet   none claimed"), "{routes}");
     assert!(
-        plan.contains(&format!("add      {}", route_to(h1))),
-        "h3's plan shows what it would do:\n{plan}"
+        routes.contains(&format!("add      {}", route_to(&hosts[0]))),
+        "h3's plan shows what it would do:\n{routes}"
     );
+    assert_eq!(h3.log().matches(why).count(), 1, "said once:\n{}", h3.log());
+    assert_eq!(owned_routes(h3), Vec::<String>::new());
+    for table in ["filter", "nat"] {
+        assert!(!iptables_s(h3, table).contains("LINKDNS"));
+    }
+    assert_eq!(
+        owned_routes(&hosts[0]),
+        Vec::<String>::new(),
+        "nobody to route to"
+    );
+
+    // With the capability, h3 claims its subnet, and h1 and h3 route to each other.
+    hosts[2].stop_linkdns();
+    hosts[2].wrapper.clear();
+    hosts[2].restart_linkdns();
+    wait_until(ROUTES, "h1 and h3 to route to each other", || {
+        owned_routes(&hosts[0]) == [route_to(&hosts[2])]
+            && owned_routes(&hosts[2]) == [route_to(&hosts[0])]
+    });
+
+    // h1 restarted with routing off: it says so once, withdraws its routes and rules, and
+    // gives up its claim, so h3 withdraws its route to h1. DNS goes on.
+    hosts[0].stop_linkdns();
+    hosts[0].start_linkdns(&["--routing", "false"]);
+    wait_until(ROUTES, "the routes between h1 and h3 withdrawn", || {
+        owned_routes(&hosts[0]).is_empty() && owned_routes(&hosts[2]).is_empty()
+    });
+    let why = "routing is off in the configuration";
+    let routes = text(&hosts[0].linkdns(&["routes"]));
+    assert!(routes.contains(&format!("routing  off: {why}")), "{routes}");
+    assert_eq!(hosts[0].log().matches(why).count(), 1);
+    for table in ["filter", "nat"] {
+        assert!(!iptables_s(&hosts[0], table).contains("LINKDNS"));
+    }
+    crate::expect_answer(&hosts[0], "api.cluster", "A", &[&api]);
 }
 
 #[test]
@@ -338,11 +366,15 @@ fn hosts_get_subnets_from_the_cluster_cidr_and_their_containers_reach_each_other
         ]);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    wait_until(ROUTES, "a network with a subnet of the pool on each host", || {
-        hosts
-            .iter()
-            .all(|h| !claimed(h).is_empty() && network(h) == claimed(h))
-    });
+    wait_until(
+        ROUTES,
+        "a network with a subnet of the pool on each host",
+        || {
+            hosts
+                .iter()
+                .all(|h| !claimed(h).is_empty() && network(h) == claimed(h))
+        },
+    );
     let (s1, s2) = (claimed(&hosts[0]), claimed(&hosts[1]));
     assert_ne!(s1, s2);
     let via = |to: &Host, s: &str| format!("{s} via {}", to.addr);

@@ -19,6 +19,7 @@ fn addr(device: &str, cidr: &str) -> HostAddress {
     HostAddress {
         device: device.into(),
         addr: ip(a),
+        peer: None,
         prefix: p.parse().expect("prefix"),
         up: true,
     }
@@ -66,7 +67,15 @@ fn h1() -> HostState {
         ],
         chains: [Family::V4, Family::V6]
             .into_iter()
-            .flat_map(|f| Chain::ALL.map(|c| (f, c, ChainState::default())))
+            .flat_map(|f| {
+                Chain::ALL.map(|c| {
+                    let state = ChainState {
+                        position: 1,
+                        ..ChainState::default()
+                    };
+                    (f, c, state)
+                })
+            })
             .collect(),
         forwarding: [Family::V4].into(),
     }
@@ -111,8 +120,13 @@ fn applied(mut host: HostState, plan: &Plan) -> HostState {
                     state.exists = true;
                     state.rules = rules.clone();
                 }
-                FirewallChange::PlaceJump { family, chain, .. } if (family, chain) == (f, c) => {
-                    state.jumps = vec![1];
+                FirewallChange::PlaceJump {
+                    family,
+                    chain,
+                    position,
+                    ..
+                } if (family, chain) == (f, c) => {
+                    state.jumps = vec![*position];
                 }
                 FirewallChange::RemoveChain { family, chain, .. } if (family, chain) == (f, c) => {
                     *state = ChainState::default();
@@ -133,15 +147,15 @@ fn a_new_host_gets_a_route_per_peer_and_the_forwarding_rules() {
 add      192.168.2.0/24 via 172.30.0.2 (h2)
 add      192.168.3.0/24 via 172.30.0.3 (h3)
 write    ipv4 filter LINKDNS-FORWARD: 4 rule(s)
-           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT
-           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
-           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -j ACCEPT
-           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
-jump     ipv4 filter FORWARD -> LINKDNS-FORWARD first (now at [])
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o eth0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o eth0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
 write    ipv4 nat LINKDNS-POSTROUTING: 2 rule(s)
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
-jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING first (now at [])
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
 "
     );
     // Once applied, planning again changes nothing: restarts do not flap.
@@ -194,12 +208,12 @@ fn conflicts_are_refused_and_what_is_in_the_way_is_left_alone() {
         "\
 add      192.168.3.0/24 via 172.30.0.3 (h3)
 write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
-           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -j ACCEPT
-           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
-jump     ipv4 filter FORWARD -> LINKDNS-FORWARD first (now at [])
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o eth0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
 write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
-jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING first (now at [])
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
 refuse   not routing 192.168.2.0/24 of node h2: overlaps existing route `192.168.2.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own
 refuse   not routing 10.5.3.0/24 of node h4: overlaps this host's address 10.5.0.1/16 on eth1
 refuse   not routing 192.168.5.0/24 of node h5: the gateway 198.51.100.5 is not on a directly connected network of this host
@@ -235,9 +249,9 @@ fn only_linkdns_routes_are_replaced_or_withdrawn() {
         plan(&desired, &host, P).to_string(),
         "\
 keep     192.168.3.0/24 via 172.30.0.3 (h3)
-replace  192.168.2.0/24 via 172.30.0.22 dev eth0 proto 151  ->  192.168.2.0/24 via 172.30.0.12 (h2)
 remove   192.168.3.0/24 via 172.30.0.3 dev eth0 proto 151 table 100: a duplicate of linkdns's route to this subnet
 remove   192.168.4.0/24 via 172.30.0.4 dev eth0 proto 151: no other node claims this subnet
+replace  192.168.2.0/24 via 172.30.0.22 dev eth0 proto 151  ->  192.168.2.0/24 via 172.30.0.12 (h2)
 "
     );
 
@@ -277,8 +291,8 @@ fn a_route_refused_now_is_withdrawn_and_says_why() {
 keep     192.168.2.0/24 via 172.30.0.2 (h2)
 remove   192.168.3.0/24 via 172.30.0.3 dev eth0 proto 151: refused now: overlaps this host's address 192.168.3.77/24 on wg0
 write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
-           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT
-           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o eth0 -j ACCEPT
 write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
 refuse   not routing 192.168.3.0/24 of node h3: overlaps this host's address 192.168.3.77/24 on wg0
@@ -311,12 +325,12 @@ keep     192.168.2.0/24 via 172.30.0.2 (h2)
 keep     192.168.3.0/24 via 172.30.0.3 (h3)
 enable   ipv4 forwarding
 write    ipv4 filter LINKDNS-FORWARD: 4 rule(s)
-           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT
-           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
-           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -j ACCEPT
-           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
-jump     ipv4 filter FORWARD -> LINKDNS-FORWARD first (now at [1, 5])
-jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING first (now at [3])
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o eth0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o eth0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [1, 5])
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [3])
 "
     );
 }
@@ -339,25 +353,34 @@ fn rules_print_and_parse_as_iptables_does() {
     for (chain, text) in [
         (
             Chain::Forward,
-            "-s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT",
+            "-s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT",
         ),
         (
             Chain::Postrouting,
             "-s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT",
         ),
-        (Chain::Forward, "-s fd00:2::/64 -d fd00:1::/64 -j ACCEPT"),
+        (
+            Chain::Forward,
+            "-s fd00:2::/64 -d fd00:1::/64 -i eth0 -o br-1 -j ACCEPT",
+        ),
     ] {
         let rule = Rule::parse(chain, text);
         assert!(!matches!(rule, Rule::Unknown(_)), "{text}");
         assert_eq!(rule.to_string(), text);
     }
-    assert!(matches!(
-        Rule::parse(
+    for (chain, foreign) in [
+        (
             Chain::Postrouting,
-            "-s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN"
+            "-s 192.168.1.0/24 -d 192.168.2.0/24 -j RETURN",
         ),
-        Rule::Unknown(_)
-    ));
+        // Without the interfaces, a rule of an older linkdns: rewritten.
+        (
+            Chain::Forward,
+            "-s 192.168.2.0/24 -d 192.168.1.0/24 -j ACCEPT",
+        ),
+    ] {
+        assert!(matches!(Rule::parse(chain, foreign), Rule::Unknown(_)));
+    }
 }
 
 #[test]
@@ -406,5 +429,45 @@ fn the_desired_state_comes_from_the_registry() {
             },
             peer(4, "h4", "172.30.0.4", &["192.168.4.0/24"]),
         ]
+    );
+}
+
+#[test]
+fn ipv6_point_to_point_and_docker_user_cases() {
+    let mut host = h1();
+    host.addresses.push(addr("eth0", "fd00:30::1/64"));
+    host.addresses.push(HostAddress {
+        peer: Some(ip("10.0.0.2")),
+        ..addr("tun0", "10.0.0.1/32")
+    });
+    // An administrator's DOCKER-USER jump leads FORWARD: linkdns's goes right after it.
+    for (f, c, state) in &mut host.chains {
+        if (*f, *c) == (Family::V4, Chain::Forward) {
+            state.position = 2;
+        }
+    }
+    let desired = Desired {
+        local_subnets: vec![net("192.168.1.0/24")],
+        peers: vec![
+            // Reached over a point-to-point link: the peer address is directly connected.
+            peer(2, "h2", "10.0.0.2", &["192.168.2.0/24"]),
+            // An IPv6-only host: routed, but IPv6 forwarding is the administrator's to switch on.
+            peer(3, "h3", "fd00:30::3", &["fd00:3::/64"]),
+        ],
+    };
+    assert_eq!(
+        plan(&desired, &host, P).to_string(),
+        "\
+add      192.168.2.0/24 via 10.0.0.2 (h2)
+add      fd00:3::/64 via fd00:30::3 (h3)
+write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -i tun0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o tun0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 2 (now at [])
+write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+note     IPv6 forwarding is off, so other hosts' containers cannot reach this host's over IPv6: set net.ipv6.conf.all.forwarding=1 (and accept_ra=2 on interfaces configured by router advertisements)
+"
     );
 }
