@@ -391,4 +391,65 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert!(c.dns_listen.is_none());
     }
+
+    #[test]
+    fn routing_options_are_checked_and_cluster_cidr_brings_its_own_network() {
+        let c = Config::resolve(&RunArgs::default()).expect("defaults");
+        assert!(c.routing);
+        assert_eq!(c.route_protocol, linkdns_routes::DEFAULT_PROTOCOL);
+        assert_eq!(
+            (c.bridge_network.as_str(), c.cluster_cidr),
+            ("bridge", None)
+        );
+
+        let args = RunArgs {
+            cluster_cidr: Some("10.77.0.0/16".into()),
+            ..RunArgs::default()
+        };
+        let c = Config::resolve(&args).expect("pool");
+        assert_eq!(c.bridge_network, "linkdns");
+        assert_eq!(
+            c.cluster_cidr,
+            Some(("10.77.0.0/16".parse().expect("subnet"), 24))
+        );
+        let args = RunArgs {
+            cluster_cidr: Some("fd00:77::/48".into()),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            Config::resolve(&args)
+                .expect("v6 pool")
+                .cluster_cidr
+                .map(|c| c.1),
+            Some(64)
+        );
+
+        for (args, key) in [
+            (
+                RunArgs {
+                    route_protocol: Some(4),
+                    ..RunArgs::default()
+                },
+                "route_protocol: 4 is reserved",
+            ),
+            (
+                RunArgs {
+                    cluster_cidr: Some("10.77.0.0/16".into()),
+                    subnet_prefix: Some(12),
+                    ..RunArgs::default()
+                },
+                "subnet_prefix: 12 does not fit cluster_cidr 10.77.0.0/16",
+            ),
+            (
+                RunArgs {
+                    cluster_cidr: Some("10.77.0.0/33".into()),
+                    ..RunArgs::default()
+                },
+                "cluster_cidr:",
+            ),
+        ] {
+            let err = Config::resolve(&args).expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
 }
