@@ -153,8 +153,15 @@ async fn follow(
     let (mut bridge_subnets, mut bridge_gateways) =
         bridge_network(&docker, &config.bridge_network).await;
     if let (true, Some(subnet)) = (bridge_subnets.is_empty(), config.create_network) {
-        create_network(&docker, &config.bridge_network, subnet).await?;
-        (bridge_subnets, bridge_gateways) = bridge_network(&docker, &config.bridge_network).await;
+        // A failure is reported and the watcher goes on: containers on other networks are
+        // still answered.
+        match create_network(&docker, &config.bridge_network, subnet).await {
+            Ok(()) => {
+                (bridge_subnets, bridge_gateways) =
+                    bridge_network(&docker, &config.bridge_network).await
+            }
+            Err(e) => tracing::error!(error = %e, "this host's container network is missing"),
+        }
     }
     send(
         reports,
@@ -316,6 +323,12 @@ fn affected_container(event: &EventMessage) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The subnets of the Docker network `name` at `uri` (empty if it does not exist).
+pub async fn network_subnets(uri: &str, name: &str) -> Result<Vec<Subnet>, Error> {
+    let docker = connect(uri).await?;
+    Ok(bridge_network(&docker, name).await.0)
 }
 
 /// Creates the bridge network `name` with `subnet`, its gateway at the first address.

@@ -47,8 +47,14 @@ pub struct RoutesStatus {
     pub refused: Vec<String>,
     /// What could not be read or changed at the last reconciliation.
     pub errors: Vec<String>,
+    /// What the host's administrator should change (IPv6 forwarding, a missing bridge).
+    #[serde(default)]
+    pub notes: Vec<String>,
     /// Changes still to make (`--plan`; empty once reconciled).
     pub plan: Vec<String>,
+    /// Reconciliations done since start.
+    #[serde(default)]
+    pub reconciliations: u64,
 }
 
 /// Shared between the routing tasks and the admin endpoint.
@@ -63,13 +69,21 @@ pub struct Routing {
     programmer: Arc<Mutex<Option<Programmer>>>,
     reconcile_now: Notify,
     wanted: watch::Sender<Option<Vec<Subnet>>>,
+    /// With `cluster_cidr`: the pool this host's subnet comes from; only subnets inside it are
+    /// claimed (Docker also gives an IPv6 pool's network an IPv4 subnet of its own).
+    pool: Option<Subnet>,
     /// The last log index on disk at start, and when that was: see [`Routing::caught_up`].
     on_disk: u64,
     started: std::time::Instant,
 }
 
 impl Routing {
-    pub fn new(node: Arc<NodeHandle>, enabled: bool, protocol: u8) -> Arc<Routing> {
+    pub fn new(
+        node: Arc<NodeHandle>,
+        enabled: bool,
+        protocol: u8,
+        pool: Option<Subnet>,
+    ) -> Arc<Routing> {
         let disabled = if !enabled {
             Some("routing is off in the configuration (routing = false)".to_string())
         } else if !linkdns_routes::has_net_admin() {
@@ -91,6 +105,7 @@ impl Routing {
             programmer: Arc::new(Mutex::new(Some(Programmer::new(protocol)))),
             reconcile_now: Notify::new(),
             wanted: watch::channel(None).0,
+            pool,
             on_disk: node.status().last_index,
             started: std::time::Instant::now(),
             node,
@@ -120,6 +135,24 @@ impl Routing {
         }
         // Docker may have rewritten its rules above linkdns's on a restart.
         self.reconcile_now.notify_one();
+    }
+
+    /// Without the capability to remove them, says so if an earlier run left routes behind
+    /// (listing routes needs no privilege).
+    async fn warn_of_leftovers(&self) {
+        let protocol = self.protocol;
+        let nothing = Desired {
+            local_subnets: Vec::new(),
+            peers: Vec::new(),
+        };
+        let report = tokio::task::spawn_blocking(move || {
+            Programmer::new(protocol).reconcile(&nothing, false)
+        })
+        .await
+        .unwrap_or_default();
+        if !report.owned_routes.is_empty() {
+            tracing::warn!(routes = report.owned_routes.len(), "routes of an earlier run remain (ip route show proto {protocol}) and this process cannot remove them: run linkdns once as root with routing = false, or delete them by hand");
+        }
     }
 
     /// The current view, with (for `plan`) the changes a reconciliation would make now.
@@ -171,6 +204,9 @@ impl Routing {
             let Some(mut wanted) = wanted else {
                 continue;
             };
+            if let Some(pool) = self.pool {
+                wanted.retain(|s| pool.covers(s));
+            }
             if !self.caught_up() {
                 continue;
             }
@@ -211,15 +247,29 @@ impl Routing {
         }
     }
 
-    /// Claims a free `/prefix` block of `pool` for this host (the one it has, after a restart),
-    /// avoiding the host's own networks; waits while the pool is full. None on shutdown.
+    /// The subnet of `pool` this host's Docker network gets: the one it claims already (after
+    /// a restart, also without a quorum), else `existing` (the subnet of a network that is
+    /// there already), else a free `/prefix` block, avoiding the host's own networks. None
+    /// when the pool is full (reported), or on shutdown.
     pub async fn allocate(
         &self,
         pool: Subnet,
         prefix: u8,
+        existing: Option<Subnet>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Option<Subnet> {
         let id = self.node.id();
+        let own = |published: &linkdns_registry::Published| {
+            published
+                .registry
+                .node_subnets(id)
+                .iter()
+                .copied()
+                .find(|s| pool.covers(s))
+        };
+        if let Some(own) = own(&self.node.published().load_full()) {
+            return Some(own);
+        }
         let protocol = self.protocol;
         let avoid = match tokio::task::spawn_blocking(move || {
             linkdns_routes::host_networks(protocol)
@@ -246,18 +296,25 @@ impl Routing {
             }
             let published = self.node.published().load_full();
             let registry = &published.registry;
-            // The subnet this host has (after a restart), even if outside the pool: its Docker
-            // network has it.
-            if let Some(own) = registry.node_subnets(id).first() {
-                return Some(*own);
+            if let Some(own) = own(&published) {
+                return Some(own);
             }
-            let Some(candidate) = registry.free_subnet(id, pool, prefix, &avoid) else {
-                tracing::error!(%pool, prefix, "no free subnet left in cluster_cidr; this host gets no container network until one is freed (remove a host, or widen cluster_cidr)");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = shutdown.changed() => return None,
-                }
-                continue;
+            // A network that is there already keeps its subnet if it is free; else a block the
+            // host does not use (its own networks include that network's, so not `existing`).
+            let free = |s: &Subnet| {
+                !registry
+                    .subnets()
+                    .any(|(n, theirs)| n != id && theirs.iter().any(|t| t.overlaps(s)))
+            };
+            let candidate = match existing.filter(free) {
+                Some(existing) => existing,
+                None => match registry.free_subnet(id, pool, prefix, &avoid) {
+                    Some(candidate) => candidate,
+                    None => {
+                        tracing::error!(%pool, prefix, "no free subnet left in cluster_cidr; this host's Docker network is not created (remove a host or widen cluster_cidr, then restart linkdns). DNS keeps working");
+                        return None;
+                    }
+                },
             };
             if registry.node_subnets(id) == [candidate] {
                 return Some(candidate);
@@ -295,9 +352,12 @@ impl Routing {
     /// routing is disabled.
     pub async fn program(self: Arc<Routing>, mut shutdown: watch::Receiver<bool>) {
         if self.disabled.is_some() {
-            // Turned off by configuration: what an earlier run made goes (a no-op if nothing).
             if linkdns_routes::has_net_admin() {
+                // Turned off by configuration: what an earlier run made goes (a no-op if
+                // nothing).
                 self.withdraw_now().await;
+            } else {
+                self.warn_of_leftovers().await;
             }
             return;
         }
@@ -331,20 +391,23 @@ impl Routing {
             let desired = Desired::from_registry(&registry.registry, id);
             let report = {
                 let (programmer, desired) = (self.programmer.clone(), desired.clone());
-                tokio::task::spawn_blocking(move || match programmer.lock() {
-                    Ok(mut p) => Ok(p.as_mut().map(|p| p.reconcile(&desired, true))),
-                    Err(_) => Err("an earlier reconciliation panicked".to_string()),
+                tokio::task::spawn_blocking(move || {
+                    // The programmer holds only a socket: usable after a panic elsewhere.
+                    let mut p = programmer.lock().unwrap_or_else(|e| e.into_inner());
+                    p.as_mut().map(|p| p.reconcile(&desired, true))
                 })
                 .await
-                .unwrap_or_else(|e| Err(e.to_string()))
             };
             let report = match report {
                 Ok(Some(report)) => report,
                 // Withdrawn: the node is leaving.
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::error!(error = %e, "the route programmer failed; routes stay as they are until linkdns restarts");
-                    return;
+                    tracing::error!(error = %e, "a route reconciliation failed; trying again at the next");
+                    if let Ok(mut s) = self.status.lock() {
+                        s.errors = vec![format!("the last reconciliation failed: {e}")];
+                    }
+                    continue;
                 }
             };
             last = Some(desired);
@@ -366,6 +429,7 @@ impl Routing {
                 fill(&mut s, &report);
                 // Applied already; `--plan` asks for what is still to do.
                 s.plan.clear();
+                s.reconciliations += 1;
             }
         }
     }
@@ -382,11 +446,15 @@ impl Routing {
         let programmer = self.programmer.clone();
         // Waits for a reconciliation under way, then takes the programmer for good.
         let report = tokio::task::spawn_blocking(move || {
-            let taken = programmer.lock().ok().and_then(|mut p| p.take());
-            taken.map(|mut p| p.withdraw()).unwrap_or_default()
+            let taken = programmer.lock().unwrap_or_else(|e| e.into_inner()).take();
+            taken.map(|mut p| p.withdraw())
         })
         .await
-        .unwrap_or_default();
+        .ok()
+        .flatten();
+        let Some(report) = report else {
+            return;
+        };
         for e in &report.errors {
             tracing::warn!(error = %e, "withdrawing this host's routes");
         }
@@ -411,8 +479,10 @@ fn fill(status: &mut RoutesStatus, report: &Report) {
         .map(ToString::to_string)
         .collect();
     status.errors = report.errors.clone();
+    status.notes = report.plan.notes.clone();
     let mut changes = report.plan.clone();
     changes.refused.clear();
     changes.keep.clear();
+    changes.notes.clear();
     status.plan = changes.to_string().lines().map(str::to_string).collect();
 }

@@ -131,7 +131,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut dns_addrs: Vec<SocketAddr> =
         dns.iter().flat_map(|d| d.local_addrs().to_vec()).collect();
 
-    let routing = Routing::new(node.clone(), config.routing, config.route_protocol);
+    let routing = Routing::new(
+        node.clone(),
+        config.routing,
+        config.route_protocol,
+        config.cluster_cidr.map(|(pool, _)| pool),
+    );
     tokio::spawn(routing.clone().claim(shutdown_rx.clone()));
     tokio::spawn(routing.clone().program(shutdown_rx.clone()));
 
@@ -176,9 +181,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     false
                 }
             }) {
-                match routing.allocate(pool, prefix, shutdown.clone()).await {
-                    Some(subnet) => watcher_config.create_network = Some(subnet),
-                    None => return,
+                // A network made earlier keeps its subnet if it can.
+                let existing = linkdns_docker::network_subnets(&watcher_config.uri, &watcher_config.bridge_network)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|s| pool.covers(s));
+                watcher_config.create_network =
+                    routing.allocate(pool, prefix, existing, shutdown.clone()).await;
+                if *shutdown.borrow() {
+                    return;
                 }
             }
             linkdns_docker::watch(watcher_config, reports_tx, resync, shutdown).await;

@@ -89,6 +89,9 @@ pub fn render_routes(r: &RoutesStatus, plan: bool) -> String {
     if !r.errors.is_empty() {
         section("ERRORS", &r.errors, "");
     }
+    if !r.notes.is_empty() {
+        section("NOTES", &r.notes, "");
+    }
     out
 }
 
@@ -169,7 +172,7 @@ pub fn render(s: &Status) -> String {
         ),
     };
     let _ = writeln!(out, "routing  {routing}");
-    for line in r.claim_refused.iter().chain(&r.refused) {
+    for line in r.claim_refused.iter().chain(&r.refused).chain(&r.notes) {
         let _ = writeln!(out, "         {line}");
     }
     let _ = writeln!(out);

@@ -117,22 +117,15 @@ impl Programmer {
             .iter()
             .chain(desired.peers.iter().flat_map(|p| &p.subnets))
             .any(|s| !s.is_ipv4());
-        let families: &[Family] = if has_v6 {
-            &[Family::V4, Family::V6]
-        } else {
-            &[Family::V4]
-        };
-        self.reconcile_families(desired, apply, families)
+        let quiet: &[Family] = if has_v6 { &[] } else { &[Family::V6] };
+        self.reconcile_quietly(desired, apply, quiet)
     }
 
-    fn reconcile_families(
-        &mut self,
-        desired: &Desired,
-        apply: bool,
-        families: &[Family],
-    ) -> Report {
+    /// [`Programmer::reconcile`], with firewall read errors of the `quiet` families left out
+    /// of the report (their chains are still removed when they can be read).
+    fn reconcile_quietly(&mut self, desired: &Desired, apply: bool, quiet: &[Family]) -> Report {
         let mut report = Report::default();
-        let host = match self.read_host(families, &mut report.errors) {
+        let host = match self.read_host(quiet, &mut report.errors) {
             Ok(host) => host,
             Err(e) => {
                 report.errors.push(e.to_string());
@@ -143,7 +136,7 @@ impl Programmer {
         if apply && !report.plan.is_empty() {
             self.apply(&report.plan, &mut report.errors);
             let mut ignored = Vec::new();
-            match self.read_host(families, &mut ignored) {
+            match self.read_host(quiet, &mut ignored) {
                 Ok(after) => self.describe_owned(&after, &mut report),
                 Err(e) => report.errors.push(e.to_string()),
             }
@@ -159,7 +152,7 @@ impl Programmer {
             local_subnets: Vec::new(),
             peers: Vec::new(),
         };
-        self.reconcile_families(&nothing, true, &[Family::V4, Family::V6])
+        self.reconcile_quietly(&nothing, true, &[])
     }
 
     fn describe_owned(&self, host: &HostState, report: &mut Report) {
@@ -208,11 +201,11 @@ impl Programmer {
         })
     }
 
-    /// Routes and addresses (required), and linkdns's chains of `families` (a chain that cannot
-    /// be read is reported in `errors` and left out, so it is left alone).
+    /// Routes and addresses (required), and linkdns's chains (a chain that cannot be read is
+    /// left out, so it is left alone, and reported in `errors` unless its family is `quiet`).
     fn read_host(
         &mut self,
-        families: &[Family],
+        quiet: &[Family],
         errors: &mut Vec<String>,
     ) -> Result<HostState, Error> {
         let result = self.read_netlink();
@@ -222,10 +215,11 @@ impl Programmer {
         }
         let (routes, addresses) = result?;
         let mut chains = Vec::new();
-        for &family in families {
+        for family in [Family::V4, Family::V6] {
             for chain in Chain::ALL {
                 match firewall::read(family, chain) {
                     Ok(state) => chains.push((family, chain, state)),
+                    Err(_) if quiet.contains(&family) => {}
                     Err(e) => errors.push(format!(
                         "{family} {} {} not managed: {e}",
                         chain.table(),

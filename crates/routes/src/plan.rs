@@ -610,36 +610,40 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
                 Family::V6 => plan.notes.push("IPv6 forwarding is off, so other hosts' containers cannot reach this host's over IPv6: set net.ipv6.conf.all.forwarding=1 (and accept_ra=2 on interfaces configured by router advertisements)".to_string()),
             }
         }
-        // Each local subnet with the interface it is on (Docker's bridge): the rules name the
-        // interfaces, so traffic claiming a cluster source on any other interface is not let in.
-        let local: Vec<(Subnet, &str)> = desired
+        // Each local subnet with the interface it is on (Docker's bridge, which holds the
+        // gateway address inside it): the rules name the interfaces, so traffic claiming a
+        // cluster source on any other interface is not let in.
+        let mut forward = Vec::new();
+        let mut nat = Vec::new();
+        for l in desired
             .local_subnets
             .iter()
             .filter(|s| Family::of(s.addr()) == family)
-            .filter_map(|s| {
-                let bridge = host
-                    .addresses
-                    .iter()
-                    .find(|a| a.network().is_some_and(|n| s.overlaps(&n)))?;
-                Some((*s, bridge.device.as_str()))
-            })
-            .collect();
-        let mut forward = Vec::new();
-        let mut nat = Vec::new();
-        for (l, bridge) in &local {
+        {
+            let bridge = host
+                .addresses
+                .iter()
+                .filter(|a| l.contains(a.addr))
+                .max_by_key(|a| a.prefix)
+                .map(|a| a.device.as_str());
+            if bridge.is_none() && !remote.is_empty() {
+                plan.notes.push(format!("no interface of this host has an address in {l} (is Docker's bridge network up?): traffic from other hosts to it is not let in"));
+            }
             for r in wanted.iter().filter(|r| Family::of(r.dst.addr()) == family) {
-                forward.push(Rule::Accept {
-                    src: r.dst,
-                    dst: *l,
-                    in_if: r.device.clone(),
-                    out_if: bridge.to_string(),
-                });
-                forward.push(Rule::Accept {
-                    src: *l,
-                    dst: r.dst,
-                    in_if: bridge.to_string(),
-                    out_if: r.device.clone(),
-                });
+                if let Some(bridge) = bridge {
+                    forward.push(Rule::Accept {
+                        src: r.dst,
+                        dst: *l,
+                        in_if: r.device.clone(),
+                        out_if: bridge.to_string(),
+                    });
+                    forward.push(Rule::Accept {
+                        src: *l,
+                        dst: r.dst,
+                        in_if: bridge.to_string(),
+                        out_if: r.device.clone(),
+                    });
+                }
                 nat.push(Rule::NoMasquerade {
                     src: *l,
                     dst: r.dst,

@@ -47,8 +47,9 @@ fn iptables_s(h: &Host, table: &str) -> String {
     text(&h.exec("iptables", &["-w", "-t", table, "-S"]))
 }
 
-/// Whether linkdns's jumps come first in FORWARD (after Docker's DOCKER-USER, where
-/// administrators filter) and in nat POSTROUTING on `h`: before Docker's drops and masquerading.
+/// Whether linkdns's jumps come first in FORWARD (right after a leading jump to Docker's
+/// DOCKER-USER, where administrators filter) and in nat POSTROUTING on `h`: before Docker's
+/// drops and masquerading.
 fn jumps_first(h: &Host) -> bool {
     [
         ("filter", "FORWARD", "LINKDNS-FORWARD"),
@@ -57,13 +58,27 @@ fn jumps_first(h: &Host) -> bool {
     .iter()
     .all(|(table, chain, jump)| {
         let listing = iptables_s(h, table);
-        let first = listing
+        let rules: Vec<&str> = listing
             .lines()
             .filter(|l| l.starts_with(&format!("-A {chain} ")))
-            .find(|l| *l != "-A FORWARD -j DOCKER-USER")
-            .unwrap_or_default();
-        first == format!("-A {chain} -j {jump}")
+            .collect();
+        let at = usize::from(rules.first() == Some(&"-A FORWARD -j DOCKER-USER"));
+        rules.get(at).copied() == Some(format!("-A {chain} -j {jump}").as_str())
+            && rules
+                .iter()
+                .filter(|r| r.ends_with(&format!("-j {jump}")))
+                .count()
+                == 1
     })
+}
+
+/// Reconciliations `h`'s node has done since it started.
+fn reconciliations(h: &Host) -> u64 {
+    let out = h.linkdns(&["routes", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["reconciliations"].as_u64())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -183,14 +198,19 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
     );
     hosts[0].stop_linkdns();
     hosts[0].restart_linkdns();
-    wait_until(ROUTES, "h1's node to reconcile after its restart", || {
-        let r = text(&hosts[0].linkdns(&["routes", "--plan"]));
+    // The first reconciliation after the start, then a periodic one (10 s later).
+    wait_until(
+        Duration::from_secs(60),
+        "two reconciliations after h1's restart",
+        || reconciliations(&hosts[0]) >= 2,
+    );
+    let r = text(&hosts[0].linkdns(&["routes", "--plan"]));
+    assert!(
         r.contains("routing  on")
             && r.contains("PLAN\n  nothing to change")
-            && r.contains(&format!("subnet   {}", subnet(&hosts[0])))
-    });
-    // Past a periodic reconciliation too.
-    std::thread::sleep(Duration::from_secs(11));
+            && r.contains(&format!("subnet   {}", subnet(&hosts[0]))),
+        "{r}"
+    );
     let _ = monitor.kill();
     let changes = monitor.wait_with_output().expect("monitor output");
     let changes = String::from_utf8_lossy(&changes.stdout);
@@ -312,6 +332,13 @@ fn a_refused_subnet_no_privilege_or_routing_off_leave_hosts_alone_and_dns_workin
         Vec::<String>::new(),
         "nobody to route to"
     );
+    // Still so after a periodic reconciliation of h1's.
+    let done = reconciliations(&hosts[0]);
+    wait_until(Duration::from_secs(30), "a reconciliation on h1", || {
+        reconciliations(&hosts[0]) > done
+    });
+    assert_eq!(owned_routes(&hosts[0]), Vec::<String>::new());
+    assert!(text(&hosts[2].linkdns(&["routes"])).contains("subnet   none claimed"));
 
     // With the capability, h3 claims its subnet, and h1 and h3 route to each other.
     hosts[2].stop_linkdns();

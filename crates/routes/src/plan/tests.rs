@@ -471,3 +471,23 @@ note     IPv6 forwarding is off, so other hosts' containers cannot reach this ho
 "
     );
 }
+
+#[test]
+fn without_the_bridge_interface_routes_go_in_and_the_missing_rules_are_noted() {
+    let mut host = h1();
+    host.addresses.retain(|a| a.device != "docker0");
+    let desired = Desired {
+        local_subnets: vec![net("192.168.1.0/24")],
+        peers: vec![peer(2, "h2", "172.30.0.2", &["192.168.2.0/24"])],
+    };
+    assert_eq!(
+        plan(&desired, &host, P).to_string(),
+        "\
+add      192.168.2.0/24 via 172.30.0.2 (h2)
+write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+note     no interface of this host has an address in 192.168.1.0/24 (is Docker's bridge network up?): traffic from other hosts to it is not let in
+"
+    );
+}
