@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::sync::RwLock;
 
-use linkdns_registry::{Registry, Subnet};
+use linkdns_registry::{canonical_ip, Registry, Subnet};
 
 #[derive(Debug, Default)]
 pub struct Acl {
@@ -31,7 +31,7 @@ impl Acl {
     }
 
     pub fn allows(&self, ip: IpAddr, registry: &Registry) -> bool {
-        let ip = canonical(ip);
+        let ip = canonical_ip(ip);
         if ip.is_loopback() || self.configured.iter().any(|s| s.contains(ip)) {
             return true;
         }
@@ -49,15 +49,7 @@ impl Acl {
         registry.nodes().any(|n| {
             n.peer_addr
                 .parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| canonical(a.ip()) == ip)
+                .is_ok_and(|a| canonical_ip(a.ip()) == ip)
         })
-    }
-}
-
-/// An IPv4 address seen through an IPv6 socket (`::ffff:a.b.c.d`) is that IPv4 address.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }

@@ -15,9 +15,9 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use linkdns_registry::Published;
+use linkdns_registry::{canonical_ip, Published};
 
-use crate::acl::{canonical, Acl};
+use crate::acl::Acl;
 use crate::answer::{
     check_request, formerr_for, reply_to, Cacheable, Decision, Zone, MAX_UDP_PAYLOAD,
 };
@@ -234,7 +234,7 @@ impl Answerer {
         let (decision, cacheable) = self.zone.decide(
             &request,
             &query,
-            canonical(src.ip()),
+            canonical_ip(src.ip()),
             &published.registry,
             published.applied,
             &self.acl,
@@ -513,7 +513,7 @@ impl RequestHandler for TcpHandler {
                 let (decision, _) = answerer.zone.decide(
                     &message,
                     query,
-                    canonical(request.src().ip()),
+                    canonical_ip(request.src().ip()),
                     &published.registry,
                     published.applied,
                     &answerer.acl,

@@ -18,8 +18,8 @@ use std::sync::Arc;
 pub use command::{Command, COMMAND_VERSION};
 pub use lookup::{reverse_name_to_ip, Resolution};
 pub use model::{
-    normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo, Port, Protocol, Record,
-    Subnet,
+    canonical_ip, normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo, Port,
+    Protocol, Record, Subnet,
 };
 pub use snapshot::SNAPSHOT_VERSION;
 

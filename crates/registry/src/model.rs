@@ -214,6 +214,15 @@ pub fn normalize_name(name: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// An IPv4 address seen through an IPv6 socket, or written as one (`::ffff:a.b.c.d`), is that
+/// IPv4 address.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// An IP network (`192.168.1.0/24`): container subnets, allowed-client ranges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Subnet {

@@ -51,25 +51,17 @@ pub fn has_net_admin() -> bool {
 /// destinations of routes not marked with `protocol` (but the default routes and the local
 /// table) — which a container subnet allocated to it must not overlap.
 pub fn host_networks(protocol: u8) -> Result<Vec<linkdns_registry::Subnet>, Error> {
-    let netlink_err = |action: &str| {
-        let action = action.to_string();
-        move |source| Error::Netlink { action, source }
-    };
-    let mut netlink = Netlink::open().map_err(netlink_err("open a NETLINK_ROUTE socket"))?;
-    let mut networks: Vec<linkdns_registry::Subnet> = netlink
-        .addresses()
-        .map_err(netlink_err("list addresses"))?
+    let (routes, addresses) = Programmer::new(protocol).read_netlink()?;
+    let mut networks: Vec<linkdns_registry::Subnet> = addresses
         .iter()
-        .filter_map(|a| linkdns_registry::Subnet::new(a.addr, a.prefix))
+        .filter_map(HostAddress::network)
+        .chain(
+            routes
+                .iter()
+                .filter(|r| r.is_foreign(protocol))
+                .map(|r| r.dst),
+        )
         .collect();
-    networks.extend(
-        netlink
-            .routes()
-            .map_err(netlink_err("list routes"))?
-            .into_iter()
-            .filter(|r| r.protocol != protocol && r.table != 255 && r.dst.prefix() > 0)
-            .map(|r| r.dst),
-    );
     networks.sort();
     networks.dedup();
     Ok(networks)
@@ -148,11 +140,7 @@ impl Programmer {
 
     /// Removes every route and chain linkdns owns (the node left the cluster).
     pub fn withdraw(&mut self) -> Report {
-        let nothing = Desired {
-            local_subnets: Vec::new(),
-            peers: Vec::new(),
-        };
-        self.reconcile_quietly(&nothing, true, &[])
+        self.reconcile_quietly(&Desired::default(), true, &[])
     }
 
     fn describe_owned(&self, host: &HostState, report: &mut Report) {
@@ -188,17 +176,14 @@ impl Programmer {
     }
 
     fn netlink(&mut self) -> Result<&mut Netlink, Error> {
-        if self.netlink.is_none() {
-            let socket = Netlink::open().map_err(|source| Error::Netlink {
+        let socket = match self.netlink.take() {
+            Some(socket) => socket,
+            None => Netlink::open().map_err(|source| Error::Netlink {
                 action: "open a NETLINK_ROUTE socket".into(),
                 source,
-            })?;
-            self.netlink = Some(socket);
-        }
-        self.netlink.as_mut().ok_or_else(|| Error::Netlink {
-            action: "open a NETLINK_ROUTE socket".into(),
-            source: std::io::Error::other("no socket"),
-        })
+            })?,
+        };
+        Ok(self.netlink.insert(socket))
     }
 
     /// Routes and addresses (required), and linkdns's chains (a chain that cannot be read is
@@ -237,16 +222,10 @@ impl Programmer {
     }
 
     fn read_netlink(&mut self) -> Result<(Vec<HostRoute>, Vec<HostAddress>), Error> {
-        let netlink = self.netlink()?;
-        let routes = netlink.routes().map_err(|source| Error::Netlink {
-            action: "list routes".into(),
+        self.netlink()?.read().map_err(|source| Error::Netlink {
+            action: "list routes and addresses".into(),
             source,
-        })?;
-        let addresses = netlink.addresses().map_err(|source| Error::Netlink {
-            action: "list addresses".into(),
-            source,
-        })?;
-        Ok((routes, addresses))
+        })
     }
 
     fn apply(&mut self, plan: &Plan, errors: &mut Vec<String>) {

@@ -35,6 +35,9 @@ const EINTR: i32 = 4;
 /// must not hang (it holds up the reconciliation and a node's shutdown).
 const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Interfaces by index: name, and whether it is up.
+type Links = HashMap<u32, (String, bool)>;
+
 /// A NETLINK_ROUTE socket bound to the kernel.
 pub struct Netlink {
     socket: Socket,
@@ -59,16 +62,21 @@ impl Netlink {
         })
     }
 
-    /// Every IPv4 and IPv6 route of every table.
-    pub fn routes(&mut self) -> io::Result<Vec<HostRoute>> {
-        let names = self.link_names()?;
+    /// Every IPv4 and IPv6 route of every table, and every address of every interface (with
+    /// whether the interface is up). The interfaces are listed once for both.
+    pub fn read(&mut self) -> io::Result<(Vec<HostRoute>, Vec<HostAddress>)> {
+        let links = self.links()?;
+        Ok((self.routes(&links)?, self.addresses(&links)?))
+    }
+
+    fn routes(&mut self, links: &Links) -> io::Result<Vec<HostRoute>> {
         let mut routes = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut request = RouteMessage::default();
             request.header.address_family = family;
             for message in self.dump(RouteNetlinkMessage::GetRoute(request))? {
                 if let RouteNetlinkMessage::NewRoute(m) = message {
-                    if let Some(route) = host_route(&m, &names) {
+                    if let Some(route) = host_route(&m, links) {
                         routes.push(route);
                     }
                 }
@@ -77,9 +85,7 @@ impl Netlink {
         Ok(routes)
     }
 
-    /// Every address of every interface, with whether the interface is up.
-    pub fn addresses(&mut self) -> io::Result<Vec<HostAddress>> {
-        let links = self.links()?;
+    fn addresses(&mut self, links: &Links) -> io::Result<Vec<HostAddress>> {
         let mut addresses = Vec::new();
         let request = RouteNetlinkMessage::GetAddress(AddressMessage::default());
         for message in self.dump(request)? {
@@ -158,7 +164,7 @@ impl Netlink {
         .map(drop)
     }
 
-    fn links(&mut self) -> io::Result<HashMap<u32, (String, bool)>> {
+    fn links(&mut self) -> io::Result<Links> {
         let request = RouteNetlinkMessage::GetLink(LinkMessage::default());
         let mut links = HashMap::new();
         for message in self.dump(request)? {
@@ -176,14 +182,6 @@ impl Netlink {
             );
         }
         Ok(links)
-    }
-
-    fn link_names(&mut self) -> io::Result<HashMap<u32, String>> {
-        Ok(self
-            .links()?
-            .into_iter()
-            .map(|(index, (name, _))| (index, name))
-            .collect())
     }
 
     /// A dump request, repeated while the kernel says a concurrent change interrupted it.
@@ -298,7 +296,7 @@ fn route_message(
 }
 
 /// A dumped route in the planner's terms; none for families other than IPv4 and IPv6.
-fn host_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<HostRoute> {
+fn host_route(m: &RouteMessage, links: &Links) -> Option<HostRoute> {
     let header = &m.header;
     let unspecified: IpAddr = match header.address_family {
         AddressFamily::Inet => std::net::Ipv4Addr::UNSPECIFIED.into(),
@@ -334,7 +332,7 @@ fn host_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<HostRout
         dst: Subnet::new(dst, header.destination_prefix_length)?,
         table,
         gateway,
-        device: oif.and_then(|i| names.get(&i).cloned()),
+        device: oif.and_then(|i| links.get(&i).map(|(name, _)| name.clone())),
         protocol: u8::from(header.protocol),
         kind: match header.kind {
             RouteType::Unicast => RouteKind::Unicast,

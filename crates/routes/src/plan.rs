@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
-use linkdns_registry::{NodeId, Registry, Subnet};
+use linkdns_registry::{canonical_ip, NodeId, Registry, Subnet};
 
 /// The route protocol number linkdns marks its routes with (`ip route show proto 151`). The
 /// kernel keeps it as given; linkdns treats exactly the routes with it as its own.
@@ -71,6 +71,14 @@ pub enum RouteKind {
     Other(u8),
 }
 
+impl HostRoute {
+    /// Whether this is a route of someone else's that a container subnet must not overlap:
+    /// not linkdns's (`protocol`), not the kernel's local table, not a default route.
+    pub fn is_foreign(&self, protocol: u8) -> bool {
+        self.protocol != protocol && self.table != LOCAL_TABLE && self.dst.prefix() > 0
+    }
+}
+
 impl fmt::Display for HostRoute {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
@@ -128,7 +136,7 @@ pub struct HostAddress {
 
 impl HostAddress {
     /// The network this address makes directly reachable.
-    fn network(&self) -> Option<Subnet> {
+    pub fn network(&self) -> Option<Subnet> {
         Subnet::new(self.peer.unwrap_or(self.addr), self.prefix)
     }
 }
@@ -229,8 +237,8 @@ pub struct Peer {
     pub subnets: Vec<Subnet>,
 }
 
-/// What the cluster wants this host to route.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What the cluster wants this host to route (the default: nothing).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// This node's own container subnets (the far end of every forwarding rule).
     pub local_subnets: Vec<Subnet>,
@@ -266,11 +274,7 @@ impl Desired {
 /// The host part of a peer address (`172.30.0.2:7380`); none for an unspecified one.
 fn host_address(peer_addr: &str) -> Option<IpAddr> {
     let addr: std::net::SocketAddr = peer_addr.parse().ok()?;
-    let ip = addr.ip();
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
+    let ip = canonical_ip(addr.ip());
     (!ip.is_unspecified()).then_some(ip)
 }
 
@@ -559,12 +563,7 @@ fn check(
     let mut foreign: Vec<&HostRoute> = host
         .routes
         .iter()
-        .filter(|r| {
-            r.protocol != protocol
-                && r.table != LOCAL_TABLE
-                && r.dst.prefix() > 0
-                && r.dst.overlaps(&subnet)
-        })
+        .filter(|r| r.is_foreign(protocol) && r.dst.overlaps(&subnet))
         .collect();
     foreign.sort();
     if let Some(r) = foreign.first() {
