@@ -137,19 +137,20 @@ impl Routing {
         self.reconcile_now.notify_one();
     }
 
+    /// What a reconciliation would do now, changing nothing (a programmer of its own, so it
+    /// never waits for one under way).
+    async fn dry_run(&self, desired: Desired) -> Report {
+        let protocol = self.protocol;
+        tokio::task::spawn_blocking(move || Programmer::new(protocol).reconcile(&desired, false))
+            .await
+            .unwrap_or_default()
+    }
+
     /// Without the capability to remove them, says so if an earlier run left routes behind
     /// (listing routes needs no privilege).
     async fn warn_of_leftovers(&self) {
         let protocol = self.protocol;
-        let nothing = Desired {
-            local_subnets: Vec::new(),
-            peers: Vec::new(),
-        };
-        let report = tokio::task::spawn_blocking(move || {
-            Programmer::new(protocol).reconcile(&nothing, false)
-        })
-        .await
-        .unwrap_or_default();
+        let report = self.dry_run(Desired::default()).await;
         if !report.owned_routes.is_empty() {
             tracing::warn!(routes = report.owned_routes.len(), "routes of an earlier run remain (ip route show proto {protocol}) and this process cannot remove them: run linkdns once as root with routing = false, or delete them by hand");
         }
@@ -170,13 +171,7 @@ impl Routing {
             .collect();
         if plan {
             let desired = Desired::from_registry(&registry.registry, self.node.id());
-            let protocol = self.protocol;
-            let report = tokio::task::spawn_blocking(move || {
-                Programmer::new(protocol).reconcile(&desired, false)
-            })
-            .await
-            .unwrap_or_default();
-            fill(&mut status, &report);
+            fill(&mut status, &self.dry_run(desired).await);
         }
         status
     }
@@ -247,17 +242,26 @@ impl Routing {
         }
     }
 
-    /// The subnet of `pool` this host's Docker network gets: the one it claims already (after
-    /// a restart, also without a quorum), else `existing` (the subnet of a network that is
-    /// there already), else a free `/prefix` block, avoiding the host's own networks. None
-    /// when the pool is full (reported), or on shutdown.
+    /// The subnet of the pool (`cluster_cidr`) the Docker network `network` at `docker` gets:
+    /// the one this host claims already (after a restart, also without a quorum), else the
+    /// subnet of that network if it is there already and free, else a free `/prefix` block,
+    /// avoiding the host's own networks. None when the pool is full (reported), on shutdown,
+    /// when there is no pool, or when this node does not route (it takes no subnet, see
+    /// [`Routing::claim`]).
     pub async fn allocate(
         &self,
-        pool: Subnet,
         prefix: u8,
-        existing: Option<Subnet>,
+        docker: &str,
+        network: &str,
         mut shutdown: watch::Receiver<bool>,
     ) -> Option<Subnet> {
+        let pool = self.pool?;
+        if !self.enabled() {
+            tracing::warn!(
+                "cluster_cidr is ignored: this node does not program routes (see `linkdns routes`)"
+            );
+            return None;
+        }
         let id = self.node.id();
         let own = |published: &linkdns_registry::Published| {
             published
@@ -270,6 +274,11 @@ impl Routing {
         if let Some(own) = own(&self.node.published().load_full()) {
             return Some(own);
         }
+        let existing = linkdns_docker::network_subnets(docker, network)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .find(|s| pool.covers(s));
         let protocol = self.protocol;
         let avoid = match tokio::task::spawn_blocking(move || {
             linkdns_routes::host_networks(protocol)
@@ -301,11 +310,7 @@ impl Routing {
             }
             // A network that is there already keeps its subnet if it is free; else a block the
             // host does not use (its own networks include that network's, so not `existing`).
-            let free = |s: &Subnet| {
-                !registry
-                    .subnets()
-                    .any(|(n, theirs)| n != id && theirs.iter().any(|t| t.overlaps(s)))
-            };
+            let free = |s: &Subnet| registry.claimed_elsewhere(id, s).is_none();
             let candidate = match existing.filter(free) {
                 Some(existing) => existing,
                 None => match registry.free_subnet(id, pool, prefix, &avoid) {

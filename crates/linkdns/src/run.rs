@@ -165,7 +165,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let watcher = {
         let (node, resync, mut shutdown) = (node.clone(), resync.clone(), shutdown_rx.clone());
-        let (routing, pool) = (routing.clone(), config.cluster_cidr);
+        let (routing, prefix) = (
+            routing.clone(),
+            config.cluster_cidr.map(|(_, prefix)| prefix),
+        );
         tokio::spawn(async move {
             // Containers are refused for a node the registry does not know yet.
             while node.published().load().registry.node(node_id).is_none() {
@@ -174,21 +177,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     _ = shutdown.changed() => return,
                 }
             }
-            if let Some((pool, prefix)) = pool.filter(|_| {
-                // A host that does not route takes no subnet (see `Routing::claim`).
-                routing.enabled() || {
-                    tracing::warn!("cluster_cidr is ignored: this node does not program routes (see `linkdns routes`)");
-                    false
-                }
-            }) {
-                // A network made earlier keeps its subnet if it can.
-                let existing = linkdns_docker::network_subnets(&watcher_config.uri, &watcher_config.bridge_network)
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .find(|s| pool.covers(s));
-                watcher_config.create_network =
-                    routing.allocate(pool, prefix, existing, shutdown.clone()).await;
+            if let Some(prefix) = prefix {
+                watcher_config.create_network = routing
+                    .allocate(
+                        prefix,
+                        &watcher_config.uri,
+                        &watcher_config.bridge_network,
+                        shutdown.clone(),
+                    )
+                    .await;
                 if *shutdown.borrow() {
                     return;
                 }

@@ -250,15 +250,7 @@ impl Registry {
                     reason: "it overlaps another subnet of the same claim",
                 });
             }
-            let taken = self
-                .subnets
-                .iter()
-                .filter(|(&owner, _)| owner != node)
-                .find_map(|(&owner, theirs)| {
-                    let hit = theirs.iter().find(|s| s.overlaps(&subnet))?;
-                    Some((owner, *hit))
-                });
-            if let Some((owner, owner_subnet)) = taken {
+            if let Some((owner, owner_subnet)) = self.claimed_elsewhere(node, &subnet) {
                 return Err(Error::SubnetTaken {
                     subnet,
                     owner,
@@ -421,6 +413,17 @@ impl Registry {
         self.subnets.iter().map(|(&n, s)| (n, s.as_slice()))
     }
 
+    /// A subnet of a node other than `node` that overlaps `subnet`, with its owner.
+    pub fn claimed_elsewhere(&self, node: NodeId, subnet: &Subnet) -> Option<(NodeId, Subnet)> {
+        self.subnets
+            .iter()
+            .filter(|(&owner, _)| owner != node)
+            .find_map(|(&owner, theirs)| {
+                let hit = theirs.iter().find(|s| s.overlaps(subnet))?;
+                Some((owner, *hit))
+            })
+    }
+
     /// The subnet node `node` should claim inside `pool`, in blocks of `/prefix`: the block it
     /// claims already, else the first block that overlaps neither another node's claim nor any
     /// of `avoid` (the host's own networks, say). None if the pool is full.
@@ -464,12 +467,8 @@ impl Registry {
                 Subnet::new(addr, prefix)
             })
             .find(|candidate| {
-                let claimed = self
-                    .subnets
-                    .iter()
-                    .filter(|(&owner, _)| owner != node)
-                    .any(|(_, theirs)| theirs.iter().any(|s| s.overlaps(candidate)));
-                !claimed && !avoid.iter().any(|a| a.overlaps(candidate))
+                self.claimed_elsewhere(node, candidate).is_none()
+                    && !avoid.iter().any(|a| a.overlaps(candidate))
             })
     }
 
