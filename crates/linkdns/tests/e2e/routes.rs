@@ -350,12 +350,17 @@ fn a_refused_subnet_no_privilege_or_routing_off_leave_hosts_alone_and_dns_workin
     });
 
     // h1 restarted with routing off: it says so once, withdraws its routes and rules, and
-    // gives up its claim, so h3 withdraws its route to h1. DNS goes on.
+    // gives up its claim. That frees the subnet h2 was refused, so h2's claim goes through
+    // now, and h3's route to that subnet goes to h2 instead of h1. DNS goes on.
     hosts[0].stop_linkdns();
     hosts[0].start_linkdns(&["--routing", "false"]);
-    wait_until(ROUTES, "the routes between h1 and h3 withdrawn", || {
-        owned_routes(&hosts[0]).is_empty() && owned_routes(&hosts[2]).is_empty()
+    let to_h2 = format!("{clash} via {}", hosts[1].addr);
+    wait_until(ROUTES, "h1's routes withdrawn and h2's claim taken", || {
+        owned_routes(&hosts[0]).is_empty() && owned_routes(&hosts[2]) == [to_h2.clone()]
     });
+    let routes = text(&hosts[1].linkdns(&["routes"]));
+    assert!(routes.contains(&format!("subnet   {clash}")), "{routes}");
+    assert!(!routes.contains("claim refused"), "{routes}");
     let why = "routing is off in the configuration";
     let routes = text(&hosts[0].linkdns(&["routes"]));
     assert!(routes.contains(&format!("routing  off: {why}")), "{routes}");
