@@ -18,8 +18,8 @@ use std::sync::Arc;
 pub use command::{Command, COMMAND_VERSION};
 pub use lookup::{reverse_name_to_ip, Resolution};
 pub use model::{
-    canonical_ip, normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo, Port,
-    Protocol, Record, Subnet,
+    canonical_ip, max_prefix, normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo,
+    Port, Protocol, Record, Subnet,
 };
 pub use snapshot::SNAPSHOT_VERSION;
 
@@ -436,7 +436,7 @@ impl Registry {
     ) -> Option<Subnet> {
         /// Blocks looked at, at most (a /8 pool has 65,536 /24s).
         const MAX_BLOCKS: u128 = 1 << 20;
-        let bits: u8 = if pool.is_ipv4() { 32 } else { 128 };
+        let bits = model::max_prefix(pool.addr());
         if prefix < pool.prefix() || prefix > bits {
             return None;
         }

@@ -223,6 +223,15 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The longest prefix of `ip`'s family: 32 or 128.
+pub fn max_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
 /// An IP network (`192.168.1.0/24`): container subnets, allowed-client ranges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Subnet {
@@ -233,7 +242,7 @@ pub struct Subnet {
 impl Subnet {
     /// A subnet from an address and prefix length; host bits are cleared.
     pub fn new(addr: IpAddr, prefix: u8) -> Option<Subnet> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let max = max_prefix(addr);
         if prefix > max {
             return None;
         }
@@ -323,7 +332,7 @@ impl std::str::FromStr for Subnet {
             .trim()
             .parse()
             .map_err(|_| format!("{s:?} is not an IP network (expected e.g. 192.168.1.0/24)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let max = max_prefix(addr);
         let prefix = match prefix {
             Some(p) => p
                 .trim()

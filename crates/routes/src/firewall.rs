@@ -140,6 +140,10 @@ pub fn enable_forwarding(family: Family) -> Result<(), Error> {
 
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Error> {
     let command = || format!("{program} {}", args.join(" "));
+    let failed = |e: std::io::Error| Error::Firewall {
+        command: command(),
+        reason: e.to_string(),
+    };
     let mut child = Command::new(program)
         .args(args)
         .stdin(if input.is_some() {
@@ -150,22 +154,11 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, Erro
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Firewall {
-            command: command(),
-            reason: e.to_string(),
-        })?;
+        .map_err(failed)?;
     if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| Error::Firewall {
-                command: command(),
-                reason: e.to_string(),
-            })?;
+        stdin.write_all(input.as_bytes()).map_err(failed)?;
     }
-    let out = child.wait_with_output().map_err(|e| Error::Firewall {
-        command: command(),
-        reason: e.to_string(),
-    })?;
+    let out = child.wait_with_output().map_err(failed)?;
     if !out.status.success() {
         return Err(Error::Firewall {
             command: command(),

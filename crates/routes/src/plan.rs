@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
-use linkdns_registry::{canonical_ip, NodeId, Registry, Subnet};
+use linkdns_registry::{canonical_ip, max_prefix, NodeId, Registry, Subnet};
 
 /// The route protocol number linkdns marks its routes with (`ip route show proto 151`). The
 /// kernel keeps it as given; linkdns treats exactly the routes with it as its own.
@@ -580,14 +580,6 @@ fn check(
     match on_link {
         Some(a) => Ok((via, a.device.clone())),
         None => Err(Conflict::GatewayUnreachable(via)),
-    }
-}
-
-fn max_prefix(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
     }
 }
 
