@@ -148,7 +148,7 @@ impl AdminState {
         }
     }
 
-    pub async fn status(&self) -> Status {
+    pub fn status(&self) -> Status {
         let raft = self.node.status();
         let published = self.node.published().load_full();
         let registry = &published.registry;
@@ -197,12 +197,12 @@ impl AdminState {
                 .lock()
                 .map(|d| d.clone())
                 .unwrap_or_default(),
-            routing: self.routing.status(false).await,
+            routing: self.routing.view(),
         }
     }
 
-    async fn metrics_text(&self) -> Result<String, std::fmt::Error> {
-        let s = self.status().await;
+    fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        let s = self.status();
         let m = &self.node_metrics;
         m.records.set(s.records as i64);
         m.term.set(s.term as i64);
@@ -235,7 +235,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
 }
 
 async fn status_handler(State(state): State<Arc<AdminState>>) -> Json<Status> {
-    Json(state.status().await)
+    Json(state.status())
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,7 +253,7 @@ async fn routes_handler(
 }
 
 async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    match state.metrics_text().await {
+    match state.metrics_text() {
         Ok(text) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

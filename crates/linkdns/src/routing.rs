@@ -158,6 +158,17 @@ impl Routing {
 
     /// The current view, with (for `plan`) the changes a reconciliation would make now.
     pub async fn status(&self, plan: bool) -> RoutesStatus {
+        let mut status = self.view();
+        if plan {
+            let registry = self.node.published().load_full();
+            let desired = Desired::from_registry(&registry.registry, self.node.id());
+            fill(&mut status, &self.dry_run(desired).await);
+        }
+        status
+    }
+
+    /// The current view, as of the last reconciliation.
+    pub fn view(&self) -> RoutesStatus {
         let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
         let registry = self.node.published().load_full();
         status.enabled = self.disabled.is_none();
@@ -169,10 +180,6 @@ impl Routing {
             .iter()
             .map(ToString::to_string)
             .collect();
-        if plan {
-            let desired = Desired::from_registry(&registry.registry, self.node.id());
-            fill(&mut status, &self.dry_run(desired).await);
-        }
         status
     }
 

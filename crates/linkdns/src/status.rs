@@ -13,14 +13,24 @@ use crate::routing::RoutesStatus;
 use crate::run::{reachable, ADMIN_ADDR_FILE};
 
 pub fn print(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    show(data_dir, "/status", json, render)
+}
+
+/// GETs `path` from the node's admin endpoint and prints it as JSON or as `render` makes it.
+fn show<T: serde::Serialize + serde::de::DeserializeOwned>(
+    data_dir: &Path,
+    path: &str,
+    json: bool,
+    render: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let status = runtime.block_on(fetch(data_dir))?;
+    let value: T = runtime.block_on(get(data_dir, path))?;
     let text = if json {
-        serde_json::to_string_pretty(&status)? + "\n"
+        serde_json::to_string_pretty(&value)? + "\n"
     } else {
-        render(&status)
+        render(&value)
     };
     std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
     Ok(())
@@ -33,18 +43,10 @@ pub async fn fetch(data_dir: &Path) -> anyhow::Result<Status> {
 
 /// `linkdns routes [--plan] [--json]`.
 pub fn print_routes(data_dir: &Path, plan: bool, json: bool) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let path = if plan { "/routes?plan=true" } else { "/routes" };
-    let routes: RoutesStatus = runtime.block_on(get(data_dir, path))?;
-    let text = if json {
-        serde_json::to_string_pretty(&routes)? + "\n"
-    } else {
-        render_routes(&routes, plan)
-    };
-    std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
-    Ok(())
+    show(data_dir, path, json, |routes: &RoutesStatus| {
+        render_routes(routes, plan)
+    })
 }
 
 /// `linkdns routes`: linkdns's routes and rules on this host; with `plan`, what it would
