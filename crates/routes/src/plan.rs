@@ -429,21 +429,21 @@ impl Plan {
 pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
     let mut plan = Plan::default();
     let mut wanted: Vec<Route> = Vec::new();
-    // Subnets already taken, in order: this node's own first, then each accepted peer's.
-    let mut taken: Vec<(String, Subnet)> = desired
-        .local_subnets
-        .iter()
-        .map(|s| ("(this host)".to_string(), *s))
-        .collect();
     let mut peers = desired.peers.clone();
     peers.sort_by_key(|p| p.id);
     for peer in &peers {
         let mut subnets = peer.subnets.clone();
         subnets.sort();
         for subnet in subnets {
-            match check(subnet, peer, &taken, host, protocol) {
+            match check(
+                subnet,
+                peer,
+                &desired.local_subnets,
+                &wanted,
+                host,
+                protocol,
+            ) {
                 Ok((via, device)) => {
-                    taken.push((peer.name.clone(), subnet));
                     wanted.push(Route {
                         dst: subnet,
                         via,
@@ -524,7 +524,6 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
     plan.routes.extend(additions);
 
     plan_firewall(&mut plan, desired, host, &wanted);
-    plan.keep.sort();
     plan
 }
 
@@ -535,11 +534,13 @@ fn is_exactly(host_route: &HostRoute, route: &Route) -> bool {
         && host_route.gateway == Some(route.via)
 }
 
-/// Checks one peer subnet against everything on this host; the gateway to use if it is clear.
+/// Checks one peer subnet against this node's subnets, the routes accepted so far (earlier
+/// nodes') and everything on this host; the gateway to use, and its interface, if it is clear.
 fn check(
     subnet: Subnet,
     peer: &Peer,
-    taken: &[(String, Subnet)],
+    local: &[Subnet],
+    accepted: &[Route],
     host: &HostState,
     protocol: u8,
 ) -> Result<(IpAddr, String), Conflict> {
@@ -547,10 +548,14 @@ fn check(
         .host
         .filter(|h| Family::of(*h) == Family::of(subnet.addr()))
         .ok_or(Conflict::NoHostAddress)?;
-    if let Some((node, other)) = taken.iter().find(|(_, s)| s.overlaps(&subnet)) {
+    let taken = local
+        .iter()
+        .map(|s| ("(this host)", *s))
+        .chain(accepted.iter().map(|r| (r.node.as_str(), r.dst)));
+    if let Some((node, other)) = taken.into_iter().find(|(_, s)| s.overlaps(&subnet)) {
         return Err(Conflict::OtherSubnet {
-            node: node.clone(),
-            subnet: *other,
+            node: node.to_string(),
+            subnet: other,
         });
     }
     if let Some(a) = host
