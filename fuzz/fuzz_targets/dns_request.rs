@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use libfuzzer_sys::fuzz_target;
-use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Zone};
+use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Holds, Zone};
 use linkdns_registry::{Command, Container, ContainerId, LinkAlias, NodeInfo, Published, Registry};
 
 fn answerer() -> &'static (Answerer, Mutex<AnswerCache>) {
@@ -30,7 +30,9 @@ fn answerer() -> &'static (Answerer, Mutex<AnswerCache>) {
             zone: Zone::new("cluster", 5, Some(1)).expect("zone"),
             acl: Acl::new(vec![]),
             forwarder: Forwarder::new(vec![], Duration::from_secs(1)),
-            published: Arc::new(ArcSwap::from_pointee(Published { applied: 7, registry: r })),
+            published: Arc::new(ArcSwap::from_pointee(Published::committed(7, r))),
+            view_changes: tokio::sync::watch::channel(0).1,
+            holds: Holds::default(),
             metrics: DnsMetrics::default(),
         };
         (answerer, Mutex::new(AnswerCache::new()))

@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use linkdns_registry::{reverse_name_to_ip, NodeId, Registry, Resolution};
+use linkdns_registry::{
+    reverse_name_to_ip, Asker, LinkAlias, NodeId, Published, Reach, Resolution, Scope,
+};
 
 use crate::acl::Acl;
 
@@ -84,16 +86,49 @@ impl Zone {
         Record::from_rdata(self.domain.clone(), self.ttl, RData::SOA(soa))
     }
 
-    /// Decides the answer to `request` from `src`. `request` has passed [`check_request`].
+    /// Whether `src` is on this node's host (so host-local addresses reach it): on one of its
+    /// container networks, loopback, the host itself, or a container the registry places here.
+    pub fn on_host(&self, src: IpAddr, published: &Published) -> bool {
+        published.local.is_on_host(src)
+            || self.local_node.is_some_and(|node| {
+                published
+                    .registry
+                    .container_at(src, Some(node))
+                    .is_some_and(|c| c.node == node)
+            })
+    }
+
+    /// Decides the answer to `request` from `src`, which is `asker` and (`on_host`) on this
+    /// node's host or not. `request` has passed [`check_request`]. The answer holds only
+    /// addresses that reach the asker; it may be cached for other askers with the same
+    /// `on_host` when it says [`Cacheable::Yes`].
+    #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &self,
         request: &Message,
         query: &Query,
         src: IpAddr,
-        registry: &Registry,
-        serial: u64,
+        published: &Published,
+        asker: Asker<'_>,
+        on_host: bool,
         acl: &Acl,
     ) -> (Decision, Cacheable) {
+        let registry = &published.registry;
+        let serial = published.applied;
+        let links: &[LinkAlias] = match asker {
+            Asker::Container(c) => &c.links,
+            Asker::Unknown => &[],
+            Asker::Other => registry
+                .container_at(src, self.local_node)
+                .map_or(&[][..], |c| c.links()),
+        };
+        let scope = Scope {
+            links,
+            reach: match self.local_node {
+                Some(node) => Reach::From { node, on_host },
+                None => Reach::All,
+            },
+        };
         let name = query.name().to_lowercase();
         let qtype = query.query_type();
         let in_zone = self.domain.zone_of(&name);
@@ -102,12 +137,13 @@ impl Zone {
                 return (refuse(request), Cacheable::No);
             }
             let rel = relative(&name, &self.domain);
-            let cacheable = if registry.is_link_alias(&rel) {
+            let cacheable = if registry.is_link_alias(&rel) || published.local.is_link_alias(&rel)
+            {
                 Cacheable::No
             } else {
                 Cacheable::Yes
             };
-            let resolution = registry.resolve(&rel, Some(src), self.local_node);
+            let resolution = registry.resolve_in(&rel, &scope);
             let response = match resolution {
                 Resolution::NotFound => {
                     self.response(request, ResponseCode::NXDomain, vec![], serial)
@@ -124,7 +160,7 @@ impl Zone {
         }
         // Reverse lookups of container addresses.
         if let Some(ip) = reverse_name_to_ip(&ascii(&name)) {
-            if let Some(container) = registry.reverse(ip, self.local_node) {
+            if let Some(container) = registry.reverse_in(ip, scope.reach) {
                 let answers = if matches!(qtype, RecordType::PTR | RecordType::ANY) {
                     match Name::from_ascii(container).and_then(|n| n.append_domain(&self.domain)) {
                         Ok(target) => vec![Record::from_rdata(
@@ -146,7 +182,7 @@ impl Zone {
         // A bare link alias (`db`), from a container that has it.
         if name.num_labels() == 1 {
             let label = ascii(&name);
-            if let Some(ips) = registry.resolve_bare(&label, Some(src), self.local_node) {
+            if let Some(ips) = registry.resolve_link(&label, &scope) {
                 let answers = address_records(&query.name, &ips, qtype, self.ttl);
                 let mut response = reply_to(request, ResponseCode::NoError);
                 response.metadata.authoritative = true;

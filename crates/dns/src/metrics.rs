@@ -23,6 +23,10 @@ pub struct DnsMetrics {
     latency: Histogram,
     forwarded: Counter,
     malformed: Counter,
+    /// How long queries from an address no local container was known to hold waited for the
+    /// watcher to tell who it is.
+    held: Histogram,
+    held_expired: Counter,
 }
 
 impl Default for DnsMetrics {
@@ -33,6 +37,9 @@ impl Default for DnsMetrics {
             latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
             forwarded: Counter::default(),
             malformed: Counter::default(),
+            // 0.1 ms .. ~1.6 s
+            held: Histogram::new(exponential_buckets(0.000_1, 2.0, 15)),
+            held_expired: Counter::default(),
         }
     }
 }
@@ -59,6 +66,16 @@ impl DnsMetrics {
             "linkdns_dns_malformed",
             "Packets that did not parse as DNS queries",
             self.malformed.clone(),
+        );
+        registry.register(
+            "linkdns_dns_held_seconds",
+            "Time queries from a not yet known local container address waited for the Docker watcher",
+            self.held.clone(),
+        );
+        registry.register(
+            "linkdns_dns_held_expired",
+            "Held queries whose asker was still unknown when the wait ran out",
+            self.held_expired.clone(),
         );
     }
 
@@ -90,6 +107,13 @@ impl DnsMetrics {
 
     pub(crate) fn record_forward(&self) {
         self.forwarded.inc();
+    }
+
+    pub(crate) fn observe_hold(&self, waited: Duration, expired: bool) {
+        self.held.observe(waited.as_secs_f64());
+        if expired {
+            self.held_expired.inc();
+        }
     }
 
     pub(crate) fn record_malformed(&self) {

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 use std::iter;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,8 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use linkdns_registry::{canonical_ip, Published};
+use linkdns_registry::{canonical_ip, Asker, Published};
+use tokio::sync::watch;
 
 use crate::acl::Acl;
 use crate::answer::{
@@ -31,7 +32,61 @@ pub struct Answerer {
     pub acl: Acl,
     pub forwarder: Forwarder,
     pub published: Arc<ArcSwap<Published>>,
+    /// Changes whenever `published` gets a new local view: what held queries wait on.
+    pub view_changes: watch::Receiver<u64>,
+    pub holds: Holds,
     pub metrics: DnsMetrics,
+}
+
+/// How long a query from an address of this host's container networks that no known container
+/// holds waits for the Docker watcher to tell who it is (a container that has just started: its
+/// process can run before Docker reports its address). Then it is answered as from a stranger
+/// on this host: names, but no link aliases.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(1);
+
+/// After a wait ran out, the same address is not held again for this long (an address that no
+/// container holds, such as a process on a Docker network that is not a container, must not
+/// wait on every query).
+const HOLD_AGAIN_AFTER: Duration = Duration::from_secs(30);
+
+/// At most this many queries wait at once; more are answered without waiting.
+const MAX_HELD: usize = 256;
+
+/// The addresses whose last wait ran out, and the budget of waiting queries.
+#[derive(Debug)]
+pub struct Holds {
+    expired: Mutex<HashMap<IpAddr, Instant>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Holds {
+    fn default() -> Self {
+        Holds {
+            expired: Mutex::new(HashMap::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
+        }
+    }
+}
+
+impl Holds {
+    fn may_hold(&self, src: IpAddr) -> bool {
+        self.expired
+            .lock()
+            .map(|e| e.get(&src).is_none_or(|t| t.elapsed() >= HOLD_AGAIN_AFTER))
+            .unwrap_or(false)
+    }
+
+    fn ran_out(&self, src: IpAddr) {
+        if let Ok(mut e) = self.expired.lock() {
+            if e.len() >= 4096 {
+                e.retain(|_, t| t.elapsed() < HOLD_AGAIN_AFTER);
+                if e.len() >= 4096 {
+                    e.clear();
+                }
+            }
+            e.insert(src, Instant::now());
+        }
+    }
 }
 
 /// What the UDP path does with one datagram.
@@ -41,6 +96,8 @@ enum Handled {
     Forward {
         udp_limit: usize,
     },
+    /// From an address no known container holds yet: wait for the watcher, then answer.
+    Hold,
     Drop,
 }
 
@@ -49,6 +106,7 @@ enum Handled {
 /// locks.
 pub struct AnswerCache {
     applied: u64,
+    version: u64,
     entries: HashMap<Vec<u8>, Vec<u8>>,
     /// Bytes held by keys and answers.
     bytes: usize,
@@ -73,6 +131,7 @@ impl AnswerCache {
     pub fn new() -> AnswerCache {
         AnswerCache {
             applied: u64::MAX,
+            version: u64::MAX,
             entries: HashMap::new(),
             bytes: 0,
             scratch: Vec::with_capacity(300),
@@ -80,23 +139,26 @@ impl AnswerCache {
     }
 
     /// Builds the key of a scanned query in the scratch buffer: the question name lowercased,
-    /// type and class as they are, then whether the client used EDNS.
-    fn build_key(&mut self, bytes: &[u8], q: &WireQuery) {
+    /// type and class as they are, whether the client used EDNS, and whether it is on this
+    /// host (host-local addresses are answered only there).
+    fn build_key(&mut self, bytes: &[u8], q: &WireQuery, on_host: bool) {
         let name_end = q.question_end - 4;
         self.scratch.clear();
         self.scratch
             .extend(bytes[12..name_end].iter().map(u8::to_ascii_lowercase));
         self.scratch
             .extend_from_slice(&bytes[name_end..q.question_end]);
-        self.scratch.push(u8::from(q.edns.is_some()));
+        self.scratch
+            .push(u8::from(q.edns.is_some()) | (u8::from(on_host) << 1));
     }
 
-    /// Empties the cache when the registry moved on since it was filled.
-    fn follow(&mut self, applied: u64) {
-        if self.applied != applied {
+    /// Empties the cache when the registry or the local view moved on since it was filled.
+    fn follow(&mut self, published: &Published) {
+        if self.applied != published.applied || self.version != published.version {
             self.entries.clear();
             self.bytes = 0;
-            self.applied = applied;
+            self.applied = published.applied;
+            self.version = published.version;
         }
     }
 
@@ -188,19 +250,63 @@ impl Answerer {
         src: SocketAddr,
         cache: &mut AnswerCache,
     ) -> Option<Vec<u8>> {
-        match self.handle_datagram(bytes, src, cache) {
+        match self.handle_datagram(bytes, src, cache, false) {
             Handled::Reply(b) => Some(b),
-            Handled::Forward { .. } | Handled::Drop => None,
+            Handled::Forward { .. } | Handled::Hold | Handled::Drop => None,
         }
     }
 
-    /// Answers one UDP datagram.
-    fn handle_datagram(&self, bytes: &[u8], src: SocketAddr, cache: &mut AnswerCache) -> Handled {
+    /// Waits (at most [`HOLD_LIMIT`]) until the local view tells who `src` is, when it is an
+    /// address of this host's container networks that no known container holds. Returns how
+    /// long it waited.
+    pub async fn wait_for_asker(&self, src: IpAddr) -> Duration {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
+        let mut changes = self.view_changes.clone();
+        let mut expired = false;
+        while self.published.load().local.identify(src) == Asker::Unknown {
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    // Nothing publishes views any more: wait the time out.
+                    tokio::time::sleep_until(deadline).await;
+                    expired = true;
+                    break;
+                }
+                Err(_) => {
+                    expired = true;
+                    break;
+                }
+            }
+        }
+        if expired {
+            self.holds.ran_out(src);
+            tracing::debug!(%src, "no local container known at this address; answering without its links");
+        }
+        let waited = started.elapsed();
+        self.metrics.observe_hold(waited, expired);
+        waited
+    }
+
+    /// Answers one UDP datagram; with `may_hold`, one from an unknown local address is held.
+    fn handle_datagram(
+        &self,
+        bytes: &[u8],
+        src: SocketAddr,
+        cache: &mut AnswerCache,
+        may_hold: bool,
+    ) -> Handled {
         let published = self.published.load();
-        cache.follow(published.applied);
+        cache.follow(&published);
+        let src_ip = canonical_ip(src.ip());
+        let asker = published.local.identify(src_ip);
+        if asker == Asker::Unknown && may_hold && self.holds.may_hold(src_ip) {
+            return Handled::Hold;
+        }
+        let on_host = self.zone.on_host(src_ip, &published);
         let scanned = scan_query(bytes);
-        if let Some(q) = &scanned {
-            cache.build_key(bytes, q);
+        if let (Some(q), false) = (&scanned, asker == Asker::Unknown) {
+            cache.build_key(bytes, q, on_host);
             if let Some(cached) = cache.entries.get(cache.scratch.as_slice()) {
                 if cached.len() <= udp_limit(q.edns) {
                     let mut out = cached.clone();
@@ -232,20 +338,17 @@ impl Answerer {
             Err(response) => return self.encode_udp(&response, None, None, cache),
         };
         let (decision, cacheable) = self.zone.decide(
-            &request,
-            &query,
-            canonical_ip(src.ip()),
-            &published.registry,
-            published.applied,
-            &self.acl,
+            &request, &query, src_ip, &published, asker, on_host, &self.acl,
         );
         let limit = udp_limit(request.edns.as_ref().map(Edns::max_payload));
         match decision {
             Decision::Forward => Handled::Forward { udp_limit: limit },
             Decision::Respond(response) => {
-                let key = match (&scanned, cacheable) {
-                    // The scratch buffer still holds this query's key.
-                    (Some(_), Cacheable::Yes) => Some(cache.scratch.clone()),
+                let key = match (&scanned, cacheable, asker) {
+                    // The scratch buffer still holds this query's key (an unknown asker's
+                    // answer lacks the links it may have: never cached).
+                    (_, _, Asker::Unknown) => None,
+                    (Some(_), Cacheable::Yes, _) => Some(cache.scratch.clone()),
                     _ => None,
                 };
                 self.encode_udp(&response, Some(limit), key, cache)
@@ -409,7 +512,7 @@ fn udp_loop(
             }
         };
         let started = Instant::now();
-        match answerer.handle_datagram(&buf[..n], src, &mut cache) {
+        match answerer.handle_datagram(&buf[..n], src, &mut cache, true) {
             Handled::Reply(bytes) => {
                 if let Err(e) = socket.send_to(&bytes, src) {
                     tracing::debug!(%src, error = %e, "udp send failed");
@@ -417,30 +520,72 @@ fn udp_loop(
                 answerer.metrics.observe_latency(started.elapsed());
             }
             Handled::Forward { udp_limit: limit } => {
-                let query = buf[..n].to_vec();
                 let Ok(permit) = forwards.clone().try_acquire_owned() else {
                     tracing::debug!(%src, "too many forwarded queries in flight; SERVFAIL");
-                    if let Some(fail) = servfail_for(&query) {
+                    if let Some(fail) = servfail_for(&buf[..n]) {
                         let _ = socket.send_to(&fail, src);
+                    }
+                    continue;
+                };
+                let (answerer, socket, query) = (answerer.clone(), socket.clone(), buf[..n].to_vec());
+                runtime.spawn(async move {
+                    let _permit = permit;
+                    forward_udp(&answerer, &socket, &query, src, limit, started).await;
+                });
+            }
+            Handled::Hold => {
+                let query = buf[..n].to_vec();
+                let Ok(permit) = answerer.holds.slots.clone().try_acquire_owned() else {
+                    // Too many waiting: answer now, as after a wait that ran out.
+                    let mut scratch = AnswerCache::new();
+                    if let Handled::Reply(bytes) =
+                        answerer.handle_datagram(&query, src, &mut scratch, false)
+                    {
+                        let _ = socket.send_to(&bytes, src);
                     }
                     continue;
                 };
                 let (answerer, socket) = (answerer.clone(), socket.clone());
                 runtime.spawn(async move {
                     let _permit = permit;
-                    let Some(response) = forward_or_servfail(&answerer, &query, false).await else {
-                        return;
-                    };
-                    let response = fit_udp(response, limit);
-                    if let Err(e) = socket.send_to(&response, src) {
-                        tracing::debug!(%src, error = %e, "udp send failed");
+                    answerer.wait_for_asker(canonical_ip(src.ip())).await;
+                    let mut scratch = AnswerCache::new();
+                    match answerer.handle_datagram(&query, src, &mut scratch, false) {
+                        Handled::Reply(bytes) => {
+                            if let Err(e) = socket.send_to(&bytes, src) {
+                                tracing::debug!(%src, error = %e, "udp send failed");
+                            }
+                            answerer.metrics.observe_latency(started.elapsed());
+                        }
+                        Handled::Forward { udp_limit: limit } => {
+                            forward_udp(&answerer, &socket, &query, src, limit, started).await;
+                        }
+                        Handled::Hold | Handled::Drop => {}
                     }
-                    answerer.metrics.observe_latency(started.elapsed());
                 });
             }
             Handled::Drop => {}
         }
     }
+}
+
+/// Forwards one UDP query upstream and sends the answer (or SERVFAIL) back.
+async fn forward_udp(
+    answerer: &Answerer,
+    socket: &UdpSocket,
+    query: &[u8],
+    src: SocketAddr,
+    limit: usize,
+    started: Instant,
+) {
+    let Some(response) = forward_or_servfail(answerer, query, false).await else {
+        return;
+    };
+    let response = fit_udp(response, limit);
+    if let Err(e) = socket.send_to(&response, src) {
+        tracing::debug!(%src, error = %e, "udp send failed");
+    }
+    answerer.metrics.observe_latency(started.elapsed());
 }
 
 /// An upstream answer too large for the client: re-encoded within the limit (TC set).
@@ -509,13 +654,21 @@ impl RequestHandler for TcpHandler {
         let response = match check_request(&message) {
             Err(response) => *response,
             Ok(query) => {
-                let published = answerer.published.load();
+                let src = canonical_ip(request.src().ip());
+                let mut published = answerer.published.load_full();
+                if published.local.identify(src) == Asker::Unknown && answerer.holds.may_hold(src)
+                {
+                    answerer.wait_for_asker(src).await;
+                    published = answerer.published.load_full();
+                }
+                let on_host = answerer.zone.on_host(src, &published);
                 let (decision, _) = answerer.zone.decide(
                     &message,
                     query,
-                    canonical_ip(request.src().ip()),
-                    &published.registry,
-                    published.applied,
+                    src,
+                    &published,
+                    published.local.identify(src),
+                    on_host,
                     &answerer.acl,
                 );
                 match decision {

@@ -10,8 +10,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Zone};
-use linkdns_registry::{Command, Container, ContainerId, LinkAlias, NodeInfo, Published, Registry};
+use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Holds, Zone};
+use linkdns_registry::{
+    Command, Container, ContainerId, LinkAlias, LocalChange, LocalContainer, LocalNetwork, LocalView,
+    NodeInfo, Published, Registry,
+};
 
 fn registry() -> Registry {
     let mut r = Registry::new();
@@ -55,9 +58,20 @@ fn registry() -> Registry {
         ),
         c("x1", "web", 1, &["192.168.1.7"], &[], &[]),
         c("x2", "web", 2, &["192.168.2.7"], &[], &[]),
+        // Host-local networks (outside every claim): Docker's default pools repeat per host.
+        c("s2", "solo", 2, &["172.17.0.2"], &[], &[]),
+        c("i1", "impostor", 1, &["172.17.0.2"], &[], &[]),
+        c("d2", "dual", 2, &["192.168.2.20", "172.18.0.5"], &[], &[]),
     ] {
         r.apply(&Command::UpsertContainer(container))
             .expect("container");
+    }
+    for (node, subnets) in [(1, &["192.168.1.0/24"][..]), (2, &["192.168.2.0/24", "fd00::/64"])] {
+        r.apply(&Command::SetNodeSubnets {
+            node,
+            subnets: subnets.iter().map(|s| s.parse().expect("subnet")).collect(),
+        })
+        .expect("claim");
     }
     r
 }
@@ -67,10 +81,9 @@ fn answerer(registry: Registry) -> Answerer {
         zone: Zone::new("cluster", 5, Some(1)).expect("zone"),
         acl: Acl::new(vec!["10.99.0.0/16".parse().expect("subnet")]),
         forwarder: Forwarder::new(vec![], Duration::from_secs(1)),
-        published: Arc::new(ArcSwap::from_pointee(Published {
-            applied: 42,
-            registry,
-        })),
+        published: Arc::new(ArcSwap::from_pointee(Published::committed(42, registry))),
+        view_changes: tokio::sync::watch::channel(0).1,
+        holds: Holds::default(),
         metrics: DnsMetrics::default(),
     }
 }
@@ -159,6 +172,14 @@ fn naming_table_golden() {
         ("203.0.113.1:5000", "example.com.", RecordType::A, false),
         ("203.0.113.1:5000", "web.cluster.", RecordType::A, false),
         (local, "example.com.", RecordType::A, false),
+        // Only addresses the asker reaches: routed ones, and this host's own host-local ones
+        // for askers on this host (node 1).
+        (local, "solo.cluster.", RecordType::A, false),
+        (local, "impostor.cluster.", RecordType::A, false),
+        ("203.0.113.1:5000", "impostor.cluster.", RecordType::A, false),
+        (local, "dual.cluster.", RecordType::A, false),
+        (local, "2.0.17.172.in-addr.arpa.", RecordType::PTR, false),
+        (local, "5.0.18.172.in-addr.arpa.", RecordType::PTR, false),
     ];
     let mut got = String::new();
     for (src, name, qtype, edns) in cases {
@@ -217,6 +238,23 @@ id=0xbeef NoError aa rd ra
 an web.cluster. 5 A 192.168.1.7
 an web.cluster. 5 A 192.168.2.7
 > 127.0.0.1:5000 example.com. A
+(no answer: forwarded or dropped)
+> 127.0.0.1:5000 solo.cluster. A
+id=0xbeef NoError aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 impostor.cluster. A
+id=0xbeef NoError aa rd ra
+an impostor.cluster. 5 A 172.17.0.2
+> 203.0.113.1:5000 impostor.cluster. A
+id=0xbeef NoError aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 dual.cluster. A
+id=0xbeef NoError aa rd ra
+an dual.cluster. 5 A 192.168.2.20
+> 127.0.0.1:5000 2.0.17.172.in-addr.arpa. PTR
+id=0xbeef NoError aa rd ra
+an 2.0.17.172.in-addr.arpa. 5 PTR impostor.cluster.
+> 127.0.0.1:5000 5.0.18.172.in-addr.arpa. PTR
 (no answer: forwarded or dropped)
 ";
     assert_eq!(got, want, "\n--- got ---\n{got}");
@@ -277,10 +315,7 @@ fn a_new_registry_version_invalidates_cached_answers() {
         id: ContainerId("m1".into()),
     })
     .expect("remove");
-    a.published.store(Arc::new(Published {
-        applied: 43,
-        registry: r,
-    }));
+    a.published.store(Arc::new(Published::committed(43, r)));
     let after = render(
         &a.answer_datagram(
             &query("mysql.cluster.", RecordType::A, false),
@@ -343,4 +378,104 @@ fn malformed_input_gets_formerr_or_nothing() {
         r.metadata.response_code,
         hickory_proto::op::ResponseCode::NotImp
     );
+}
+
+/// The local view of a host where `new` is being connected to the bridge (its address not told
+/// yet) and `old` runs at 192.168.1.2.
+fn starting(others_connecting: &[&str]) -> Arc<LocalView> {
+    let mut v = LocalView::default();
+    v.apply(LocalChange::Networks(vec![LocalNetwork {
+        id: "br".into(),
+        name: "bridge".into(),
+        subnets: vec!["192.168.1.0/24".parse().expect("subnet")],
+        gateways: vec!["192.168.1.1".parse().expect("ip")],
+    }]));
+    v.apply(LocalChange::Replace(vec![]));
+    for id in std::iter::once(&"new").chain(others_connecting) {
+        v.apply(LocalChange::Connecting {
+            id: ContainerId((*id).into()),
+            name: (*id).into(),
+            links: vec![LinkAlias {
+                target: "mysql".into(),
+                alias: "db".into(),
+            }],
+            network: "br".into(),
+        });
+    }
+    Arc::new(v)
+}
+
+#[test]
+fn a_starting_container_gets_its_links_at_its_first_query() {
+    let a = answerer(registry());
+    a.published.store(Arc::new(Published {
+        local: starting(&[]),
+        ..Published::committed(42, registry())
+    }));
+    let mut cache = AnswerCache::new();
+    let first = ask(&a, &mut cache, "192.168.1.50:5000", "db.", RecordType::A, false);
+    assert_eq!(
+        first,
+        "id=0xbeef NoError aa rd ra\nan db. 5 A 192.168.1.5\n",
+        "the one container being connected is the asker"
+    );
+    // Two starting at once: which one asks is not known yet, so the query waits.
+    a.published.store(Arc::new(Published {
+        local: starting(&["other"]),
+        ..Published::committed(42, registry())
+    }));
+    assert_eq!(
+        ask(&a, &mut cache, "192.168.1.50:5000", "db.", RecordType::A, false),
+        "(no answer: forwarded or dropped)\n"
+    );
+}
+
+#[tokio::test]
+async fn a_held_query_waits_for_the_watcher_and_no_longer() {
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    let a = Arc::new(Answerer {
+        view_changes: rx,
+        ..answerer(registry())
+    });
+    let ambiguous = Arc::new(Published {
+        local: starting(&["other"]),
+        ..Published::committed(42, registry())
+    });
+    a.published.store(ambiguous.clone());
+    let src = "192.168.1.50".parse().expect("ip");
+    // The watcher tells the address 30 ms later: the wait ends then.
+    let told = {
+        let (a, tx) = (a.clone(), tx.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let mut v = (*starting(&["other"])).clone();
+            v.apply(LocalChange::Upsert(LocalContainer {
+                id: ContainerId("new".into()),
+                name: "new".into(),
+                links: vec![],
+                ips: vec![src],
+                connecting: BTreeSet::new(),
+            }));
+            a.published.store(Arc::new(Published {
+                local: Arc::new(v),
+                version: 1,
+                ..Published::committed(42, registry())
+            }));
+            let _ = tx.send(1);
+        })
+    };
+    let waited = a.wait_for_asker(src).await;
+    assert!(waited >= Duration::from_millis(25), "{waited:?}");
+    assert!(waited < linkdns_dns::HOLD_LIMIT, "{waited:?}");
+    told.await.expect("task");
+    // Nobody ever tells: the wait ends at the limit, and the address is not held again soon.
+    a.published.store(ambiguous);
+    let other = "192.168.1.51".parse().expect("ip");
+    let waited = a.wait_for_asker(other).await;
+    assert!(waited >= linkdns_dns::HOLD_LIMIT, "{waited:?}");
+    let mut cache = AnswerCache::new();
+    let answer = ask(&a, &mut cache, "192.168.1.51:5000", "db.", RecordType::A, false);
+    assert!(answer.starts_with("(no answer"), "a bare name without links goes upstream: {answer}");
+    let named = ask(&a, &mut cache, "192.168.1.51:5000", "mysql.cluster.", RecordType::A, false);
+    assert!(named.contains("192.168.1.5"), "answered at once this time: {named}");
 }

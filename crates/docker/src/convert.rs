@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
-use linkdns_registry::{Container, ContainerId, LinkAlias, NodeId, Port, Protocol};
+use linkdns_registry::{Container, ContainerId, LinkAlias, LocalContainer, NodeId, Port, Protocol};
 
 /// `linkdns.alias=a,b`: extra names for the container.
 pub const LABEL_ALIAS: &str = "linkdns.alias";
@@ -92,6 +92,40 @@ pub fn container_from_inspect(
         }
         .normalized(),
     )
+}
+
+/// The container as an asker of this host: every running container with its addresses and
+/// link aliases, ready or not (one that fails its health check still resolves its links).
+pub fn local_from_inspect(details: &ContainerInspectResponse) -> Option<LocalContainer> {
+    let state = details.state.as_ref()?;
+    if state.running != Some(true) {
+        return None;
+    }
+    let id = details.id.clone()?;
+    let name = details.name.clone()?;
+    let labels = details.config.as_ref().and_then(|c| c.labels.as_ref());
+    let links = labels
+        .and_then(|l| l.get(LABEL_LINKS))
+        .map(|l| parse_links(l).into_iter().collect())
+        .unwrap_or_default();
+    let networks = details
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref());
+    let ips = networks
+        .into_iter()
+        .flat_map(|n| n.values())
+        .flat_map(|e| [&e.ip_address, &e.global_ipv6_address])
+        .flatten()
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .collect();
+    Some(LocalContainer {
+        id: ContainerId::new(id),
+        name,
+        links,
+        ips,
+        connecting: BTreeSet::new(),
+    })
 }
 
 /// Parses `mysql:db,redis` into link aliases (`redis` alone links `redis` as `redis`).

@@ -6,21 +6,26 @@
 
 mod convert;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::models::{EventMessage, EventMessageTypeEnum, Ipam, IpamConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    EventsOptionsBuilder, InspectNetworkOptions, ListContainersOptionsBuilder,
+    EventsOptionsBuilder, InspectNetworkOptions, ListContainersOptionsBuilder, ListNetworksOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use linkdns_registry::{Command, Container, ContainerId, NodeId, Subnet};
+use linkdns_registry::{
+    Command, Container, ContainerId, LinkAlias, LocalChange, LocalContainer, LocalNetwork, NodeId,
+    Subnet,
+};
 use tokio::sync::{mpsc, watch, Notify};
 
-pub use convert::{container_from_inspect, parse_links, LABEL_ALIAS, LABEL_LINKS};
+pub use convert::{
+    container_from_inspect, local_from_inspect, parse_links, LABEL_ALIAS, LABEL_LINKS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,6 +40,8 @@ pub enum Error {
 pub enum Report {
     /// A command about this node's containers, to be proposed.
     Command(Command),
+    /// What this host's containers and networks are now, for the local view (not proposed).
+    Local(LocalChange),
     /// Connected (again) to the engine; its bridge network's subnets and gateway addresses.
     Connected {
         bridge_subnets: Vec<Subnet>,
@@ -171,7 +178,9 @@ async fn follow(
         },
     )
     .await?;
-    resync_all(&docker, config, reports).await?;
+    let mut session = Session::default();
+    report_networks(&docker, reports).await?;
+    resync_all(&docker, config, reports, &mut session).await?;
     *resynced = true;
 
     let mut periodic = tokio::time::interval(config.resync_every);
@@ -184,15 +193,181 @@ async fn follow(
                     uri: config.uri.clone(),
                     reason: e.to_string(),
                 })?;
-                if let Some(id) = affected_container(&event) {
-                    let command = current_state(&docker, config.node, &id).await?;
-                    send(reports, Report::Command(command)).await?;
+                handle_event(&docker, config, reports, &mut session, &event).await?;
+                // While events wait, a container that is starting may not be known yet.
+                let backlog = !events.is_empty();
+                if backlog != session.backlog {
+                    session.backlog = backlog;
+                    send(reports, Report::Local(LocalChange::Backlog(backlog))).await?;
                 }
             }
-            _ = resync.notified() => resync_all(&docker, config, reports).await?,
-            _ = periodic.tick() => resync_all(&docker, config, reports).await?,
+            _ = resync.notified() => resync_all(&docker, config, reports, &mut session).await?,
+            _ = periodic.tick() => resync_all(&docker, config, reports, &mut session).await?,
         }
     }
+}
+
+/// What one session with the engine remembers between events.
+#[derive(Default)]
+struct Session {
+    /// Containers reported running (their addresses are known).
+    running: HashSet<String>,
+    /// Name and link aliases of containers created in this session, from the `create` event's
+    /// attributes (which carry the labels): a container being connected is not yet inspectable
+    /// without waiting for its start to finish.
+    created: HashMap<String, (String, Vec<LinkAlias>)>,
+    backlog: bool,
+}
+
+/// Most `create` events remembered (a container that is never started is forgotten at the
+/// next resync or when there are more than this many).
+const MAX_CREATED: usize = 4096;
+
+/// Handles one event: reports what it changed.
+async fn handle_event(
+    docker: &Docker,
+    config: &WatcherConfig,
+    reports: &mpsc::Sender<Report>,
+    session: &mut Session,
+    event: &EventMessage,
+) -> Result<(), Error> {
+    match classify(event) {
+        None => Ok(()),
+        Some(Happened::Created { id, name, links }) => {
+            if session.created.len() >= MAX_CREATED {
+                session.created.clear();
+            }
+            session.created.insert(id, (name, links));
+            Ok(())
+        }
+        Some(Happened::Networks) => report_networks(docker, reports).await,
+        Some(Happened::Connect { id, network }) if !session.running.contains(&id) => {
+            // Docker connects a container before its process runs and tells its address only
+            // once the start is over (an inspection waits for that): say it is coming, so a
+            // query from an address nobody holds on that network is known to be it. The
+            // `start` event that follows gives its addresses.
+            let (name, links) = match session.created.get(&id) {
+                Some(known) => known.clone(),
+                None => match labels_of(docker, &id).await? {
+                    Some(known) => known,
+                    None => return Ok(()),
+                },
+            };
+            let change = LocalChange::Connecting {
+                id: ContainerId::new(id),
+                name,
+                links,
+                network,
+            };
+            send(reports, Report::Local(change)).await
+        }
+        Some(Happened::Connect { id, .. }) => report_state(docker, config, reports, session, &id).await,
+        Some(Happened::Disconnect { id, network }) => {
+            let change = LocalChange::Disconnected {
+                id: ContainerId::new(id.clone()),
+                network,
+            };
+            send(reports, Report::Local(change)).await?;
+            report_state(docker, config, reports, session, &id).await
+        }
+        Some(Happened::Changed { id, destroyed }) => {
+            if destroyed {
+                session.created.remove(&id);
+            }
+            report_state(docker, config, reports, session, &id).await
+        }
+    }
+}
+
+/// Inspects container `id` and reports its state: to the local view, and as a command.
+async fn report_state(
+    docker: &Docker,
+    config: &WatcherConfig,
+    reports: &mpsc::Sender<Report>,
+    session: &mut Session,
+    id: &str,
+) -> Result<(), Error> {
+    let (record, local) = match inspect_details(docker, id).await? {
+        Some(details) => (
+            container_from_inspect(&details, config.node),
+            local_from_inspect(&details),
+        ),
+        None => (None, None),
+    };
+    let change = match local {
+        Some(local) => {
+            session.running.insert(id.to_string());
+            session.created.remove(id);
+            LocalChange::Upsert(local)
+        }
+        None => {
+            session.running.remove(id);
+            LocalChange::Remove(ContainerId::new(id))
+        }
+    };
+    send(reports, Report::Local(change)).await?;
+    let command = match record {
+        Some(container) => Command::UpsertContainer(container),
+        None => Command::RemoveContainer {
+            node: config.node,
+            id: ContainerId::new(id),
+        },
+    };
+    send(reports, Report::Command(command)).await
+}
+
+/// Name and link aliases of a container from the listing (which, unlike an inspection, does
+/// not wait for a start under way). `None` if it is gone.
+async fn labels_of(docker: &Docker, id: &str) -> Result<Option<(String, Vec<LinkAlias>)>, Error> {
+    let filters = HashMap::from([("id", vec![id])]);
+    let options = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let listed = docker
+        .list_containers(Some(options))
+        .await
+        .map_err(|e| Error::Api(e.to_string()))?;
+    Ok(listed.into_iter().next().map(|summary| {
+        let name = summary
+            .names
+            .and_then(|n| n.into_iter().next())
+            .unwrap_or_default();
+        let links = summary
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_LINKS))
+            .map(|l| parse_links(l).into_iter().collect())
+            .unwrap_or_default();
+        (name, links)
+    }))
+}
+
+/// Lists the engine's networks for the local view.
+async fn report_networks(docker: &Docker, reports: &mpsc::Sender<Report>) -> Result<(), Error> {
+    let networks = docker
+        .list_networks(None::<ListNetworksOptions>)
+        .await
+        .map_err(|e| Error::Api(e.to_string()))?;
+    let networks = networks
+        .into_iter()
+        .filter_map(|n| {
+            let configs = n.ipam.and_then(|i| i.config).unwrap_or_default();
+            Some(LocalNetwork {
+                id: n.id?,
+                name: n.name.unwrap_or_default(),
+                subnets: configs
+                    .iter()
+                    .filter_map(|c| c.subnet.as_deref()?.parse().ok())
+                    .collect(),
+                gateways: configs
+                    .iter()
+                    .filter_map(|c| c.gateway.as_deref()?.parse().ok())
+                    .collect(),
+            })
+        })
+        .collect();
+    send(reports, Report::Local(LocalChange::Networks(networks))).await
 }
 
 /// A session that lasted this long was healthy: the next failure starts the backoff over.
@@ -212,9 +387,12 @@ async fn resync_all(
     docker: &Docker,
     config: &WatcherConfig,
     reports: &mpsc::Sender<Report>,
+    session: &mut Session,
 ) -> Result<(), Error> {
-    let containers = list_running(docker, config.node).await?;
+    let (containers, locals) = list_running(docker, config.node).await?;
     tracing::info!(uri = %config.uri, containers = containers.len(), "resyncing this node's records with docker");
+    session.running = locals.iter().map(|c| c.id.0.to_string()).collect();
+    send(reports, Report::Local(LocalChange::Replace(locals))).await?;
     send(
         reports,
         Report::Command(Command::ReplaceContainers {
@@ -252,29 +430,38 @@ pub async fn connect(uri: &str) -> Result<Docker, Error> {
     Ok(docker)
 }
 
-/// The running containers of this engine, as registry records.
-async fn list_running(docker: &Docker, node: NodeId) -> Result<Vec<Container>, Error> {
+/// The running containers of this engine: the answerable ones as registry records, and all of
+/// them as askers.
+async fn list_running(
+    docker: &Docker,
+    node: NodeId,
+) -> Result<(Vec<Container>, Vec<LocalContainer>), Error> {
     let options = ListContainersOptionsBuilder::new().all(false).build();
     let summaries = docker
         .list_containers(Some(options))
         .await
         .map_err(|e| Error::Api(e.to_string()))?;
-    let mut out = Vec::with_capacity(summaries.len());
+    let mut records = Vec::with_capacity(summaries.len());
+    let mut locals = Vec::with_capacity(summaries.len());
     for summary in summaries {
         let Some(id) = summary.id else { continue };
         // A container can stop between the listing and the inspection: then it is simply gone.
-        match inspect(docker, node, &id).await? {
-            Some(c) => out.push(c),
-            None => continue,
-        }
+        let Some(details) = inspect_details(docker, &id).await? else {
+            continue;
+        };
+        records.extend(container_from_inspect(&details, node));
+        locals.extend(local_from_inspect(&details));
     }
-    Ok(out)
+    Ok((records, locals))
 }
 
-/// The container as it is now: running → its record, otherwise gone.
-async fn inspect(docker: &Docker, node: NodeId, id: &str) -> Result<Option<Container>, Error> {
+/// The container's details, or `None` if it is gone.
+async fn inspect_details(
+    docker: &Docker,
+    id: &str,
+) -> Result<Option<bollard::models::ContainerInspectResponse>, Error> {
     match docker.inspect_container(id, None).await {
-        Ok(details) => Ok(container_from_inspect(&details, node)),
+        Ok(details) => Ok(Some(details)),
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(None),
@@ -282,22 +469,54 @@ async fn inspect(docker: &Docker, node: NodeId, id: &str) -> Result<Option<Conta
     }
 }
 
-/// The command that brings the registry in line with container `id`'s current state.
-async fn current_state(docker: &Docker, node: NodeId, id: &str) -> Result<Command, Error> {
-    Ok(match inspect(docker, node, id).await? {
-        Some(container) => Command::UpsertContainer(container),
-        None => Command::RemoveContainer {
-            node,
-            id: ContainerId::new(id),
-        },
-    })
+/// What an event tells the watcher.
+#[derive(Debug, PartialEq, Eq)]
+enum Happened {
+    /// A container was created: its name and link aliases (from the event's labels).
+    Created {
+        id: String,
+        name: String,
+        links: Vec<LinkAlias>,
+    },
+    /// A container is being connected to a network (before its process runs, when starting).
+    Connect { id: String, network: String },
+    Disconnect { id: String, network: String },
+    /// A network came or went.
+    Networks,
+    /// Something that may change what DNS answers for the container.
+    Changed { id: String, destroyed: bool },
 }
 
-/// The container an event may have changed, for the events that change what DNS answers.
-fn affected_container(event: &EventMessage) -> Option<String> {
+/// What `event` means for the watcher, if anything.
+fn classify(event: &EventMessage) -> Option<Happened> {
     let action = event.action.as_deref()?;
     let actor = event.actor.as_ref()?;
     match event.typ? {
+        EventMessageTypeEnum::CONTAINER if action == "create" => {
+            let attributes = actor.attributes.as_ref();
+            let name = attributes.and_then(|a| a.get("name")).cloned()?;
+            let links = attributes
+                .and_then(|a| a.get(LABEL_LINKS))
+                .map(|l| parse_links(l).into_iter().collect())
+                .unwrap_or_default();
+            Some(Happened::Created {
+                id: actor.id.clone()?,
+                name,
+                links,
+            })
+        }
+        EventMessageTypeEnum::NETWORK if matches!(action, "connect" | "disconnect") => {
+            let id = actor.attributes.as_ref()?.get("container").cloned()?;
+            let network = actor.id.clone()?;
+            Some(if action == "connect" {
+                Happened::Connect { id, network }
+            } else {
+                Happened::Disconnect { id, network }
+            })
+        }
+        EventMessageTypeEnum::NETWORK if matches!(action, "create" | "destroy") => {
+            Some(Happened::Networks)
+        }
         EventMessageTypeEnum::CONTAINER => {
             let relevant = matches!(
                 action,
@@ -312,14 +531,13 @@ fn affected_container(event: &EventMessage) -> Option<String> {
                     | "rename"
                     | "update"
             ) || action.starts_with("health_status");
-            if relevant {
-                actor.id.clone()
-            } else {
-                None
+            if !relevant {
+                return None;
             }
-        }
-        EventMessageTypeEnum::NETWORK if matches!(action, "connect" | "disconnect") => {
-            actor.attributes.as_ref()?.get("container").cloned()
+            Some(Happened::Changed {
+                id: actor.id.clone()?,
+                destroyed: action == "destroy",
+            })
         }
         _ => None,
     }
@@ -420,48 +638,71 @@ mod tests {
     #[test]
     fn events_that_change_answers_name_their_container() {
         use EventMessageTypeEnum::{CONTAINER, IMAGE, NETWORK};
+        let changed = |id: &str, destroyed| {
+            Some(Happened::Changed {
+                id: id.into(),
+                destroyed,
+            })
+        };
         for action in [
             "start",
             "die",
-            "destroy",
             "rename",
             "pause",
             "unpause",
             "health_status: healthy",
         ] {
             assert_eq!(
-                affected_container(&event(CONTAINER, action, "c1", &[])),
-                Some("c1".into()),
+                classify(&event(CONTAINER, action, "c1", &[])),
+                changed("c1", false),
                 "{action}"
             );
         }
-        for action in [
-            "exec_create: true",
-            "exec_start: true",
-            "exec_die",
-            "attach",
-            "create",
-        ] {
+        assert_eq!(
+            classify(&event(CONTAINER, "destroy", "c1", &[])),
+            changed("c1", true)
+        );
+        for action in ["exec_create: true", "exec_start: true", "exec_die", "attach"] {
             assert_eq!(
-                affected_container(&event(CONTAINER, action, "c1", &[])),
+                classify(&event(CONTAINER, action, "c1", &[])),
                 None,
                 "{action}"
             );
         }
+        // A create carries the labels: the link aliases are known before the start.
+        assert_eq!(
+            classify(&event(
+                CONTAINER,
+                "create",
+                "c1",
+                &[("name", "wp"), ("linkdns.links", "mysql:db"), ("image", "x")]
+            )),
+            Some(Happened::Created {
+                id: "c1".into(),
+                name: "wp".into(),
+                links: vec![LinkAlias {
+                    target: "mysql".into(),
+                    alias: "db".into()
+                }],
+            })
+        );
         let connect = event(
             NETWORK,
             "connect",
             "net1",
             &[("container", "c2"), ("name", "app")],
         );
-        assert_eq!(affected_container(&connect), Some("c2".into()));
         assert_eq!(
-            affected_container(&event(NETWORK, "create", "net1", &[])),
-            None
+            classify(&connect),
+            Some(Happened::Connect {
+                id: "c2".into(),
+                network: "net1".into()
+            })
         );
         assert_eq!(
-            affected_container(&event(IMAGE, "pull", "busybox", &[])),
-            None
+            classify(&event(NETWORK, "create", "net1", &[])),
+            Some(Happened::Networks)
         );
+        assert_eq!(classify(&event(IMAGE, "pull", "busybox", &[])), None);
     }
 }

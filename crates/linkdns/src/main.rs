@@ -6,6 +6,7 @@ mod config;
 mod members;
 mod routing;
 mod run;
+mod view;
 mod status;
 
 use std::path::PathBuf;

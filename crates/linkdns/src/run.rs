@@ -10,17 +10,18 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use linkdns_cluster::{Identity, MaintainConfig, Transport, IDENTITY_FILE};
 use linkdns_dns::{
-    upstreams_from_resolv_conf, Acl, Answerer, DnsMetrics, DnsServer, Forwarder, Zone,
+    upstreams_from_resolv_conf, Acl, Answerer, DnsMetrics, DnsServer, Forwarder, Holds, Zone,
 };
 use linkdns_docker::{Report, WatcherConfig};
 use linkdns_raft::{NodeConfig, NodeHandle, Role, SledStore};
-use linkdns_registry::{Command, NodeInfo};
+use linkdns_registry::{Command, LocalChange, NodeInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
 use crate::routing::Routing;
+use crate::view::View;
 
 /// Written once the node holds Raft state: an identity without state after that means the log
 /// was lost.
@@ -59,6 +60,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         transport.outbox(),
     )?;
     let node = Arc::new(node);
+    // DNS answers from the committed registry with this node's own uncommitted changes laid
+    // over it (see view.rs).
+    let view = View::new(node_id, node.published().load_full());
+    {
+        let view = view.clone();
+        node.on_publish(Box::new(move |published| view.committed(published)));
+    }
     if created {
         // After the store is bootstrapped: a crash in between leaves a one-voter store
         // without identity, which the next start completes.
@@ -69,6 +77,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let peer_addr = transport.serve(config.peer_listen).await?;
     let advertised = config.advertise_addr.unwrap_or(peer_addr);
     transport.set_advertised(advertised);
+    if !advertised.ip().is_unspecified() {
+        view.set_host_addrs(vec![advertised.ip()]);
+    }
     tracing::info!(node = %config.node_name, id = node_id, %cluster, peer = %advertised, data_dir = %config.data_dir.display(), "raft node started");
 
     tokio::spawn(register_self(
@@ -124,7 +135,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         zone: Zone::new(&config.domain, config.ttl, Some(node_id))?,
         acl: Acl::new(config.allowed_clients.clone()),
         forwarder: Forwarder::new(upstreams, Duration::from_secs(2)),
-        published: node.published(),
+        published: view.published(),
+        view_changes: view.subscribe(),
+        holds: Holds::default(),
         metrics: dns_metrics.clone(),
     });
     let mut dns = vec![DnsServer::start(&listen, answerer.clone(), Duration::from_secs(10)).await?];
@@ -196,8 +209,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // Proposals run beside the main loop, so a slow one (no leader, say) never holds up signals,
     // the stop checks or Docker state; what queues up meanwhile goes out as one batch.
-    let (proposals_tx, proposals_rx) = mpsc::channel::<Command>(MAX_BATCH);
-    let proposer = tokio::spawn(propose_loop(node.clone(), proposals_rx, resync.clone()));
+    // Unbounded, so the loop below never waits on Raft and the local view stays current; the
+    // watcher's pace (Docker's events) bounds what queues, and it all goes out as one batch.
+    let (proposals_tx, proposals_rx) = mpsc::unbounded_channel::<Command>();
+    let proposer = tokio::spawn(propose_loop(
+        node.clone(),
+        proposals_rx,
+        resync.clone(),
+        view.clone(),
+    ));
     let mut stop_check = tokio::time::interval(Duration::from_millis(500));
     let mut was_member = false;
     let mut was_down = false;
@@ -215,10 +235,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         if matches!(command, Command::ReplaceContainers { .. }) {
                             node_metrics.resyncs.inc();
                         }
-                        if proposals_tx.send(command).await.is_err() {
+                        view.observe(&command);
+                        if proposals_tx.send(command).is_err() {
                             break Err(anyhow::anyhow!("the proposer stopped; see the log above"));
                         }
                     }
+                    Report::Local(change) => view.local(change),
                     Report::Connected { bridge_subnets, bridge_gateways } => {
                         admin_state.set_docker(true, None);
                         routing.set_local_subnets(bridge_subnets.clone());
@@ -240,7 +262,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                             }
                         }
                     }
-                    Report::Disconnected { reason } => admin_state.set_docker(false, Some(reason)),
+                    Report::Disconnected { reason } => {
+                        view.local(LocalChange::Lost);
+                        admin_state.set_docker(false, Some(reason));
+                    }
                 }
             }
             _ = stop_check.tick() => {
@@ -425,8 +450,9 @@ async fn register_self(
 /// one round of fsyncs), however many containers changed at once.
 async fn propose_loop(
     node: Arc<NodeHandle>,
-    mut commands: mpsc::Receiver<Command>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
     resync: Arc<Notify>,
+    view: Arc<View>,
 ) {
     while let Some(first) = commands.recv().await {
         let mut batch = vec![first];
@@ -441,8 +467,8 @@ async fn propose_loop(
         } else {
             Command::Batch(batch)
         };
-        match propose_with_retry(&node, command).await {
-            Ok(Proposed::Applied) => {}
+        match propose_with_retry(&node, command.clone()).await {
+            Ok(Proposed::Applied) => view.settle(&command),
             // Lost: have the watcher restate the whole node.
             Ok(Proposed::GaveUp) => resync.notify_one(),
             Err(e) => {

@@ -13,7 +13,7 @@ use std::path::Path;
 
 pub use crate::core::{Core, CoreConfig, Membership, Progress, RaftStatus, Role};
 pub use linkdns_registry::Published;
-pub use node::{start, NoPeers, NodeConfig, NodeHandle, Outbox};
+pub use node::{start, NoPeers, NodeConfig, NodeHandle, Outbox, PublishHook};
 pub use storage::{LogStore, MemStore, SledStore};
 
 /// Errors of the Raft node.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use linkdns_registry::{Command, Outcome, Published};
 use raft::eraftpb::Message;
 use tokio::sync::oneshot;
@@ -88,6 +88,9 @@ impl Outbox for NoPeers {
 
 type Reply = oneshot::Sender<Result<Outcome, Error>>;
 
+/// Called with each published registry; see [`NodeHandle::on_publish`].
+pub type PublishHook = Box<dyn Fn(&Arc<Published>) + Send + Sync>;
+
 /// Events handled between two readies, at most.
 const MAX_EVENTS_PER_READY: usize = 4096;
 
@@ -116,6 +119,7 @@ pub struct NodeHandle {
     id: u64,
     events: Sender<Event>,
     published: Arc<ArcSwap<Published>>,
+    on_publish: Arc<ArcSwapOption<PublishHook>>,
     status: Arc<ArcSwap<RaftStatus>>,
     proposal_timeout: Duration,
     thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
@@ -173,6 +177,17 @@ impl NodeHandle {
         self.published.clone()
     }
 
+    /// Has `hook` called with every registry the node publishes, on the Raft thread, after it is
+    /// stored and before the proposers it answers hear back (so what a proposer learns is
+    /// already in whatever the hook builds). The hook must not block. Replaces an earlier one.
+    pub fn on_publish(&self, hook: PublishHook) {
+        self.on_publish.store(Some(Arc::new(hook)));
+        // What was published before the hook was set.
+        if let Some(hook) = self.on_publish.load().as_ref() {
+            hook(&self.published.load_full());
+        }
+    }
+
     pub fn status(&self) -> RaftStatus {
         (**self.status.load()).clone()
     }
@@ -213,17 +228,19 @@ pub fn start<S: LogStore + Send + 'static>(
     outbox: Arc<dyn Outbox>,
 ) -> Result<NodeHandle, Error> {
     let core: Core<S, Reply> = Core::open(config.core(), store, incarnation())?;
-    let published = Arc::new(ArcSwap::from_pointee(Published {
-        applied: core.applied(),
-        registry: core.registry().clone(),
-    }));
+    let published = Arc::new(ArcSwap::from_pointee(Published::committed(
+        core.applied(),
+        core.registry().clone(),
+    )));
     let status = Arc::new(ArcSwap::from_pointee(core.status()));
     let (events, rx) = mpsc::channel();
+    let on_publish = Arc::new(ArcSwapOption::empty());
     let mut driver = Driver {
         tick: config.tick,
         core,
         outbox,
         published: published.clone(),
+        on_publish: on_publish.clone(),
         status: status.clone(),
     };
     let thread = std::thread::Builder::new()
@@ -249,6 +266,7 @@ pub fn start<S: LogStore + Send + 'static>(
         id: config.id,
         events,
         published,
+        on_publish,
         status,
         proposal_timeout: config.proposal_timeout,
         thread: Mutex::new(Some(thread)),
@@ -269,6 +287,7 @@ struct Driver<S: LogStore> {
     core: Core<S, Reply>,
     outbox: Arc<dyn Outbox>,
     published: Arc<ArcSwap<Published>>,
+    on_publish: Arc<ArcSwapOption<PublishHook>>,
     status: Arc<ArcSwap<RaftStatus>>,
 }
 
@@ -330,7 +349,11 @@ impl<S: LogStore> Driver<S> {
             self.outbox.send(progress.messages);
         }
         if let Some(published) = progress.published {
-            self.published.store(Arc::new(published));
+            let published = Arc::new(published);
+            self.published.store(published.clone());
+            if let Some(hook) = self.on_publish.load().as_ref() {
+                hook(&published);
+            }
         }
         for (reply, result) in progress.done {
             let _ = reply.send(result);

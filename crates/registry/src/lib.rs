@@ -5,6 +5,7 @@
 //! so every replica that applies the same log holds the same registry.
 
 mod command;
+mod local;
 mod lookup;
 mod model;
 mod snapshot;
@@ -16,7 +17,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use command::{Command, COMMAND_VERSION};
-pub use lookup::{reverse_name_to_ip, Resolution};
+pub use local::{Asker, LocalChange, LocalContainer, LocalNetwork, LocalView, Pending};
+pub use lookup::{reverse_name_to_ip, Reach, Resolution, Scope};
 pub use model::{
     canonical_ip, max_prefix, normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo,
     Port, Protocol, Record, Subnet,
@@ -65,11 +67,31 @@ pub enum Error {
 
 /// The registry as of an applied Raft index: what DNS answers from. Replaced as a whole, never
 /// changed in place.
+///
+/// The Raft node publishes the committed registry. The DNS front end reads a copy that also
+/// carries this node's [`LocalView`] and has its [`Pending`] own-container changes laid over
+/// the registry (see `linkdns`'s `view.rs`); `version` then counts those publications.
 #[derive(Clone, Debug, Default)]
 pub struct Published {
     /// Index of the last log entry reflected in `registry`; changes whenever the registry does.
     pub applied: u64,
     pub registry: Registry,
+    /// This host's own view of its Docker engine (empty in the committed publication).
+    pub local: Arc<LocalView>,
+    /// Bumped on every publication of a local view: with `applied`, tells an answer cache that
+    /// what it holds may be stale.
+    pub version: u64,
+}
+
+impl Published {
+    /// The committed registry as of `applied`, with an empty local view.
+    pub fn committed(applied: u64, registry: Registry) -> Published {
+        Published {
+            applied,
+            registry,
+            ..Published::default()
+        }
+    }
 }
 
 /// What applying a command did.

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{ContainerId, NodeId, Record};
+use crate::model::{ContainerId, LinkAlias, NodeId, Record};
 use crate::Registry;
 
 /// The answer to a name lookup.
@@ -20,23 +20,62 @@ pub enum Resolution {
     NotFound,
 }
 
+/// Who asks, as far as answers depend on it: the asking container's link aliases, and which
+/// addresses reach it.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope<'a> {
+    /// The asking container's link aliases (empty: it has none, or it is not a known container).
+    pub links: &'a [LinkAlias],
+    pub reach: Reach,
+}
+
+/// Which addresses an asker can reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Every address (administration and tests).
+    All,
+    /// Addresses inside a subnet their node claims (routed cluster-wide), and, for an asker on
+    /// `node`'s own host, that node's host-local addresses too. Host-local networks (Docker's
+    /// default pools, say) repeat on every host: elsewhere such an address is unreachable, or
+    /// another container's.
+    From { node: NodeId, on_host: bool },
+}
+
 impl Registry {
     /// Resolves `name` (relative to the cluster domain) as seen from `source`, the address the
-    /// query came from. `local` is the answering node, preferred when several containers share the
-    /// source address (hosts whose bridges use the same subnet).
+    /// query came from, with every address answered. `local` is the answering node, preferred
+    /// when several containers share the source address. See [`Registry::resolve_in`].
+    pub fn resolve(&self, name: &str, source: Option<IpAddr>, local: Option<NodeId>) -> Resolution {
+        let links = source
+            .and_then(|s| self.container_at(s, local))
+            .map_or(&[][..], |c| c.links());
+        self.resolve_in(
+            name,
+            &Scope {
+                links,
+                reach: Reach::All,
+            },
+        )
+    }
+
+    /// Resolves `name` (relative to the cluster domain) for an asker.
     ///
     /// Order: a link alias of the asking container, then container names and aliases cluster-wide,
-    /// then `<name>.<node>`, then a bare node name (exists, no records).
-    pub fn resolve(&self, name: &str, source: Option<IpAddr>, local: Option<NodeId>) -> Resolution {
+    /// then `<name>.<node>`, then a bare node name (exists, no records). A name whose containers
+    /// have no address the asker can reach exists with no addresses (NODATA, never a wrong one).
+    pub fn resolve_in(&self, name: &str, scope: &Scope<'_>) -> Resolution {
         if name.is_empty() {
             return Resolution::Found(Vec::new());
         }
-        if let Some(ips) = self.resolve_link(name, source, local) {
+        if let Some(ips) = self.resolve_link(name, scope) {
             return Resolution::Found(ips);
         }
         let global = self.named(name);
         if !global.is_empty() {
-            return Resolution::Found(addresses(global.iter().map(|id| &*self.containers[*id])));
+            return Resolution::Found(self.addresses(
+                global.iter().map(|id| &*self.containers[*id]),
+                scope.reach,
+            ));
         }
         if let Some((head, node_name)) = name.rsplit_once('.') {
             if let Some(node) = self.node_by_name(node_name) {
@@ -45,7 +84,7 @@ impl Registry {
                     .into_iter()
                     .map(|id| &*self.containers[id])
                     .filter(|c| c.node == node.id);
-                let ips = addresses(on_node);
+                let ips = self.addresses(on_node, scope.reach);
                 // `<name>.<node>` exists only if such a container runs there.
                 return if ips.is_empty() && !self.has_named_on(head, node.id) {
                     Resolution::NotFound
@@ -68,7 +107,14 @@ impl Registry {
         source: Option<IpAddr>,
         local: Option<NodeId>,
     ) -> Option<Vec<IpAddr>> {
-        self.resolve_link(name, source, local)
+        let links = self.container_at(source?, local)?.links();
+        self.resolve_link(
+            name,
+            &Scope {
+                links,
+                reach: Reach::All,
+            },
+        )
     }
 
     /// Whether some container uses `name` as a link alias: answers for such a name depend on who
@@ -82,13 +128,29 @@ impl Registry {
         self.container_at(ip, local).map(|c| &*c.name)
     }
 
+    /// The name a PTR query for `ip` answers for an asker: the container there that reaches it
+    /// (its own host's first).
+    pub fn reverse_in(&self, ip: IpAddr, reach: Reach) -> Option<&str> {
+        let local = match reach {
+            Reach::All => None,
+            Reach::From { node, .. } => Some(node),
+        };
+        let mut candidates = self
+            .containers_at(ip)
+            .filter(|c| self.reaches(c, ip, reach));
+        let first = candidates.next()?;
+        let chosen = match local {
+            Some(node) if first.node != node => {
+                candidates.find(|c| c.node == node).unwrap_or(first)
+            }
+            _ => first,
+        };
+        Some(&*chosen.name)
+    }
+
     /// The container that holds `ip`, preferring one on `local`.
     pub fn container_at(&self, ip: IpAddr, local: Option<NodeId>) -> Option<&Record> {
-        let ids = self.by_ip.get(&ip)?;
-        let mut candidates = ids
-            .iter()
-            .filter_map(|id| self.containers.get(id).map(|c| &**c))
-            .filter(|c| !self.down.contains(&c.node));
+        let mut candidates = self.containers_at(ip);
         match local {
             Some(node) => {
                 let all: Vec<&Record> = candidates.collect();
@@ -101,23 +163,42 @@ impl Registry {
         }
     }
 
-    fn resolve_link(
-        &self,
-        name: &str,
-        source: Option<IpAddr>,
-        local: Option<NodeId>,
-    ) -> Option<Vec<IpAddr>> {
-        let asker = self.container_at(source?, local)?;
-        let link = asker.links().iter().find(|l| l.alias == name)?;
+    /// The visible containers holding `ip`, by id.
+    fn containers_at(&self, ip: IpAddr) -> impl Iterator<Item = &Record> {
+        self.by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.containers.get(id).map(|c| &**c))
+            .filter(|c| !self.down.contains(&c.node))
+    }
+
+    /// Whether address `ip` of container `c` reaches an asker with `reach`.
+    pub fn reaches(&self, c: &Record, ip: IpAddr, reach: Reach) -> bool {
+        match reach {
+            Reach::All => true,
+            Reach::From { node, on_host } => {
+                (on_host && c.node == node)
+                    || self.node_subnets(c.node).iter().any(|s| s.contains(ip))
+            }
+        }
+    }
+
+    /// The addresses a link alias of the asker stands for (None: not its link, or the linked
+    /// container is not running).
+    pub fn resolve_link(&self, name: &str, scope: &Scope<'_>) -> Option<Vec<IpAddr>> {
+        let link = scope.links.iter().find(|l| l.alias == name)?;
         let targets = self.named(&link.target);
         if targets.is_empty() {
             // The linked container is not running: fall through to the cluster-wide names.
             return None;
         }
-        Some(addresses(targets.iter().map(|id| &*self.containers[*id])))
+        Some(self.addresses(
+            targets.iter().map(|id| &*self.containers[*id]),
+            scope.reach,
+        ))
     }
 
-    /// Containers whose name or alias is `name`.
     /// Containers whose name or alias is `name`, except those of nodes that are down.
     fn named(&self, name: &str) -> BTreeSet<&ContainerId> {
         let by_name = self.by_name.get(name).into_iter().flatten();
@@ -141,11 +222,23 @@ impl Registry {
             .into_iter()
             .any(|id| self.containers[id].node == node)
     }
-}
 
-fn addresses<'a>(containers: impl Iterator<Item = &'a Record>) -> Vec<IpAddr> {
-    let set: BTreeSet<IpAddr> = containers.flat_map(|c| c.ips.iter().copied()).collect();
-    set.into_iter().collect()
+    /// The addresses of `containers` that reach the asker, sorted, without duplicates.
+    fn addresses<'a>(
+        &'a self,
+        containers: impl Iterator<Item = &'a Record>,
+        reach: Reach,
+    ) -> Vec<IpAddr> {
+        let set: BTreeSet<IpAddr> = containers
+            .flat_map(|c| {
+                c.ips
+                    .iter()
+                    .copied()
+                    .filter(move |ip| self.reaches(c, *ip, reach))
+            })
+            .collect();
+        set.into_iter().collect()
+    }
 }
 
 /// Parses a reverse-lookup name (`4.3.2.1.in-addr.arpa`, nibbles `.ip6.arpa`, lowercased, no

@@ -1,0 +1,529 @@
+//! This node's own view of its Docker engine, ahead of the log: who is asking (every local
+//! container Docker has started or is starting, healthy or not), which networks are this host's,
+//! and this node's container changes that the log has not committed yet.
+//!
+//! A container's first query comes from the host it runs on, so answering it right is local
+//! knowledge: none of this waits for Raft. Plain data, changed only by the node's own watcher;
+//! never replicated.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use crate::command::Command;
+use crate::model::{canonical_ip, Container, ContainerId, LinkAlias, NodeId, Subnet};
+use crate::Registry;
+
+/// A Docker network of this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalNetwork {
+    /// Docker's network id (the full hex digits).
+    pub id: String,
+    pub name: String,
+    pub subnets: Vec<Subnet>,
+    /// The host's own addresses on the network (its gateways).
+    pub gateways: Vec<IpAddr>,
+}
+
+/// A container of this host as far as asking goes: its addresses and its link aliases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalContainer {
+    pub id: ContainerId,
+    pub name: String,
+    /// Link aliases from its `linkdns.links` label, normalized.
+    pub links: Vec<LinkAlias>,
+    /// Addresses Docker has told (empty while it is starting).
+    pub ips: Vec<IpAddr>,
+    /// Ids of networks Docker is connecting it to whose address it has not told yet.
+    pub connecting: BTreeSet<String>,
+}
+
+/// What the watcher learned about this host; applied to the [`LocalView`] in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalChange {
+    /// The host's Docker networks, all of them.
+    Networks(Vec<LocalNetwork>),
+    /// Every local container, from a listing (the watcher follows events from here on).
+    Replace(Vec<LocalContainer>),
+    /// One container as an inspection shows it (running: addresses known).
+    Upsert(LocalContainer),
+    /// Docker is connecting a container that is starting to a network (the `connect` event
+    /// comes before its process runs; its address is told only once it has started).
+    Connecting {
+        id: ContainerId,
+        name: String,
+        links: Vec<LinkAlias>,
+        network: String,
+    },
+    /// A network connection went away before its address was told.
+    Disconnected { id: ContainerId, network: String },
+    /// The container is not running any more.
+    Remove(ContainerId),
+    /// Whether events have arrived that the watcher has not handled yet.
+    Backlog(bool),
+    /// The watcher lost Docker: what it knows may be stale, nothing is inferred until it has
+    /// listed again.
+    Lost,
+}
+
+/// Who sent a query, as far as this host knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asker<'a> {
+    /// A container of this host.
+    Container(&'a LocalContainer),
+    /// An address of a container network of this host that no known container holds: most
+    /// likely a container that is starting, whose address the watcher has not learned yet
+    /// (worth waiting a moment for).
+    Unknown,
+    /// Anything else: loopback, the host itself, other hosts, or (while the watcher is not
+    /// following Docker) an address this view cannot vouch for.
+    Other,
+}
+
+/// This host's view; replaced as a whole on every change (cheap: one host's containers).
+#[derive(Clone, Debug, Default)]
+pub struct LocalView {
+    /// The watcher has listed Docker in its current session and follows its events.
+    live: bool,
+    /// Events are waiting to be handled: a starting container may not be known yet.
+    backlog: bool,
+    networks: Vec<LocalNetwork>,
+    containers: BTreeMap<ContainerId, LocalContainer>,
+    by_ip: HashMap<IpAddr, ContainerId>,
+    link_aliases: HashSet<String>,
+    /// This node's own addresses besides the networks' gateways (its peer address).
+    host_addrs: Vec<IpAddr>,
+}
+
+impl LocalView {
+    /// Applies one change of the watcher.
+    pub fn apply(&mut self, change: LocalChange) {
+        match change {
+            LocalChange::Networks(networks) => self.networks = networks,
+            LocalChange::Replace(containers) => {
+                self.containers = containers
+                    .into_iter()
+                    .map(|c| (c.id.clone(), normalized(c)))
+                    .collect();
+                self.live = true;
+            }
+            LocalChange::Upsert(c) => {
+                self.containers.insert(c.id.clone(), normalized(c));
+            }
+            LocalChange::Connecting {
+                id,
+                name,
+                links,
+                network,
+            } => {
+                let entry = self
+                    .containers
+                    .entry(id.clone())
+                    .or_insert_with(|| LocalContainer {
+                        id,
+                        name,
+                        links,
+                        ips: Vec::new(),
+                        connecting: BTreeSet::new(),
+                    });
+                entry.connecting.insert(network);
+                *entry = normalized(entry.clone());
+            }
+            LocalChange::Disconnected { id, network } => {
+                if let Some(c) = self.containers.get_mut(&id) {
+                    c.connecting.remove(&network);
+                    if c.ips.is_empty() && c.connecting.is_empty() {
+                        self.containers.remove(&id);
+                    }
+                }
+            }
+            LocalChange::Remove(id) => {
+                self.containers.remove(&id);
+            }
+            LocalChange::Backlog(backlog) => self.backlog = backlog,
+            LocalChange::Lost => {
+                self.live = false;
+                self.backlog = false;
+            }
+        }
+        self.reindex();
+    }
+
+    /// This node's own addresses (besides its networks' gateways): asking from them is asking
+    /// from this host.
+    pub fn set_host_addrs(&mut self, addrs: Vec<IpAddr>) {
+        self.host_addrs = addrs;
+    }
+
+    fn reindex(&mut self) {
+        self.by_ip = self
+            .containers
+            .values()
+            .flat_map(|c| c.ips.iter().map(move |ip| (*ip, c.id.clone())))
+            .collect();
+        self.link_aliases = self
+            .containers
+            .values()
+            .flat_map(|c| c.links.iter().map(|l| l.alias.clone()))
+            .collect();
+    }
+
+    /// Whether the watcher follows Docker (listed, events followed).
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    pub fn networks(&self) -> &[LocalNetwork] {
+        &self.networks
+    }
+
+    pub fn containers(&self) -> impl Iterator<Item = &LocalContainer> {
+        self.containers.values()
+    }
+
+    /// Whether some local container uses `name` as a link alias (answers for it depend on who
+    /// asks). Complements [`Registry::is_link_alias`] for containers the registry does not hold
+    /// (starting, or failing their health check).
+    pub fn is_link_alias(&self, name: &str) -> bool {
+        self.link_aliases.contains(name)
+    }
+
+    /// Who `src` is. An address of a local network that no container is known to hold is the
+    /// one container being connected to that network, if there is exactly one and every event
+    /// received has been handled (Docker tells a container's network connection before its
+    /// process runs, its address only after); otherwise [`Asker::Unknown`].
+    pub fn identify(&self, src: IpAddr) -> Asker<'_> {
+        let src = canonical_ip(src);
+        if let Some(c) = self.by_ip.get(&src).and_then(|id| self.containers.get(id)) {
+            return Asker::Container(c);
+        }
+        if !self.live {
+            return Asker::Other;
+        }
+        let Some(network) = self
+            .networks
+            .iter()
+            .find(|n| n.subnets.iter().any(|s| s.contains(src)))
+        else {
+            return Asker::Other;
+        };
+        if network.gateways.contains(&src) {
+            return Asker::Other;
+        }
+        let mut connecting = self
+            .containers
+            .values()
+            .filter(|c| c.connecting.contains(&network.id));
+        match (connecting.next(), connecting.next(), self.backlog) {
+            (Some(only), None, false) => Asker::Container(only),
+            _ => Asker::Unknown,
+        }
+    }
+
+    /// Whether `src` is on this host: loopback, the host's own addresses, or an address of one
+    /// of its container networks. Host-local addresses are answered only to such askers.
+    pub fn is_on_host(&self, src: IpAddr) -> bool {
+        let src = canonical_ip(src);
+        src.is_loopback()
+            || self.host_addrs.contains(&src)
+            || self
+                .networks
+                .iter()
+                .any(|n| n.subnets.iter().any(|s| s.contains(src)) || n.gateways.contains(&src))
+    }
+}
+
+fn normalized(mut c: LocalContainer) -> LocalContainer {
+    c.name = crate::model::normalize_name(&c.name);
+    let links: BTreeSet<LinkAlias> = c
+        .links
+        .iter()
+        .map(|l| LinkAlias {
+            target: crate::model::normalize_name(&l.target),
+            alias: crate::model::normalize_name(&l.alias),
+        })
+        .filter(|l| !l.target.is_empty() && !l.alias.is_empty())
+        .collect();
+    c.links = links.into_iter().collect();
+    c.ips = c.ips.into_iter().map(canonical_ip).collect();
+    c.ips.sort();
+    c.ips.dedup();
+    c
+}
+
+/// This node's container changes that the watcher has seen and the log has not committed yet:
+/// laid over the committed registry for DNS, so a container's records are answered as soon as
+/// Docker reports them, and dropped once the proposal that carries them is answered.
+#[derive(Clone, Debug, Default)]
+pub struct Pending {
+    /// The latest state of each changed container (`None`: gone).
+    changes: BTreeMap<ContainerId, Option<Container>>,
+}
+
+impl Pending {
+    /// Records a watcher command about `node`'s containers (before it is proposed).
+    /// `committed` is the registry as committed now (a resync removes what it does not list).
+    pub fn observe(&mut self, command: &Command, node: NodeId, committed: &Registry) {
+        match command {
+            Command::UpsertContainer(c) if c.node == node => {
+                self.changes
+                    .insert(c.id.clone(), Some(c.clone().normalized()));
+            }
+            Command::RemoveContainer { node: n, id } if *n == node => {
+                self.changes.insert(id.clone(), None);
+            }
+            Command::ReplaceContainers {
+                node: n,
+                containers,
+            } if *n == node => {
+                let listed: BTreeSet<&ContainerId> = containers.iter().map(|c| &c.id).collect();
+                let stale: Vec<ContainerId> = committed
+                    .containers_of(node)
+                    .map(|c| c.id.clone())
+                    .chain(self.changes.keys().cloned())
+                    .filter(|id| !listed.contains(id))
+                    .collect();
+                for id in stale {
+                    self.changes.insert(id, None);
+                }
+                for c in containers.iter().filter(|c| c.node == node) {
+                    self.changes
+                        .insert(c.id.clone(), Some(c.clone().normalized()));
+                }
+            }
+            Command::Batch(commands) => {
+                for c in commands {
+                    self.observe(c, node, committed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets what `command` carried, now that the log has answered it (applied or refused):
+    /// the committed registry says it from now on. Later changes of the same containers stay.
+    pub fn settle(&mut self, command: &Command) {
+        match command {
+            Command::UpsertContainer(c) => self.settle_one(&c.id, Some(&c.clone().normalized())),
+            Command::RemoveContainer { id, .. } => self.settle_one(id, None),
+            Command::ReplaceContainers { containers, .. } => {
+                let listed: BTreeSet<&ContainerId> = containers.iter().map(|c| &c.id).collect();
+                self.changes
+                    .retain(|id, change| change.is_some() || listed.contains(id));
+                for c in containers {
+                    self.settle_one(&c.id, Some(&c.clone().normalized()));
+                }
+            }
+            Command::Batch(commands) => {
+                for c in commands {
+                    self.settle(c);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn settle_one(&mut self, id: &ContainerId, carried: Option<&Container>) {
+        if self.changes.get(id).is_some_and(|c| c.as_ref() == carried) {
+            self.changes.remove(id);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// `registry` with these changes applied, as `node`'s (what the registry would refuse, such
+    /// as a container id another node holds, is left out).
+    pub fn apply_to(&self, registry: &mut Registry, node: NodeId) {
+        for (id, change) in &self.changes {
+            let command = match change {
+                Some(c) => Command::UpsertContainer(c.clone()),
+                None => Command::RemoveContainer {
+                    node,
+                    id: id.clone(),
+                },
+            };
+            let _ = registry.apply(&command);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NodeInfo;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    fn network(id: &str, subnet: &str, gateway: &str) -> LocalNetwork {
+        LocalNetwork {
+            id: id.into(),
+            name: id.into(),
+            subnets: vec![subnet.parse().expect("subnet")],
+            gateways: vec![ip(gateway)],
+        }
+    }
+
+    fn local(id: &str, ips: &[&str], links: &[(&str, &str)]) -> LocalContainer {
+        LocalContainer {
+            id: ContainerId::new(id),
+            name: id.into(),
+            links: links
+                .iter()
+                .map(|(t, a)| LinkAlias {
+                    target: t.to_string(),
+                    alias: a.to_string(),
+                })
+                .collect(),
+            ips: ips.iter().map(|s| ip(s)).collect(),
+            connecting: BTreeSet::new(),
+        }
+    }
+
+    fn connecting(id: &str, network: &str) -> LocalChange {
+        LocalChange::Connecting {
+            id: ContainerId::new(id),
+            name: id.into(),
+            links: vec![LinkAlias {
+                target: "mysql".into(),
+                alias: "DB".into(),
+            }],
+            network: network.into(),
+        }
+    }
+
+    fn view() -> LocalView {
+        let mut v = LocalView::default();
+        v.apply(LocalChange::Networks(vec![network(
+            "br",
+            "192.168.1.0/24",
+            "192.168.1.1",
+        )]));
+        v.apply(LocalChange::Replace(vec![local(
+            "old",
+            &["192.168.1.2"],
+            &[],
+        )]));
+        v
+    }
+
+    #[test]
+    fn known_containers_gateways_and_strangers() {
+        let v = view();
+        assert!(matches!(v.identify(ip("192.168.1.2")), Asker::Container(c) if c.name == "old"));
+        assert_eq!(v.identify(ip("192.168.1.1")), Asker::Other, "the host");
+        assert_eq!(v.identify(ip("127.0.0.1")), Asker::Other);
+        assert_eq!(v.identify(ip("172.30.0.2")), Asker::Other, "another host");
+        assert_eq!(v.identify(ip("192.168.1.9")), Asker::Unknown);
+        assert!(v.is_on_host(ip("192.168.1.9")));
+        assert!(v.is_on_host(ip("::1")));
+        assert!(!v.is_on_host(ip("172.30.0.2")));
+    }
+
+    #[test]
+    fn the_one_container_being_connected_is_the_unknown_asker() {
+        let mut v = view();
+        v.apply(connecting("new", "br"));
+        let Asker::Container(c) = v.identify(ip("192.168.1.3")) else {
+            panic!("the starting container")
+        };
+        assert_eq!(c.links[0].alias, "db", "normalized");
+        assert!(v.is_link_alias("db"));
+        // Events not handled yet: another container may be starting too.
+        v.apply(LocalChange::Backlog(true));
+        assert_eq!(v.identify(ip("192.168.1.3")), Asker::Unknown);
+        v.apply(LocalChange::Backlog(false));
+        // Two starting at once: ambiguous, so unknown until Docker tells the addresses.
+        v.apply(connecting("other", "br"));
+        assert_eq!(v.identify(ip("192.168.1.3")), Asker::Unknown);
+        v.apply(LocalChange::Upsert(local("new", &["192.168.1.3"], &[])));
+        assert!(matches!(v.identify(ip("192.168.1.3")), Asker::Container(c) if c.name == "new"));
+        assert!(matches!(v.identify(ip("192.168.1.4")), Asker::Container(c) if c.name == "other"));
+        // A connection that went away before it got an address leaves nothing behind.
+        v.apply(LocalChange::Disconnected {
+            id: ContainerId::new("other"),
+            network: "br".into(),
+        });
+        assert_eq!(v.identify(ip("192.168.1.4")), Asker::Unknown);
+    }
+
+    #[test]
+    fn nothing_is_inferred_while_docker_is_lost() {
+        let mut v = view();
+        v.apply(connecting("new", "br"));
+        v.apply(LocalChange::Lost);
+        assert_eq!(v.identify(ip("192.168.1.3")), Asker::Other);
+        assert!(
+            matches!(v.identify(ip("192.168.1.2")), Asker::Container(_)),
+            "known addresses still identify"
+        );
+    }
+
+    fn registry() -> Registry {
+        let mut r = Registry::new();
+        r.apply(&Command::UpsertNode(NodeInfo {
+            id: 1,
+            name: "h1".into(),
+            peer_addr: "172.30.0.1:7380".into(),
+        }))
+        .expect("node");
+        r
+    }
+
+    fn container(id: &str, ip_: &str) -> Container {
+        Container {
+            id: ContainerId::new(id),
+            name: id.into(),
+            node: 1,
+            ips: vec![ip(ip_)],
+            aliases: BTreeSet::new(),
+            links: BTreeSet::new(),
+            ports: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn pending_changes_lie_over_the_registry_until_settled() {
+        let mut committed = registry();
+        committed
+            .apply(&Command::UpsertContainer(container("gone", "192.168.1.5")))
+            .expect("gone");
+        let mut pending = Pending::default();
+        let up = Command::UpsertContainer(container("web", "192.168.1.2"));
+        pending.observe(&up, 1, &committed);
+        let resync = Command::ReplaceContainers {
+            node: 1,
+            containers: vec![container("web", "192.168.1.2")],
+        };
+        pending.observe(&resync, 1, &committed);
+        let mut shown = committed.clone();
+        pending.apply_to(&mut shown, 1);
+        assert!(shown.container(&ContainerId::new("web")).is_some());
+        assert!(shown.container(&ContainerId::new("gone")).is_none());
+        // The upsert is answered (the resync carries the same web); the removal of `gone`
+        // waits for the resync.
+        pending.settle(&up);
+        assert_eq!(pending.len(), 1);
+        pending.settle(&resync);
+        assert!(pending.is_empty());
+        // A later change of the same container outlives the settling of an earlier one.
+        pending.observe(&up, 1, &committed);
+        let moved = Command::UpsertContainer(container("web", "192.168.1.9"));
+        pending.observe(&moved, 1, &committed);
+        pending.settle(&up);
+        assert_eq!(pending.len(), 1);
+        // Other nodes' commands are never pending here.
+        let foreign = Command::UpsertContainer(Container {
+            node: 2,
+            ..container("x", "192.168.2.2")
+        });
+        pending.observe(&foreign, 1, &committed);
+        assert_eq!(pending.len(), 1);
+    }
+}
