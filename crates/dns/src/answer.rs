@@ -137,8 +137,7 @@ impl Zone {
                 return (refuse(request), Cacheable::No);
             }
             let rel = relative(&name, &self.domain);
-            let cacheable = if registry.is_link_alias(&rel) || published.local.is_link_alias(&rel)
-            {
+            let cacheable = if registry.is_link_alias(&rel) || published.local.is_link_alias(&rel) {
                 Cacheable::No
             } else {
                 Cacheable::Yes

@@ -527,7 +527,8 @@ fn udp_loop(
                     }
                     continue;
                 };
-                let (answerer, socket, query) = (answerer.clone(), socket.clone(), buf[..n].to_vec());
+                let (answerer, socket, query) =
+                    (answerer.clone(), socket.clone(), buf[..n].to_vec());
                 runtime.spawn(async move {
                     let _permit = permit;
                     forward_udp(&answerer, &socket, &query, src, limit, started).await;
@@ -656,8 +657,7 @@ impl RequestHandler for TcpHandler {
             Ok(query) => {
                 let src = canonical_ip(request.src().ip());
                 let mut published = answerer.published.load_full();
-                if published.local.identify(src) == Asker::Unknown && answerer.holds.may_hold(src)
-                {
+                if published.local.identify(src) == Asker::Unknown && answerer.holds.may_hold(src) {
                     answerer.wait_for_asker(src).await;
                     published = answerer.published.load_full();
                 }

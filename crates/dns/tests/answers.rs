@@ -12,8 +12,8 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Holds, Zone};
 use linkdns_registry::{
-    Command, Container, ContainerId, LinkAlias, LocalChange, LocalContainer, LocalNetwork, LocalView,
-    NodeInfo, Published, Registry,
+    Command, Container, ContainerId, LinkAlias, LocalChange, LocalContainer, LocalNetwork,
+    LocalView, NodeInfo, Published, Registry,
 };
 
 fn registry() -> Registry {
@@ -66,7 +66,10 @@ fn registry() -> Registry {
         r.apply(&Command::UpsertContainer(container))
             .expect("container");
     }
-    for (node, subnets) in [(1, &["192.168.1.0/24"][..]), (2, &["192.168.2.0/24", "fd00::/64"])] {
+    for (node, subnets) in [
+        (1, &["192.168.1.0/24"][..]),
+        (2, &["192.168.2.0/24", "fd00::/64"]),
+    ] {
         r.apply(&Command::SetNodeSubnets {
             node,
             subnets: subnets.iter().map(|s| s.parse().expect("subnet")).collect(),
@@ -176,7 +179,12 @@ fn naming_table_golden() {
         // for askers on this host (node 1).
         (local, "solo.cluster.", RecordType::A, false),
         (local, "impostor.cluster.", RecordType::A, false),
-        ("203.0.113.1:5000", "impostor.cluster.", RecordType::A, false),
+        (
+            "203.0.113.1:5000",
+            "impostor.cluster.",
+            RecordType::A,
+            false,
+        ),
         (local, "dual.cluster.", RecordType::A, false),
         (local, "2.0.17.172.in-addr.arpa.", RecordType::PTR, false),
         (local, "5.0.18.172.in-addr.arpa.", RecordType::PTR, false),
@@ -413,10 +421,16 @@ fn a_starting_container_gets_its_links_at_its_first_query() {
         ..Published::committed(42, registry())
     }));
     let mut cache = AnswerCache::new();
-    let first = ask(&a, &mut cache, "192.168.1.50:5000", "db.", RecordType::A, false);
+    let first = ask(
+        &a,
+        &mut cache,
+        "192.168.1.50:5000",
+        "db.",
+        RecordType::A,
+        false,
+    );
     assert_eq!(
-        first,
-        "id=0xbeef NoError aa rd ra\nan db. 5 A 192.168.1.5\n",
+        first, "id=0xbeef NoError aa rd ra\nan db. 5 A 192.168.1.5\n",
         "the one container being connected is the asker"
     );
     // Two starting at once: which one asks is not known yet, so the query waits.
@@ -425,7 +439,14 @@ fn a_starting_container_gets_its_links_at_its_first_query() {
         ..Published::committed(42, registry())
     }));
     assert_eq!(
-        ask(&a, &mut cache, "192.168.1.50:5000", "db.", RecordType::A, false),
+        ask(
+            &a,
+            &mut cache,
+            "192.168.1.50:5000",
+            "db.",
+            RecordType::A,
+            false
+        ),
         "(no answer: forwarded or dropped)\n"
     );
 }
@@ -474,8 +495,28 @@ async fn a_held_query_waits_for_the_watcher_and_no_longer() {
     let waited = a.wait_for_asker(other).await;
     assert!(waited >= linkdns_dns::HOLD_LIMIT, "{waited:?}");
     let mut cache = AnswerCache::new();
-    let answer = ask(&a, &mut cache, "192.168.1.51:5000", "db.", RecordType::A, false);
-    assert!(answer.starts_with("(no answer"), "a bare name without links goes upstream: {answer}");
-    let named = ask(&a, &mut cache, "192.168.1.51:5000", "mysql.cluster.", RecordType::A, false);
-    assert!(named.contains("192.168.1.5"), "answered at once this time: {named}");
+    let answer = ask(
+        &a,
+        &mut cache,
+        "192.168.1.51:5000",
+        "db.",
+        RecordType::A,
+        false,
+    );
+    assert!(
+        answer.starts_with("(no answer"),
+        "a bare name without links goes upstream: {answer}"
+    );
+    let named = ask(
+        &a,
+        &mut cache,
+        "192.168.1.51:5000",
+        "mysql.cluster.",
+        RecordType::A,
+        false,
+    );
+    assert!(
+        named.contains("192.168.1.5"),
+        "answered at once this time: {named}"
+    );
 }

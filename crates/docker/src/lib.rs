@@ -261,7 +261,9 @@ async fn handle_event(
             };
             send(reports, Report::Local(change)).await
         }
-        Some(Happened::Connect { id, .. }) => report_state(docker, config, reports, session, &id).await,
+        Some(Happened::Connect { id, .. }) => {
+            report_state(docker, config, reports, session, &id).await
+        }
         Some(Happened::Disconnect { id, network }) => {
             let change = LocalChange::Disconnected {
                 id: ContainerId::new(id.clone()),
@@ -479,12 +481,21 @@ enum Happened {
         links: Vec<LinkAlias>,
     },
     /// A container is being connected to a network (before its process runs, when starting).
-    Connect { id: String, network: String },
-    Disconnect { id: String, network: String },
+    Connect {
+        id: String,
+        network: String,
+    },
+    Disconnect {
+        id: String,
+        network: String,
+    },
     /// A network came or went.
     Networks,
     /// Something that may change what DNS answers for the container.
-    Changed { id: String, destroyed: bool },
+    Changed {
+        id: String,
+        destroyed: bool,
+    },
 }
 
 /// What `event` means for the watcher, if anything.
@@ -662,7 +673,12 @@ mod tests {
             classify(&event(CONTAINER, "destroy", "c1", &[])),
             changed("c1", true)
         );
-        for action in ["exec_create: true", "exec_start: true", "exec_die", "attach"] {
+        for action in [
+            "exec_create: true",
+            "exec_start: true",
+            "exec_die",
+            "attach",
+        ] {
             assert_eq!(
                 classify(&event(CONTAINER, action, "c1", &[])),
                 None,
@@ -675,7 +691,11 @@ mod tests {
                 CONTAINER,
                 "create",
                 "c1",
-                &[("name", "wp"), ("linkdns.links", "mysql:db"), ("image", "x")]
+                &[
+                    ("name", "wp"),
+                    ("linkdns.links", "mysql:db"),
+                    ("image", "x")
+                ]
             )),
             Some(Happened::Created {
                 id: "c1".into(),

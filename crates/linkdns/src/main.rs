@@ -6,8 +6,8 @@ mod config;
 mod members;
 mod routing;
 mod run;
-mod view;
 mod status;
+mod view;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -68,7 +68,9 @@ impl View {
     pub fn observe(&self, command: &Command) {
         let mut state = self.lock();
         let committed = state.committed.clone();
-        state.pending.observe(command, self.node, &committed.registry);
+        state
+            .pending
+            .observe(command, self.node, &committed.registry);
         self.publish(&mut state);
     }
 

@@ -542,10 +542,7 @@ impl<S: LogStore, T> Core<S, T> {
             self.maybe_snapshot(wanted)?;
         }
         if self.applied != applied_before {
-            progress.published = Some(Published::committed(
-                self.applied,
-                self.registry.clone(),
-            ));
+            progress.published = Some(Published::committed(self.applied, self.registry.clone()));
         }
         progress.done = std::mem::take(&mut self.done);
         Ok(progress)

@@ -72,10 +72,9 @@ impl Registry {
         }
         let global = self.named(name);
         if !global.is_empty() {
-            return Resolution::Found(self.addresses(
-                global.iter().map(|id| &*self.containers[*id]),
-                scope.reach,
-            ));
+            return Resolution::Found(
+                self.addresses(global.iter().map(|id| &*self.containers[*id]), scope.reach),
+            );
         }
         if let Some((head, node_name)) = name.rsplit_once('.') {
             if let Some(node) = self.node_by_name(node_name) {
@@ -193,10 +192,7 @@ impl Registry {
             // The linked container is not running: fall through to the cluster-wide names.
             return None;
         }
-        Some(self.addresses(
-            targets.iter().map(|id| &*self.containers[*id]),
-            scope.reach,
-        ))
+        Some(self.addresses(targets.iter().map(|id| &*self.containers[*id]), scope.reach))
     }
 
     /// Containers whose name or alias is `name`, except those of nodes that are down.

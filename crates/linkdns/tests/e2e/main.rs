@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `linkdns` binary in a network namespace with its own Docker
 //! engine, asked by `dig` and by busybox `nslookup` inside containers.
 
+mod answers;
 mod cluster;
 mod routes;
 mod testbed;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use testbed::{wait_until, Dig, Host};
 
-const SETTLE: Duration = Duration::from_secs(10);
+pub(crate) const SETTLE: Duration = Duration::from_secs(10);
 
 /// Waits until `dig` of `name` from inside `host` gives `want` (sorted rdata; empty = NXDOMAIN).
 pub(crate) fn expect_answer(host: &Host, name: &str, qtype: &str, want: &[&str]) -> Dig {
@@ -105,8 +106,29 @@ fn names_follow_container_lifecycle() {
     }
 }
 
+/// Waits until `dig` of `name` from inside `host` is NODATA: the name exists, with no record
+/// of that type (or none that reaches the asker).
+pub(crate) fn expect_nodata(host: &Host, name: &str, qtype: &str) -> Dig {
+    let mut last = Dig::default();
+    let ok = (0..100).any(|_| {
+        last = host.dig(&["@127.0.0.1", name, qtype]);
+        let done = last.status == "NOERROR" && last.answers.is_empty();
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    assert!(
+        ok,
+        "{name} {qtype}: wanted NODATA, last answer:
+{}",
+        last.raw
+    );
+    last
+}
+
 /// GET on the admin endpoint from inside the host (busybox wget in the host namespace).
-fn admin_get(h: &Host, path: &str) -> String {
+pub(crate) fn admin_get(h: &Host, path: &str) -> String {
     let out = h.exec(
         "busybox",
         &[
