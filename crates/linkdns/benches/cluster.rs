@@ -19,7 +19,12 @@
 //!   each round kill -9 a random voter, restart it, and wait (at most 5 s) for a leader. Then:
 //!   acknowledged records missing on any node, and restarts that failed or panicked.
 //!
-//! All need root only for `propagation` (network namespaces, dockerd).
+//! - `first-query [runs=100]`: 3 voters of the namespace test bed; mysql on h1; `runs` times
+//!   `docker run --rm --label linkdns.links=mysql:db … nslookup db` on h2 and h3 in turn (an app
+//!   that resolves its link at its first instruction). How many were answered mysql's address,
+//!   and the latency linkdns added to those queries (held for an unknown asker), p50/p99/max.
+//!
+//! All need root only for `propagation` and `first-query` (network namespaces, dockerd).
 
 // A benchmark's output is its figures, on stdout.
 #![allow(clippy::print_stdout)]
@@ -61,6 +66,7 @@ fn main() {
         println!("== {m}");
         match m {
             "propagation" => propagation(n.unwrap_or(200) as usize),
+            "first-query" => first_query(n.unwrap_or(100) as usize),
             "churn" => {
                 let batch = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
                 runtime.block_on(churn(n.unwrap_or(10), batch))
@@ -838,5 +844,142 @@ fn propagation(containers: usize) {
     println!(
         "{containers} containers on 3 hosts; Docker start event -> answered by another host's DNS (ms): {}; never answered within 10 s: {never}",
         percentiles(ms)
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// First queries of new containers, on the namespace test bed.
+
+/// The Prometheus text of `h`'s admin endpoint.
+fn metrics(h: &testbed::Host) -> String {
+    let out = h.exec(
+        "busybox",
+        &["wget", "-q", "-O", "-", "http://127.0.0.1:7381/metrics"],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of the metric line that starts with `prefix` (0 when there is none).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `(upper bound in seconds, cumulative count)` of the held-time histogram.
+fn held_buckets(text: &str) -> Vec<(f64, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("linkdns_dns_held_seconds_bucket{le=\"")?;
+            let (le, value) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn first_query(runs: usize) {
+    let mut hosts: Vec<testbed::Host> = (0..3).map(|_| testbed::Host::on_lan()).collect();
+    hosts[0].start_linkdns(&[]);
+    let token = hosts[0].token();
+    let (first, rest) = hosts.split_at_mut(1);
+    for h in rest {
+        h.join_linkdns(&first[0], &token, &[]);
+    }
+    testbed::wait_until(Duration::from_secs(60), "three voters", || {
+        hosts[0].status_json()["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().filter(|m| m["role"] == "voter").count() == 3)
+    });
+    hosts[0].run_container("mysql", &[]);
+    let mysql = hosts[0].container_ip("mysql");
+    for h in &hosts[1..] {
+        testbed::wait_until(Duration::from_secs(20), "mysql replicated", || {
+            h.dig(&["@127.0.0.1", "mysql.cluster", "A"]).rdata() == [mysql.clone()]
+        });
+    }
+    let before: Vec<String> = hosts[1..].iter().map(metrics).collect();
+    let mut right = 0;
+    let mut wrong = Vec::new();
+    for i in 0..runs {
+        let h = &hosts[1 + i % 2];
+        let dns = h.gateway.to_string();
+        let out = h.try_docker(&[
+            "run",
+            "--rm",
+            "--label",
+            "linkdns.links=mysql:db",
+            "--dns",
+            &dns,
+            "--dns-search",
+            "cluster",
+            testbed::IMAGE,
+            "nslookup",
+            "db",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains(&mysql) {
+            right += 1;
+        } else {
+            wrong.push(format!("run {i} on {}: {text}", h.ns));
+        }
+    }
+    let after: Vec<String> = hosts[1..].iter().map(metrics).collect();
+    // Every query the askers' hosts answered meanwhile came from the new containers.
+    let mut queries = 0.0;
+    let mut held = 0.0;
+    let mut expired = 0.0;
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for (b, a) in before.iter().zip(&after) {
+        let answered = |t: &str| {
+            t.lines()
+                .filter(|l| l.starts_with("linkdns_dns_queries_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        queries += answered(a) - answered(b);
+        held += metric(a, "linkdns_dns_held_seconds_count")
+            - metric(b, "linkdns_dns_held_seconds_count");
+        expired += metric(a, "linkdns_dns_held_expired_total")
+            - metric(b, "linkdns_dns_held_expired_total");
+        let (hb, ha) = (held_buckets(b), held_buckets(a));
+        for (i, (le, count)) in ha.iter().enumerate() {
+            let was = hb.get(i).map_or(0.0, |(_, c)| *c);
+            match buckets.get_mut(i) {
+                Some(slot) => slot.1 += count - was,
+                None => buckets.push((*le, count - was)),
+            }
+        }
+    }
+    // Added latency per query: 0 for those not held, the bucket's bound for held ones.
+    let quantile = |q: f64| -> String {
+        let rank = (q * queries).ceil();
+        let not_held = queries - held;
+        if rank <= not_held {
+            return "0 ms (not held)".into();
+        }
+        let need = rank - not_held;
+        buckets
+            .iter()
+            .find(|(_, cumulative)| *cumulative >= need)
+            .map_or("?".into(), |(le, _)| format!("<= {:.1} ms", le * 1000.0))
+    };
+    println!("runs: {runs} (`docker run --rm --label linkdns.links=mysql:db … nslookup db` on h2/h3, mysql on h1)");
+    println!("answered mysql's address: {right}/{runs}");
+    for w in wrong.iter().take(5) {
+        println!("  wrong: {w}");
+    }
+    println!("queries answered on h2/h3 meanwhile: {queries}; held for an unknown asker: {held} (waited out: {expired})");
+    println!(
+        "added latency: p50 {}, p99 {}, max {}",
+        quantile(0.5),
+        quantile(0.99),
+        quantile(1.0)
     );
 }

@@ -1,5 +1,5 @@
 //! The test bed: each host is a network namespace with its own Docker engine, a veth to the root
-//! namespace, and (when started) a real `linkdns` process. See DESIGN.md's test-bed facts.
+//! namespace, and (when started) a real `linkdns` process. tests/README.md says how it is built.
 //!
 //! Prerequisites are checked once and fail loudly: root, iproute2, nsenter, dockerd, dig,
 //! busybox. Nothing here is skipped.
