@@ -234,15 +234,7 @@ impl LocalView {
 
 fn normalized(mut c: LocalContainer) -> LocalContainer {
     c.name = crate::model::normalize_name(&c.name);
-    let links: BTreeSet<LinkAlias> = c
-        .links
-        .iter()
-        .map(|l| LinkAlias {
-            target: crate::model::normalize_name(&l.target),
-            alias: crate::model::normalize_name(&l.alias),
-        })
-        .filter(|l| !l.target.is_empty() && !l.alias.is_empty())
-        .collect();
+    let links: BTreeSet<LinkAlias> = c.links.iter().filter_map(LinkAlias::normalized).collect();
     c.links = links.into_iter().collect();
     c.ips = c.ips.into_iter().map(canonical_ip).collect();
     c.ips.sort();

@@ -51,6 +51,17 @@ pub struct LinkAlias {
     pub alias: String,
 }
 
+impl LinkAlias {
+    /// Both names normalized; `None` if either is empty.
+    pub fn normalized(&self) -> Option<LinkAlias> {
+        let link = LinkAlias {
+            target: normalize_name(&self.target),
+            alias: normalize_name(&self.alias),
+        };
+        (!link.target.is_empty() && !link.alias.is_empty()).then_some(link)
+    }
+}
+
 /// Transport protocol of a published or exposed port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Protocol {
@@ -99,11 +110,7 @@ impl Container {
         self.links = self
             .links
             .iter()
-            .map(|l| LinkAlias {
-                target: normalize_name(&l.target),
-                alias: normalize_name(&l.alias),
-            })
-            .filter(|l| !l.target.is_empty() && !l.alias.is_empty())
+            .filter_map(LinkAlias::normalized)
             .collect();
         self.ips.sort();
         self.ips.dedup();
