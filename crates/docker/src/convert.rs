@@ -103,11 +103,7 @@ pub fn local_from_inspect(details: &ContainerInspectResponse) -> Option<LocalCon
     }
     let id = details.id.clone()?;
     let name = details.name.clone()?;
-    let labels = details.config.as_ref().and_then(|c| c.labels.as_ref());
-    let links = labels
-        .and_then(|l| l.get(LABEL_LINKS))
-        .map(|l| parse_links(l).into_iter().collect())
-        .unwrap_or_default();
+    let links = links_of(details.config.as_ref().and_then(|c| c.labels.as_ref()));
     let networks = details
         .network_settings
         .as_ref()
@@ -126,6 +122,15 @@ pub fn local_from_inspect(details: &ContainerInspectResponse) -> Option<LocalCon
         ips,
         connecting: BTreeSet::new(),
     })
+}
+
+/// The link aliases of a container's labels (from an inspection, a listing or an event's
+/// attributes), in order.
+pub fn links_of(labels: Option<&std::collections::HashMap<String, String>>) -> Vec<LinkAlias> {
+    labels
+        .and_then(|l| l.get(LABEL_LINKS))
+        .map(|l| parse_links(l).into_iter().collect())
+        .unwrap_or_default()
 }
 
 /// Parses `mysql:db,redis` into link aliases (`redis` alone links `redis` as `redis`).

@@ -335,12 +335,7 @@ async fn labels_of(docker: &Docker, id: &str) -> Result<Option<(String, Vec<Link
             .names
             .and_then(|n| n.into_iter().next())
             .unwrap_or_default();
-        let links = summary
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_LINKS))
-            .map(|l| parse_links(l).into_iter().collect())
-            .unwrap_or_default();
+        let links = convert::links_of(summary.labels.as_ref());
         (name, links)
     }))
 }
@@ -506,10 +501,7 @@ fn classify(event: &EventMessage) -> Option<Happened> {
         EventMessageTypeEnum::CONTAINER if action == "create" => {
             let attributes = actor.attributes.as_ref();
             let name = attributes.and_then(|a| a.get("name")).cloned()?;
-            let links = attributes
-                .and_then(|a| a.get(LABEL_LINKS))
-                .map(|l| parse_links(l).into_iter().collect())
-                .unwrap_or_default();
+            let links = convert::links_of(attributes);
             Some(Happened::Created {
                 id: actor.id.clone()?,
                 name,

@@ -134,32 +134,15 @@ impl Registry {
             Reach::All => None,
             Reach::From { node, .. } => Some(node),
         };
-        let mut candidates = self
+        let candidates = self
             .containers_at(ip)
             .filter(|c| self.reaches(c, ip, reach));
-        let first = candidates.next()?;
-        let chosen = match local {
-            Some(node) if first.node != node => {
-                candidates.find(|c| c.node == node).unwrap_or(first)
-            }
-            _ => first,
-        };
-        Some(&*chosen.name)
+        prefer(candidates, local).map(|c| &*c.name)
     }
 
     /// The container that holds `ip`, preferring one on `local`.
     pub fn container_at(&self, ip: IpAddr, local: Option<NodeId>) -> Option<&Record> {
-        let mut candidates = self.containers_at(ip);
-        match local {
-            Some(node) => {
-                let all: Vec<&Record> = candidates.collect();
-                all.iter()
-                    .find(|c| c.node == node)
-                    .or_else(|| all.first())
-                    .copied()
-            }
-            None => candidates.next(),
-        }
+        prefer(self.containers_at(ip), local)
     }
 
     /// The visible containers holding `ip`, by id.
@@ -234,6 +217,21 @@ impl Registry {
             })
             .collect();
         set.into_iter().collect()
+    }
+}
+
+/// The first of `candidates` on node `local`, else the first of all (without collecting them:
+/// this runs for queries on the answer path).
+fn prefer<'a>(
+    mut candidates: impl Iterator<Item = &'a Record>,
+    local: Option<NodeId>,
+) -> Option<&'a Record> {
+    let first = candidates.next()?;
+    match local {
+        Some(node) if first.node != node => {
+            Some(candidates.find(|c| c.node == node).unwrap_or(first))
+        }
+        _ => Some(first),
     }
 }
 
