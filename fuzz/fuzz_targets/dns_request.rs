@@ -17,15 +17,14 @@ fn answerer() -> &'static (Answerer, Mutex<AnswerCache>) {
     A.get_or_init(|| {
         let mut r = Registry::new();
         let _ = r.apply(&Command::UpsertNode(NodeInfo { id: 1, name: "h1".into(), peer_addr: "127.0.0.1:7380".into() }));
-        let _ = r.apply(&Command::UpsertContainer(Container {
-            id: ContainerId("a".into()),
-            name: "web".into(),
-            node: 1,
-            ips: vec!["192.168.1.2".parse().expect("ip"), "fd00::2".parse().expect("ip")],
-            aliases: ["www".to_string()].into_iter().collect(),
-            links: [LinkAlias { target: "web".into(), alias: "self".into() }].into_iter().collect(),
-            ports: BTreeSet::new(),
-        }));
+        let mut web = Container::new("a", "web", 1)
+            .with_ips(["192.168.1.2".parse().expect("ip"), "fd00::2".parse().expect("ip")]);
+        web.aliases = ["www".to_string()].into_iter().collect();
+        web.links = [LinkAlias { target: "web".into(), alias: "self".into() }].into_iter().collect();
+        web.ports.insert(Port { port: 80, protocol: Protocol::Tcp });
+        web.services.insert(NamedPort { name: "http".into(), port: Port { port: 8080, protocol: Protocol::Tcp } });
+        web.compose = Some(ComposeService { project: "shop".into(), service: "web".into() });
+        let _ = r.apply(&Command::UpsertContainer(web));
         let answerer = Answerer {
             zone: Zone::new("cluster", 5, Some(1)).expect("zone"),
             acl: Acl::new(vec![]),

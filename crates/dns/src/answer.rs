@@ -6,10 +6,11 @@
 use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use linkdns_registry::{
-    reverse_name_to_ip, Asker, LinkAlias, NodeId, Published, Reach, Resolution, Scope,
+    reverse_name_to_ip, Addresses, Asker, LinkAlias, NodeId, Published, Reach, Scope, SrvQuery,
+    SrvTarget, Vantage,
 };
 
 use crate::acl::Acl;
@@ -34,6 +35,47 @@ pub enum Cacheable {
     No,
 }
 
+/// Runs of answer records that rotate on every query (addresses of one family, of the asker's
+/// own host or of the others): `(first record, count)` in the answer section.
+pub type Rotation = Vec<(usize, usize)>;
+
+/// A decided query: what to do, whether the response may be cached, and which of its answer
+/// records rotate.
+#[derive(Debug)]
+pub struct Decided {
+    pub decision: Decision,
+    pub cacheable: Cacheable,
+    pub rotation: Rotation,
+}
+
+impl Decided {
+    fn respond(response: Message, cacheable: Cacheable) -> Decided {
+        Decided {
+            decision: Decision::Respond(response),
+            cacheable,
+            rotation: Vec::new(),
+        }
+    }
+
+    fn not_cached(decision: Decision) -> Decided {
+        Decided {
+            decision,
+            cacheable: Cacheable::No,
+            rotation: Vec::new(),
+        }
+    }
+}
+
+/// Where an asker stands, as the answer cache keys it: askers of one class get the same answers
+/// for every name that is not a link alias (0 elsewhere, 1 the host, 2 and up a class of
+/// containers on the same networks).
+pub fn vantage_class(asker: Asker<'_>, on_host: bool) -> u32 {
+    match asker {
+        Asker::Container(c) => c.class().saturating_add(2),
+        _ => u32::from(on_host),
+    }
+}
+
 /// The cluster zone's settings.
 #[derive(Clone, Debug)]
 pub struct Zone {
@@ -45,6 +87,8 @@ pub struct Zone {
     pub local_node: Option<NodeId>,
     soa_mname: Name,
     soa_rname: Name,
+    /// Counts answers that are not cached, to rotate them (shared by the clones of a zone).
+    turns: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Zone {
@@ -69,7 +113,15 @@ impl Zone {
             local_node,
             soa_mname: mname,
             soa_rname: rname,
+            turns: Default::default(),
         })
+    }
+
+    /// How far to rotate the next answer that is not cached (cached ones keep a count of
+    /// their own).
+    pub fn next_turn(&self) -> usize {
+        self.turns
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The zone's SOA record; the serial follows the registry's applied index.
@@ -86,6 +138,24 @@ impl Zone {
         Record::from_rdata(self.domain.clone(), self.ttl, RData::SOA(soa))
     }
 
+    /// Where `asker` (at `src`) stands: a container of this host (on its networks; one that is
+    /// still unknown on the network of its address), the host itself, or elsewhere.
+    pub fn vantage<'a>(
+        &self,
+        src: IpAddr,
+        asker: Asker<'a>,
+        published: &'a Published,
+    ) -> Vantage<'a> {
+        match asker {
+            Asker::Container(c) => Vantage::Container(&c.networks),
+            Asker::Unknown => published.local.network_of(src).map_or(Vantage::Host, |n| {
+                Vantage::Container(std::slice::from_ref(&n.id))
+            }),
+            Asker::Other if self.on_host(src, published) => Vantage::Host,
+            Asker::Other => Vantage::Elsewhere,
+        }
+    }
+
     /// Whether `src` is on this node's host (so host-local addresses reach it): on one of its
     /// container networks, loopback, the host itself, or a container the registry places here.
     pub fn on_host(&self, src: IpAddr, published: &Published) -> bool {
@@ -98,10 +168,10 @@ impl Zone {
             })
     }
 
-    /// Decides the answer to `request` from `src`, which is `asker` and (`on_host`) on this
-    /// node's host or not. `request` has passed [`check_request`]. The answer holds only
-    /// addresses that reach the asker; it may be cached for other askers with the same
-    /// `on_host` when it says [`Cacheable::Yes`].
+    /// Decides the answer to `request` from `src`, which is `asker` standing at `vantage`.
+    /// `request` has passed [`check_request`]. The answer holds only addresses that reach the
+    /// asker; it may be cached for other askers of the same [`vantage_class`] when it says
+    /// [`Cacheable::Yes`].
     #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &self,
@@ -110,9 +180,9 @@ impl Zone {
         src: IpAddr,
         published: &Published,
         asker: Asker<'_>,
-        on_host: bool,
+        vantage: Vantage<'_>,
         acl: &Acl,
-    ) -> (Decision, Cacheable) {
+    ) -> Decided {
         let registry = &published.registry;
         let serial = published.applied;
         let links: &[LinkAlias] = match asker {
@@ -125,43 +195,76 @@ impl Zone {
         let scope = Scope {
             links,
             reach: match self.local_node {
-                Some(node) => Reach::From { node, on_host },
+                Some(node) => Reach::From {
+                    node,
+                    vantage,
+                    host: &published.local,
+                },
                 None => Reach::All,
             },
         };
         let name = query.name().to_lowercase();
         let qtype = query.query_type();
-        let in_zone = self.domain.zone_of(&name);
-        if in_zone {
+        if self.domain.zone_of(&name) {
             if query.query_class() != DNSClass::IN && query.query_class() != DNSClass::ANY {
-                return (refuse(request), Cacheable::No);
+                return Decided::not_cached(refuse(request));
             }
             let rel = relative(&name, &self.domain);
-            let cacheable = if registry.is_link_alias(&rel) || published.local.is_link_alias(&rel) {
+            let (srv, base) = SrvQuery::parse(&rel);
+            let cacheable = if registry.is_link_alias(base) || published.local.is_link_alias(base) {
                 Cacheable::No
             } else {
                 Cacheable::Yes
             };
-            let resolution = registry.resolve_in(&rel, &scope);
-            let response = match resolution {
-                Resolution::NotFound => {
-                    self.response(request, ResponseCode::NXDomain, vec![], serial)
+            if srv != SrvQuery::All {
+                // `_<port|service>._<proto>.<name>`: SRV only; other types NODATA.
+                let Some(targets) = registry.srv_in(&rel, &scope) else {
+                    let response = self.response(request, ResponseCode::NXDomain, vec![], serial);
+                    return Decided::respond(response, cacheable);
+                };
+                let mut response = self.response(request, ResponseCode::NoError, vec![], serial);
+                if matches!(qtype, RecordType::SRV | RecordType::ANY) && !targets.is_empty() {
+                    response = reply_to(request, ResponseCode::NoError);
+                    response.metadata.authoritative = true;
+                    self.add_srv(&mut response, &query.name, &targets);
                 }
-                Resolution::Found(ips) => {
-                    let mut answers = address_records(&query.name, &ips, qtype, self.ttl);
-                    if rel.is_empty() && matches!(qtype, RecordType::SOA | RecordType::ANY) {
-                        answers.push(self.soa(serial));
-                    }
-                    self.response(request, ResponseCode::NoError, answers, serial)
-                }
+                return Decided::respond(response, cacheable);
+            }
+            let Some(records) = registry.lookup(&rel, scope.links) else {
+                let response = self.response(request, ResponseCode::NXDomain, vec![], serial);
+                return Decided::respond(response, cacheable);
             };
-            return (Decision::Respond(response), cacheable);
+            if qtype == RecordType::SRV {
+                // Every port of the name's containers.
+                let targets = registry.srv_in(&rel, &scope).unwrap_or_default();
+                let mut response = reply_to(request, ResponseCode::NoError);
+                response.metadata.authoritative = true;
+                if targets.is_empty() {
+                    response.add_authority(self.soa(serial));
+                } else {
+                    self.add_srv(&mut response, &query.name, &targets);
+                }
+                return Decided::respond(response, cacheable);
+            }
+            let addrs = registry.addresses(&records, scope.reach);
+            let (mut answers, rotation) = address_records(&query.name, &addrs, qtype, self.ttl);
+            if rel.is_empty() && matches!(qtype, RecordType::SOA | RecordType::ANY) {
+                answers.push(self.soa(serial));
+            }
+            let response = self.response(request, ResponseCode::NoError, answers, serial);
+            return Decided {
+                decision: Decision::Respond(response),
+                cacheable,
+                rotation,
+            };
         }
+        let label = ascii(&name);
         // Reverse lookups of container addresses.
-        if let Some(ip) = reverse_name_to_ip(&ascii(&name)) {
+        if let Some(ip) = reverse_name_to_ip(&label) {
             if let Some(container) = registry.reverse_in(ip, scope.reach) {
                 let answers = if matches!(qtype, RecordType::PTR | RecordType::ANY) {
-                    match Name::from_ascii(container).and_then(|n| n.append_domain(&self.domain)) {
+                    match Name::from_ascii(&*container).and_then(|n| n.append_domain(&self.domain))
+                    {
                         Ok(target) => vec![Record::from_rdata(
                             query.name().clone(),
                             self.ttl,
@@ -175,24 +278,61 @@ impl Zone {
                 let mut response = reply_to(request, ResponseCode::NoError);
                 response.metadata.authoritative = true;
                 response.add_answers(answers);
-                return (Decision::Respond(response), Cacheable::Yes);
+                return Decided::respond(response, Cacheable::Yes);
             }
         }
-        // A bare link alias (`db`), from a container that has it.
-        if name.num_labels() == 1 {
-            let label = ascii(&name);
-            if let Some(ips) = registry.resolve_link(&label, &scope) {
-                let answers = address_records(&query.name, &ips, qtype, self.ttl);
+        // A bare link alias (`db`), or SRV of one (`_3306._tcp.db`), from a container that has
+        // it.
+        let (srv, base) = SrvQuery::parse(&label);
+        if !base.contains('.') && scope.links.iter().any(|l| l.alias == base) {
+            if srv != SrvQuery::All {
+                if let Some(targets) = registry.srv_in(&label, &scope) {
+                    let mut response = reply_to(request, ResponseCode::NoError);
+                    response.metadata.authoritative = true;
+                    if matches!(qtype, RecordType::SRV | RecordType::ANY) {
+                        self.add_srv(&mut response, &query.name, &targets);
+                    }
+                    return Decided::respond(response, Cacheable::No);
+                }
+            } else if let Some(addrs) = registry.link_addresses(base, &scope) {
+                let (answers, rotation) = address_records(&query.name, &addrs, qtype, self.ttl);
                 let mut response = reply_to(request, ResponseCode::NoError);
                 response.metadata.authoritative = true;
                 response.add_answers(answers);
-                return (Decision::Respond(response), Cacheable::No);
+                return Decided {
+                    decision: Decision::Respond(response),
+                    cacheable: Cacheable::No,
+                    rotation,
+                };
             }
         }
         if acl.allows(src, registry) {
-            (Decision::Forward, Cacheable::No)
+            Decided::not_cached(Decision::Forward)
         } else {
-            (refuse(request), Cacheable::No)
+            Decided::not_cached(refuse(request))
+        }
+    }
+
+    /// SRV records for `targets` under `owner`, and each target's addresses in the additional
+    /// section.
+    fn add_srv(&self, response: &mut Message, owner: &Name, targets: &[SrvTarget]) {
+        let mut glued: Vec<&str> = Vec::new();
+        for t in targets {
+            let Ok(target) =
+                Name::from_ascii(&t.target).and_then(|n| n.append_domain(&self.domain))
+            else {
+                continue;
+            };
+            response.add_answer(Record::from_rdata(
+                owner.clone(),
+                self.ttl,
+                RData::SRV(SRV::new(0, 10, t.port, target.clone())),
+            ));
+            if !glued.contains(&t.target.as_str()) {
+                glued.push(&t.target);
+                let (glue, _) = address_records(&target, &t.addrs, RecordType::ANY, self.ttl);
+                response.add_additionals(glue);
+            }
         }
     }
 
@@ -282,20 +422,49 @@ fn response_edns() -> Edns {
     edns
 }
 
-fn address_records(owner: &Name, ips: &[IpAddr], qtype: RecordType, ttl: u32) -> Vec<Record> {
-    ips.iter()
-        .filter_map(|ip| match (ip, qtype) {
-            (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => {
-                Some(Record::from_rdata(owner.clone(), ttl, RData::A(A(*v4))))
+/// The address records of `addrs` for `qtype` under `owner`: the asker's own host's first, each
+/// family in a run of its own, and the runs that rotate.
+fn address_records(
+    owner: &Name,
+    addrs: &Addresses,
+    qtype: RecordType,
+    ttl: u32,
+) -> (Vec<Record>, Rotation) {
+    let (local, elsewhere) = addrs.ips.split_at(addrs.local.min(addrs.ips.len()));
+    let mut records = Vec::with_capacity(addrs.ips.len());
+    let mut rotation = Vec::new();
+    for part in [local, elsewhere] {
+        for family_v4 in [true, false] {
+            let start = records.len();
+            records.extend(
+                part.iter()
+                    .filter(|ip| ip.is_ipv4() == family_v4)
+                    .filter_map(|ip| match (ip, qtype) {
+                        (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => {
+                            Some(Record::from_rdata(owner.clone(), ttl, RData::A(A(*v4))))
+                        }
+                        (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => Some(
+                            Record::from_rdata(owner.clone(), ttl, RData::AAAA(AAAA(*v6))),
+                        ),
+                        _ => None,
+                    }),
+            );
+            if records.len() - start > 1 {
+                rotation.push((start, records.len() - start));
             }
-            (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => Some(Record::from_rdata(
-                owner.clone(),
-                ttl,
-                RData::AAAA(AAAA(*v6)),
-            )),
-            _ => None,
-        })
-        .collect()
+        }
+    }
+    (records, rotation)
+}
+
+/// Rotates each run of `rotation` in `records` by `turn` places (the `turn`-th answer of a run
+/// comes first).
+pub fn rotate_records(records: &mut [Record], rotation: &[(usize, usize)], turn: usize) {
+    for &(start, count) in rotation {
+        if let Some(run) = records.get_mut(start..start + count) {
+            run.rotate_left(turn % count);
+        }
+    }
 }
 
 /// `name` without the zone's labels, dot-joined, lowercase (`web.h1` for `web.h1.cluster.`).

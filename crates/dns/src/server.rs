@@ -20,7 +20,8 @@ use tokio::sync::watch;
 
 use crate::acl::Acl;
 use crate::answer::{
-    check_request, formerr_for, reply_to, Cacheable, Decision, Zone, MAX_UDP_PAYLOAD,
+    check_request, formerr_for, reply_to, rotate_records, vantage_class, Cacheable, Decision, Zone,
+    MAX_UDP_PAYLOAD,
 };
 use crate::forward::Forwarder;
 use crate::metrics::DnsMetrics;
@@ -101,17 +102,107 @@ enum Handled {
     Drop,
 }
 
-/// Encoded answers of the current registry version, keyed by the lowercased question and
-/// whether the client used EDNS (see [`AnswerCache::build_key`]). Owned by one UDP thread: no
-/// locks.
+/// Encoded answers of the current registry version, keyed by the lowercased question, whether
+/// the client used EDNS and the asker's vantage class (see [`AnswerCache::build_key`]). Owned by
+/// one UDP thread: no locks.
 pub struct AnswerCache {
     applied: u64,
     version: u64,
-    entries: HashMap<Vec<u8>, Vec<u8>>,
+    entries: HashMap<Vec<u8>, Cached>,
     /// Bytes held by keys and answers.
     bytes: usize,
     /// Where the key of the query at hand is built, so a lookup allocates nothing.
     scratch: Vec<u8>,
+}
+
+/// One cached answer: its bytes, the runs of its answer records that rotate, and how many
+/// times it was sent.
+struct Cached {
+    bytes: Vec<u8>,
+    runs: Vec<Run>,
+    sent: usize,
+}
+
+/// A run of equally long answer records in an encoded response, rotated in place on every
+/// answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    /// Byte offset of the first record.
+    at: usize,
+    /// Length of each record.
+    len: usize,
+    count: usize,
+}
+
+/// The runs of `rotation` (record indexes of the answer section) as byte ranges of `bytes`, the
+/// encoded response; a run whose records are not all equally long is left out (it stays in
+/// order).
+fn runs_of(bytes: &[u8], rotation: &[(usize, usize)]) -> Vec<Run> {
+    if rotation.is_empty() {
+        return Vec::new();
+    }
+    let Some(offsets) = answer_offsets(bytes) else {
+        return Vec::new();
+    };
+    rotation
+        .iter()
+        .filter_map(|&(start, count)| {
+            let bounds = offsets.get(start..=start + count)?;
+            let len = bounds[1] - bounds[0];
+            bounds
+                .windows(2)
+                .all(|w| w[1] - w[0] == len)
+                .then_some(Run {
+                    at: bounds[0],
+                    len,
+                    count,
+                })
+        })
+        .collect()
+}
+
+/// Where each answer record of an encoded response starts, and where the last one ends.
+fn answer_offsets(bytes: &[u8]) -> Option<Vec<usize>> {
+    let count = |i: usize| -> Option<usize> {
+        Some(usize::from(u16::from_be_bytes([
+            *bytes.get(i)?,
+            *bytes.get(i + 1)?,
+        ])))
+    };
+    let (questions, answers) = (count(4)?, count(6)?);
+    let mut pos = 12;
+    for _ in 0..questions {
+        pos = skip_name(bytes, pos)? + 4;
+    }
+    let mut offsets = Vec::with_capacity(answers + 1);
+    for _ in 0..answers {
+        offsets.push(pos);
+        pos = skip_name(bytes, pos)? + 10;
+        pos += count(pos - 2)?;
+    }
+    offsets.push(pos);
+    (pos <= bytes.len()).then_some(offsets)
+}
+
+/// The position after the (possibly compressed) name at `pos`.
+fn skip_name(bytes: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let len = *bytes.get(pos)?;
+        match len {
+            0 => return Some(pos + 1),
+            l if l & 0xc0 == 0xc0 => return Some(pos + 2),
+            l => pos += 1 + usize::from(l),
+        }
+    }
+}
+
+/// Rotates each run of `bytes` by `turn` records.
+fn rotate_runs(bytes: &mut [u8], runs: &[Run], turn: usize) {
+    for run in runs {
+        if let Some(span) = bytes.get_mut(run.at..run.at + run.len * run.count) {
+            span.rotate_left((turn % run.count) * run.len);
+        }
+    }
 }
 
 /// Budget of one cache (one per UDP socket): a flood of distinct names empties it rather than
@@ -139,17 +230,17 @@ impl AnswerCache {
     }
 
     /// Builds the key of a scanned query in the scratch buffer: the question name lowercased,
-    /// type and class as they are, whether the client used EDNS, and whether it is on this
-    /// host (host-local addresses are answered only there).
-    fn build_key(&mut self, bytes: &[u8], q: &WireQuery, on_host: bool) {
+    /// type and class as they are, whether the client used EDNS, and the asker's vantage class
+    /// (which addresses reach it: see [`vantage_class`]).
+    fn build_key(&mut self, bytes: &[u8], q: &WireQuery, class: u32) {
         let name_end = q.question_end - 4;
         self.scratch.clear();
         self.scratch
             .extend(bytes[12..name_end].iter().map(u8::to_ascii_lowercase));
         self.scratch
             .extend_from_slice(&bytes[name_end..q.question_end]);
-        self.scratch
-            .push(u8::from(q.edns.is_some()) | (u8::from(on_host) << 1));
+        self.scratch.push(u8::from(q.edns.is_some()));
+        self.scratch.extend_from_slice(&class.to_le_bytes());
     }
 
     /// Empties the cache when the registry or the local view moved on since it was filled.
@@ -162,8 +253,8 @@ impl AnswerCache {
         }
     }
 
-    fn insert(&mut self, key: Vec<u8>, answer: Vec<u8>) {
-        let answer_len = answer.len();
+    fn insert(&mut self, key: Vec<u8>, answer: Cached) {
+        let answer_len = answer.bytes.len();
         let size = key.len() + answer_len + 64;
         if self.bytes + size > CACHE_BYTES {
             self.entries.clear();
@@ -171,7 +262,7 @@ impl AnswerCache {
         }
         self.bytes += size;
         if let Some(old) = self.entries.insert(key, answer) {
-            self.bytes -= size - answer_len + old.len();
+            self.bytes -= size - answer_len + old.bytes.len();
         }
     }
 }
@@ -303,19 +394,24 @@ impl Answerer {
         if asker == Asker::Unknown && may_hold && self.holds.may_hold(src_ip) {
             return Handled::Hold;
         }
-        let on_host = self.zone.on_host(src_ip, &published);
+        let class = match asker {
+            Asker::Container(_) | Asker::Unknown => vantage_class(asker, true),
+            Asker::Other => vantage_class(asker, self.zone.on_host(src_ip, &published)),
+        };
         let scanned = scan_query(bytes);
         if let (Some(q), false) = (&scanned, asker == Asker::Unknown) {
-            cache.build_key(bytes, q, on_host);
-            if let Some(cached) = cache.entries.get(cache.scratch.as_slice()) {
-                if cached.len() <= udp_limit(q.edns) {
-                    let mut out = cached.clone();
+            cache.build_key(bytes, q, class);
+            if let Some(cached) = cache.entries.get_mut(cache.scratch.as_slice()) {
+                if cached.bytes.len() <= udp_limit(q.edns) {
+                    let mut out = cached.bytes.clone();
                     // Same question length, so the cached answer's name pointers still fit;
                     // copy the client's id, RD/CD bits and the question in its own case.
                     out[..2].copy_from_slice(&bytes[..2]);
                     out[2] = (out[2] & !0x01) | (bytes[2] & 0x01);
                     out[3] = (out[3] & !0x10) | (bytes[3] & 0x10);
                     out[12..q.question_end].copy_from_slice(&bytes[12..q.question_end]);
+                    cached.sent += 1;
+                    rotate_runs(&mut out, &cached.runs, cached.sent);
                     let qtype =
                         u16::from_be_bytes([bytes[q.question_end - 4], bytes[q.question_end - 3]]);
                     self.metrics.record_cached(qtype, out[3]);
@@ -335,70 +431,110 @@ impl Answerer {
         }
         let query = match check_request(&request) {
             Ok(q) => q.clone(),
-            Err(response) => return self.encode_udp(&response, None, None, cache),
+            Err(response) => return self.encode_udp(&response, None, None, &[], cache),
         };
-        let (decision, cacheable) = self.zone.decide(
-            &request, &query, src_ip, &published, asker, on_host, &self.acl,
+        let vantage = self.zone.vantage(src_ip, asker, &published);
+        let decided = self.zone.decide(
+            &request, &query, src_ip, &published, asker, vantage, &self.acl,
         );
         let limit = udp_limit(request.edns.as_ref().map(Edns::max_payload));
-        match decision {
+        match decided.decision {
             Decision::Forward => Handled::Forward { udp_limit: limit },
             Decision::Respond(response) => {
-                let key = match (&scanned, cacheable, asker) {
+                let key = match (&scanned, decided.cacheable, asker) {
                     // The scratch buffer still holds this query's key (an unknown asker's
                     // answer lacks the links it may have: never cached).
                     (_, _, Asker::Unknown) => None,
                     (Some(_), Cacheable::Yes, _) => Some(cache.scratch.clone()),
                     _ => None,
                 };
-                self.encode_udp(&response, Some(limit), key, cache)
+                self.encode_udp(&response, Some(limit), key, &decided.rotation, cache)
             }
         }
     }
 
     /// Encodes a response within the client's UDP limit (setting TC when records had to go),
-    /// caching it when it is complete and `key` allows.
+    /// caching it when it is complete and `key` allows, and rotates the runs of `rotation`.
     fn encode_udp(
         &self,
         response: &Message,
         limit: Option<usize>,
         key: Option<Vec<u8>>,
+        rotation: &[(usize, usize)],
         cache: &mut AnswerCache,
     ) -> Handled {
         let limit = limit.unwrap_or(512);
-        let Some(bytes) = encode(response, limit) else {
+        let Some(Encoded { mut bytes, whole }) = encode(response, limit) else {
             return Handled::Drop;
         };
         self.metrics.record(response);
-        let truncated = bytes.get(2).is_some_and(|b| b & 0x02 != 0);
-        if let Some(key) = key {
-            if !truncated {
-                cache.insert(key, bytes.clone());
-            }
+        let runs = runs_of(&bytes, rotation);
+        // Where the rotation starts: the cache counts on from here for this answer.
+        let turn = if runs.is_empty() {
+            0
+        } else {
+            self.zone.next_turn()
+        };
+        if let (Some(key), true) = (key, whole) {
+            cache.insert(
+                key,
+                Cached {
+                    bytes: bytes.clone(),
+                    runs: runs.clone(),
+                    sent: turn,
+                },
+            );
         }
+        rotate_runs(&mut bytes, &runs, turn);
         Handled::Reply(bytes)
     }
 }
 
-/// Encodes `message` in at most `limit` bytes. If it does not fit, the answer is the header,
-/// the question and the OPT record (EDNS stays echoed) with TC set and no records, which tells
-/// the client to ask again over TCP.
-fn encode(message: &Message, limit: usize) -> Option<Vec<u8>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut encoder = BinEncoder::new(&mut buf);
-    encoder.set_max_size(u16::try_from(limit).unwrap_or(u16::MAX));
-    let complete = message.emit(&mut encoder).is_ok()
-        && buf.len() <= limit
-        && buf.get(2).is_some_and(|flags| flags & 0x02 == 0);
-    if complete {
-        return Some(buf);
+/// An encoded response, and whether it holds every record (else the additional section had to
+/// go, or it is truncated).
+struct Encoded {
+    bytes: Vec<u8>,
+    whole: bool,
+}
+
+/// Encodes `message` in at most `limit` bytes. If it does not fit, the additional section goes
+/// first (clients ask for the targets of SRV records themselves); if it still does not fit,
+/// the answer is the header, the question and the OPT record (EDNS stays echoed) with TC set
+/// and no records, which tells the client to ask again over TCP.
+fn encode(message: &Message, limit: usize) -> Option<Encoded> {
+    if let Some(bytes) = encode_within(message, limit) {
+        return Some(Encoded { bytes, whole: true });
+    }
+    if !message.additionals.is_empty() {
+        let mut lean = message.clone();
+        lean.additionals.clear();
+        if let Some(bytes) = encode_within(&lean, limit) {
+            return Some(Encoded {
+                bytes,
+                whole: false,
+            });
+        }
     }
     let mut bare = reply_header_only(message);
     bare.metadata.truncation = true;
     if let Some(edns) = &message.edns {
         bare.set_edns(edns.clone());
     }
-    bare.to_vec().ok()
+    bare.to_vec().ok().map(|bytes| Encoded {
+        bytes,
+        whole: false,
+    })
+}
+
+/// `message` encoded, if it fits in `limit` bytes whole.
+fn encode_within(message: &Message, limit: usize) -> Option<Vec<u8>> {
+    let mut buf = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.set_max_size(u16::try_from(limit).unwrap_or(u16::MAX));
+    let complete = message.emit(&mut encoder).is_ok()
+        && buf.len() <= limit
+        && buf.get(2).is_some_and(|flags| flags & 0x02 == 0);
+    complete.then_some(buf)
 }
 
 fn reply_header_only(message: &Message) -> Message {
@@ -595,7 +731,7 @@ fn fit_udp(response: Vec<u8>, limit: usize) -> Vec<u8> {
         return response;
     }
     match Message::from_vec(&response) {
-        Ok(m) => encode(&m, limit).unwrap_or(response),
+        Ok(m) => encode(&m, limit).map_or(response, |e| e.bytes),
         Err(_) => response,
     }
 }
@@ -661,18 +797,23 @@ impl RequestHandler for TcpHandler {
                     answerer.wait_for_asker(src).await;
                     published = answerer.published.load_full();
                 }
-                let on_host = answerer.zone.on_host(src, &published);
-                let (decision, _) = answerer.zone.decide(
+                let asker = published.local.identify(src);
+                let vantage = answerer.zone.vantage(src, asker, &published);
+                let decided = answerer.zone.decide(
                     &message,
                     query,
                     src,
                     &published,
-                    published.local.identify(src),
-                    on_host,
+                    asker,
+                    vantage,
                     &answerer.acl,
                 );
-                match decision {
-                    Decision::Respond(response) => response,
+                match decided.decision {
+                    Decision::Respond(mut response) => {
+                        let turn = answerer.zone.next_turn();
+                        rotate_records(&mut response.answers, &decided.rotation, turn);
+                        response
+                    }
                     Decision::Forward => {
                         let bytes = forward_or_servfail(answerer, request.as_slice(), true).await;
                         match bytes.map(|b| Message::from_vec(&b)) {

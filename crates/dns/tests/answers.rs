@@ -12,8 +12,8 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Holds, Zone};
 use linkdns_registry::{
-    Command, Container, ContainerId, LinkAlias, LocalChange, LocalContainer, LocalNetwork,
-    LocalView, NodeInfo, Published, Registry,
+    Command, ComposeService, Container, ContainerId, LinkAlias, LocalChange, LocalContainer,
+    LocalNetwork, LocalView, NamedPort, NodeInfo, Port, Protocol, Published, Registry,
 };
 
 fn registry() -> Registry {
@@ -32,10 +32,6 @@ fn registry() -> Registry {
              ips: &[&str],
              aliases: &[&str],
              links: &[(&str, &str)]| Container {
-        id: ContainerId(id.into()),
-        name: name.into(),
-        node,
-        ips: ips.iter().map(|s| s.parse().expect("ip")).collect(),
         aliases: aliases.iter().map(|s| s.to_string()).collect(),
         links: links
             .iter()
@@ -44,10 +40,32 @@ fn registry() -> Registry {
                 alias: a.to_string(),
             })
             .collect(),
-        ports: BTreeSet::new(),
+        ..Container::new(id, name, node).with_ips(ips.iter().map(|s| s.parse().expect("ip")))
     };
+    let tcp = |port| Port {
+        port,
+        protocol: Protocol::Tcp,
+    };
+    let exposing = |mut c: Container, ports: &[u16]| {
+        c.ports.extend(ports.iter().map(|p| tcp(*p)));
+        c
+    };
+    let service = |project: &str, name: &str| {
+        Some(ComposeService {
+            project: project.into(),
+            service: name.into(),
+        })
+    };
+    let mut web1 = exposing(c("x1", "web", 1, &["192.168.1.7"], &[], &[]), &[80]);
+    web1.services.insert(NamedPort {
+        name: "http".into(),
+        port: tcp(8080),
+    });
     for container in [
-        c("m1", "mysql", 1, &["192.168.1.5"], &["database"], &[]),
+        exposing(
+            c("m1", "mysql", 1, &["192.168.1.5"], &["database"], &[]),
+            &[3306],
+        ),
         c(
             "w2",
             "wordpress",
@@ -56,8 +74,23 @@ fn registry() -> Registry {
             &[],
             &[("mysql", "db")],
         ),
-        c("x1", "web", 1, &["192.168.1.7"], &[], &[]),
-        c("x2", "web", 2, &["192.168.2.7"], &[], &[]),
+        web1,
+        exposing(c("x2", "web", 2, &["192.168.2.7"], &[], &[]), &[80]),
+        // Three behind one alias: answers rotate.
+        c("p1", "pool-1", 1, &["192.168.1.31"], &["pool"], &[]),
+        c("p2", "pool-2", 2, &["192.168.2.32"], &["pool"], &[]),
+        c("p3", "pool-3", 2, &["192.168.2.33"], &["pool"], &[]),
+        // A compose project across both hosts.
+        Container {
+            compose: service("shop", "db"),
+            ..c("c1", "shop_db_1", 1, &["192.168.1.40"], &["db"], &[])
+        },
+        Container {
+            compose: service("shop", "front"),
+            ..c("c2", "shop_front_1", 2, &["192.168.2.41"], &["front"], &[])
+        },
+        // A dotted name that reads as node-qualified.
+        c("t1", "api.h2", 1, &["192.168.1.50"], &[], &[]),
         // Host-local networks (outside every claim): Docker's default pools repeat per host.
         c("s2", "solo", 2, &["172.17.0.2"], &[], &[]),
         c("i1", "impostor", 1, &["172.17.0.2"], &[], &[]),
@@ -123,7 +156,11 @@ fn render(bytes: &[u8]) -> String {
         let _ = write!(out, " edns={}", e.max_payload());
     }
     out.push('\n');
-    for (section, records) in [("an", &m.answers), ("ns", &m.authorities)] {
+    for (section, records) in [
+        ("an", &m.answers),
+        ("ns", &m.authorities),
+        ("ad", &m.additionals),
+    ] {
         for r in records.iter() {
             let _ = writeln!(
                 out,
@@ -188,6 +225,36 @@ fn naming_table_golden() {
         (local, "dual.cluster.", RecordType::A, false),
         (local, "2.0.17.172.in-addr.arpa.", RecordType::PTR, false),
         (local, "5.0.18.172.in-addr.arpa.", RecordType::PTR, false),
+        // Compose services as `<service>.<project>`, wherever they run.
+        (local, "db.shop.cluster.", RecordType::A, false),
+        (local, "front.shop.cluster.", RecordType::A, false),
+        (local, "front.blog.cluster.", RecordType::A, false),
+        // A dotted name whose last label is a node: node-qualified; the container named so is
+        // found as `<name>.<its node>`, which its PTR says.
+        (local, "api.h2.cluster.", RecordType::A, false),
+        (local, "api.h2.h1.cluster.", RecordType::A, false),
+        (local, "50.1.168.192.in-addr.arpa.", RecordType::PTR, false),
+        // SRV: exposed ports, named services (label), plain SRV, link aliases; targets
+        // `<container>.<node>` with their addresses in the additional section.
+        (local, "_80._tcp.web.cluster.", RecordType::SRV, false),
+        (local, "_http._tcp.web.cluster.", RecordType::SRV, false),
+        (local, "_81._tcp.web.cluster.", RecordType::SRV, false),
+        (local, "_80._tcp.web.cluster.", RecordType::A, false),
+        (local, "web.h2.cluster.", RecordType::SRV, false),
+        (local, "h1.cluster.", RecordType::SRV, false),
+        (
+            "192.168.2.9:5000",
+            "_3306._tcp.db.cluster.",
+            RecordType::SRV,
+            false,
+        ),
+        ("192.168.2.9:5000", "_3306._tcp.db.", RecordType::SRV, false),
+        (
+            "192.168.1.7:5000",
+            "_3306._tcp.db.cluster.",
+            RecordType::SRV,
+            false,
+        ),
     ];
     let mut got = String::new();
     for (src, name, qtype, edns) in cases {
@@ -237,8 +304,8 @@ an db.cluster. 5 A 192.168.1.5
 id=0xbeef NoError aa rd ra
 an db. 5 A 192.168.1.5
 > 192.168.1.7:5000 db.cluster. A
-id=0xbeef NXDomain aa rd ra
-ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+id=0xbeef NoError aa rd ra
+an db.cluster. 5 A 192.168.1.40
 > 203.0.113.1:5000 example.com. A
 id=0xbeef Refused rd ra
 > 203.0.113.1:5000 web.cluster. A
@@ -264,6 +331,58 @@ id=0xbeef NoError aa rd ra
 an 2.0.17.172.in-addr.arpa. 5 PTR impostor.cluster.
 > 127.0.0.1:5000 5.0.18.172.in-addr.arpa. PTR
 (no answer: forwarded or dropped)
+> 127.0.0.1:5000 db.shop.cluster. A
+id=0xbeef NoError aa rd ra
+an db.shop.cluster. 5 A 192.168.1.40
+> 127.0.0.1:5000 front.shop.cluster. A
+id=0xbeef NoError aa rd ra
+an front.shop.cluster. 5 A 192.168.2.41
+> 127.0.0.1:5000 front.blog.cluster. A
+id=0xbeef NXDomain aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 api.h2.cluster. A
+id=0xbeef NXDomain aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 api.h2.h1.cluster. A
+id=0xbeef NoError aa rd ra
+an api.h2.h1.cluster. 5 A 192.168.1.50
+> 127.0.0.1:5000 50.1.168.192.in-addr.arpa. PTR
+id=0xbeef NoError aa rd ra
+an 50.1.168.192.in-addr.arpa. 5 PTR api.h2.h1.cluster.
+> 127.0.0.1:5000 _80._tcp.web.cluster. SRV
+id=0xbeef NoError aa rd ra
+an _80._tcp.web.cluster. 5 SRV 0 10 80 web.h1.cluster.
+an _80._tcp.web.cluster. 5 SRV 0 10 80 web.h2.cluster.
+ad web.h1.cluster. 5 A 192.168.1.7
+ad web.h2.cluster. 5 A 192.168.2.7
+> 127.0.0.1:5000 _http._tcp.web.cluster. SRV
+id=0xbeef NoError aa rd ra
+an _http._tcp.web.cluster. 5 SRV 0 10 8080 web.h1.cluster.
+ad web.h1.cluster. 5 A 192.168.1.7
+> 127.0.0.1:5000 _81._tcp.web.cluster. SRV
+id=0xbeef NXDomain aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 _80._tcp.web.cluster. A
+id=0xbeef NoError aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 web.h2.cluster. SRV
+id=0xbeef NoError aa rd ra
+an web.h2.cluster. 5 SRV 0 10 80 web.h2.cluster.
+ad web.h2.cluster. 5 A 192.168.2.7
+> 127.0.0.1:5000 h1.cluster. SRV
+id=0xbeef NoError aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 192.168.2.9:5000 _3306._tcp.db.cluster. SRV
+id=0xbeef NoError aa rd ra
+an _3306._tcp.db.cluster. 5 SRV 0 10 3306 mysql.h1.cluster.
+ad mysql.h1.cluster. 5 A 192.168.1.5
+> 192.168.2.9:5000 _3306._tcp.db. SRV
+id=0xbeef NoError aa rd ra
+an _3306._tcp.db. 5 SRV 0 10 3306 mysql.h1.cluster.
+ad mysql.h1.cluster. 5 A 192.168.1.5
+> 192.168.1.7:5000 _3306._tcp.db.cluster. SRV
+id=0xbeef NXDomain aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
 ";
     assert_eq!(got, want, "\n--- got ---\n{got}");
 }
@@ -321,6 +440,7 @@ fn a_new_registry_version_invalidates_cached_answers() {
     r.apply(&Command::RemoveContainer {
         node: 1,
         id: ContainerId("m1".into()),
+        version: 0,
     })
     .expect("remove");
     a.published.store(Arc::new(Published::committed(43, r)));
@@ -470,13 +590,13 @@ async fn a_held_query_waits_for_the_watcher_and_no_longer() {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(30)).await;
             let mut v = (*starting(&["other"])).clone();
-            v.apply(LocalChange::Upsert(LocalContainer {
-                id: ContainerId("new".into()),
-                name: "new".into(),
-                links: vec![],
-                ips: vec![src],
-                connecting: BTreeSet::new(),
-            }));
+            v.apply(LocalChange::Upsert(LocalContainer::new(
+                ContainerId("new".into()),
+                "new".into(),
+                vec![],
+                vec![src],
+                vec!["br".into()],
+            )));
             a.published.store(Arc::new(Published {
                 local: Arc::new(v),
                 version: 1,
@@ -518,5 +638,100 @@ async fn a_held_query_waits_for_the_watcher_and_no_longer() {
     assert!(
         named.contains("192.168.1.5"),
         "answered at once this time: {named}"
+    );
+}
+
+/// The A records of a response, in order.
+fn addresses(bytes: &[u8]) -> Vec<String> {
+    let m = Message::from_vec(bytes).expect("response parses");
+    m.answers.iter().map(|r| r.data.to_string()).collect()
+}
+
+#[test]
+fn answers_rotate_with_the_askers_own_host_first() {
+    let a = answerer(registry());
+    let query = query("pool.cluster.", RecordType::A, false);
+    // On node 1's host: its own pool-1 first, node 2's two rotating behind it; the cached
+    // answer rotates as the first one did not.
+    let mut cache = AnswerCache::new();
+    let here: SocketAddr = "127.0.0.1:5000".parse().expect("src");
+    let orders: Vec<Vec<String>> = (0..4)
+        .map(|_| addresses(&a.answer_datagram(&query, here, &mut cache).expect("answer")))
+        .collect();
+    for order in &orders {
+        assert_eq!(order[0], "192.168.1.31", "{orders:?}");
+        assert_eq!(order.len(), 3);
+    }
+    assert_ne!(orders[0], orders[1], "{orders:?}");
+    assert_eq!(orders[0], orders[2], "two addresses behind: a cycle of two");
+    // From elsewhere all three rotate, each first in turn, cached or not.
+    let far: SocketAddr = "203.0.113.1:5000".parse().expect("src");
+    let mut cached = AnswerCache::new();
+    let firsts: BTreeSet<String> = (0..3)
+        .map(|_| {
+            addresses(&a.answer_datagram(&query, far, &mut cached).expect("answer"))[0].clone()
+        })
+        .collect();
+    assert_eq!(firsts.len(), 3, "{firsts:?}");
+    let firsts: BTreeSet<String> = (0..3)
+        .map(|_| {
+            let mut fresh = AnswerCache::new();
+            addresses(&a.answer_datagram(&query, far, &mut fresh).expect("answer"))[0].clone()
+        })
+        .collect();
+    assert_eq!(firsts.len(), 3, "uncached answers rotate too: {firsts:?}");
+}
+
+#[test]
+fn large_srv_answers_drop_their_glue_before_they_truncate() {
+    let mut r = registry();
+    for i in 0..30 {
+        let mut c = Container::new(&format!("b{i}"), &format!("big-{i:02}"), 1)
+            .with_ips([format!("192.168.1.{}", 100 + i).parse().expect("ip")]);
+        c.aliases.insert("big".into());
+        c.ports.insert(Port {
+            port: 80,
+            protocol: Protocol::Tcp,
+        });
+        r.apply(&Command::UpsertContainer(c)).expect("big");
+    }
+    let a = answerer(r);
+    let src: SocketAddr = "127.0.0.1:5000".parse().expect("src");
+    let mut cache = AnswerCache::new();
+    // 30 SRV records fit in 1232 bytes, their 30 addresses too do not: the glue goes, not TC.
+    let edns = a
+        .answer_datagram(
+            &query("_80._tcp.big.cluster.", RecordType::SRV, true),
+            src,
+            &mut cache,
+        )
+        .expect("answer");
+    let m = Message::from_vec(&edns).expect("parse");
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 30);
+    assert!(m.additionals.is_empty());
+    assert!(edns.len() <= 1232);
+    // In 512 bytes not even the SRV records fit: TC, and the client asks over TCP.
+    let plain = a
+        .answer_datagram(
+            &query("_80._tcp.big.cluster.", RecordType::SRV, false),
+            src,
+            &mut cache,
+        )
+        .expect("answer");
+    let m = Message::from_vec(&plain).expect("parse");
+    assert!(m.metadata.truncation);
+    assert!(m.answers.is_empty());
+    // A small one keeps its glue.
+    let small = a
+        .answer_datagram(
+            &query("_80._tcp.web.h1.cluster.", RecordType::SRV, false),
+            src,
+            &mut cache,
+        )
+        .expect("answer");
+    assert_eq!(
+        Message::from_vec(&small).expect("parse").additionals.len(),
+        1
     );
 }

@@ -19,12 +19,13 @@ use bollard::Docker;
 use futures_util::StreamExt;
 use linkdns_registry::{
     Command, Container, ContainerId, LinkAlias, LocalChange, LocalContainer, LocalNetwork, NodeId,
-    Subnet,
+    Subnet, Version,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
 pub use convert::{
-    container_from_inspect, local_from_inspect, parse_links, LABEL_ALIAS, LABEL_LINKS,
+    container_from_inspect, local_from_inspect, parse_links, parse_services, LABEL_ALIAS,
+    LABEL_LINKS, LABEL_SRV,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,9 @@ pub struct WatcherConfig {
     pub max_backoff: Duration,
     /// A full resync this often even when no event was missed (belt and braces).
     pub resync_every: Duration,
+    /// The version of the first observation; each later one gets the next. It must be above
+    /// every version an earlier run of this node used (see [`Version`]).
+    pub first_version: Version,
 }
 
 /// Runs until `shutdown` flips to true or the receiver of `reports` is gone. A notification on
@@ -78,6 +82,9 @@ pub async fn watch(
 ) {
     let mut backoff = Duration::from_millis(250);
     let mut was_connected = true; // log the first failure as a warning too
+    let mut clock = Clock {
+        next: config.first_version,
+    };
     loop {
         if *shutdown.borrow() {
             return;
@@ -85,7 +92,7 @@ pub async fn watch(
         let mut resynced = false;
         let started = tokio::time::Instant::now();
         let ended = tokio::select! {
-            r = follow(&config, &reports, &resync, &mut resynced) => r,
+            r = follow(&config, &reports, &resync, &mut resynced, &mut clock) => r,
             _ = shutdown.changed() => return,
         };
         if resynced && started.elapsed() >= HEALTHY_SESSION {
@@ -122,6 +129,20 @@ pub async fn watch(
     }
 }
 
+/// Hands out the versions of the watcher's observations, in the order it makes them, across
+/// sessions with the engine.
+struct Clock {
+    next: Version,
+}
+
+impl Clock {
+    fn tick(&mut self) -> Version {
+        let now = self.next;
+        self.next += 1;
+        now
+    }
+}
+
 /// Connects to the engine, subscribes to events, resyncs, then follows events until the stream
 /// ends or fails.
 async fn follow(
@@ -129,6 +150,7 @@ async fn follow(
     reports: &mpsc::Sender<Report>,
     resync: &Notify,
     resynced: &mut bool,
+    clock: &mut Clock,
 ) -> Result<(), Error> {
     let docker = connect(&config.uri).await?;
     // The event stream connects when first polled, a moment after this; asking for events since
@@ -180,7 +202,7 @@ async fn follow(
     .await?;
     let mut session = Session::default();
     report_networks(&docker, reports).await?;
-    resync_all(&docker, config, reports, &mut session).await?;
+    resync_all(&docker, config, reports, &mut session, clock).await?;
     *resynced = true;
 
     let mut periodic = tokio::time::interval(config.resync_every);
@@ -193,7 +215,7 @@ async fn follow(
                     uri: config.uri.clone(),
                     reason: e.to_string(),
                 })?;
-                handle_event(&docker, config, reports, &mut session, &event).await?;
+                handle_event(&docker, config, reports, &mut session, clock, &event).await?;
                 // While events wait, a container that is starting may not be known yet.
                 let backlog = !events.is_empty();
                 if backlog != session.backlog {
@@ -201,8 +223,8 @@ async fn follow(
                     send(reports, Report::Local(LocalChange::Backlog(backlog))).await?;
                 }
             }
-            _ = resync.notified() => resync_all(&docker, config, reports, &mut session).await?,
-            _ = periodic.tick() => resync_all(&docker, config, reports, &mut session).await?,
+            _ = resync.notified() => resync_all(&docker, config, reports, &mut session, clock).await?,
+            _ = periodic.tick() => resync_all(&docker, config, reports, &mut session, clock).await?,
         }
     }
 }
@@ -229,6 +251,7 @@ async fn handle_event(
     config: &WatcherConfig,
     reports: &mpsc::Sender<Report>,
     session: &mut Session,
+    clock: &mut Clock,
     event: &EventMessage,
 ) -> Result<(), Error> {
     match classify(event) {
@@ -262,7 +285,7 @@ async fn handle_event(
             send(reports, Report::Local(change)).await
         }
         Some(Happened::Connect { id, .. }) => {
-            report_state(docker, config, reports, session, &id).await
+            report_state(docker, config, reports, session, clock, &id).await
         }
         Some(Happened::Disconnect { id, network }) => {
             let change = LocalChange::Disconnected {
@@ -270,13 +293,13 @@ async fn handle_event(
                 network,
             };
             send(reports, Report::Local(change)).await?;
-            report_state(docker, config, reports, session, &id).await
+            report_state(docker, config, reports, session, clock, &id).await
         }
         Some(Happened::Changed { id, destroyed }) => {
             if destroyed {
                 session.created.remove(&id);
             }
-            report_state(docker, config, reports, session, &id).await
+            report_state(docker, config, reports, session, clock, &id).await
         }
     }
 }
@@ -287,11 +310,13 @@ async fn report_state(
     config: &WatcherConfig,
     reports: &mpsc::Sender<Report>,
     session: &mut Session,
+    clock: &mut Clock,
     id: &str,
 ) -> Result<(), Error> {
+    let version = clock.tick();
     let (record, local) = match inspect_details(docker, id).await? {
         Some(details) => (
-            container_from_inspect(&details, config.node),
+            container_from_inspect(&details, config.node, version),
             local_from_inspect(&details),
         ),
         None => (None, None),
@@ -313,6 +338,7 @@ async fn report_state(
         None => Command::RemoveContainer {
             node: config.node,
             id: ContainerId::new(id),
+            version,
         },
     };
     send(reports, Report::Command(command)).await
@@ -385,8 +411,10 @@ async fn resync_all(
     config: &WatcherConfig,
     reports: &mpsc::Sender<Report>,
     session: &mut Session,
+    clock: &mut Clock,
 ) -> Result<(), Error> {
-    let (containers, locals) = list_running(docker, config.node).await?;
+    let version = clock.tick();
+    let (containers, locals) = list_running(docker, config.node, version).await?;
     tracing::info!(uri = %config.uri, containers = containers.len(), "resyncing this node's records with docker");
     session.running = locals.iter().map(|c| c.id.0.to_string()).collect();
     send(reports, Report::Local(LocalChange::Replace(locals))).await?;
@@ -395,6 +423,7 @@ async fn resync_all(
         Report::Command(Command::ReplaceContainers {
             node: config.node,
             containers,
+            version,
         }),
     )
     .await
@@ -432,6 +461,7 @@ pub async fn connect(uri: &str) -> Result<Docker, Error> {
 async fn list_running(
     docker: &Docker,
     node: NodeId,
+    version: Version,
 ) -> Result<(Vec<Container>, Vec<LocalContainer>), Error> {
     let options = ListContainersOptionsBuilder::new().all(false).build();
     let summaries = docker
@@ -446,7 +476,7 @@ async fn list_running(
         let Some(details) = inspect_details(docker, &id).await? else {
             continue;
         };
-        records.extend(container_from_inspect(&details, node));
+        records.extend(container_from_inspect(&details, node, version));
         locals.extend(local_from_inspect(&details));
     }
     Ok((records, locals))

@@ -33,7 +33,7 @@
 #[path = "../tests/e2e/testbed.rs"]
 mod testbed;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -43,7 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use linkdns_cluster::{JoinAs, Token, Transport};
 use linkdns_raft::{NodeConfig, NodeHandle, SledStore};
-use linkdns_registry::{Command as RegistryCommand, Container, ContainerId};
+use linkdns_registry::{Command as RegistryCommand, Container};
 use tokio::sync::watch;
 
 fn main() {
@@ -321,20 +321,9 @@ impl Injector {
 }
 
 fn container(node: u64, i: u64) -> Container {
-    Container {
-        id: ContainerId::new(format!("{i:064x}")),
-        name: format!("svc{i}"),
-        node,
-        ips: vec![std::net::IpAddr::from([
-            10,
-            (i >> 16) as u8,
-            (i >> 8) as u8,
-            i as u8,
-        ])],
-        aliases: BTreeSet::new(),
-        links: BTreeSet::new(),
-        ports: BTreeSet::new(),
-    }
+    Container::new(&format!("{i:064x}"), &format!("svc{i}"), node).with_ips([
+        std::net::IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+    ])
 }
 
 // ------------------------------------------------------------------------------------------
@@ -427,6 +416,7 @@ async fn churn(seconds: u64, batch_size: u64) {
                     batch.push(RegistryCommand::RemoveContainer {
                         node: injector.id,
                         id: container(injector.id, old + i).id,
+                        version: 0,
                     });
                 }
                 if injector.write(RegistryCommand::Batch(batch)).await {

@@ -36,6 +36,10 @@ pub const ADMIN_ADDR_FILE: &str = "admin.addr";
 /// The Raft id of the node that bootstraps a cluster; joining nodes get higher ones.
 const BOOTSTRAP_ID: u64 = 1;
 
+/// Name of the file in the data dir that counts this node's runs: the watcher's versions of a
+/// run start at `run << 32`, above every version of the runs before.
+const WATCHER_EPOCH_FILE: &str = "watcher.epoch";
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
@@ -175,7 +179,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         create_network: None,
         max_backoff: Duration::from_secs(5),
         resync_every: Duration::from_secs(300),
+        first_version: 0,
     };
+    let epoch = next_watcher_epoch(&config.data_dir)?;
     let watcher = {
         let (node, resync, mut shutdown) = (node.clone(), resync.clone(), shutdown_rx.clone());
         let (routing, prefix) = (
@@ -190,6 +196,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     _ = shutdown.changed() => return,
                 }
             }
+            watcher_config.first_version =
+                first_version(epoch, &node.published().load().registry, node_id);
             if let Some(prefix) = prefix {
                 watcher_config.create_network = routing
                     .allocate(
@@ -354,6 +362,43 @@ fn identity(data_dir: &Path, store: &SledStore) -> anyhow::Result<(Identity, boo
         );
     }
     Ok((Identity::bootstrap(BOOTSTRAP_ID)?, true))
+}
+
+/// Counts this run in `DIR/watcher.epoch` (written and synced before the watcher observes
+/// anything) and returns its number. A missing file counts from 0; one that does not hold a
+/// number stops the start: guessing low would make this run's observations look older than
+/// the last run's.
+fn next_watcher_epoch(data_dir: &Path) -> anyhow::Result<u64> {
+    let path = data_dir.join(WATCHER_EPOCH_FILE);
+    let last = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().with_context(|| {
+            format!(
+                "{} does not hold a number ({:?}); remove it and start again (this run's versions then start above those the replica holds)",
+                path.display(),
+                text.trim()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let epoch = last + 1;
+    let tmp = data_dir.join(format!("{WATCHER_EPOCH_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(epoch.to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(data_dir)?.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(epoch)
+}
+
+/// The version of this run's first observation: above every earlier run's by the epoch, and
+/// above every version of this node the replica holds (in case the epoch file was lost).
+fn first_version(epoch: u64, registry: &linkdns_registry::Registry, node: u64) -> u64 {
+    (epoch << 32).max(registry.last_version(node) + 1)
 }
 
 /// Moves the state of a node that was removed aside: a later `linkdns run` on this data dir

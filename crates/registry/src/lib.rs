@@ -12,16 +12,20 @@ mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use imbl::OrdMap;
+use imbl::{OrdMap, OrdSet};
+use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use command::{Command, COMMAND_VERSION};
 pub use local::{Asker, LocalChange, LocalContainer, LocalNetwork, LocalView, Pending};
-pub use lookup::{reverse_name_to_ip, Reach, Resolution, Scope};
+pub use lookup::{
+    reverse_name_to_ip, Addresses, Reach, Resolution, Scope, SrvQuery, SrvTarget, Vantage,
+};
 pub use model::{
-    canonical_ip, max_prefix, normalize_name, Container, ContainerId, LinkAlias, NodeId, NodeInfo,
-    Port, Protocol, Record, Subnet,
+    canonical_ip, max_prefix, normalize_name, Address, ComposeService, Container, ContainerId,
+    LinkAlias, NamedPort, Network, NodeId, NodeInfo, Port, Protocol, Record, RecordAddress, Subnet,
+    Version,
 };
 pub use snapshot::SNAPSHOT_VERSION;
 
@@ -41,8 +45,8 @@ pub enum Error {
     },
     #[error("container {id} has an empty name")]
     EmptyName { id: ContainerId },
-    #[error("{count} command(s) of a batch were rejected, the first: {first}")]
-    BatchPartlyRejected { count: usize, first: Box<Error> },
+    #[error("{count} part(s) of the command were rejected (the rest applied), the first: {first}")]
+    PartlyRejected { count: usize, first: Box<Error> },
     #[error("subnet {subnet} overlaps {owner_subnet} of node {owner_name} (id {owner}); give this host's Docker network a subnet of its own")]
     SubnetTaken {
         subnet: Subnet,
@@ -99,9 +103,41 @@ impl Published {
 pub enum Outcome {
     Changed,
     Unchanged,
+    /// Ignored: the registry holds a later observation of the container (or of its removal)
+    /// by its node's watcher. A delayed or repeated proposal never brings back an old state.
+    Stale,
+}
+
+impl Outcome {
+    /// The outcome of two changes applied together.
+    fn and(self, other: Outcome) -> Outcome {
+        match (self, other) {
+            (Outcome::Changed, _) | (_, Outcome::Changed) => Outcome::Changed,
+            (Outcome::Stale, _) | (_, Outcome::Stale) => Outcome::Stale,
+            _ => Outcome::Unchanged,
+        }
+    }
+}
+
+/// Most removals remembered per node (tombstones; see [`Registry`]). Beyond it the oldest are
+/// forgotten and the node's floor rises past them.
+pub const MAX_TOMBSTONES_PER_NODE: usize = 4096;
+
+/// A removed container, remembered so that an older observation of it arriving late (a
+/// proposal retried across a change of leader) cannot bring it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub node: NodeId,
+    pub version: Version,
 }
 
 /// The registry: the state every node replicates, with indexes for DNS lookups.
+///
+/// Container records are versioned by their node's watcher (see [`Version`]): an update older
+/// than the record, or than the tombstone its removal left, is ignored. Tombstones are bounded
+/// ([`MAX_TOMBSTONES_PER_NODE`]); forgetting one raises the node's floor above it, and commands
+/// of the node older than its floor are ignored. Both happen in `apply`, so every replica,
+/// also one restored from a snapshot, holds the same tombstones and floors.
 ///
 /// The container map and the indexes are persistent maps (`imbl::OrdMap`): a clone — one per
 /// published version — shares everything with the original and costs O(1); a change copies only
@@ -119,14 +155,26 @@ pub struct Registry {
     /// The container subnets each node claims; no two nodes' subnets overlap.
     subnets: BTreeMap<NodeId, Vec<Subnet>>,
     containers: OrdMap<ContainerId, Arc<Record>>,
+    /// Removed containers, by id (see [`Tombstone`]).
+    tombstones: OrdMap<ContainerId, Tombstone>,
+    /// The same tombstones by node and age, oldest first: which to forget first.
+    tombstone_order: OrdSet<(NodeId, Version, ContainerId)>,
+    /// Each node's oldest version still applied (0: every version).
+    floors: BTreeMap<NodeId, Version>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
     /// Keyed by the record's own name (shared, not copied).
     by_name: OrdMap<Arc<str>, IdSet>,
     by_alias: OrdMap<String, IdSet>,
     by_ip: OrdMap<IpAddr, IdSet>,
+    /// Compose services, keyed `<service>.<project>`.
+    by_service: OrdMap<String, IdSet>,
+    /// How many containers each compose project has.
+    projects: OrdMap<String, usize>,
     /// How many containers use each link alias.
     link_aliases: OrdMap<String, usize>,
+    /// The one shared copy of each network the records' addresses are on, with its users.
+    networks: OrdMap<Network, (Arc<Network>, usize)>,
 }
 
 impl Registry {
@@ -137,31 +185,32 @@ impl Registry {
     /// Applies one command. Deterministic: reads nothing but `self` and `command`.
     ///
     /// A rejected command (an `Err`) leaves the registry exactly as it was, except a
-    /// [`Command::Batch`], whose accepted members stay applied.
+    /// [`Command::Batch`] or a [`Command::ReplaceContainers`], whose accepted parts stay
+    /// applied ([`Error::PartlyRejected`]).
     pub fn apply(&mut self, command: &Command) -> Result<Outcome, Error> {
         match command {
             Command::UpsertNode(node) => self.upsert_node(node),
-            Command::ReplaceContainers { node, containers } => {
-                self.replace_containers(*node, containers)
-            }
+            Command::ReplaceContainers {
+                node,
+                containers,
+                version,
+            } => self.replace_containers(*node, containers, *version),
             Command::UpsertContainer(container) => {
                 self.check_container(container)?;
-                Ok(self.put_container(container.clone().normalized()))
+                Ok(self.upsert_container(container.clone().normalized()))
             }
-            Command::RemoveContainer { node, id } => {
+            Command::RemoveContainer { node, id, version } => {
                 self.known_node(*node)?;
-                match self.containers.get(id) {
-                    Some(c) if c.node != *node => Err(Error::ContainerOwnedElsewhere {
-                        id: id.clone(),
-                        owner: c.node,
-                        claimed: *node,
-                    }),
-                    Some(_) => {
-                        self.remove_container(id);
-                        Ok(Outcome::Changed)
+                if let Some(c) = self.containers.get(id) {
+                    if c.node != *node {
+                        return Err(Error::ContainerOwnedElsewhere {
+                            id: id.clone(),
+                            owner: c.node,
+                            claimed: *node,
+                        });
                     }
-                    None => Ok(Outcome::Unchanged),
                 }
+                Ok(self.remove_observed(*node, id, *version))
             }
             Command::SetNodeDown { node, down } => {
                 self.known_node(*node)?;
@@ -184,10 +233,21 @@ impl Registry {
                 self.down.remove(node);
                 self.certs.remove(node);
                 self.subnets.remove(node);
+                self.floors.remove(node);
                 let ids: Vec<ContainerId> =
                     self.containers_of(*node).map(|c| c.id.clone()).collect();
                 for id in ids {
                     self.remove_container(&id);
+                }
+                let forgotten: Vec<(NodeId, Version, ContainerId)> = self
+                    .tombstone_order
+                    .range((*node, 0, ContainerId::new(""))..)
+                    .take_while(|(n, _, _)| n == node)
+                    .cloned()
+                    .collect();
+                for entry in forgotten {
+                    self.tombstones.remove(&entry.2);
+                    self.tombstone_order.remove(&entry);
                 }
                 Ok(Outcome::Changed)
             }
@@ -208,18 +268,11 @@ impl Registry {
                 let mut rejected = Vec::new();
                 for c in commands {
                     match self.apply(c) {
-                        Ok(Outcome::Changed) => outcome = Outcome::Changed,
-                        Ok(Outcome::Unchanged) => {}
+                        Ok(o) => outcome = outcome.and(o),
                         Err(e) => rejected.push(e),
                     }
                 }
-                match rejected.len() {
-                    0 => Ok(outcome),
-                    count => Err(Error::BatchPartlyRejected {
-                        count,
-                        first: Box::new(rejected.swap_remove(0)),
-                    }),
-                }
+                partly(outcome, rejected)
             }
         }
     }
@@ -296,43 +349,157 @@ impl Registry {
         Ok(Outcome::Changed)
     }
 
+    /// A node's whole container set as its watcher listed it at `version`. A listed container
+    /// that another node holds, or that has no name, is refused on its own: the rest applies.
     fn replace_containers(
         &mut self,
         node: NodeId,
         containers: &[Container],
+        version: Version,
     ) -> Result<Outcome, Error> {
         self.known_node(node)?;
+        if self.is_stale(node, version) {
+            return Ok(Outcome::Stale);
+        }
+        let mut rejected = Vec::new();
+        let mut wanted: BTreeMap<ContainerId, Container> = BTreeMap::new();
         for c in containers {
-            if c.node != node {
-                return Err(Error::ContainerOwnedElsewhere {
+            let owned = if c.node != node {
+                Err(Error::ContainerOwnedElsewhere {
                     id: c.id.clone(),
                     owner: c.node,
                     claimed: node,
-                });
+                })
+            } else {
+                self.check_container(c)
+            };
+            match owned {
+                Ok(()) => {
+                    wanted.insert(c.id.clone(), c.clone().normalized());
+                }
+                Err(e) => rejected.push(e),
             }
-            self.check_container(c)?;
         }
-        let wanted: BTreeMap<ContainerId, Container> = containers
-            .iter()
-            .map(|c| (c.id.clone(), c.clone().normalized()))
-            .collect();
         let stale: Vec<ContainerId> = self
-            .containers
-            .values()
-            .filter(|c| c.node == node && !wanted.contains_key(&c.id))
+            .containers_of(node)
+            .filter(|c| !wanted.contains_key(&c.id))
             .map(|c| c.id.clone())
             .collect();
         let mut outcome = Outcome::Unchanged;
         for id in stale {
-            self.remove_container(&id);
-            outcome = Outcome::Changed;
+            outcome = outcome.and(self.remove_observed(node, &id, version));
         }
         for c in wanted.into_values() {
-            if self.put_container(c) == Outcome::Changed {
-                outcome = Outcome::Changed;
+            outcome = outcome.and(self.upsert_container(c));
+        }
+        partly(outcome, rejected)
+    }
+
+    /// Whether a command of `node` observed at `version` comes after what the node's floor
+    /// has forgotten (unversioned commands are always applied).
+    fn is_stale(&self, node: NodeId, version: Version) -> bool {
+        version != 0 && self.floors.get(&node).is_some_and(|&floor| version < floor)
+    }
+
+    /// Adds or updates a checked, normalized container unless the registry holds a later
+    /// observation of it: a newer record, or a removal at the same version or later.
+    fn upsert_container(&mut self, c: Container) -> Outcome {
+        let version = c.version;
+        if version != 0 {
+            if self.is_stale(c.node, version) {
+                return Outcome::Stale;
+            }
+            if self
+                .containers
+                .get(&c.id)
+                .is_some_and(|held| held.version > version)
+            {
+                return Outcome::Stale;
+            }
+            if let Some(t) = self.tombstones.get(&c.id).copied() {
+                if t.node == c.node && t.version >= version {
+                    return Outcome::Stale;
+                }
             }
         }
-        Ok(outcome)
+        // Whatever removal was remembered, this observation is later (or unversioned: in log
+        // order, so later too).
+        self.forget_tombstone(&c.id);
+        self.put_container(c)
+    }
+
+    /// Removes container `id` of `node`, seen gone at `version`, unless a later observation is
+    /// held; a versioned removal leaves a tombstone, also for a container not (yet) held.
+    fn remove_observed(&mut self, node: NodeId, id: &ContainerId, version: Version) -> Outcome {
+        if version == 0 {
+            return match self.containers.contains_key(id) {
+                true => {
+                    self.remove_container(id);
+                    Outcome::Changed
+                }
+                false => Outcome::Unchanged,
+            };
+        }
+        if self.is_stale(node, version) {
+            return Outcome::Stale;
+        }
+        if self
+            .containers
+            .get(id)
+            .is_some_and(|held| held.version > version)
+        {
+            return Outcome::Stale;
+        }
+        let outcome = if self.containers.contains_key(id) {
+            self.remove_container(id);
+            Outcome::Changed
+        } else {
+            Outcome::Unchanged
+        };
+        match self.tombstones.get(id).copied() {
+            Some(t) if t.node == node && t.version >= version => {}
+            _ => {
+                self.forget_tombstone(id);
+                self.tombstones
+                    .insert(id.clone(), Tombstone { node, version });
+                self.tombstone_order.insert((node, version, id.clone()));
+                self.bound_tombstones(node);
+            }
+        }
+        outcome
+    }
+
+    fn forget_tombstone(&mut self, id: &ContainerId) {
+        if let Some(t) = self.tombstones.remove(id) {
+            self.tombstone_order
+                .remove(&(t.node, t.version, id.clone()));
+        }
+    }
+
+    /// Forgets the node's oldest tombstones beyond [`MAX_TOMBSTONES_PER_NODE`], raising its
+    /// floor past them: what they guarded against is now refused by age.
+    fn bound_tombstones(&mut self, node: NodeId) {
+        let held = self
+            .tombstone_order
+            .range((node, 0, ContainerId::new(""))..)
+            .take_while(|(n, _, _)| *n == node)
+            .count();
+        let excess = held.saturating_sub(MAX_TOMBSTONES_PER_NODE);
+        if excess == 0 {
+            return;
+        }
+        let oldest: Vec<(NodeId, Version, ContainerId)> = self
+            .tombstone_order
+            .range((node, 0, ContainerId::new(""))..)
+            .take(excess)
+            .cloned()
+            .collect();
+        for entry in oldest {
+            let floor = self.floors.entry(node).or_default();
+            *floor = (*floor).max(entry.1.saturating_add(1));
+            self.tombstones.remove(&entry.2);
+            self.tombstone_order.remove(&entry);
+        }
     }
 
     fn known_node(&self, node: NodeId) -> Result<(), Error> {
@@ -360,17 +527,29 @@ impl Registry {
 
     /// Inserts or replaces a normalized container, keeping the indexes in step.
     fn put_container(&mut self, c: Container) -> Outcome {
-        let c = Record::from(c);
+        let mut c = Record::from(c);
         if self.containers.get(&c.id).is_some_and(|old| **old == c) {
             return Outcome::Unchanged;
         }
         self.remove_container(&c.id);
+        for network in c.addrs.iter_mut().filter_map(|a| a.network.as_mut()) {
+            let entry = self
+                .networks
+                .entry(Network::clone(network))
+                .or_insert_with(|| (network.clone(), 0));
+            entry.1 += 1;
+            *network = entry.0.clone();
+        }
         index_insert(&mut self.by_name, c.name.clone(), &c.id);
         for alias in c.aliases() {
             index_insert(&mut self.by_alias, alias.clone(), &c.id);
         }
-        for ip in &c.ips {
-            index_insert(&mut self.by_ip, *ip, &c.id);
+        for ip in c.ips() {
+            index_insert(&mut self.by_ip, ip, &c.id);
+        }
+        if let Some(compose) = c.compose() {
+            index_insert(&mut self.by_service, compose.name(), &c.id);
+            *self.projects.entry(compose.project.clone()).or_default() += 1;
         }
         for link in c.links() {
             *self.link_aliases.entry(link.alias.clone()).or_default() += 1;
@@ -387,15 +566,23 @@ impl Registry {
         for alias in c.aliases() {
             index_remove(&mut self.by_alias, alias.as_str(), id);
         }
-        for ip in &c.ips {
-            index_remove(&mut self.by_ip, ip, id);
+        for ip in c.ips() {
+            index_remove(&mut self.by_ip, &ip, id);
+        }
+        if let Some(compose) = c.compose() {
+            index_remove(&mut self.by_service, compose.name().as_str(), id);
+            count_down(&mut self.projects, &compose.project);
         }
         for link in c.links() {
-            if let Some(count) = self.link_aliases.get_mut(&link.alias) {
-                *count -= 1;
-                if *count == 0 {
-                    self.link_aliases.remove(&link.alias);
-                }
+            count_down(&mut self.link_aliases, &link.alias);
+        }
+        for network in c.addrs.iter().filter_map(|a| a.network.as_deref()) {
+            let unused = self.networks.get_mut(network).is_some_and(|entry| {
+                entry.1 -= 1;
+                entry.1 == 0
+            });
+            if unused {
+                self.networks.remove(network);
             }
         }
     }
@@ -533,6 +720,71 @@ impl Registry {
     /// Number of container records.
     pub fn record_count(&self) -> usize {
         self.containers.len()
+    }
+
+    /// The removal remembered for container `id`, if any.
+    pub fn tombstone(&self, id: &ContainerId) -> Option<Tombstone> {
+        self.tombstones.get(id).copied()
+    }
+
+    /// How many removals are remembered.
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// The latest version of node `node` the registry holds: of a record, a tombstone or its
+    /// floor (0 if none). A node's watcher must observe above it.
+    pub fn last_version(&self, node: NodeId) -> Version {
+        let records = self.containers_of(node).map(|c| c.version).max();
+        let tombstones = self
+            .tombstone_order
+            .range((node, 0, ContainerId::new(""))..)
+            .take_while(|(n, _, _)| *n == node)
+            .map(|(_, v, _)| *v)
+            .max();
+        records
+            .into_iter()
+            .chain(tombstones)
+            .chain([self.floor(node).saturating_sub(1)])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Node `node`'s floor: its commands observed before this version are ignored.
+    pub fn floor(&self, node: NodeId) -> Version {
+        self.floors.get(&node).copied().unwrap_or(0)
+    }
+
+    /// Compose projects named like a node: `<service>.<project>` reads as node-qualified for
+    /// them (the node wins), so their services answer only as `<service>.cluster`.
+    pub fn projects_shadowed_by_nodes(&self) -> Vec<&str> {
+        self.nodes
+            .values()
+            .filter(|n| self.projects.contains_key(&n.name))
+            .map(|n| n.name.as_str())
+            .collect()
+    }
+}
+
+/// `outcome`, or the rejection of the parts in `rejected` (the others applied).
+fn partly(outcome: Outcome, mut rejected: Vec<Error>) -> Result<Outcome, Error> {
+    match rejected.len() {
+        0 => Ok(outcome),
+        count => Err(Error::PartlyRejected {
+            count,
+            first: Box::new(rejected.swap_remove(0)),
+        }),
+    }
+}
+
+/// Counts one user of `key` less, dropping the key at zero.
+fn count_down(counts: &mut OrdMap<String, usize>, key: &str) {
+    let gone = counts.get_mut(key).is_some_and(|n| {
+        *n -= 1;
+        *n == 0
+    });
+    if gone {
+        counts.remove(key);
     }
 }
 

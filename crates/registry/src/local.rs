@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use crate::command::Command;
-use crate::model::{canonical_ip, Container, ContainerId, LinkAlias, NodeId, Subnet};
+use crate::model::{canonical_ip, Container, ContainerId, LinkAlias, NodeId, Subnet, Version};
 use crate::Registry;
 
 /// A Docker network of this host.
@@ -24,7 +24,7 @@ pub struct LocalNetwork {
     pub gateways: Vec<IpAddr>,
 }
 
-/// A container of this host as far as asking goes: its addresses and its link aliases.
+/// A container of this host as far as asking goes: its addresses, networks and link aliases.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalContainer {
     pub id: ContainerId,
@@ -33,8 +33,43 @@ pub struct LocalContainer {
     pub links: Vec<LinkAlias>,
     /// Addresses Docker has told (empty while it is starting).
     pub ips: Vec<IpAddr>,
+    /// Ids of the Docker networks it is on (also those it is being connected to), sorted: an
+    /// address of this host is reachable for it only on one of these.
+    pub networks: Vec<String>,
     /// Ids of networks Docker is connecting it to whose address it has not told yet.
     pub connecting: BTreeSet<String>,
+    /// Askers on the same networks share a class (set by the view): answers cached for one
+    /// are right for the others.
+    class: u32,
+}
+
+impl LocalContainer {
+    /// A running container as an inspection shows it.
+    pub fn new(
+        id: ContainerId,
+        name: String,
+        links: Vec<LinkAlias>,
+        ips: Vec<IpAddr>,
+        mut networks: Vec<String>,
+    ) -> LocalContainer {
+        networks.sort();
+        networks.dedup();
+        LocalContainer {
+            id,
+            name,
+            links,
+            ips,
+            networks,
+            connecting: BTreeSet::new(),
+            class: 0,
+        }
+    }
+
+    /// The class of its networks in the current view: askers with the same class get the same
+    /// answers for names that are not link aliases.
+    pub fn class(&self) -> u32 {
+        self.class
+    }
 }
 
 /// What the watcher learned about this host; applied to the [`LocalView`] in order.
@@ -115,22 +150,17 @@ impl LocalView {
                 links,
                 network,
             } => {
-                let entry = self
-                    .containers
-                    .entry(id.clone())
-                    .or_insert_with(|| LocalContainer {
-                        id,
-                        name,
-                        links,
-                        ips: Vec::new(),
-                        connecting: BTreeSet::new(),
-                    });
+                let entry = self.containers.entry(id.clone()).or_insert_with(|| {
+                    LocalContainer::new(id, name, links, Vec::new(), Vec::new())
+                });
+                entry.networks.push(network.clone());
                 entry.connecting.insert(network);
                 *entry = normalized(entry.clone());
             }
             LocalChange::Disconnected { id, network } => {
                 if let Some(c) = self.containers.get_mut(&id) {
                     c.connecting.remove(&network);
+                    c.networks.retain(|n| *n != network);
                     if c.ips.is_empty() && c.connecting.is_empty() {
                         self.containers.remove(&id);
                     }
@@ -155,6 +185,11 @@ impl LocalView {
     }
 
     fn reindex(&mut self) {
+        let mut classes: HashMap<Vec<String>, u32> = HashMap::new();
+        for c in self.containers.values_mut() {
+            let next = u32::try_from(classes.len()).unwrap_or(u32::MAX);
+            c.class = *classes.entry(c.networks.clone()).or_insert(next);
+        }
         self.by_ip = self
             .containers
             .values()
@@ -219,6 +254,22 @@ impl LocalView {
         }
     }
 
+    /// The network of this host that `ip` is an address of (not its gateway's).
+    pub fn network_of(&self, ip: IpAddr) -> Option<&LocalNetwork> {
+        let ip = canonical_ip(ip);
+        self.networks
+            .iter()
+            .find(|n| n.subnets.iter().any(|s| s.contains(ip)) && !n.gateways.contains(&ip))
+    }
+
+    /// Whether `ip` lies in one of this host's Docker networks: this host's routes keep it
+    /// here, so another host's container with that address is out of reach from this host.
+    pub fn shadows(&self, ip: IpAddr) -> bool {
+        self.networks
+            .iter()
+            .any(|n| n.subnets.iter().any(|s| s.contains(ip)))
+    }
+
     /// Whether `src` is on this host: loopback, the host's own addresses, or an address of one
     /// of its container networks. Host-local addresses are answered only to such askers.
     pub fn is_on_host(&self, src: IpAddr) -> bool {
@@ -239,6 +290,9 @@ fn normalized(mut c: LocalContainer) -> LocalContainer {
     c.ips = c.ips.into_iter().map(canonical_ip).collect();
     c.ips.sort();
     c.ips.dedup();
+    c.networks.extend(c.connecting.iter().cloned());
+    c.networks.sort();
+    c.networks.dedup();
     c
 }
 
@@ -247,8 +301,16 @@ fn normalized(mut c: LocalContainer) -> LocalContainer {
 /// Docker reports them, and dropped once the proposal that carries them is answered.
 #[derive(Clone, Debug, Default)]
 pub struct Pending {
-    /// The latest state of each changed container (`None`: gone).
-    changes: BTreeMap<ContainerId, Option<Container>>,
+    /// The latest state of each changed container.
+    changes: BTreeMap<ContainerId, Change>,
+}
+
+/// The latest observation of one container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Change {
+    Up(Box<Container>),
+    /// Gone, as seen at this version.
+    Gone(Version),
 }
 
 impl Pending {
@@ -258,14 +320,19 @@ impl Pending {
         match command {
             Command::UpsertContainer(c) if c.node == node => {
                 self.changes
-                    .insert(c.id.clone(), Some(c.clone().normalized()));
+                    .insert(c.id.clone(), Change::Up(Box::new(c.clone().normalized())));
             }
-            Command::RemoveContainer { node: n, id } if *n == node => {
-                self.changes.insert(id.clone(), None);
+            Command::RemoveContainer {
+                node: n,
+                id,
+                version,
+            } if *n == node => {
+                self.changes.insert(id.clone(), Change::Gone(*version));
             }
             Command::ReplaceContainers {
                 node: n,
                 containers,
+                version,
             } if *n == node => {
                 let listed: BTreeSet<&ContainerId> = containers.iter().map(|c| &c.id).collect();
                 let stale: Vec<ContainerId> = committed
@@ -275,11 +342,11 @@ impl Pending {
                     .filter(|id| !listed.contains(id))
                     .collect();
                 for id in stale {
-                    self.changes.insert(id, None);
+                    self.changes.insert(id, Change::Gone(*version));
                 }
                 for c in containers.iter().filter(|c| c.node == node) {
                     self.changes
-                        .insert(c.id.clone(), Some(c.clone().normalized()));
+                        .insert(c.id.clone(), Change::Up(Box::new(c.clone().normalized())));
                 }
             }
             Command::Batch(commands) => {
@@ -295,14 +362,22 @@ impl Pending {
     /// the committed registry says it from now on. Later changes of the same containers stay.
     pub fn settle(&mut self, command: &Command) {
         match command {
-            Command::UpsertContainer(c) => self.settle_one(&c.id, Some(&c.clone().normalized())),
-            Command::RemoveContainer { id, .. } => self.settle_one(id, None),
-            Command::ReplaceContainers { containers, .. } => {
+            Command::UpsertContainer(c) => {
+                self.settle_one(&c.id, &Change::Up(Box::new(c.clone().normalized())))
+            }
+            Command::RemoveContainer { id, version, .. } => {
+                self.settle_one(id, &Change::Gone(*version))
+            }
+            Command::ReplaceContainers {
+                containers,
+                version,
+                ..
+            } => {
                 let listed: BTreeSet<&ContainerId> = containers.iter().map(|c| &c.id).collect();
                 self.changes
-                    .retain(|id, change| change.is_some() || listed.contains(id));
+                    .retain(|id, change| *change != Change::Gone(*version) || listed.contains(id));
                 for c in containers {
-                    self.settle_one(&c.id, Some(&c.clone().normalized()));
+                    self.settle_one(&c.id, &Change::Up(Box::new(c.clone().normalized())));
                 }
             }
             Command::Batch(commands) => {
@@ -314,8 +389,8 @@ impl Pending {
         }
     }
 
-    fn settle_one(&mut self, id: &ContainerId, carried: Option<&Container>) {
-        if self.changes.get(id).is_some_and(|c| c.as_ref() == carried) {
+    fn settle_one(&mut self, id: &ContainerId, carried: &Change) {
+        if self.changes.get(id) == Some(carried) {
             self.changes.remove(id);
         }
     }
@@ -333,10 +408,11 @@ impl Pending {
     pub fn apply_to(&self, registry: &mut Registry, node: NodeId) {
         for (id, change) in &self.changes {
             let command = match change {
-                Some(c) => Command::UpsertContainer(c.clone()),
-                None => Command::RemoveContainer {
+                Change::Up(c) => Command::UpsertContainer(Container::clone(c)),
+                Change::Gone(version) => Command::RemoveContainer {
                     node,
                     id: id.clone(),
+                    version: *version,
                 },
             };
             let _ = registry.apply(&command);
@@ -363,19 +439,19 @@ mod tests {
     }
 
     fn local(id: &str, ips: &[&str], links: &[(&str, &str)]) -> LocalContainer {
-        LocalContainer {
-            id: ContainerId::new(id),
-            name: id.into(),
-            links: links
+        LocalContainer::new(
+            ContainerId::new(id),
+            id.into(),
+            links
                 .iter()
                 .map(|(t, a)| LinkAlias {
                     target: t.to_string(),
                     alias: a.to_string(),
                 })
                 .collect(),
-            ips: ips.iter().map(|s| ip(s)).collect(),
-            connecting: BTreeSet::new(),
-        }
+            ips.iter().map(|s| ip(s)).collect(),
+            vec!["br".into()],
+        )
     }
 
     fn connecting(id: &str, network: &str) -> LocalChange {
@@ -469,15 +545,7 @@ mod tests {
     }
 
     fn container(id: &str, ip_: &str) -> Container {
-        Container {
-            id: ContainerId::new(id),
-            name: id.into(),
-            node: 1,
-            ips: vec![ip(ip_)],
-            aliases: BTreeSet::new(),
-            links: BTreeSet::new(),
-            ports: BTreeSet::new(),
-        }
+        Container::new(id, id, 1).with_ips([ip(ip_)])
     }
 
     #[test]
@@ -492,6 +560,7 @@ mod tests {
         let resync = Command::ReplaceContainers {
             node: 1,
             containers: vec![container("web", "192.168.1.2")],
+            version: 0,
         };
         pending.observe(&resync, 1, &committed);
         let mut shown = committed.clone();

@@ -70,12 +70,85 @@ pub enum Protocol {
     Sctp,
 }
 
+impl Protocol {
+    /// The SRV label of the protocol, without the underscore (`tcp`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// The protocol of an SRV label without the underscore (`tcp`, any case).
+    pub fn from_label(label: &str) -> Option<Protocol> {
+        [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+            .into_iter()
+            .find(|p| p.label().eq_ignore_ascii_case(label))
+    }
+}
+
 /// A port a container exposes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Port {
     pub port: u16,
     pub protocol: Protocol,
 }
+
+/// A named service of a container (label `linkdns.srv=http:8080`): `_http._tcp.<name>` is
+/// answered with the port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NamedPort {
+    /// The service name, normalized, without the underscore (`http`).
+    pub name: String,
+    pub port: Port,
+}
+
+/// The Docker network an address is on, as its host's engine names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Network {
+    /// Docker's network id (the full hex digits); unique on its host, never shared by two
+    /// hosts' engines.
+    pub id: String,
+    pub name: String,
+    /// The network's subnet that holds the address.
+    pub subnet: Subnet,
+}
+
+/// One address of a container and the network it has it on.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Address {
+    pub ip: IpAddr,
+    /// `None` for records written before addresses carried their network.
+    pub network: Option<Network>,
+}
+
+impl Address {
+    /// An address whose network is not known.
+    pub fn bare(ip: IpAddr) -> Address {
+        Address { ip, network: None }
+    }
+}
+
+/// A compose service (labels `com.docker.compose.project` and `.service`): answered as
+/// `<service>.<project>.cluster` on every host.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ComposeService {
+    pub project: String,
+    pub service: String,
+}
+
+impl ComposeService {
+    /// The name it is answered under, relative to the domain: `<service>.<project>`.
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.service, self.project)
+    }
+}
+
+/// The order in which a node's watcher observed its containers: a later observation has a
+/// higher version, also across restarts of the node. 0 is "unversioned" (commands written
+/// before records had versions), which is applied in log order as it always was.
+pub type Version = u64;
 
 /// One running container as the registry knows it.
 ///
@@ -87,18 +160,51 @@ pub struct Container {
     /// Docker's name without the leading `/`.
     pub name: String,
     pub node: NodeId,
-    /// Cluster-routable addresses, sorted, no duplicates.
-    pub ips: Vec<IpAddr>,
+    /// When the node's watcher saw it so (see [`Version`]).
+    pub version: Version,
+    /// Its addresses with their networks, sorted by address, no duplicates.
+    pub addrs: Vec<Address>,
     /// Extra names: `linkdns.alias`, Docker network aliases, compose service name.
     pub aliases: BTreeSet<String>,
     /// Link aliases scoped to this container.
     pub links: BTreeSet<LinkAlias>,
+    /// Ports it exposes (image `EXPOSE`, `--expose`, published ports).
     pub ports: BTreeSet<Port>,
+    /// Named services (`linkdns.srv`).
+    pub services: BTreeSet<NamedPort>,
+    pub compose: Option<ComposeService>,
 }
 
 impl Container {
+    /// A container with a name and nothing else, unversioned (tests and tools fill in the rest).
+    pub fn new(id: &str, name: &str, node: NodeId) -> Container {
+        Container {
+            id: ContainerId::new(id),
+            name: name.to_string(),
+            node,
+            version: 0,
+            addrs: Vec::new(),
+            aliases: BTreeSet::new(),
+            links: BTreeSet::new(),
+            ports: BTreeSet::new(),
+            services: BTreeSet::new(),
+            compose: None,
+        }
+    }
+
+    /// The same container with these addresses, networks unknown.
+    pub fn with_ips(mut self, ips: impl IntoIterator<Item = IpAddr>) -> Container {
+        self.addrs = ips.into_iter().map(Address::bare).collect();
+        self
+    }
+
+    /// Its addresses, in order.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addrs.iter().map(|a| a.ip)
+    }
+
     /// Brings a container seen at the edge into the registry's canonical form: lowercased names,
-    /// no empty names, no alias equal to the name, IPs sorted and deduplicated.
+    /// no empty names, no alias equal to the name, addresses canonical, sorted and deduplicated.
     pub fn normalized(mut self) -> Container {
         self.name = normalize_name(&self.name);
         self.aliases = self
@@ -112,22 +218,50 @@ impl Container {
             .iter()
             .filter_map(LinkAlias::normalized)
             .collect();
-        self.ips.sort();
-        self.ips.dedup();
+        self.services = self
+            .services
+            .iter()
+            .map(|s| NamedPort {
+                name: normalize_name(s.name.trim_start_matches('_')),
+                port: s.port,
+            })
+            .filter(|s| !s.name.is_empty() && !s.name.contains('.'))
+            .collect();
+        self.compose = self.compose.take().and_then(|c| {
+            let c = ComposeService {
+                project: normalize_name(&c.project),
+                service: normalize_name(&c.service),
+            };
+            let plain = |s: &str| !s.is_empty() && !s.contains('.');
+            (plain(&c.project) && plain(&c.service)).then_some(c)
+        });
+        for a in &mut self.addrs {
+            a.ip = canonical_ip(a.ip);
+        }
+        self.addrs.sort();
+        self.addrs.dedup_by(|a, b| a.ip == b.ip);
         self
     }
 }
 
+/// One address of a [`Record`]: its network shared with every record on that network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordAddress {
+    pub ip: IpAddr,
+    pub network: Option<Arc<Network>>,
+}
+
 /// A container as the registry keeps it: the content of a normalized [`Container`], packed —
-/// boxed slices instead of vectors and sets, the rarely used aliases, links and ports behind one
-/// pointer, the name shared with the name index. It encodes exactly as the `Container` it came
-/// from, so snapshots do not depend on the packing.
+/// boxed slices instead of vectors and sets, networks shared between records, the rarely used
+/// fields behind one pointer, the name shared with the name index. It encodes exactly as the
+/// `Container` it came from, so snapshots do not depend on the packing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     pub id: ContainerId,
     pub name: Arc<str>,
     pub node: NodeId,
-    pub ips: Box<[IpAddr]>,
+    pub version: Version,
+    pub addrs: Box<[RecordAddress]>,
     extra: Option<Box<Extra>>,
 }
 
@@ -136,9 +270,49 @@ struct Extra {
     aliases: Box<[String]>,
     links: Box<[LinkAlias]>,
     ports: Box<[Port]>,
+    services: Box<[NamedPort]>,
+    compose: Option<ComposeService>,
 }
 
 impl Record {
+    /// Packs a normalized container (the sets' order is kept as it is).
+    fn pack(c: Container) -> Record {
+        let has_extra = !c.aliases.is_empty()
+            || !c.links.is_empty()
+            || !c.ports.is_empty()
+            || !c.services.is_empty()
+            || c.compose.is_some();
+        let extra = has_extra.then(|| {
+            Box::new(Extra {
+                aliases: c.aliases.into_iter().collect(),
+                links: c.links.into_iter().collect(),
+                ports: c.ports.into_iter().collect(),
+                services: c.services.into_iter().collect(),
+                compose: c.compose,
+            })
+        });
+        Record {
+            id: c.id,
+            name: c.name.into(),
+            node: c.node,
+            version: c.version,
+            addrs: c
+                .addrs
+                .into_iter()
+                .map(|a| RecordAddress {
+                    ip: a.ip,
+                    network: a.network.map(Arc::new),
+                })
+                .collect(),
+            extra,
+        }
+    }
+
+    /// Its addresses, in order.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addrs.iter().map(|a| a.ip)
+    }
+
     pub fn aliases(&self) -> &[String] {
         self.extra.as_ref().map_or(&[], |e| &e.aliases)
     }
@@ -151,39 +325,53 @@ impl Record {
         self.extra.as_ref().map_or(&[], |e| &e.ports)
     }
 
+    pub fn services(&self) -> &[NamedPort] {
+        self.extra.as_ref().map_or(&[], |e| &e.services)
+    }
+
+    pub fn compose(&self) -> Option<&ComposeService> {
+        self.extra.as_ref().and_then(|e| e.compose.as_ref())
+    }
+
     /// The container this record holds.
     pub fn to_container(&self) -> Container {
         Container {
             id: self.id.clone(),
             name: self.name.to_string(),
             node: self.node,
-            ips: self.ips.to_vec(),
+            version: self.version,
+            addrs: self.addrs.iter().map(RecordAddress::to_address).collect(),
             aliases: self.aliases().iter().cloned().collect(),
             links: self.links().iter().cloned().collect(),
             ports: self.ports().iter().cloned().collect(),
+            services: self.services().iter().cloned().collect(),
+            compose: self.compose().cloned(),
+        }
+    }
+}
+
+impl RecordAddress {
+    fn to_address(&self) -> Address {
+        Address {
+            ip: self.ip,
+            network: self.network.as_deref().cloned(),
         }
     }
 }
 
 impl From<Container> for Record {
-    /// Packs a container (normalize it first: the sets' order is kept as it is).
+    /// Packs a container (normalize it first: the sets' order is kept as it is), with networks
+    /// of its own (the registry shares them between its records).
     fn from(c: Container) -> Record {
-        let extra =
-            (!c.aliases.is_empty() || !c.links.is_empty() || !c.ports.is_empty()).then(|| {
-                Box::new(Extra {
-                    aliases: c.aliases.into_iter().collect(),
-                    links: c.links.into_iter().collect(),
-                    ports: c.ports.into_iter().collect(),
-                })
-            });
-        Record {
-            id: c.id,
-            name: c.name.into(),
-            node: c.node,
-            ips: c.ips.into_boxed_slice(),
-            extra,
-        }
+        Record::pack(c)
     }
+}
+
+/// One address as [`Address`] encodes it, borrowed from a [`RecordAddress`].
+#[derive(Serialize)]
+struct AddressRef<'a> {
+    ip: IpAddr,
+    network: Option<&'a Network>,
 }
 
 /// The fields of [`Container`], in its order, borrowed from a [`Record`].
@@ -192,10 +380,13 @@ struct ContainerRef<'a> {
     id: &'a ContainerId,
     name: &'a str,
     node: NodeId,
-    ips: &'a [IpAddr],
+    version: Version,
+    addrs: Vec<AddressRef<'a>>,
     aliases: &'a [String],
     links: &'a [LinkAlias],
     ports: &'a [Port],
+    services: &'a [NamedPort],
+    compose: Option<&'a ComposeService>,
 }
 
 impl Serialize for Record {
@@ -204,10 +395,20 @@ impl Serialize for Record {
             id: &self.id,
             name: &self.name,
             node: self.node,
-            ips: &self.ips,
+            version: self.version,
+            addrs: self
+                .addrs
+                .iter()
+                .map(|a| AddressRef {
+                    ip: a.ip,
+                    network: a.network.as_deref(),
+                })
+                .collect(),
             aliases: self.aliases(),
             links: self.links(),
             ports: self.ports(),
+            services: self.services(),
+            compose: self.compose(),
         }
         .serialize(serializer)
     }

@@ -5,11 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Container, NodeId, NodeInfo, Record, Subnet};
-use crate::{Command, Error, Registry};
+use crate::command::legacy::ContainerV1;
+use crate::model::{Container, ContainerId, NodeId, NodeInfo, Record, Subnet, Version};
+use crate::{Command, Error, Registry, Tombstone};
 
-/// Current version of the snapshot encoding.
-pub const SNAPSHOT_VERSION: u8 = 3;
+/// Current version of the snapshot encoding. Version 4 gave containers their networks,
+/// versions, compose service and named ports, and added tombstones and floors.
+pub const SNAPSHOT_VERSION: u8 = 4;
 
 /// Leading bytes of every snapshot, so a stray blob is refused rather than misread.
 const MAGIC: &[u8; 4] = b"LDNS";
@@ -18,50 +20,82 @@ const MAGIC: &[u8; 4] = b"LDNS";
 #[derive(Deserialize)]
 struct SnapshotV1 {
     nodes: Vec<NodeInfo>,
-    containers: Vec<Container>,
+    containers: Vec<ContainerV1>,
 }
 
 /// Version 2 (clusters): no container subnets. Still read.
 #[derive(Deserialize)]
 struct SnapshotV2 {
     nodes: Vec<NodeInfo>,
-    containers: Vec<Container>,
+    containers: Vec<ContainerV1>,
     down: Vec<NodeId>,
     max_node_id: NodeId,
     certs: Vec<(NodeId, [u8; 32])>,
 }
 
+/// Version 3 (routes): containers without networks or versions. Still read.
 #[derive(Deserialize)]
 struct SnapshotV3 {
     nodes: Vec<NodeInfo>,
-    containers: Vec<Container>,
+    containers: Vec<ContainerV1>,
     down: Vec<NodeId>,
     max_node_id: NodeId,
     certs: Vec<(NodeId, [u8; 32])>,
     subnets: Vec<(NodeId, Vec<Subnet>)>,
 }
 
-/// The same layout as [`SnapshotV3`], borrowing from the registry instead of copying it.
+#[derive(Deserialize)]
+struct SnapshotV4 {
+    nodes: Vec<NodeInfo>,
+    containers: Vec<Container>,
+    down: Vec<NodeId>,
+    max_node_id: NodeId,
+    certs: Vec<(NodeId, [u8; 32])>,
+    subnets: Vec<(NodeId, Vec<Subnet>)>,
+    tombstones: Vec<(ContainerId, Tombstone)>,
+    floors: Vec<(NodeId, Version)>,
+}
+
+/// The same layout as [`SnapshotV4`], borrowing from the registry instead of copying it.
 #[derive(Serialize)]
-struct SnapshotV3Ref<'a> {
+struct SnapshotV4Ref<'a> {
     nodes: Vec<&'a NodeInfo>,
     containers: Vec<&'a Record>,
     down: Vec<NodeId>,
     max_node_id: NodeId,
     certs: Vec<(NodeId, [u8; 32])>,
     subnets: Vec<(NodeId, &'a [Subnet])>,
+    tombstones: Vec<(&'a ContainerId, Tombstone)>,
+    floors: Vec<(NodeId, Version)>,
+}
+
+impl From<SnapshotV3> for SnapshotV4 {
+    fn from(v3: SnapshotV3) -> SnapshotV4 {
+        SnapshotV4 {
+            nodes: v3.nodes,
+            containers: v3.containers.into_iter().map(Container::from).collect(),
+            down: v3.down,
+            max_node_id: v3.max_node_id,
+            certs: v3.certs,
+            subnets: v3.subnets,
+            tombstones: Vec::new(),
+            floors: Vec::new(),
+        }
+    }
 }
 
 impl Registry {
     /// Encodes the whole registry.
     pub fn snapshot(&self) -> Vec<u8> {
-        let body = SnapshotV3Ref {
+        let body = SnapshotV4Ref {
             nodes: self.nodes.values().collect(),
             containers: self.containers.values().map(|c| &**c).collect(),
             down: self.down.iter().copied().collect(),
             max_node_id: self.max_node_id,
             certs: self.certs.iter().map(|(&n, &f)| (n, f)).collect(),
             subnets: self.subnets().collect(),
+            tombstones: self.tombstones.iter().map(|(id, t)| (id, *t)).collect(),
+            floors: self.floors.iter().map(|(&n, &v)| (n, v)).collect(),
         };
         let mut out = MAGIC.to_vec();
         out.push(SNAPSHOT_VERSION);
@@ -92,27 +126,30 @@ impl Registry {
             1 => {
                 let v1: SnapshotV1 =
                     postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
-                SnapshotV3 {
+                SnapshotV4::from(SnapshotV3 {
                     nodes: v1.nodes,
                     containers: v1.containers,
                     down: Vec::new(),
                     max_node_id: 0,
                     certs: Vec::new(),
                     subnets: Vec::new(),
-                }
+                })
             }
             2 => {
                 let v2: SnapshotV2 =
                     postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
-                SnapshotV3 {
+                SnapshotV4::from(SnapshotV3 {
                     nodes: v2.nodes,
                     containers: v2.containers,
                     down: v2.down,
                     max_node_id: v2.max_node_id,
                     certs: v2.certs,
                     subnets: Vec::new(),
-                }
+                })
             }
+            3 => SnapshotV4::from(
+                postcard::from_bytes::<SnapshotV3>(body).map_err(|e| decode_err(e.to_string()))?,
+            ),
             SNAPSHOT_VERSION => {
                 postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?
             }
@@ -149,6 +186,23 @@ impl Registry {
             registry
                 .apply(&Command::SetNodeSubnets { node, subnets })
                 .map_err(|e| decode_err(format!("inconsistent subnets: {e}")))?;
+        }
+        for (id, tombstone) in body.tombstones {
+            if registry.node(tombstone.node).is_none() || registry.container(&id).is_some() {
+                return Err(decode_err(format!(
+                    "inconsistent tombstone of container {id}"
+                )));
+            }
+            registry
+                .tombstone_order
+                .insert((tombstone.node, tombstone.version, id.clone()));
+            registry.tombstones.insert(id, tombstone);
+        }
+        for (node, floor) in body.floors {
+            if registry.node(node).is_none() {
+                return Err(decode_err(format!("floor of unknown node {node}")));
+            }
+            registry.floors.insert(node, floor);
         }
         registry.max_node_id = registry.max_node_id.max(body.max_node_id);
         Ok(registry)

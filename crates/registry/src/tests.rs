@@ -1,6 +1,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use crate::lookup::Vantage;
 use crate::*;
 
 fn ip(s: &str) -> IpAddr {
@@ -16,14 +17,30 @@ fn node(id: NodeId, name: &str) -> Command {
 }
 
 fn container(id: &str, name: &str, node: NodeId, ips: &[&str]) -> Container {
-    Container {
-        id: ContainerId::new(id),
-        name: name.to_string(),
-        node,
-        ips: ips.iter().map(|s| ip(s)).collect(),
-        aliases: BTreeSet::new(),
-        links: BTreeSet::new(),
-        ports: BTreeSet::new(),
+    Container::new(id, name, node).with_ips(ips.iter().map(|s| ip(s)))
+}
+
+/// The layout of a container in snapshots and commands before version 4 / 3.
+#[derive(serde::Serialize)]
+struct OldContainer {
+    id: ContainerId,
+    name: String,
+    node: NodeId,
+    ips: Vec<IpAddr>,
+    aliases: BTreeSet<String>,
+    links: BTreeSet<LinkAlias>,
+    ports: BTreeSet<Port>,
+}
+
+fn old(c: &Container) -> OldContainer {
+    OldContainer {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        node: c.node,
+        ips: c.ips().collect(),
+        aliases: c.aliases.clone(),
+        links: c.links.clone(),
+        ports: c.ports.clone(),
     }
 }
 
@@ -120,6 +137,7 @@ fn link_alias_is_scoped_to_the_asking_container() {
     r.apply(&Command::RemoveContainer {
         node: 1,
         id: ContainerId("m1".into()),
+        version: 0,
     })
     .expect("remove");
     assert_eq!(r.resolve("db", from_wp, Some(2)), Resolution::NotFound);
@@ -138,7 +156,7 @@ fn same_source_ip_on_two_hosts_prefers_the_local_one() {
     let src = Some(ip("172.17.0.2"));
     assert_eq!(r.resolve("peer", src, Some(1)), found(&["172.17.0.3"]));
     assert_eq!(r.resolve("peer", src, Some(2)), found(&["172.17.0.4"]));
-    assert_eq!(r.reverse(ip("172.17.0.2"), Some(2)), Some("b"));
+    assert_eq!(r.reverse(ip("172.17.0.2"), Some(2)).as_deref(), Some("b"));
 }
 
 #[test]
@@ -172,13 +190,14 @@ fn replace_reconciles_one_node_only() {
                 container("b1", "b", 1, &["10.0.1.3"]),
                 container("d1", "d", 1, &["10.0.1.4"]),
             ],
+            version: 0,
         })
         .expect("replace");
     assert_eq!(outcome, Outcome::Changed);
     let names: Vec<&str> = r.containers().map(|c| &*c.name).collect();
     assert_eq!(names, ["b", "c", "d"]);
     assert_eq!(r.resolve("a", None, None), Resolution::NotFound);
-    assert_eq!(r.reverse(ip("10.0.1.2"), None), None);
+    assert_eq!(r.reverse(ip("10.0.1.2"), None).as_deref(), None);
 
     // The same set again changes nothing.
     let again = r
@@ -188,6 +207,7 @@ fn replace_reconciles_one_node_only() {
                 container("d1", "d", 1, &["10.0.1.4"]),
                 container("b1", "b", 1, &["10.0.1.3"]),
             ],
+            version: 0,
         })
         .expect("replace again");
     assert_eq!(again, Outcome::Unchanged);
@@ -217,7 +237,8 @@ fn rejected_commands_change_nothing() {
     assert!(r
         .apply(&Command::ReplaceContainers {
             node: 2,
-            containers: vec![stolen]
+            containers: vec![stolen],
+            version: 0,
         })
         .is_err());
     assert_eq!(
@@ -249,7 +270,7 @@ fn batch_applies_members_in_order_and_reports_rejects() {
         Command::UpsertContainer(container("z9", "z", 9, &["10.0.9.2"])),
     ]);
     let err = r.apply(&batch).expect_err("one member is rejected");
-    assert!(matches!(err, Error::BatchPartlyRejected { count: 1, .. }));
+    assert!(matches!(err, Error::PartlyRejected { count: 1, .. }));
     assert_eq!(r.resolve("a", None, None), found(&["10.0.1.2"]));
     assert_eq!(r.resolve("z", None, None), Resolution::NotFound);
     assert_eq!(batch.weight(), 3);
@@ -295,7 +316,7 @@ fn snapshot_round_trips_and_rebuilds_indexes() {
         restored.resolve("bee", Some(ip("10.0.1.2")), Some(1)),
         found(&["10.0.2.2"])
     );
-    assert_eq!(restored.reverse(ip("fd00::2"), None), Some("a"));
+    assert_eq!(restored.reverse(ip("fd00::2"), None).as_deref(), Some("a"));
     assert_eq!(Registry::restore(&[]).map(|r| r.record_count()), Ok(0));
 }
 
@@ -324,6 +345,7 @@ fn bad_encodings_are_refused_with_a_reason() {
     let cmd = Command::RemoveContainer {
         node: 4,
         id: ContainerId("abc".into()),
+        version: 0,
     };
     assert_eq!(Command::decode(&cmd.encode()), Ok(cmd));
 }
@@ -393,7 +415,7 @@ fn a_down_node_is_hidden_not_deleted() {
     assert_eq!(r.resolve("web", None, None), found(&["10.0.2.2"]));
     assert_eq!(r.resolve("db", None, None), Resolution::NotFound);
     assert_eq!(r.resolve("web.h1", None, None), Resolution::NotFound);
-    assert_eq!(r.reverse(ip("10.0.1.2"), None), None);
+    assert_eq!(r.reverse(ip("10.0.1.2"), None).as_deref(), None);
     // Hidden, not deleted: the records are all still there, and survive a snapshot.
     assert_eq!(r.record_count(), 3);
     let restored = Registry::restore(&r.snapshot()).expect("restore");
@@ -484,9 +506,9 @@ fn version_1_snapshots_still_restore() {
     #[derive(serde::Serialize)]
     struct V1<'a> {
         nodes: Vec<NodeInfo>,
-        containers: Vec<&'a Container>,
+        containers: Vec<&'a OldContainer>,
     }
-    let c = container("a1", "web", 1, &["10.0.1.2"]);
+    let c = old(&container("a1", "web", 1, &["10.0.1.2"]));
     let body = V1 {
         nodes: vec![NodeInfo {
             id: 1,
@@ -618,12 +640,12 @@ fn version_2_snapshots_still_restore() {
     #[derive(serde::Serialize)]
     struct V2<'a> {
         nodes: Vec<NodeInfo>,
-        containers: Vec<&'a Container>,
+        containers: Vec<&'a OldContainer>,
         down: Vec<NodeId>,
         max_node_id: NodeId,
         certs: Vec<(NodeId, [u8; 32])>,
     }
-    let c = container("a1", "web", 1, &["10.0.1.2"]);
+    let c = old(&container("a1", "web", 1, &["10.0.1.2"]));
     let body = V2 {
         nodes: vec![NodeInfo {
             id: 1,
@@ -710,4 +732,515 @@ fn only_commands_older_nodes_cannot_apply_carry_the_new_version() {
         .expect_err("newer")
         .to_string()
         .contains("upgrade linkdns"));
+}
+
+fn versioned(id: &str, node: NodeId, ip_: &str, version: Version) -> Command {
+    let mut c = container(id, id, node, &[ip_]);
+    c.version = version;
+    Command::UpsertContainer(c)
+}
+
+fn removal(id: &str, node: NodeId, version: Version) -> Command {
+    Command::RemoveContainer {
+        node,
+        id: ContainerId::new(id),
+        version,
+    }
+}
+
+#[test]
+fn delayed_observations_never_bring_back_a_removed_container() {
+    let mut r = two_nodes();
+    // Seen running at 5, gone at 6; the proposal carrying 5 commits again late.
+    assert_eq!(
+        r.apply(&versioned("x", 1, "10.0.1.2", 5)),
+        Ok(Outcome::Changed)
+    );
+    assert_eq!(r.apply(&removal("x", 1, 6)), Ok(Outcome::Changed));
+    assert_eq!(
+        r.apply(&versioned("x", 1, "10.0.1.2", 5)),
+        Ok(Outcome::Stale)
+    );
+    assert_eq!(r.resolve("x", None, None), Resolution::NotFound);
+    assert_eq!(
+        r.tombstone(&ContainerId::new("x")),
+        Some(Tombstone {
+            node: 1,
+            version: 6
+        })
+    );
+    // A removal that overtakes the start it follows: the start, arriving later, is older.
+    assert_eq!(r.apply(&removal("y", 1, 8)), Ok(Outcome::Unchanged));
+    assert_eq!(
+        r.apply(&versioned("y", 1, "10.0.1.3", 7)),
+        Ok(Outcome::Stale)
+    );
+    assert_eq!(r.resolve("y", None, None), Resolution::NotFound);
+    // Started again later: a newer observation goes through the tombstone.
+    assert_eq!(
+        r.apply(&versioned("x", 1, "10.0.1.9", 9)),
+        Ok(Outcome::Changed)
+    );
+    assert_eq!(r.resolve("x", None, None), found(&["10.0.1.9"]));
+    assert_eq!(r.tombstone(&ContainerId::new("x")), None);
+    // An old removal and an old address do not undo a newer record.
+    assert_eq!(r.apply(&removal("x", 1, 7)), Ok(Outcome::Stale));
+    assert_eq!(
+        r.apply(&versioned("x", 1, "10.0.1.2", 8)),
+        Ok(Outcome::Stale)
+    );
+    assert_eq!(r.resolve("x", None, None), found(&["10.0.1.9"]));
+    // A resync listed before the newer observation keeps it, and removes only what it saw
+    // gone.
+    let old_resync = Command::ReplaceContainers {
+        node: 1,
+        containers: vec![],
+        version: 8,
+    };
+    assert_eq!(r.apply(&old_resync), Ok(Outcome::Stale));
+    assert_eq!(r.resolve("x", None, None), found(&["10.0.1.9"]));
+    let resync = Command::ReplaceContainers {
+        node: 1,
+        containers: vec![],
+        version: 10,
+    };
+    assert_eq!(r.apply(&resync), Ok(Outcome::Changed));
+    assert_eq!(r.resolve("x", None, None), Resolution::NotFound);
+    // Unversioned commands (from logs written before versions) apply in log order.
+    r.apply(&versioned("x", 1, "10.0.1.2", 0)).expect("legacy");
+    assert_eq!(r.resolve("x", None, None), found(&["10.0.1.2"]));
+    // Tombstones survive a snapshot.
+    let restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert_eq!(restored.snapshot(), r.snapshot());
+    assert_eq!(
+        restored.tombstone(&ContainerId::new("y")),
+        Some(Tombstone {
+            node: 1,
+            version: 8
+        })
+    );
+}
+
+#[test]
+fn tombstones_are_bounded_per_node_and_raise_its_floor() {
+    let mut r = two_nodes();
+    let extra = 10u64;
+    for i in 0..(MAX_TOMBSTONES_PER_NODE as u64 + extra) {
+        r.apply(&removal(&format!("gone-{i}"), 1, 100 + i))
+            .expect("removal");
+    }
+    r.apply(&removal("other", 2, 3)).expect("node 2");
+    assert_eq!(r.tombstone_count(), MAX_TOMBSTONES_PER_NODE + 1);
+    // The 10 oldest were forgotten; what they guarded against is refused by age instead.
+    assert_eq!(r.floor(1), 100 + extra);
+    assert_eq!(r.floor(2), 0);
+    assert_eq!(r.tombstone(&ContainerId::new("gone-0")), None);
+    assert_eq!(
+        r.apply(&versioned("gone-0", 1, "10.0.1.2", 100)),
+        Ok(Outcome::Stale)
+    );
+    assert_eq!(
+        r.apply(&versioned("fresh", 1, "10.0.1.3", 100 + extra)),
+        Ok(Outcome::Changed)
+    );
+    let restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert_eq!(restored.floor(1), 100 + extra);
+    assert_eq!(restored.tombstone_count(), r.tombstone_count());
+    // A removed node's tombstones and floor go with it.
+    r.apply(&Command::RemoveNode { node: 1 }).expect("remove");
+    assert_eq!(r.tombstone_count(), 1);
+    assert_eq!(r.floor(1), 0);
+}
+
+#[test]
+fn a_foreign_container_in_a_resync_is_refused_alone() {
+    let mut r = two_nodes();
+    r.apply(&Command::UpsertContainer(container(
+        "shared",
+        "x",
+        2,
+        &["10.0.2.2"],
+    )))
+    .expect("node 2's");
+    let err = r
+        .apply(&Command::ReplaceContainers {
+            node: 1,
+            containers: vec![
+                container("shared", "x", 1, &["10.0.1.2"]),
+                container("mine", "web", 1, &["10.0.1.3"]),
+            ],
+            version: 4,
+        })
+        .expect_err("the foreign id is refused");
+    assert!(
+        matches!(&err, Error::PartlyRejected { count: 1, first } if matches!(**first, Error::ContainerOwnedElsewhere { owner: 2, claimed: 1, .. })),
+        "{err}"
+    );
+    assert_eq!(r.resolve("web", None, None), found(&["10.0.1.3"]));
+    assert_eq!(r.resolve("x", None, None), found(&["10.0.2.2"]));
+}
+
+#[test]
+fn dotted_names_read_node_qualified_first() {
+    let mut r = two_nodes();
+    // A container named like a node-qualified name, and the container that name qualifies.
+    r.apply(&Command::UpsertContainer(container(
+        "d1",
+        "web.h2",
+        1,
+        &["10.0.1.2"],
+    )))
+    .expect("dotted");
+    r.apply(&Command::UpsertContainer(container(
+        "w2",
+        "web",
+        2,
+        &["10.0.2.2"],
+    )))
+    .expect("web");
+    r.apply(&Command::UpsertContainer(container(
+        "v1",
+        "web.v2",
+        1,
+        &["10.0.1.3"],
+    )))
+    .expect("web.v2");
+    assert_eq!(r.resolve("web.h2", None, None), found(&["10.0.2.2"]));
+    assert_eq!(r.resolve("web.h2.h1", None, None), found(&["10.0.1.2"]));
+    assert_eq!(r.resolve("web.v2", None, None), found(&["10.0.1.3"]));
+    assert_eq!(r.resolve("web.v2.h1", None, None), found(&["10.0.1.3"]));
+    // Each PTR name reads back as its container.
+    assert_eq!(
+        r.reverse(ip("10.0.1.2"), None).as_deref(),
+        Some("web.h2.h1")
+    );
+    assert_eq!(r.reverse(ip("10.0.1.3"), None).as_deref(), Some("web.v2"));
+}
+
+fn compose(id: &str, node: NodeId, ip_: &str, project: &str, service: &str) -> Container {
+    let mut c = container(id, &format!("{project}_{service}_1"), node, &[ip_]);
+    c.aliases.insert(service.to_string());
+    c.compose = Some(ComposeService {
+        project: project.into(),
+        service: service.into(),
+    });
+    c
+}
+
+#[test]
+fn compose_services_answer_as_service_dot_project_on_every_host() {
+    let mut r = two_nodes();
+    for c in [
+        compose("db", 1, "10.0.1.2", "shop", "db"),
+        compose("web", 2, "10.0.2.2", "Shop", "web"),
+        compose("db2", 2, "10.0.2.3", "blog", "db"),
+        compose("h1db", 2, "10.0.2.4", "h1", "db"),
+    ] {
+        r.apply(&Command::UpsertContainer(c)).expect("compose");
+    }
+    assert_eq!(r.resolve("db.shop", None, None), found(&["10.0.1.2"]));
+    assert_eq!(r.resolve("web.shop", None, None), found(&["10.0.2.2"]));
+    assert_eq!(r.resolve("db.blog", None, None), found(&["10.0.2.3"]));
+    assert_eq!(r.resolve("web.blog", None, None), Resolution::NotFound);
+    // The service name alone is an alias of every project's.
+    assert_eq!(
+        r.resolve("db", None, None),
+        found(&["10.0.1.2", "10.0.2.3", "10.0.2.4"])
+    );
+    // A project named like a node: the node wins (`db` on h1, not project h1's `db`), and the
+    // registry says which projects lose.
+    assert_eq!(r.resolve("db.h1", None, None), found(&["10.0.1.2"]));
+    assert_eq!(r.projects_shadowed_by_nodes(), ["h1"]);
+    let restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert_eq!(
+        restored.resolve("db.shop", None, None),
+        found(&["10.0.1.2"])
+    );
+    r.apply(&removal("db", 1, 0)).expect("remove");
+    assert_eq!(r.resolve("db.shop", None, None), Resolution::NotFound);
+}
+
+fn tcp(port: u16) -> Port {
+    Port {
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+#[test]
+fn srv_answers_ports_named_services_and_link_aliases() {
+    let mut r = two_nodes();
+    let mut web1 = container("w1", "web", 1, &["10.0.1.2"]);
+    web1.ports.insert(tcp(80));
+    web1.services.insert(NamedPort {
+        name: "HTTP".into(),
+        port: tcp(8080),
+    });
+    let mut web2 = container("w2", "web", 2, &["10.0.2.2"]);
+    web2.ports.insert(tcp(80));
+    let mut db = container("m2", "mysql", 2, &["10.0.2.5"]);
+    db.ports.insert(tcp(3306));
+    let app = with_link(container("a1", "app", 1, &["10.0.1.9"]), "mysql", "db");
+    for c in [web1, web2, db, app] {
+        r.apply(&Command::UpsertContainer(c)).expect("container");
+    }
+    let all = Scope {
+        links: &[],
+        reach: Reach::All,
+    };
+    let targets = |rel: &str, scope: &Scope<'_>| -> Option<Vec<(String, u16)>> {
+        r.srv_in(rel, scope)
+            .map(|t| t.into_iter().map(|t| (t.target, t.port)).collect())
+    };
+    let pair = |t: &str, p: u16| (t.to_string(), p);
+    assert_eq!(
+        targets("_80._tcp.web", &all),
+        Some(vec![pair("web.h1", 80), pair("web.h2", 80)])
+    );
+    assert_eq!(
+        targets("_http._tcp.web", &all),
+        Some(vec![pair("web.h1", 8080)])
+    );
+    assert_eq!(targets("_81._tcp.web", &all), None, "nobody exposes 81");
+    assert_eq!(targets("_80._udp.web", &all), None);
+    assert_eq!(targets("_80._tcp.nope", &all), None);
+    assert_eq!(
+        targets("web", &all),
+        Some(vec![
+            pair("web.h1", 80),
+            pair("web.h1", 8080),
+            pair("web.h2", 80)
+        ]),
+        "plain SRV: every port"
+    );
+    assert_eq!(
+        targets("_80._tcp.web.h2", &all),
+        Some(vec![pair("web.h2", 80)])
+    );
+    assert_eq!(targets("app", &all), Some(vec![]), "a name without ports");
+    // A link alias, from the linking container only.
+    let app_rec = r.container(&ContainerId::new("a1")).expect("app");
+    let from_app = Scope {
+        links: app_rec.links(),
+        reach: Reach::All,
+    };
+    assert_eq!(
+        targets("_3306._tcp.db", &from_app),
+        Some(vec![pair("mysql.h2", 3306)])
+    );
+    assert_eq!(targets("_3306._tcp.db", &all), None);
+    let glue = r.srv_in("_3306._tcp.db", &from_app).expect("srv");
+    assert_eq!(glue[0].addrs.ips, [ip("10.0.2.5")]);
+}
+
+fn attached(id: &str, node: NodeId, addrs: &[(&str, &str, &str)]) -> Container {
+    let mut c = Container::new(id, id, node);
+    c.addrs = addrs
+        .iter()
+        .map(|(a, network, subnet)| Address {
+            ip: ip(a),
+            network: Some(Network {
+                id: network.to_string(),
+                name: network.to_string(),
+                subnet: net(subnet),
+            }),
+        })
+        .collect();
+    c
+}
+
+#[test]
+fn answers_hold_only_addresses_that_reach_the_asker() {
+    let mut r = two_nodes();
+    r.apply(&claim(1, &["192.168.1.0/24"])).expect("claim 1");
+    r.apply(&claim(2, &["192.168.2.0/24", "172.18.0.0/16"]))
+        .expect("claim 2");
+    for c in [
+        attached("a", 1, &[("192.168.1.2", "bridge1", "192.168.1.0/24")]),
+        attached("b", 1, &[("172.19.0.2", "app1", "172.19.0.0/16")]),
+        attached(
+            "dual",
+            1,
+            &[
+                ("192.168.1.3", "bridge1", "192.168.1.0/24"),
+                ("172.19.0.3", "app1", "172.19.0.0/16"),
+            ],
+        ),
+        attached("c", 2, &[("192.168.2.2", "bridge2", "192.168.2.0/24")]),
+        attached("d", 2, &[("172.18.0.5", "routed2", "172.18.0.0/16")]),
+        attached("e", 2, &[("172.19.0.2", "app2", "172.19.0.0/16")]),
+    ] {
+        r.apply(&Command::UpsertContainer(c)).expect("container");
+    }
+    // Host 1 has a network of its own where node 2 routes 172.18.0.0/16.
+    let mut host1 = LocalView::default();
+    host1.apply(LocalChange::Networks(vec![LocalNetwork {
+        id: "shadow".into(),
+        name: "shadow".into(),
+        subnets: vec![net("172.18.0.0/16")],
+        gateways: vec![ip("172.18.0.1")],
+    }]));
+    let bridge_only = ["bridge1".to_string()];
+    let ask = |name: &str, vantage: Vantage<'_>| {
+        r.resolve_in(
+            name,
+            &Scope {
+                links: &[],
+                reach: Reach::From {
+                    node: 1,
+                    vantage,
+                    host: &host1,
+                },
+            },
+        )
+    };
+    // The host itself reaches every address of its own containers.
+    assert_eq!(ask("b", Vantage::Host), found(&["172.19.0.2"]));
+    assert_eq!(
+        ask("dual", Vantage::Host),
+        found(&["172.19.0.3", "192.168.1.3"])
+    );
+    // A container of the host only those on its networks (Docker isolates the others).
+    let on_bridge = Vantage::Container(&bridge_only);
+    assert_eq!(ask("a", on_bridge), found(&["192.168.1.2"]));
+    assert_eq!(ask("b", on_bridge), Resolution::Found(vec![]));
+    assert_eq!(ask("dual", on_bridge), found(&["192.168.1.3"]));
+    // Askers elsewhere only routed ones.
+    assert_eq!(ask("dual", Vantage::Elsewhere), found(&["192.168.1.3"]));
+    assert_eq!(ask("b", Vantage::Elsewhere), Resolution::Found(vec![]));
+    // Another node's: routed, and not where this host's own network sits.
+    assert_eq!(ask("c", on_bridge), found(&["192.168.2.2"]));
+    assert_eq!(ask("e", Vantage::Host), Resolution::Found(vec![]));
+    assert_eq!(ask("d", Vantage::Host), Resolution::Found(vec![]));
+    assert_eq!(ask("d", Vantage::Elsewhere), found(&["172.18.0.5"]));
+    // PTR of an address two hosts use: the one that reaches the asker.
+    let reach = |vantage| Reach::From {
+        node: 1,
+        vantage,
+        host: &host1,
+    };
+    assert_eq!(
+        r.reverse_in(ip("172.19.0.2"), reach(Vantage::Host))
+            .as_deref(),
+        Some("b")
+    );
+    assert_eq!(r.reverse_in(ip("172.19.0.2"), reach(on_bridge)), None);
+    // The asker's own host first.
+    r.apply(&Command::UpsertContainer(attached(
+        "web2",
+        2,
+        &[("192.168.2.9", "bridge2", "192.168.2.0/24")],
+    )))
+    .expect("web2");
+    let mut web1 = attached("web1", 1, &[("192.168.1.9", "bridge1", "192.168.1.0/24")]);
+    web1.aliases.insert("web".into());
+    let mut web2 = attached("web2", 2, &[("192.168.2.9", "bridge2", "192.168.2.0/24")]);
+    web2.aliases.insert("web".into());
+    r.apply(&Command::UpsertContainer(web1)).expect("web1");
+    r.apply(&Command::UpsertContainer(web2)).expect("web2");
+    let records = r.lookup("web", &[]).expect("web");
+    let from2 = r.addresses(
+        &records,
+        Reach::From {
+            node: 2,
+            vantage: Vantage::Host,
+            host: &LocalView::default(),
+        },
+    );
+    assert_eq!(from2.ips, [ip("192.168.2.9"), ip("192.168.1.9")]);
+    assert_eq!(from2.local, 1);
+    assert_eq!(r.addresses(&records, reach(Vantage::Elsewhere)).local, 0);
+}
+
+#[test]
+fn records_share_their_networks_and_encode_as_their_container() {
+    let mut r = two_nodes();
+    let mut a = attached("a", 1, &[("192.168.1.2", "bridge1", "192.168.1.0/24")]);
+    a.services.insert(NamedPort {
+        name: "_Web".into(),
+        port: tcp(80),
+    });
+    a.compose = Some(ComposeService {
+        project: "shop".into(),
+        service: "web".into(),
+    });
+    let a = a.normalized();
+    assert_eq!(
+        a.services.iter().next().map(|s| s.name.as_str()),
+        Some("web")
+    );
+    let b = attached("b", 1, &[("192.168.1.3", "bridge1", "192.168.1.0/24")]);
+    r.apply(&Command::UpsertContainer(a.clone())).expect("a");
+    r.apply(&Command::UpsertContainer(b)).expect("b");
+    let net_of = |id: &str| {
+        r.container(&ContainerId::new(id)).expect("record").addrs[0]
+            .network
+            .clone()
+            .expect("network")
+    };
+    assert!(std::sync::Arc::ptr_eq(&net_of("a"), &net_of("b")));
+    let record = r.container(&ContainerId::new("a")).expect("a");
+    assert_eq!(record.to_container(), a);
+    assert_eq!(
+        postcard::to_allocvec(record).expect("record"),
+        postcard::to_allocvec(&a).expect("container")
+    );
+    assert_eq!(
+        Command::decode(&Command::UpsertContainer(a.clone()).encode()),
+        Ok(Command::UpsertContainer(a))
+    );
+}
+
+#[test]
+fn commands_and_snapshots_of_older_versions_still_read() {
+    // A container upsert as linkdns wrote it before networks and versions (encoding 1).
+    #[derive(serde::Serialize)]
+    enum OldCommand {
+        #[allow(dead_code)]
+        UpsertNode(NodeInfo),
+        #[allow(dead_code)]
+        ReplaceContainers,
+        UpsertContainer(OldContainer),
+    }
+    let c = container("a1", "web", 1, &["10.0.1.2"]);
+    let mut bytes = vec![1u8];
+    bytes.extend(postcard::to_allocvec(&OldCommand::UpsertContainer(old(&c))).expect("encode"));
+    assert_eq!(
+        Command::decode(&bytes),
+        Ok(Command::UpsertContainer(c.clone()))
+    );
+    // Version 3 snapshots (before networks and versions).
+    #[derive(serde::Serialize)]
+    struct V3<'a> {
+        nodes: Vec<NodeInfo>,
+        containers: Vec<&'a OldContainer>,
+        down: Vec<NodeId>,
+        max_node_id: NodeId,
+        certs: Vec<(NodeId, [u8; 32])>,
+        subnets: Vec<(NodeId, Vec<Subnet>)>,
+    }
+    let oc = old(&c);
+    let body = V3 {
+        nodes: vec![NodeInfo {
+            id: 1,
+            name: "h1".into(),
+            peer_addr: "127.0.0.1:7380".into(),
+        }],
+        containers: vec![&oc],
+        down: vec![],
+        max_node_id: 1,
+        certs: vec![],
+        subnets: vec![(1, vec![net("10.0.1.0/24")])],
+    };
+    let mut bytes = b"LDNS\x03".to_vec();
+    bytes.extend(postcard::to_allocvec(&body).expect("encode"));
+    let r = Registry::restore(&bytes).expect("v3 restores");
+    assert_eq!(r.resolve("web", None, None), found(&["10.0.1.2"]));
+    assert_eq!(r.node_subnets(1), &[net("10.0.1.0/24")]);
+    // Commands without a container keep the encodings older nodes read.
+    assert_eq!(removal("a1", 1, 3).encode()[0], 3);
+    assert_eq!(
+        Command::decode(&removal("a1", 1, 3).encode()),
+        Ok(removal("a1", 1, 3))
+    );
 }

@@ -1,4 +1,3 @@
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +6,7 @@ use linkdns_cluster::{
     join, maintain, remove, Error, Identity, JoinAs, MaintainConfig, Token, Transport,
 };
 use linkdns_raft::{NodeConfig, NodeHandle, Role, SledStore};
-use linkdns_registry::{Command, Container, ContainerId, NodeInfo, Resolution};
+use linkdns_registry::{Command, Container, NodeInfo, Resolution};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -114,15 +113,9 @@ async fn wait(what: &str, mut ok: impl FnMut() -> bool) {
 }
 
 fn container(node: u64, name: &str, ip: &str) -> Command {
-    Command::UpsertContainer(Container {
-        id: ContainerId::new(format!("{node}-{name}")),
-        name: name.into(),
-        node,
-        ips: vec![ip.parse().expect("ip")],
-        aliases: BTreeSet::new(),
-        links: BTreeSet::new(),
-        ports: BTreeSet::new(),
-    })
+    Command::UpsertContainer(
+        Container::new(&format!("{node}-{name}"), name, node).with_ips([ip.parse().expect("ip")]),
+    )
 }
 
 /// Proposes as `linkdns run` does: a proposal whose outcome is unknown (forwarded and lost, or

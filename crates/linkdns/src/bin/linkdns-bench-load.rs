@@ -2,7 +2,6 @@
 //! Raft → sled path the watcher uses, and writes the same names as a zone file (for Knot) and a
 //! dnsperf query file. Used by `tests/bench-dns.sh`; not part of the service.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -10,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use linkdns_raft::{NodeConfig, SledStore};
-use linkdns_registry::{Command, Container, ContainerId, NodeInfo};
+use linkdns_registry::{Command, Container, NodeInfo};
 
 #[derive(Parser)]
 struct Args {
@@ -50,15 +49,7 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("register the bench node")?;
     let containers: Vec<Container> = (0..args.names)
-        .map(|i| Container {
-            id: ContainerId::new(format!("{i:064x}")),
-            name: format!("svc{i}"),
-            node: 1,
-            ips: vec![address(i)],
-            aliases: BTreeSet::new(),
-            links: BTreeSet::new(),
-            ports: BTreeSet::new(),
-        })
+        .map(|i| Container::new(&format!("{i:064x}"), &format!("svc{i}"), 1).with_ips([address(i)]))
         .collect();
     for chunk in containers.chunks(500) {
         let batch = chunk

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use linkdns_raft::{Core, CoreConfig, Error, MemStore, Membership, RaftStatus, Role};
-use linkdns_registry::{Command, Container, ContainerId, NodeInfo, Outcome, Resolution};
+use linkdns_registry::{Command, Container, NodeInfo, Outcome, Resolution};
 use raft::eraftpb::{Message, MessageType};
 
 /// Delivery rounds per tick: a message delayed by one round arrives within the same tick.
@@ -78,17 +78,13 @@ fn info(id: u64) -> NodeInfo {
 }
 
 fn container(node: u64, i: u64) -> Command {
-    Command::UpsertContainer(Container {
-        id: ContainerId::new(format!("n{node}-c{i}")),
-        name: format!("svc-{node}-{i}"),
-        node,
-        ips: vec![format!("10.{node}.{}.{}", i / 200, i % 200 + 1)
-            .parse()
-            .expect("ip")],
-        aliases: BTreeSet::new(),
-        links: BTreeSet::new(),
-        ports: BTreeSet::new(),
-    })
+    Command::UpsertContainer(
+        Container::new(&format!("n{node}-c{i}"), &format!("svc-{node}-{i}"), node).with_ips([
+            format!("10.{node}.{}.{}", i / 200, i % 200 + 1)
+                .parse()
+                .expect("ip"),
+        ]),
+    )
 }
 
 impl Sim {
@@ -645,4 +641,99 @@ fn random_faults_lose_no_acknowledged_write() {
         }
         assert!(acked > 0, "seed {seed}: no write got through at all");
     }
+}
+
+/// A watcher's observation of container `name` on node `node` at `version`: running at `ip`,
+/// or gone.
+fn observation(node: u64, name: &str, version: u64, ip: Option<&str>) -> Command {
+    let id = format!("n{node}-{name}");
+    match ip {
+        Some(ip) => {
+            let mut c = Container::new(&id, name, node).with_ips([ip.parse().expect("ip")]);
+            c.version = version;
+            Command::UpsertContainer(c)
+        }
+        None => Command::RemoveContainer {
+            node,
+            id: linkdns_registry::ContainerId::new(id),
+            version,
+        },
+    }
+}
+
+/// A follower's watcher reports its containers starting, moving and stopping through a lossy,
+/// slow network; proposals whose fate was unknown are proposed again, and copies of old
+/// observations arrive late, after newer ones. Whatever the order they commit in, every replica
+/// ends with each container as the watcher last saw it: no stopped container comes back, no
+/// old address returns.
+#[test]
+fn delayed_duplicate_proposals_never_resurrect_a_container() {
+    let mut stale_seen = 0;
+    for seed in 200..260 {
+        let mut sim = Sim::cluster(seed, 3, 0, 40);
+        let leader = sim.wait_leader(50);
+        let watcher = if leader == 2 { 3 } else { 2 };
+        sim.drop_per_mille = 50;
+        sim.max_delay_rounds = 10;
+        let mut version = 1u64 << 32;
+        let mut latest: BTreeMap<String, Command> = BTreeMap::new();
+        let mut sent: Vec<Command> = Vec::new();
+        let mut tokens = Vec::new();
+        for step in 0..80u64 {
+            let name = format!("c{}", sim.rng.below(4));
+            version += 1;
+            let ip = format!("10.2.{}.{}", step / 200, step % 200 + 1);
+            let running = !sim.rng.chance(400);
+            let command = observation(watcher, &name, version, running.then_some(ip.as_str()));
+            latest.insert(name, command.clone());
+            sent.push(command.clone());
+            tokens.push(sim.propose(watcher, &command));
+            if sim.rng.chance(300) {
+                // A retry of an earlier observation (its first attempt timed out).
+                let old = sent[sim.rng.below(sent.len() as u64) as usize].clone();
+                tokens.push(sim.propose(watcher, &old));
+            }
+            let ticks = 1 + sim.rng.below(3);
+            sim.run_ticks(ticks);
+        }
+        // The proposer retries each container's last observation until the log answers it ...
+        sim.heal();
+        for command in latest.values() {
+            for _ in 0..20 {
+                sim.wait_leader(200);
+                let t = sim.propose(watcher, command);
+                sim.run_ticks(15);
+                if matches!(sim.result(t), Some(Ok(_))) {
+                    break;
+                }
+            }
+        }
+        // ... and the oldest copies still commit after it.
+        for old in sent.iter().take(20) {
+            tokens.push(sim.propose(watcher, old));
+        }
+        sim.run_ticks(30);
+        sim.assert_converged(300);
+        stale_seen += tokens
+            .iter()
+            .filter(|t| sim.result(**t) == Some(Ok(Outcome::Stale)))
+            .count();
+        for (name, last) in &latest {
+            let want = match last {
+                Command::UpsertContainer(c) => Resolution::Found(c.ips().collect()),
+                _ => Resolution::NotFound,
+            };
+            for (&id, core) in &sim.live {
+                assert_eq!(
+                    core.registry().resolve(name, None, None),
+                    want,
+                    "seed {seed}: {name} on node {id} is not as the watcher last saw it"
+                );
+            }
+        }
+    }
+    assert!(
+        stale_seen > 100,
+        "late copies must have reached the log ({stale_seen} were refused as stale)"
+    );
 }

@@ -1,6 +1,5 @@
 //! The Raft node on real sled storage: proposals apply, restarts keep state, compaction works.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -29,17 +28,15 @@ fn register(name: &str) -> Command {
 }
 
 fn container(i: u32) -> Command {
-    Command::UpsertContainer(Container {
-        id: ContainerId::new(format!("c{i}")),
-        name: format!("svc{i}"),
-        node: 1,
-        ips: vec![format!("10.9.{}.{}", i / 250, i % 250 + 1)
-            .parse()
-            .expect("ip")],
-        aliases: BTreeSet::new(),
-        links: BTreeSet::new(),
-        ports: BTreeSet::new(),
-    })
+    Command::UpsertContainer(
+        Container::new(&format!("c{i}"), &format!("svc{i}"), 1).with_ips([format!(
+            "10.9.{}.{}",
+            i / 250,
+            i % 250 + 1
+        )
+        .parse()
+        .expect("ip")]),
+    )
 }
 
 #[tokio::test]
@@ -67,6 +64,7 @@ async fn proposals_apply_and_survive_restart_with_compaction() {
             .propose(Command::RemoveContainer {
                 node: 7,
                 id: ContainerId("x".into()),
+                version: 0,
             })
             .await
             .expect_err("unknown node");
@@ -123,6 +121,7 @@ async fn replayed_entries_never_answer_a_new_runs_proposals() {
             .propose(Command::RemoveContainer {
                 node: 9,
                 id: ContainerId("c1".into()),
+                version: 0,
             })
             .await
             .expect_err("node 9 does not exist");
