@@ -60,8 +60,9 @@ pub struct WatcherConfig {
     pub node: NodeId,
     /// The Docker network whose subnet is this host's container subnet.
     pub bridge_network: String,
-    /// Create `bridge_network` as a bridge network with this subnet (gateway at its first
-    /// address) whenever it does not exist: the subnet linkdns allocated to this host.
+    /// Create `bridge_network` as a bridge network inside this block (the one linkdns
+    /// allocated to this host), on the first [`network_prefix`] subnet of it that no Docker
+    /// network uses, with its gateway at the first address, whenever it does not exist.
     pub create_network: Option<Subnet>,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
@@ -181,10 +182,10 @@ async fn follow(
 
     let (mut bridge_subnets, mut bridge_gateways) =
         bridge_network(&docker, &config.bridge_network).await;
-    if let (true, Some(subnet)) = (bridge_subnets.is_empty(), config.create_network) {
+    if let (true, Some(block)) = (bridge_subnets.is_empty(), config.create_network) {
         // A failure is reported and the watcher goes on: containers on other networks are
         // still answered.
-        match create_network(&docker, &config.bridge_network, subnet).await {
+        match create_network(&docker, &config.bridge_network, block).await {
             Ok(()) => {
                 (bridge_subnets, bridge_gateways) =
                     bridge_network(&docker, &config.bridge_network).await
@@ -582,12 +583,37 @@ pub async fn network_subnets(uri: &str, name: &str) -> Result<Vec<Subnet>, Error
     Ok(bridge_network(&docker, name).await.0)
 }
 
-/// Creates the bridge network `name` with `subnet`, its gateway at the first address.
-async fn create_network(docker: &Docker, name: &str, subnet: Subnet) -> Result<(), Error> {
-    let gateway = match subnet.addr() {
-        IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(1).into()),
-        IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(1).into()),
-    };
+/// The length of each Docker network in a host's block: /24 (IPv4) or /64 (IPv6), or the
+/// whole block when it is no wider.
+pub fn network_prefix(block: &Subnet) -> u8 {
+    let size = if block.is_ipv4() { 24 } else { 64 };
+    block.prefix().max(size)
+}
+
+/// The first network-sized subnet of `block` that overlaps none of `taken`.
+pub fn free_network(block: Subnet, taken: &[Subnet]) -> Option<Subnet> {
+    block
+        .blocks(network_prefix(&block))
+        .find(|candidate| !taken.iter().any(|t| t.overlaps(candidate)))
+}
+
+/// Creates the bridge network `name` inside `block`, on a subnet no Docker network of this
+/// engine uses, its gateway at the first address.
+async fn create_network(docker: &Docker, name: &str, block: Subnet) -> Result<(), Error> {
+    let taken: Vec<Subnet> = docker
+        .list_networks(None::<ListNetworksOptions>)
+        .await
+        .map_err(|e| Error::Api(e.to_string()))?
+        .into_iter()
+        .flat_map(|n| n.ipam.and_then(|i| i.config).unwrap_or_default())
+        .filter_map(|c| c.subnet?.parse().ok())
+        .collect();
+    let subnet = free_network(block, &taken).ok_or_else(|| {
+        Error::Api(format!(
+            "cannot create Docker network {name}: every subnet of this host's block {block} is in use"
+        ))
+    })?;
+    let gateway = subnet.first_host();
     let request = NetworkCreateRequest {
         name: name.to_string(),
         driver: Some("bridge".to_string()),
@@ -602,7 +628,7 @@ async fn create_network(docker: &Docker, name: &str, subnet: Subnet) -> Result<(
         }),
         labels: Some(HashMap::from([(
             "linkdns.allocated".to_string(),
-            subnet.to_string(),
+            block.to_string(),
         )])),
         ..NetworkCreateRequest::default()
     };

@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use serde::{Deserialize, Serialize};
 
-use crate::routing::{RoutesStatus, Routing};
+use crate::routing::{DockerConfig, RoutesStatus, Routing};
 
 /// Counters of the node itself (the DNS crate keeps its own).
 #[derive(Clone, Debug, Default)]
@@ -224,6 +224,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
         .route("/status", get(status_handler))
         .route("/metrics", get(metrics_handler))
         .route("/routes", get(routes_handler))
+        .route("/docker-config", get(docker_config_handler))
         .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -250,6 +251,11 @@ async fn routes_handler(
     Query(query): Query<RoutesQuery>,
 ) -> Json<RoutesStatus> {
     Json(state.routing.status(query.plan).await)
+}
+
+/// `/docker-config`: the Docker daemon settings for this host.
+async fn docker_config_handler(State(state): State<Arc<AdminState>>) -> Json<DockerConfig> {
+    Json(state.routing.docker_config())
 }
 
 async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {

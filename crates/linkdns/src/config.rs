@@ -240,7 +240,9 @@ impl Config {
                 let pool: Subnet = text
                     .parse()
                     .map_err(|e| anyhow::anyhow!("cluster_cidr: {e}"))?;
-                let default_prefix = if pool.is_ipv4() { 24 } else { 64 };
+                // A block of 16 IPv4 networks of /24 (Docker's bridge, the `linkdns` network,
+                // compose's); one /64 for IPv6.
+                let default_prefix = if pool.is_ipv4() { 20 } else { 64 };
                 let prefix = args
                     .subnet_prefix
                     .or(file.subnet_prefix)
@@ -408,9 +410,10 @@ mod tests {
         };
         let c = Config::resolve(&args).expect("pool");
         assert_eq!(c.bridge_network, "linkdns");
+        // A block of 16 /24 networks per host by default.
         assert_eq!(
             c.cluster_cidr,
-            Some(("10.77.0.0/16".parse().expect("subnet"), 24))
+            Some(("10.77.0.0/16".parse().expect("subnet"), 20))
         );
         let args = RunArgs {
             cluster_cidr: Some("fd00:77::/48".into()),

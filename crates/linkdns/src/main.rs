@@ -68,6 +68,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the Docker daemon settings (daemon.json keys, JSON) that fit this host: containers
+    /// ask this node for names, and with --cluster-cidr every Docker network (compose's too)
+    /// is in this host's block, routed cluster-wide. Merge them into /etc/docker/daemon.json
+    /// and restart Docker.
+    DockerConfig {
+        #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
     /// Print the token other hosts join this cluster with (one line; keep it secret).
     Token {
         #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
@@ -102,6 +110,7 @@ fn main() -> ExitCode {
             plan,
             json,
         } => status::print_routes(&data_dir, plan, json),
+        Cmd::DockerConfig { data_dir } => status::print_docker_config(&data_dir),
         Cmd::Token { data_dir } => members::token(&data_dir),
         Cmd::Remove { node, data_dir } => client(async move {
             let id = members::remove(&data_dir, &node).await?;

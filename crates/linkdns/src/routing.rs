@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use linkdns_raft::NodeHandle;
-use linkdns_registry::{Command, NodeId, Subnet};
+use linkdns_registry::{Command, LocalNetwork, NodeId, Subnet};
 use linkdns_routes::{Desired, Programmer, Report};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
@@ -57,6 +57,85 @@ pub struct RoutesStatus {
     pub reconciliations: u64,
 }
 
+/// `GET /docker-config` and `linkdns docker-config`: the Docker daemon settings
+/// (`/etc/docker/daemon.json`) that fit this host's place in the cluster.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DockerConfig {
+    /// The keys to put into daemon.json.
+    pub daemon: serde_json::Map<String, serde_json::Value>,
+    /// What the settings do, and what they cannot.
+    pub notes: Vec<String>,
+}
+
+impl DockerConfig {
+    /// The settings for a host whose networks are `networks`, whose DNS listens on the
+    /// gateways of `bridge_network`, and whose claim is `block` of `cluster_cidr`, if any:
+    /// - `dns` and `dns-search`: containers ask this node, and find names in `domain`;
+    /// - with a block wider than one network: `bip` (Docker's bridge in the block: its subnet
+    ///   if it is in the block already, else the first network-sized subnet of the block no
+    ///   other Docker network uses) and `default-address-pools` (the block, in networks of
+    ///   /24 or /64), so that every network Docker makes — compose's `<project>_default`
+    ///   too — is in the block, and so routed cluster-wide.
+    pub fn for_host(
+        networks: &[LocalNetwork],
+        bridge_network: &str,
+        domain: &str,
+        block: Option<Subnet>,
+    ) -> DockerConfig {
+        let mut config = DockerConfig::default();
+        let dns: Vec<String> = networks
+            .iter()
+            .filter(|n| n.name == bridge_network)
+            .flat_map(|n| n.gateways.iter().filter(|g| g.is_ipv4()))
+            .map(ToString::to_string)
+            .collect();
+        if dns.is_empty() {
+            config.notes.push(format!("the Docker network {bridge_network} has no IPv4 gateway yet, so there is no address to give containers as their DNS server"));
+        } else {
+            config.daemon.insert("dns".into(), dns.into());
+            config
+                .daemon
+                .insert("dns-search".into(), vec![domain.to_string()].into());
+        }
+        let Some(block) = block else {
+            config.notes.push("Docker's networks other than the bridge network stay host-local: start linkdns with --cluster-cidr to give this host a block that holds them all".to_string());
+            return config;
+        };
+        let size = linkdns_docker::network_prefix(&block);
+        if size == block.prefix() || !block.is_ipv4() {
+            config.notes.push(format!("this host's block {block} holds one network ({bridge_network}); other Docker networks (compose's) stay host-local. A wider block (--subnet-prefix 20 for IPv4) holds them too"));
+            return config;
+        }
+        let in_block = |n: &LocalNetwork| n.subnets.iter().copied().find(|s| block.covers(s));
+        let bridge = networks
+            .iter()
+            .find(|n| n.name == "bridge")
+            .and_then(in_block);
+        let taken: Vec<Subnet> = networks
+            .iter()
+            .filter(|n| n.name != "bridge")
+            .flat_map(|n| n.subnets.iter().copied())
+            .collect();
+        match bridge.or_else(|| linkdns_docker::free_network(block, &taken)) {
+            Some(subnet) => {
+                config.daemon.insert(
+                    "bip".into(),
+                    format!("{}/{}", subnet.first_host(), subnet.prefix()).into(),
+                );
+            }
+            None => config.notes.push(format!(
+                "no subnet of {block} is free for Docker's bridge; it keeps its own (host-local)"
+            )),
+        }
+        config.daemon.insert(
+            "default-address-pools".into(),
+            serde_json::json!([{ "base": block.to_string(), "size": size }]),
+        );
+        config.notes.push(format!("with these settings (and Docker restarted), every network Docker makes on this host is in {block}, routed to this host by every other host"));
+        config
+    }
+}
+
 /// Shared between the routing tasks and the admin endpoint.
 pub struct Routing {
     node: Arc<NodeHandle>,
@@ -75,6 +154,15 @@ pub struct Routing {
     /// The last log index on disk at start, and when that was: see [`Routing::caught_up`].
     on_disk: u64,
     started: std::time::Instant,
+    docker: HostDocker,
+}
+
+/// What [`Routing::docker_config`] reads of this host: its Docker networks (the view's), the
+/// network whose gateway DNS listens on, and the cluster domain.
+pub struct HostDocker {
+    pub view: Arc<crate::view::View>,
+    pub bridge_network: String,
+    pub domain: String,
 }
 
 impl Routing {
@@ -83,6 +171,7 @@ impl Routing {
         enabled: bool,
         protocol: u8,
         pool: Option<Subnet>,
+        docker: HostDocker,
     ) -> Arc<Routing> {
         let disabled = if !enabled {
             Some("routing is off in the configuration (routing = false)".to_string())
@@ -109,7 +198,31 @@ impl Routing {
             on_disk: node.status().last_index,
             started: std::time::Instant::now(),
             node,
+            docker,
         })
+    }
+
+    /// The Docker daemon settings for this host (see [`DockerConfig::for_host`]).
+    pub fn docker_config(&self) -> DockerConfig {
+        let published = self.docker.view.published().load_full();
+        let block = self.pool.and_then(|pool| {
+            published
+                .registry
+                .node_subnets(self.node.id())
+                .iter()
+                .copied()
+                .find(|s| pool.covers(s))
+        });
+        let mut config = DockerConfig::for_host(
+            published.local.networks(),
+            &self.docker.bridge_network,
+            &self.docker.domain,
+            block,
+        );
+        if self.pool.is_some() && block.is_none() {
+            config.notes.push("no block of cluster_cidr is claimed for this host yet (see `linkdns routes`); ask again once it is".to_string());
+        }
+        config
     }
 
     /// Whether routes are programmed (else `status` says why not).
@@ -128,12 +241,19 @@ impl Routing {
             && (raft.applied_index >= self.on_disk || self.started.elapsed() > CATCH_UP_GRACE)
     }
 
-    /// The container subnets this host's Docker network has (after every Docker connect).
+    /// The container subnets this host's Docker network has (after every Docker connect): the
+    /// claim, unless the host's claim is a block of `cluster_cidr` (which holds that network).
     pub fn set_local_subnets(&self, subnets: Vec<Subnet>) {
-        if !subnets.is_empty() {
+        if self.pool.is_none() && !subnets.is_empty() {
             self.wanted.send_replace(Some(subnets));
         }
         // Docker may have rewritten its rules above linkdns's on a restart.
+        self.reconcile_now.notify_one();
+    }
+
+    /// Docker's networks changed (one made or removed): the forwarding rules name each bridge
+    /// of this host's claim.
+    pub fn networks_changed(&self) {
         self.reconcile_now.notify_one();
     }
 
@@ -249,13 +369,30 @@ impl Routing {
         }
     }
 
-    /// The subnet of the pool (`cluster_cidr`) the Docker network `network` at `docker` gets:
-    /// the one this host claims already (after a restart, also without a quorum), else the
-    /// subnet of that network if it is there already and free, else a free `/prefix` block,
-    /// avoiding the host's own networks. None when the pool is full (reported), on shutdown,
-    /// when there is no pool, or when this node does not route (it takes no subnet, see
-    /// [`Routing::claim`]).
+    /// This host's block of the pool (`cluster_cidr`), claimed in the registry: the one it
+    /// claims already (after a restart, also without a quorum), else the block that holds the
+    /// Docker network `network` at `docker` if it is there already and free, else a free
+    /// `/prefix` block, avoiding the host's own networks. The Docker network is made inside it;
+    /// every Docker network of the host inside it is routed (`linkdns docker-config` gives the
+    /// daemon settings that put Docker's bridge and address pools there). None when the pool
+    /// is full (reported), on shutdown, when there is no pool, or when this node does not route
+    /// (it takes no subnet, see [`Routing::claim`]).
     pub async fn allocate(
+        &self,
+        prefix: u8,
+        docker: &str,
+        network: &str,
+        shutdown: watch::Receiver<bool>,
+    ) -> Option<Subnet> {
+        let block = self
+            .allocate_block(prefix, docker, network, shutdown)
+            .await?;
+        // The claim is the block, not the networks inside it.
+        self.wanted.send_replace(Some(vec![block]));
+        Some(block)
+    }
+
+    async fn allocate_block(
         &self,
         prefix: u8,
         docker: &str,
@@ -285,6 +422,7 @@ impl Routing {
             .await
             .unwrap_or_default()
             .into_iter()
+            .map(|s| s.widened(prefix))
             .find(|s| pool.covers(s));
         let protocol = self.protocol;
         let avoid = match tokio::task::spawn_blocking(move || {
@@ -337,7 +475,7 @@ impl Routing {
             };
             match self.node.propose(command).await {
                 Ok(_) => {
-                    tracing::info!(subnet = %candidate, %pool, "allocated this host's container subnet");
+                    tracing::info!(subnet = %candidate, %pool, "allocated this host's container subnet; every Docker network of this host inside it is routed: `linkdns docker-config` prints the daemon.json settings that put Docker's bridge and address pools there");
                     return Some(candidate);
                 }
                 // Another host took it meanwhile: the next free one.
@@ -497,4 +635,82 @@ fn fill(status: &mut RoutesStatus, report: &Report) {
     changes.keep.clear();
     changes.notes.clear();
     status.plan = changes.to_string().lines().map(str::to_string).collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(name: &str, subnet: &str, gateway: &str) -> LocalNetwork {
+        LocalNetwork {
+            id: format!("id-{name}"),
+            name: name.into(),
+            subnets: vec![subnet.parse().expect("subnet")],
+            gateways: vec![gateway.parse().expect("ip")],
+        }
+    }
+
+    fn render(c: &DockerConfig) -> String {
+        let mut out = serde_json::to_string_pretty(&c.daemon).expect("json");
+        for n in &c.notes {
+            out.push_str("\nnote: ");
+            out.push_str(n);
+        }
+        out
+    }
+
+    #[test]
+    fn docker_config_puts_every_network_in_the_block() {
+        // Before: Docker's bridge from its defaults, `linkdns` made in the block.
+        let before = [
+            network("bridge", "172.17.0.0/16", "172.17.0.1"),
+            network("linkdns", "10.77.16.0/24", "10.77.16.1"),
+        ];
+        let block = Some("10.77.16.0/20".parse().expect("block"));
+        assert_eq!(
+            render(&DockerConfig::for_host(
+                &before, "linkdns", "cluster", block
+            )),
+            r#"{
+  "bip": "10.77.17.1/24",
+  "default-address-pools": [
+    {
+      "base": "10.77.16.0/20",
+      "size": 24
+    }
+  ],
+  "dns": [
+    "10.77.16.1"
+  ],
+  "dns-search": [
+    "cluster"
+  ]
+}
+note: with these settings (and Docker restarted), every network Docker makes on this host is in 10.77.16.0/20, routed to this host by every other host"#
+        );
+        // After the restart (and a compose project): the same settings, so asking again is
+        // harmless.
+        let after = [
+            network("bridge", "10.77.17.0/24", "10.77.17.1"),
+            network("linkdns", "10.77.16.0/24", "10.77.16.1"),
+            network("shop_default", "10.77.18.0/24", "10.77.18.1"),
+        ];
+        assert_eq!(
+            DockerConfig::for_host(&after, "linkdns", "cluster", block),
+            DockerConfig::for_host(&before, "linkdns", "cluster", block)
+        );
+        // A block of one network, and no block at all: DNS settings, and why no more.
+        let narrow = Some("10.77.16.0/24".parse().expect("block"));
+        let one = DockerConfig::for_host(&before, "linkdns", "cluster", narrow);
+        assert_eq!(one.daemon.keys().collect::<Vec<_>>(), ["dns", "dns-search"]);
+        assert!(
+            one.notes[0].contains("--subnet-prefix 20"),
+            "{:?}",
+            one.notes
+        );
+        let plain = [network("bridge", "192.168.1.0/24", "192.168.1.1")];
+        let none = DockerConfig::for_host(&plain, "bridge", "cluster", None);
+        assert_eq!(none.daemon["dns"], serde_json::json!(["192.168.1.1"]));
+        assert!(none.notes[0].contains("--cluster-cidr"));
+    }
 }

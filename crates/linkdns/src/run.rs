@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
-use crate::routing::Routing;
+use crate::routing::{HostDocker, Routing};
 use crate::view::View;
 
 /// Written once the node holds Raft state: an identity without state after that means the log
@@ -153,6 +153,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.routing,
         config.route_protocol,
         config.cluster_cidr.map(|(pool, _)| pool),
+        HostDocker {
+            view: view.clone(),
+            bridge_network: config.bridge_network.clone(),
+            domain: config.domain.clone(),
+        },
     );
     tokio::spawn(routing.clone().claim(shutdown_rx.clone()));
     tokio::spawn(routing.clone().program(shutdown_rx.clone()));
@@ -248,7 +253,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                             break Err(anyhow::anyhow!("the proposer stopped; see the log above"));
                         }
                     }
-                    Report::Local(change) => view.local(change),
+                    Report::Local(change) => {
+                        if matches!(change, LocalChange::Networks(_)) {
+                            routing.networks_changed();
+                        }
+                        view.local(change);
+                    }
                     Report::Connected { bridge_subnets, bridge_gateways } => {
                         admin_state.set_docker(true, None);
                         routing.set_local_subnets(bridge_subnets.clone());

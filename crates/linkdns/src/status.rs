@@ -9,7 +9,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
 use crate::admin::Status;
-use crate::routing::RoutesStatus;
+use crate::routing::{DockerConfig, RoutesStatus};
 use crate::run::{reachable, ADMIN_ADDR_FILE};
 
 pub fn print(data_dir: &Path, json: bool) -> anyhow::Result<()> {
@@ -47,6 +47,24 @@ pub fn print_routes(data_dir: &Path, plan: bool, json: bool) -> anyhow::Result<(
     show(data_dir, path, json, |routes: &RoutesStatus| {
         render_routes(routes, plan)
     })
+}
+
+/// `linkdns docker-config`: the daemon.json keys on stdout (JSON, to merge into
+/// `/etc/docker/daemon.json`), what they do on stderr.
+pub fn print_docker_config(data_dir: &Path) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let config: DockerConfig = runtime.block_on(get(data_dir, "/docker-config"))?;
+    let text = serde_json::to_string_pretty(&config.daemon)? + "\n";
+    std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
+    let notes: String = config
+        .notes
+        .iter()
+        .map(|n| format!("linkdns: {n}\n"))
+        .collect();
+    std::io::Write::write_all(&mut std::io::stderr(), notes.as_bytes())?;
+    Ok(())
 }
 
 /// `linkdns routes`: linkdns's routes and rules on this host; with `plan`, what it would

@@ -643,12 +643,6 @@ impl Registry {
         prefix: u8,
         avoid: &[Subnet],
     ) -> Option<Subnet> {
-        /// Blocks looked at, at most (a /8 pool has 65,536 /24s).
-        const MAX_BLOCKS: u128 = 1 << 20;
-        let bits = model::max_prefix(pool.addr());
-        if prefix < pool.prefix() || prefix > bits {
-            return None;
-        }
         if let Some(own) = self
             .node_subnets(node)
             .iter()
@@ -656,29 +650,10 @@ impl Registry {
         {
             return Some(*own);
         }
-        let base = match pool.addr() {
-            IpAddr::V4(a) => u128::from(u32::from(a)),
-            IpAddr::V6(a) => u128::from(a),
-        };
-        let blocks = 1u128
-            .checked_shl(u32::from(prefix - pool.prefix()))
-            .unwrap_or(u128::MAX)
-            .min(MAX_BLOCKS);
-        let step = 1u128.checked_shl(u32::from(bits - prefix)).unwrap_or(0);
-        (0..blocks)
-            .filter_map(|i| {
-                let addr = base.checked_add(i.checked_mul(step)?)?;
-                let addr = if pool.is_ipv4() {
-                    IpAddr::V4(u32::try_from(addr).ok()?.into())
-                } else {
-                    IpAddr::V6(addr.into())
-                };
-                Subnet::new(addr, prefix)
-            })
-            .find(|candidate| {
-                self.claimed_elsewhere(node, candidate).is_none()
-                    && !avoid.iter().any(|a| a.overlaps(candidate))
-            })
+        pool.blocks(prefix).find(|candidate| {
+            self.claimed_elsewhere(node, candidate).is_none()
+                && !avoid.iter().any(|a| a.overlaps(candidate))
+        })
     }
 
     /// The node whose claimed subnet holds `ip`.

@@ -494,6 +494,54 @@ impl Subnet {
         self.addr.is_ipv4()
     }
 
+    /// The subnets of length `prefix` this one divides into, in order (at most 2^20 of them);
+    /// none if `prefix` is shorter than this subnet's or too long for its family.
+    pub fn blocks(self, prefix: u8) -> impl Iterator<Item = Subnet> {
+        /// Blocks handed out, at most (a /8 has 65,536 /24s).
+        const MAX_BLOCKS: u128 = 1 << 20;
+        let bits = max_prefix(self.addr);
+        let fits = prefix >= self.prefix && prefix <= bits;
+        let base = match self.addr {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let count = if fits {
+            1u128
+                .checked_shl(u32::from(prefix - self.prefix))
+                .unwrap_or(u128::MAX)
+                .min(MAX_BLOCKS)
+        } else {
+            0
+        };
+        let step = 1u128
+            .checked_shl(u32::from(bits.saturating_sub(prefix)))
+            .unwrap_or(0);
+        let v4 = self.is_ipv4();
+        (0..count).filter_map(move |i| {
+            let addr = base.checked_add(i.checked_mul(step)?)?;
+            let addr = if v4 {
+                IpAddr::V4(u32::try_from(addr).ok()?.into())
+            } else {
+                IpAddr::V6(addr.into())
+            };
+            Subnet::new(addr, prefix)
+        })
+    }
+
+    /// The subnet's first address after the network address (where Docker puts a network's
+    /// gateway).
+    pub fn first_host(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(1).into()),
+            IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(1).into()),
+        }
+    }
+
+    /// The subnet of length `prefix` that holds this one (itself if it is that wide or wider).
+    pub fn widened(&self, prefix: u8) -> Subnet {
+        Subnet::new(self.addr, prefix.min(self.prefix)).unwrap_or(*self)
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {

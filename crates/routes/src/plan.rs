@@ -606,9 +606,10 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
                 Family::V6 => plan.notes.push("IPv6 forwarding is off, so other hosts' containers cannot reach this host's over IPv6: set net.ipv6.conf.all.forwarding=1 (and accept_ra=2 on interfaces configured by router advertisements)".to_string()),
             }
         }
-        // Each local subnet with the interface it is on (Docker's bridge, which holds the
-        // gateway address inside it): the rules name the interfaces, so traffic claiming a
-        // cluster source on any other interface is not let in.
+        // Each local subnet with the interfaces it is on (Docker's bridges, which hold their
+        // gateway addresses inside it; a block of `cluster_cidr` holds several): the rules name
+        // the interfaces and each bridge's own network, so traffic claiming a cluster source on
+        // any other interface is not let in.
         let mut forward = Vec::new();
         let mut nat = Vec::new();
         for l in desired
@@ -616,25 +617,20 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
             .iter()
             .filter(|s| Family::of(s.addr()) == family)
         {
-            let bridge = host
-                .addresses
-                .iter()
-                .filter(|a| l.contains(a.addr))
-                .max_by_key(|a| a.prefix)
-                .map(|a| a.device.as_str());
-            if bridge.is_none() && !remote.is_empty() {
+            let bridges = bridges_in(host, l);
+            if bridges.is_empty() && !remote.is_empty() {
                 plan.notes.push(format!("no interface of this host has an address in {l} (is Docker's bridge network up?): traffic from other hosts to it is not let in"));
             }
             for r in wanted.iter().filter(|r| Family::of(r.dst.addr()) == family) {
-                if let Some(bridge) = bridge {
+                for (bridge, network) in &bridges {
                     forward.push(Rule::Accept {
                         src: r.dst,
-                        dst: *l,
+                        dst: *network,
                         in_if: r.device.clone(),
                         out_if: bridge.to_string(),
                     });
                     forward.push(Rule::Accept {
-                        src: *l,
+                        src: *network,
                         dst: r.dst,
                         in_if: bridge.to_string(),
                         out_if: r.device.clone(),
@@ -678,6 +674,29 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
             }
         }
     }
+}
+
+/// The interfaces of the host with an address in this node's subnet `local`, each with the part
+/// of `local` it holds (its own network, or all of `local` for an address wider than it), in
+/// order of interface, then network.
+fn bridges_in<'h>(host: &'h HostState, local: &Subnet) -> Vec<(&'h str, Subnet)> {
+    let mut found: Vec<(&str, Subnet)> = host
+        .addresses
+        .iter()
+        .filter(|a| local.contains(a.addr))
+        .filter_map(|a| {
+            let network = a.network()?;
+            let network = if network.covers(local) {
+                *local
+            } else {
+                network
+            };
+            Some((a.device.as_str(), network))
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
 }
 
 impl fmt::Display for Rule {

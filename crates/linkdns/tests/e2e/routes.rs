@@ -371,7 +371,10 @@ fn a_refused_subnet_no_privilege_or_routing_off_leave_hosts_alone_and_dns_workin
     for table in ["filter", "nat"] {
         assert!(!iptables_s(&hosts[0], table).contains("LINKDNS"));
     }
-    crate::expect_answer(&hosts[0], "api.cluster", "A", &[&api]);
+    // api's address is routed now, to every host but h1, whose own Docker network has that
+    // subnet: there it would be one of h1's containers.
+    crate::expect_answer(&hosts[2], "api.cluster", "A", &[&api]);
+    crate::expect_nodata(&hosts[0], "api.cluster", "A");
 }
 
 #[test]
@@ -381,7 +384,8 @@ fn hosts_get_subnets_from_the_cluster_cidr_and_their_containers_reach_each_other
         (0..2).map(|_| Host::on_lan()).collect(),
         &["--cluster-cidr", pool],
     );
-    // Each host claims a /24 of the pool of its own, and its Docker network `linkdns` has it.
+    // Each host claims a block (/20) of the pool of its own, and its Docker network `linkdns`
+    // has the block's first /24.
     let claimed = |h: &Host| -> String {
         let routes = text(&h.linkdns(&["routes"]));
         routes
@@ -405,9 +409,10 @@ fn hosts_get_subnets_from_the_cluster_cidr_and_their_containers_reach_each_other
         ROUTES,
         "a network with a subnet of the pool on each host",
         || {
-            hosts
-                .iter()
-                .all(|h| !claimed(h).is_empty() && network(h) == claimed(h))
+            hosts.iter().all(|h| {
+                let (block, net) = (claimed(h), network(h));
+                !block.is_empty() && block.ends_with("/20") && net == block.replace("/20", "/24")
+            })
         },
     );
     let (s1, s2) = (claimed(&hosts[0]), claimed(&hosts[1]));
@@ -436,7 +441,7 @@ fn hosts_get_subnets_from_the_cluster_cidr_and_their_containers_reach_each_other
         "-tn",
     ]);
     let web = hosts[1].container_ip("web");
-    let gateway = s1.replace(".0/24", ".1");
+    let gateway = s1.replace(".0/20", ".1");
     hosts[0].run_container(
         "client",
         &[

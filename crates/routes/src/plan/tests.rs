@@ -491,3 +491,40 @@ note     no interface of this host has an address in 192.168.1.0/24 (is Docker's
 "
     );
 }
+
+#[test]
+fn a_block_with_several_docker_networks_lets_each_of_them_in() {
+    // With cluster_cidr each host claims a block; Docker's bridge, the `linkdns` network and
+    // compose's networks are all inside it, each on a bridge of its own.
+    let mut host = h1();
+    host.addresses = vec![
+        addr("lo", "127.0.0.1/8"),
+        addr("eth0", "172.30.0.1/24"),
+        addr("br-linkdns", "10.77.0.1/24"),
+        addr("docker0", "10.77.1.1/24"),
+        addr("br-shop", "10.77.2.1/24"),
+        // Not in the block: compose from Docker's default pools stays host-local.
+        addr("br-other", "172.18.0.1/16"),
+    ];
+    let desired = Desired {
+        local_subnets: vec![net("10.77.0.0/20")],
+        peers: vec![peer(2, "h2", "172.30.0.2", &["10.77.16.0/20"])],
+    };
+    assert_eq!(
+        plan(&desired, &host, P).to_string(),
+        "\
+add      10.77.16.0/20 via 172.30.0.2 (h2)
+write    ipv4 filter LINKDNS-FORWARD: 6 rule(s)
+           -A LINKDNS-FORWARD -s 10.77.16.0/20 -d 10.77.0.0/24 -i eth0 -o br-linkdns -j ACCEPT
+           -A LINKDNS-FORWARD -s 10.77.0.0/24 -d 10.77.16.0/20 -i br-linkdns -o eth0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 10.77.16.0/20 -d 10.77.2.0/24 -i eth0 -o br-shop -j ACCEPT
+           -A LINKDNS-FORWARD -s 10.77.2.0/24 -d 10.77.16.0/20 -i br-shop -o eth0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 10.77.16.0/20 -d 10.77.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 10.77.1.0/24 -d 10.77.16.0/20 -i docker0 -o eth0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
+write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
+           -A LINKDNS-POSTROUTING -s 10.77.0.0/20 -d 10.77.16.0/20 -j ACCEPT
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+"
+    );
+}
