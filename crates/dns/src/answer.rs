@@ -282,8 +282,33 @@ impl Zone {
             }
         }
         // A bare link alias (`db`), or SRV of one (`_3306._tcp.db`), from a container that has
-        // it.
+        // it; and a bare cluster name (a compose service, say) from a known container of this
+        // host, as Docker's own DNS answers the names of its networks (a container whose
+        // resolver tries names as they are first — Docker's `ndots:0` — would else go
+        // upstream). Not for an asker not known yet: the name may be its link alias.
         let (srv, base) = SrvQuery::parse(&label);
+        let from_container = matches!(asker, Asker::Container(_));
+        if from_container && name.num_labels() == 1 && !scope.links.iter().any(|l| l.alias == base)
+        {
+            if let Some(records) = registry.lookup(&label, &[]).filter(|r| !r.is_empty()) {
+                let addrs = registry.addresses(&records, scope.reach);
+                let (answers, rotation) = address_records(&query.name, &addrs, qtype, self.ttl);
+                let mut response = reply_to(request, ResponseCode::NoError);
+                response.add_answers(answers);
+                // Another container of the same networks may have the name as a link alias.
+                let linked =
+                    registry.is_link_alias(&label) || published.local.is_link_alias(&label);
+                return Decided {
+                    decision: Decision::Respond(response),
+                    cacheable: if linked {
+                        Cacheable::No
+                    } else {
+                        Cacheable::Yes
+                    },
+                    rotation,
+                };
+            }
+        }
         if !base.contains('.') && scope.links.iter().any(|l| l.alias == base) {
             if srv != SrvQuery::All {
                 if let Some(targets) = registry.srv_in(&label, &scope) {

@@ -553,6 +553,30 @@ fn a_starting_container_gets_its_links_at_its_first_query() {
         first, "id=0xbeef NoError aa rd ra\nan db. 5 A 192.168.1.5\n",
         "the one container being connected is the asker"
     );
+    // A bare cluster name from a container of this host is the cluster's name (as Docker's
+    // own DNS answers its networks' names); from the host itself it goes upstream.
+    assert_eq!(
+        ask(
+            &a,
+            &mut cache,
+            "192.168.1.50:5000",
+            "web.",
+            RecordType::A,
+            false
+        ),
+        "id=0xbeef NoError rd ra\nan web. 5 A 192.168.1.7\nan web. 5 A 192.168.2.7\n"
+    );
+    assert_eq!(
+        ask(
+            &a,
+            &mut cache,
+            "127.0.0.1:5000",
+            "web.",
+            RecordType::A,
+            false
+        ),
+        "(no answer: forwarded or dropped)\n"
+    );
     // Two starting at once: which one asks is not known yet, so the query waits.
     a.published.store(Arc::new(Published {
         local: starting(&["other"]),

@@ -6,6 +6,7 @@ mod cluster;
 mod routes;
 mod testbed;
 mod upstream;
+mod workloads;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,14 +2,19 @@
 //! namespace, and (when started) a real `linkdns` process. tests/README.md says how it is built.
 //!
 //! Prerequisites are checked once and fail loudly: root, iproute2, nsenter, dockerd, dig,
-//! busybox. Nothing here is skipped.
+//! busybox, docker-compose. Nothing here is skipped.
+//!
+//! It leaves the machine as it found it: each host's namespace, veth, daemons and directory go
+//! when it is dropped (also when its test fails), and the shared LAN bridge, its FORWARD rule
+//! and the image go with the last host. Processes are stopped by the pids the test bed started
+//! (a crashed earlier run's by the pid files it wrote), never by name.
 
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Root of everything the test bed writes.
@@ -18,8 +23,32 @@ const BASE: &str = "/tmp/linkdns-e2e";
 pub const IMAGE: &str = "ldt-busybox:latest";
 
 static NEXT_HOST: AtomicU8 = AtomicU8::new(1);
-static PREPARED: OnceLock<PathBuf> = OnceLock::new();
-static LAN: OnceLock<()> = OnceLock::new();
+static CHECKED: OnceLock<()> = OnceLock::new();
+
+/// What the hosts alive in this process share, made with the first and removed with the last.
+#[derive(Default)]
+struct Shared {
+    /// Hosts alive.
+    hosts: usize,
+    /// Hosts alive on the LAN.
+    lan_hosts: usize,
+    /// The image tar and its rootfs are built.
+    prepared: bool,
+    /// The LAN bridge is up; whether its FORWARD rule was added by this process.
+    lan: Option<bool>,
+}
+
+static SHARED: Mutex<Shared> = Mutex::new(Shared {
+    hosts: 0,
+    lan_hosts: 0,
+    prepared: false,
+    lan: None,
+});
+
+fn shared() -> MutexGuard<'static, Shared> {
+    // A test that panicked while holding it left it whole: every change is one assignment.
+    SHARED.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The shared "VPC" of multi-host tests: a bridge in the root namespace, 172.30.0.0/24.
 const LAN_BRIDGE: &str = "ldt-lan";
@@ -53,20 +82,23 @@ pub fn run(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {program}: {e} (is it installed? see .ci/run)"))
 }
 
-/// Checks the prerequisites, clears what an earlier crashed run left, builds the image tar.
-fn prepare() -> &'static Path {
-    PREPARED.get_or_init(|| {
+/// Checks the prerequisites and clears what an earlier crashed run left (once per process),
+/// then builds the image tar if it is not there. Called with the shared state locked.
+fn prepare(shared: &mut Shared) -> PathBuf {
+    CHECKED.get_or_init(|| {
         let uid = sh("id", &["-u"]);
         assert_eq!(uid.trim(), "0", "the e2e tests need root (network namespaces, dockerd)");
-        for tool in ["ip", "nsenter", "dockerd", "docker", "dig", "busybox", "iptables", "setpriv"] {
+        for tool in ["ip", "nsenter", "dockerd", "docker", "dig", "busybox", "iptables", "setpriv", "docker-compose"] {
             let found = run("sh", &["-c", &format!("command -v {tool}")]);
             assert!(
                 found.status.success(),
-                "e2e prerequisite `{tool}` is missing: install it (see .ci/run: docker.io iproute2 iptables busybox-static dnsutils)"
+                "e2e prerequisite `{tool}` is missing: install it (see scripts/test: docker.io docker-compose iproute2 iptables busybox-static dnsutils)"
             );
         }
         cleanup_stale();
-        let base = PathBuf::from(BASE);
+    });
+    let base = PathBuf::from(BASE);
+    if !shared.prepared {
         std::fs::create_dir_all(&base).expect("create test bed dir");
         // busybox, statically linked, as the whole image.
         let rootfs = base.join("rootfs");
@@ -74,7 +106,10 @@ fn prepare() -> &'static Path {
         std::fs::create_dir_all(&bin).expect("rootfs");
         let busybox = sh("sh", &["-c", "command -v busybox"]);
         std::fs::copy(busybox.trim(), bin.join("busybox")).expect("copy busybox");
-        for applet in ["sh", "sleep", "nc", "nslookup", "ping", "httpd", "cat", "echo", "ls", "wget", "hostname", "test", "touch", "rm", "true", "false"] {
+        for applet in [
+            "sh", "sleep", "nc", "nslookup", "ping", "httpd", "cat", "echo", "ls", "wget",
+            "hostname", "test", "touch", "rm", "true", "false",
+        ] {
             let link = bin.join(applet);
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink("busybox", &link).expect("applet link");
@@ -83,14 +118,57 @@ fn prepare() -> &'static Path {
             std::fs::create_dir_all(rootfs.join(dir)).expect("rootfs dir");
         }
         let tar = base.join("image.tar");
-        sh("tar", &["-C", &rootfs.to_string_lossy(), "-cf", &tar.to_string_lossy(), "."]);
-        base
-    })
+        sh(
+            "tar",
+            &[
+                "-C",
+                &rootfs.to_string_lossy(),
+                "-cf",
+                &tar.to_string_lossy(),
+                ".",
+            ],
+        );
+        shared.prepared = true;
+    }
+    base
 }
 
-/// Removes namespaces, links and daemons left by an earlier run that did not clean up.
+/// The pid files a host of the test bed writes: its dockerd's, the containerd that dockerd
+/// starts, and its linkdns's.
+fn pid_files(dir: &Path) -> [PathBuf; 3] {
+    [
+        dir.join("linkdns.pid"),
+        dir.join("docker.pid"),
+        dir.join("exec/containerd/containerd.pid"),
+    ]
+}
+
+/// Kills the process of a pid file if it is still one of the test bed's (its command line
+/// names the test bed's directory; a pid reused by another process is left alone).
+fn kill_by_pid_file(path: &Path) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains(BASE) {
+        let _ = run("kill", &["-9", &pid.to_string()]);
+    }
+}
+
+/// Removes namespaces, links and daemons left by an earlier run that did not clean up (one
+/// killed before its hosts were dropped).
 fn cleanup_stale() {
-    let _ = run("sh", &["-c", &format!("pkill -9 -f '{BASE}/' ; sleep 0.5")]);
+    if let Ok(dirs) = std::fs::read_dir(BASE) {
+        for dir in dirs.flatten() {
+            for file in pid_files(&dir.path()) {
+                kill_by_pid_file(&file);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let list = sh("ip", &["netns", "list"]);
     for line in list.lines() {
         if let Some(name) = line.split_whitespace().next() {
@@ -131,39 +209,60 @@ pub struct Host {
     /// The Docker bridge's gateway (where containers find DNS by default).
     pub gateway: Ipv4Addr,
     pub dir: PathBuf,
+    /// Whether it is on the shared LAN.
+    lan: bool,
     /// On the shared LAN: the veth end inside the namespace (to cut in a partition).
     pub lan_if: Option<String>,
     /// A command linkdns is started under (e.g. `setpriv` to drop a capability).
     pub wrapper: Vec<String>,
     dockerd: Option<Child>,
+    /// A daemon.json the engine runs with (instead of `--bip 192.168.N.1/24`).
+    daemon_config: Option<PathBuf>,
     linkdns: Option<Child>,
     linkdns_args: Vec<String>,
     /// The subcommand of the next start (`run`, or a `join` with its peer and token).
     subcommand: Vec<String>,
 }
 
-/// Creates the LAN bridge once; bridged traffic must pass the root FORWARD chain (Docker loads
-/// br_netfilter and may set its policy to DROP).
-fn lan() {
-    LAN.get_or_init(|| {
-        prepare();
-        sh("ip", &["link", "add", LAN_BRIDGE, "type", "bridge"]);
-        sh(
-            "ip",
-            &["addr", "add", &format!("{LAN_ROOT}/24"), "dev", LAN_BRIDGE],
-        );
-        sh("ip", &["link", "set", LAN_BRIDGE, "up"]);
-        let rule = [
-            "FORWARD", "-i", LAN_BRIDGE, "-o", LAN_BRIDGE, "-j", "ACCEPT",
-        ];
-        let mut check = vec!["-C"];
-        check.extend_from_slice(&rule);
-        if !run("iptables", &check).status.success() {
-            let mut insert = vec!["-I"];
-            insert.extend_from_slice(&rule);
-            sh("iptables", &insert);
+/// The FORWARD rule that lets bridged LAN traffic through the root namespace (Docker loads
+/// br_netfilter and may set the policy to DROP).
+const LAN_RULE: [&str; 7] = [
+    "FORWARD", "-i", LAN_BRIDGE, "-o", LAN_BRIDGE, "-j", "ACCEPT",
+];
+
+/// Brings the LAN bridge and its FORWARD rule up for the first LAN host (with the shared
+/// state locked).
+fn lan_up(shared: &mut Shared) {
+    if shared.lan.is_some() {
+        return;
+    }
+    sh("ip", &["link", "add", LAN_BRIDGE, "type", "bridge"]);
+    sh(
+        "ip",
+        &["addr", "add", &format!("{LAN_ROOT}/24"), "dev", LAN_BRIDGE],
+    );
+    sh("ip", &["link", "set", LAN_BRIDGE, "up"]);
+    let mut check = vec!["-C"];
+    check.extend_from_slice(&LAN_RULE);
+    let added = !run("iptables", &check).status.success();
+    if added {
+        let mut insert = vec!["-I"];
+        insert.extend_from_slice(&LAN_RULE);
+        sh("iptables", &insert);
+    }
+    shared.lan = Some(added);
+}
+
+/// Takes the LAN bridge and the rule this process added down, after the last LAN host.
+fn lan_down(shared: &mut Shared) {
+    if let Some(added) = shared.lan.take() {
+        if added {
+            let mut delete = vec!["-D"];
+            delete.extend_from_slice(&LAN_RULE);
+            let _ = run("iptables", &delete);
         }
-    });
+        let _ = run("ip", &["link", "delete", LAN_BRIDGE]);
+    }
 }
 
 impl Host {
@@ -176,17 +275,26 @@ impl Host {
     /// A new host on the shared LAN (172.30.0.N/24, the root namespace at 172.30.0.254), where
     /// the hosts reach each other.
     pub fn on_lan() -> Host {
-        lan();
         Host::create(true)
     }
 
     fn create(on_lan: bool) -> Host {
-        let base = prepare();
         let index = NEXT_HOST.fetch_add(1, Ordering::SeqCst);
         assert!(index < 200, "too many test hosts");
+        let base = {
+            let mut shared = shared();
+            let base = prepare(&mut shared);
+            // Counted from here: the host below is made before anything can fail, and its
+            // drop counts it out.
+            shared.hosts += 1;
+            if on_lan {
+                lan_up(&mut shared);
+                shared.lan_hosts += 1;
+            }
+            base
+        };
         let ns = format!("ldt-h{index}");
         let dir = base.join(format!("h{index}"));
-        std::fs::create_dir_all(&dir).expect("host dir");
         let (addr, outside) = if on_lan {
             (Ipv4Addr::new(172, 30, 0, index), LAN_ROOT)
         } else {
@@ -196,6 +304,25 @@ impl Host {
             )
         };
         let (veth_out, veth_in) = (format!("ldt-{index}o"), format!("ldt-{index}i"));
+        // Made before anything else, so that dropping it (also after a panic below) takes
+        // down whatever part of it was set up.
+        let mut host = Host {
+            index,
+            ns: ns.clone(),
+            addr,
+            outside,
+            gateway: Ipv4Addr::new(192, 168, index, 1),
+            dir,
+            lan: on_lan,
+            lan_if: on_lan.then_some(veth_in.clone()),
+            wrapper: Vec::new(),
+            dockerd: None,
+            daemon_config: None,
+            linkdns: None,
+            linkdns_args: Vec::new(),
+            subcommand: vec!["run".to_string()],
+        };
+        std::fs::create_dir_all(&host.dir).expect("host dir");
         sh("ip", &["netns", "add", &ns]);
         sh(
             "ip",
@@ -221,20 +348,6 @@ impl Host {
         in_ns(&["ip", "link", "set", "lo", "up"]);
         in_ns(&["ip", "addr", "add", &format!("{addr}/24"), "dev", &veth_in]);
         in_ns(&["ip", "link", "set", &veth_in, "up"]);
-        let mut host = Host {
-            index,
-            ns,
-            addr,
-            outside,
-            gateway: Ipv4Addr::new(192, 168, index, 1),
-            dir,
-            lan_if: on_lan.then_some(veth_in.clone()),
-            wrapper: Vec::new(),
-            dockerd: None,
-            linkdns: None,
-            linkdns_args: Vec::new(),
-            subcommand: vec!["run".to_string()],
-        };
         host.start_dockerd();
         host.docker(&["import", &base.join("image.tar").to_string_lossy(), IMAGE]);
         host
@@ -263,12 +376,11 @@ impl Host {
                 "--pidfile",
                 &d("docker.pid"),
             ])
-            .args([
-                "-H",
-                &format!("unix://{}", d("docker.sock")),
-                "--bip",
-                &format!("{}/24", self.gateway),
-            ])
+            .args(["-H", &format!("unix://{}", d("docker.sock"))])
+            .args(match &self.daemon_config {
+                Some(file) => vec!["--config-file".to_string(), file.display().to_string()],
+                None => vec!["--bip".to_string(), format!("{}/24", self.gateway)],
+            })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -279,6 +391,45 @@ impl Host {
                 .status
                 .success()
         });
+    }
+
+    /// Restarts the Docker engine with `daemon_json` as its /etc/docker/daemon.json (as an
+    /// administrator applies `linkdns docker-config`); the bridge's gateway follows its `bip`.
+    pub fn restart_dockerd_with(&mut self, daemon_json: &str) {
+        let file = self.dir.join("daemon.json");
+        std::fs::write(&file, daemon_json).expect("write daemon.json");
+        self.daemon_config = Some(file);
+        self.stop_dockerd();
+        self.start_dockerd();
+        let gateway = self.docker(&[
+            "network",
+            "inspect",
+            "bridge",
+            "-f",
+            "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+        ]);
+        self.gateway = gateway.parse().expect("the bridge's IPv4 gateway");
+    }
+
+    /// `docker-compose -p <project> up -d` of `compose_yml` against this host's engine, as a
+    /// user runs it; panics with its output if it fails.
+    pub fn compose_up(&self, project: &str, compose_yml: &str) {
+        let file = self.dir.join(format!("{project}.compose.yml"));
+        std::fs::write(&file, compose_yml).expect("write compose file");
+        let out = Command::new("docker-compose")
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}", self.docker_sock().display()),
+            )
+            .args(["-p", project, "-f", &file.to_string_lossy(), "up", "-d"])
+            .output()
+            .expect("run docker-compose");
+        assert!(
+            out.status.success(),
+            "docker-compose -p {project} up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Stops the Docker engine (SIGTERM) and waits for it to exit.
@@ -434,6 +585,8 @@ impl Host {
             .stderr(log)
             .spawn()
             .expect("start linkdns");
+        // nsenter execs linkdns: the child's pid is linkdns's (see cleanup_stale).
+        let _ = std::fs::write(self.dir.join("linkdns.pid"), child.id().to_string());
         self.linkdns = Some(child);
     }
 
@@ -574,6 +727,19 @@ impl Drop for Host {
                 &format!("umount -R {}/* 2>/dev/null; true", exec.display()),
             ],
         );
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let mut shared = shared();
+        shared.hosts -= 1;
+        if self.lan {
+            shared.lan_hosts -= 1;
+            if shared.lan_hosts == 0 {
+                lan_down(&mut shared);
+            }
+        }
+        if shared.hosts == 0 {
+            let _ = std::fs::remove_dir_all(BASE);
+            shared.prepared = false;
+        }
     }
 }
 
