@@ -212,22 +212,94 @@ async fn follow(
         tokio::select! {
             event = events.recv() => {
                 let Some(event) = event else { return Ok(()) };
-                let event = event.map_err(|e| Error::Unavailable {
-                    uri: config.uri.clone(),
-                    reason: e.to_string(),
-                })?;
-                handle_event(&docker, config, reports, &mut session, clock, &event).await?;
-                // While events wait, a container that is starting may not be known yet.
-                let backlog = !events.is_empty();
-                if backlog != session.backlog {
-                    session.backlog = backlog;
-                    send(reports, Report::Local(LocalChange::Backlog(backlog))).await?;
+                // Everything that arrived meanwhile too (containers starting together): their
+                // inspections run at once, the events are handled in order.
+                let mut batch = vec![event];
+                while batch.len() < MAX_EVENT_BATCH {
+                    match events.try_recv() {
+                        Ok(event) => batch.push(event),
+                        Err(_) => break,
+                    }
                 }
+                let batch = batch
+                    .into_iter()
+                    .collect::<Result<Vec<EventMessage>, _>>()
+                    .map_err(|e| Error::Unavailable {
+                        uri: config.uri.clone(),
+                        reason: e.to_string(),
+                    })?;
+                // While events wait, a container that is starting may not be known yet.
+                set_backlog(reports, &mut session, batch.len() > 1 || !events.is_empty()).await?;
+                let mut inspected = prefetch(&docker, &session, &batch).await?;
+                for event in &batch {
+                    handle_event(&docker, config, reports, &mut session, clock, &mut inspected, event)
+                        .await?;
+                }
+                set_backlog(reports, &mut session, !events.is_empty()).await?;
             }
             _ = resync.notified() => resync_all(&docker, config, reports, &mut session, clock).await?,
             _ = periodic.tick() => resync_all(&docker, config, reports, &mut session, clock).await?,
         }
     }
+}
+
+/// Most events handled as one batch (their inspections at once).
+const MAX_EVENT_BATCH: usize = 64;
+
+/// Most inspections under way at once.
+const MAX_INSPECTIONS: usize = 16;
+
+/// Inspections made ahead for a batch of events, by container id (`None`: it is gone).
+type Inspected = HashMap<String, Option<bollard::models::ContainerInspectResponse>>;
+
+/// Tells the local view whether events wait to be handled, when that changes.
+async fn set_backlog(
+    reports: &mpsc::Sender<Report>,
+    session: &mut Session,
+    backlog: bool,
+) -> Result<(), Error> {
+    if backlog != session.backlog {
+        session.backlog = backlog;
+        send(reports, Report::Local(LocalChange::Backlog(backlog))).await?;
+    }
+    Ok(())
+}
+
+/// Inspects, all at once, each container whose state the events of `batch` report: each
+/// inspection shows the state after all of them (they happened before it), so one per
+/// container serves every event of the batch. Not the containers being connected while they
+/// start: an inspection waits until the start is over (their `start` event follows).
+async fn prefetch(
+    docker: &Docker,
+    session: &Session,
+    batch: &[EventMessage],
+) -> Result<Inspected, Error> {
+    let mut ids: Vec<String> = batch
+        .iter()
+        .filter_map(|event| match classify(event)? {
+            Happened::Changed { id, .. } | Happened::Disconnect { id, .. } => Some(id),
+            Happened::Connect { id, .. } if session.running.contains(&id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    if ids.len() < 2 {
+        // One inspection is made when its event is handled, as it always was.
+        return Ok(Inspected::new());
+    }
+    let results: Vec<(String, Result<_, Error>)> = futures_util::stream::iter(ids)
+        .map(|id| async move {
+            let details = inspect_details(docker, &id).await;
+            (id, details)
+        })
+        .buffer_unordered(MAX_INSPECTIONS)
+        .collect()
+        .await;
+    results
+        .into_iter()
+        .map(|(id, details)| details.map(|d| (id, d)))
+        .collect()
 }
 
 /// What one session with the engine remembers between events.
@@ -253,6 +325,7 @@ async fn handle_event(
     reports: &mpsc::Sender<Report>,
     session: &mut Session,
     clock: &mut Clock,
+    inspected: &mut Inspected,
     event: &EventMessage,
 ) -> Result<(), Error> {
     match classify(event) {
@@ -286,7 +359,7 @@ async fn handle_event(
             send(reports, Report::Local(change)).await
         }
         Some(Happened::Connect { id, .. }) => {
-            report_state(docker, config, reports, session, clock, &id).await
+            report_state(docker, config, reports, session, clock, inspected, &id).await
         }
         Some(Happened::Disconnect { id, network }) => {
             let change = LocalChange::Disconnected {
@@ -294,13 +367,13 @@ async fn handle_event(
                 network,
             };
             send(reports, Report::Local(change)).await?;
-            report_state(docker, config, reports, session, clock, &id).await
+            report_state(docker, config, reports, session, clock, inspected, &id).await
         }
         Some(Happened::Changed { id, destroyed }) => {
             if destroyed {
                 session.created.remove(&id);
             }
-            report_state(docker, config, reports, session, clock, &id).await
+            report_state(docker, config, reports, session, clock, inspected, &id).await
         }
     }
 }
@@ -312,10 +385,15 @@ async fn report_state(
     reports: &mpsc::Sender<Report>,
     session: &mut Session,
     clock: &mut Clock,
+    inspected: &mut Inspected,
     id: &str,
 ) -> Result<(), Error> {
     let version = clock.tick();
-    let (record, local) = match inspect_details(docker, id).await? {
+    let details = match inspected.get(id) {
+        Some(details) => details.clone(),
+        None => inspect_details(docker, id).await?,
+    };
+    let (record, local) = match details {
         Some(details) => (
             container_from_inspect(&details, config.node, version),
             local_from_inspect(&details),

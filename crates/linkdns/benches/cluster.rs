@@ -21,8 +21,10 @@
 //!
 //! - `first-query [runs=100]`: 3 voters of the namespace test bed; mysql on h1; `runs` times
 //!   `docker run --rm --label linkdns.links=mysql:db … nslookup db` on h2 and h3 in turn (an app
-//!   that resolves its link at its first instruction). How many were answered mysql's address,
-//!   and the latency linkdns added to those queries (held for an unknown asker), p50/p99/max.
+//!   that resolves its link at its first instruction), one after another; then again 5 at a
+//!   time on one host (as `docker-compose up` starts a project's services). How many were
+//!   answered mysql's address, and the latency linkdns added to those queries (held for an
+//!   unknown asker), p50/p99/max.
 //!
 //! All need root only for `propagation` and `first-query` (network namespaces, dockerd).
 
@@ -894,17 +896,39 @@ fn first_query(runs: usize) {
             h.dig(&["@127.0.0.1", "mysql.cluster", "A"]).rdata() == [mysql.clone()]
         });
     }
+    // One after another, as a user starts containers by hand; then `parallel` at once on one
+    // host, as `docker-compose up` starts a project's services (the inference from Docker's
+    // `connect` event is ambiguous then, and queries wait for the watcher).
+    first_queries(&hosts, &mysql, runs, 1, false);
+    first_queries(&hosts, &mysql, runs, 5, false);
+    // Five different services at once: each has link aliases of its own.
+    first_queries(&hosts, &mysql, runs, 5, true);
+}
+
+/// `runs` containers that resolve their link at their first instruction, started `parallel` at
+/// a time on h2 or h3 (alternately), all alike or (`distinct`) each with link aliases of its
+/// own; prints how many got mysql's address and the latency that linkdns added to the queries
+/// the hosts answered meanwhile.
+fn first_queries(
+    hosts: &[testbed::Host],
+    mysql: &str,
+    runs: usize,
+    parallel: usize,
+    distinct: bool,
+) {
     let before: Vec<String> = hosts[1..].iter().map(metrics).collect();
-    let mut right = 0;
-    let mut wrong = Vec::new();
-    for i in 0..runs {
-        let h = &hosts[1 + i % 2];
+    let lookup = |h: &testbed::Host, k: usize| {
         let dns = h.gateway.to_string();
+        let links = if distinct {
+            format!("linkdns.links=mysql:db,svc{k}:peer{k}")
+        } else {
+            "linkdns.links=mysql:db".to_string()
+        };
         let out = h.try_docker(&[
             "run",
             "--rm",
             "--label",
-            "linkdns.links=mysql:db",
+            &links,
             "--dns",
             &dns,
             "--dns-search",
@@ -913,13 +937,30 @@ fn first_query(runs: usize) {
             "nslookup",
             "db",
         ]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains(&mysql) {
-            right += 1;
-        } else {
-            wrong.push(format!("run {i} on {}: {text}", h.ns));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut right = 0;
+    let mut wrong = Vec::new();
+    for round in 0..runs.div_ceil(parallel) {
+        let h = &hosts[1 + round % 2];
+        let outputs: Vec<String> = std::thread::scope(|s| {
+            let started: Vec<_> = (0..parallel)
+                .map(|k| s.spawn(move || lookup(h, k)))
+                .collect();
+            started
+                .into_iter()
+                .map(|t| t.join().unwrap_or_default())
+                .collect()
+        });
+        for text in outputs {
+            if text.contains(mysql) {
+                right += 1;
+            } else {
+                wrong.push(format!("round {round} on {}: {text}", h.ns));
+            }
         }
     }
+    let total = runs.div_ceil(parallel) * parallel;
     let after: Vec<String> = hosts[1..].iter().map(metrics).collect();
     // Every query the askers' hosts answered meanwhile came from the new containers.
     let mut queries = 0.0;
@@ -960,8 +1001,13 @@ fn first_query(runs: usize) {
             .find(|(_, cumulative)| *cumulative >= need)
             .map_or("?".into(), |(le, _)| format!("<= {:.1} ms", le * 1000.0))
     };
-    println!("runs: {runs} (`docker run --rm --label linkdns.links=mysql:db … nslookup db` on h2/h3, mysql on h1)");
-    println!("answered mysql's address: {right}/{runs}");
+    let alike = if distinct {
+        "each with links of its own"
+    } else {
+        "alike"
+    };
+    println!("runs: {total}, {parallel} at a time, {alike} (`docker run --rm --label linkdns.links=mysql:db… … nslookup db` on h2/h3, mysql on h1)");
+    println!("answered mysql's address: {right}/{total}");
     for w in wrong.iter().take(5) {
         println!("  wrong: {w}");
     }

@@ -49,6 +49,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let cluster = identity.cluster;
     let fingerprint = identity.cert_fingerprint();
     let marker = config.data_dir.join(STARTED_MARKER);
+    // Before anything runs: a data dir that cannot count this run stops the start here.
+    let epoch = next_watcher_epoch(&config.data_dir)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let transport = Transport::new(identity.clone(), shutdown_rx.clone())?;
@@ -186,7 +188,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         resync_every: Duration::from_secs(300),
         first_version: 0,
     };
-    let epoch = next_watcher_epoch(&config.data_dir)?;
     let watcher = {
         let (node, resync, mut shutdown) = (node.clone(), resync.clone(), shutdown_rx.clone());
         let (routing, prefix) = (

@@ -26,6 +26,8 @@ struct State {
     pending: Pending,
     local: Arc<LocalView>,
     version: u64,
+    /// Compose projects named like a node, logged once each (the node wins their names).
+    shadowed: Vec<String>,
 }
 
 impl View {
@@ -39,6 +41,7 @@ impl View {
                 pending: Pending::default(),
                 local: Arc::new(LocalView::default()),
                 version: 0,
+                shadowed: Vec::new(),
             }),
             changes,
         })
@@ -61,6 +64,16 @@ impl View {
             return; // an older one, raced by a newer
         }
         state.committed = published.clone();
+        let shadowed: Vec<String> = published
+            .registry
+            .projects_shadowed_by_nodes()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        for project in shadowed.iter().filter(|p| !state.shadowed.contains(p)) {
+            tracing::warn!(%project, "a compose project is named like a node: <service>.{project}.cluster names the service's containers on node {project}, not the project's; its services still answer as <service>.cluster");
+        }
+        state.shadowed = shadowed;
         self.publish(&mut state);
     }
 

@@ -223,9 +223,10 @@ impl LocalView {
     }
 
     /// Who `src` is. An address of a local network that no container is known to hold is the
-    /// one container being connected to that network, if there is exactly one and every event
-    /// received has been handled (Docker tells a container's network connection before its
-    /// process runs, its address only after); otherwise [`Asker::Unknown`].
+    /// one container being connected to that network, if there is exactly one — or several
+    /// that would all be answered alike (the same link aliases, on the same networks) — and
+    /// every event received has been handled (Docker tells a container's network connection
+    /// before its process runs, its address only after); otherwise [`Asker::Unknown`].
     pub fn identify(&self, src: IpAddr) -> Asker<'_> {
         let src = canonical_ip(src);
         if let Some(c) = self.by_ip.get(&src).and_then(|id| self.containers.get(id)) {
@@ -244,13 +245,23 @@ impl LocalView {
         if network.gateways.contains(&src) {
             return Asker::Other;
         }
+        if self.backlog {
+            return Asker::Unknown;
+        }
         let mut connecting = self
             .containers
             .values()
             .filter(|c| c.connecting.contains(&network.id));
-        match (connecting.next(), connecting.next(), self.backlog) {
-            (Some(only), None, false) => Asker::Container(only),
-            _ => Asker::Unknown,
+        let Some(first) = connecting.next() else {
+            return Asker::Unknown;
+        };
+        // Several being connected at once (a compose project starting): which one asks does
+        // not matter if they would all get the same answers — the same link aliases on the
+        // same networks (replicas of one service, say).
+        if connecting.all(|c| c.links == first.links && c.networks == first.networks) {
+            Asker::Container(first)
+        } else {
+            Asker::Unknown
         }
     }
 
@@ -507,8 +518,19 @@ mod tests {
         v.apply(LocalChange::Backlog(true));
         assert_eq!(v.identify(ip("192.168.1.3")), Asker::Unknown);
         v.apply(LocalChange::Backlog(false));
-        // Two starting at once: ambiguous, so unknown until Docker tells the addresses.
-        v.apply(connecting("other", "br"));
+        // Two replicas starting at once: whichever asks, the answers are the same.
+        v.apply(connecting("replica", "br"));
+        assert!(
+            matches!(v.identify(ip("192.168.1.3")), Asker::Container(c) if c.links[0].alias == "db")
+        );
+        v.apply(LocalChange::Remove(ContainerId::new("replica")));
+        // Two different ones at once: ambiguous, so unknown until Docker tells the addresses.
+        v.apply(LocalChange::Connecting {
+            id: ContainerId::new("other"),
+            name: "other".into(),
+            links: vec![],
+            network: "br".into(),
+        });
         assert_eq!(v.identify(ip("192.168.1.3")), Asker::Unknown);
         v.apply(LocalChange::Upsert(local("new", &["192.168.1.3"], &[])));
         assert!(matches!(v.identify(ip("192.168.1.3")), Asker::Container(c) if c.name == "new"));
