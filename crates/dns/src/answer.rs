@@ -311,14 +311,20 @@ impl Zone {
         }
         if !base.contains('.') && scope.links.iter().any(|l| l.alias == base) {
             if srv != SrvQuery::All {
-                if let Some(targets) = registry.srv_in(&label, &scope) {
-                    let mut response = reply_to(request, ResponseCode::NoError);
-                    response.metadata.authoritative = true;
-                    if matches!(qtype, RecordType::SRV | RecordType::ANY) {
-                        self.add_srv(&mut response, &query.name, &targets);
+                let response = match registry.srv_in(&label, &scope) {
+                    Some(targets) => {
+                        let mut response = reply_to(request, ResponseCode::NoError);
+                        if matches!(qtype, RecordType::SRV | RecordType::ANY) {
+                            self.add_srv(&mut response, &query.name, &targets);
+                        }
+                        response
                     }
-                    return Decided::respond(response, Cacheable::No);
-                }
+                    // The link's target has no such port: as in the cluster's domain.
+                    None => reply_to(request, ResponseCode::NXDomain),
+                };
+                let mut response = response;
+                response.metadata.authoritative = true;
+                return Decided::respond(response, Cacheable::No);
             } else if let Some(addrs) = registry.link_addresses(base, &scope) {
                 let (answers, rotation) = address_records(&query.name, &addrs, qtype, self.ttl);
                 let mut response = reply_to(request, ResponseCode::NoError);
@@ -485,7 +491,7 @@ fn address_records(
 /// Rotates each run of `rotation` in `records` by `turn` places (the `turn`-th answer of a run
 /// comes first).
 pub fn rotate_records(records: &mut [Record], rotation: &[(usize, usize)], turn: usize) {
-    for &(start, count) in rotation {
+    for &(start, count) in rotation.iter().filter(|(_, count)| *count > 1) {
         if let Some(run) = records.get_mut(start..start + count) {
             run.rotate_left(turn % count);
         }

@@ -146,6 +146,7 @@ fn runs_of(bytes: &[u8], rotation: &[(usize, usize)]) -> Vec<Run> {
     };
     rotation
         .iter()
+        .filter(|(_, count)| *count > 1)
         .filter_map(|&(start, count)| {
             let bounds = offsets.get(start..=start + count)?;
             let len = bounds[1] - bounds[0];

@@ -255,6 +255,10 @@ fn naming_table_golden() {
             RecordType::SRV,
             false,
         ),
+        ("192.168.2.9:5000", "_81._tcp.db.", RecordType::SRV, false),
+        // Parents of names that exist: NODATA, not NXDOMAIN.
+        (local, "shop.cluster.", RecordType::A, false),
+        (local, "_tcp.web.cluster.", RecordType::A, false),
     ];
     let mut got = String::new();
     for (src, name, qtype, edns) in cases {
@@ -382,6 +386,14 @@ an _3306._tcp.db. 5 SRV 0 10 3306 mysql.h1.cluster.
 ad mysql.h1.cluster. 5 A 192.168.1.5
 > 192.168.1.7:5000 _3306._tcp.db.cluster. SRV
 id=0xbeef NXDomain aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 192.168.2.9:5000 _81._tcp.db. SRV
+id=0xbeef NXDomain aa rd ra
+> 127.0.0.1:5000 shop.cluster. A
+id=0xbeef NoError aa rd ra
+ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
+> 127.0.0.1:5000 _tcp.web.cluster. A
+id=0xbeef NoError aa rd ra
 ns cluster. 5 SOA ns.cluster. hostmaster.cluster. 42 60 10 600 5
 ";
     assert_eq!(got, want, "\n--- got ---\n{got}");

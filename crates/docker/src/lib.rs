@@ -655,6 +655,20 @@ fn classify(event: &EventMessage) -> Option<Happened> {
     }
 }
 
+/// The subnets of every Docker network at `uri`.
+pub async fn all_network_subnets(uri: &str) -> Result<Vec<Subnet>, Error> {
+    let docker = connect(uri).await?;
+    let networks = docker
+        .list_networks(None::<ListNetworksOptions>)
+        .await
+        .map_err(|e| Error::Api(e.to_string()))?;
+    Ok(networks
+        .into_iter()
+        .flat_map(|n| n.ipam.and_then(|i| i.config).unwrap_or_default())
+        .filter_map(|c| c.subnet?.parse().ok())
+        .collect())
+}
+
 /// The subnets of the Docker network `name` at `uri` (empty if it does not exist).
 pub async fn network_subnets(uri: &str, name: &str) -> Result<Vec<Subnet>, Error> {
     let docker = connect(uri).await?;

@@ -61,9 +61,12 @@ pub struct RoutesStatus {
 /// (`/etc/docker/daemon.json`) that fit this host's place in the cluster.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DockerConfig {
+    /// Whether the node knows enough of this host to say (its Docker networks, its block).
+    #[serde(default)]
+    pub ready: bool,
     /// The keys to put into daemon.json.
     pub daemon: serde_json::Map<String, serde_json::Value>,
-    /// What the settings do, and what they cannot.
+    /// What the settings do, and what they cannot (or, not ready, what is missing).
     pub notes: Vec<String>,
 }
 
@@ -83,6 +86,11 @@ impl DockerConfig {
         block: Option<Subnet>,
     ) -> DockerConfig {
         let mut config = DockerConfig::default();
+        if !networks.iter().any(|n| n.name == bridge_network) {
+            config.notes.push(format!("the Docker network {bridge_network} is not known yet (is Docker running, and has linkdns made it?); ask again in a moment"));
+            return config;
+        }
+        config.ready = true;
         let dns: Vec<String> = networks
             .iter()
             .filter(|n| n.name == bridge_network)
@@ -101,8 +109,12 @@ impl DockerConfig {
             config.notes.push("Docker's networks other than the bridge network stay host-local: start linkdns with --cluster-cidr to give this host a block that holds them all".to_string());
             return config;
         };
+        if !block.is_ipv4() {
+            config.notes.push(format!("this host's block {block} is IPv6: Docker's bridge and address pools are not set from it; other Docker networks (compose's) stay host-local"));
+            return config;
+        }
         let size = linkdns_docker::network_prefix(&block);
-        if size == block.prefix() || !block.is_ipv4() {
+        if size == block.prefix() {
             config.notes.push(format!("this host's block {block} holds one network ({bridge_network}); other Docker networks (compose's) stay host-local. A wider block (--subnet-prefix 20 for IPv4) holds them too"));
             return config;
         }
@@ -213,16 +225,24 @@ impl Routing {
                 .copied()
                 .find(|s| pool.covers(s))
         });
-        let mut config = DockerConfig::for_host(
+        if !published.local.is_live() {
+            return DockerConfig {
+                notes: vec!["Docker's networks are not known yet (the watcher is not following Docker: see `linkdns status`); ask again once it is".to_string()],
+                ..DockerConfig::default()
+            };
+        }
+        if self.pool.is_some() && block.is_none() {
+            return DockerConfig {
+                notes: vec!["no block of cluster_cidr is claimed for this host yet (see `linkdns routes`); ask again once it is".to_string()],
+                ..DockerConfig::default()
+            };
+        }
+        DockerConfig::for_host(
             published.local.networks(),
             &self.docker.bridge_network,
             &self.docker.domain,
             block,
-        );
-        if self.pool.is_some() && block.is_none() {
-            config.notes.push("no block of cluster_cidr is claimed for this host yet (see `linkdns routes`); ask again once it is".to_string());
-        }
-        config
+        )
     }
 
     /// Whether routes are programmed (else `status` says why not).
@@ -437,6 +457,17 @@ impl Routing {
             }
             Err(_) => Vec::new(),
         };
+        // The block around an existing network may hold other Docker networks of the host
+        // (that is what it is for), but none of the host's other networks.
+        let docker_subnets = linkdns_docker::all_network_subnets(docker)
+            .await
+            .unwrap_or_default();
+        let existing = existing.filter(|block| {
+            !avoid
+                .iter()
+                .filter(|a| !docker_subnets.contains(a))
+                .any(|a| a.overlaps(block))
+        });
         loop {
             if *shutdown.borrow() {
                 return None;
@@ -702,6 +733,7 @@ note: with these settings (and Docker restarted), every network Docker makes on 
         // A block of one network, and no block at all: DNS settings, and why no more.
         let narrow = Some("10.77.16.0/24".parse().expect("block"));
         let one = DockerConfig::for_host(&before, "linkdns", "cluster", narrow);
+        assert!(one.ready);
         assert_eq!(one.daemon.keys().collect::<Vec<_>>(), ["dns", "dns-search"]);
         assert!(
             one.notes[0].contains("--subnet-prefix 20"),
@@ -712,5 +744,8 @@ note: with these settings (and Docker restarted), every network Docker makes on 
         let none = DockerConfig::for_host(&plain, "bridge", "cluster", None);
         assert_eq!(none.daemon["dns"], serde_json::json!(["192.168.1.1"]));
         assert!(none.notes[0].contains("--cluster-cidr"));
+        // Before the watcher has seen the network DNS listens on: not ready, nothing to say.
+        let early = DockerConfig::for_host(&plain, "linkdns", "cluster", block);
+        assert!(!early.ready && early.daemon.is_empty(), "{early:?}");
     }
 }

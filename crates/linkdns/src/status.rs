@@ -56,6 +56,12 @@ pub fn print_docker_config(data_dir: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let config: DockerConfig = runtime.block_on(get(data_dir, "/docker-config"))?;
+    if !config.ready {
+        bail!(
+            "the node cannot tell this host's Docker settings yet: {}",
+            config.notes.join("; ")
+        );
+    }
     let text = serde_json::to_string_pretty(&config.daemon)? + "\n";
     std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
     let notes: String = config

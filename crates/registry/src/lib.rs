@@ -386,17 +386,23 @@ impl Registry {
             .map(|c| c.id.clone())
             .collect();
         let mut outcome = Outcome::Unchanged;
+        // What it lists first: the removals may forget old tombstones and raise the node's
+        // floor past this very listing.
+        for mut c in wanted.into_values() {
+            if version != 0 {
+                // Seen at the listing's version, whatever the container says.
+                c.version = version;
+            }
+            outcome = outcome.and(self.upsert_container(c));
+        }
         for id in stale {
             outcome = outcome.and(self.remove_observed(node, &id, version));
-        }
-        for c in wanted.into_values() {
-            outcome = outcome.and(self.upsert_container(c));
         }
         partly(outcome, rejected)
     }
 
-    /// Whether a command of `node` observed at `version` comes after what the node's floor
-    /// has forgotten (unversioned commands are always applied).
+    /// Whether a command of `node` observed at `version` is older than the node's floor, below
+    /// which removals were forgotten (unversioned commands are never stale).
     fn is_stale(&self, node: NodeId, version: Version) -> bool {
         version != 0 && self.floors.get(&node).is_some_and(|&floor| version < floor)
     }

@@ -196,7 +196,22 @@ impl Registry {
         if let Some(targets) = self.link_targets(name, links) {
             return Some(targets);
         }
-        self.lookup_name(name)
+        if let Some(found) = self.lookup_name(name) {
+            return Some(found);
+        }
+        // `_tcp.<name>`, the parent of `_<port>._tcp.<name>`: exists (no records) when a
+        // container of `<name>` has a port of that protocol. NXDOMAIN would tell resolvers
+        // that nothing exists below it.
+        let (proto, rest) = name.split_once('.')?;
+        let protocol = proto.strip_prefix('_').and_then(Protocol::from_label)?;
+        let has_port = |c: &&Record| {
+            c.ports().iter().any(|p| p.protocol == protocol)
+                || c.services().iter().any(|s| s.port.protocol == protocol)
+        };
+        self.lookup(rest, links)?
+            .iter()
+            .any(has_port)
+            .then(Vec::new)
     }
 
     /// The containers of a link alias of the asker (None: not its link, or the linked
@@ -229,7 +244,9 @@ impl Registry {
         if !named.is_empty() {
             return Some(named.into_iter().map(|id| &*self.containers[id]).collect());
         }
-        self.node_by_name(name).map(|_| Vec::new())
+        // A node's name, or a compose project's (the parent of `<service>.<project>`): the
+        // name exists, without records of its own.
+        (self.node_by_name(name).is_some() || self.projects.contains_key(name)).then(Vec::new)
     }
 
     /// The SRV answers for `rel` (`_<port|service>._<proto>.<name>`, or a plain `<name>` for
@@ -319,10 +336,12 @@ impl Registry {
     /// The one name a container is answered under for PTR, relative to the domain: its name,
     /// or `<name>.<node>` when its name would read as node-qualified (see the module's rule).
     pub fn ptr_name<'a>(&'a self, c: &'a Record) -> Cow<'a, str> {
+        // The name would read as node-qualified, or as a compose service.
         let shadowed = c
             .name
             .rsplit_once('.')
-            .is_some_and(|(_, last)| self.node_by_name.contains_key(last));
+            .is_some_and(|(_, last)| self.node_by_name.contains_key(last))
+            || self.by_service.contains_key(&*c.name);
         match (shadowed, self.node(c.node)) {
             (true, Some(node)) => Cow::Owned(format!("{}.{}", c.name, node.name)),
             _ => Cow::Borrowed(&c.name),
@@ -388,7 +407,9 @@ impl Registry {
     }
 
     /// The addresses of `containers` that reach the asker: the asker's own host's first, each
-    /// part sorted, without duplicates.
+    /// part sorted, without duplicates within a part (an address cannot be on two hosts'
+    /// parts: the same address on this host and another is this host's only, as another
+    /// host's it is shadowed here).
     pub fn addresses(&self, containers: &[&Record], reach: Reach<'_>) -> Addresses {
         let here = match reach {
             Reach::From { node, vantage, .. } if vantage.on_host() => Some(node),

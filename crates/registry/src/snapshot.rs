@@ -1,7 +1,8 @@
 //! Versioned snapshot encoding of the registry: what Raft compaction stores and ships.
 //!
-//! Only the primary data (nodes, containers, liveness, certificates, subnets) is encoded; indexes
-//! are rebuilt on restore, so a snapshot can never carry an index that disagrees with its data.
+//! Only the primary data (nodes, containers, liveness, certificates, subnets, tombstones, floors)
+//! is encoded; indexes are rebuilt on restore, so a snapshot can never carry an index that
+//! disagrees with its data.
 
 use serde::{Deserialize, Serialize};
 

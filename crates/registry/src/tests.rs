@@ -806,6 +806,15 @@ fn delayed_observations_never_bring_back_a_removed_container() {
     };
     assert_eq!(r.apply(&resync), Ok(Outcome::Changed));
     assert_eq!(r.resolve("x", None, None), Resolution::NotFound);
+    // A resync's containers are seen at its version, whatever they say: an unversioned one in
+    // it does not slip past the tombstone.
+    let sneaky = Command::ReplaceContainers {
+        node: 1,
+        containers: vec![container("x", "x", 1, &["10.0.1.66"])],
+        version: 9,
+    };
+    assert_eq!(r.apply(&sneaky), Ok(Outcome::Stale));
+    assert_eq!(r.resolve("x", None, None), Resolution::NotFound);
     // Unversioned commands (from logs written before versions) apply in log order.
     r.apply(&versioned("x", 1, "10.0.1.2", 0)).expect("legacy");
     assert_eq!(r.resolve("x", None, None), found(&["10.0.1.2"]));
@@ -951,6 +960,23 @@ fn compose_services_answer_as_service_dot_project_on_every_host() {
     // registry says which projects lose.
     assert_eq!(r.resolve("db.h1", None, None), found(&["10.0.1.2"]));
     assert_eq!(r.projects_shadowed_by_nodes(), ["h1"]);
+    // The parent of `<service>.<project>` exists (NODATA, not NXDOMAIN); a dotted container
+    // named like a service is found under its node, which its PTR says.
+    assert_eq!(r.resolve("shop", None, None), Resolution::Found(vec![]));
+    assert_eq!(r.resolve("nope-project", None, None), Resolution::NotFound);
+    r.apply(&Command::UpsertContainer(container(
+        "dotted",
+        "db.blog",
+        1,
+        &["10.0.1.77"],
+    )))
+    .expect("dotted");
+    assert_eq!(r.resolve("db.blog", None, None), found(&["10.0.2.3"]));
+    assert_eq!(r.resolve("db.blog.h1", None, None), found(&["10.0.1.77"]));
+    assert_eq!(
+        r.reverse(ip("10.0.1.77"), None).as_deref(),
+        Some("db.blog.h1")
+    );
     let restored = Registry::restore(&r.snapshot()).expect("restore");
     assert_eq!(
         restored.resolve("db.shop", None, None),
@@ -1018,6 +1044,9 @@ fn srv_answers_ports_named_services_and_link_aliases() {
         Some(vec![pair("web.h2", 80)])
     );
     assert_eq!(targets("app", &all), Some(vec![]), "a name without ports");
+    // `_tcp.web`, the parent of `_80._tcp.web`, exists without records; `_udp.web` does not.
+    assert_eq!(r.resolve("_tcp.web", None, None), Resolution::Found(vec![]));
+    assert_eq!(r.resolve("_udp.web", None, None), Resolution::NotFound);
     // A link alias, from the linking container only.
     let app_rec = r.container(&ContainerId::new("a1")).expect("app");
     let from_app = Scope {

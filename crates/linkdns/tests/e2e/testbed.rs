@@ -158,17 +158,67 @@ fn kill_by_pid_file(path: &Path) {
     }
 }
 
-/// Removes namespaces, links and daemons left by an earlier run that did not clean up (one
-/// killed before its hosts were dropped).
+/// The pid files of containerd's shims under `dir` (`shim.pid`), and of the containers they
+/// run (`init.pid`, in a directory named after the container), at most `depth` levels down.
+fn shim_pid_files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some("shim.pid" | "init.pid") => out.push(path),
+            _ if depth > 0 && path.is_dir() && !path.is_symlink() => {
+                shim_pid_files(&path, depth - 1, out)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Kills a container's process named by its `init.pid` if that pid is still the container's
+/// (its cgroup names the container, whose id is the pid file's directory).
+fn kill_container_by_pid_file(path: &Path) {
+    let (Ok(text), Some(id)) = (
+        std::fs::read_to_string(path),
+        path.parent()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str()),
+    ) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return;
+    };
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    if id.len() == 64 && cgroup.contains(id) {
+        let _ = run("kill", &["-9", &pid.to_string()]);
+    }
+}
+
+/// Removes namespaces, links, rules and daemons left by an earlier run that did not clean up
+/// (one killed before its hosts were dropped).
 fn cleanup_stale() {
     if let Ok(dirs) = std::fs::read_dir(BASE) {
         for dir in dirs.flatten() {
             for file in pid_files(&dir.path()) {
                 kill_by_pid_file(&file);
             }
+            let mut shims = Vec::new();
+            shim_pid_files(&dir.path().join("exec"), 6, &mut shims);
+            for file in shims {
+                if file.ends_with("init.pid") {
+                    kill_container_by_pid_file(&file);
+                } else {
+                    kill_by_pid_file(&file);
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    let mut delete = vec!["-D"];
+    delete.extend_from_slice(&LAN_RULE);
+    while run("iptables", &delete).status.success() {}
     let list = sh("ip", &["netns", "list"]);
     for line in list.lines() {
         if let Some(name) = line.split_whitespace().next() {
