@@ -2,7 +2,6 @@
 //! parses and carries the query's id.
 #![no_main]
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -10,7 +9,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use libfuzzer_sys::fuzz_target;
 use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Holds, Zone};
-use linkdns_registry::{Command, Container, ContainerId, LinkAlias, NodeInfo, Published, Registry};
+use linkdns_registry::{
+    Command, ComposeService, Container, LinkAlias, NamedPort, NodeInfo, Port, Protocol, Published,
+    Registry,
+};
 
 fn answerer() -> &'static (Answerer, Mutex<AnswerCache>) {
     static A: OnceLock<(Answerer, Mutex<AnswerCache>)> = OnceLock::new();
@@ -25,6 +27,13 @@ fn answerer() -> &'static (Answerer, Mutex<AnswerCache>) {
         web.services.insert(NamedPort { name: "http".into(), port: Port { port: 8080, protocol: Protocol::Tcp } });
         web.compose = Some(ComposeService { project: "shop".into(), service: "web".into() });
         let _ = r.apply(&Command::UpsertContainer(web));
+        // Three behind one alias: their answers rotate, in the cache too.
+        for i in 3..6u8 {
+            let mut c = Container::new(&format!("p{i}"), &format!("pool-{i}"), 1)
+                .with_ips([format!("192.168.1.{i}").parse().expect("ip")]);
+            c.aliases.insert("pool".into());
+            let _ = r.apply(&Command::UpsertContainer(c));
+        }
         let answerer = Answerer {
             zone: Zone::new("cluster", 5, Some(1)).expect("zone"),
             acl: Acl::new(vec![]),
