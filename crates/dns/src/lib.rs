@@ -15,7 +15,7 @@ pub use acl::Acl;
 pub use answer::{Zone, MAX_UDP_PAYLOAD};
 pub use forward::{parse_nameservers, upstreams_from_resolv_conf, Forwarder};
 pub use metrics::DnsMetrics;
-pub use server::{AnswerCache, Answerer, DnsServer, Holds, HOLD_LIMIT};
+pub use server::{AnswerCache, Answerer, DnsServer, Holds, Identify, HOLD_LIMIT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -53,11 +53,24 @@ const HOLD_AGAIN_AFTER: Duration = Duration::from_secs(30);
 /// At most this many queries wait at once; more are answered without waiting.
 const MAX_HELD: usize = 256;
 
-/// The addresses whose last wait ran out, and the budget of waiting queries.
-#[derive(Debug)]
+/// Asked, when a query is held, to find out who is at the address sooner than the watcher
+/// would (it tells the view, which wakes the query). It must not block.
+pub type Identify = Arc<dyn Fn(IpAddr) + Send + Sync>;
+
+/// The addresses whose last wait ran out, the budget of waiting queries, and who to ask.
 pub struct Holds {
     expired: Mutex<HashMap<IpAddr, Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
+    identify: Option<Identify>,
+}
+
+impl std::fmt::Debug for Holds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holds")
+            .field("available", &self.slots.available_permits())
+            .field("identify", &self.identify.is_some())
+            .finish()
+    }
 }
 
 impl Default for Holds {
@@ -65,11 +78,20 @@ impl Default for Holds {
         Holds {
             expired: Mutex::new(HashMap::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
+            identify: None,
         }
     }
 }
 
 impl Holds {
+    /// Holds that ask `identify` about each address a query is held for.
+    pub fn with_identify(identify: Identify) -> Holds {
+        Holds {
+            identify: Some(identify),
+            ..Holds::default()
+        }
+    }
+
     fn may_hold(&self, src: IpAddr) -> bool {
         self.expired
             .lock()
@@ -357,6 +379,11 @@ impl Answerer {
         let mut changes = self.view_changes.clone();
         let mut expired = false;
         while self.published.load().local.identify(src) == Asker::Unknown {
+            // Ask again on every change of the view: the containers being connected may be
+            // known only now.
+            if let Some(identify) = &self.holds.identify {
+                identify(src);
+            }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {

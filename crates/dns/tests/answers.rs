@@ -777,3 +777,56 @@ fn large_srv_answers_drop_their_glue_before_they_truncate() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_held_query_asks_who_is_there_and_ends_when_told() {
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    let published = Arc::new(ArcSwap::from_pointee(Published {
+        local: starting(&["other"]),
+        ..Published::committed(42, registry())
+    }));
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let identify: linkdns_dns::Identify = {
+        let (published, asked) = (published.clone(), asked.clone());
+        Arc::new(move |src| {
+            if let Ok(mut a) = asked.lock() {
+                a.push(src);
+            }
+            // As /proc would tell: `new` holds the address.
+            let mut v = (*starting(&["other"])).clone();
+            v.apply(LocalChange::Identified {
+                id: ContainerId("new".into()),
+                ip: src,
+            });
+            published.store(Arc::new(Published {
+                local: Arc::new(v),
+                version: 1,
+                ..Published::committed(42, registry())
+            }));
+            let _ = tx.send(1);
+        })
+    };
+    let a = Answerer {
+        view_changes: rx,
+        published,
+        holds: Holds::with_identify(identify),
+        ..answerer(registry())
+    };
+    let src = "192.168.1.50".parse().expect("ip");
+    let waited = a.wait_for_asker(src).await;
+    assert!(waited < Duration::from_millis(100), "{waited:?}");
+    assert_eq!(asked.lock().map(|a| a.clone()).unwrap_or_default(), [src]);
+    let mut cache = AnswerCache::new();
+    assert_eq!(
+        ask(
+            &a,
+            &mut cache,
+            "192.168.1.50:5000",
+            "db.",
+            RecordType::A,
+            false
+        ),
+        "id=0xbeef NoError aa rd ra\nan db. 5 A 192.168.1.5\n",
+        "answered as `new`, with its link"
+    );
+}

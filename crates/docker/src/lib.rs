@@ -5,6 +5,7 @@
 //! bollard's models stop here: they are turned into registry [`Container`]s in [`convert`].
 
 mod convert;
+mod procfs;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ pub use convert::{
     container_from_inspect, local_from_inspect, parse_links, parse_services, LABEL_ALIAS,
     LABEL_LINKS, LABEL_SRV,
 };
+pub use procfs::container_at_address;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

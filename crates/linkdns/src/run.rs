@@ -143,7 +143,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         forwarder: Forwarder::new(upstreams, Duration::from_secs(2)),
         published: view.published(),
         view_changes: view.subscribe(),
-        holds: Holds::default(),
+        // A held query's asker is looked up in /proc at once (its process runs already),
+        // rather than waiting for Docker to tell its address.
+        holds: Holds::with_identify({
+            let view = view.clone();
+            Arc::new(move |src: IpAddr| {
+                let candidates = view.candidates(src);
+                if candidates.is_empty() {
+                    return;
+                }
+                let view = view.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Some(id) = linkdns_docker::container_at_address(src, &candidates) {
+                        tracing::debug!(%src, container = %id, "identified a starting container by its network namespace");
+                        view.local(LocalChange::Identified { id, ip: src });
+                    }
+                });
+            })
+        }),
         metrics: dns_metrics.clone(),
     });
     let mut dns = vec![DnsServer::start(&listen, answerer.clone(), Duration::from_secs(10)).await?];

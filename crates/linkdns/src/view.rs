@@ -101,6 +101,11 @@ impl View {
         self.publish(&mut state);
     }
 
+    /// The containers being connected to the network of `src`, one of which asks from it.
+    pub fn candidates(&self, src: IpAddr) -> Vec<linkdns_registry::ContainerId> {
+        self.lock().local.candidates(src)
+    }
+
     /// This node's own addresses (its peer address): queries from them are from this host.
     pub fn set_host_addrs(&self, addrs: Vec<IpAddr>) {
         let mut state = self.lock();

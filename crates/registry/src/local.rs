@@ -91,6 +91,9 @@ pub enum LocalChange {
     },
     /// A network connection went away before its address was told.
     Disconnected { id: ContainerId, network: String },
+    /// A container being connected is known to hold `ip` already (its processes' network
+    /// namespace has it), before Docker tells its address.
+    Identified { id: ContainerId, ip: IpAddr },
     /// The container is not running any more.
     Remove(ContainerId),
     /// Whether events have arrived that the watcher has not handled yet.
@@ -164,6 +167,13 @@ impl LocalView {
                     if c.ips.is_empty() && c.connecting.is_empty() {
                         self.containers.remove(&id);
                     }
+                }
+            }
+            LocalChange::Identified { id, ip } => {
+                if let Some(c) = self.containers.get_mut(&id) {
+                    c.ips.push(canonical_ip(ip));
+                    c.ips.sort();
+                    c.ips.dedup();
                 }
             }
             LocalChange::Remove(id) => {
@@ -263,6 +273,19 @@ impl LocalView {
         } else {
             Asker::Unknown
         }
+    }
+
+    /// The containers Docker is connecting to the network of `src` (an address of it that no
+    /// known container holds): one of them is the asker at `src`.
+    pub fn candidates(&self, src: IpAddr) -> Vec<ContainerId> {
+        let Some(network) = self.network_of(src) else {
+            return Vec::new();
+        };
+        self.containers
+            .values()
+            .filter(|c| c.connecting.contains(&network.id))
+            .map(|c| c.id.clone())
+            .collect()
     }
 
     /// The network of this host that `ip` is an address of (not its gateway's).

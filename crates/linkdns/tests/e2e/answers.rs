@@ -146,3 +146,47 @@ fn host_local_addresses_are_answered_only_on_their_host() {
         "dual from h2: only its routed address:\n{out}"
     );
 }
+
+/// Five apps start at once on one host (as `docker-compose up` starts a project), each
+/// resolving `db` at its first instruction, each linking a different container as `db`: every
+/// one gets its own target's address, none another's.
+#[test]
+fn apps_starting_together_each_get_their_own_links_at_their_first_query() {
+    let hosts = form((0..2).map(|_| Host::on_lan()).collect(), &[]);
+    let (h1, h2) = (&hosts[0], &hosts[1]);
+    let targets: Vec<String> = (0..5)
+        .map(|k| {
+            h1.run_container(&format!("db{k}"), &[]);
+            h1.container_ip(&format!("db{k}"))
+        })
+        .collect();
+    for (k, ip) in targets.iter().enumerate() {
+        expect_answer(h2, &format!("db{k}.cluster"), "A", &[ip]);
+    }
+    for round in 1..=4 {
+        let outputs: Vec<String> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..5)
+                .map(|k| {
+                    s.spawn(move || {
+                        first_lookup(h2, &["--label", &format!("linkdns.links=db{k}:db")], "db")
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().unwrap_or_default())
+                .collect()
+        });
+        for (k, out) in outputs.iter().enumerate() {
+            let others: Vec<&String> = targets.iter().filter(|t| **t != targets[k]).collect();
+            assert!(
+                out.contains(&targets[k]) && others.iter().all(|o| !out.contains(o.as_str())),
+                "round {round}, app {k} (links db{k} as db) got:\n{out}"
+            );
+        }
+    }
+    let metrics = crate::admin_get(h2, "/metrics");
+    assert!(
+        metrics.contains("linkdns_dns_held_expired_total 0"),
+        "no query waited out the hold:\n{metrics}"
+    );
+}

@@ -1,0 +1,148 @@
+//! Which container holds an address, read off the host's processes: a process in the
+//! container's cgroup whose network namespace has the address as a local one. Docker tells a
+//! starting container's address only once its start is over, and its process may ask DNS
+//! before that; `/proc` knows already. Needs linkdns in the host's PID namespace (as root).
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use linkdns_registry::ContainerId;
+
+/// The one of `candidates` (containers of this host's Docker) that holds `ip` now, if exactly
+/// one does. Blocking: it reads `/proc`.
+pub fn container_at_address(ip: IpAddr, candidates: &[ContainerId]) -> Option<ContainerId> {
+    container_at_address_in(Path::new("/proc"), ip, candidates)
+}
+
+fn container_at_address_in(
+    proc: &Path,
+    ip: IpAddr,
+    candidates: &[ContainerId],
+) -> Option<ContainerId> {
+    if candidates.is_empty() {
+        return None;
+    }
+    let mut found: Option<&ContainerId> = None;
+    for entry in std::fs::read_dir(proc).ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let dir = proc.join(pid);
+        let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
+            continue;
+        };
+        let Some(id) = candidates.iter().find(|c| cgroup.contains(&*c.0)) else {
+            continue;
+        };
+        if found == Some(id) {
+            continue;
+        }
+        if netns_has(&dir, ip) {
+            if found.is_some() {
+                // Two containers with the address (one shares the other's namespace):
+                // either could be asking.
+                return None;
+            }
+            found = Some(id);
+        }
+    }
+    found.cloned()
+}
+
+/// Whether the network namespace of process `dir` (`/proc/<pid>`) has `ip` as a local address.
+fn netns_has(dir: &Path, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(_) => std::fs::read_to_string(dir.join("net/fib_trie"))
+            .is_ok_and(|trie| fib_trie_has_local(&trie, ip)),
+        IpAddr::V6(_) => std::fs::read_to_string(dir.join("net/if_inet6"))
+            .is_ok_and(|list| if_inet6_has(&list, ip)),
+    }
+}
+
+/// Whether `/proc/<pid>/net/fib_trie` lists `ip` as a local host address (`|-- a.b.c.d`
+/// followed by `/32 host LOCAL`).
+fn fib_trie_has_local(trie: &str, ip: IpAddr) -> bool {
+    let mut leaf: Option<&str> = None;
+    for line in trie.lines().map(str::trim) {
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            leaf = Some(addr);
+        } else if line.starts_with("/32 host LOCAL")
+            && leaf.and_then(|a| a.parse::<IpAddr>().ok()) == Some(ip)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether `/proc/<pid>/net/if_inet6` lists `ip` (32 hex digits at the start of a line).
+fn if_inet6_has(list: &str, ip: IpAddr) -> bool {
+    let IpAddr::V6(v6) = ip else {
+        return false;
+    };
+    let hex: String = v6.octets().iter().map(|b| format!("{b:02x}")).collect();
+    list.lines()
+        .any(|l| l.split_whitespace().next() == Some(hex.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRIE: &str = "\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 192.168.2.0/24 2 0 2
+        |-- 192.168.2.0
+           /24 link UNICAST
+        |-- 192.168.2.7
+           /32 host LOCAL
+        |-- 192.168.2.255
+           /32 link BROADCAST
+";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn local_addresses_are_read_off_the_namespace() {
+        assert!(fib_trie_has_local(TRIE, ip("192.168.2.7")));
+        assert!(!fib_trie_has_local(TRIE, ip("192.168.2.255")), "broadcast");
+        assert!(!fib_trie_has_local(TRIE, ip("192.168.2.0")), "the network");
+        assert!(!fib_trie_has_local(TRIE, ip("192.168.2.8")));
+        let inet6 = "fd000000000000000000000000000002 04 40 00 82     eth0\n";
+        assert!(if_inet6_has(inet6, ip("fd00::2")));
+        assert!(!if_inet6_has(inet6, ip("fd00::3")));
+    }
+
+    #[test]
+    fn the_container_whose_processes_hold_the_address() {
+        let proc = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (format!("{:064x}", 0xa), format!("{:064x}", 0xb));
+        let process = |pid: &str, id: &str, trie: &str| {
+            let dir = proc.path().join(pid);
+            std::fs::create_dir_all(dir.join("net")).expect("dir");
+            std::fs::write(dir.join("cgroup"), format!("0::/docker/{id}\n")).expect("cgroup");
+            std::fs::write(dir.join("net/fib_trie"), trie).expect("trie");
+        };
+        process("10", &a, TRIE);
+        process("11", &b, &TRIE.replace("192.168.2.7", "192.168.2.8"));
+        process("12", "not-a-container", TRIE);
+        let candidates = [ContainerId::new(a.clone()), ContainerId::new(b.clone())];
+        let at = |s: &str| container_at_address_in(proc.path(), ip(s), &candidates);
+        assert_eq!(at("192.168.2.7"), Some(ContainerId::new(a.clone())));
+        assert_eq!(at("192.168.2.8"), Some(ContainerId::new(b.clone())));
+        assert_eq!(at("192.168.2.9"), None);
+        // A process outside the candidates with the address does not count; a second
+        // candidate with it makes the answer unknown.
+        process("13", &b, TRIE);
+        assert_eq!(at("192.168.2.7"), None);
+    }
+}
