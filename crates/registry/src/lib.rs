@@ -159,6 +159,8 @@ pub struct Registry {
     tombstones: OrdMap<ContainerId, Tombstone>,
     /// The same tombstones by node and age, oldest first: which to forget first.
     tombstone_order: OrdSet<(NodeId, Version, ContainerId)>,
+    /// How many tombstones each node has.
+    tombstone_counts: BTreeMap<NodeId, usize>,
     /// Each node's oldest version still applied (0: every version).
     floors: BTreeMap<NodeId, Version>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
@@ -239,15 +241,10 @@ impl Registry {
                 for id in ids {
                     self.remove_container(&id);
                 }
-                let forgotten: Vec<(NodeId, Version, ContainerId)> = self
-                    .tombstone_order
-                    .range((*node, 0, ContainerId::new(""))..)
-                    .take_while(|(n, _, _)| n == node)
-                    .cloned()
-                    .collect();
-                for entry in forgotten {
-                    self.tombstones.remove(&entry.2);
-                    self.tombstone_order.remove(&entry);
+                let forgotten: Vec<ContainerId> =
+                    self.tombstones_of(*node).map(|t| t.2.clone()).collect();
+                for id in forgotten {
+                    self.forget_tombstone(&id);
                 }
                 Ok(Outcome::Changed)
             }
@@ -465,46 +462,63 @@ impl Registry {
         match self.tombstones.get(id).copied() {
             Some(t) if t.node == node && t.version >= version => {}
             _ => {
-                self.forget_tombstone(id);
-                self.tombstones
-                    .insert(id.clone(), Tombstone { node, version });
-                self.tombstone_order.insert((node, version, id.clone()));
+                self.put_tombstone(id.clone(), Tombstone { node, version });
                 self.bound_tombstones(node);
             }
         }
         outcome
     }
 
+    /// Remembers a removal (replacing any earlier one of the same container).
+    fn put_tombstone(&mut self, id: ContainerId, tombstone: Tombstone) {
+        self.forget_tombstone(&id);
+        self.tombstone_order
+            .insert((tombstone.node, tombstone.version, id.clone()));
+        *self.tombstone_counts.entry(tombstone.node).or_default() += 1;
+        self.tombstones.insert(id, tombstone);
+    }
+
     fn forget_tombstone(&mut self, id: &ContainerId) {
         if let Some(t) = self.tombstones.remove(id) {
             self.tombstone_order
                 .remove(&(t.node, t.version, id.clone()));
+            let empty = self.tombstone_counts.get_mut(&t.node).is_some_and(|n| {
+                *n -= 1;
+                *n == 0
+            });
+            if empty {
+                self.tombstone_counts.remove(&t.node);
+            }
         }
+    }
+
+    /// Node `node`'s tombstones, oldest first.
+    fn tombstones_of(
+        &self,
+        node: NodeId,
+    ) -> impl Iterator<Item = &(NodeId, Version, ContainerId)> + '_ {
+        self.tombstone_order
+            .range((node, 0, ContainerId::new(""))..)
+            .take_while(move |(n, _, _)| *n == node)
     }
 
     /// Forgets the node's oldest tombstones beyond [`MAX_TOMBSTONES_PER_NODE`], raising its
     /// floor past them: what they guarded against is now refused by age.
     fn bound_tombstones(&mut self, node: NodeId) {
-        let held = self
-            .tombstone_order
-            .range((node, 0, ContainerId::new(""))..)
-            .take_while(|(n, _, _)| *n == node)
-            .count();
+        let held = self.tombstone_counts.get(&node).copied().unwrap_or(0);
         let excess = held.saturating_sub(MAX_TOMBSTONES_PER_NODE);
         if excess == 0 {
             return;
         }
-        let oldest: Vec<(NodeId, Version, ContainerId)> = self
-            .tombstone_order
-            .range((node, 0, ContainerId::new(""))..)
+        let oldest: Vec<(Version, ContainerId)> = self
+            .tombstones_of(node)
             .take(excess)
-            .cloned()
+            .map(|(_, version, id)| (*version, id.clone()))
             .collect();
-        for entry in oldest {
+        for (version, id) in oldest {
             let floor = self.floors.entry(node).or_default();
-            *floor = (*floor).max(entry.1.saturating_add(1));
-            self.tombstones.remove(&entry.2);
-            self.tombstone_order.remove(&entry);
+            *floor = (*floor).max(version.saturating_add(1));
+            self.forget_tombstone(&id);
         }
     }
 
@@ -717,12 +731,7 @@ impl Registry {
     /// floor (0 if none). A node's watcher must observe above it.
     pub fn last_version(&self, node: NodeId) -> Version {
         let records = self.containers_of(node).map(|c| c.version).max();
-        let tombstones = self
-            .tombstone_order
-            .range((node, 0, ContainerId::new(""))..)
-            .take_while(|(n, _, _)| *n == node)
-            .map(|(_, v, _)| *v)
-            .max();
+        let tombstones = self.tombstones_of(node).map(|(_, v, _)| *v).max();
         records
             .into_iter()
             .chain(tombstones)

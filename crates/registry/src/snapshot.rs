@@ -194,10 +194,7 @@ impl Registry {
                     "inconsistent tombstone of container {id}"
                 )));
             }
-            registry
-                .tombstone_order
-                .insert((tombstone.node, tombstone.version, id.clone()));
-            registry.tombstones.insert(id, tombstone);
+            registry.put_tombstone(id, tombstone);
         }
         for (node, floor) in body.floors {
             if registry.node(node).is_none() {
