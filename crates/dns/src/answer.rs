@@ -205,6 +205,7 @@ impl Zone {
         };
         let name = query.name().to_lowercase();
         let qtype = query.query_type();
+        let wants_srv = matches!(qtype, RecordType::SRV | RecordType::ANY);
         if self.domain.zone_of(&name) {
             if query.query_class() != DNSClass::IN && query.query_class() != DNSClass::ANY {
                 return Decided::not_cached(refuse(request));
@@ -222,12 +223,8 @@ impl Zone {
                     let response = self.response(request, ResponseCode::NXDomain, vec![], serial);
                     return Decided::respond(response, cacheable);
                 };
-                let mut response = self.response(request, ResponseCode::NoError, vec![], serial);
-                if matches!(qtype, RecordType::SRV | RecordType::ANY) && !targets.is_empty() {
-                    response = reply_to(request, ResponseCode::NoError);
-                    response.metadata.authoritative = true;
-                    self.add_srv(&mut response, &query.name, &targets);
-                }
+                let wanted = if wants_srv { &targets[..] } else { &[] };
+                let response = self.srv_response(request, &query.name, wanted, Some(serial));
                 return Decided::respond(response, cacheable);
             }
             let Some(records) = registry.lookup(&rel, scope.links) else {
@@ -237,13 +234,7 @@ impl Zone {
             if qtype == RecordType::SRV {
                 // Every port of the name's containers.
                 let targets = registry.srv_in(&rel, &scope).unwrap_or_default();
-                let mut response = reply_to(request, ResponseCode::NoError);
-                response.metadata.authoritative = true;
-                if targets.is_empty() {
-                    response.add_authority(self.soa(serial));
-                } else {
-                    self.add_srv(&mut response, &query.name, &targets);
-                }
+                let response = self.srv_response(request, &query.name, &targets, Some(serial));
                 return Decided::respond(response, cacheable);
             }
             let addrs = registry.addresses(&records, scope.reach);
@@ -313,17 +304,16 @@ impl Zone {
             if srv != SrvQuery::All {
                 let response = match registry.srv_in(&label, &scope) {
                     Some(targets) => {
-                        let mut response = reply_to(request, ResponseCode::NoError);
-                        if matches!(qtype, RecordType::SRV | RecordType::ANY) {
-                            self.add_srv(&mut response, &query.name, &targets);
-                        }
-                        response
+                        let wanted = if wants_srv { &targets[..] } else { &[] };
+                        self.srv_response(request, &query.name, wanted, None)
                     }
                     // The link's target has no such port: as in the cluster's domain.
-                    None => reply_to(request, ResponseCode::NXDomain),
+                    None => {
+                        let mut response = reply_to(request, ResponseCode::NXDomain);
+                        response.metadata.authoritative = true;
+                        response
+                    }
                 };
-                let mut response = response;
-                response.metadata.authoritative = true;
                 return Decided::respond(response, Cacheable::No);
             } else if let Some(addrs) = registry.link_addresses(base, &scope) {
                 let (answers, rotation) = address_records(&query.name, &addrs, qtype, self.ttl);
@@ -344,9 +334,18 @@ impl Zone {
         }
     }
 
-    /// SRV records for `targets` under `owner`, and each target's addresses in the additional
-    /// section.
-    fn add_srv(&self, response: &mut Message, owner: &Name, targets: &[SrvTarget]) {
+    /// A NOERROR response with `targets` as SRV records under `owner`, each target's addresses
+    /// in the additional section; without targets, NODATA (with the zone's SOA for a name in
+    /// the zone, whose SOA serial is `serial`).
+    fn srv_response(
+        &self,
+        request: &Message,
+        owner: &Name,
+        targets: &[SrvTarget],
+        serial: Option<u64>,
+    ) -> Message {
+        let mut answers = Vec::with_capacity(targets.len());
+        let mut glue = Vec::new();
         let mut glued: Vec<&str> = Vec::new();
         for t in targets {
             let Ok(target) =
@@ -354,17 +353,27 @@ impl Zone {
             else {
                 continue;
             };
-            response.add_answer(Record::from_rdata(
+            answers.push(Record::from_rdata(
                 owner.clone(),
                 self.ttl,
                 RData::SRV(SRV::new(0, 10, t.port, target.clone())),
             ));
             if !glued.contains(&t.target.as_str()) {
                 glued.push(&t.target);
-                let (glue, _) = address_records(&target, &t.addrs, RecordType::ANY, self.ttl);
-                response.add_additionals(glue);
+                glue.extend(address_records(&target, &t.addrs, RecordType::ANY, self.ttl).0);
             }
         }
+        let mut response = match serial {
+            Some(serial) => self.response(request, ResponseCode::NoError, answers, serial),
+            None => {
+                let mut response = reply_to(request, ResponseCode::NoError);
+                response.metadata.authoritative = true;
+                response.add_answers(answers);
+                response
+            }
+        };
+        response.add_additionals(glue);
+        response
     }
 
     fn response(

@@ -449,11 +449,17 @@ async fn labels_of(docker: &Docker, id: &str) -> Result<Option<(String, Vec<Link
 
 /// Lists the engine's networks for the local view.
 async fn report_networks(docker: &Docker, reports: &mpsc::Sender<Report>) -> Result<(), Error> {
+    let networks = list_networks(docker).await?;
+    send(reports, Report::Local(LocalChange::Networks(networks))).await
+}
+
+/// The engine's networks, with their subnets and gateways.
+async fn list_networks(docker: &Docker) -> Result<Vec<LocalNetwork>, Error> {
     let networks = docker
         .list_networks(None::<ListNetworksOptions>)
         .await
         .map_err(|e| Error::Api(e.to_string()))?;
-    let networks = networks
+    Ok(networks
         .into_iter()
         .filter_map(|n| {
             let configs = n.ipam.and_then(|i| i.config).unwrap_or_default();
@@ -470,8 +476,7 @@ async fn report_networks(docker: &Docker, reports: &mpsc::Sender<Report>) -> Res
                     .collect(),
             })
         })
-        .collect();
-    send(reports, Report::Local(LocalChange::Networks(networks))).await
+        .collect())
 }
 
 /// A session that lasted this long was healthy: the next failure starts the backoff over.
@@ -657,24 +662,9 @@ fn classify(event: &EventMessage) -> Option<Happened> {
     }
 }
 
-/// The subnets of every Docker network at `uri`.
-pub async fn all_network_subnets(uri: &str) -> Result<Vec<Subnet>, Error> {
-    let docker = connect(uri).await?;
-    let networks = docker
-        .list_networks(None::<ListNetworksOptions>)
-        .await
-        .map_err(|e| Error::Api(e.to_string()))?;
-    Ok(networks
-        .into_iter()
-        .flat_map(|n| n.ipam.and_then(|i| i.config).unwrap_or_default())
-        .filter_map(|c| c.subnet?.parse().ok())
-        .collect())
-}
-
-/// The subnets of the Docker network `name` at `uri` (empty if it does not exist).
-pub async fn network_subnets(uri: &str, name: &str) -> Result<Vec<Subnet>, Error> {
-    let docker = connect(uri).await?;
-    Ok(bridge_network(&docker, name).await.0)
+/// The Docker networks at `uri`, with their subnets and gateways.
+pub async fn networks(uri: &str) -> Result<Vec<LocalNetwork>, Error> {
+    list_networks(&connect(uri).await?).await
 }
 
 /// The length of each Docker network in a host's block: /24 (IPv4) or /64 (IPv6), or the
@@ -694,13 +684,10 @@ pub fn free_network(block: Subnet, taken: &[Subnet]) -> Option<Subnet> {
 /// Creates the bridge network `name` inside `block`, on a subnet no Docker network of this
 /// engine uses, its gateway at the first address.
 async fn create_network(docker: &Docker, name: &str, block: Subnet) -> Result<(), Error> {
-    let taken: Vec<Subnet> = docker
-        .list_networks(None::<ListNetworksOptions>)
-        .await
-        .map_err(|e| Error::Api(e.to_string()))?
+    let taken: Vec<Subnet> = list_networks(docker)
+        .await?
         .into_iter()
-        .flat_map(|n| n.ipam.and_then(|i| i.config).unwrap_or_default())
-        .filter_map(|c| c.subnet?.parse().ok())
+        .flat_map(|n| n.subnets)
         .collect();
     let subnet = free_network(block, &taken).ok_or_else(|| {
         Error::Api(format!(

@@ -438,10 +438,11 @@ impl Routing {
         if let Some(own) = own(&self.node.published().load_full()) {
             return Some(own);
         }
-        let existing = linkdns_docker::network_subnets(docker, network)
-            .await
-            .unwrap_or_default()
-            .into_iter()
+        let docker_networks = linkdns_docker::networks(docker).await.unwrap_or_default();
+        let existing = docker_networks
+            .iter()
+            .filter(|n| n.name == network)
+            .flat_map(|n| n.subnets.iter())
             .map(|s| s.widened(prefix))
             .find(|s| pool.covers(s));
         let protocol = self.protocol;
@@ -459,9 +460,8 @@ impl Routing {
         };
         // The block around an existing network may hold other Docker networks of the host
         // (that is what it is for), but none of the host's other networks.
-        let docker_subnets = linkdns_docker::all_network_subnets(docker)
-            .await
-            .unwrap_or_default();
+        let docker_subnets: Vec<&Subnet> =
+            docker_networks.iter().flat_map(|n| &n.subnets).collect();
         let existing = existing.filter(|block| {
             !avoid
                 .iter()

@@ -404,19 +404,22 @@ impl Registry {
         version != 0 && self.floors.get(&node).is_some_and(|&floor| version < floor)
     }
 
+    /// Whether a versioned observation of container `id` of `node` at `version` comes too
+    /// late: below the node's floor, or older than the record held.
+    fn superseded(&self, node: NodeId, id: &ContainerId, version: Version) -> bool {
+        self.is_stale(node, version)
+            || self
+                .containers
+                .get(id)
+                .is_some_and(|held| held.version > version)
+    }
+
     /// Adds or updates a checked, normalized container unless the registry holds a later
     /// observation of it: a newer record, or a removal at the same version or later.
     fn upsert_container(&mut self, c: Container) -> Outcome {
         let version = c.version;
         if version != 0 {
-            if self.is_stale(c.node, version) {
-                return Outcome::Stale;
-            }
-            if self
-                .containers
-                .get(&c.id)
-                .is_some_and(|held| held.version > version)
-            {
+            if self.superseded(c.node, &c.id, version) {
                 return Outcome::Stale;
             }
             if let Some(t) = self.tombstones.get(&c.id).copied() {
@@ -443,14 +446,7 @@ impl Registry {
                 false => Outcome::Unchanged,
             };
         }
-        if self.is_stale(node, version) {
-            return Outcome::Stale;
-        }
-        if self
-            .containers
-            .get(id)
-            .is_some_and(|held| held.version > version)
-        {
+        if self.superseded(node, id, version) {
             return Outcome::Stale;
         }
         let outcome = if self.containers.contains_key(id) {

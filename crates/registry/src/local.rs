@@ -171,9 +171,8 @@ impl LocalView {
             }
             LocalChange::Identified { id, ip } => {
                 if let Some(c) = self.containers.get_mut(&id) {
-                    c.ips.push(canonical_ip(ip));
-                    c.ips.sort();
-                    c.ips.dedup();
+                    c.ips.push(ip);
+                    *c = normalized(c.clone());
                 }
             }
             LocalChange::Remove(id) => {
@@ -245,23 +244,14 @@ impl LocalView {
         if !self.live {
             return Asker::Other;
         }
-        let Some(network) = self
-            .networks
-            .iter()
-            .find(|n| n.subnets.iter().any(|s| s.contains(src)))
-        else {
+        // Not an address of a local network, or its gateway (the host).
+        let Some(network) = self.network_of(src) else {
             return Asker::Other;
         };
-        if network.gateways.contains(&src) {
-            return Asker::Other;
-        }
         if self.backlog {
             return Asker::Unknown;
         }
-        let mut connecting = self
-            .containers
-            .values()
-            .filter(|c| c.connecting.contains(&network.id));
+        let mut connecting = self.connecting_to(network);
         let Some(first) = connecting.next() else {
             return Asker::Unknown;
         };
@@ -281,11 +271,17 @@ impl LocalView {
         let Some(network) = self.network_of(src) else {
             return Vec::new();
         };
+        self.connecting_to(network).map(|c| c.id.clone()).collect()
+    }
+
+    /// The containers Docker is connecting to `network`.
+    fn connecting_to<'a>(
+        &'a self,
+        network: &'a LocalNetwork,
+    ) -> impl Iterator<Item = &'a LocalContainer> + 'a {
         self.containers
             .values()
-            .filter(|c| c.connecting.contains(&network.id))
-            .map(|c| c.id.clone())
-            .collect()
+            .filter(move |c| c.connecting.contains(&network.id))
     }
 
     /// The network of this host that `ip` is an address of (not its gateway's).
