@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use linkdns_registry::{Command, Outcome, Published, Registry};
+use linkdns_registry::{Authority, Command, Outcome, Published, Registry};
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot,
+    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType, Snapshot,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::Serialize;
@@ -283,11 +283,45 @@ impl<S: LogStore, T> Core<S, T> {
     }
 
     /// Hands a peer's message to Raft. Messages from unknown peers or of a stale term are
-    /// dropped by Raft itself.
+    /// dropped by Raft itself; a forwarded proposal that does not come from the node it names,
+    /// or asks for what that node may not change, and a leader's message from a node that is
+    /// not this term's leader, are dropped here (the caller checked `from` against the
+    /// connection's certificate).
     pub fn step(&mut self, message: Message) {
+        if let Err(reason) = self.admissible(&message) {
+            tracing::warn!(peer = message.from, kind = ?message.get_msg_type(), %reason, "refused a peer's message");
+            return;
+        }
         if let Err(e) = self.raw.step(message) {
             tracing::debug!(error = %e, "dropped a raft message");
         }
+    }
+
+    /// Why a peer's message must not reach Raft, if it must not.
+    fn admissible(&self, m: &Message) -> Result<(), String> {
+        let raft = &self.raw.raft;
+        match m.get_msg_type() {
+            MessageType::MsgPropose => m.entries.iter().try_for_each(|e| forwarded(m.from, e)),
+            // One leader per term: who else sends these in it is lying.
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+                if m.term == raft.term
+                    && raft.leader_id != raft::INVALID_ID
+                    && m.from != raft.leader_id =>
+            {
+                Err(format!(
+                    "node {} is not the leader of term {} (node {} is)",
+                    m.from, m.term, raft.leader_id
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The proposer of an entry, and whether it is a voter now (at this point of the log).
+    fn authority(&self, entry: &Entry) -> Option<Authority> {
+        let node = Proposer::decode(&entry.context)?.node;
+        let voter = self.raw.raft.prs().conf().voters().contains(node);
+        Some(Authority { node, voter })
     }
 
     /// The transport could not reach `peer`: Raft slows down replication to it.
@@ -314,6 +348,19 @@ impl<S: LogStore, T> Core<S, T> {
     /// Proposes a registry command. On a follower or learner Raft forwards it to the leader;
     /// with no leader known it fails at once with [`Error::NotLeader`].
     pub fn propose(&mut self, command: &Command, token: T) {
+        // What the leader would refuse to take from this node, or apply would refuse: said at
+        // once rather than as a timeout.
+        let by = match self.raw.raft.state {
+            StateRole::Leader => Authority {
+                node: self.config.id,
+                voter: true,
+            },
+            _ => Authority::own(self.config.id),
+        };
+        if let Err(e) = command.authorized(by) {
+            self.done.push((token, Err(Error::Registry(e))));
+            return;
+        }
         let context = self.proposer();
         match self.raw.propose(context.encode(), command.encode()) {
             Ok(()) => self.track(context.request, token),
@@ -562,7 +609,8 @@ impl<S: LogStore, T> Core<S, T> {
                             what: "committed conf change",
                             reason: format!("entry {}: {e}", entry.index),
                         })?;
-                    self.apply_conf_change(&cc, entry.index)?
+                    let authority = self.authority(&entry);
+                    self.apply_conf_change(&cc, entry.index, authority)?
                 }
                 EntryType::EntryConfChangeV2 => {
                     // Not proposed by linkdns; applied as raft-rs defines them.
@@ -597,8 +645,12 @@ impl<S: LogStore, T> Core<S, T> {
             reason: format!("entry {}: {e}", entry.index),
         })?;
         // Applying is deterministic: a rejected command is rejected the same way on every
-        // replica, so it is a result for the proposer, not a reason to stop.
-        let result = self.registry.apply(&command);
+        // replica, so it is a result for the proposer, not a reason to stop. Entries without a
+        // proposer come only from logs written before entries named theirs.
+        let result = match self.authority(entry) {
+            Some(by) => self.registry.apply_by(by, &command),
+            None => self.registry.apply(&command),
+        };
         if let Err(e) = &result {
             tracing::warn!(index = entry.index, error = %e, "command rejected");
         }
@@ -658,8 +710,17 @@ impl<S: LogStore, T> Core<S, T> {
         &mut self,
         cc: &ConfChange,
         index: u64,
+        authority: Option<Authority>,
     ) -> Result<Result<Outcome, Error>, Error> {
         if let Some(reason) = self.membership_error(cc) {
+            tracing::warn!(index, node = cc.node_id, %reason, "conf change rejected");
+            return Ok(Err(Error::InvalidMembership(reason)));
+        }
+        if let Some(by) = authority.filter(|a| !a.voter) {
+            let reason = format!(
+                "node {} is not a voter; membership is the leader's",
+                by.node
+            );
             tracing::warn!(index, node = cc.node_id, %reason, "conf change rejected");
             return Ok(Err(Error::InvalidMembership(reason)));
         }
@@ -720,4 +781,26 @@ impl<S: LogStore, T> Core<S, T> {
         );
         Ok(())
     }
+}
+
+/// Whether a proposal entry forwarded by node `from` may go into the log: a command of the
+/// node's own records, proposed by that very node. Membership changes and maintenance are the
+/// leader's own, never forwarded; an entry that does not decode would stop every replica that
+/// applies it, so it never gets in.
+fn forwarded(from: u64, entry: &Entry) -> Result<(), String> {
+    if entry.get_entry_type() != EntryType::EntryNormal {
+        return Err("a forwarded membership change (only the leader proposes them)".into());
+    }
+    let proposer = Proposer::decode(&entry.context)
+        .ok_or_else(|| "a forwarded entry that names no proposer".to_string())?;
+    if proposer.node != from {
+        return Err(format!(
+            "a forwarded entry naming node {} as its proposer",
+            proposer.node
+        ));
+    }
+    let command = Command::decode(&entry.data).map_err(|e| format!("a forwarded entry: {e}"))?;
+    command
+        .authorized(Authority::own(from))
+        .map_err(|e| e.to_string())
 }

@@ -8,13 +8,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Container, ContainerId, NodeId, NodeInfo, Subnet, Version};
+use crate::trust::ClaimLimit;
 use crate::Error;
 
 /// Current version of the command encoding. Version 2 added `SetNodeSubnets`; version 3 gave
 /// containers their networks, versions, compose service and named ports, and removals and
-/// resyncs their version. Commands that carry no container are still written as the oldest
-/// version that can carry them, so older nodes read them.
-pub const COMMAND_VERSION: u8 = 3;
+/// resyncs their version; version 4 added retirement, the claim limit and the join secret
+/// (appended, so the layout of the others is that of version 3). Commands are written as the
+/// oldest version that can carry them, so older nodes read them.
+pub const COMMAND_VERSION: u8 = 4;
 
 /// A change to the registry. Each node's watcher issues commands about its own containers only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +52,15 @@ pub enum Command {
     /// Replaces the container subnets a node claims (routed to it by every other host). The
     /// whole claim is refused if any subnet overlaps another node's; an empty list releases.
     SetNodeSubnets { node: NodeId, subnets: Vec<Subnet> },
+    /// The node is being removed from the cluster: it stops and moves its state aside when it
+    /// applies this (only the log retires a node), then the leader takes it out of the
+    /// configuration.
+    RetireNode { node: NodeId },
+    /// The widest subnets a claim may hold from now on (claims already held stay).
+    SetClaimLimit(ClaimLimit),
+    /// A new join secret (`linkdns token --rotate`), as its SHA-256: tokens with any other
+    /// secret are refused from now on. The secret itself never enters the log.
+    SetJoinSecret { hash: [u8; 32] },
 }
 
 impl Command {
@@ -85,7 +96,8 @@ impl Command {
             1 | 2 => postcard::from_bytes::<legacy::CommandV2>(body)
                 .map(legacy::CommandV2::into_current)
                 .map_err(decode_err),
-            COMMAND_VERSION => postcard::from_bytes(body).map_err(decode_err),
+            // Version 4 only appended variants to version 3.
+            3 | COMMAND_VERSION => postcard::from_bytes(body).map_err(decode_err),
             found => Err(Error::UnsupportedVersion {
                 what: "command",
                 found,
@@ -97,6 +109,9 @@ impl Command {
     /// The oldest encoding version that can carry this command.
     fn version(&self) -> u8 {
         match self {
+            Command::RetireNode { .. }
+            | Command::SetClaimLimit(_)
+            | Command::SetJoinSecret { .. } => 4,
             Command::ReplaceContainers { .. }
             | Command::UpsertContainer(_)
             | Command::RemoveContainer { .. } => 3,
@@ -246,7 +261,10 @@ pub(crate) mod legacy {
                 },
                 Command::ReplaceContainers { .. }
                 | Command::UpsertContainer(_)
-                | Command::RemoveContainer { .. } => return None,
+                | Command::RemoveContainer { .. }
+                | Command::RetireNode { .. }
+                | Command::SetClaimLimit(_)
+                | Command::SetJoinSecret { .. } => return None,
             })
         }
     }

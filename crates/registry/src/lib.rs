@@ -9,6 +9,7 @@ mod local;
 mod lookup;
 mod model;
 mod snapshot;
+mod trust;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -28,6 +29,7 @@ pub use model::{
     Version,
 };
 pub use snapshot::SNAPSHOT_VERSION;
+pub use trust::{Authority, ClaimLimit};
 
 /// Errors of the registry. The `apply` variants are deterministic: every replica reaches the same
 /// one for the same log, so they are results of a command, never reasons to stop a node.
@@ -59,6 +61,22 @@ pub enum Error {
         subnet: Subnet,
         reason: &'static str,
     },
+    #[error("subnet {subnet} is wider than the cluster allows (/{limit} at most); claim a narrower subnet, or raise the limit (--max-claim-prefix on the voters)")]
+    ClaimTooWide { subnet: Subnet, limit: u8 },
+    #[error("subnet {subnet} holds the host address {addr} of node {node}; a claim would route that host's own traffic to another")]
+    ClaimCoversHost {
+        subnet: Subnet,
+        node: NodeId,
+        addr: IpAddr,
+    },
+    #[error("node {proposer} may not change {what} of {}", owner.map_or_else(|| "the cluster (only the leader's maintenance may)".to_string(), |o| format!("node {o}")))]
+    NotAuthorized {
+        proposer: NodeId,
+        what: &'static str,
+        owner: Option<NodeId>,
+    },
+    #[error("the claim limit /{v4} (IPv4), /{v6} (IPv6) is not a pair of prefix lengths")]
+    BadClaimLimit { v4: u8, v6: u8 },
     #[error("cannot decode {what}: {reason}")]
     Decode { what: &'static str, reason: String },
     #[error("{what} has encoding version {found}, this build reads version {supported}; upgrade linkdns")]
@@ -163,6 +181,12 @@ pub struct Registry {
     tombstone_counts: BTreeMap<NodeId, usize>,
     /// Each node's oldest version still applied (0: every version).
     floors: BTreeMap<NodeId, Version>,
+    /// Nodes being removed: each retires when it applies its own retirement.
+    retiring: BTreeSet<NodeId>,
+    /// The widest subnets a claim may hold.
+    claim_limit: ClaimLimit,
+    /// SHA-256 of the join secret, once rotated (before: the secret of the cluster's identity).
+    join_hash: Option<[u8; 32]>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
     /// Keyed by the record's own name (shared, not copied).
@@ -184,7 +208,27 @@ impl Registry {
         Registry::default()
     }
 
-    /// Applies one command. Deterministic: reads nothing but `self` and `command`.
+    /// Applies one command proposed by `by`, refusing what `by` may not change (see
+    /// [`Authority`]); the parts of a batch are judged one by one. Deterministic, as
+    /// [`Registry::apply`].
+    pub fn apply_by(&mut self, by: Authority, command: &Command) -> Result<Outcome, Error> {
+        if let Command::Batch(commands) = command {
+            let mut outcome = Outcome::Unchanged;
+            let mut rejected = Vec::new();
+            for c in commands {
+                match self.apply_by(by, c) {
+                    Ok(o) => outcome = outcome.and(o),
+                    Err(e) => rejected.push(e),
+                }
+            }
+            return partly(outcome, rejected);
+        }
+        command.authorized(by)?;
+        self.apply(command)
+    }
+
+    /// Applies one command, whoever proposed it (the caller checked; tests, snapshots).
+    /// Deterministic: reads nothing but `self` and `command`.
     ///
     /// A rejected command (an `Err`) leaves the registry exactly as it was, except a
     /// [`Command::Batch`] or a [`Command::ReplaceContainers`], whose accepted parts stay
@@ -216,16 +260,11 @@ impl Registry {
             }
             Command::SetNodeDown { node, down } => {
                 self.known_node(*node)?;
-                let changed = if *down {
+                Ok(changed(if *down {
                     self.down.insert(*node)
                 } else {
                     self.down.remove(node)
-                };
-                Ok(if changed {
-                    Outcome::Changed
-                } else {
-                    Outcome::Unchanged
-                })
+                }))
             }
             Command::RemoveNode { node } => {
                 let Some(info) = self.nodes.remove(node) else {
@@ -236,6 +275,7 @@ impl Registry {
                 self.certs.remove(node);
                 self.subnets.remove(node);
                 self.floors.remove(node);
+                self.retiring.remove(node);
                 let ids: Vec<ContainerId> =
                     self.containers_of(*node).map(|c| c.id.clone()).collect();
                 for id in ids {
@@ -257,6 +297,24 @@ impl Registry {
                 Ok(Outcome::Changed)
             }
             Command::SetNodeSubnets { node, subnets } => self.set_subnets(*node, subnets),
+            Command::RetireNode { node } => {
+                self.known_node(*node)?;
+                Ok(changed(self.retiring.insert(*node)))
+            }
+            Command::SetClaimLimit(limit) => {
+                if !limit.is_valid() {
+                    return Err(Error::BadClaimLimit {
+                        v4: limit.v4,
+                        v6: limit.v6,
+                    });
+                }
+                Ok(changed(
+                    std::mem::replace(&mut self.claim_limit, *limit) != *limit,
+                ))
+            }
+            Command::SetJoinSecret { hash } => {
+                Ok(changed(self.join_hash.replace(*hash) != Some(*hash)))
+            }
             Command::Batch(commands) => {
                 // Each member is atomic, the batch is not: a rejected member is skipped and the
                 // rest apply, in order. Cloning the registry to make batches atomic would cost
@@ -297,12 +355,26 @@ impl Registry {
         Ok(Outcome::Changed)
     }
 
+    /// A claim from a snapshot, as it was accepted: only its shape and overlaps are checked
+    /// again, not today's limit or host addresses.
+    fn restore_subnets(&mut self, node: NodeId, subnets: Vec<Subnet>) -> Result<(), Error> {
+        self.claim(node, &subnets, false).map(|_| ())
+    }
+
     fn set_subnets(&mut self, node: NodeId, subnets: &[Subnet]) -> Result<Outcome, Error> {
+        self.claim(node, subnets, true)
+    }
+
+    /// Replaces node `node`'s claim; a `new` claim must also fit the claim limit and hold no
+    /// node's host address.
+    fn claim(&mut self, node: NodeId, subnets: &[Subnet], new: bool) -> Result<Outcome, Error> {
         self.known_node(node)?;
         let mut wanted = subnets.to_vec();
         wanted.sort();
         wanted.dedup();
         for (i, &subnet) in wanted.iter().enumerate() {
+            // A subnet the node holds already was judged when it was claimed.
+            let new = new && !self.node_subnets(node).contains(&subnet);
             // Decoded from the log: a prefix too long or host bits set is not a network.
             if Subnet::new(subnet.addr(), subnet.prefix()) != Some(subnet) {
                 return Err(Error::BadSubnet {
@@ -314,6 +386,17 @@ impl Registry {
                 return Err(Error::BadSubnet {
                     subnet,
                     reason: "it covers every address (prefix length 0)",
+                });
+            }
+            let limit = self.claim_limit.for_subnet(&subnet);
+            if new && subnet.prefix() < limit {
+                return Err(Error::ClaimTooWide { subnet, limit });
+            }
+            if let Some((holder, addr)) = self.host_in(&subnet).filter(|_| new) {
+                return Err(Error::ClaimCoversHost {
+                    subnet,
+                    node: holder,
+                    addr,
                 });
             }
             if wanted[..i].iter().any(|other| other.overlaps(&subnet)) {
@@ -672,6 +755,34 @@ impl Registry {
         })
     }
 
+    /// A node whose registered host address `subnet` holds, with that address.
+    fn host_in(&self, subnet: &Subnet) -> Option<(NodeId, IpAddr)> {
+        self.nodes.values().find_map(|n| {
+            let ip = n.peer_addr.parse::<std::net::SocketAddr>().ok()?.ip();
+            (!ip.is_unspecified() && subnet.contains(ip)).then_some((n.id, ip))
+        })
+    }
+
+    /// Whether node `id` is being removed (it retires when it applies that).
+    pub fn is_retiring(&self, id: NodeId) -> bool {
+        self.retiring.contains(&id)
+    }
+
+    /// Nodes being removed that are still registered.
+    pub fn retiring(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.retiring.iter().copied()
+    }
+
+    /// The widest subnets a claim may hold.
+    pub fn claim_limit(&self) -> ClaimLimit {
+        self.claim_limit
+    }
+
+    /// SHA-256 of the current join secret, once one was set through the log.
+    pub fn join_hash(&self) -> Option<&[u8; 32]> {
+        self.join_hash.as_ref()
+    }
+
     /// The node whose claimed subnet holds `ip`.
     pub fn subnet_owner(&self, ip: IpAddr) -> Option<NodeId> {
         self.subnets
@@ -753,6 +864,14 @@ impl Registry {
 }
 
 /// `outcome`, or the rejection of the parts in `rejected` (the others applied).
+fn changed(changed: bool) -> Outcome {
+    if changed {
+        Outcome::Changed
+    } else {
+        Outcome::Unchanged
+    }
+}
+
 fn partly(outcome: Outcome, mut rejected: Vec<Error>) -> Result<Outcome, Error> {
     match rejected.len() {
         0 => Ok(outcome),

@@ -8,11 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::legacy::ContainerV1;
 use crate::model::{Container, ContainerId, NodeId, NodeInfo, Record, Subnet, Version};
+use crate::trust::ClaimLimit;
 use crate::{Command, Error, Registry, Tombstone};
 
 /// Current version of the snapshot encoding. Version 4 gave containers their networks,
-/// versions, compose service and named ports, and added tombstones and floors.
-pub const SNAPSHOT_VERSION: u8 = 4;
+/// versions, compose service and named ports, and added tombstones and floors; version 5 added
+/// retiring nodes, the claim limit and the join secret's hash.
+pub const SNAPSHOT_VERSION: u8 = 5;
 
 /// Leading bytes of every snapshot, so a stray blob is refused rather than misread.
 const MAGIC: &[u8; 4] = b"LDNS";
@@ -45,6 +47,7 @@ struct SnapshotV3 {
     subnets: Vec<(NodeId, Vec<Subnet>)>,
 }
 
+/// Version 4 (compose): no trust state. Still read.
 #[derive(Deserialize)]
 struct SnapshotV4 {
     nodes: Vec<NodeInfo>,
@@ -57,9 +60,24 @@ struct SnapshotV4 {
     floors: Vec<(NodeId, Version)>,
 }
 
-/// The same layout as [`SnapshotV4`], borrowing from the registry instead of copying it.
+#[derive(Deserialize)]
+struct SnapshotV5 {
+    nodes: Vec<NodeInfo>,
+    containers: Vec<Container>,
+    down: Vec<NodeId>,
+    max_node_id: NodeId,
+    certs: Vec<(NodeId, [u8; 32])>,
+    subnets: Vec<(NodeId, Vec<Subnet>)>,
+    tombstones: Vec<(ContainerId, Tombstone)>,
+    floors: Vec<(NodeId, Version)>,
+    retiring: Vec<NodeId>,
+    claim_limit: ClaimLimit,
+    join_hash: Option<[u8; 32]>,
+}
+
+/// The same layout as [`SnapshotV5`], borrowing from the registry instead of copying it.
 #[derive(Serialize)]
-struct SnapshotV4Ref<'a> {
+struct SnapshotV5Ref<'a> {
     nodes: Vec<&'a NodeInfo>,
     containers: Vec<&'a Record>,
     down: Vec<NodeId>,
@@ -68,6 +86,27 @@ struct SnapshotV4Ref<'a> {
     subnets: Vec<(NodeId, &'a [Subnet])>,
     tombstones: Vec<(&'a ContainerId, Tombstone)>,
     floors: Vec<(NodeId, Version)>,
+    retiring: Vec<NodeId>,
+    claim_limit: ClaimLimit,
+    join_hash: Option<[u8; 32]>,
+}
+
+impl From<SnapshotV4> for SnapshotV5 {
+    fn from(v4: SnapshotV4) -> SnapshotV5 {
+        SnapshotV5 {
+            nodes: v4.nodes,
+            containers: v4.containers,
+            down: v4.down,
+            max_node_id: v4.max_node_id,
+            certs: v4.certs,
+            subnets: v4.subnets,
+            tombstones: v4.tombstones,
+            floors: v4.floors,
+            retiring: Vec::new(),
+            claim_limit: ClaimLimit::default(),
+            join_hash: None,
+        }
+    }
 }
 
 impl From<SnapshotV3> for SnapshotV4 {
@@ -88,7 +127,7 @@ impl From<SnapshotV3> for SnapshotV4 {
 impl Registry {
     /// Encodes the whole registry.
     pub fn snapshot(&self) -> Vec<u8> {
-        let body = SnapshotV4Ref {
+        let body = SnapshotV5Ref {
             nodes: self.nodes.values().collect(),
             containers: self.containers.values().map(|c| &**c).collect(),
             down: self.down.iter().copied().collect(),
@@ -97,6 +136,9 @@ impl Registry {
             subnets: self.subnets().collect(),
             tombstones: self.tombstones.iter().map(|(id, t)| (id, *t)).collect(),
             floors: self.floors.iter().map(|(&n, &v)| (n, v)).collect(),
+            retiring: self.retiring.iter().copied().collect(),
+            claim_limit: self.claim_limit,
+            join_hash: self.join_hash,
         };
         let mut out = MAGIC.to_vec();
         out.push(SNAPSHOT_VERSION);
@@ -127,29 +169,32 @@ impl Registry {
             1 => {
                 let v1: SnapshotV1 =
                     postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
-                SnapshotV4::from(SnapshotV3 {
+                SnapshotV5::from(SnapshotV4::from(SnapshotV3 {
                     nodes: v1.nodes,
                     containers: v1.containers,
                     down: Vec::new(),
                     max_node_id: 0,
                     certs: Vec::new(),
                     subnets: Vec::new(),
-                })
+                }))
             }
             2 => {
                 let v2: SnapshotV2 =
                     postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
-                SnapshotV4::from(SnapshotV3 {
+                SnapshotV5::from(SnapshotV4::from(SnapshotV3 {
                     nodes: v2.nodes,
                     containers: v2.containers,
                     down: v2.down,
                     max_node_id: v2.max_node_id,
                     certs: v2.certs,
                     subnets: Vec::new(),
-                })
+                }))
             }
-            3 => SnapshotV4::from(
+            3 => SnapshotV5::from(SnapshotV4::from(
                 postcard::from_bytes::<SnapshotV3>(body).map_err(|e| decode_err(e.to_string()))?,
+            )),
+            4 => SnapshotV5::from(
+                postcard::from_bytes::<SnapshotV4>(body).map_err(|e| decode_err(e.to_string()))?,
             ),
             SNAPSHOT_VERSION => {
                 postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?
@@ -183,11 +228,20 @@ impl Registry {
                 .apply(&Command::SetNodeCert { node, fingerprint })
                 .map_err(|e| decode_err(format!("inconsistent certificate: {e}")))?;
         }
+        // Claims as they were accepted: a limit set or an address registered since does not
+        // undo them.
         for (node, subnets) in body.subnets {
             registry
-                .apply(&Command::SetNodeSubnets { node, subnets })
+                .restore_subnets(node, subnets)
                 .map_err(|e| decode_err(format!("inconsistent subnets: {e}")))?;
         }
+        for node in body.retiring {
+            registry
+                .apply(&Command::RetireNode { node })
+                .map_err(|e| decode_err(format!("inconsistent retirement: {e}")))?;
+        }
+        registry.claim_limit = body.claim_limit;
+        registry.join_hash = body.join_hash;
         for (id, tombstone) in body.tombstones {
             if registry.node(tombstone.node).is_none() || registry.container(&id).is_some() {
                 return Err(decode_err(format!(

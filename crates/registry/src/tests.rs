@@ -594,7 +594,7 @@ fn subnet_claims_never_overlap_and_name_the_owner() {
         Err(Error::BadSubnet { .. })
     ));
     assert!(matches!(
-        r.apply(&claim(2, &["10.0.0.0/8", "10.1.0.0/16"])),
+        r.apply(&claim(2, &["10.0.0.0/16", "10.0.1.0/24"])),
         Err(Error::BadSubnet { .. })
     ));
     assert_eq!(
@@ -1272,4 +1272,161 @@ fn commands_and_snapshots_of_older_versions_still_read() {
         Command::decode(&removal("a1", 1, 3).encode()),
         Ok(removal("a1", 1, 3))
     );
+}
+
+#[test]
+fn each_node_changes_only_its_own_records_and_voters_the_rest() {
+    let mut r = two_nodes();
+    let member = Authority::own(2);
+    let leader = Authority {
+        node: 1,
+        voter: true,
+    };
+    let refused = |result: Result<Outcome, Error>| {
+        assert!(
+            matches!(result, Err(Error::NotAuthorized { proposer: 2, .. })),
+            "{result:?}"
+        )
+    };
+    let theirs = container("a1", "a", 1, &["10.0.1.2"]);
+    refused(r.apply_by(member, &Command::UpsertContainer(theirs.clone())));
+    refused(r.apply_by(
+        member,
+        &Command::RemoveContainer {
+            node: 1,
+            id: ContainerId("a1".into()),
+            version: 0,
+        },
+    ));
+    refused(r.apply_by(
+        member,
+        &Command::ReplaceContainers {
+            node: 1,
+            containers: vec![],
+            version: 0,
+        },
+    ));
+    refused(r.apply_by(
+        member,
+        &Command::UpsertNode(NodeInfo {
+            id: 1,
+            name: "h1".into(),
+            peer_addr: "192.0.2.66:7380".into(),
+        }),
+    ));
+    refused(r.apply_by(member, &claim(1, &["10.9.0.0/24"])));
+    for maintenance in [
+        Command::SetNodeDown {
+            node: 1,
+            down: true,
+        },
+        Command::RemoveNode { node: 1 },
+        Command::RetireNode { node: 1 },
+        Command::SetNodeCert {
+            node: 3,
+            fingerprint: [7; 32],
+        },
+        Command::SetClaimLimit(ClaimLimit { v4: 8, v6: 32 }),
+        Command::SetJoinSecret { hash: [1; 32] },
+    ] {
+        refused(r.apply_by(member, &maintenance));
+    }
+    // A batch: its own parts apply, the others are refused.
+    let mine = container("b1", "b", 2, &["10.0.2.2"]);
+    let result = r.apply_by(
+        member,
+        &Command::Batch(vec![
+            Command::UpsertContainer(theirs),
+            Command::UpsertContainer(mine),
+        ]),
+    );
+    assert!(matches!(
+        result,
+        Err(Error::PartlyRejected { count: 1, .. })
+    ));
+    assert_eq!(r.resolve("b", None, None), found(&["10.0.2.2"]));
+    assert_eq!(r.resolve("a", None, None), Resolution::NotFound);
+    assert_eq!(
+        r.node(1).map(|n| n.peer_addr.as_str()),
+        Some("127.0.0.1:7380")
+    );
+    assert!(!r.is_down(1) && !r.is_retiring(1));
+    assert_eq!(r.claim_limit(), ClaimLimit::default());
+
+    // The leader's maintenance is taken; a voter's container claims are still its own only.
+    assert_eq!(
+        r.apply_by(leader, &Command::RetireNode { node: 2 }),
+        Ok(Outcome::Changed)
+    );
+    assert!(r.is_retiring(2));
+    refused(r.apply_by(
+        Authority {
+            node: 2,
+            voter: true,
+        },
+        &claim(1, &["10.9.0.0/24"]),
+    ));
+}
+
+#[test]
+fn claims_wider_than_the_limit_or_holding_a_host_are_refused() {
+    let mut r = two_nodes();
+    // Node 2's host is 127.0.0.2: no claim may hold it, not even node 2's own.
+    for (node, subnet) in [(1, "127.0.0.0/24"), (2, "127.0.0.0/30")] {
+        let result = r.apply(&claim(node, &[subnet]));
+        assert!(
+            matches!(result, Err(Error::ClaimCoversHost { node: 1 | 2, .. })),
+            "{result:?}"
+        );
+    }
+    let wide = r.apply(&claim(1, &["10.0.0.0/8"]));
+    assert_eq!(
+        wide.map_err(|e| e.to_string()),
+        Err("subnet 10.0.0.0/8 is wider than the cluster allows (/16 at most); claim a narrower subnet, or raise the limit (--max-claim-prefix on the voters)".to_string())
+    );
+    assert!(matches!(
+        r.apply(&claim(1, &["fd00::/40"])),
+        Err(Error::ClaimTooWide { limit: 48, .. })
+    ));
+    assert_eq!(
+        r.apply(&claim(1, &["10.1.0.0/16", "fd00::/48"])),
+        Ok(Outcome::Changed)
+    );
+    // A tighter limit refuses new claims; the claims held stay, also through a snapshot.
+    assert_eq!(
+        r.apply(&Command::SetClaimLimit(ClaimLimit { v4: 20, v6: 56 })),
+        Ok(Outcome::Changed)
+    );
+    assert!(matches!(
+        r.apply(&claim(2, &["10.2.0.0/16"])),
+        Err(Error::ClaimTooWide { limit: 20, .. })
+    ));
+    assert_eq!(
+        r.apply(&claim(1, &["10.1.0.0/16", "fd00::/48"])),
+        Ok(Outcome::Unchanged)
+    );
+    assert!(matches!(
+        r.apply(&Command::SetClaimLimit(ClaimLimit { v4: 33, v6: 56 })),
+        Err(Error::BadClaimLimit { .. })
+    ));
+    r.apply(&Command::SetJoinSecret { hash: [9; 32] })
+        .expect("secret");
+    r.apply(&Command::RetireNode { node: 2 }).expect("retire");
+    let restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert_eq!(restored.snapshot(), r.snapshot());
+    assert_eq!(restored.claim_limit(), ClaimLimit { v4: 20, v6: 56 });
+    assert_eq!(restored.node_subnets(1).len(), 2);
+    assert_eq!(restored.join_hash(), Some(&[9; 32]));
+    assert!(restored.is_retiring(2));
+    // Commands of this version decode; those of version 3 still do.
+    for c in [
+        Command::RetireNode { node: 2 },
+        Command::SetClaimLimit(ClaimLimit { v4: 20, v6: 56 }),
+        Command::SetJoinSecret { hash: [9; 32] },
+    ] {
+        assert_eq!(c.encode()[0], 4);
+        assert_eq!(Command::decode(&c.encode()), Ok(c));
+    }
+    let three = Command::UpsertContainer(container("a1", "a", 1, &["10.1.0.2"]));
+    assert_eq!(three.encode()[0], 3);
 }

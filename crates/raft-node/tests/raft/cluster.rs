@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use linkdns_raft::{Core, CoreConfig, Error, MemStore, Membership, RaftStatus, Role};
-use linkdns_registry::{Command, Container, NodeInfo, Outcome, Resolution};
+use linkdns_registry::{Command, Container, NodeInfo, Outcome, Resolution, Subnet};
 use raft::eraftpb::{Message, MessageType};
 
 /// Delivery rounds per tick: a message delayed by one round arrives within the same tick.
@@ -418,7 +418,7 @@ fn three_voters_replicate_proposals_made_on_any_node() {
 fn a_new_leader_takes_over_when_the_leader_dies_and_the_old_one_catches_up() {
     let mut sim = Sim::cluster(2, 3, 0, 1_000);
     let old = sim.wait_leader(50);
-    let t = sim.propose(old, &container(1, 1));
+    let t = sim.propose(old, &container(old, 1));
     sim.settle(5);
     assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
     sim.crash(old);
@@ -426,12 +426,15 @@ fn a_new_leader_takes_over_when_the_leader_dies_and_the_old_one_catches_up() {
     assert_ne!(new, old);
     let follower = *sim.live.keys().find(|&&id| id != new).expect("a follower");
     // Writes resume, also through the remaining follower.
-    let t = sim.propose(follower, &container(1, 2));
+    let t = sim.propose(follower, &container(follower, 2));
     sim.settle(10);
     assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
     sim.restart(old);
     sim.assert_converged(100);
-    assert!(sim.resolves(old, "svc-1-2"), "restarted node caught up");
+    assert!(
+        sim.resolves(old, &format!("svc-{follower}-2")),
+        "restarted node caught up"
+    );
     assert_eq!(sim.leaders().len(), 1);
 }
 
@@ -442,7 +445,7 @@ fn a_learner_far_behind_catches_up_by_snapshot() {
     let leader = sim.wait_leader(50);
     for i in 0..60 {
         let on = 1 + i % 3;
-        sim.propose(on, &container(1, i));
+        sim.propose(on, &container(on, i));
         if i % 10 == 0 {
             sim.settle(2);
         }
@@ -458,7 +461,7 @@ fn a_learner_far_behind_catches_up_by_snapshot() {
         "installed a snapshot: {learner:?}"
     );
     assert_eq!(sim.live[&4].registry().record_count(), 60);
-    assert!(sim.resolves(4, "svc-1-59"));
+    assert!(sim.resolves(4, "svc-3-59"));
     // A learner proposes like any node (forwarded to the leader), but has no vote.
     let t = sim.propose(4, &container(4, 1));
     sim.settle(10);
@@ -547,12 +550,12 @@ fn membership_changes_go_one_at_a_time_and_removal_detaches_a_node() {
 fn a_partitioned_minority_accepts_no_writes_and_converges_after_healing() {
     let mut sim = Sim::cluster(5, 3, 0, 1_000);
     let leader = sim.wait_leader(50);
-    let before = sim.propose(leader, &container(1, 1));
+    let before = sim.propose(leader, &container(leader, 1));
     sim.settle(10);
     assert_eq!(sim.result(before), Some(Ok(Outcome::Changed)));
     // Cut the leader off: the majority elects another one.
     sim.partition(&[leader]);
-    let minority_write = sim.propose(leader, &container(1, 100));
+    let minority_write = sim.propose(leader, &container(leader, 100));
     let majority = *sim.live.keys().find(|&&id| id != leader).expect("majority");
     // Elections take 10-14 ticks, and a split vote another round.
     let mut new = None;
@@ -564,7 +567,7 @@ fn a_partitioned_minority_accepts_no_writes_and_converges_after_healing() {
         }
     }
     let new = new.expect("the majority elected a leader");
-    let t = sim.propose(majority, &container(1, 101));
+    let t = sim.propose(majority, &container(majority, 101));
     sim.run_ticks(20);
     assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
     // The old leader stepped down (check-quorum) and its write never committed.
@@ -573,12 +576,12 @@ fn a_partitioned_minority_accepts_no_writes_and_converges_after_healing() {
     let minority = sim.result(minority_write).expect("answered");
     assert!(minority.is_err(), "{minority:?}");
     // ... and it kept its replica to answer from.
-    assert!(sim.resolves(leader, "svc-1-1"));
+    assert!(sim.resolves(leader, &format!("svc-{leader}-1")));
     sim.heal();
     sim.assert_converged(100);
-    assert!(sim.resolves(leader, "svc-1-101"));
+    assert!(sim.resolves(leader, &format!("svc-{majority}-101")));
     assert!(
-        !sim.resolves(new, "svc-1-100"),
+        !sim.resolves(new, &format!("svc-{leader}-100")),
         "the uncommitted write is gone"
     );
 }
@@ -595,8 +598,8 @@ fn random_faults_lose_no_acknowledged_write() {
         for step in 0..60u64 {
             let live: Vec<u64> = sim.live.keys().copied().collect();
             let on = live[sim.rng.below(live.len() as u64) as usize];
-            let command = container(1, step);
-            acked_candidates.push((sim.propose(on, &command), step));
+            let command = container(on, step);
+            acked_candidates.push((sim.propose(on, &command), on, step));
             match sim.rng.below(20) {
                 0 if sim.crashed.is_empty() && sim.live.len() > 3 => {
                     let victim = live[sim.rng.below(live.len() as u64) as usize];
@@ -624,11 +627,11 @@ fn random_faults_lose_no_acknowledged_write() {
         sim.wait_leader(200);
         sim.assert_converged(300);
         let mut acked = 0;
-        for (token, step) in acked_candidates {
+        for (token, on, step) in acked_candidates {
             if let Some(Ok(_)) = sim.result(token) {
                 acked += 1;
                 for (&id, core) in &sim.live {
-                    let name = format!("svc-1-{step}");
+                    let name = format!("svc-{on}-{step}");
                     assert!(
                         matches!(
                             core.registry().resolve(&name, None, None),
@@ -736,4 +739,115 @@ fn delayed_duplicate_proposals_never_resurrect_a_container() {
         stale_seen > 100,
         "late copies must have reached the log ({stale_seen} were refused as stale)"
     );
+}
+
+/// The context a core gives its proposals: proposer node, incarnation, request id.
+fn proposer_context(node: u64) -> Vec<u8> {
+    [node, 1, 999]
+        .iter()
+        .flat_map(|w| w.to_be_bytes())
+        .collect()
+}
+
+#[test]
+fn a_node_changes_only_its_own_records_and_forwards_no_maintenance() {
+    let mut sim = Sim::cluster(11, 3, 1, 1_000);
+    let leader = sim.wait_leader(50);
+    let learner = 4;
+    let t = sim.propose(learner, &container(learner, 1));
+    sim.settle(10);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)), "its own: taken");
+
+    // Another node's container, another node's address, a /8 claim: refused where applied.
+    let theirs = sim.propose(learner, &container(1, 2));
+    let address = sim.propose(
+        learner,
+        &Command::UpsertNode(NodeInfo {
+            peer_addr: "192.0.2.66:7380".into(),
+            ..info(1)
+        }),
+    );
+    let wide = sim.propose(
+        learner,
+        &Command::SetNodeSubnets {
+            node: learner,
+            subnets: vec![Subnet::new("10.0.0.0".parse().expect("ip"), 8).expect("subnet")],
+        },
+    );
+    // Maintenance from a node that is not the leader: refused at once.
+    let liveness = sim.propose(
+        learner,
+        &Command::SetNodeDown {
+            node: 1,
+            down: true,
+        },
+    );
+    sim.settle(60);
+    for (t, what) in [(theirs, "may not change"), (address, "may not change")] {
+        let result = sim.result(t).expect("answered");
+        assert!(matches!(&result, Err(e) if e.contains(what)), "{result:?}");
+    }
+    let result = sim.result(wide).expect("answered");
+    assert!(
+        matches!(&result, Err(e) if e.contains("wider")),
+        "{result:?}"
+    );
+    let result = sim.result(liveness).expect("answered");
+    assert!(
+        matches!(&result, Err(e) if e.contains("the cluster")),
+        "{result:?}"
+    );
+
+    // What a node that skips its own checks forwards: an entry naming another proposer than
+    // its sender, another node's records, maintenance, one that would not decode. The leader
+    // drops them before Raft sees them.
+    let forged = |data: Vec<u8>, proposer: u64| {
+        let entry = raft::eraftpb::Entry {
+            data: data.into(),
+            context: proposer_context(proposer).into(),
+            ..Default::default()
+        };
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = learner;
+        m.to = leader;
+        m.entries = vec![entry].into();
+        m
+    };
+    let leader_core = sim.live.get_mut(&leader).expect("leader");
+    leader_core.step(forged(container(2, 3).encode(), 2));
+    leader_core.step(forged(vec![0xff, 1, 2, 3], learner));
+    leader_core.step(forged(container(1, 4).encode(), learner));
+    let down = Command::SetNodeDown {
+        node: 1,
+        down: true,
+    };
+    leader_core.step(forged(down.encode(), learner));
+    sim.settle(20);
+    sim.assert_converged(50);
+    for (&id, core) in &sim.live {
+        let registry = core.registry();
+        for name in ["svc-1-2", "svc-2-3", "svc-1-4"] {
+            assert!(!sim.resolves(id, name), "{name} on {id}");
+        }
+        assert_eq!(
+            registry.node(1).map(|n| n.peer_addr.clone()),
+            Some(info(1).peer_addr)
+        );
+        assert!(registry.node_subnets(learner).is_empty());
+        assert!(!registry.is_down(1));
+        assert!(sim.resolves(id, "svc-4-1"));
+    }
+    assert!(sim.leaders().contains(&leader), "the leader kept going");
+
+    // The leader's own maintenance is taken.
+    let t = sim.propose(
+        leader,
+        &Command::SetNodeDown {
+            node: learner,
+            down: true,
+        },
+    );
+    sim.settle(10);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
 }
