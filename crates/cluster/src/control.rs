@@ -14,6 +14,10 @@ use crate::wire::{self, Reply, Request};
 
 /// How long a membership change may keep meeting another one in progress.
 const CHANGE_PATIENCE: Duration = Duration::from_secs(15);
+/// How long a removal waits for the node to receive its retirement.
+pub(crate) const RETIRE_PATIENCE: Duration = Duration::from_secs(5);
+/// A node not heard from for this long will not receive its retirement now.
+pub(crate) const SILENT: Duration = Duration::from_secs(2);
 
 pub(crate) async fn handle(
     inner: &Inner,
@@ -81,7 +85,7 @@ pub(crate) async fn handle(
                 },
             };
             let _one_at_a_time = inner.admission.lock().await;
-            match change(node, Membership::Remove(id)).await {
+            match retire_then_remove(inner, node, id).await {
                 Ok(()) => {
                     tracing::info!(node = id, "node removed from the cluster");
                     Reply::Removed { node_id: id }
@@ -223,6 +227,38 @@ async fn fix_own_address(inner: &Inner, node: &NodeHandle, local: Option<SocketA
     tracing::info!(addr = %fixed.peer_addr, "advertising this node's peer address as seen by a joining node");
     if let Err(e) = node.propose(Command::UpsertNode(fixed)).await {
         tracing::warn!(error = %e, "cannot record this node's peer address");
+    }
+}
+
+/// Removes node `id`. First its retirement goes through the log, while it is still a member,
+/// so that it applies it itself (only the log retires a node); once it holds that entry, or is
+/// silent, the configuration change follows. A leader removing itself applies the change
+/// itself. If this leader fails in between, the next one finishes the removal (`maintain`).
+async fn retire_then_remove(
+    inner: &Inner,
+    node: &NodeHandle,
+    id: u64,
+) -> Result<(), linkdns_raft::Error> {
+    let registered = node.published().load().registry.node(id).is_some();
+    if id != inner.id && registered {
+        node.propose(Command::RetireNode { node: id }).await?;
+        let index = node.status().applied_index;
+        let deadline = tokio::time::Instant::now() + RETIRE_PATIENCE;
+        while tokio::time::Instant::now() < deadline {
+            let holds = node.status().matched.get(&id).is_some_and(|&m| m >= index);
+            let silent = inner.last_contact(id).is_none_or(|d| d > SILENT);
+            if holds || silent {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The commit index that lets it apply the entry goes out with the next heartbeat.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    match change(node, Membership::Remove(id)).await {
+        // Finished meanwhile by the leader's maintenance.
+        Err(linkdns_raft::Error::InvalidMembership(_)) if !node.status().is_member(id) => Ok(()),
+        result => result,
     }
 }
 

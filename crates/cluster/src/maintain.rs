@@ -2,16 +2,19 @@
 //! - liveness: a node not heard from for `liveness_timeout` is marked down (its records are
 //!   hidden on every host) and marked up again when it is heard from;
 //! - voters: while there are fewer voters than wanted, the most caught-up live learner is
-//!   promoted (one change at a time).
+//!   promoted (one change at a time);
+//! - the claim limit: the registry's is kept at the leader's configured one;
+//! - removals: a retiring node still in the configuration is taken out of it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use linkdns_raft::{Membership, NodeHandle, Role};
-use linkdns_registry::Command;
+use linkdns_registry::{ClaimLimit, Command};
 use tokio::sync::watch;
 
-use crate::control::change;
+use crate::control::{change, RETIRE_PATIENCE, SILENT};
 use crate::transport::Transport;
 
 #[derive(Clone, Debug)]
@@ -20,6 +23,8 @@ pub struct MaintainConfig {
     pub voters: usize,
     /// Silence after which a node's records are hidden.
     pub liveness_timeout: Duration,
+    /// The widest subnets a claim may hold, kept in the registry for the whole cluster.
+    pub claim_limit: ClaimLimit,
 }
 
 /// A learner this far behind the leader's log is not promoted yet.
@@ -34,6 +39,8 @@ pub async fn maintain(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
+    // When this leader first saw each retiring node.
+    let mut retiring: HashMap<u64, Instant> = HashMap::new();
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -64,9 +71,30 @@ pub async fn maintain(
                 verdicts.push(Command::SetNodeDown { node: n.id, down });
             }
         }
+        if registry.claim_limit() != config.claim_limit {
+            tracing::info!(
+                v4 = config.claim_limit.v4,
+                v6 = config.claim_limit.v6,
+                "setting the cluster's claim limit"
+            );
+            verdicts.push(Command::SetClaimLimit(config.claim_limit));
+        }
         if !verdicts.is_empty() {
             if let Err(e) = node.propose(Command::Batch(verdicts)).await {
                 tracing::warn!(error = %e, "cannot record liveness");
+            }
+        }
+        // Retiring nodes still in the configuration (a removal whose leader failed midway):
+        // out once they are silent (they retired) or had time to receive their retirement.
+        retiring.retain(|id, _| registry.is_retiring(*id));
+        for id in registry.retiring() {
+            let since = *retiring.entry(id).or_insert_with(Instant::now);
+            let done = silence(id) > SILENT || since.elapsed() > RETIRE_PATIENCE * 2;
+            if status.is_member(id) && done && !status.conf_change_pending {
+                tracing::info!(node = id, "finishing the removal of a retired node");
+                if let Err(e) = change(&node, Membership::Remove(id)).await {
+                    tracing::warn!(node = id, error = %e, "removal failed; will retry");
+                }
             }
         }
         // Voters: towards the target through odd counts. From an odd count a promotion needs

@@ -73,8 +73,6 @@ pub(crate) struct Inner {
     /// One membership change at a time from this node's control handler.
     pub(crate) admission: tokio::sync::Mutex<()>,
     connections: Arc<tokio::sync::Semaphore>,
-    /// A peer refused this node's hello because it was removed from the cluster.
-    removed: std::sync::atomic::AtomicBool,
 }
 
 /// What certificate a peer claiming to be some node must present.
@@ -120,7 +118,6 @@ impl Transport {
                 shutdown,
                 admission: tokio::sync::Mutex::new(()),
                 connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
-                removed: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -135,13 +132,6 @@ impl Transport {
         let _ = self.inner.node.set(node);
         let inner = self.inner.clone();
         self.inner.runtime.spawn(keep_peers(inner));
-    }
-
-    /// Whether a peer told this node it was removed from the cluster.
-    pub fn removed(&self) -> bool {
-        self.inner
-            .removed
-            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The address this node announces to the peers it dials.
@@ -163,8 +153,7 @@ impl Transport {
 
     /// How long ago anything arrived from `peer`.
     pub fn last_contact(&self, peer: u64) -> Option<Duration> {
-        let contacts = self.inner.contacts.lock().ok()?;
-        contacts.get(&peer).map(|t| t.elapsed())
+        self.inner.last_contact(peer)
     }
 
     /// Binds `addr` and serves peers until shutdown. Returns the bound address.
@@ -190,6 +179,11 @@ impl Transport {
 impl Inner {
     pub(crate) fn node(&self) -> Option<&Arc<NodeHandle>> {
         self.node.get()
+    }
+
+    pub(crate) fn last_contact(&self, peer: u64) -> Option<Duration> {
+        let contacts = self.contacts.lock().ok()?;
+        contacts.get(&peer).map(|t| t.elapsed())
     }
 
     fn touch(&self, peer: u64) {
@@ -451,6 +445,23 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
         .await
         .map_err(|_| format!("TLS handshake with {addr} timed out"))?
         .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+    // The handshake checked the CA and the node name; the registry also binds the very
+    // certificate, as the acceptor checks it the other way.
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| fingerprint(c));
+    match inner.expected(peer) {
+        Expected::Bound(f) if presented != Some(f) => {
+            return Err(format!(
+                "{addr} presented a certificate for node {peer} that is not the one bound to it"
+            ))
+        }
+        Expected::Removed => return Err(format!("node {peer} was removed from the cluster")),
+        _ => {}
+    }
     let hello = Hello {
         version: wire::PROTOCOL_VERSION,
         cluster: inner.identity.cluster,
@@ -471,12 +482,8 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
     match answer {
         (wire::ACCEPT, _) => Ok(tls),
         (wire::REFUSE, reason) => {
+            // Only this node's own log retires it: a refusal is logged, never acted on.
             let reason = String::from_utf8_lossy(&reason).into_owned();
-            if reason.starts_with(wire::REMOVED) {
-                inner
-                    .removed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-            }
             Err(format!("{addr} refused this node: {reason}"))
         }
         (kind, _) => Err(format!("{addr} answered the hello with frame kind {kind}")),

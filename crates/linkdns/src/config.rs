@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use linkdns_registry::Subnet;
+use linkdns_registry::{ClaimLimit, Subnet};
 use serde::Deserialize;
 
 /// The file layer: every key optional, unknown keys refused.
@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub route_protocol: Option<u8>,
     pub cluster_cidr: Option<String>,
     pub subnet_prefix: Option<u8>,
+    pub max_claim_prefix: Option<u8>,
+    pub max_claim_prefix_v6: Option<u8>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -110,6 +112,13 @@ pub struct RunArgs {
     /// Prefix length of each host's subnet allocated from --cluster-cidr (24; 64 for IPv6).
     #[arg(long, env = "LINKDNS_SUBNET_PREFIX")]
     pub subnet_prefix: Option<u8>,
+    /// The widest IPv4 subnet one host may claim (a prefix length; 16). Set by the leader
+    /// for the whole cluster.
+    #[arg(long, env = "LINKDNS_MAX_CLAIM_PREFIX")]
+    pub max_claim_prefix: Option<u8>,
+    /// The widest IPv6 subnet one host may claim (48).
+    #[arg(long, env = "LINKDNS_MAX_CLAIM_PREFIX_V6")]
+    pub max_claim_prefix_v6: Option<u8>,
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -134,6 +143,8 @@ pub struct Config {
     pub snapshot_every: u64,
     pub voters: usize,
     pub liveness_timeout: Duration,
+    /// The widest subnets a host may claim (the leader keeps the cluster's at this).
+    pub claim_limit: ClaimLimit,
     pub routing: bool,
     pub route_protocol: u8,
     /// Allocate each host's subnet from this pool, in blocks of the given prefix length.
@@ -200,6 +211,23 @@ impl Config {
             .unwrap_or(15);
         if liveness < 2 {
             bail!("liveness_timeout_secs: {liveness}; use at least 2 (peers ping once a second)");
+        }
+        let claim_limit = ClaimLimit {
+            v4: args
+                .max_claim_prefix
+                .or(file.max_claim_prefix)
+                .unwrap_or(ClaimLimit::default().v4),
+            v6: args
+                .max_claim_prefix_v6
+                .or(file.max_claim_prefix_v6)
+                .unwrap_or(ClaimLimit::default().v6),
+        };
+        if !claim_limit.is_valid() {
+            bail!(
+                "max_claim_prefix {} / max_claim_prefix_v6 {}: use prefix lengths (1-32, 1-128)",
+                claim_limit.v4,
+                claim_limit.v6
+            );
         }
         let ttl = args.ttl.or(file.ttl).unwrap_or(5);
         if ttl == 0 {
@@ -300,6 +328,7 @@ impl Config {
                 .unwrap_or(10_000),
             voters,
             liveness_timeout: Duration::from_secs(liveness),
+            claim_limit,
             routing: args.routing.or(file.routing).unwrap_or(true),
             route_protocol,
             cluster_cidr,

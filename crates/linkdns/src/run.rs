@@ -101,6 +101,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         MaintainConfig {
             voters: config.voters,
             liveness_timeout: config.liveness_timeout,
+            claim_limit: config.claim_limit,
         },
         shutdown_rx.clone(),
     ));
@@ -321,8 +322,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     removed = true;
                     break Ok(());
                 }
-                if transport.removed() {
-                    tracing::warn!("a peer says this node was removed from the cluster (while it was away); stopping");
+                // Only the log retires a node: its own retirement, applied here.
+                if node.published().load().registry.is_retiring(node_id) {
+                    tracing::warn!("this node is being removed from the cluster; stopping");
                     removed = true;
                     break Ok(());
                 }

@@ -5,8 +5,9 @@ use std::time::Duration;
 use linkdns_cluster::{
     join, maintain, remove, Error, Identity, JoinAs, MaintainConfig, Token, Transport,
 };
-use linkdns_raft::{NodeConfig, NodeHandle, Role, SledStore};
-use linkdns_registry::{Command, Container, NodeInfo, Resolution};
+use linkdns_raft::{Membership, NodeConfig, NodeHandle, Role, SledStore};
+use linkdns_registry::{Command, Container, NodeInfo, Resolution, Subnet};
+use raft::eraftpb::{Entry, Message, MessageType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -73,6 +74,7 @@ async fn start(identity: Identity, bootstrap: bool, name: &str, port: u16) -> Te
         MaintainConfig {
             voters: 3,
             liveness_timeout: Duration::from_secs(2),
+            claim_limit: Default::default(),
         },
         stopped,
     ));
@@ -197,6 +199,7 @@ async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
         second.node.status().role == Role::Detached
     })
     .await;
+
     assert!(first
         .node
         .published()
@@ -310,11 +313,14 @@ async fn garbage_and_impostors_never_reach_raft() {
     let impostor = start(Identity::bootstrap(2).expect("identity"), true, "imp", 0).await;
     impostor
         .node
-        .propose(Command::UpsertNode(NodeInfo {
-            id: 1,
-            name: "h1".into(),
-            peer_addr: first.addr.to_string(),
-        }))
+        .change_membership(Membership::AddLearner {
+            info: NodeInfo {
+                id: 3,
+                name: "h1".into(),
+                peer_addr: first.addr.to_string(),
+            },
+            cert: [0; 32],
+        })
         .await
         .expect("impostor's own registry");
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -330,4 +336,210 @@ async fn garbage_and_impostors_never_reach_raft() {
         .propose(container(1, "still", "10.0.0.9"))
         .await
         .expect("still writable");
+}
+
+/// The context a node gives its proposals: proposer node, run, request id.
+fn proposer_context(node: u64) -> Vec<u8> {
+    [node, 1, 999]
+        .iter()
+        .flat_map(|w| w.to_be_bytes())
+        .collect()
+}
+
+/// A forwarded proposal as raft-rs sends it, from `from` to `to`, naming `proposer`.
+fn forwarded(from: u64, to: u64, proposer: u64, command: &Command) -> Message {
+    let entry = Entry {
+        data: command.encode().into(),
+        context: proposer_context(proposer).into(),
+        ..Default::default()
+    };
+    Message {
+        msg_type: MessageType::MsgPropose,
+        from,
+        to,
+        entries: vec![entry].into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_changes_only_its_own_records() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let token = first.transport.identity().token();
+    let second = join_node(&first, &token, "h2").await;
+    wait("h2 knows the leader", || {
+        second.node.status().leader == Some(1)
+    })
+    .await;
+    propose(&first.node, container(1, "db", "10.0.1.2")).await;
+    propose(&second.node, container(2, "web", "10.0.2.2")).await;
+    wait("replicated", || {
+        resolves(&second, "db") && resolves(&first, "web")
+    })
+    .await;
+
+    // Through its own node's API: refused at once, with the reason.
+    for command in [
+        container(1, "db", "10.0.2.66"),
+        Command::UpsertNode(NodeInfo {
+            id: 1,
+            name: "h1".into(),
+            peer_addr: second.addr.to_string(),
+        }),
+        Command::SetNodeDown {
+            node: 1,
+            down: true,
+        },
+        Command::SetNodeSubnets {
+            node: 2,
+            subnets: vec![Subnet::new("10.0.0.0".parse().expect("ip"), 8).expect("subnet")],
+        },
+    ] {
+        let e = second
+            .node
+            .propose(command.clone())
+            .await
+            .expect_err("refused");
+        assert!(
+            e.to_string().contains("may not change") || e.to_string().contains("wider"),
+            "{command:?}: {e}"
+        );
+    }
+    // As a member that skips its own checks would send them, over its authenticated
+    // connection: the leader drops them before Raft sees them.
+    let outbox = second.transport.outbox();
+    outbox.send(vec![
+        forwarded(2, 1, 2, &container(1, "db", "10.0.2.66")),
+        forwarded(2, 1, 1, &container(1, "evil", "10.0.2.67")),
+        forwarded(
+            2,
+            1,
+            2,
+            &Command::UpsertNode(NodeInfo {
+                id: 1,
+                name: "h1".into(),
+                peer_addr: second.addr.to_string(),
+            }),
+        ),
+        forwarded(2, 1, 2, &Command::RemoveNode { node: 1 }),
+    ]);
+    // A message claiming another sender than the connection's certificate: the stream closes.
+    outbox.send(vec![forwarded(3, 1, 3, &container(1, "evil", "10.0.2.68"))]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    propose(&second.node, container(2, "after", "10.0.2.3")).await;
+    wait("its own writes still go through", || {
+        resolves(&first, "after")
+    })
+    .await;
+    for n in [&first, &second] {
+        let published = n.node.published().load();
+        let registry = &published.registry;
+        assert_eq!(
+            registry.resolve("db", None, None),
+            Resolution::Found(vec!["10.0.1.2".parse().expect("ip")])
+        );
+        assert!(!resolves(n, "evil"));
+        assert_eq!(
+            registry.node(1).map(|i| i.peer_addr.clone()),
+            Some(first.addr.to_string())
+        );
+        assert!(!registry.is_down(1) && registry.node_subnets(2).is_empty());
+    }
+    assert_eq!(first.node.status().voters, vec![1]);
+}
+
+/// A TLS server with a certificate of the cluster's CA for `node_id`, minted by a removed node
+/// that kept the CA key, answering every connection with a forged "removed" refusal. Counts the
+/// connections on which a dialer said anything.
+async fn impostor(
+    stolen: &Identity,
+    node_id: u64,
+    addr: SocketAddr,
+) -> Arc<std::sync::atomic::AtomicUsize> {
+    let key = linkdns_cluster::identity::new_node_key().expect("key");
+    let forged = Identity {
+        node_id,
+        node_cert: stolen
+            .issue(node_id, &linkdns_cluster::identity::RawPublicKey::of(&key))
+            .expect("mint"),
+        node_key: key.serialize_der(),
+        ..stolen.clone()
+    };
+    let (chain, key) = forged.chain();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("tls 1.3")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let spoken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = spoken.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let refusal = b"removed from the cluster: node 1";
+                let mut frame = ((refusal.len() + 1) as u32).to_be_bytes().to_vec();
+                frame.push(8);
+                frame.extend_from_slice(refusal);
+                let _ = tls.write_all(&frame).await;
+                let mut buf = [0u8; 64];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf)).await
+                {
+                    if n > 0 {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    spoken
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_removal_from_an_unbound_certificate_retires_nobody() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let token = first.transport.identity().token();
+    let second = join_node(&first, &token, "h2").await;
+    let third = join_node(&first, &token, "h3").await;
+    wait("two learners caught up", || {
+        [2, 3].iter().all(|id| {
+            first
+                .node
+                .status()
+                .matched
+                .get(id)
+                .is_some_and(|&m| m >= first.node.status().applied_index)
+        })
+    })
+    .await;
+    // h3 is removed; it kept the CA key (a learner today still gets it).
+    let stolen = third.transport.identity().clone();
+    remove(&first.addr.to_string(), first.transport.identity(), "h3")
+        .await
+        .expect("remove");
+    // h2 goes away; the impostor takes its address with a certificate for node 2.
+    let second_addr = second.addr;
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spoken = impostor(&stolen, 2, second_addr).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        spoken.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "h1 talked to a certificate that is not the one bound to node 2"
+    );
+    let status = first.node.status();
+    assert_eq!(status.role, Role::Leader);
+    assert!(!first.node.published().load().registry.is_retiring(1));
+    propose(&first.node, container(1, "still", "10.0.1.9")).await;
 }
