@@ -39,12 +39,18 @@ enum Cmd {
     /// Run a node: watch Docker, replicate records through Raft, serve DNS.
     Run(Box<RunArgs>),
     /// Join an existing cluster through any member, then run (later starts: `linkdns run`).
+    /// The token comes from --token-file or LINKDNS_TOKEN; once admitted, the process
+    /// continues as `linkdns run`, with no token in its arguments or environment.
     Join {
         /// Peer address of any member (ip:port, its --peer-listen / --advertise-addr).
         peer: String,
-        /// The token `linkdns token` prints on a member.
-        #[arg(long, env = "LINKDNS_TOKEN")]
-        token: String,
+        /// A file holding the token `linkdns token` prints on a member (keep it mode 0600).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The token itself. Discouraged: every local user sees it in the process list while
+        /// the join runs. Use --token-file or LINKDNS_TOKEN.
+        #[arg(long)]
+        token: Option<String>,
         #[command(flatten)]
         args: Box<RunArgs>,
     },
@@ -103,7 +109,12 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| Cmd::Run(Box::new(RunOnly::parse_from(["linkdns"]).args)));
     let result = match command {
         Cmd::Run(args) => run_node(*args, None),
-        Cmd::Join { peer, token, args } => run_node(*args, Some((peer, token))),
+        Cmd::Join {
+            peer,
+            token_file,
+            token,
+            args,
+        } => run_node(*args, Some((peer, token, token_file))),
         Cmd::Status { data_dir, json } => status::print(&data_dir, json),
         Cmd::Routes {
             data_dir,
@@ -132,7 +143,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_node(args: RunArgs, join: Option<(String, String)>) -> anyhow::Result<()> {
+type JoinWith = (String, Option<String>, Option<PathBuf>);
+
+fn run_node(args: RunArgs, join: Option<JoinWith>) -> anyhow::Result<()> {
     let config = config::Config::resolve(&args)?;
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -141,7 +154,12 @@ fn run_node(args: RunArgs, join: Option<(String, String)>) -> anyhow::Result<()>
         .build()?;
     match join {
         None => runtime.block_on(run::run(config)),
-        Some((peer, token)) => runtime.block_on(members::join(config, &peer, &token)),
+        Some((peer, token, token_file)) => {
+            let token = members::join_token(token, token_file.as_deref())?;
+            runtime.block_on(members::join(config, &peer, &token))?;
+            drop(runtime);
+            members::continue_as_run()
+        }
     }
 }
 

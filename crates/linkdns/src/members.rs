@@ -28,10 +28,98 @@ fn load(data_dir: &Path) -> anyhow::Result<Identity> {
     }
 }
 
-/// `linkdns join PEER --token TOKEN`: asks the cluster to admit this host, stores the identity
-/// it gets, then runs the node. Later starts are plain `linkdns run`.
-pub async fn join(config: Config, peer: &str, token: &str) -> anyhow::Result<()> {
-    let token: Token = token.parse()?;
+/// The join token: from `--token-file`, else `LINKDNS_TOKEN`, else `--token` (with a warning:
+/// the process list shows it). It is a credential: never logged, never echoed in errors.
+pub fn join_token(flag: Option<String>, file: Option<&Path>) -> anyhow::Result<Token> {
+    let env = std::env::var(TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let given = [file.is_some(), env.is_some(), flag.is_some()];
+    if given.iter().filter(|&&g| g).count() > 1 {
+        bail!("give the join token one way: --token-file, {TOKEN_ENV} or --token");
+    }
+    let text = if let Some(path) = file {
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), "the token file is readable by other users; make it mode 0600");
+            }
+        }
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?
+    } else if let Some(env) = env {
+        env
+    } else if let Some(flag) = flag {
+        tracing::warn!("--token puts the token in the process list, where every local user can read it while the join runs; use --token-file or {TOKEN_ENV}");
+        flag
+    } else {
+        bail!("no join token: give --token-file FILE or {TOKEN_ENV} (`linkdns token` on a member prints it)");
+    };
+    Ok(text.trim().parse()?)
+}
+
+/// The environment variable a join token may come from.
+const TOKEN_ENV: &str = "LINKDNS_TOKEN";
+
+/// After a join: this process becomes `linkdns run` with the same options, so that no
+/// process keeps the token in its arguments (`/proc/PID/cmdline`) or environment. The pid
+/// stays the same (exec).
+pub fn continue_as_run() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let run = run_argv(&argv);
+    let (first, rest) = run.split_first().context("no argv[0]")?;
+    tracing::info!("admitted; continuing as `linkdns run`");
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(first)
+        .args(rest)
+        .env_remove(TOKEN_ENV)
+        .exec();
+    Err(anyhow::anyhow!(
+        "joined, but cannot continue as `linkdns run` ({err}); start it with `linkdns run` and the same options"
+    ))
+}
+
+/// `linkdns join PEER [--token T | --token-file F] OPTIONS` as `linkdns run OPTIONS`: the
+/// subcommand becomes `run`, the peer (the one positional argument) and the token options go.
+/// Every `run` option takes a value (a unit test holds that), so an option without `=` is
+/// followed by its value.
+pub fn run_argv(argv: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut args = argv.iter();
+    for a in args.by_ref() {
+        if a == "join" {
+            out.push("run".into());
+            break;
+        }
+        out.push(a.clone());
+    }
+    let mut peer_dropped = false;
+    while let Some(a) = args.next() {
+        let text = a.to_string_lossy();
+        if text == "--token" || text == "--token-file" {
+            args.next();
+        } else if text.starts_with("--token=") || text.starts_with("--token-file=") {
+        } else if text.starts_with('-') {
+            out.push(a.clone());
+            if !text.contains('=') {
+                if let Some(value) = args.next() {
+                    out.push(value.clone());
+                }
+            }
+        } else if !peer_dropped {
+            peer_dropped = true;
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// `linkdns join PEER --token-file FILE`: asks the cluster to admit this host and stores the
+/// identity it gets; the caller then continues as `linkdns run` ([`continue_as_run`]).
+pub async fn join(config: Config, peer: &str, token: &Token) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     if let Some(identity) = Identity::load(&config.data_dir)? {
@@ -57,12 +145,12 @@ pub async fn join(config: Config, peer: &str, token: &str) -> anyhow::Result<()>
         advertise: config.advertise_addr,
         listen_port: config.peer_listen.port(),
     };
-    let identity = linkdns_cluster::join(peer, &token, &me)
+    let identity = linkdns_cluster::join(peer, token, &me)
         .await
         .with_context(|| format!("cannot join the cluster through {peer}"))?;
     identity.save(&config.data_dir)?;
     tracing::info!(node = identity.node_id, cluster = %identity.cluster, "admitted as a learner; catching up");
-    crate::run::run(config).await
+    Ok(())
 }
 
 /// `linkdns remove NODE`: asks the leader (through the node on this data dir) to take `node`
@@ -96,4 +184,50 @@ fn local_peer(addr: &str) -> anyhow::Result<String> {
         .parse()
         .with_context(|| format!("peer address {addr:?}"))?;
     Ok(crate::run::reachable(addr).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_argv;
+    use clap::CommandFactory;
+
+    fn argv(s: &str) -> Vec<std::ffi::OsString> {
+        s.split_whitespace().map(Into::into).collect()
+    }
+
+    #[test]
+    fn a_join_continues_as_run_without_peer_or_token() {
+        for (join, run) in [
+            (
+                "linkdns join 10.0.0.1:7380 --token-file /t --data-dir /d",
+                "linkdns run --data-dir /d",
+            ),
+            (
+                "linkdns join --node-name h2 10.0.0.1:7380 --token LDNS1-x --routing=false",
+                "linkdns run --node-name h2 --routing=false",
+            ),
+            (
+                "linkdns join --token=LDNS1-x --docker unix:///s 10.0.0.1:7380 --token-file=/t",
+                "linkdns run --docker unix:///s",
+            ),
+        ] {
+            assert_eq!(run_argv(&argv(join)), argv(run), "{join}");
+        }
+    }
+
+    /// `run_argv` tells options from the peer by this: every `run` option takes a value.
+    #[test]
+    fn every_run_option_takes_a_value() {
+        let command = crate::RunOnly::command();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(
+                arg.get_action().takes_values() && !arg.is_positional(),
+                "--{id} takes no value: teach run_argv about it"
+            );
+        }
+    }
 }

@@ -24,7 +24,31 @@ pub(crate) fn form(mut hosts: Vec<Host>, extra: &[&str]) -> Vec<Host> {
     for h in rest {
         h.join_linkdns(&first[0], &token, extra);
     }
-    form_joined(hosts)
+    let hosts = form_joined(hosts);
+    assert_token_kept_secret(&hosts, &token);
+    hosts
+}
+
+/// No linkdns process shows the join token in its command line or environment, and no log
+/// holds its secret, once the hosts joined.
+fn assert_token_kept_secret(hosts: &[Host], token: &str) {
+    let secret = token.rsplit('-').next().expect("a token's secret part");
+    assert_eq!(secret.len(), 64, "token: {token}");
+    for h in hosts {
+        let pid = h.linkdns_pid().expect("linkdns runs");
+        for what in ["cmdline", "environ"] {
+            let bytes = std::fs::read(format!("/proc/{pid}/{what}")).expect("/proc");
+            let text = String::from_utf8_lossy(&bytes).replace('\0', " ");
+            assert!(
+                !text.contains(secret),
+                "token in /proc/{pid}/{what}: {text}"
+            );
+            if what == "cmdline" {
+                assert!(text.contains(" run "), "continues as run: {text}");
+            }
+        }
+        assert!(!h.log().contains(secret), "token in the log of {}", h.ns);
+    }
 }
 
 /// Waits for hosts whose first one bootstrapped and the others joined to form the cluster.

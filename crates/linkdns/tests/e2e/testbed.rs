@@ -546,17 +546,29 @@ impl Host {
         self.wait_for_dns();
     }
 
-    /// Starts `linkdns join <via's peer address> --token TOKEN` with the same options as
-    /// `start_linkdns`; later restarts are plain `linkdns run`.
+    /// Starts `linkdns join <via's peer address> --token-file FILE` (the token in a file of
+    /// mode 0600, as the README says) with the same options as `start_linkdns`; the process
+    /// continues as `linkdns run`, and later restarts are plain `linkdns run`.
     pub fn join_linkdns(&mut self, via: &Host, token: &str, extra: &[&str]) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join("join.token");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("token file");
+        std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes()).expect("token");
         self.subcommand = vec![
             "join".into(),
             via.peer_addr(),
-            "--token".into(),
-            token.to_string(),
+            "--token-file".into(),
+            path.to_string_lossy().into_owned(),
         ];
         self.start_linkdns(extra);
     }
+
 
     /// Restarts linkdns (after a kill or a stop) with the options it had.
     pub fn restart_linkdns(&mut self) {
