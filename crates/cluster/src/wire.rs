@@ -200,6 +200,7 @@ pub fn decode_messages(mut payload: &[u8]) -> Result<Vec<Message>, WireError> {
     for _ in 0..count {
         let len = u32::from_be_bytes(take(4, &mut payload)?.try_into().unwrap_or([0; 4]));
         let bytes = take(len as usize, &mut payload)?;
+        check_wire(&bytes, Schema::Message).map_err(malformed("raft message"))?;
         let m = Message::parse_from_bytes(&bytes)
             .map_err(|e| malformed("raft message")(e.to_string()))?;
         out.push(m);
@@ -257,11 +258,149 @@ impl Reassembly {
         }
         self.buf.extend_from_slice(bytes);
         if self.buf.len() as u64 == total {
+            check_wire(&self.buf, Schema::Message).map_err(malformed("snapshot message"))?;
             let m = Message::parse_from_bytes(&self.buf)
                 .map_err(|e| malformed("snapshot message")(e.to_string()))?;
             self.buf = Vec::new();
             return Ok(Some(m));
         }
         Ok(None)
+    }
+}
+
+/// The `eraftpb` messages that hold other messages, for [`check_wire`].
+#[derive(Clone, Copy, Debug)]
+enum Schema {
+    Message,
+    Entry,
+    Snapshot,
+    SnapshotMetadata,
+    ConfState,
+}
+
+impl Schema {
+    /// The message type of field `field`, if it holds a message.
+    fn nested(self, field: u64) -> Option<Schema> {
+        match (self, field) {
+            (Schema::Message, 7) => Some(Schema::Entry),
+            (Schema::Message, 9) => Some(Schema::Snapshot),
+            (Schema::Snapshot, 2) => Some(Schema::SnapshotMetadata),
+            (Schema::SnapshotMetadata, 1) => Some(Schema::ConfState),
+            _ => None,
+        }
+    }
+}
+
+/// Walks the protobuf encoding of a `schema` message before protobuf 2 parses it, and refuses
+/// groups (wire types 3 and 4) anywhere in it. `eraftpb` is proto3 and has none; protobuf 2.28
+/// skips an unknown group by recursion without a bound, so a deep nest of them would overflow
+/// the stack (RUSTSEC-2024-0437, which raft 0.7 brings in with or without its prost codec).
+/// The walk's own depth is that of the schema (four at most).
+fn check_wire(mut bytes: &[u8], schema: Schema) -> Result<(), String> {
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes)?;
+        match key & 7 {
+            0 => {
+                varint(&mut bytes)?;
+            }
+            1 => bytes = skip(bytes, 8)?,
+            5 => bytes = skip(bytes, 4)?,
+            2 => {
+                let len = usize::try_from(varint(&mut bytes)?)
+                    .map_err(|_| "length out of range".to_string())?;
+                if len > bytes.len() {
+                    return Err("a field runs past the end".into());
+                }
+                let (body, rest) = bytes.split_at(len);
+                if let Some(inner) = schema.nested(key >> 3) {
+                    check_wire(body, inner)?;
+                }
+                bytes = rest;
+            }
+            t => {
+                return Err(format!(
+                    "wire type {t} in {schema:?} (groups are no part of eraftpb)"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn varint(bytes: &mut &[u8]) -> Result<u64, String> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = bytes
+            .split_first()
+            .ok_or_else(|| "truncated varint".to_string())?;
+        *bytes = rest;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err("varint longer than ten bytes".into())
+}
+
+fn skip(bytes: &[u8], n: usize) -> Result<&[u8], String> {
+    bytes
+        .get(n..)
+        .ok_or_else(|| "a fixed-width field runs past the end".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::{ConfState, Entry, MessageType, Snapshot, SnapshotMetadata};
+
+    #[test]
+    fn raft_messages_pass_and_groups_are_refused_before_protobuf_sees_them() {
+        let mut snapshot = Snapshot::default();
+        let mut meta = SnapshotMetadata::default();
+        meta.set_conf_state(ConfState::from((vec![1, 2, 3], vec![4])));
+        meta.index = 9;
+        snapshot.set_metadata(meta);
+        snapshot.data = vec![7; 300].into();
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = 2;
+        m.entries = vec![Entry {
+            data: vec![1, 2, 3].into(),
+            context: vec![0; 24].into(),
+            ..Default::default()
+        }]
+        .into();
+        m.set_snapshot(snapshot);
+        let frame = encode_messages(&[m.clone(), m.clone()]);
+        assert_eq!(
+            decode_messages(&frame).expect("decodes"),
+            vec![m.clone(), m]
+        );
+
+        // 100,000 nested start-group tags (field 20, wire type 3) as an unknown field, at the
+        // top and inside an entry: protobuf 2.28 would recurse once per tag.
+        let groups = [0xa3, 0x01].repeat(100_000);
+        let mut entry = vec![0x22, 0x01, 0x00]; // data = [0]
+        entry.extend_from_slice(&groups);
+        let mut nested = vec![0x3a]; // entries: one Entry
+        let mut len = entry.len();
+        while len >= 0x80 {
+            nested.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        nested.push(len as u8);
+        nested.extend_from_slice(&entry);
+        for message in [groups, nested] {
+            let mut frame = 1u32.to_be_bytes().to_vec();
+            frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&message);
+            let e = decode_messages(&frame).expect_err("refused");
+            assert!(e.to_string().contains("wire type 3"), "{e}");
+        }
+        // Truncations and overlong varints are refused too, never read past the end.
+        for bad in [&[0x08][..], &[0x3a, 0x05, 0x01], &[0xff; 11]] {
+            assert!(check_wire(bad, Schema::Message).is_err());
+        }
     }
 }

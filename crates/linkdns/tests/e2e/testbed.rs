@@ -569,7 +569,6 @@ impl Host {
         self.start_linkdns(extra);
     }
 
-
     /// Restarts linkdns (after a kill or a stop) with the options it had.
     pub fn restart_linkdns(&mut self) {
         self.spawn_linkdns();
