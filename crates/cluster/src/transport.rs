@@ -43,8 +43,15 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// A member stream with no frame for this long (pings come every second) is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Inbound connections at once, authenticated or not.
+/// Inbound connections at once from the addresses of registered nodes.
 const MAX_CONNECTIONS: usize = 256;
+/// Inbound connections at once from any other address (joining hosts, strangers): their own
+/// small pool, so a flood of them never takes a member's slot.
+const MAX_STRANGERS: usize = 32;
+/// ... and from one such address.
+const MAX_PER_STRANGER: usize = 4;
+/// A stranger must finish its TLS handshake and first frame within this.
+const STRANGER_HANDSHAKE: Duration = Duration::from_secs(3);
 
 /// The transport of one member. Cheap to clone.
 #[derive(Clone)]
@@ -73,6 +80,36 @@ pub(crate) struct Inner {
     /// One membership change at a time from this node's control handler.
     pub(crate) admission: tokio::sync::Mutex<()>,
     connections: Arc<tokio::sync::Semaphore>,
+    strangers: Arc<tokio::sync::Semaphore>,
+    /// Connections open per stranger address.
+    per_stranger: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// The slot an accepted connection holds until it closes.
+enum Slot {
+    Member {
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    },
+    Stranger {
+        _permit: tokio::sync::OwnedSemaphorePermit,
+        ip: std::net::IpAddr,
+        counts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    },
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Slot::Stranger { ip, counts, .. } = self {
+            if let Ok(mut counts) = counts.lock() {
+                if let Some(n) = counts.get_mut(ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        counts.remove(ip);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What certificate a peer claiming to be some node must present.
@@ -118,6 +155,8 @@ impl Transport {
                 shutdown,
                 admission: tokio::sync::Mutex::new(()),
                 connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+                strangers: Arc::new(tokio::sync::Semaphore::new(MAX_STRANGERS)),
+                per_stranger: Arc::new(Mutex::new(HashMap::new())),
             }),
         })
     }
@@ -251,6 +290,56 @@ impl Inner {
             .or(observed)
             .map(|a| a.to_string())
             .unwrap_or_default()
+    }
+
+    /// Whether `ip` is the address of a registered node (or of a peer that said hello).
+    fn is_member_ip(&self, ip: std::net::IpAddr) -> bool {
+        let ip = linkdns_registry::canonical_ip(ip);
+        let registered = self.node().is_some_and(|node| {
+            node.published().load().registry.nodes().any(|n| {
+                n.peer_addr
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|a| linkdns_registry::canonical_ip(a.ip()) == ip)
+            })
+        });
+        registered
+            || self.learned.lock().is_ok_and(|l| {
+                l.values()
+                    .any(|a| linkdns_registry::canonical_ip(a.ip()) == ip)
+            })
+    }
+
+    /// A slot for a connection from `remote`: the members' pool for a registered node's
+    /// address, else the strangers' (which also caps each address).
+    fn admit(&self, remote: SocketAddr) -> Result<Slot, &'static str> {
+        if self.is_member_ip(remote.ip()) {
+            return self
+                .connections
+                .clone()
+                .try_acquire_owned()
+                .map(|permit| Slot::Member { _permit: permit })
+                .map_err(|_| "too many member connections");
+        }
+        let ip = linkdns_registry::canonical_ip(remote.ip());
+        let mut counts = self
+            .per_stranger
+            .lock()
+            .map_err(|_| "connection table unavailable")?;
+        let mine = counts.get(&ip).copied().unwrap_or(0);
+        if mine >= MAX_PER_STRANGER {
+            return Err("too many connections from this address");
+        }
+        let permit = self
+            .strangers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "too many connections from addresses that are not members")?;
+        counts.insert(ip, mine + 1);
+        Ok(Slot::Stranger {
+            _permit: permit,
+            ip,
+            counts: self.per_stranger.clone(),
+        })
     }
 
     fn learn(&self, peer: u64, addr: &str) {
@@ -608,6 +697,8 @@ async fn write(stream: &mut ClientStream, bytes: &[u8]) -> Result<(), WireError>
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     let mut shutdown = inner.shutdown.clone();
     let acceptor = TlsAcceptor::from(inner.tls.server.clone());
+    let mut refused = 0u64;
+    let mut last_log: Option<Instant> = None;
     loop {
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -620,18 +711,39 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
             },
             _ = shutdown.changed() => return,
         };
-        let Ok(permit) = inner.connections.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %remote, limit = MAX_CONNECTIONS, "too many peer connections; refused");
-            continue;
+        let slot = match inner.admit(remote) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                drop(tcp);
+                // One line per ten seconds, however many: a flood must not flood the log.
+                refused += 1;
+                if last_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(peer = %remote, %reason, refused, "peer connections refused");
+                    refused = 0;
+                    last_log = Some(Instant::now());
+                }
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let inner = inner.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            if let Err(reason) = serve_connection(&inner, acceptor, tcp, remote).await {
-                tracing::warn!(peer = %remote, %reason, "peer connection refused");
+            let deadline = match slot {
+                Slot::Member { .. } => HANDSHAKE_TIMEOUT,
+                Slot::Stranger { .. } => STRANGER_HANDSHAKE,
+            };
+            if let Err(reason) = serve_connection(&inner, acceptor, tcp, remote, deadline).await {
+                match slot {
+                    Slot::Member { .. } => {
+                        tracing::warn!(peer = %remote, %reason, "peer connection refused")
+                    }
+                    Slot::Stranger { .. } => {
+                        tracing::debug!(peer = %remote, %reason, "peer connection refused")
+                    }
+                }
             }
-            drop(permit);
+            drop(slot);
         });
     }
 }
@@ -643,9 +755,12 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     remote: SocketAddr,
+    deadline: Duration,
 ) -> Result<(), String> {
     let local = tcp.local_addr().ok();
-    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    // The handshake and the first frame together, within the deadline.
+    let deadline = tokio::time::Instant::now() + deadline;
+    let mut tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
@@ -655,8 +770,8 @@ async fn serve_connection(
         .peer_certificates()
         .map(|c| c.to_vec())
         .unwrap_or_default();
-    let (kind, payload) = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
+    let (kind, payload) = tokio::time::timeout_at(
+        deadline,
         wire::read_frame_within(&mut tls, wire::MAX_FIRST_FRAME),
     )
     .await

@@ -6,6 +6,7 @@
 mod acl;
 mod answer;
 mod forward;
+mod limits;
 mod metrics;
 mod server;
 
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 pub use acl::Acl;
 pub use answer::{Zone, MAX_UDP_PAYLOAD};
 pub use forward::{parse_nameservers, upstreams_from_resolv_conf, Forwarder};
+pub use limits::Limits;
 pub use metrics::DnsMetrics;
 pub use server::{AnswerCache, Answerer, DnsServer, Holds, Identify, HOLD_LIMIT};
 

@@ -27,6 +27,16 @@ pub struct DnsMetrics {
     /// watcher to tell who it is.
     held: Histogram,
     held_expired: Counter,
+    /// UDP responses to clients outside the allowed set held back by rate limiting, by
+    /// verdict (dropped, or sent truncated).
+    rate_limited: Family<LimitLabels, Counter>,
+    /// TCP connections refused by the connection caps.
+    tcp_refused: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub verdict: &'static str,
 }
 
 impl Default for DnsMetrics {
@@ -40,13 +50,38 @@ impl Default for DnsMetrics {
             // 0.1 ms .. ~1.6 s
             held: Histogram::new(exponential_buckets(0.000_1, 2.0, 15)),
             held_expired: Counter::default(),
+            rate_limited: Family::default(),
+            tcp_refused: Counter::default(),
         }
     }
 }
 
 impl DnsMetrics {
+    /// One UDP response limited: sent truncated (`slipped`) or dropped.
+    pub fn record_rate_limited(&self, slipped: bool) {
+        let verdict = if slipped { "slipped" } else { "dropped" };
+        self.rate_limited
+            .get_or_create(&LimitLabels { verdict })
+            .inc();
+    }
+
+    /// One TCP connection refused by the caps.
+    pub fn record_tcp_refused(&self) {
+        self.tcp_refused.inc();
+    }
+
     /// Adds the metrics to `registry` under `linkdns_dns_*`.
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "linkdns_dns_rate_limited",
+            "UDP responses to clients outside the allowed set held back by rate limiting",
+            self.rate_limited.clone(),
+        );
+        registry.register(
+            "linkdns_dns_tcp_refused",
+            "DNS TCP connections refused by the connection caps",
+            self.tcp_refused.clone(),
+        );
         registry.register(
             "linkdns_dns_queries",
             "DNS queries answered, by query type and response code",

@@ -1,5 +1,8 @@
 //! DNS sockets: a UDP fast path (one blocking thread per address, answers cached as encoded
-//! bytes per registry version) and TCP through hickory-server. Both answer with [`Zone::decide`].
+//! bytes per registry version; responses to clients outside the allowed set rate-limited) and
+//! TCP (connections capped and admitted here, then framed and answered by hickory-server's
+//! stream and request handler). Both answer with [`Zone::decide`], and share one cap on
+//! queries forwarded upstream.
 
 use std::collections::HashMap;
 use std::iter;
@@ -24,6 +27,7 @@ use crate::answer::{
     MAX_UDP_PAYLOAD,
 };
 use crate::forward::Forwarder;
+use crate::limits::{truncated, Limits, Rrl, TcpSlots, Verdict};
 use crate::metrics::DnsMetrics;
 use crate::Error;
 
@@ -208,7 +212,7 @@ fn answer_offsets(bytes: &[u8]) -> Option<Vec<usize>> {
 }
 
 /// The position after the (possibly compressed) name at `pos`.
-fn skip_name(bytes: &[u8], mut pos: usize) -> Option<usize> {
+pub(crate) fn skip_name(bytes: &[u8], mut pos: usize) -> Option<usize> {
     loop {
         let len = *bytes.get(pos)?;
         match len {
@@ -576,26 +580,64 @@ fn reply_header_only(message: &Message) -> Message {
     m
 }
 
-/// A running DNS front end; dropping it stops the UDP threads.
+/// A running DNS front end; dropping it stops the UDP threads and the TCP listeners.
 pub struct DnsServer {
     stop: Arc<AtomicBool>,
     udp_threads: Vec<JoinHandle<()>>,
-    tcp: Option<hickory_server::Server<TcpHandler>>,
+    tcp_stop: watch::Sender<bool>,
+    tcp_tasks: tokio::task::JoinSet<()>,
     bound: Vec<SocketAddr>,
 }
 
+/// What the sockets of one server share besides the answerer.
+struct Shared {
+    answerer: Arc<Answerer>,
+    /// Queries forwarded upstream at once, over UDP and TCP together.
+    forwards: Arc<tokio::sync::Semaphore>,
+    rrl: Rrl,
+}
+
+impl Shared {
+    /// Whether `client` is one of the allowed set (containers, loopback, the cluster's hosts),
+    /// which no limit applies to.
+    fn allowed(&self, client: IpAddr) -> bool {
+        let published = self.answerer.published.load();
+        self.answerer.acl.allows(client, &published.registry)
+    }
+
+    /// The verdict of response-rate limiting on one UDP response to `client`.
+    fn rate(&self, client: IpAddr) -> Verdict {
+        if !self.rrl.enabled() || client.is_loopback() || self.allowed(client) {
+            return Verdict::Send;
+        }
+        let verdict = self.rrl.check(client, Instant::now());
+        if verdict != Verdict::Send {
+            self.answerer
+                .metrics
+                .record_rate_limited(verdict == Verdict::Slip);
+        }
+        verdict
+    }
+}
+
 impl DnsServer {
-    /// Binds UDP and TCP on every address and starts serving. Must run inside a tokio runtime.
+    /// Binds UDP and TCP on every address and starts serving with `limits`. Must run inside a
+    /// tokio runtime.
     pub async fn start(
         listen: &[SocketAddr],
         answerer: Arc<Answerer>,
-        tcp_idle: Duration,
+        limits: Limits,
     ) -> Result<DnsServer, Error> {
         let stop = Arc::new(AtomicBool::new(false));
         let runtime = tokio::runtime::Handle::current();
-        let mut tcp = hickory_server::Server::new(TcpHandler {
+        let shared = Arc::new(Shared {
             answerer: answerer.clone(),
+            forwards: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT)),
+            rrl: Rrl::new(&limits),
         });
+        let slots = TcpSlots::new(limits);
+        let (tcp_stop, tcp_stopped) = watch::channel(false);
+        let mut tcp_tasks = tokio::task::JoinSet::new();
         let mut udp_threads = Vec::new();
         let mut bound = Vec::new();
         for addr in listen {
@@ -609,11 +651,17 @@ impl DnsServer {
             socket
                 .set_read_timeout(Some(Duration::from_millis(200)))
                 .map_err(bind_err)?;
-            tcp.register_listener(listener, tcp_idle, 32);
-            let (answerer, stop, runtime) = (answerer.clone(), stop.clone(), runtime.clone());
+            tcp_tasks.spawn(tcp_accept_loop(
+                listener,
+                shared.clone(),
+                slots.clone(),
+                limits.tcp_idle,
+                tcp_stopped.clone(),
+            ));
+            let (shared, stop, runtime) = (shared.clone(), stop.clone(), runtime.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("dns-udp {local}"))
-                .spawn(move || udp_loop(socket, answerer, stop, runtime))
+                .spawn(move || udp_loop(socket, shared, stop, runtime))
                 .map_err(bind_err)?;
             udp_threads.push(thread);
             tracing::info!(addr = %local, "DNS listening (udp, tcp)");
@@ -622,7 +670,8 @@ impl DnsServer {
         Ok(DnsServer {
             stop,
             udp_threads,
-            tcp: Some(tcp),
+            tcp_stop,
+            tcp_tasks,
             bound,
         })
     }
@@ -634,9 +683,8 @@ impl DnsServer {
 
     pub async fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(mut tcp) = self.tcp.take() {
-            let _ = tcp.shutdown_gracefully().await;
-        }
+        let _ = self.tcp_stop.send(true);
+        while self.tcp_tasks.join_next().await.is_some() {}
         for t in self.udp_threads.drain(..) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
@@ -646,17 +694,39 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = self.tcp_stop.send(true);
     }
+}
+
+/// Sends a UDP response as response-rate limiting says: whole, truncated, or not at all.
+fn send_limited(shared: &Shared, socket: &UdpSocket, bytes: &[u8], src: SocketAddr) -> bool {
+    let slipped;
+    let bytes = match shared.rate(src.ip()) {
+        Verdict::Send => bytes,
+        Verdict::Drop => return false,
+        Verdict::Slip => match truncated(bytes) {
+            Some(t) => {
+                slipped = t;
+                &slipped
+            }
+            None => return false,
+        },
+    };
+    if let Err(e) = socket.send_to(bytes, src) {
+        tracing::debug!(%src, error = %e, "udp send failed");
+    }
+    true
 }
 
 fn udp_loop(
     socket: UdpSocket,
-    answerer: Arc<Answerer>,
+    shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
 ) {
     let socket = Arc::new(socket);
-    let forwards = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
+    let answerer = shared.answerer.clone();
+    let forwards = shared.forwards.clone();
     let mut cache = AnswerCache::new();
     let mut buf = vec![0u8; 65535];
     while !stop.load(Ordering::Relaxed) {
@@ -678,10 +748,9 @@ fn udp_loop(
         let started = Instant::now();
         match answerer.handle_datagram(&buf[..n], src, &mut cache, true) {
             Handled::Reply(bytes) => {
-                if let Err(e) = socket.send_to(&bytes, src) {
-                    tracing::debug!(%src, error = %e, "udp send failed");
+                if send_limited(&shared, &socket, &bytes, src) {
+                    answerer.metrics.observe_latency(started.elapsed());
                 }
-                answerer.metrics.observe_latency(started.elapsed());
             }
             Handled::Forward { udp_limit: limit } => {
                 let Ok(permit) = forwards.clone().try_acquire_owned() else {
@@ -706,24 +775,30 @@ fn udp_loop(
                     if let Handled::Reply(bytes) =
                         answerer.handle_datagram(&query, src, &mut scratch, false)
                     {
-                        let _ = socket.send_to(&bytes, src);
+                        send_limited(&shared, &socket, &bytes, src);
                     }
                     continue;
                 };
-                let (answerer, socket) = (answerer.clone(), socket.clone());
+                let (shared, socket) = (shared.clone(), socket.clone());
                 runtime.spawn(async move {
                     let _permit = permit;
+                    let answerer = &shared.answerer;
                     answerer.wait_for_asker(canonical_ip(src.ip())).await;
                     let mut scratch = AnswerCache::new();
                     match answerer.handle_datagram(&query, src, &mut scratch, false) {
                         Handled::Reply(bytes) => {
-                            if let Err(e) = socket.send_to(&bytes, src) {
-                                tracing::debug!(%src, error = %e, "udp send failed");
+                            if send_limited(&shared, &socket, &bytes, src) {
+                                answerer.metrics.observe_latency(started.elapsed());
                             }
-                            answerer.metrics.observe_latency(started.elapsed());
                         }
                         Handled::Forward { udp_limit: limit } => {
-                            forward_udp(&answerer, &socket, &query, src, limit, started).await;
+                            let Ok(_forward) = shared.forwards.clone().try_acquire_owned() else {
+                                if let Some(fail) = servfail_for(&query) {
+                                    let _ = socket.send_to(&fail, src);
+                                }
+                                return;
+                            };
+                            forward_udp(answerer, &socket, &query, src, limit, started).await;
                         }
                         Handled::Hold | Handled::Drop => {}
                     }
@@ -782,9 +857,98 @@ fn servfail_for(query: &[u8]) -> Option<Vec<u8>> {
     reply_to(&request, ResponseCode::ServFail).to_vec().ok()
 }
 
-/// TCP requests, through hickory-server.
+/// Accepts TCP connections while the caps allow, and serves each: hickory-server's stream
+/// frames the queries (and closes a connection idle for `idle`), [`TcpHandler`] answers them.
+async fn tcp_accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    slots: Arc<TcpSlots>,
+    idle: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use futures_util::StreamExt;
+    use hickory_server::net::runtime::iocompat::AsyncIoTokioAsStd;
+    use hickory_server::net::runtime::TokioTime;
+    use hickory_server::net::tcp::TcpStream;
+    use hickory_server::net::xfer::Protocol;
+    use hickory_server::server::{ResponseHandle, TimeoutStream};
+
+    let handler = Arc::new(TcpHandler {
+        shared: shared.clone(),
+    });
+    let mut connections = tokio::task::JoinSet::new();
+    let mut refused_since_log = 0u64;
+    let mut last_log = Instant::now();
+    loop {
+        let (tcp, src) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, say: wait, do not spin.
+                    tracing::warn!(error = %e, "DNS TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let allowed = src.ip().is_loopback() || shared.allowed(src.ip());
+        let slot = match slots.admit(src.ip(), allowed) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                drop(tcp);
+                shared.answerer.metrics.record_tcp_refused();
+                refused_since_log += 1;
+                if last_log.elapsed() > Duration::from_secs(10) {
+                    tracing::warn!(client = %src, %reason, refused = refused_since_log, open = slots.open(), "DNS TCP connections refused");
+                    refused_since_log = 0;
+                    last_log = Instant::now();
+                }
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let (stream, responses) =
+                TcpStream::from_stream_with_buffer_size(AsyncIoTokioAsStd(tcp), src, 32);
+            let mut stream = TimeoutStream::new(stream, idle);
+            loop {
+                let message = tokio::select! {
+                    m = stream.next() => m,
+                    _ = stop.changed() => None,
+                };
+                let Some(Ok(message)) = message else { break };
+                let (bytes, src) = message.into_parts();
+                let response = ResponseHandle::new(src, responses.clone(), Protocol::Tcp);
+                match Request::from_bytes(bytes.clone(), src, Protocol::Tcp) {
+                    Ok(request) => {
+                        handler
+                            .handle_request::<_, TokioTime>(&request, response)
+                            .await;
+                    }
+                    Err(_) => {
+                        handler.shared.answerer.metrics.record_malformed();
+                        if let Some(formerr) = formerr_for(&bytes) {
+                            let mut responses = responses.clone();
+                            let _ = hickory_server::net::DnsStreamHandle::send(
+                                &mut responses,
+                                hickory_server::proto::op::SerialMessage::new(formerr, src),
+                            );
+                        }
+                    }
+                }
+            }
+        });
+    }
+    connections.abort_all();
+}
+
+/// Answers TCP requests (hickory-server's request handler).
 pub struct TcpHandler {
-    answerer: Arc<Answerer>,
+    shared: Arc<Shared>,
 }
 
 #[async_trait::async_trait]
@@ -795,7 +959,7 @@ impl RequestHandler for TcpHandler {
         mut response_handle: R,
     ) -> ResponseInfo {
         let started = Instant::now();
-        let answerer = &self.answerer;
+        let answerer = &self.shared.answerer;
         let failed = |code: ResponseCode| {
             let mut metadata = Metadata::response_from_request(&request.metadata);
             metadata.response_code = code;
@@ -843,7 +1007,14 @@ impl RequestHandler for TcpHandler {
                         response
                     }
                     Decision::Forward => {
-                        let bytes = forward_or_servfail(answerer, request.as_slice(), true).await;
+                        // Counted with the UDP forwards: one cap for both.
+                        let permit = self.shared.forwards.clone().try_acquire_owned();
+                        let bytes = match permit {
+                            Ok(_permit) => {
+                                forward_or_servfail(answerer, request.as_slice(), true).await
+                            }
+                            Err(_) => None,
+                        };
                         match bytes.map(|b| Message::from_vec(&b)) {
                             Some(Ok(m)) => m,
                             _ => reply_to(&message, ResponseCode::ServFail),

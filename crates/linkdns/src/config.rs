@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use linkdns_dns::Limits;
 use linkdns_registry::{ClaimLimit, Subnet};
 use serde::Deserialize;
 
@@ -35,6 +36,10 @@ pub struct FileConfig {
     pub subnet_prefix: Option<u8>,
     pub max_claim_prefix: Option<u8>,
     pub max_claim_prefix_v6: Option<u8>,
+    pub rrl_rate: Option<u32>,
+    pub rrl_slip: Option<u32>,
+    pub dns_tcp_connections: Option<usize>,
+    pub dns_tcp_per_client: Option<usize>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -119,6 +124,20 @@ pub struct RunArgs {
     /// The widest IPv6 subnet one host may claim (48).
     #[arg(long, env = "LINKDNS_MAX_CLAIM_PREFIX_V6")]
     pub max_claim_prefix_v6: Option<u8>,
+    /// UDP responses per second to one client prefix (/24, /56) outside the allowed set;
+    /// 0 turns response-rate limiting off (20).
+    #[arg(long, env = "LINKDNS_RRL_RATE")]
+    pub rrl_rate: Option<u32>,
+    /// Of the responses over the rate, every Nth goes out truncated (TC=1), the rest are
+    /// dropped; 0 drops them all (2).
+    #[arg(long, env = "LINKDNS_RRL_SLIP")]
+    pub rrl_slip: Option<u32>,
+    /// DNS-over-TCP connections at once (1024); clients outside the allowed set get half.
+    #[arg(long, env = "LINKDNS_DNS_TCP_CONNECTIONS")]
+    pub dns_tcp_connections: Option<usize>,
+    /// DNS-over-TCP connections at once from one client address (16).
+    #[arg(long, env = "LINKDNS_DNS_TCP_PER_CLIENT")]
+    pub dns_tcp_per_client: Option<usize>,
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -145,6 +164,8 @@ pub struct Config {
     pub liveness_timeout: Duration,
     /// The widest subnets a host may claim (the leader keeps the cluster's at this).
     pub claim_limit: ClaimLimit,
+    /// Response-rate limiting and DNS TCP caps.
+    pub dns_limits: Limits,
     pub routing: bool,
     pub route_protocol: u8,
     /// Allocate each host's subnet from this pool, in blocks of the given prefix length.
@@ -228,6 +249,23 @@ impl Config {
                 claim_limit.v4,
                 claim_limit.v6
             );
+        }
+        let defaults = Limits::default();
+        let dns_limits = Limits {
+            rrl_rate: args.rrl_rate.or(file.rrl_rate).unwrap_or(defaults.rrl_rate),
+            rrl_slip: args.rrl_slip.or(file.rrl_slip).unwrap_or(defaults.rrl_slip),
+            tcp_connections: args
+                .dns_tcp_connections
+                .or(file.dns_tcp_connections)
+                .unwrap_or(defaults.tcp_connections),
+            tcp_per_client: args
+                .dns_tcp_per_client
+                .or(file.dns_tcp_per_client)
+                .unwrap_or(defaults.tcp_per_client),
+            tcp_idle: defaults.tcp_idle,
+        };
+        if dns_limits.tcp_connections < 2 || dns_limits.tcp_per_client == 0 {
+            bail!("dns_tcp_connections must be at least 2 and dns_tcp_per_client at least 1");
         }
         let ttl = args.ttl.or(file.ttl).unwrap_or(5);
         if ttl == 0 {
@@ -329,6 +367,7 @@ impl Config {
             voters,
             liveness_timeout: Duration::from_secs(liveness),
             claim_limit,
+            dns_limits,
             routing: args.routing.or(file.routing).unwrap_or(true),
             route_protocol,
             cluster_cidr,

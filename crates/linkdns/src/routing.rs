@@ -167,7 +167,13 @@ pub struct Routing {
     on_disk: u64,
     started: std::time::Instant,
     docker: HostDocker,
+    /// The last plan and when it was made: plans (a dry run of the firewall, four iptables
+    /// runs) come at most once per [`PLAN_EVERY`], one at a time; askers in between get it.
+    last_plan: tokio::sync::Mutex<Option<(std::time::Instant, RoutesStatus)>>,
 }
+
+/// How often `/routes?plan=true` makes a new plan.
+const PLAN_EVERY: Duration = Duration::from_secs(1);
 
 /// What [`Routing::docker_config`] reads of this host: its Docker networks (the view's), the
 /// network whose gateway DNS listens on, and the cluster domain.
@@ -211,6 +217,7 @@ impl Routing {
             started: std::time::Instant::now(),
             node,
             docker,
+            last_plan: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -300,9 +307,16 @@ impl Routing {
     pub async fn status(&self, plan: bool) -> RoutesStatus {
         let mut status = self.view();
         if plan {
+            let mut last = self.last_plan.lock().await;
+            if let Some((at, planned)) = last.as_ref() {
+                if at.elapsed() < PLAN_EVERY {
+                    return planned.clone();
+                }
+            }
             let registry = self.node.published().load_full();
             let desired = Desired::from_registry(&registry.registry, self.node.id());
             fill(&mut status, &self.dry_run(desired).await);
+            *last = Some((std::time::Instant::now(), status.clone()));
         }
         status
     }

@@ -164,7 +164,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }),
         metrics: dns_metrics.clone(),
     });
-    let mut dns = vec![DnsServer::start(&listen, answerer.clone(), Duration::from_secs(10)).await?];
+    let mut dns = vec![DnsServer::start(&listen, answerer.clone(), config.dns_limits).await?];
     let mut dns_addrs: Vec<SocketAddr> =
         dns.iter().flat_map(|d| d.local_addrs().to_vec()).collect();
 
@@ -288,7 +288,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                                 if dns_addrs.contains(&addr) {
                                     continue;
                                 }
-                                match DnsServer::start(&[addr], answerer.clone(), Duration::from_secs(10)).await {
+                                match DnsServer::start(&[addr], answerer.clone(), config.dns_limits).await {
                                     Ok(server) => {
                                         dns_addrs.push(addr);
                                         dns.push(server);

@@ -543,3 +543,34 @@ async fn a_forged_removal_from_an_unbound_certificate_retires_nobody() {
     assert!(!first.node.published().load().registry.is_retiring(1));
     propose(&first.node, container(1, "still", "10.0.1.9")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_half_open_connections_leave_members_their_slots() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let token = first.transport.identity().token();
+    // 1,000 connections from another address than any node's, each sending a fragment of a
+    // TLS ClientHello and then nothing.
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        let mut tcp = socket.connect(first.addr).await.expect("connect");
+        let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await;
+        flood.push(tcp);
+    }
+    // Meanwhile a host joins (new connections both ways) and its write commits.
+    let second = join_node(&first, &token, "h2").await;
+    wait("h2 knows the leader", || {
+        second.node.status().leader == Some(1)
+    })
+    .await;
+    propose(&second.node, container(2, "web", "10.0.2.2")).await;
+    wait("h2's write on h1", || resolves(&first, "web")).await;
+    propose(&first.node, container(1, "db", "10.0.1.2")).await;
+    wait("h1's write on h2", || resolves(&second, "db")).await;
+    // The flood is still connected (or was dropped by the node, never let in).
+    assert_eq!(flood.len(), 1000);
+    drop(flood);
+}

@@ -3,6 +3,7 @@
 
 mod answers;
 mod cluster;
+mod limits;
 mod routes;
 mod testbed;
 mod upstream;
