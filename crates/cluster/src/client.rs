@@ -11,7 +11,7 @@ use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::identity::{fingerprint, new_node_key, Identity, RawPublicKey, Token};
+use crate::identity::{fingerprint, new_node_key, Identity, RawPublicKey, Secret, Token};
 use crate::tls::{join_client, MemberTls};
 use crate::wire::{self, Reply, Request};
 use crate::Error;
@@ -55,8 +55,8 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
             Reply::Joined {
                 node_id,
                 node_cert,
+                expires,
                 ca_cert,
-                ca_key,
                 members,
             } => {
                 if fingerprint(&ca_cert) != token.ca_fingerprint {
@@ -69,9 +69,11 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
                     node_id,
                     secret: token.secret.clone(),
                     ca_cert,
-                    ca_key,
+                    // A learner never holds the CA key; a voter fetches it (`credentials`).
+                    ca_key: Vec::new(),
                     node_cert,
                     node_key: key.serialize_der(),
+                    node_cert_expires: expires,
                     peers: members,
                 });
             }
@@ -80,9 +82,7 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
                 target = leader;
             }
             Reply::Refused { reason } => return Err(Error::JoinRefused(reason)),
-            Reply::Removed { .. } => {
-                return Err(Error::Protocol("unexpected reply to a join".into()))
-            }
+            _ => return Err(Error::Protocol("unexpected reply to a join".into())),
         }
     }
     Err(Error::JoinRefused(
@@ -93,25 +93,68 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
 /// Asks the cluster (through `peer`, any member) to remove `node` (a name or an id). Returns the
 /// removed node's id.
 pub async fn remove(peer: &str, identity: &Identity, node: &str) -> Result<u64, Error> {
+    let request = Request::Remove {
+        node: node.to_string(),
+    };
+    match member_request(peer, identity, request).await? {
+        Reply::Removed { node_id } => Ok(node_id),
+        _ => Err(Error::Protocol("unexpected reply to a removal".into())),
+    }
+}
+
+/// Asks the leader (through `peer`) for a new certificate of this node for `key`. Returns the
+/// certificate and when it expires.
+pub async fn renew(
+    peer: &str,
+    identity: &Identity,
+    key: &rcgen::KeyPair,
+) -> Result<(Vec<u8>, u64), Error> {
+    let request = Request::Renew {
+        public_key: RawPublicKey::of(key).0,
+    };
+    match member_request(peer, identity, request).await? {
+        Reply::Renewed { node_cert, expires } => Ok((node_cert, expires)),
+        _ => Err(Error::Protocol("unexpected reply to a renewal".into())),
+    }
+}
+
+/// Asks a voter (through `peer`) for the CA key, which this node may hold once it is a voter.
+pub async fn fetch_ca_key(peer: &str, identity: &Identity) -> Result<Vec<u8>, Error> {
+    match member_request(peer, identity, Request::CaKey).await? {
+        Reply::CaKey { ca_key } => Ok(ca_key),
+        _ => Err(Error::Protocol(
+            "unexpected reply to a CA key request".into(),
+        )),
+    }
+}
+
+/// Asks the leader (through `peer`) for a new join secret; tokens with the old one are refused
+/// from the moment this returns. Returns the new token.
+pub async fn rotate_token(peer: &str, identity: &Identity) -> Result<Token, Error> {
+    match member_request(peer, identity, Request::RotateToken).await? {
+        Reply::Rotated { secret } => Ok(Token {
+            cluster: identity.cluster,
+            ca_fingerprint: fingerprint(&identity.ca_cert),
+            secret: Secret(secret),
+        }),
+        _ => Err(Error::Protocol(
+            "unexpected reply to a token rotation".into(),
+        )),
+    }
+}
+
+/// A member's request (with its certificate), following redirects to the leader.
+async fn member_request(peer: &str, identity: &Identity, req: Request) -> Result<Reply, Error> {
     let tls = MemberTls::new(identity)?;
     // The callee may be any member (redirects follow the leader): check it is one.
     let name = ServerName::try_from(crate::identity::member_name(identity.cluster))
         .map_err(|e| Error::Crypto(e.to_string()))?;
     let mut target = peer.to_string();
     for _ in 0..MAX_REDIRECTS {
-        let reply = request(&target, tls.client.clone(), name.clone(), |_| {
-            Request::Remove {
-                node: node.to_string(),
-            }
-        })
-        .await?;
-        match reply {
-            Reply::Removed { node_id } => return Ok(node_id),
+        match request(&target, tls.client.clone(), name.clone(), |_| req.clone()).await? {
             Reply::Redirect { leader } => target = leader,
             Reply::Refused { reason } => return Err(Error::JoinRefused(reason)),
-            Reply::Joined { .. } => {
-                return Err(Error::Protocol("unexpected reply to a removal".into()))
-            }
+            reply => return Ok(reply),
         }
     }
     Err(Error::JoinRefused(

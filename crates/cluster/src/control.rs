@@ -29,71 +29,170 @@ pub(crate) async fn handle(
     let Some(node) = inner.node() else {
         return refused("this node is still starting; retry in a moment");
     };
+    if let Request::Join {
+        version,
+        cluster,
+        secret,
+        name,
+        peer_addr,
+        public_key,
+    } = request
+    {
+        if version != wire::PROTOCOL_VERSION {
+            return refused(format!(
+                "protocol version {version}; this node speaks {}: use the same linkdns version",
+                wire::PROTOCOL_VERSION
+            ));
+        }
+        if cluster != inner.cluster {
+            return refused(format!(
+                "the token is for cluster {cluster}, this node belongs to cluster {}",
+                inner.cluster
+            ));
+        }
+        if !join_secret_matches(inner, node, &Secret(secret)) {
+            return refused("wrong join token: the secret does not match this cluster's (was it rotated? `linkdns token` on a member prints the current one)");
+        }
+        if let Some(reply) = redirect_unless_leader(node) {
+            return reply;
+        }
+        let _one_at_a_time = inner.admission.lock().await;
+        return admit(inner, node, name, peer_addr, public_key, local, remote).await;
+    }
+    // Everything else is a member's request, made with its bound certificate.
+    let Some(member) = member_of(inner, node, certs) else {
+        return refused("only a member of the cluster, with its current certificate, may ask this");
+    };
     match request {
-        Request::Join {
-            version,
-            cluster,
-            secret,
-            name,
-            peer_addr,
-            public_key,
-        } => {
-            if version != wire::PROTOCOL_VERSION {
-                return refused(format!(
-                    "protocol version {version}; this node speaks {}: use the same linkdns version",
-                    wire::PROTOCOL_VERSION
-                ));
+        Request::Join { .. } => refused("a join is not a member's request"),
+        Request::CaKey => {
+            let identity = inner.identity.load();
+            if !node.status().voters.contains(&member) {
+                refused(format!(
+                    "node {member} is not a voter; only voters hold the CA key"
+                ))
+            } else if !identity.has_ca_key() {
+                refused("this node holds no CA key yet; ask the leader")
+            } else {
+                tracing::info!(node = member, "handing the CA key to a voter");
+                Reply::CaKey {
+                    ca_key: identity.ca_key.clone(),
+                }
             }
-            if cluster != inner.identity.cluster {
-                return refused(format!(
-                    "the token is for cluster {cluster}, this node belongs to cluster {}",
-                    inner.identity.cluster
-                ));
-            }
-            if !Secret(secret).matches(&inner.identity.secret) {
-                return refused("wrong join token: the secret does not match this cluster's");
-            }
+        }
+        Request::Renew { public_key } => {
             if let Some(reply) = redirect_unless_leader(node) {
                 return reply;
             }
-            let _one_at_a_time = inner.admission.lock().await;
-            admit(inner, node, name, peer_addr, public_key, local, remote).await
+            match renew(inner, node, member, &RawPublicKey(public_key)).await {
+                Ok((node_cert, expires)) => Reply::Renewed { node_cert, expires },
+                Err(reason) => refused(reason),
+            }
+        }
+        Request::RotateToken => {
+            if let Some(reply) = redirect_unless_leader(node) {
+                return reply;
+            }
+            match rotate(node).await {
+                Ok(secret) => {
+                    tracing::info!(
+                        by = member,
+                        "join secret rotated; tokens with the old one are refused from now on"
+                    );
+                    Reply::Rotated { secret: secret.0 }
+                }
+                Err(reason) => refused(reason),
+            }
         }
         Request::Remove { node: target } => {
-            let registry = node.published().load_full();
-            let status = node.status();
-            let member_ids = status
-                .members()
-                .chain(registry.registry.nodes().map(|n| n.id));
-            let mut ids: Vec<u64> = member_ids.collect();
-            ids.sort_unstable();
-            ids.dedup();
-            if !ids
-                .iter()
-                .any(|&id| crate::transport::check_node(inner, id, certs).is_ok())
-            {
-                return refused("only a member of the cluster may remove nodes");
-            }
             if let Some(reply) = redirect_unless_leader(node) {
                 return reply;
             }
+            let registry = node.published().load_full();
             let id = match registry.registry.node_by_name(&target) {
                 Some(n) => n.id,
                 None => match target.parse::<u64>() {
-                    Ok(id) if ids.contains(&id) => id,
+                    Ok(id) if member_ids(node).contains(&id) => id,
                     _ => return refused(format!("no node {target:?} in this cluster")),
                 },
             };
             let _one_at_a_time = inner.admission.lock().await;
             match retire_then_remove(inner, node, id).await {
                 Ok(()) => {
-                    tracing::info!(node = id, "node removed from the cluster");
+                    tracing::info!(node = id, by = member, "node removed from the cluster");
                     Reply::Removed { node_id: id }
                 }
                 Err(e) => refused(format!("cannot remove node {id}: {e}")),
             }
         }
     }
+}
+
+/// Every node id this node knows as a member or a registered node.
+fn member_ids(node: &NodeHandle) -> Vec<u64> {
+    let registry = node.published().load_full();
+    let mut ids: Vec<u64> = node
+        .status()
+        .members()
+        .chain(registry.registry.nodes().map(|n| n.id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The member whose bound, current certificate `certs` is.
+fn member_of(inner: &Inner, node: &NodeHandle, certs: &[CertificateDer<'static>]) -> Option<u64> {
+    member_ids(node)
+        .into_iter()
+        .find(|&id| crate::transport::check_node(inner, id, certs).is_ok())
+}
+
+/// Whether `secret` is the cluster's join secret: the one the log last set, else (a cluster
+/// whose first leader has not recorded it yet) this node's own.
+fn join_secret_matches(inner: &Inner, node: &NodeHandle, secret: &Secret) -> bool {
+    match node.published().load().registry.join_hash() {
+        Some(hash) => Secret(*hash).matches(&Secret(secret.hash())),
+        None => secret.matches(&inner.identity.load().secret),
+    }
+}
+
+/// A new certificate of member `id` for `key`, bound to it through the log before it is
+/// handed out (peers accept only the bound one).
+pub(crate) async fn renew(
+    inner: &Inner,
+    node: &NodeHandle,
+    id: u64,
+    key: &RawPublicKey,
+) -> Result<(Vec<u8>, u64), String> {
+    if key.0.len() != 65 || key.0.first() != Some(&4) {
+        return Err("the public key is not an uncompressed P-256 point".into());
+    }
+    let (cert, expires) = inner
+        .identity
+        .load()
+        .issue(id, key, inner.cert_validity())
+        .map_err(|e| format!("cannot issue a certificate: {e}"))?;
+    node.propose(Command::SetNodeCert {
+        node: id,
+        fingerprint: fingerprint(&cert),
+    })
+    .await
+    .map_err(|e| format!("cannot bind the new certificate: {e}"))?;
+    tracing::info!(node = id, expires, "certificate renewed");
+    Ok((cert, expires))
+}
+
+/// A new join secret: its hash goes through the log (the old secret is refused once that is
+/// applied, here at once); the secret itself goes only to the asker.
+async fn rotate(node: &NodeHandle) -> Result<Secret, String> {
+    let secret = Secret::random().map_err(|e| e.to_string())?;
+    node.propose(Command::SetJoinSecret {
+        hash: secret.hash(),
+    })
+    .await
+    .map_err(|e| format!("cannot record the new join secret: {e}"))?;
+    Ok(secret)
 }
 
 fn refused(reason: impl Into<String>) -> Reply {
@@ -159,7 +258,9 @@ async fn admit(
         let status = node.status();
         let highest_member = status.members().max().unwrap_or(0);
         let id = published.registry.next_node_id().max(highest_member + 1);
-        let node_cert = match inner.identity.issue(id, &RawPublicKey(public_key.clone())) {
+        let identity = inner.identity.load_full();
+        let issued = identity.issue(id, &RawPublicKey(public_key.clone()), inner.cert_validity());
+        let (node_cert, expires) = match issued {
             Ok(c) => c,
             Err(e) => return refused(format!("cannot issue a certificate: {e}")),
         };
@@ -181,13 +282,14 @@ async fn admit(
                     .filter_map(|n| registry.node_cert(n.id).map(|f| (n.id, *f)))
                     .collect();
                 if registry.node_cert(inner.id).is_none() {
-                    members.push((inner.id, inner.identity.cert_fingerprint()));
+                    members.push((inner.id, identity.cert_fingerprint()));
                 }
+                // No CA key: a new node is a learner.
                 return Reply::Joined {
                     node_id: id,
                     node_cert,
-                    ca_cert: inner.identity.ca_cert.clone(),
-                    ca_key: inner.identity.ca_key.clone(),
+                    expires,
+                    ca_cert: identity.ca_cert.clone(),
                     members,
                 };
             }

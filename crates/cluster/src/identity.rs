@@ -1,14 +1,18 @@
 //! Cluster identity: the cluster id, the join secret and the cluster CA, created at bootstrap;
 //! each node's id and certificate, issued by the CA when it joins; the join token.
 //!
-//! Every member keeps the CA key (any member can admit a new node, as any Swarm manager can),
-//! in `DIR/cluster.json`, mode 0600, written atomically. A node certificate names its node:
+//! Only voters keep the CA key (the leader, always a voter, admits new nodes and renews
+//! certificates): a learner never receives it, a promoted node fetches it from a voter, and a
+//! retired node's moved-aside file holds neither it nor the join secret. It lives in
+//! `DIR/cluster.json`, mode 0600, written atomically. A node certificate names its node:
 //! `node-<id>.<cluster>.linkdns`, plus `member.<cluster>.linkdns`, which a joining node (that
-//! knows no node ids yet) checks.
+//! knows no node ids yet) checks; it is valid for a limited time (`DEFAULT_CERT_VALIDITY`) and
+//! renewed through the leader well before it expires.
 
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -25,6 +29,12 @@ pub const IDENTITY_FILE: &str = "cluster.json";
 
 /// Prefix of join tokens: format version 1.
 const TOKEN_PREFIX: &str = "LDNS1";
+
+/// How long a node certificate is valid: renewed when a third of it is left.
+pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// A certificate's validity starts this far before its issue, for clocks a little behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// 16 random bytes naming a cluster.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -53,6 +63,20 @@ impl fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// A new random secret.
+    pub fn random() -> Result<Secret, Error> {
+        let mut secret = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| Error::Crypto("no system randomness".into()))?;
+        Ok(Secret(secret))
+    }
+
+    /// SHA-256 of the secret: what the log keeps of it.
+    pub fn hash(&self) -> [u8; 32] {
+        fingerprint(&self.0)
+    }
+
     /// Compares in time independent of where the secrets differ.
     pub fn matches(&self, other: &Secret) -> bool {
         self.0
@@ -69,12 +93,16 @@ pub struct Identity {
     pub cluster: ClusterId,
     pub node_id: u64,
     pub secret: Secret,
-    /// The cluster CA: certificate (DER) and key (PKCS#8 DER).
+    /// The cluster CA: certificate (DER) and key (PKCS#8 DER; empty on a node that is not a
+    /// voter).
     pub ca_cert: Vec<u8>,
     pub ca_key: Vec<u8>,
     /// This node's certificate (DER, issued by the CA) and key (PKCS#8 DER).
     pub node_cert: Vec<u8>,
     pub node_key: Vec<u8>,
+    /// When the node certificate expires (Unix seconds; 0: issued before certificates
+    /// expired, renewed at the first chance).
+    pub node_cert_expires: u64,
     /// The members at join time and their certificate fingerprints: trusted until this node's
     /// replica (which binds every member to its certificate) has them.
     pub peers: Vec<(u64, [u8; 32])>,
@@ -154,14 +182,54 @@ impl Identity {
             ca_key: ca_key.serialize_der(),
             node_cert: Vec::new(),
             node_key: node_key.serialize_der(),
+            node_cert_expires: 0,
             peers: Vec::new(),
         };
-        identity.node_cert = identity.issue(node_id, &RawPublicKey::of(&node_key))?;
+        let (cert, expires) =
+            identity.issue(node_id, &RawPublicKey::of(&node_key), DEFAULT_CERT_VALIDITY)?;
+        identity.node_cert = cert;
+        identity.node_cert_expires = expires;
         Ok(identity)
     }
 
-    /// Issues the certificate of node `node_id` for `public_key` (a joining node's key).
-    pub fn issue(&self, node_id: u64, public_key: &RawPublicKey) -> Result<Vec<u8>, Error> {
+    /// Whether this node holds the CA key (voters do).
+    pub fn has_ca_key(&self) -> bool {
+        !self.ca_key.is_empty()
+    }
+
+    /// Issues the certificate of node `node_id` for `public_key` (a joining or renewing node's
+    /// key), valid for `validity` from now. Returns it and when it expires (Unix seconds).
+    pub fn issue(
+        &self,
+        node_id: u64,
+        public_key: &RawPublicKey,
+        validity: Duration,
+    ) -> Result<(Vec<u8>, u64), Error> {
+        let now = unix_now();
+        let expires = now.saturating_add(validity.as_secs());
+        let cert = self.issue_between(
+            node_id,
+            public_key,
+            now.saturating_sub(CLOCK_SKEW.as_secs()),
+            expires,
+        )?;
+        Ok((cert, expires))
+    }
+
+    /// Issues a certificate of node `node_id` valid from `not_before` to `not_after` (Unix
+    /// seconds). Only a holder of the CA key can.
+    pub fn issue_between(
+        &self,
+        node_id: u64,
+        public_key: &RawPublicKey,
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<Vec<u8>, Error> {
+        if !self.has_ca_key() {
+            return Err(Error::Crypto(
+                "this node holds no CA key: only voters issue certificates".into(),
+            ));
+        }
         let ca_key = KeyPair::try_from(self.ca_key.as_slice()).map_err(crypto)?;
         let issuer = Issuer::new(ca_params(self.cluster), ca_key);
         let mut params = CertificateParams::new(vec![
@@ -178,6 +246,8 @@ impl Identity {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        params.not_before = datetime(not_before)?;
+        params.not_after = datetime(not_after)?;
         let cert = params.signed_by(public_key, &issuer).map_err(crypto)?;
         Ok(cert.der().to_vec())
     }
@@ -260,9 +330,15 @@ impl Identity {
         Ok(())
     }
 
-    /// Moves `DIR/cluster.json` aside (after this node left or was removed).
+    /// Moves `DIR/cluster.json` aside (after this node left or was removed), without the CA
+    /// key and the join secret: what stays is a record, nothing that lets anyone back in.
     pub fn retire(data_dir: &Path, suffix: &str) -> Result<PathBuf, Error> {
         let path = data_dir.join(IDENTITY_FILE);
+        if let Some(mut identity) = Identity::load(data_dir)? {
+            identity.ca_key.clear();
+            identity.secret = Secret([0; 32]);
+            identity.save(data_dir)?;
+        }
         let to = data_dir.join(format!("{IDENTITY_FILE}.{suffix}"));
         std::fs::rename(&path, &to).map_err(|source| Error::Io { path, source })?;
         Ok(to)
@@ -324,11 +400,26 @@ pub fn fingerprint(der: &[u8]) -> [u8; 32] {
     out
 }
 
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn datetime(unix: u64) -> Result<time::OffsetDateTime, Error> {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .ok_or_else(|| Error::Crypto(format!("time {unix} is out of range")))
+}
+
 fn crypto(e: rcgen::Error) -> Error {
     Error::Crypto(e.to_string())
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -355,6 +446,8 @@ struct Stored {
     node_cert: String,
     node_key: String,
     #[serde(default)]
+    node_cert_expires: u64,
+    #[serde(default)]
     peers: Vec<(u64, String)>,
 }
 
@@ -369,6 +462,7 @@ impl From<&Identity> for Stored {
             ca_key: hex(&i.ca_key),
             node_cert: hex(&i.node_cert),
             node_key: hex(&i.node_key),
+            node_cert_expires: i.node_cert_expires,
             peers: i.peers.iter().map(|(id, f)| (*id, hex(f))).collect(),
         }
     }
@@ -399,6 +493,7 @@ impl Stored {
             ca_key: bytes("ca_key", &self.ca_key)?,
             node_cert: bytes("node_cert", &self.node_cert)?,
             node_key: bytes("node_key", &self.node_key)?,
+            node_cert_expires: self.node_cert_expires,
             peers: self
                 .peers
                 .iter()

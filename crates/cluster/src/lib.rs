@@ -4,10 +4,12 @@
 //!   at join), join tokens, and their file in the data dir.
 //! - [`transport`]: Raft messages between members over mutual TLS.
 //! - control requests (join, remove), served by the leader ([`client`] is their caller side).
-//! - [`maintain`]: the leader's liveness verdicts and voter promotions.
+//! - [`maintain`]: the leader's liveness verdicts, voter promotions, claim limit, removals.
+//! - [`credentials`]: each node's CA key (voters only) and certificate renewal.
 
 pub mod client;
 mod control;
+pub mod credentials;
 pub mod identity;
 pub mod maintain;
 mod tls;
@@ -17,7 +19,8 @@ pub mod wire;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-pub use client::{join, remove, JoinAs};
+pub use client::{join, remove, rotate_token, JoinAs};
+pub use credentials::keep_credentials;
 pub use identity::{ClusterId, Identity, Token, IDENTITY_FILE};
 pub use maintain::{maintain, MaintainConfig};
 pub use transport::Transport;

@@ -71,6 +71,16 @@ pub async fn maintain(
                 verdicts.push(Command::SetNodeDown { node: n.id, down });
             }
         }
+        // A cluster whose join secret the log does not hold yet (new, or from before
+        // rotation): the first leader records its own, so every later leader checks joins.
+        if registry.join_hash().is_none() {
+            let secret = transport.identity().secret.clone();
+            if secret.0 != [0; 32] {
+                verdicts.push(Command::SetJoinSecret {
+                    hash: secret.hash(),
+                });
+            }
+        }
         if registry.claim_limit() != config.claim_limit {
             tracing::info!(
                 v4 = config.claim_limit.v4,

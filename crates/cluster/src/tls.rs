@@ -77,18 +77,25 @@ impl MemberTls {
         ServerName::try_from(node_name(self.cluster, id)).map_err(|e| Error::Crypto(e.to_string()))
     }
 
-    /// Whether `chain` (as presented by a client) is the certificate of node `id` of this
-    /// cluster. The handshake already checked the chain; this checks the name.
-    pub fn is_node(&self, chain: &[CertificateDer<'static>], id: u64) -> bool {
-        let Some((leaf, rest)) = chain.split_first() else {
-            return false;
-        };
-        let Ok(name) = self.server_name(id) else {
-            return false;
-        };
-        self.names
+    /// Whether `chain` (as presented by a client) is a current certificate of node `id` of
+    /// this cluster; if not, why. The handshake already checked the chain; this checks the
+    /// name, and the validity again (a connection outlives no certificate's check).
+    pub fn check_node(&self, chain: &[CertificateDer<'static>], id: u64) -> Result<(), String> {
+        let no = || format!("no certificate of this cluster for node {id}");
+        let (leaf, rest) = chain.split_first().ok_or_else(no)?;
+        let name = self.server_name(id).map_err(|_| no())?;
+        match self
+            .names
             .verify_server_cert(leaf, rest, &name, &[], UnixTime::now())
-            .is_ok()
+        {
+            Ok(_) => Ok(()),
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+            )) => Err(format!(
+                "the certificate of node {id} expired; it renews through the leader before that, so the node was away too long: remove it and join again"
+            )),
+            Err(_) => Err(no()),
+        }
     }
 }
 

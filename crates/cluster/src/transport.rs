@@ -12,7 +12,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use linkdns_raft::{NodeHandle, Outbox};
@@ -24,7 +27,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::control;
-use crate::identity::{fingerprint, Identity};
+use crate::identity::{fingerprint, ClusterId, Identity, DEFAULT_CERT_VALIDITY};
 use crate::tls::MemberTls;
 use crate::wire::{self, Hello, Reassembly, WireError};
 use crate::Error;
@@ -61,8 +64,15 @@ pub struct Transport {
 
 pub(crate) struct Inner {
     pub(crate) id: u64,
-    pub(crate) identity: Arc<Identity>,
-    pub(crate) tls: MemberTls,
+    pub(crate) cluster: ClusterId,
+    /// This node's identity and the TLS configurations made of it: replaced together when the
+    /// certificate is renewed or the CA key arrives.
+    pub(crate) identity: ArcSwap<Identity>,
+    pub(crate) tls: ArcSwap<MemberTls>,
+    /// Where the identity is saved when it changes (`None`: kept in memory only).
+    data_dir: Mutex<Option<PathBuf>>,
+    /// How long the certificates this node issues (as leader) are valid.
+    pub(crate) cert_validity: Mutex<Duration>,
     runtime: tokio::runtime::Handle,
     node: OnceLock<Arc<NodeHandle>>,
     queues: Mutex<HashMap<u64, PeerQueue>>,
@@ -142,8 +152,11 @@ impl Transport {
         Ok(Transport {
             inner: Arc::new(Inner {
                 id: identity.node_id,
-                identity: Arc::new(identity),
-                tls,
+                cluster: identity.cluster,
+                identity: ArcSwap::from_pointee(identity),
+                tls: ArcSwap::from_pointee(tls),
+                data_dir: Mutex::new(None),
+                cert_validity: Mutex::new(DEFAULT_CERT_VALIDITY),
                 runtime: tokio::runtime::Handle::current(),
                 node: OnceLock::new(),
                 queues: Mutex::new(HashMap::new()),
@@ -186,8 +199,30 @@ impl Transport {
         self.inner.observed.lock().ok().and_then(|a| *a)
     }
 
-    pub fn identity(&self) -> &Identity {
-        &self.inner.identity
+    /// This node's identity as it is now.
+    pub fn identity(&self) -> Arc<Identity> {
+        self.inner.identity.load_full()
+    }
+
+    /// Saves the identity to `data_dir` whenever it changes (a renewed certificate, the CA
+    /// key of a new voter).
+    pub fn set_data_dir(&self, data_dir: PathBuf) {
+        if let Ok(mut d) = self.inner.data_dir.lock() {
+            *d = Some(data_dir);
+        }
+    }
+
+    /// How long the certificates this node issues as leader are valid.
+    pub fn set_cert_validity(&self, validity: Duration) {
+        if let Ok(mut v) = self.inner.cert_validity.lock() {
+            *v = validity;
+        }
+    }
+
+    /// Replaces this node's identity (and its TLS configurations), saving it first when a
+    /// data dir is set: new connections present the new certificate.
+    pub fn replace_identity(&self, identity: Identity) -> Result<(), Error> {
+        self.inner.replace_identity(identity)
     }
 
     /// How long ago anything arrived from `peer`.
@@ -218,6 +253,27 @@ impl Transport {
 impl Inner {
     pub(crate) fn node(&self) -> Option<&Arc<NodeHandle>> {
         self.node.get()
+    }
+
+    pub(crate) fn replace_identity(&self, mut identity: Identity) -> Result<(), Error> {
+        let tls = MemberTls::new(&identity)?;
+        let dir = self.data_dir.lock().ok().and_then(|d| d.clone());
+        if let Some(dir) = dir {
+            // The join secret is the file's: `linkdns token --rotate` writes it there.
+            if let Ok(Some(on_disk)) = Identity::load(&dir) {
+                identity.secret = on_disk.secret;
+            }
+            identity.save(&dir)?;
+        }
+        self.identity.store(Arc::new(identity));
+        self.tls.store(Arc::new(tls));
+        Ok(())
+    }
+
+    pub(crate) fn cert_validity(&self) -> Duration {
+        self.cert_validity
+            .lock()
+            .map_or(DEFAULT_CERT_VALIDITY, |v| *v)
     }
 
     pub(crate) fn last_contact(&self, peer: u64) -> Option<Duration> {
@@ -261,7 +317,7 @@ impl Inner {
 
     /// The address peers reach `peer` at: from the replicated registry, else as the peer
     /// announced itself.
-    fn address_of(&self, peer: u64) -> Option<SocketAddr> {
+    pub(crate) fn address_of(&self, peer: u64) -> Option<SocketAddr> {
         let node = self.node()?;
         let published = node.published().load_full();
         let registered = published
@@ -370,7 +426,13 @@ impl Inner {
         if registry.node(peer).is_some() || node.status().is_member(peer) {
             return Expected::Unbound;
         }
-        match self.identity.peers.iter().find(|(id, _)| *id == peer) {
+        match self
+            .identity
+            .load()
+            .peers
+            .iter()
+            .find(|(id, _)| *id == peer)
+        {
             Some((_, fingerprint)) => Expected::Bound(*fingerprint),
             None => Expected::Unknown,
         }
@@ -528,8 +590,9 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
         .map_err(|e| format!("connect to {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().ok();
-    let name = inner.tls.server_name(peer).map_err(|e| e.to_string())?;
-    let connector = TlsConnector::from(inner.tls.client.clone());
+    let tls = inner.tls.load_full();
+    let name = tls.server_name(peer).map_err(|e| e.to_string())?;
+    let connector = TlsConnector::from(tls.client.clone());
     let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
         .await
         .map_err(|_| format!("TLS handshake with {addr} timed out"))?
@@ -553,7 +616,7 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
     }
     let hello = Hello {
         version: wire::PROTOCOL_VERSION,
-        cluster: inner.identity.cluster,
+        cluster: inner.cluster,
         from: inner.id,
         to: peer,
         addr: inner.own_address(local),
@@ -696,7 +759,6 @@ async fn write(stream: &mut ClientStream, bytes: &[u8]) -> Result<(), WireError>
 
 async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     let mut shutdown = inner.shutdown.clone();
-    let acceptor = TlsAcceptor::from(inner.tls.server.clone());
     let mut refused = 0u64;
     let mut last_log: Option<Instant> = None;
     loop {
@@ -727,7 +789,8 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         };
         let _ = tcp.set_nodelay(true);
         let inner = inner.clone();
-        let acceptor = acceptor.clone();
+        // The current certificate: a renewed one serves the next connection.
+        let acceptor = TlsAcceptor::from(inner.tls.load().server.clone());
         tokio::spawn(async move {
             let deadline = match slot {
                 Slot::Member { .. } => HANDSHAKE_TIMEOUT,
@@ -787,10 +850,10 @@ async fn serve_connection(
                     wire::PROTOCOL_VERSION
                 ));
             }
-            if hello.cluster != inner.identity.cluster || hello.to != inner.id {
+            if hello.cluster != inner.cluster || hello.to != inner.id {
                 return Err(format!(
                     "hello for cluster {} node {}, this is cluster {} node {}",
-                    hello.cluster, hello.to, inner.identity.cluster, inner.id
+                    hello.cluster, hello.to, inner.cluster, inner.id
                 ));
             }
             if let Err(reason) = check_hello(inner, &hello, &certs) {
@@ -841,9 +904,7 @@ pub(crate) fn check_node(
     from: u64,
     certs: &[CertificateDer<'static>],
 ) -> Result<(), String> {
-    if !inner.tls.is_node(certs, from) {
-        return Err(format!("no certificate of this cluster for node {from}"));
-    }
+    inner.tls.load().check_node(certs, from)?;
     let presented = certs.first().map(|c| fingerprint(c));
     match inner.expected(from) {
         Expected::Bound(f) if presented == Some(f) => Ok(()),

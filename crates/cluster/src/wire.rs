@@ -22,8 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::identity::ClusterId;
 
-/// Version of the peer protocol, in `Hello` and `Request::Join`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the peer protocol, in `Hello` and `Request::Join`. Version 2: certificates
+/// expire and are renewed, the CA key goes to voters only, the join secret rotates.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame accepted.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -79,6 +80,13 @@ pub enum Request {
     },
     /// Take a node out of the cluster, by name or id (member certificate needed).
     Remove { node: String },
+    /// A new certificate for the sender, for this public key (its current one needed).
+    Renew { public_key: Vec<u8> },
+    /// The CA key, for a sender that is a voter (its certificate needed).
+    CaKey,
+    /// A new join secret: tokens with the old one are refused from now on (member certificate
+    /// needed).
+    RotateToken,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,10 +94,21 @@ pub enum Reply {
     Joined {
         node_id: u64,
         node_cert: Vec<u8>,
+        /// When `node_cert` expires (Unix seconds).
+        expires: u64,
         ca_cert: Vec<u8>,
-        ca_key: Vec<u8>,
         /// The members and their certificate fingerprints, to trust until the snapshot comes.
         members: Vec<(u64, [u8; 32])>,
+    },
+    Renewed {
+        node_cert: Vec<u8>,
+        expires: u64,
+    },
+    CaKey {
+        ca_key: Vec<u8>,
+    },
+    Rotated {
+        secret: [u8; 32],
     },
     Removed {
         node_id: u64,

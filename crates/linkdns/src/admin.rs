@@ -50,6 +50,10 @@ pub struct Status {
     /// Routes to the other hosts' container subnets (`linkdns routes` has the details).
     #[serde(default)]
     pub routing: RoutesStatus,
+    /// SHA-256 of the cluster's join secret as the log holds it (hex): lets `linkdns token`
+    /// tell a rotated secret from this host's copy. The secret itself is never here.
+    #[serde(default)]
+    pub join_secret_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -198,6 +202,9 @@ impl AdminState {
                 .map(|d| d.clone())
                 .unwrap_or_default(),
             routing: self.routing.view(),
+            join_secret_sha256: registry
+                .join_hash()
+                .map(|h| linkdns_cluster::identity::hex(h)),
         }
     }
 

@@ -40,6 +40,7 @@ pub struct FileConfig {
     pub rrl_slip: Option<u32>,
     pub dns_tcp_connections: Option<usize>,
     pub dns_tcp_per_client: Option<usize>,
+    pub cert_validity_days: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -138,6 +139,10 @@ pub struct RunArgs {
     /// DNS-over-TCP connections at once from one client address (16).
     #[arg(long, env = "LINKDNS_DNS_TCP_PER_CLIENT")]
     pub dns_tcp_per_client: Option<usize>,
+    /// Days a node certificate this node issues as leader is valid (90); each node renews
+    /// its own through the leader when a third is left.
+    #[arg(long, env = "LINKDNS_CERT_VALIDITY_DAYS")]
+    pub cert_validity_days: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -166,6 +171,8 @@ pub struct Config {
     pub claim_limit: ClaimLimit,
     /// Response-rate limiting and DNS TCP caps.
     pub dns_limits: Limits,
+    /// How long certificates issued by this node (as leader) are valid.
+    pub cert_validity: Duration,
     pub routing: bool,
     pub route_protocol: u8,
     /// Allocate each host's subnet from this pool, in blocks of the given prefix length.
@@ -266,6 +273,13 @@ impl Config {
         };
         if dns_limits.tcp_connections < 2 || dns_limits.tcp_per_client == 0 {
             bail!("dns_tcp_connections must be at least 2 and dns_tcp_per_client at least 1");
+        }
+        let validity_days = args
+            .cert_validity_days
+            .or(file.cert_validity_days)
+            .unwrap_or(90);
+        if !(1..=3650).contains(&validity_days) {
+            bail!("cert_validity_days: {validity_days}; use 1 to 3650 days");
         }
         let ttl = args.ttl.or(file.ttl).unwrap_or(5);
         if ttl == 0 {
@@ -368,6 +382,7 @@ impl Config {
             liveness_timeout: Duration::from_secs(liveness),
             claim_limit,
             dns_limits,
+            cert_validity: Duration::from_secs(validity_days * 24 * 3600),
             routing: args.routing.or(file.routing).unwrap_or(true),
             route_protocol,
             cluster_cidr,

@@ -82,10 +82,14 @@ enum Cmd {
         #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
-    /// Print the token other hosts join this cluster with (one line; keep it secret).
+    /// Print the token other hosts join this cluster with (one line; keep it secret). With
+    /// --rotate, make a new one first: the old token is refused for new joins at once.
     Token {
         #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
+        /// Replace the cluster's join secret (through the leader) and print the new token.
+        #[arg(long)]
+        rotate: bool,
     },
     /// Take a host out of the cluster (by node name or id); asks the running node on this
     /// data dir, which asks the leader.
@@ -122,7 +126,14 @@ fn main() -> ExitCode {
             json,
         } => status::print_routes(&data_dir, plan, json),
         Cmd::DockerConfig { data_dir } => status::print_docker_config(&data_dir),
-        Cmd::Token { data_dir } => members::token(&data_dir),
+        Cmd::Token { data_dir, rotate } => client(async move {
+            let line = if rotate {
+                members::rotate_token(&data_dir).await?
+            } else {
+                members::token(&data_dir).await?
+            };
+            say(&line)
+        }),
         Cmd::Remove { node, data_dir } => client(async move {
             let id = members::remove(&data_dir, &node).await?;
             say(&format!("removed node {id} ({node}) from the cluster\n"))

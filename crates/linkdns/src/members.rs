@@ -10,12 +10,47 @@ use linkdns_raft::SledStore;
 
 use crate::config::Config;
 
-/// Prints the join token of the cluster this data dir belongs to.
-pub fn token(data_dir: &Path) -> anyhow::Result<()> {
+/// Prints the join token of the cluster this data dir belongs to, as this host holds it; if the
+/// running node says the cluster's secret was rotated since, says so instead.
+pub async fn token(data_dir: &Path) -> anyhow::Result<String> {
     let identity = load(data_dir)?;
-    let line = format!("{}\n", identity.token());
-    std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes())?;
-    Ok(())
+    if let Ok(status) = crate::status::fetch(data_dir).await {
+        let ours = linkdns_cluster::identity::hex(&identity.secret.hash());
+        if status
+            .join_secret_sha256
+            .as_ref()
+            .is_some_and(|h| *h != ours)
+        {
+            bail!("the join secret was rotated on another host; use the token printed there, or run `linkdns token --rotate` here for a new one");
+        }
+    }
+    Ok(format!("{}\n", identity.token()))
+}
+
+/// `linkdns token --rotate`: asks the leader for a new join secret (through the node on this
+/// data dir, with this host's certificate), keeps it in this host's identity file and returns
+/// the new token. Tokens with the old secret are refused from then on; members are unaffected.
+pub async fn rotate_token(data_dir: &Path) -> anyhow::Result<String> {
+    let mut identity = load(data_dir)?;
+    let target = local_node(data_dir).await?;
+    let token = linkdns_cluster::rotate_token(&target, &identity)
+        .await
+        .context("cannot rotate the join token")?;
+    identity.secret = token.secret.clone();
+    identity.save(data_dir)?;
+    Ok(format!("{token}\n"))
+}
+
+/// The peer address of the node running on this data dir, reachable from this host.
+async fn local_node(data_dir: &Path) -> anyhow::Result<String> {
+    let status = crate::status::fetch(data_dir).await?;
+    let own = status
+        .members
+        .iter()
+        .find(|m| m.id == status.node_id)
+        .map(|m| m.peer_addr.clone())
+        .context("the local node is not a member of its cluster")?;
+    local_peer(&own)
 }
 
 fn load(data_dir: &Path) -> anyhow::Result<Identity> {
@@ -157,14 +192,7 @@ pub async fn join(config: Config, peer: &str, token: &Token) -> anyhow::Result<(
 /// (a name or an id) out of the cluster.
 pub async fn remove(data_dir: &Path, node: &str) -> anyhow::Result<u64> {
     let identity = load(data_dir)?;
-    let status = crate::status::fetch(data_dir).await?;
-    let own = status
-        .members
-        .iter()
-        .find(|m| m.id == status.node_id)
-        .map(|m| m.peer_addr.clone())
-        .context("the local node is not a member of its cluster")?;
-    let target = local_peer(&own)?;
+    let target = local_node(data_dir).await?;
     let id = linkdns_cluster::remove(&target, &identity, node)
         .await
         .with_context(|| format!("cannot remove {node}"))?;

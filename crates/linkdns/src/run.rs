@@ -54,6 +54,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let transport = Transport::new(identity.clone(), shutdown_rx.clone())?;
+    transport.set_cert_validity(config.cert_validity);
     let node = linkdns_raft::start(
         NodeConfig {
             // Only a new cluster's first node bootstraps; a joined node waits for the leader.
@@ -79,6 +80,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         identity.save(&config.data_dir)?;
         tracing::info!(%cluster, "created a new cluster; `linkdns token` prints the token other hosts join with");
     }
+    // Saved from now on whenever it changes (a renewed certificate, the CA key of a voter).
+    transport.set_data_dir(config.data_dir.clone());
     transport.attach(node.clone());
     let peer_addr = transport.serve(config.peer_listen).await?;
     let advertised = config.advertise_addr.unwrap_or(peer_addr);
@@ -94,6 +97,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.node_name.clone(),
         advertised,
         fingerprint,
+    ));
+    tokio::spawn(linkdns_cluster::keep_credentials(
+        transport.clone(),
+        node.clone(),
+        shutdown_rx.clone(),
     ));
     tokio::spawn(linkdns_cluster::maintain(
         transport.clone(),

@@ -272,6 +272,7 @@ mod tests {
                 refused: vec!["not routing 192.168.4.0/24 of node h4: overlaps existing route `192.168.4.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own".into()],
                 ..RoutesStatus::default()
             },
+            join_secret_sha256: None,
         };
         let want = "\
 cluster  5f0c2a1e9b7d4c3a8e6f1b2d3c4a5e6f

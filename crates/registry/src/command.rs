@@ -47,7 +47,7 @@ pub enum Command {
     /// Removes a node and all its containers (the node left or was removed from the cluster).
     RemoveNode { node: NodeId },
     /// Binds a node to its certificate (SHA-256 of the DER): peers accept only that one for
-    /// it. Set once; later attempts change nothing.
+    /// it. Set at admission, replaced at each renewal (the leader's).
     SetNodeCert { node: NodeId, fingerprint: [u8; 32] },
     /// Replaces the container subnets a node claims (routed to it by every other host). The
     /// whole claim is refused if any subnet overlaps another node's; an empty list releases.

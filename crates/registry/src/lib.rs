@@ -290,11 +290,9 @@ impl Registry {
             }
             Command::SetNodeCert { node, fingerprint } => {
                 self.known_node(*node)?;
-                if self.certs.contains_key(node) {
-                    return Ok(Outcome::Unchanged);
-                }
-                self.certs.insert(*node, *fingerprint);
-                Ok(Outcome::Changed)
+                Ok(changed(
+                    self.certs.insert(*node, *fingerprint) != Some(*fingerprint),
+                ))
             }
             Command::SetNodeSubnets { node, subnets } => self.set_subnets(*node, subnets),
             Command::RetireNode { node } => {

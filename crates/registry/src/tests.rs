@@ -479,16 +479,23 @@ fn removing_a_node_drops_its_records_and_never_reuses_its_id() {
     assert_eq!(
         r.apply(&Command::SetNodeCert {
             node: 1,
+            fingerprint: [7; 32]
+        }),
+        Ok(Outcome::Unchanged)
+    );
+    assert_eq!(
+        r.apply(&Command::SetNodeCert {
+            node: 1,
             fingerprint: [8; 32]
         }),
-        Ok(Outcome::Unchanged),
-        "a node's certificate is bound once"
+        Ok(Outcome::Changed),
+        "a renewal binds the new certificate"
     );
     assert_eq!(
         Registry::restore(&r.snapshot())
             .expect("restore")
             .node_cert(1),
-        Some(&[7; 32])
+        Some(&[8; 32])
     );
     // The name is free again, the id is not.
     assert_eq!(r.next_node_id(), 4);

@@ -2,8 +2,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use linkdns_cluster::identity::{fingerprint, new_node_key, unix_now, RawPublicKey};
 use linkdns_cluster::{
-    join, maintain, remove, Error, Identity, JoinAs, MaintainConfig, Token, Transport,
+    join, keep_credentials, maintain, remove, rotate_token, Error, Identity, JoinAs,
+    MaintainConfig, Token, Transport,
 };
 use linkdns_raft::{Membership, NodeConfig, NodeHandle, Role, SledStore};
 use linkdns_registry::{Command, Container, NodeInfo, Resolution, Subnet};
@@ -68,6 +70,11 @@ async fn start(identity: Identity, bootstrap: bool, name: &str, port: u16) -> Te
         .await
         .expect("register");
     }
+    tokio::spawn(keep_credentials(
+        transport.clone(),
+        node.clone(),
+        stopped.clone(),
+    ));
     tokio::spawn(maintain(
         transport.clone(),
         node.clone(),
@@ -165,6 +172,11 @@ async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
         first.node.status().voters == vec![1, 2, 3]
     })
     .await;
+    // Voters fetch the CA key; a learner never holds it.
+    wait("the new voters hold the CA key", || {
+        second.transport.identity().has_ca_key() && third.transport.identity().has_ca_key()
+    })
+    .await;
 
     // A fourth host joins through a follower (redirected to the leader) and stays a learner.
     let fourth = join_node(&second, &token, "h4").await;
@@ -172,6 +184,7 @@ async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
     let status = first.node.status();
     assert_eq!(status.learners, vec![4]);
     assert_eq!(fourth.node.status().role, Role::Learner);
+    assert!(!fourth.transport.identity().has_ca_key());
 
     // Every node hears from every other one.
     wait("contacts", || {
@@ -185,7 +198,7 @@ async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
     .await;
 
     // Removing a voter promotes the learner.
-    let identity = third.transport.identity().clone();
+    let identity = third.transport.identity();
     let removed = remove(&third.addr.to_string(), &identity, "h2")
         .await
         .expect("remove");
@@ -212,9 +225,9 @@ async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
         "a removed node's records go with it"
     );
 
-    // The removed node keeps the CA key it was given, but neither its own certificate nor one
-    // it mints for a live node's id is accepted any more.
-    let stolen = second.transport.identity().clone();
+    // The removed node held the CA key as a voter (its moved-aside file does not), but neither
+    // its own certificate nor one it mints for a live node's id is accepted any more.
+    let stolen = (*second.transport.identity()).clone();
     let e = remove(&first.addr.to_string(), &stolen, "h4")
         .await
         .expect_err("a removed node");
@@ -223,8 +236,9 @@ async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
     let forged = Identity {
         node_id: 3,
         node_cert: stolen
-            .issue(3, &linkdns_cluster::identity::RawPublicKey::of(&key))
-            .expect("mint"),
+            .issue(3, &RawPublicKey::of(&key), Duration::from_secs(3600))
+            .expect("mint")
+            .0,
         node_key: key.serialize_der(),
         ..stolen
     };
@@ -448,9 +462,9 @@ async fn a_member_changes_only_its_own_records() {
     assert_eq!(first.node.status().voters, vec![1]);
 }
 
-/// A TLS server with a certificate of the cluster's CA for `node_id`, minted by a removed node
-/// that kept the CA key, answering every connection with a forged "removed" refusal. Counts the
-/// connections on which a dialer said anything.
+/// A TLS server with a certificate of the cluster's CA for `node_id`, minted with a leaked CA
+/// key, answering every connection with a forged "removed" refusal. Counts the connections on
+/// which a dialer said anything.
 async fn impostor(
     stolen: &Identity,
     node_id: u64,
@@ -460,8 +474,9 @@ async fn impostor(
     let forged = Identity {
         node_id,
         node_cert: stolen
-            .issue(node_id, &linkdns_cluster::identity::RawPublicKey::of(&key))
-            .expect("mint"),
+            .issue(node_id, &RawPublicKey::of(&key), Duration::from_secs(3600))
+            .expect("mint")
+            .0,
         node_key: key.serialize_der(),
         ..stolen.clone()
     };
@@ -510,7 +525,7 @@ async fn a_forged_removal_from_an_unbound_certificate_retires_nobody() {
     let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
     let token = first.transport.identity().token();
     let second = join_node(&first, &token, "h2").await;
-    let third = join_node(&first, &token, "h3").await;
+    let _third = join_node(&first, &token, "h3").await;
     wait("two learners caught up", || {
         [2, 3].iter().all(|id| {
             first
@@ -522,9 +537,10 @@ async fn a_forged_removal_from_an_unbound_certificate_retires_nobody() {
         })
     })
     .await;
-    // h3 is removed; it kept the CA key (a learner today still gets it).
-    let stolen = third.transport.identity().clone();
-    remove(&first.addr.to_string(), first.transport.identity(), "h3")
+    // h3 is removed. The CA key leaked (from a voter's disk, say): it mints a certificate for
+    // node 2 that the CA signed but the registry does not bind.
+    let stolen = (*first.transport.identity()).clone();
+    remove(&first.addr.to_string(), &first.transport.identity(), "h3")
         .await
         .expect("remove");
     // h2 goes away; the impostor takes its address with a certificate for node 2.
@@ -573,4 +589,110 @@ async fn a_thousand_half_open_connections_leave_members_their_slots() {
     // The flood is still connected (or was dropped by the node, never let in).
     assert_eq!(flood.len(), 1000);
     drop(flood);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_expire_are_renewed_and_an_expired_one_is_refused() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    // Certificates this leader issues are valid for 9 s: renewed when 3 s are left.
+    first.transport.set_cert_validity(Duration::from_secs(9));
+    let token = first.transport.identity().token();
+    let second = join_node(&first, &token, "h2").await;
+    let issued = second.transport.identity();
+    assert!(issued.node_cert_expires <= unix_now() + 9);
+    assert!(!issued.has_ca_key(), "a learner holds no CA key");
+    wait("h2 renewed its certificate", || {
+        second.transport.identity().node_cert != issued.node_cert
+    })
+    .await;
+    let renewed = second.transport.identity();
+    assert_eq!(
+        first.node.published().load().registry.node_cert(2),
+        Some(&fingerprint(&renewed.node_cert)),
+        "the registry binds the renewed certificate"
+    );
+    // Past the first certificate's expiry: h2 still speaks as a member with a new
+    // connection, and its writes commit.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let current = second.transport.identity();
+    let e = remove(&first.addr.to_string(), &current, "nobody")
+        .await
+        .expect_err("no such node");
+    assert!(e.to_string().contains("no node"), "{e}");
+    propose(&second.node, container(2, "web", "10.0.2.2")).await;
+    wait("h2's write", || resolves(&first, "web")).await;
+
+    // The first certificate, expired: refused, whatever it asks.
+    let e = remove(&first.addr.to_string(), &issued, "h1")
+        .await
+        .expect_err("expired");
+    assert!(e.to_string().to_lowercase().contains("expired"), "{e}");
+    // An expired certificate the CA signed for the leader's own id: refused too.
+    let key = new_node_key().expect("key");
+    let now = unix_now();
+    let expired = Identity {
+        node_cert: first
+            .transport
+            .identity()
+            .issue_between(1, &RawPublicKey::of(&key), now - 7200, now - 3600)
+            .expect("mint"),
+        node_key: key.serialize_der(),
+        ..(*first.transport.identity()).clone()
+    };
+    let e = remove(&first.addr.to_string(), &expired, "h2")
+        .await
+        .expect_err("expired");
+    assert!(e.to_string().to_lowercase().contains("expired"), "{e}");
+    assert_eq!(first.node.status().learners, vec![2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_refuses_the_old_one_at_once_and_members_carry_on() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let old = first.transport.identity().token();
+    let second = join_node(&first, &old, "h2").await;
+    wait("the log holds the join secret", || {
+        first.node.published().load().registry.join_hash() == Some(&old.secret.hash())
+    })
+    .await;
+    wait("h2 caught up", || {
+        second
+            .node
+            .published()
+            .load()
+            .registry
+            .node_cert(2)
+            .is_some()
+    })
+    .await;
+    // A member (the learner h2) asks; the leader rotates.
+    let new = rotate_token(&second.addr.to_string(), &second.transport.identity())
+        .await
+        .expect("rotate");
+    assert_ne!(new.secret, old.secret);
+    assert_eq!(new.cluster, old.cluster);
+    let me = |name: &str| JoinAs {
+        name: name.into(),
+        advertise: Some("127.0.0.1:1".parse().expect("addr")),
+        listen_port: 1,
+    };
+    let e = join(&first.addr.to_string(), &old, &me("h3"))
+        .await
+        .expect_err("the old token");
+    assert!(e.to_string().contains("wrong join token"), "{e}");
+    // Through a follower too (it checks against the replicated hash before redirecting).
+    let e = join(&second.addr.to_string(), &old, &me("h3"))
+        .await
+        .expect_err("the old token");
+    assert!(e.to_string().contains("wrong join token"), "{e}");
+    let third = join_node(&second, &new, "h3").await;
+    assert_eq!(third.id, 3);
+    // A stranger cannot rotate.
+    let stranger = Identity::bootstrap(1).expect("other cluster");
+    assert!(rotate_token(&first.addr.to_string(), &stranger)
+        .await
+        .is_err());
+    // Members carry on.
+    propose(&second.node, container(2, "web", "10.0.2.2")).await;
+    wait("h2's write on h3", || resolves(&third, "web")).await;
 }

@@ -271,6 +271,19 @@ fn joining_needs_the_right_token_a_reachable_member_and_a_free_name() {
     assert!(join(&token, "172.30.0.250:7380", "h2").contains("cannot reach"));
     assert!(join(&token, &peer, &name(&h1)).contains("already used"));
 
+    // `linkdns token --rotate`: the old token is refused at once, `linkdns token` prints the
+    // new one.
+    let out = h1.linkdns(&["token", "--rotate"]);
+    assert!(out.status.success(), "rotate: {out:?}");
+    let rotated = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        rotated.starts_with("LDNS1-") && rotated != token,
+        "{rotated}"
+    );
+    assert_eq!(h1.token(), rotated);
+    assert!(join(&token, &peer, "h2").contains("secret does not match"));
+    assert!(!h1.log().contains(rotated.rsplit('-').next().unwrap_or("-")));
+
     // Nothing was admitted, nothing was written on the joining host.
     let s = h1.status_json();
     assert_eq!(s["members"].as_array().map(Vec::len), Some(1), "{s}");
