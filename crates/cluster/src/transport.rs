@@ -91,6 +91,9 @@ pub(crate) struct Inner {
     pub(crate) admission: tokio::sync::Mutex<()>,
     connections: Arc<tokio::sync::Semaphore>,
     strangers: Arc<tokio::sync::Semaphore>,
+    /// Each node's live inbound Raft stream: where from, and which one (see `StreamClaim`).
+    streams: Mutex<HashMap<u64, (SocketAddr, u64)>>,
+    next_stream: std::sync::atomic::AtomicU64,
     /// Connections open per stranger address.
     per_stranger: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
 }
@@ -169,6 +172,8 @@ impl Transport {
                 admission: tokio::sync::Mutex::new(()),
                 connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
                 strangers: Arc::new(tokio::sync::Semaphore::new(MAX_STRANGERS)),
+                streams: Mutex::new(HashMap::new()),
+                next_stream: std::sync::atomic::AtomicU64::new(0),
                 per_stranger: Arc::new(Mutex::new(HashMap::new())),
             }),
         })
@@ -539,7 +544,11 @@ async fn send_loop(
                 s
             }
             Err(e) => {
-                if !warned {
+                if e.contains(wire::DUPLICATE) {
+                    // Said every time: this process must not go on unnoticed.
+                    tracing::error!(peer, error = %e, "a peer refused this node: another process holds its identity");
+                    warned = true;
+                } else if !warned {
                     tracing::warn!(peer, error = %e, "cannot reach peer; retrying");
                     warned = true;
                 } else {
@@ -856,10 +865,15 @@ async fn serve_connection(
                     hello.cluster, hello.to, inner.cluster, inner.id
                 ));
             }
-            if let Err(reason) = check_hello(inner, &hello, &certs) {
-                let _ = wire::write_frame(&mut tls, wire::REFUSE, reason.as_bytes()).await;
-                return Err(reason);
-            }
+            let checked = check_hello(inner, &hello, &certs)
+                .and_then(|()| StreamClaim::take(inner, hello.from, remote));
+            let _claim = match checked {
+                Ok(claim) => claim,
+                Err(reason) => {
+                    let _ = wire::write_frame(&mut tls, wire::REFUSE, reason.as_bytes()).await;
+                    return Err(reason);
+                }
+            };
             wire::write_frame(&mut tls, wire::ACCEPT, &[])
                 .await
                 .map_err(|e| e.to_string())?;
@@ -884,6 +898,61 @@ async fn serve_connection(
             }
         }
         other => Err(format!("unexpected first frame of kind {other}")),
+    }
+}
+
+/// The one live inbound stream of a node: while it is live (a frame within
+/// [`DUPLICATE_WINDOW`]), a hello from the same identity at another address is a second
+/// process holding that identity (a copied data dir), and it is refused.
+struct StreamClaim {
+    inner: Arc<Inner>,
+    node: u64,
+    serial: u64,
+}
+
+/// A stream silent for longer than this no longer holds its node's place.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(3);
+
+impl StreamClaim {
+    fn take(inner: &Arc<Inner>, node: u64, remote: SocketAddr) -> Result<StreamClaim, String> {
+        let mut streams = inner
+            .streams
+            .lock()
+            .map_err(|_| "stream table unavailable".to_string())?;
+        if let Some((held, _)) = streams.get(&node) {
+            let live = inner
+                .last_contact(node)
+                .is_some_and(|d| d < DUPLICATE_WINDOW);
+            if live && held.ip() != remote.ip() {
+                tracing::error!(node, held = %held, newer = %remote, "two processes present one node identity; the newer is refused");
+                return Err(format!(
+                    "{}: node {node} is connected from {held} already, and this process at {} holds the same identity (a copied data dir?). Stop one of them; a host that needs a node of its own joins with an empty data dir",
+                    wire::DUPLICATE, remote.ip()
+                ));
+            }
+        }
+        let serial = inner
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        streams.insert(node, (remote, serial));
+        Ok(StreamClaim {
+            inner: inner.clone(),
+            node,
+            serial,
+        })
+    }
+}
+
+impl Drop for StreamClaim {
+    fn drop(&mut self) {
+        if let Ok(mut streams) = self.inner.streams.lock() {
+            if streams
+                .get(&self.node)
+                .is_some_and(|(_, s)| *s == self.serial)
+            {
+                streams.remove(&self.node);
+            }
+        }
     }
 }
 

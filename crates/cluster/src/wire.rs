@@ -50,8 +50,11 @@ pub const REPLY: u8 = 6;
 pub const ACCEPT: u8 = 7;
 pub const REFUSE: u8 = 8;
 
-/// How a refusal of a removed node starts, so that the node can tell it was removed.
+/// How a refusal of a removed node starts.
 pub const REMOVED: &str = "removed from the cluster";
+
+/// How the refusal of a second process with one node's identity starts.
+pub const DUPLICATE: &str = "duplicate node identity";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {

@@ -307,6 +307,26 @@ fn a_fourth_host_is_a_learner_and_is_promoted_when_a_voter_is_removed() {
             .position(|h| m["name"] == name(h))
             .expect("learner host")
     };
+    // The CA key is on the voters' disks only, never on the learner's.
+    let ca_key_on_disk = |h: &Host| {
+        let file = std::fs::read(h.data_dir().join("cluster.json")).expect("cluster.json");
+        let identity: serde_json::Value = serde_json::from_slice(&file).expect("JSON");
+        identity["ca_key"].as_str().is_some_and(|k| !k.is_empty())
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the voters to hold the CA key",
+        || {
+            (0..4)
+                .filter(|&i| i != learner)
+                .all(|i| ca_key_on_disk(&hosts[i]))
+        },
+    );
+    assert!(
+        !ca_key_on_disk(&hosts[learner]),
+        "a learner holds no CA key"
+    );
+
     // The learner holds a full replica.
     hosts[0].run_container("db", &[]);
     let db = hosts[0].container_ip("db");
@@ -357,6 +377,20 @@ fn a_fourth_host_is_a_learner_and_is_promoted_when_a_voter_is_removed() {
         moved(&hosts[victim]),
         "the removed node's log is moved aside"
     );
+    // ... and its identity, without the CA key it held as a voter or the join secret.
+    let retired = std::fs::read_dir(hosts[victim].data_dir())
+        .expect("data dir")
+        .filter_map(Result::ok)
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("cluster.json.removed-")
+        })
+        .expect("the identity moved aside");
+    let retired: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(retired.path()).expect("read")).expect("JSON");
+    assert_eq!(retired["ca_key"], "", "{retired}");
+    assert_eq!(retired["secret"], "0".repeat(64));
 
     // `leave` on a host takes it out the same way, from the host itself.
     let lead = leader(&hosts, &hosts[asker]).expect("leader");
@@ -377,4 +411,53 @@ fn a_fourth_host_is_a_learner_and_is_promoted_when_a_voter_is_removed() {
             .as_array()
             .is_some_and(|m| m.len() == 2)
     });
+}
+
+#[test]
+fn a_copied_data_dir_is_refused_as_a_duplicate_identity() {
+    let mut hosts = form_cluster(2, &[]);
+    hosts[1].run_container("web", &[]);
+    let web = hosts[1].container_ip("web");
+    expect_answer(&hosts[0], "web.cluster", "A", &[&web]);
+    // h2's data dir, copied to another host (a backup restored there, a cloned VM).
+    hosts[1].stop_linkdns();
+    let mut copy = Host::on_lan();
+    std::fs::create_dir_all(copy.data_dir()).expect("data dir");
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", hosts[1].data_dir().display()))
+        .arg(copy.data_dir())
+        .output()
+        .expect("cp");
+    assert!(out.status.success(), "cp: {out:?}");
+    hosts[1].restart_linkdns();
+    wait_until(Duration::from_secs(10), "h2 to be back in touch", || {
+        hosts[0].status_json()["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["id"] == 2).cloned())
+            .is_some_and(|m| m["last_contact_ms"].as_u64().is_some_and(|ms| ms < 1500))
+    });
+    copy.start_linkdns(&[]);
+    wait_until(Duration::from_secs(20), "the copy to be refused", || {
+        copy.log().contains("another process holds its identity")
+    });
+    assert!(
+        hosts[0]
+            .log()
+            .contains("two processes present one node identity"),
+        "the member says what happened too"
+    );
+    // The cluster keeps h2 where it was, with its records; h2 goes on working.
+    let s = hosts[0].status_json();
+    let h2 = s["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["id"] == 2).cloned())
+        .expect("node 2");
+    assert_eq!(h2["peer_addr"], hosts[1].peer_addr(), "{s}");
+    assert_eq!(h2["name"], name(&hosts[1]));
+    hosts[1].run_container("web2", &[]);
+    let web2 = hosts[1].container_ip("web2");
+    expect_answer(&hosts[0], "web2.cluster", "A", &[&web2]);
+    expect_answer(&hosts[0], "web.cluster", "A", &[&web]);
+    copy.stop_linkdns();
 }
