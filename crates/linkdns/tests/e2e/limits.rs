@@ -53,6 +53,22 @@ fn answered_on_loopback(h: &Host, tcp: bool) -> usize {
         .count()
 }
 
+/// Runs `script` in a new busybox container of `h` that asks the node (at the host's address)
+/// for names; returns its output.
+fn in_container(h: &Host, script: &str) -> String {
+    let dns = h.addr.to_string();
+    h.docker(&[
+        "run",
+        "--rm",
+        "--dns",
+        &dns,
+        crate::testbed::IMAGE,
+        "sh",
+        "-c",
+        script,
+    ])
+}
+
 #[test]
 fn a_strangers_udp_flood_is_rate_limited_and_containers_and_the_host_are_not() {
     let (h, svc, target) = host_with_svc(&[]);
@@ -90,16 +106,10 @@ fn a_strangers_udp_flood_is_rate_limited_and_containers_and_the_host_are_not() {
     let flood_secs = started.elapsed().as_secs_f64();
     // Meanwhile and right after: the host itself and a container are answered every time.
     let on_loopback = answered_on_loopback(&h, false);
-    let from_container = h.docker(&[
-        "run",
-        "--rm",
-        "--dns",
-        &h.addr.to_string(),
-        crate::testbed::IMAGE,
-        "sh",
-        "-c",
+    let from_container = in_container(
+        &h,
         "for i in 1 2 3 4 5 6 7 8 9 10; do nslookup svc.cluster >/dev/null && echo ok; done",
-    ]);
+    );
     let (full, truncated) = counting.join().expect("counter");
     // 20 per second, with a burst of 20: the flood lasted `flood_secs`.
     let allowed = 20.0 + 20.0 * (flood_secs + 0.5);
@@ -141,15 +151,7 @@ fn five_thousand_idle_tcp_connections_leave_the_host_and_containers_served() {
     // Over UDP and TCP, the host's own queries are all answered, and a container's.
     assert_eq!(answered_on_loopback(&h, false), 100);
     assert_eq!(answered_on_loopback(&h, true), 100);
-    let from_container = h.docker(&[
-        "run",
-        "--rm",
-        "--dns",
-        &h.addr.to_string(),
-        crate::testbed::IMAGE,
-        "nslookup",
-        "svc.cluster",
-    ]);
+    let from_container = in_container(&h, "nslookup svc.cluster");
     assert!(from_container.contains(&svc), "{from_container}");
     // The node kept at most 16 of them (its per-client cap) and closed the rest at once; the
     // ones it kept it closes once idle (10 s).
