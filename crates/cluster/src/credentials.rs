@@ -1,5 +1,6 @@
 //! What a node keeps doing for its own credentials, once a second:
-//! - a voter without the CA key fetches it from a voter that holds it (learners never hold it);
+//! - a voter without the CA key fetches it from a voter that holds it; a learner holding one
+//!   (from before only voters kept it) drops it;
 //! - a certificate with less than a third of its validity left (or one from before
 //!   certificates expired) is renewed through the leader, which binds the new one through the
 //!   log first; the leader renews its own the same way.
@@ -45,6 +46,20 @@ pub async fn keep_credentials(
             continue;
         }
         if !status.is_member(id) {
+            continue;
+        }
+        if !status.voters.contains(&id) && identity.has_ca_key() && status.role == Role::Learner {
+            // A learner that holds the CA key from before only voters kept it: drop it.
+            let mut updated = (*identity).clone();
+            updated.ca_key.clear();
+            match transport.replace_identity(updated) {
+                Ok(()) => {
+                    tracing::info!("this learner dropped its copy of the CA key (voters keep it)")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot drop this learner's copy of the CA key")
+                }
+            }
             continue;
         }
         let left = identity.node_cert_expires.saturating_sub(unix_now());
