@@ -74,6 +74,7 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
                     node_cert,
                     node_key: key.serialize_der(),
                     node_cert_expires: expires,
+                    node_cert_since: crate::identity::unix_now(),
                     peers: members,
                 });
             }

@@ -90,6 +90,9 @@ pub(crate) async fn handle(
             }
         }
         Request::RotateToken => {
+            if !node.status().voters.contains(&member) {
+                return refused(format!("node {member} is a learner; the join token is rotated on a voter (`linkdns status` lists them)"));
+            }
             if let Some(reply) = redirect_unless_leader(node) {
                 return reply;
             }
@@ -116,6 +119,10 @@ pub(crate) async fn handle(
                     _ => return refused(format!("no node {target:?} in this cluster")),
                 },
             };
+            // A learner takes out itself only (`linkdns leave`); others are a voter's call.
+            if id != member && !node.status().voters.contains(&member) {
+                return refused(format!("node {member} is a learner; it may remove itself only (`linkdns remove` runs on a voter)"));
+            }
             let _one_at_a_time = inner.admission.lock().await;
             match retire_then_remove(inner, node, id).await {
                 Ok(()) => {

@@ -62,11 +62,11 @@ pub async fn keep_credentials(
             }
             continue;
         }
-        let left = identity.node_cert_expires.saturating_sub(unix_now());
-        let due = identity.node_cert_expires == 0 || left < inner.cert_validity().as_secs() / 3;
-        if !due {
+        let now = unix_now();
+        if !identity.renewal_due(now, inner.cert_validity()) {
             continue;
         }
+        let left = identity.node_cert_expires.saturating_sub(now);
         let renewed = match status.leader {
             Some(leader) if leader == id && status.role == Role::Leader => {
                 renew_own(&transport, &node, &identity).await
@@ -154,6 +154,7 @@ fn install(
     updated.node_cert = cert;
     updated.node_key = key.serialize_der();
     updated.node_cert_expires = expires;
+    updated.node_cert_since = unix_now();
     transport
         .replace_identity(updated)
         .map_err(|e| e.to_string())?;

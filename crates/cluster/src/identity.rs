@@ -103,6 +103,9 @@ pub struct Identity {
     /// When the node certificate expires (Unix seconds; 0: issued before certificates
     /// expired, renewed at the first chance).
     pub node_cert_expires: u64,
+    /// When this node received it (Unix seconds): with `node_cert_expires`, its lifetime,
+    /// a third of which is left when it is renewed.
+    pub node_cert_since: u64,
     /// The members at join time and their certificate fingerprints: trusted until this node's
     /// replica (which binds every member to its certificate) has them.
     pub peers: Vec<(u64, [u8; 32])>,
@@ -183,6 +186,7 @@ impl Identity {
             node_cert: Vec::new(),
             node_key: node_key.serialize_der(),
             node_cert_expires: 0,
+            node_cert_since: unix_now(),
             peers: Vec::new(),
         };
         let (cert, expires) =
@@ -195,6 +199,19 @@ impl Identity {
     /// Whether this node holds the CA key (voters do).
     pub fn has_ca_key(&self) -> bool {
         !self.ca_key.is_empty()
+    }
+
+    /// Whether the node certificate is due for renewal at `now`: a third of its lifetime (or
+    /// of `validity`, when its start is unknown) left, or no expiry recorded.
+    pub fn renewal_due(&self, now: u64, validity: Duration) -> bool {
+        if self.node_cert_expires == 0 {
+            return true;
+        }
+        let lifetime = match self.node_cert_expires.checked_sub(self.node_cert_since) {
+            Some(l) if self.node_cert_since != 0 && l > 0 => l,
+            _ => validity.as_secs(),
+        };
+        self.node_cert_expires.saturating_sub(now) < lifetime / 3
     }
 
     /// Issues the certificate of node `node_id` for `public_key` (a joining or renewing node's
@@ -448,6 +465,8 @@ struct Stored {
     #[serde(default)]
     node_cert_expires: u64,
     #[serde(default)]
+    node_cert_since: u64,
+    #[serde(default)]
     peers: Vec<(u64, String)>,
 }
 
@@ -463,6 +482,7 @@ impl From<&Identity> for Stored {
             node_cert: hex(&i.node_cert),
             node_key: hex(&i.node_key),
             node_cert_expires: i.node_cert_expires,
+            node_cert_since: i.node_cert_since,
             peers: i.peers.iter().map(|(id, f)| (*id, hex(f))).collect(),
         }
     }
@@ -494,6 +514,7 @@ impl Stored {
             node_cert: bytes("node_cert", &self.node_cert)?,
             node_key: bytes("node_key", &self.node_key)?,
             node_cert_expires: self.node_cert_expires,
+            node_cert_since: self.node_cert_since,
             peers: self
                 .peers
                 .iter()

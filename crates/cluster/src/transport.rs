@@ -127,8 +127,8 @@ impl Drop for Slot {
 
 /// What certificate a peer claiming to be some node must present.
 enum Expected {
-    /// Exactly this one (SHA-256 of the DER).
-    Bound([u8; 32]),
+    /// Exactly this one (SHA-256 of the DER), or the one its last renewal replaced.
+    Bound([u8; 32], Option<[u8; 32]>),
     /// Any from the cluster CA for that node name (a member whose binding has not arrived).
     Unbound,
     Removed,
@@ -423,7 +423,7 @@ impl Inner {
         let published = node.published().load_full();
         let registry = &published.registry;
         if let Some(fingerprint) = registry.node_cert(peer) {
-            return Expected::Bound(*fingerprint);
+            return Expected::Bound(*fingerprint, registry.previous_node_cert(peer).copied());
         }
         if registry.was_removed(peer) {
             return Expected::Removed;
@@ -438,7 +438,7 @@ impl Inner {
             .iter()
             .find(|(id, _)| *id == peer)
         {
-            Some((_, fingerprint)) => Expected::Bound(*fingerprint),
+            Some((_, fingerprint)) => Expected::Bound(*fingerprint, None),
             None => Expected::Unknown,
         }
     }
@@ -615,7 +615,9 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
         .and_then(|c| c.first())
         .map(|c| fingerprint(c));
     match inner.expected(peer) {
-        Expected::Bound(f) if presented != Some(f) => {
+        Expected::Bound(current, previous)
+            if presented != Some(current) && (previous.is_none() || presented != previous) =>
+        {
             return Err(format!(
                 "{addr} presented a certificate for node {peer} that is not the one bound to it"
             ))
@@ -976,8 +978,12 @@ pub(crate) fn check_node(
     inner.tls.load().check_node(certs, from)?;
     let presented = certs.first().map(|c| fingerprint(c));
     match inner.expected(from) {
-        Expected::Bound(f) if presented == Some(f) => Ok(()),
-        Expected::Bound(_) => Err(format!(
+        Expected::Bound(current, previous)
+            if presented == Some(current) || (previous.is_some() && presented == previous) =>
+        {
+            Ok(())
+        }
+        Expected::Bound(..) => Err(format!(
             "the certificate is not the one bound to node {from}"
         )),
         Expected::Unbound => Ok(()),

@@ -65,7 +65,15 @@ struct Bucket {
 pub struct Rrl {
     rate: u32,
     slip: u32,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    by_prefix: HashMap<IpAddr, Bucket>,
+    /// When the full table was last swept for quiet prefixes (at most once a second: a
+    /// flood from many prefixes must not make every packet scan it).
+    swept: Option<Instant>,
 }
 
 impl Rrl {
@@ -73,7 +81,10 @@ impl Rrl {
         Rrl {
             rate: limits.rrl_rate,
             slip: limits.rrl_slip,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                by_prefix: HashMap::new(),
+                swept: None,
+            }),
         }
     }
 
@@ -87,14 +98,24 @@ impl Rrl {
             return Verdict::Send;
         }
         let rate = f64::from(self.rate);
-        let Ok(mut buckets) = self.buckets.lock() else {
+        let Ok(mut guard) = self.buckets.lock() else {
             return Verdict::Drop;
         };
+        let table = &mut *guard;
         let key = prefix(client);
-        if !buckets.contains_key(&key) && buckets.len() >= MAX_PREFIXES {
-            // Forget the prefixes quiet for a second (their buckets are full again anyway).
-            buckets.retain(|_, b| now.duration_since(b.last) < Duration::from_secs(1));
-            if buckets.len() >= MAX_PREFIXES {
+        if !table.by_prefix.contains_key(&key) && table.by_prefix.len() >= MAX_PREFIXES {
+            // Forget the prefixes quiet for a second (their buckets are full again anyway),
+            // once a second at most; meanwhile new prefixes are limited.
+            if table
+                .swept
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                table.swept = Some(now);
+                table
+                    .by_prefix
+                    .retain(|_, b| now.duration_since(b.last) < Duration::from_secs(1));
+            }
+            if table.by_prefix.len() >= MAX_PREFIXES {
                 return self.over(&mut Bucket {
                     tokens: 0.0,
                     last: now,
@@ -102,7 +123,7 @@ impl Rrl {
                 });
             }
         }
-        let bucket = buckets.entry(key).or_insert(Bucket {
+        let bucket = table.by_prefix.entry(key).or_insert(Bucket {
             tokens: rate,
             last: now,
             over: 0,

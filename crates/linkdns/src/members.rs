@@ -31,13 +31,15 @@ pub async fn token(data_dir: &Path) -> anyhow::Result<String> {
 /// data dir, with this host's certificate), keeps it in this host's identity file and returns
 /// the new token. Tokens with the old secret are refused from then on; members are unaffected.
 pub async fn rotate_token(data_dir: &Path) -> anyhow::Result<String> {
-    let mut identity = load(data_dir)?;
+    let identity = load(data_dir)?;
     let target = local_node(data_dir).await?;
     let token = linkdns_cluster::rotate_token(&target, &identity)
         .await
         .context("cannot rotate the join token")?;
-    identity.secret = token.secret.clone();
-    identity.save(data_dir)?;
+    // Read again: the node may have renewed its certificate meanwhile.
+    let mut current = load(data_dir)?;
+    current.secret = token.secret.clone();
+    current.save(data_dir)?;
     Ok(format!("{token}\n"))
 }
 

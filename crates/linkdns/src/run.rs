@@ -40,6 +40,10 @@ const BOOTSTRAP_ID: u64 = 1;
 /// run start at `run << 32`, above every version of the runs before.
 const WATCHER_EPOCH_FILE: &str = "watcher.epoch";
 
+/// A node that applied its own retirement waits this long for its removal from the
+/// configuration (it may have to vote for it) before it stops anyway.
+const RETIRE_GRACE: Duration = Duration::from_secs(30);
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
@@ -47,7 +51,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (identity, created) = identity(&config.data_dir, &store)?;
     let node_id = identity.node_id;
     let cluster = identity.cluster;
-    let fingerprint = identity.cert_fingerprint();
     let marker = config.data_dir.join(STARTED_MARKER);
     // Before anything runs: a data dir that cannot count this run stops the start here.
     let epoch = next_watcher_epoch(&config.data_dir)?;
@@ -96,7 +99,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         transport.clone(),
         config.node_name.clone(),
         advertised,
-        fingerprint,
     ));
     tokio::spawn(linkdns_cluster::keep_credentials(
         transport.clone(),
@@ -262,6 +264,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut was_member = false;
     let mut was_down = false;
     let mut removed = false;
+    let mut retiring_since: Option<std::time::Instant> = None;
     // Created once, so a signal that arrives while a proposal is under way is not lost.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -330,11 +333,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     removed = true;
                     break Ok(());
                 }
-                // Only the log retires a node: its own retirement, applied here.
+                // Only the log retires a node: its own retirement, applied here. Its replica
+                // keeps running until it applies its removal from the configuration too (which
+                // may need its vote), for at most RETIRE_GRACE.
                 if node.published().load().registry.is_retiring(node_id) {
-                    tracing::warn!("this node is being removed from the cluster; stopping");
-                    removed = true;
-                    break Ok(());
+                    let since = *retiring_since.get_or_insert_with(|| {
+                        tracing::warn!("this node is being removed from the cluster; stopping once the removal is through");
+                        std::time::Instant::now()
+                    });
+                    if since.elapsed() > RETIRE_GRACE {
+                        tracing::warn!("this node's removal did not complete in time; stopping as removed");
+                        removed = true;
+                        break Ok(());
+                    }
                 }
                 // Hidden by the leader while it could not hear us: once shown again, restate
                 // everything, in case events were lost meanwhile.
@@ -469,7 +480,6 @@ async fn register_self(
     transport: Transport,
     name: String,
     advertised: SocketAddr,
-    fingerprint: [u8; 32],
 ) {
     let id = node.id();
     let usable = |a: &str| {
@@ -505,7 +515,7 @@ async fn register_self(
             if node.published().load().registry.node_cert(id).is_none() {
                 let bind = Command::SetNodeCert {
                     node: id,
-                    fingerprint,
+                    fingerprint: transport.identity().cert_fingerprint(),
                 };
                 if let Err(e) = node.propose(bind).await {
                     tracing::debug!(error = %e, "binding this node's certificate; retrying");

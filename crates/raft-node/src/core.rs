@@ -297,31 +297,64 @@ impl<S: LogStore, T> Core<S, T> {
         }
     }
 
-    /// Why a peer's message must not reach Raft, if it must not.
+    /// Why a peer's message must not reach Raft, if it must not. Raft trusts its voters; these
+    /// checks keep a learner (or any non-voter) from acting as one:
+    /// - a forwarded proposal must come from the node it names and change only its records;
+    /// - one leader per term: leader messages of this term from another node are lies;
+    /// - a leader message of a later term from a node that is no voter here is refused while
+    ///   this replica hears from its leader (a real new leader is elected only once the old
+    ///   one went silent, so a replica that lags behind a promotion still follows it then);
+    /// - vote requests from a node that is no voter here, and a timeout-now from anyone but
+    ///   the leader (linkdns never transfers leadership), are refused.
     fn admissible(&self, m: &Message) -> Result<(), String> {
         let raft = &self.raw.raft;
+        let voter = raft.prs().conf().voters().contains(m.from);
+        let leader_alive =
+            raft.leader_id != raft::INVALID_ID && raft.election_elapsed < raft.election_timeout();
         match m.get_msg_type() {
             MessageType::MsgPropose => m.entries.iter().try_for_each(|e| forwarded(m.from, e)),
-            // One leader per term: who else sends these in it is lying.
-            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
                 if m.term == raft.term
                     && raft.leader_id != raft::INVALID_ID
-                    && m.from != raft.leader_id =>
-            {
-                Err(format!(
-                    "node {} is not the leader of term {} (node {} is)",
-                    m.from, m.term, raft.leader_id
-                ))
+                    && m.from != raft.leader_id
+                {
+                    return Err(format!(
+                        "node {} is not the leader of term {} (node {} is)",
+                        m.from, m.term, raft.leader_id
+                    ));
+                }
+                if m.term > raft.term && !voter && leader_alive {
+                    return Err(format!(
+                        "node {} is no voter, yet claims to lead term {} while leader {} is alive",
+                        m.from, m.term, raft.leader_id
+                    ));
+                }
+                Ok(())
             }
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote if !voter => Err(format!(
+                "node {} is no voter; its vote requests do not count",
+                m.from
+            )),
+            MessageType::MsgTimeoutNow if m.from != raft.leader_id => Err(format!(
+                "node {} is not the leader; only a leader hands over",
+                m.from
+            )),
             _ => Ok(()),
         }
     }
 
-    /// The proposer of an entry, and whether it is a voter now (at this point of the log).
-    fn authority(&self, entry: &Entry) -> Option<Authority> {
-        let node = Proposer::decode(&entry.context)?.node;
-        let voter = self.raw.raft.prs().conf().voters().contains(node);
-        Some(Authority { node, voter })
+    /// The proposer of an entry, and whether it is a voter now (at this point of the log). An
+    /// entry that names none (only a forger's: linkdns names the proposer of every entry) may
+    /// change nothing: node 0 is nobody.
+    fn authority(&self, entry: &Entry) -> Authority {
+        let Some(proposer) = Proposer::decode(&entry.context) else {
+            return Authority::own(0);
+        };
+        let voter = self.raw.raft.prs().conf().voters().contains(proposer.node);
+        Authority {
+            node: proposer.node,
+            voter,
+        }
     }
 
     /// The transport could not reach `peer`: Raft slows down replication to it.
@@ -645,12 +678,8 @@ impl<S: LogStore, T> Core<S, T> {
             reason: format!("entry {}: {e}", entry.index),
         })?;
         // Applying is deterministic: a rejected command is rejected the same way on every
-        // replica, so it is a result for the proposer, not a reason to stop. Entries without a
-        // proposer come only from logs written before entries named theirs.
-        let result = match self.authority(entry) {
-            Some(by) => self.registry.apply_by(by, &command),
-            None => self.registry.apply(&command),
-        };
+        // replica, so it is a result for the proposer, not a reason to stop.
+        let result = self.registry.apply_by(self.authority(entry), &command);
         if let Err(e) = &result {
             tracing::warn!(index = entry.index, error = %e, "command rejected");
         }
@@ -710,13 +739,14 @@ impl<S: LogStore, T> Core<S, T> {
         &mut self,
         cc: &ConfChange,
         index: u64,
-        authority: Option<Authority>,
+        authority: Authority,
     ) -> Result<Result<Outcome, Error>, Error> {
         if let Some(reason) = self.membership_error(cc) {
             tracing::warn!(index, node = cc.node_id, %reason, "conf change rejected");
             return Ok(Err(Error::InvalidMembership(reason)));
         }
-        if let Some(by) = authority.filter(|a| !a.voter) {
+        if !authority.voter {
+            let by = authority;
             let reason = format!(
                 "node {} is not a voter; membership is the leader's",
                 by.node

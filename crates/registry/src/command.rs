@@ -39,8 +39,9 @@ pub enum Command {
         id: ContainerId,
         version: Version,
     },
-    /// Several commands applied in order, as one log entry (batched watcher output).
-    Batch(Vec<Command>),
+    /// Several commands applied in order, as one log entry (batched watcher output). Batches
+    /// nest at most [`MAX_BATCH_DEPTH`] deep, or the command does not decode.
+    Batch(#[serde(deserialize_with = "bounded_batch")] Vec<Command>),
     /// Hides (`down: true`) or shows again a node's containers: the leader's liveness verdict.
     /// Hidden is not deleted; the records stay and return with the node.
     SetNodeDown { node: NodeId, down: bool },
@@ -131,6 +132,41 @@ impl Command {
     }
 }
 
+/// How deep batches may nest in a decoded command: decoding recurses once per level, and a
+/// member must not overflow a replica's stack with a small entry of nested batches. linkdns
+/// itself nests two deep at most (the proposer's batch of watcher batches).
+pub const MAX_BATCH_DEPTH: u32 = 8;
+
+thread_local! {
+    /// Batches being decoded on this thread, outermost first.
+    static BATCH_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Decodes a batch's commands, refusing one nested deeper than [`MAX_BATCH_DEPTH`].
+fn bounded_batch<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Level;
+    impl Drop for Level {
+        fn drop(&mut self) {
+            BATCH_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
+    let depth = BATCH_DEPTH.with(|d| {
+        d.set(d.get() + 1);
+        d.get()
+    });
+    let _level = Level;
+    if depth > MAX_BATCH_DEPTH {
+        return Err(serde::de::Error::custom(format!(
+            "batches nested deeper than {MAX_BATCH_DEPTH}"
+        )));
+    }
+    Vec::<T>::deserialize(deserializer)
+}
+
 #[cold]
 fn unreachable_encoding() -> Vec<u8> {
     // Kept as a function so the impossible branch has one obvious place; see `Command::encode`.
@@ -188,7 +224,7 @@ pub(crate) mod legacy {
             node: NodeId,
             id: ContainerId,
         },
-        Batch(Vec<CommandV2>),
+        Batch(#[serde(deserialize_with = "super::bounded_batch")] Vec<CommandV2>),
         SetNodeDown {
             node: NodeId,
             down: bool,

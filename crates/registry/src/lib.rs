@@ -170,6 +170,9 @@ pub struct Registry {
     max_node_id: NodeId,
     /// Each node's certificate fingerprint (SHA-256 of its DER).
     certs: BTreeMap<NodeId, [u8; 32]>,
+    /// The one each renewal replaced, still accepted until it expires: a peer that lags
+    /// behind the renewal, or a renewal whose answer was lost, locks nobody out.
+    previous_certs: BTreeMap<NodeId, [u8; 32]>,
     /// The container subnets each node claims; no two nodes' subnets overlap.
     subnets: BTreeMap<NodeId, Vec<Subnet>>,
     containers: OrdMap<ContainerId, Arc<Record>>,
@@ -273,6 +276,7 @@ impl Registry {
                 self.node_by_name.remove(&info.name);
                 self.down.remove(node);
                 self.certs.remove(node);
+                self.previous_certs.remove(node);
                 self.subnets.remove(node);
                 self.floors.remove(node);
                 self.retiring.remove(node);
@@ -290,9 +294,14 @@ impl Registry {
             }
             Command::SetNodeCert { node, fingerprint } => {
                 self.known_node(*node)?;
-                Ok(changed(
-                    self.certs.insert(*node, *fingerprint) != Some(*fingerprint),
-                ))
+                match self.certs.insert(*node, *fingerprint) {
+                    Some(old) if old == *fingerprint => Ok(Outcome::Unchanged),
+                    Some(old) => {
+                        self.previous_certs.insert(*node, old);
+                        Ok(Outcome::Changed)
+                    }
+                    None => Ok(Outcome::Changed),
+                }
             }
             Command::SetNodeSubnets { node, subnets } => self.set_subnets(*node, subnets),
             Command::RetireNode { node } => {
@@ -707,6 +716,11 @@ impl Registry {
     /// The certificate fingerprint node `id` must present to its peers, once bound.
     pub fn node_cert(&self, id: NodeId) -> Option<&[u8; 32]> {
         self.certs.get(&id)
+    }
+
+    /// The certificate node `id` had before its last renewal, still accepted until it expires.
+    pub fn previous_node_cert(&self, id: NodeId) -> Option<&[u8; 32]> {
+        self.previous_certs.get(&id)
     }
 
     /// The container subnets node `id` claims (empty if none).

@@ -73,6 +73,7 @@ struct SnapshotV5 {
     retiring: Vec<NodeId>,
     claim_limit: ClaimLimit,
     join_hash: Option<[u8; 32]>,
+    previous_certs: Vec<(NodeId, [u8; 32])>,
 }
 
 /// The same layout as [`SnapshotV5`], borrowing from the registry instead of copying it.
@@ -89,6 +90,7 @@ struct SnapshotV5Ref<'a> {
     retiring: Vec<NodeId>,
     claim_limit: ClaimLimit,
     join_hash: Option<[u8; 32]>,
+    previous_certs: Vec<(NodeId, [u8; 32])>,
 }
 
 impl From<SnapshotV4> for SnapshotV5 {
@@ -105,6 +107,7 @@ impl From<SnapshotV4> for SnapshotV5 {
             retiring: Vec::new(),
             claim_limit: ClaimLimit::default(),
             join_hash: None,
+            previous_certs: Vec::new(),
         }
     }
 }
@@ -139,6 +142,7 @@ impl Registry {
             retiring: self.retiring.iter().copied().collect(),
             claim_limit: self.claim_limit,
             join_hash: self.join_hash,
+            previous_certs: self.previous_certs.iter().map(|(&n, &f)| (n, f)).collect(),
         };
         let mut out = MAGIC.to_vec();
         out.push(SNAPSHOT_VERSION);
@@ -223,7 +227,8 @@ impl Registry {
                 .apply(&Command::SetNodeDown { node, down: true })
                 .map_err(|e| decode_err(format!("inconsistent liveness: {e}")))?;
         }
-        for &(node, fingerprint) in &body.certs {
+        // Each node's previous certificate first: binding the current one then keeps it.
+        for &(node, fingerprint) in body.previous_certs.iter().chain(&body.certs) {
             registry
                 .apply(&Command::SetNodeCert { node, fingerprint })
                 .map_err(|e| decode_err(format!("inconsistent certificate: {e}")))?;

@@ -1437,3 +1437,21 @@ fn claims_wider_than_the_limit_or_holding_a_host_are_refused() {
     let three = Command::UpsertContainer(container("a1", "a", 1, &["10.1.0.2"]));
     assert_eq!(three.encode()[0], 3);
 }
+
+#[test]
+fn deeply_nested_batches_are_refused_not_recursed_into() {
+    // Batch is variant 4; each level is [4, 1] (one command follows).
+    let mut bytes = vec![COMMAND_VERSION];
+    for _ in 0..200_000 {
+        bytes.extend_from_slice(&[4, 1]);
+    }
+    bytes.extend_from_slice(&[6, 1]); // RemoveNode { node: 1 }
+                                      // Refused (postcard keeps no message of its own), and the stack holds.
+    assert!(Command::decode(&bytes).is_err());
+    // The same in the older layout.
+    bytes[0] = 2;
+    assert!(Command::decode(&bytes).is_err());
+    // Two levels, as the proposer batches the watcher's batches, decode.
+    let two = Command::Batch(vec![Command::Batch(vec![Command::RemoveNode { node: 1 }])]);
+    assert_eq!(Command::decode(&two.encode()), Ok(two));
+}

@@ -185,6 +185,11 @@ async fn hosts_join_replicate_get_promoted_and_can_be_removed() {
     assert_eq!(status.learners, vec![4]);
     assert_eq!(fourth.node.status().role, Role::Learner);
     assert!(!fourth.transport.identity().has_ca_key());
+    // A learner removes nobody but itself.
+    let e = remove(&first.addr.to_string(), &fourth.transport.identity(), "h3")
+        .await
+        .expect_err("a learner");
+    assert!(e.to_string().contains("learner"), "{e}");
 
     // Every node hears from every other one.
     wait("contacts", || {
@@ -611,6 +616,14 @@ async fn certificates_expire_are_renewed_and_an_expired_one_is_refused() {
         Some(&fingerprint(&renewed.node_cert)),
         "the registry binds the renewed certificate"
     );
+    // The one it replaced still counts until it expires (a peer that has not applied the
+    // renewal, or a renewal whose answer was lost, locks nobody out).
+    if issued.node_cert_expires > unix_now() + 1 {
+        let e = remove(&first.addr.to_string(), &issued, "nobody")
+            .await
+            .expect_err("no such node");
+        assert!(e.to_string().contains("no node"), "{e}");
+    }
     // Past the first certificate's expiry: h2 still speaks as a member with a new
     // connection, and its writes commit.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -665,8 +678,13 @@ async fn a_rotated_token_refuses_the_old_one_at_once_and_members_carry_on() {
             .is_some()
     })
     .await;
-    // A member (the learner h2) asks; the leader rotates.
-    let new = rotate_token(&second.addr.to_string(), &second.transport.identity())
+    // A learner may not rotate it; a voter asks (here through the learner, which redirects
+    // to the leader).
+    let e = rotate_token(&first.addr.to_string(), &second.transport.identity())
+        .await
+        .expect_err("a learner");
+    assert!(e.to_string().contains("learner"), "{e}");
+    let new = rotate_token(&second.addr.to_string(), &first.transport.identity())
         .await
         .expect("rotate");
     assert_ne!(new.secret, old.secret);

@@ -840,6 +840,49 @@ fn a_node_changes_only_its_own_records_and_forwards_no_maintenance() {
     }
     assert!(sim.leaders().contains(&leader), "the leader kept going");
 
+    // A learner posing as the leader of a later term, with entries that name a voter as their
+    // proposer, and asking for votes: a follower that hears from its leader refuses it all.
+    let follower = *sim
+        .live
+        .keys()
+        .find(|&&id| id != leader && id != learner)
+        .expect("a follower");
+    let before = sim.status(follower);
+    let down = Command::SetNodeDown {
+        node: leader,
+        down: true,
+    };
+    let forged_entry = raft::eraftpb::Entry {
+        term: before.term + 1,
+        index: before.last_index + 1,
+        data: down.encode().into(),
+        context: proposer_context(leader).into(),
+        ..Default::default()
+    };
+    let mut append = Message::default();
+    append.set_msg_type(MessageType::MsgAppend);
+    append.from = learner;
+    append.to = follower;
+    append.term = before.term + 1;
+    append.index = before.last_index;
+    append.log_term = before.term;
+    append.commit = before.last_index + 1;
+    append.entries = vec![forged_entry].into();
+    let mut vote = Message::default();
+    vote.set_msg_type(MessageType::MsgRequestVote);
+    vote.from = learner;
+    vote.to = follower;
+    vote.term = before.term + 5;
+    vote.index = before.last_index + 100;
+    vote.log_term = before.term + 5;
+    let core = sim.live.get_mut(&follower).expect("follower");
+    core.step(append);
+    core.step(vote);
+    sim.settle(10);
+    let after = sim.status(follower);
+    assert_eq!((after.term, after.leader), (before.term, Some(leader)));
+    assert!(!sim.live[&follower].registry().is_down(leader));
+
     // The leader's own maintenance is taken.
     let t = sim.propose(
         leader,
