@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use linkdns_raft::{Membership, NodeHandle, Role};
+use linkdns_raft::{Membership, NodeHandle, RetryPolicy, Role};
 use linkdns_registry::{normalize_name, Command, NodeInfo};
 use rustls::pki_types::CertificateDer;
 
@@ -371,21 +371,19 @@ async fn retire_then_remove(
     }
 }
 
+/// How a membership change waits out one already in progress (or a moment without a leader):
+/// every 200 ms, for `CHANGE_PATIENCE` at most.
+const CHANGE_RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(200), Duration::from_millis(200))
+        .within(CHANGE_PATIENCE);
+
 /// Proposes a membership change, waiting out one already in progress.
 pub(crate) async fn change(
     node: &NodeHandle,
     change: Membership,
 ) -> Result<(), linkdns_raft::Error> {
-    let deadline = tokio::time::Instant::now() + CHANGE_PATIENCE;
-    loop {
-        match node.change_membership(change.clone()).await {
-            Ok(_) => return Ok(()),
-            Err(linkdns_raft::Error::ConfChangeInProgress)
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    node.change_membership_until(&change, CHANGE_RETRY)
+        .await
+        .into_result()
+        .map(|_| ())
 }

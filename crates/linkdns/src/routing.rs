@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use linkdns_raft::NodeHandle;
+use linkdns_raft::{NodeHandle, Proposal};
 use linkdns_registry::{Command, LocalNetwork, NodeId, Subnet};
 use linkdns_routes::{Desired, Programmer, Report};
 use serde::{Deserialize, Serialize};
@@ -385,20 +385,22 @@ impl Routing {
                 node: id,
                 subnets: wanted.clone(),
             };
-            match self.node.propose(command).await {
-                Ok(_) => {
+            match Proposal::from(self.node.propose(command).await) {
+                Proposal::Applied(_) => {
                     refused_against = None;
                     self.set_claim_refused(None);
                     tracing::info!(subnets = ?wanted.iter().map(ToString::to_string).collect::<Vec<_>>(), "claimed this host's container subnet");
                     self.reconcile_now.notify_one();
                 }
-                Err(linkdns_raft::Error::Registry(e)) => {
+                Proposal::Rejected(e) => {
                     tracing::error!(error = %e, "the cluster refused this host's container subnet; other hosts will not route to its containers. DNS keeps working");
-                    self.set_claim_refused(Some(e.to_string()));
+                    self.set_claim_refused(Some(refusal(&e)));
                     refused_against = Some((wanted, others));
                 }
-                Err(linkdns_raft::Error::Stopped) => return,
-                Err(e) => tracing::debug!(error = %e, "claiming the container subnet; retrying"),
+                Proposal::Stopped(_) => return,
+                Proposal::Retry(e) => {
+                    tracing::debug!(error = %e, "claiming the container subnet; retrying")
+                }
             }
         }
     }
@@ -518,18 +520,18 @@ impl Routing {
                 node: id,
                 subnets: vec![candidate],
             };
-            match self.node.propose(command).await {
-                Ok(_) => {
+            match Proposal::from(self.node.propose(command).await) {
+                Proposal::Applied(_) => {
                     tracing::info!(subnet = %candidate, %pool, "allocated this host's container subnet; every Docker network of this host inside it is routed: `linkdns docker-config` prints the daemon.json settings that put Docker's bridge and address pools there");
                     return Some(candidate);
                 }
                 // Another host took it meanwhile: the next free one.
-                Err(linkdns_raft::Error::Registry(e)) => {
+                Proposal::Rejected(e) => {
                     tracing::info!(error = %e, "subnet taken meanwhile; trying the next");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(linkdns_raft::Error::Stopped) => return None,
-                Err(e) => {
+                Proposal::Stopped(_) => return None,
+                Proposal::Retry(e) => {
                     tracing::debug!(error = %e, "allocating a subnet; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -680,6 +682,14 @@ fn fill(status: &mut RoutesStatus, report: &Report) {
     changes.keep.clear();
     changes.notes.clear();
     status.plan = changes.to_string().lines().map(str::to_string).collect();
+}
+
+/// Why the cluster refused a claim, as status shows it: the registry's own words.
+fn refusal(e: &linkdns_raft::Error) -> String {
+    match e {
+        linkdns_raft::Error::Registry(inner) => inner.to_string(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]

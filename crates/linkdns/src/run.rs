@@ -13,7 +13,7 @@ use linkdns_dns::{
     upstreams_from_resolv_conf, Acl, Answerer, DnsMetrics, DnsServer, Forwarder, Holds, Zone,
 };
 use linkdns_docker::{Report, WatcherConfig};
-use linkdns_raft::{NodeConfig, NodeHandle, Role, SledStore};
+use linkdns_raft::{NodeConfig, NodeHandle, Proposal, RetryPolicy, Role, SledStore};
 use linkdns_registry::{Command, LocalChange, NodeInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Notify};
@@ -527,14 +527,14 @@ async fn register_self(
             }
             continue;
         }
-        match node.propose(Command::UpsertNode(wanted)).await {
-            Ok(_) => {}
-            Err(linkdns_raft::Error::Registry(e)) => {
+        match Proposal::from(node.propose(Command::UpsertNode(wanted)).await) {
+            Proposal::Applied(_) => {}
+            Proposal::Rejected(e) => {
                 tracing::error!(error = %e, "cannot register this node under its name; DNS keeps serving, but its containers cannot be published");
                 return;
             }
-            Err(linkdns_raft::Error::Stopped) => return,
-            Err(e) => tracing::debug!(error = %e, "registering this node; retrying"),
+            Proposal::Stopped(_) => return,
+            Proposal::Retry(e) => tracing::debug!(error = %e, "registering this node; retrying"),
         }
     }
 }
@@ -579,27 +579,25 @@ enum Proposed {
     GaveUp,
 }
 
+/// How a watcher command is retried before the watcher is asked to restate everything.
+const WATCHER_RETRY: RetryPolicy =
+    RetryPolicy::times(5, Duration::from_millis(200), Duration::from_secs(1));
+
 /// Proposes a watcher command; retries a few times on transient failures. Fails only when the
 /// Raft node itself has stopped.
 async fn propose_with_retry(node: &NodeHandle, command: Command) -> anyhow::Result<Proposed> {
-    for attempt in 1..=5 {
-        match node.propose(command.clone()).await {
-            Ok(_) => return Ok(Proposed::Applied),
-            Err(linkdns_raft::Error::Registry(e)) => {
-                tracing::warn!(error = %e, "watcher command rejected");
-                return Ok(Proposed::Applied);
-            }
-            Err(linkdns_raft::Error::Stopped) => {
-                bail!("the raft node stopped; see the log above")
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, attempt, "proposal failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
+    match node.propose_until(&command, WATCHER_RETRY).await {
+        Proposal::Applied(_) => Ok(Proposed::Applied),
+        Proposal::Rejected(e) => {
+            tracing::warn!(error = %e, "watcher command rejected");
+            Ok(Proposed::Applied)
+        }
+        Proposal::Stopped(e) => bail!("the raft node stopped ({e}); see the log above"),
+        Proposal::Retry(e) => {
+            tracing::warn!(error = %e, "a watcher command kept failing; asking the watcher for a full resync");
+            Ok(Proposed::GaveUp)
         }
     }
-    tracing::warn!("a watcher command kept failing; asking the watcher for a full resync");
-    Ok(Proposed::GaveUp)
 }
 
 fn write_admin_addr(data_dir: &Path, addr: SocketAddr) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@
 mod core;
 mod logger;
 mod node;
+mod propose;
 mod storage;
 
 use std::path::Path;
@@ -14,6 +15,7 @@ use std::path::Path;
 pub use crate::core::{Core, CoreConfig, Membership, Progress, RaftStatus, Role};
 pub use linkdns_registry::Published;
 pub use node::{start, NoPeers, NodeConfig, NodeHandle, Outbox, PublishHook};
+pub use propose::{Proposal, RetryPolicy};
 pub use storage::{LogStore, MemStore, SledStore};
 
 /// Errors of the Raft node.

@@ -16,6 +16,7 @@ use raft::eraftpb::Message;
 use tokio::sync::oneshot;
 
 use crate::core::{Core, CoreConfig, Membership, RaftStatus, Role};
+use crate::propose::{Proposal, RetryPolicy};
 use crate::storage::LogStore;
 use crate::Error;
 
@@ -114,6 +115,29 @@ enum Event {
     Shutdown,
 }
 
+/// Tries `attempt` until its outcome is not [`Proposal::Retry`] or `policy` runs out.
+async fn retry<F, Fut>(policy: RetryPolicy, mut attempt: F) -> Proposal
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Outcome, Error>>,
+{
+    let started = Instant::now();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match Proposal::from(attempt().await) {
+            Proposal::Retry(e) => match policy.wait_after(tries, started.elapsed()) {
+                Some(wait) => {
+                    tracing::debug!(error = %e, tries, "proposal not through yet; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Proposal::Retry(e),
+            },
+            other => return other,
+        }
+    }
+}
+
 /// The handle the rest of the process holds: propose, read, stop.
 pub struct NodeHandle {
     id: u64,
@@ -141,6 +165,22 @@ impl NodeHandle {
     pub async fn change_membership(&self, change: Membership) -> Result<Outcome, Error> {
         self.request(|reply| Event::Membership { change, reply })
             .await
+    }
+
+    /// Proposes `command` until it is applied, rejected or the node stops, trying again what
+    /// may succeed later as `policy` says; when the policy runs out, the last such failure
+    /// comes back as [`Proposal::Retry`].
+    pub async fn propose_until(&self, command: &Command, policy: RetryPolicy) -> Proposal {
+        retry(policy, || self.propose(command.clone())).await
+    }
+
+    /// [`NodeHandle::change_membership`] the same way (another change in progress, say).
+    pub async fn change_membership_until(
+        &self,
+        change: &Membership,
+        policy: RetryPolicy,
+    ) -> Proposal {
+        retry(policy, || self.change_membership(change.clone())).await
     }
 
     async fn request(&self, event: impl FnOnce(Reply) -> Event) -> Result<Outcome, Error> {

@@ -7,7 +7,7 @@ use linkdns_cluster::{
     join, keep_credentials, maintain, remove, rotate_token, Error, Identity, JoinAs,
     MaintainConfig, Token, Transport,
 };
-use linkdns_raft::{Membership, NodeConfig, NodeHandle, Role, SledStore};
+use linkdns_raft::{Membership, NodeConfig, NodeHandle, Proposal, RetryPolicy, Role, SledStore};
 use linkdns_registry::{Command, Container, NodeInfo, Resolution, Subnet};
 use raft::eraftpb::{Entry, Message, MessageType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -130,14 +130,11 @@ fn container(node: u64, name: &str, ip: &str) -> Command {
 /// Proposes as `linkdns run` does: a proposal whose outcome is unknown (forwarded and lost, or
 /// overtaken by a snapshot) is retried; commands are idempotent.
 async fn propose(node: &NodeHandle, command: Command) {
-    for _ in 0..5 {
-        match node.propose(command.clone()).await {
-            Ok(_) => return,
-            Err(e @ linkdns_raft::Error::Registry(_)) => panic!("rejected: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+    let policy = RetryPolicy::times(5, Duration::from_millis(100), Duration::from_millis(100));
+    match node.propose_until(&command, policy).await {
+        Proposal::Applied(_) => {}
+        other => panic!("{command:?}: {other:?}"),
     }
-    panic!("proposal kept failing");
 }
 
 fn resolves(node: &TestNode, name: &str) -> bool {
