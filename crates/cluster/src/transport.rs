@@ -491,16 +491,15 @@ impl Outbox for PeerOutbox {
 }
 
 /// Keeps a sender to every node in the registry (so pings flow even when Raft is quiet) and
-/// drops those of nodes that are gone.
+/// drops those of nodes that are gone: at start and whenever the node's registry or
+/// membership changes.
 async fn keep_peers(inner: Arc<Inner>) {
     let mut shutdown = inner.shutdown.clone();
-    let mut every = tokio::time::interval(PING_EVERY);
+    let Some(mut changes) = inner.node().map(|n| n.subscribe()) else {
+        return;
+    };
     loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let Some(node) = inner.node() else { continue };
+        let Some(node) = inner.node() else { return };
         let published = node.published().load_full();
         let wanted: Vec<u64> = published
             .registry
@@ -514,6 +513,10 @@ async fn keep_peers(inner: Arc<Inner>) {
         if let Ok(mut queues) = inner.queues.lock() {
             let status = node.status();
             queues.retain(|id, _| wanted.contains(id) || status.is_member(*id));
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
         }
     }
 }

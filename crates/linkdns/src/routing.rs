@@ -16,9 +16,6 @@ use tokio::sync::{watch, Notify};
 /// rewrote its rules).
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
-/// How often the registry is looked at for changes of the desired routes.
-const WATCH_EVERY: Duration = Duration::from_millis(250);
-
 /// After a start, routes change only once the replica has applied the log it had on disk (it
 /// is behind until a leader confirms those entries) — or after this long with a leader, in case
 /// the leader truncated part of that log.
@@ -345,12 +342,18 @@ impl Routing {
         // The claims of the others when a claim was refused, so it is retried only once they
         // change.
         let mut refused_against: Option<(Vec<Subnet>, Claims)> = None;
+        let mut changes = self.node.subscribe();
+        // Until the replica has caught up (partly a matter of time), and after a proposal
+        // that may succeed later, look again after a second as well.
+        let mut again = true;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)), if again => {}
+                changed = changes.changed() => if changed.is_err() { return },
                 _ = wanted_rx.changed() => {}
                 _ = shutdown.changed() => return,
             }
+            again = !self.caught_up();
             // A node that does not route claims nothing: other hosts would route to it, and
             // their containers' traffic would find no way back.
             let wanted = match &self.disabled {
@@ -399,7 +402,8 @@ impl Routing {
                 }
                 Proposal::Stopped(_) => return,
                 Proposal::Retry(e) => {
-                    tracing::debug!(error = %e, "claiming the container subnet; retrying")
+                    tracing::debug!(error = %e, "claiming the container subnet; retrying");
+                    again = true;
                 }
             }
         }
@@ -484,13 +488,16 @@ impl Routing {
                 .filter(|a| !docker_subnets.contains(a))
                 .any(|a| a.overlaps(block))
         });
+        let mut changes = self.node.subscribe();
         loop {
             if *shutdown.borrow() {
                 return None;
             }
             if !self.caught_up() {
+                // Catching up is partly a matter of time: look again after a second as well.
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    changed = changes.changed() => if changed.is_err() { return None },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => return None,
                 }
                 continue;
@@ -563,12 +570,15 @@ impl Routing {
         let mut last_refused: Vec<String> = Vec::new();
         let mut last_errors: Vec<String> = Vec::new();
         let mut every = tokio::time::interval(RECONCILE_EVERY);
-        let mut watch = tokio::time::interval(WATCH_EVERY);
+        let mut changes = self.node.subscribe();
         loop {
             tokio::select! {
                 _ = every.tick() => {}
                 _ = self.reconcile_now.notified() => {}
-                _ = watch.tick() => {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
                     let registry = self.node.published().load_full();
                     if last.as_ref() == Some(&Desired::from_registry(&registry.registry, id)) {
                         continue;

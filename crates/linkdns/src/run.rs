@@ -224,9 +224,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
         tokio::spawn(async move {
             // Containers are refused for a node the registry does not know yet.
+            let mut changes = node.subscribe();
             while node.published().load().registry.node(node_id).is_none() {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    changed = changes.changed() => if changed.is_err() { return },
                     _ = shutdown.changed() => return,
                 }
             }
@@ -260,11 +261,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         resync.clone(),
         view.clone(),
     ));
-    let mut stop_check = tokio::time::interval(Duration::from_millis(500));
+    // The node's changes (membership, liveness, retirement) wake the lifecycle checks; a
+    // retirement also has a deadline.
+    let mut changes = node.subscribe();
     let mut was_member = false;
     let mut was_down = false;
     let mut removed = false;
-    let mut retiring_since: Option<std::time::Instant> = None;
+    // When this node applied its own retirement; it stops by RETIRE_GRACE after.
+    let mut retiring_since: Option<tokio::time::Instant> = None;
     // Created once, so a signal that arrives while a proposal is under way is not lost.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -316,8 +320,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = stop_check.tick() => {
-                if node.is_stopped() {
+            changed = changes.changed() => {
+                if changed.is_err() || node.is_stopped() {
                     break Err(anyhow::anyhow!("the raft node stopped; see the log above"));
                 }
                 let status = node.status();
@@ -336,16 +340,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 // Only the log retires a node: its own retirement, applied here. Its replica
                 // keeps running until it applies its removal from the configuration too (which
                 // may need its vote), for at most RETIRE_GRACE.
-                if node.published().load().registry.is_retiring(node_id) {
-                    let since = *retiring_since.get_or_insert_with(|| {
-                        tracing::warn!("this node is being removed from the cluster; stopping once the removal is through");
-                        std::time::Instant::now()
-                    });
-                    if since.elapsed() > RETIRE_GRACE {
-                        tracing::warn!("this node's removal did not complete in time; stopping as removed");
-                        removed = true;
-                        break Ok(());
-                    }
+                if retiring_since.is_none() && node.published().load().registry.is_retiring(node_id) {
+                    tracing::warn!("this node is being removed from the cluster; stopping once the removal is through");
+                    retiring_since = Some(tokio::time::Instant::now());
                 }
                 // Hidden by the leader while it could not hear us: once shown again, restate
                 // everything, in case events were lost meanwhile.
@@ -355,6 +352,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     resync.notify_one();
                 }
                 was_down = down;
+            }
+            _ = tokio::time::sleep_until(
+                retiring_since.map_or_else(tokio::time::Instant::now, |t| t + RETIRE_GRACE)
+            ), if retiring_since.is_some() => {
+                tracing::warn!("this node's removal did not complete in time; stopping as removed");
+                removed = true;
+                break Ok(());
             }
             _ = interrupt.recv() => break Ok(()),
             _ = terminate.recv() => break Ok(()),
@@ -480,61 +484,80 @@ async fn register_self(
     transport: Transport,
     name: String,
     advertised: SocketAddr,
-) {
+) -> Option<()> {
+    let mut changes = node.subscribe();
+    loop {
+        // After a try that may succeed later, or while waiting for the address this node's
+        // peer connections show, look again after a moment; else when the node changes.
+        let again = register_once(&node, &transport, &name, advertised).await?;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return None },
+            _ = tokio::time::sleep(Duration::from_millis(500)), if again => {}
+        }
+    }
+}
+
+/// One step of [`register_self`]: `None` when done (or stopped), else whether to look again
+/// after a moment rather than only when the node changes.
+async fn register_once(
+    node: &NodeHandle,
+    transport: &Transport,
+    name: &str,
+    advertised: SocketAddr,
+) -> Option<bool> {
     let id = node.id();
     let usable = |a: &str| {
         a.parse::<SocketAddr>()
             .is_ok_and(|a| !a.ip().is_unspecified())
     };
-    let mut every = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        every.tick().await;
-        if node.is_stopped() {
-            return;
-        }
-        let current = node.published().load().registry.node(id).cloned();
-        if current.is_none() && id != BOOTSTRAP_ID {
-            continue;
-        }
-        let peer_addr = if !advertised.ip().is_unspecified() {
-            advertised.to_string()
-        } else if let Some(c) = current.as_ref().filter(|c| usable(&c.peer_addr)) {
-            c.peer_addr.clone()
-        } else if let Some(seen) = transport.observed_address() {
-            seen.to_string()
-        } else {
-            advertised.to_string()
-        };
-        let wanted = NodeInfo {
-            id,
-            name: name.clone(),
-            peer_addr,
-        };
-        if current.as_ref() == Some(&wanted) {
-            // The first node's certificate was made at bootstrap, not at an admission: bind it.
-            if node.published().load().registry.node_cert(id).is_none() {
-                let bind = Command::SetNodeCert {
-                    node: id,
-                    fingerprint: transport.identity().cert_fingerprint(),
-                };
-                if let Err(e) = node.propose(bind).await {
-                    tracing::debug!(error = %e, "binding this node's certificate; retrying");
-                }
-                continue;
+    if node.is_stopped() {
+        return None;
+    }
+    let current = node.published().load().registry.node(id).cloned();
+    if current.is_none() && id != BOOTSTRAP_ID {
+        // A joined node's entry comes with the log (made at admission).
+        return Some(false);
+    }
+    let peer_addr = if !advertised.ip().is_unspecified() {
+        advertised.to_string()
+    } else if let Some(c) = current.as_ref().filter(|c| usable(&c.peer_addr)) {
+        c.peer_addr.clone()
+    } else if let Some(seen) = transport.observed_address() {
+        seen.to_string()
+    } else {
+        advertised.to_string()
+    };
+    let wanted = NodeInfo {
+        id,
+        name: name.to_string(),
+        peer_addr,
+    };
+    if current.as_ref() == Some(&wanted) {
+        // The first node's certificate was made at bootstrap, not at an admission: bind it.
+        if node.published().load().registry.node_cert(id).is_none() {
+            let bind = Command::SetNodeCert {
+                node: id,
+                fingerprint: transport.identity().cert_fingerprint(),
+            };
+            if let Err(e) = node.propose(bind).await {
+                tracing::debug!(error = %e, "binding this node's certificate; retrying");
+                return Some(true);
             }
-            if usable(&wanted.peer_addr) {
-                return;
-            }
-            continue;
+            return Some(false);
         }
-        match Proposal::from(node.propose(Command::UpsertNode(wanted)).await) {
-            Proposal::Applied(_) => {}
-            Proposal::Rejected(e) => {
-                tracing::error!(error = %e, "cannot register this node under its name; DNS keeps serving, but its containers cannot be published");
-                return;
-            }
-            Proposal::Stopped(_) => return,
-            Proposal::Retry(e) => tracing::debug!(error = %e, "registering this node; retrying"),
+        // Registered; with an unspecified address, until connections show a usable one.
+        return (!usable(&wanted.peer_addr)).then_some(true);
+    }
+    match Proposal::from(node.propose(Command::UpsertNode(wanted)).await) {
+        Proposal::Applied(_) => Some(false),
+        Proposal::Rejected(e) => {
+            tracing::error!(error = %e, "cannot register this node under its name; DNS keeps serving, but its containers cannot be published");
+            None
+        }
+        Proposal::Stopped(_) => None,
+        Proposal::Retry(e) => {
+            tracing::debug!(error = %e, "registering this node; retrying");
+            Some(true)
         }
     }
 }

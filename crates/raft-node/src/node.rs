@@ -145,6 +145,7 @@ pub struct NodeHandle {
     published: Arc<ArcSwap<Published>>,
     on_publish: Arc<ArcSwapOption<PublishHook>>,
     status: Arc<ArcSwap<RaftStatus>>,
+    changes: tokio::sync::watch::Receiver<u64>,
     proposal_timeout: Duration,
     thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
 }
@@ -232,6 +233,14 @@ impl NodeHandle {
         (**self.status.load()).clone()
     }
 
+    /// A watch that changes whenever the node publishes a registry or its status changes in
+    /// a way tasks act on (role, leader, term, voters, learners, a membership change pending,
+    /// stopped). Its sender goes with the Raft thread: `changed()` then fails. Tasks wait on
+    /// it rather than poll.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
     /// Whether the loop thread has ended (after an error or a shutdown).
     pub fn is_stopped(&self) -> bool {
         match self.thread.lock() {
@@ -275,6 +284,7 @@ pub fn start<S: LogStore + Send + 'static>(
     let status = Arc::new(ArcSwap::from_pointee(core.status()));
     let (events, rx) = mpsc::channel();
     let on_publish = Arc::new(ArcSwapOption::empty());
+    let (changes_tx, changes) = tokio::sync::watch::channel(0u64);
     let mut driver = Driver {
         tick: config.tick,
         core,
@@ -282,6 +292,8 @@ pub fn start<S: LogStore + Send + 'static>(
         published: published.clone(),
         on_publish: on_publish.clone(),
         status: status.clone(),
+        changes: changes_tx,
+        shape: None,
     };
     let thread = std::thread::Builder::new()
         .name("raft".into())
@@ -296,6 +308,7 @@ pub fn start<S: LogStore + Send + 'static>(
             let mut last = driver.core.status();
             last.role = Role::Stopped;
             driver.status.store(Arc::new(last));
+            driver.changes.send_modify(|n| *n += 1);
             result
         })
         .map_err(|e| Error::Storage {
@@ -308,6 +321,7 @@ pub fn start<S: LogStore + Send + 'static>(
         published,
         on_publish,
         status,
+        changes,
         proposal_timeout: config.proposal_timeout,
         thread: Mutex::new(Some(thread)),
     })
@@ -329,6 +343,33 @@ struct Driver<S: LogStore> {
     published: Arc<ArcSwap<Published>>,
     on_publish: Arc<ArcSwapOption<PublishHook>>,
     status: Arc<ArcSwap<RaftStatus>>,
+    /// Bumped on every publication and change of `shape` (see [`NodeHandle::subscribe`]).
+    changes: tokio::sync::watch::Sender<u64>,
+    shape: Option<Shape>,
+}
+
+/// What of the status tasks act on: a change of it wakes them.
+#[derive(Clone, PartialEq, Eq)]
+struct Shape {
+    role: Role,
+    leader: Option<u64>,
+    term: u64,
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+    conf_change_pending: bool,
+}
+
+impl Shape {
+    fn of(status: &RaftStatus) -> Shape {
+        Shape {
+            role: status.role,
+            leader: status.leader,
+            term: status.term,
+            voters: status.voters.clone(),
+            learners: status.learners.clone(),
+            conf_change_pending: status.conf_change_pending,
+        }
+    }
 }
 
 impl<S: LogStore> Driver<S> {
@@ -388,17 +429,28 @@ impl<S: LogStore> Driver<S> {
         if !progress.messages.is_empty() {
             self.outbox.send(progress.messages);
         }
+        let mut changed = false;
         if let Some(published) = progress.published {
             let published = Arc::new(published);
             self.published.store(published.clone());
             if let Some(hook) = self.on_publish.load().as_ref() {
                 hook(&published);
             }
+            changed = true;
         }
         for (reply, result) in progress.done {
             let _ = reply.send(result);
         }
-        self.status.store(Arc::new(self.core.status()));
+        let status = self.core.status();
+        let shape = Shape::of(&status);
+        self.status.store(Arc::new(status));
+        if self.shape.as_ref() != Some(&shape) {
+            self.shape = Some(shape);
+            changed = true;
+        }
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 }

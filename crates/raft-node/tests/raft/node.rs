@@ -129,3 +129,39 @@ async fn replayed_entries_never_answer_a_new_runs_proposals() {
     }
     assert_eq!(node.published().load().registry.record_count(), 1);
 }
+
+#[tokio::test]
+async fn subscribers_wake_on_what_changes_and_learn_when_the_node_stops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start(config(), SledStore::open(dir.path()).expect("open")).expect("start");
+    let mut changes = node.subscribe();
+    // Becoming leader is a change.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while node.status().role != Role::Leader {
+            changes.changed().await.expect("running");
+        }
+    })
+    .await
+    .expect("leader within 5 s, seen through the watch");
+    // Quiet: no wake-up while nothing changes (ticks alone are no change).
+    changes.borrow_and_update();
+    let quiet = tokio::time::timeout(Duration::from_millis(300), changes.changed()).await;
+    assert!(quiet.is_err(), "woke up with nothing changed");
+    // A publication is.
+    node.propose(register("h1")).await.expect("register");
+    tokio::time::timeout(Duration::from_secs(1), changes.changed())
+        .await
+        .expect("a change within 1 s")
+        .expect("running");
+    // The node stopping ends the watch.
+    node.shutdown().expect("shutdown");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch ends with the node");
+}
