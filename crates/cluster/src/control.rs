@@ -2,14 +2,14 @@
 //! leader; other members redirect to it. Both end in one membership change through Raft.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use linkdns_raft::{Membership, NodeHandle, RetryPolicy, Role};
 use linkdns_registry::{normalize_name, Command, NodeInfo};
-use rustls::pki_types::CertificateDer;
 
 use crate::identity::{fingerprint, RawPublicKey, Secret};
-use crate::transport::Inner;
+use crate::transport::{Caller, ControlHandler, Inner};
 use crate::wire::{self, Reply, Request};
 
 /// How long a membership change may keep meeting another one in progress.
@@ -19,13 +19,41 @@ pub(crate) const RETIRE_PATIENCE: Duration = Duration::from_secs(5);
 /// A node not heard from for this long will not receive its retirement now.
 pub(crate) const SILENT: Duration = Duration::from_secs(2);
 
-pub(crate) async fn handle(
-    inner: &Inner,
-    request: Request,
-    certs: &[CertificateDer<'static>],
-    local: Option<SocketAddr>,
-    remote: SocketAddr,
-) -> Reply {
+/// The control requests' handler the transport is given (see [`crate::attach`]). It holds the
+/// transport weakly: the transport holds it.
+pub(crate) struct Handler {
+    transport: std::sync::Weak<Inner>,
+}
+
+impl Handler {
+    pub(crate) fn new(transport: &crate::Transport) -> Handler {
+        Handler {
+            transport: Arc::downgrade(&transport.inner),
+        }
+    }
+}
+
+impl ControlHandler for Handler {
+    fn handle(
+        &self,
+        request: Request,
+        caller: Caller,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send + '_>> {
+        Box::pin(async move {
+            match self.transport.upgrade() {
+                Some(inner) => handle(&inner, request, caller).await,
+                None => refused("this node is stopping"),
+            }
+        })
+    }
+}
+
+async fn handle(inner: &Inner, request: Request, caller: Caller) -> Reply {
+    let Caller {
+        member,
+        local,
+        remote,
+    } = caller;
     let Some(node) = inner.node() else {
         return refused("this node is still starting; retry in a moment");
     };
@@ -60,7 +88,7 @@ pub(crate) async fn handle(
         return admit(inner, node, name, peer_addr, public_key, local, remote).await;
     }
     // Everything else is a member's request, made with its bound certificate.
-    let Some(member) = member_of(inner, node, certs) else {
+    let Some(member) = member else {
         return refused("only a member of the cluster, with its current certificate, may ask this");
     };
     match request {
@@ -146,13 +174,6 @@ fn member_ids(node: &NodeHandle) -> Vec<u64> {
     ids.sort_unstable();
     ids.dedup();
     ids
-}
-
-/// The member whose bound, current certificate `certs` is.
-fn member_of(inner: &Inner, node: &NodeHandle, certs: &[CertificateDer<'static>]) -> Option<u64> {
-    member_ids(node)
-        .into_iter()
-        .find(|&id| crate::transport::check_node(inner, id, certs).is_ok())
 }
 
 /// Whether `secret` is the cluster's join secret: the one the log last set, else (a cluster

@@ -3,7 +3,8 @@
 //! - [`identity`]: cluster id, join secret and CA (made at bootstrap), node certificates (issued
 //!   at join), join tokens, and their file in the data dir.
 //! - [`transport`]: Raft messages between members over mutual TLS.
-//! - control requests (join, remove), served by the leader ([`client`] is their caller side).
+//! - control requests (join, remove, renew, rotate, the CA key), served by the leader through a
+//!   [`ControlHandler`] the transport is given ([`client`] is their caller side).
 //! - [`maintain`]: the leader's liveness verdicts, voter promotions, claim limit, removals.
 //! - [`credentials`]: each node's CA key (voters only) and certificate renewal.
 
@@ -23,7 +24,14 @@ pub use client::{join, remove, rotate_token, JoinAs};
 pub use credentials::keep_credentials;
 pub use identity::{ClusterId, Identity, Token, IDENTITY_FILE};
 pub use maintain::{maintain, MaintainConfig};
-pub use transport::Transport;
+pub use transport::{Caller, ControlHandler, Transport};
+
+/// Connects the transport to the Raft node it carries messages for, and has it hand control
+/// requests (join, remove, renew, rotate, the CA key) to this crate's handler.
+pub fn attach(transport: &Transport, node: std::sync::Arc<linkdns_raft::NodeHandle>) {
+    transport.set_control(std::sync::Arc::new(control::Handler::new(transport)));
+    transport.attach(node);
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -26,12 +26,32 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::control;
 use crate::identity::{fingerprint, ClusterId, Identity, DEFAULT_CERT_VALIDITY};
 use crate::tls::MemberTls;
 use crate::wire::{self, Hello, Reassembly, WireError};
 use crate::Error;
 use rustls::pki_types::CertificateDer;
+
+/// Who sent a control request, as the transport authenticated it.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    /// The member whose bound, current certificate the caller presented (none: a joining
+    /// host, or a stranger).
+    pub member: Option<u64>,
+    /// This node's address on the connection (the address the caller reached it at).
+    pub local: Option<SocketAddr>,
+    pub remote: SocketAddr,
+}
+
+/// Answers control requests (join, remove, renew, ...). The transport frames and
+/// authenticates them and hands them over; the handler decides.
+pub trait ControlHandler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        request: wire::Request,
+        caller: Caller,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = wire::Reply> + Send + '_>>;
+}
 
 /// Messages queued for one peer before new ones are dropped.
 const QUEUE: usize = 4096;
@@ -75,6 +95,7 @@ pub(crate) struct Inner {
     pub(crate) cert_validity: Mutex<Duration>,
     runtime: tokio::runtime::Handle,
     node: OnceLock<Arc<NodeHandle>>,
+    control: OnceLock<Arc<dyn ControlHandler>>,
     queues: Mutex<HashMap<u64, PeerQueue>>,
     contacts: Mutex<HashMap<u64, Instant>>,
     /// Peer addresses learned from their hellos, for peers the registry does not list yet.
@@ -162,6 +183,7 @@ impl Transport {
                 cert_validity: Mutex::new(DEFAULT_CERT_VALIDITY),
                 runtime: tokio::runtime::Handle::current(),
                 node: OnceLock::new(),
+                control: OnceLock::new(),
                 queues: Mutex::new(HashMap::new()),
                 contacts: Mutex::new(HashMap::new()),
                 learned: Mutex::new(HashMap::new()),
@@ -185,10 +207,16 @@ impl Transport {
     }
 
     /// Connects the transport to the Raft node it carries messages for.
-    pub fn attach(&self, node: Arc<NodeHandle>) {
+    pub(crate) fn attach(&self, node: Arc<NodeHandle>) {
         let _ = self.inner.node.set(node);
         let inner = self.inner.clone();
         self.inner.runtime.spawn(keep_peers(inner));
+    }
+
+    /// Hands control requests to `handler` from now on (until then they are refused as
+    /// "still starting").
+    pub fn set_control(&self, handler: Arc<dyn ControlHandler>) {
+        let _ = self.inner.control.set(handler);
     }
 
     /// The address this node announces to the peers it dials.
@@ -888,7 +916,18 @@ async fn serve_connection(
         wire::REQUEST => {
             let request: wire::Request =
                 wire::decode("request", &payload).map_err(|e| e.to_string())?;
-            let reply = control::handle(inner, request, &certs, local, remote).await;
+            let caller = Caller {
+                member: member_of(inner, &certs),
+                local,
+                remote,
+            };
+            let handler = inner.control.get().cloned();
+            let reply = match handler {
+                Some(handler) => handler.handle(request, caller).await,
+                None => wire::Reply::Refused {
+                    reason: "this node is still starting; retry in a moment".into(),
+                },
+            };
             let refused = match &reply {
                 wire::Reply::Refused { reason } => Some(reason.clone()),
                 _ => None,
@@ -969,6 +1008,22 @@ fn check_hello(
     certs: &[CertificateDer<'static>],
 ) -> Result<(), String> {
     check_node(inner, hello.from, certs)
+}
+
+/// The member whose bound, current certificate `certs` is, among the members and registered
+/// nodes this node knows.
+fn member_of(inner: &Inner, certs: &[CertificateDer<'static>]) -> Option<u64> {
+    let node = inner.node()?;
+    let registry = node.published().load_full();
+    let mut ids: Vec<u64> = node
+        .status()
+        .members()
+        .chain(registry.registry.nodes().map(|n| n.id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.into_iter()
+        .find(|&id| check_node(inner, id, certs).is_ok())
 }
 
 /// Whether `certs` are those of member `from`: issued by the cluster CA for that node, and the

@@ -289,7 +289,7 @@ impl Injector {
         };
         let store = SledStore::open(dir.path()).expect("store");
         let node = Arc::new(linkdns_raft::start(config, store, transport.outbox()).expect("start"));
-        transport.attach(node.clone());
+        linkdns_cluster::attach(&transport, node.clone());
         transport
             .serve(SocketAddr::from(([127, 0, 0, 1], port)))
             .await

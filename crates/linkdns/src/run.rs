@@ -85,7 +85,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     // Saved from now on whenever it changes (a renewed certificate, the CA key of a voter).
     transport.set_data_dir(config.data_dir.clone());
-    transport.attach(node.clone());
+    linkdns_cluster::attach(&transport, node.clone());
     let peer_addr = transport.serve(config.peer_listen).await?;
     let advertised = config.advertise_addr.unwrap_or(peer_addr);
     transport.set_advertised(advertised);

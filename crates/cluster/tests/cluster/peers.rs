@@ -54,7 +54,7 @@ async fn start(identity: Identity, bootstrap: bool, name: &str, port: u16) -> Te
     };
     let store = SledStore::open(dir.path()).expect("store");
     let node = Arc::new(linkdns_raft::start(config, store, transport.outbox()).expect("start"));
-    transport.attach(node.clone());
+    linkdns_cluster::attach(&transport, node.clone());
     let addr = transport
         .serve(SocketAddr::from(([127, 0, 0, 1], port)))
         .await
