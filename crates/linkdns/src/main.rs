@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod lifecycle;
 mod members;
 mod routing;
 mod run;

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
+use crate::lifecycle::{Act, Lifecycle, Seen, StopReason};
 use crate::routing::{HostDocker, Routing};
 use crate::view::View;
 
@@ -264,18 +265,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The node's changes (membership, liveness, retirement) wake the lifecycle checks; a
     // retirement also has a deadline.
     let mut changes = node.subscribe();
-    let mut was_member = false;
-    let mut was_down = false;
-    let mut removed = false;
+    let mut lifecycle = Lifecycle::new(marker.exists());
     // When this node applied its own retirement; it stops by RETIRE_GRACE after.
     let mut retiring_since: Option<tokio::time::Instant> = None;
     // Created once, so a signal that arrives while a proposal is under way is not lost.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let exit = loop {
+    let stop = loop {
         tokio::select! {
             report = reports.recv() => {
-                let Some(report) = report else { break Ok(()) };
+                let Some(report) = report else { break StopReason::WatcherEnded };
                 match report {
                     Report::Command(command) => {
                         node_metrics.docker_events.inc();
@@ -284,7 +283,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         }
                         view.observe(&command);
                         if proposals_tx.send(command).is_err() {
-                            break Err(anyhow::anyhow!("the proposer stopped; see the log above"));
+                            break StopReason::ProposerStopped;
                         }
                     }
                     Report::Local(change) => {
@@ -322,49 +321,96 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             changed = changes.changed() => {
                 if changed.is_err() || node.is_stopped() {
-                    break Err(anyhow::anyhow!("the raft node stopped; see the log above"));
+                    break StopReason::RaftStopped;
                 }
                 let status = node.status();
-                if status.is_member(node_id) {
-                    was_member = true;
-                    if !marker.exists() && status.applied_index > 0 {
-                        if let Err(e) = std::fs::write(&marker, b"") {
-                            tracing::warn!(error = %e, path = %marker.display(), "cannot write the state marker");
+                let published = node.published().load();
+                let seen = Seen {
+                    member: status.is_member(node_id),
+                    detached: status.role == Role::Detached,
+                    applied: status.applied_index,
+                    retiring: published.registry.is_retiring(node_id),
+                    down: published.registry.is_down(node_id),
+                };
+                let mut stop = None;
+                for act in lifecycle.step(seen) {
+                    match act {
+                        Act::WriteMarker => {
+                            if let Err(e) = std::fs::write(&marker, b"") {
+                                tracing::warn!(error = %e, path = %marker.display(), "cannot write the state marker");
+                            }
                         }
+                        // Hidden by the leader while it could not hear us: restate everything,
+                        // in case events were lost meanwhile.
+                        Act::Resync => {
+                            tracing::info!("this node is reporting again; resyncing with Docker");
+                            resync.notify_one();
+                        }
+                        // Only the log retires a node. Its replica keeps running until it
+                        // applies its removal from the configuration too (which may need its
+                        // vote), for at most RETIRE_GRACE.
+                        Act::RetireDeadline => {
+                            tracing::warn!("this node is being removed from the cluster; stopping once the removal is through");
+                            retiring_since = Some(tokio::time::Instant::now());
+                        }
+                        Act::Stop(reason) => stop = Some(reason),
                     }
-                } else if was_member && status.role == Role::Detached {
-                    tracing::warn!("this node was removed from the cluster; stopping");
-                    removed = true;
-                    break Ok(());
                 }
-                // Only the log retires a node: its own retirement, applied here. Its replica
-                // keeps running until it applies its removal from the configuration too (which
-                // may need its vote), for at most RETIRE_GRACE.
-                if retiring_since.is_none() && node.published().load().registry.is_retiring(node_id) {
-                    tracing::warn!("this node is being removed from the cluster; stopping once the removal is through");
-                    retiring_since = Some(tokio::time::Instant::now());
+                if let Some(reason) = stop {
+                    tracing::warn!(%reason, "stopping");
+                    break reason;
                 }
-                // Hidden by the leader while it could not hear us: once shown again, restate
-                // everything, in case events were lost meanwhile.
-                let down = node.published().load().registry.is_down(node_id);
-                if was_down && !down {
-                    tracing::info!("this node is reporting again; resyncing with Docker");
-                    resync.notify_one();
-                }
-                was_down = down;
             }
             _ = tokio::time::sleep_until(
                 retiring_since.map_or_else(tokio::time::Instant::now, |t| t + RETIRE_GRACE)
             ), if retiring_since.is_some() => {
                 tracing::warn!("this node's removal did not complete in time; stopping as removed");
-                removed = true;
-                break Ok(());
+                break StopReason::Removed;
             }
-            _ = interrupt.recv() => break Ok(()),
-            _ = terminate.recv() => break Ok(()),
+            _ = interrupt.recv() => break StopReason::Signal,
+            _ = terminate.recv() => break StopReason::Signal,
         }
     };
-    tracing::info!("shutting down");
+    shut_down(
+        stop,
+        ShutDown {
+            config: &config,
+            node,
+            routing: &routing,
+            dns,
+            watcher,
+            proposer,
+            shutdown_tx,
+        },
+    )
+    .await
+}
+
+/// What [`shut_down`] stops, in order.
+struct ShutDown<'a> {
+    config: &'a Config,
+    node: Arc<NodeHandle>,
+    routing: &'a Routing,
+    dns: Vec<DnsServer>,
+    watcher: tokio::task::JoinHandle<()>,
+    proposer: tokio::task::JoinHandle<()>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+/// Stops every task for `stop`, flushes and joins the Raft thread, and for a removal withdraws
+/// the routes and moves the state aside. The exit is an error unless the stop was clean; the
+/// Raft thread's own error, if it failed, says why best.
+async fn shut_down(stop: StopReason, parts: ShutDown<'_>) -> anyhow::Result<()> {
+    let ShutDown {
+        config,
+        node,
+        routing,
+        dns,
+        watcher,
+        proposer,
+        shutdown_tx,
+    } = parts;
+    tracing::info!(%stop, "shutting down");
     let _ = shutdown_tx.send(true);
     let _ = watcher.await;
     proposer.abort();
@@ -374,6 +420,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(config.data_dir.join(ADMIN_ADDR_FILE));
     // Flushes and joins the Raft thread; an error that stopped it is reported.
     let stopped = node.shutdown();
+    let removed = stop == StopReason::Removed;
     if removed {
         // Other hosts no longer route here, nor this host to them.
         routing.withdraw().await;
@@ -382,10 +429,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         drop(node);
         retire(&config.data_dir)?;
     }
-    match (exit, stopped) {
-        // The Raft thread's own error says why better than "the node stopped".
-        (_, Err(e)) => Err(e.into()),
-        (exit, Ok(())) => exit,
+    match stopped {
+        Err(e) => Err(e.into()),
+        Ok(()) if stop.is_clean() => Ok(()),
+        Ok(()) => Err(anyhow::anyhow!("{stop}")),
     }
 }
 
