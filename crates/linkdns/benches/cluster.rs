@@ -32,8 +32,7 @@
 #![allow(clippy::print_stdout)]
 
 #[allow(dead_code)]
-#[path = "../tests/e2e/testbed.rs"]
-mod testbed;
+use linkdns_testbed as testbed;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -49,6 +48,7 @@ use linkdns_registry::{Command as RegistryCommand, Container};
 use tokio::sync::watch;
 
 fn main() {
+    testbed::use_linkdns_bin(env!("CARGO_BIN_EXE_linkdns"));
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")

@@ -454,8 +454,12 @@ fn identity(data_dir: &Path, store: &SledStore) -> anyhow::Result<(Identity, boo
         }
         return Ok((identity, false));
     }
+    // A one-voter store without an identity is a crash during bootstrap (or a data dir from
+    // before clusters): the identity is made now. One that ran as a member (its marker says
+    // so) lost its identity instead: a new one would be a new cluster under the old log.
     let single = store.stored_voters() == [BOOTSTRAP_ID];
-    if !store.is_fresh() && !single {
+    let ran = data_dir.join(STARTED_MARKER).exists();
+    if !store.is_fresh() && (!single || ran) {
         bail!(
             "data dir {} holds a cluster member's log but no {IDENTITY_FILE}, so this node cannot prove its membership; restore the file, or run `linkdns remove` for this node on a member and join again with an empty data dir",
             data_dir.display()

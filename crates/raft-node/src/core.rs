@@ -314,6 +314,15 @@ impl<S: LogStore, T> Core<S, T> {
         match m.get_msg_type() {
             MessageType::MsgPropose => m.entries.iter().try_for_each(|e| forwarded(m.from, e)),
             MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
+                // A snapshot this build cannot read must never be installed: the store would
+                // hold it, and every later start would fail on it.
+                if m.get_msg_type() == MessageType::MsgSnapshot {
+                    if let Err(e) = Registry::restore(&m.get_snapshot().data) {
+                        return Err(format!(
+                            "a snapshot this node cannot read ({e}); not installed"
+                        ));
+                    }
+                }
                 if m.term == raft.term
                     && raft.leader_id != raft::INVALID_ID
                     && m.from != raft.leader_id
@@ -567,8 +576,11 @@ impl<S: LogStore, T> Core<S, T> {
 
             if !ready.snapshot().is_empty() {
                 let snapshot = ready.snapshot().clone();
+                // Decoded before it is stored (see `admissible`): a store never holds one that
+                // does not decode.
+                let registry = Registry::restore(&snapshot.data)?;
                 self.raw.mut_store().install_snapshot(&snapshot)?;
-                self.registry = Registry::restore(&snapshot.data)?;
+                self.registry = registry;
                 self.applied = snapshot.get_metadata().index;
                 self.snapshot_index = self.applied;
                 // Entries inside the snapshot are never applied here one by one: whoever waits

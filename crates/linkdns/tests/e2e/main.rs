@@ -5,13 +5,14 @@ mod answers;
 mod cluster;
 mod limits;
 mod routes;
-mod testbed;
 mod upstream;
 mod workloads;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+// The test bed is a crate of its own (the cluster benchmarks use it too).
+pub(crate) use linkdns_testbed as testbed;
 use testbed::{wait_until, Dig, Host};
 
 pub(crate) const SETTLE: Duration = Duration::from_secs(10);
@@ -564,6 +565,54 @@ fn corrupt_data_dir_is_refused_and_left_untouched() {
     assert!(before == after, "nothing was overwritten");
 }
 
+#[test]
+fn a_first_node_that_lost_its_identity_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut child = solo_node(&data)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start");
+    wait_until(SETTLE, "the node to hold state", || {
+        data.join("admin.addr").exists() && data.join("raft.started").exists()
+    });
+    let _ = testbed::run("kill", &["-TERM", &child.id().to_string()]);
+    assert!(child.wait().expect("wait").success());
+    let cluster = std::fs::read(data.join("cluster.json")).expect("identity");
+    std::fs::remove_file(data.join("cluster.json")).expect("lose it");
+
+    // Not a new cluster under the old log: refused, with what to do, and nothing written.
+    let out = solo_node(&data).output().expect("run");
+    assert!(
+        !out.status.success(),
+        "a node without its identity must not start"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no cluster.json") && stderr.contains("restore the file"),
+        "{stderr}"
+    );
+    assert!(
+        !data.join("cluster.json").exists(),
+        "no new identity was made"
+    );
+    // With the file back, it starts as the node it was.
+    std::fs::write(data.join("cluster.json"), &cluster).expect("restore");
+    let mut child = solo_node(&data)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start");
+    wait_until(SETTLE, "the node to start again", || {
+        data.join("admin.addr").exists()
+    });
+    let _ = testbed::run("kill", &["-TERM", &child.id().to_string()]);
+    assert!(child.wait().expect("wait").success());
+    assert_eq!(
+        std::fs::read(data.join("cluster.json")).expect("identity"),
+        cluster
+    );
+}
+
 /// `linkdns run` on `data`, unprivileged ports, no Docker: a node that needs no test host.
 fn solo_node(data: &std::path::Path) -> std::process::Command {
     let mut command = std::process::Command::new(testbed::linkdns_bin());
@@ -579,6 +628,9 @@ fn solo_node(data: &std::path::Path) -> std::process::Command {
             "--dns-listen",
             "127.0.0.1:0",
             "--admin-listen",
+            "127.0.0.1:0",
+            // Two of these may run at once.
+            "--peer-listen",
             "127.0.0.1:0",
         ])
         .args(["--docker", "unix:///nonexistent.sock"]);

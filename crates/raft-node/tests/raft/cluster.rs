@@ -894,3 +894,42 @@ fn a_node_changes_only_its_own_records_and_forwards_no_maintenance() {
     sim.settle(10);
     assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
 }
+
+#[test]
+fn a_snapshot_that_does_not_decode_is_never_installed() {
+    let mut sim = Sim::cluster(13, 3, 0, 1_000);
+    let leader = sim.wait_leader(50);
+    let t = sim.propose(leader, &container(leader, 1));
+    sim.settle(10);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+    let follower = *sim
+        .live
+        .keys()
+        .find(|&&id| id != leader)
+        .expect("a follower");
+    let before = sim.status(follower);
+    // From the leader itself, of its term, far ahead of the follower: only its data is wrong.
+    let mut snapshot = raft::eraftpb::Snapshot {
+        data: b"LDNS\x63 not a registry".to_vec().into(),
+        ..Default::default()
+    };
+    snapshot.mut_metadata().index = before.last_index + 1000;
+    snapshot.mut_metadata().term = before.term;
+    snapshot.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgSnapshot);
+    m.from = leader;
+    m.to = follower;
+    m.term = before.term;
+    m.set_snapshot(snapshot);
+    sim.live.get_mut(&follower).expect("follower").step(m);
+    sim.settle(10);
+    // The follower kept its replica and its log, and goes on following.
+    let after = sim.status(follower);
+    assert!(after.snapshot_index < before.last_index + 1000, "{after:?}");
+    assert!(sim.resolves(follower, &format!("svc-{leader}-1")));
+    let t = sim.propose(follower, &container(follower, 2));
+    sim.settle(10);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+    sim.assert_converged(50);
+}

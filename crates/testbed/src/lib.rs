@@ -1,5 +1,6 @@
 //! The test bed: each host is a network namespace with its own Docker engine, a veth to the root
-//! namespace, and (when started) a real `linkdns` process. tests/README.md says how it is built.
+//! namespace, and (when started) a real `linkdns` process. The repository's tests/README.md says
+//! how it is built.
 //!
 //! Prerequisites are checked once and fail loudly: root, iproute2, nsenter, dockerd, dig,
 //! busybox, docker-compose. Nothing here is skipped.
@@ -57,8 +58,27 @@ const LAN_ROOT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
 pub const PEER_PORT: u16 = 7380;
 
 pub fn linkdns_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_linkdns")
+    LINKDNS_BIN.get_or_init(|| {
+        // Cargo builds the binary beside the test or bench it runs: target/<profile>/linkdns
+        // for target/<profile>/deps/<test>-<hash>.
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.join("linkdns")))
+            .filter(|bin| bin.exists())
+            .map(|bin| bin.to_string_lossy().into_owned())
+            .unwrap_or_else(|| {
+                panic!("no linkdns binary beside this test; call use_linkdns_bin(env!(\"CARGO_BIN_EXE_linkdns\")) first")
+            })
+    })
 }
+
+/// Which `linkdns` binary the test bed runs: a test or bench of the `linkdns` package passes
+/// `env!("CARGO_BIN_EXE_linkdns")` (else the one Cargo built beside it is used).
+pub fn use_linkdns_bin(path: &str) {
+    let _ = LINKDNS_BIN.set(path.to_string());
+}
+
+static LINKDNS_BIN: OnceLock<String> = OnceLock::new();
 
 /// Runs a command; panics with its output if it fails.
 pub fn sh(program: &str, args: &[&str]) -> String {
@@ -318,6 +338,8 @@ fn lan_down(shared: &mut Shared) {
 impl Host {
     /// A new host with a running Docker engine that has the busybox image, alone on its own
     /// link to the root namespace (172.30.N.2, the root side being 172.30.N.1).
+    // No `Default`: a host is a namespace, a Docker engine and a directory, never a default.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Host {
         Host::create(false)
     }
