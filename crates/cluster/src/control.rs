@@ -9,7 +9,7 @@ use linkdns_raft::{Membership, NodeHandle, RetryPolicy, Role};
 use linkdns_registry::{normalize_name, Command, NodeInfo};
 
 use crate::identity::{fingerprint, RawPublicKey, Secret};
-use crate::transport::{Caller, ControlHandler, Inner};
+use crate::transport::{member_ids, Caller, ControlHandler, Inner};
 use crate::wire::{self, Reply, Request};
 
 /// How long a membership change may keep meeting another one in progress.
@@ -161,19 +161,6 @@ async fn handle(inner: &Inner, request: Request, caller: Caller) -> Reply {
             }
         }
     }
-}
-
-/// Every node id this node knows as a member or a registered node.
-fn member_ids(node: &NodeHandle) -> Vec<u64> {
-    let registry = node.published().load_full();
-    let mut ids: Vec<u64> = node
-        .status()
-        .members()
-        .chain(registry.registry.nodes().map(|n| n.id))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
 }
 
 /// Whether `secret` is the cluster's join secret: the one the log last set, else (a cluster

@@ -1010,10 +1010,8 @@ fn check_hello(
     check_node(inner, hello.from, certs)
 }
 
-/// The member whose bound, current certificate `certs` is, among the members and registered
-/// nodes this node knows.
-fn member_of(inner: &Inner, certs: &[CertificateDer<'static>]) -> Option<u64> {
-    let node = inner.node()?;
+/// Every node id this node knows as a member or a registered node.
+pub(crate) fn member_ids(node: &NodeHandle) -> Vec<u64> {
     let registry = node.published().load_full();
     let mut ids: Vec<u64> = node
         .status()
@@ -1022,7 +1020,14 @@ fn member_of(inner: &Inner, certs: &[CertificateDer<'static>]) -> Option<u64> {
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    ids.into_iter()
+    ids
+}
+
+/// The member whose bound, current certificate `certs` is, among the members and registered
+/// nodes this node knows.
+fn member_of(inner: &Inner, certs: &[CertificateDer<'static>]) -> Option<u64> {
+    member_ids(inner.node()?)
+        .into_iter()
         .find(|&id| check_node(inner, id, certs).is_ok())
 }
 

@@ -530,15 +530,7 @@ fn corrupt_data_dir_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     // A real data dir first: run a node briefly, on unprivileged ports, no Docker.
-    let mut child = solo_node(&data)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start");
-    wait_until(SETTLE, "the node to write its admin address", || {
-        data.join("admin.addr").exists()
-    });
-    let _ = testbed::run("kill", &["-TERM", &child.id().to_string()]);
-    assert!(child.wait().expect("wait").success());
+    run_solo_until_it_holds_state(&data);
 
     // Scribble over the store.
     let mut files = Vec::new();
@@ -569,15 +561,7 @@ fn corrupt_data_dir_is_refused_and_left_untouched() {
 fn a_first_node_that_lost_its_identity_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut child = solo_node(&data)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start");
-    wait_until(SETTLE, "the node to hold state", || {
-        data.join("admin.addr").exists() && data.join("raft.started").exists()
-    });
-    let _ = testbed::run("kill", &["-TERM", &child.id().to_string()]);
-    assert!(child.wait().expect("wait").success());
+    run_solo_until_it_holds_state(&data);
     let cluster = std::fs::read(data.join("cluster.json")).expect("identity");
     std::fs::remove_file(data.join("cluster.json")).expect("lose it");
 
@@ -598,19 +582,25 @@ fn a_first_node_that_lost_its_identity_refuses_to_start() {
     );
     // With the file back, it starts as the node it was.
     std::fs::write(data.join("cluster.json"), &cluster).expect("restore");
-    let mut child = solo_node(&data)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start");
-    wait_until(SETTLE, "the node to start again", || {
-        data.join("admin.addr").exists()
-    });
-    let _ = testbed::run("kill", &["-TERM", &child.id().to_string()]);
-    assert!(child.wait().expect("wait").success());
+    run_solo_until_it_holds_state(&data);
     assert_eq!(
         std::fs::read(data.join("cluster.json")).expect("identity"),
         cluster
     );
+}
+
+/// Runs [`solo_node`] on `data` until it serves (its admin address written) and holds state
+/// (its marker written), then stops it with SIGTERM; it must exit cleanly.
+fn run_solo_until_it_holds_state(data: &std::path::Path) {
+    let mut child = solo_node(data)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start");
+    wait_until(SETTLE, "the node to serve and hold state", || {
+        data.join("admin.addr").exists() && data.join("raft.started").exists()
+    });
+    let _ = testbed::run("kill", &["-TERM", &child.id().to_string()]);
+    assert!(child.wait().expect("wait").success());
 }
 
 /// `linkdns run` on `data`, unprivileged ports, no Docker: a node that needs no test host.
