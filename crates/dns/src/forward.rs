@@ -3,7 +3,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -15,37 +16,82 @@ use crate::Error;
 const RESOLVED_STUB: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 53));
 const RESOLVED_REAL: &str = "/run/systemd/resolve/resolv.conf";
 
-/// Upstream resolvers, tried in order.
+/// An upstream that failed is tried after the others for this long (then it gets its turn
+/// again): a dead first upstream costs one timeout, not one per lookup.
+const FAILED_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Upstream resolvers, tried in order; those that failed lately go last.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
     timeout: Duration,
+    /// Until when each upstream (by index) goes last.
+    failed_until: Arc<Mutex<Vec<Option<Instant>>>>,
 }
 
 impl Forwarder {
     pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration) -> Forwarder {
-        Forwarder { upstreams, timeout }
+        let failed_until = Arc::new(Mutex::new(vec![None; upstreams.len()]));
+        Forwarder {
+            upstreams,
+            timeout,
+            failed_until,
+        }
+    }
+
+    /// The upstreams in the order to try them now: those in good standing as configured, then
+    /// those that failed lately (the one whose failure is oldest first).
+    fn order(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let failed = self
+            .failed_until
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_default();
+        let until = |i: usize| failed.get(i).copied().flatten().filter(|t| *t > now);
+        let mut order: Vec<usize> = (0..self.upstreams.len()).collect();
+        order.sort_by_key(|&i| (until(i).is_some(), until(i), i));
+        order
+    }
+
+    fn mark(&self, index: usize, ok: bool) {
+        if let Ok(mut failed) = self.failed_until.lock() {
+            if let Some(slot) = failed.get_mut(index) {
+                *slot = (!ok).then(|| Instant::now() + FAILED_BACKOFF);
+            }
+        }
     }
 
     pub fn upstreams(&self) -> &[SocketAddr] {
         &self.upstreams
     }
 
-    /// Sends `query` (wire bytes) to each upstream in turn until one answers; over TCP when
-    /// `tcp` (the client asked over TCP) or when the UDP answer came back truncated to a TCP
-    /// client. Returns the upstream's response with the client's id.
+    /// Sends `query` (wire bytes) to each upstream in turn (see [`Forwarder::order`]) until
+    /// one answers: over TCP when `tcp` (the client asked over TCP), else over UDP, and again
+    /// over TCP when the UDP answer came back truncated (the client gets as much of it as fits
+    /// its own limit). Returns the upstream's response with the client's id.
     pub async fn forward(&self, query: &[u8], tcp: bool) -> Result<Vec<u8>, Error> {
         let mut last = Error::NoUpstream;
-        for upstream in &self.upstreams {
+        for index in self.order() {
+            let upstream = self.upstreams[index];
             let attempt = if tcp {
-                self.over_tcp(*upstream, query).await
+                self.over_tcp(upstream, query).await
             } else {
-                self.over_udp(*upstream, query).await
+                match self.over_udp(upstream, query).await {
+                    Ok(response) if truncated(&response) => {
+                        self.over_tcp(upstream, query).await.or(Ok(response))
+                    }
+                    other => other,
+                }
             };
             match attempt {
-                Ok(response) => return Ok(response),
+                Ok(response) => {
+                    self.mark(index, true);
+                    return Ok(response);
+                }
                 Err(e) => {
-                    tracing::debug!(%upstream, error = %e, "upstream failed");
+                    tracing::debug!(%upstream, error = %e, "upstream failed; it goes last for a while");
+                    self.mark(index, false);
                     last = e;
                 }
             }
@@ -99,6 +145,11 @@ impl Forwarder {
     }
 }
 
+/// Whether a response has TC set.
+fn truncated(response: &[u8]) -> bool {
+    response.get(2).is_some_and(|flags| flags & 0x02 != 0)
+}
+
 /// Reads the upstream resolvers from a resolv.conf. When it points at systemd-resolved's stub
 /// (127.0.0.53), the real upstreams are read from systemd-resolved's own file instead.
 /// Loopback resolvers other than the stub are kept: a local unbound or dnsmasq is a fine upstream.
@@ -144,4 +195,82 @@ pub fn parse_nameservers(text: &str) -> Vec<IpAddr> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply to `query`: its header with QR set, and `flags` (TC, say) or'ed in.
+    fn reply(query: &[u8], extra: &[u8], flags: u8) -> Vec<u8> {
+        let mut r = query.to_vec();
+        r[2] |= 0x80 | flags;
+        r.extend_from_slice(extra);
+        r
+    }
+
+    const QUERY: [u8; 12] = [0xab, 0xcd, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    #[tokio::test]
+    async fn a_silent_upstream_costs_one_timeout_then_goes_last() {
+        // The first upstream never answers; the second does.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        silent
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let good = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let good_addr = good.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = good.recv_from(&mut buf).await {
+                let _ = good.send_to(&reply(&buf[..n], b"ok", 0), from).await;
+            }
+        });
+        let f = Forwarder::new(
+            vec![silent.local_addr().expect("addr"), good_addr],
+            Duration::from_millis(300),
+        );
+        for _ in 0..5 {
+            let r = f.forward(&QUERY, false).await.expect("answered");
+            assert!(r.ends_with(b"ok"));
+        }
+        let mut heard = 0;
+        let mut buf = [0u8; 512];
+        while silent.recv_from(&mut buf).is_ok() {
+            heard += 1;
+        }
+        assert_eq!(
+            heard, 1,
+            "the silent upstream was asked once, then went last"
+        );
+        assert_eq!(f.order(), vec![1, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_udp_answer_is_asked_again_over_tcp() {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        let tcp = tokio::net::TcpListener::bind(addr).await.expect("bind tcp");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(&reply(&buf[..n], b"", 0x02), from).await;
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = tcp.accept().await {
+                let len = stream.read_u16().await.expect("len");
+                let mut q = vec![0u8; usize::from(len)];
+                stream.read_exact(&mut q).await.expect("query");
+                let r = reply(&q, b"the whole answer", 0);
+                let mut framed = (r.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&r);
+                stream.write_all(&framed).await.expect("write");
+            }
+        });
+        let f = Forwarder::new(vec![addr], Duration::from_secs(1));
+        let r = f.forward(&QUERY, false).await.expect("answered");
+        assert!(r.ends_with(b"the whole answer"), "{r:?}");
+        assert!(!truncated(&r));
+    }
 }

@@ -329,12 +329,15 @@ fn large_answers_truncate_over_udp_and_complete_over_tcp() {
 fn forwards_for_allowed_clients_and_refuses_outsiders() {
     let mut h = Host::new();
     let upstream = upstream::Upstream::start(SocketAddr::new(h.outside.into(), 5300));
+    // The first upstream listed never answers (a resolver that died): it costs the first
+    // lookup one timeout, then goes last.
+    let silent = upstream::Silent::start(SocketAddr::new(h.outside.into(), 5301));
     let listen_outside = format!("{}:53", h.addr);
-    let upstream_addr = upstream.addr.to_string();
+    let upstreams = format!("{},{}", silent.addr, upstream.addr);
     let gateway_listen = format!("{}:53", h.gateway);
     h.start_linkdns(&[
         "--upstream",
-        &upstream_addr,
+        &upstreams,
         "--dns-listen",
         "127.0.0.1:53",
         "--dns-listen",
@@ -346,9 +349,11 @@ fn forwards_for_allowed_clients_and_refuses_outsiders() {
     let app = h.container_ip("app");
     expect_answer(&h, "app.cluster", "A", &[&app]);
 
-    // From the host itself (loopback): forwarded, over UDP and over TCP.
-    let fwd = h.dig(&["@127.0.0.1", "example.test", "A"]);
+    // From the host itself (loopback): forwarded, over UDP and over TCP. The first lookup
+    // waits out the silent upstream (2 s), so dig waits longer for it.
+    let fwd = h.dig(&["@127.0.0.1", "example.test", "A", "+time=5"]);
     assert_eq!(fwd.rdata(), [upstream::ANSWER], "{}", fwd.raw);
+    assert_eq!(silent.queries(), 1);
     let fwd_tcp = h.dig(&["@127.0.0.1", "example.test", "A", "+tcp"]);
     assert_eq!(fwd_tcp.rdata(), [upstream::ANSWER], "{}", fwd_tcp.raw);
     let nx = h.dig(&["@127.0.0.1", "missing.test", "A"]);
@@ -375,6 +380,11 @@ fn forwards_for_allowed_clients_and_refuses_outsiders() {
     assert!(
         upstream.queries() >= 4,
         "upstream saw the forwarded queries"
+    );
+    assert_eq!(
+        silent.queries(),
+        1,
+        "after its timeout the silent upstream was tried last, so never again"
     );
 }
 

@@ -77,6 +77,43 @@ impl Drop for Upstream {
     }
 }
 
+/// An upstream that hears queries and never answers (a resolver that died or is firewalled).
+pub struct Silent {
+    pub addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Silent {
+    pub fn start(addr: SocketAddr) -> Silent {
+        let count = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let udp = UdpSocket::bind(addr).expect("silent upstream udp");
+        udp.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .expect("timeout");
+        let (c, s) = (count.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !s.load(Ordering::Relaxed) {
+                if udp.recv_from(&mut buf).is_ok() {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Silent { addr, count, stop }
+    }
+
+    pub fn queries(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 fn answer(query: &[u8]) -> Option<Vec<u8>> {
     let query = Message::from_vec(query).ok()?;
     let q = query.queries.first()?.clone();
