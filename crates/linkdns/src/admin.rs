@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint (loopback): `/status` as JSON, `/metrics` in Prometheus text.
+//! The admin HTTP endpoint (loopback): `/status` as JSON, `/metrics` in Prometheus text,
+//! `/health` and `/ready` for supervisors and load balancers.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -84,6 +85,18 @@ pub struct AdminState {
     metrics: MetricsRegistry,
     node_metrics: NodeMetrics,
     routing: Arc<Routing>,
+    /// The last log index on disk when the node started: a replica that applied it is caught
+    /// up as far as it can know without a leader.
+    on_disk: u64,
+}
+
+/// `/ready`: whether DNS serves from a replica that has a leader or is caught up, and why not.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Whether the replica follows a leader right now.
+    pub leader: bool,
+    pub reason: String,
 }
 
 impl AdminState {
@@ -129,6 +142,7 @@ impl AdminState {
             node_metrics.applied.clone(),
         );
         AdminState {
+            on_disk: node.status().last_index,
             node,
             transport,
             node_name,
@@ -229,6 +243,8 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/status", get(status_handler))
+        .route("/health", get(health_handler))
+        .route("/ready", get(ready_handler))
         .route("/metrics", get(metrics_handler))
         .route("/routes", get(routes_handler))
         .route("/docker-config", get(docker_config_handler))
@@ -238,8 +254,67 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
             tracing::error!(error = %e, "admin endpoint stopped");
         }
     });
-    tracing::info!(addr = %bound, "admin endpoint listening (/status, /metrics)");
+    tracing::info!(addr = %bound, "admin endpoint listening (/status, /ready, /health, /metrics)");
     Ok(bound)
+}
+
+impl AdminState {
+    /// Whether DNS answers from a replica that has a leader, or that has applied everything it
+    /// had on disk at start (a host cut off from the others keeps answering from it).
+    pub fn readiness(&self) -> Readiness {
+        let status = self.node.status();
+        readiness(
+            self.node.is_stopped(),
+            status.applied_index,
+            status.leader.is_some(),
+            self.on_disk,
+        )
+    }
+}
+
+/// See [`AdminState::readiness`].
+fn readiness(stopped: bool, applied: u64, leader: bool, on_disk: u64) -> Readiness {
+    let (ready, reason) = if stopped {
+        (false, "the raft node stopped; see the log".to_string())
+    } else if applied == 0 {
+        (
+            false,
+            "no replica yet: waiting for the leader's snapshot (a joining node)".to_string(),
+        )
+    } else if leader {
+        (true, "following the leader".to_string())
+    } else if applied >= on_disk {
+        (
+            true,
+            "no leader right now; answering from the replica, which is caught up with what it had at start".to_string(),
+        )
+    } else {
+        (
+            false,
+            format!("no leader, and the replica has applied {applied} of the {on_disk} log entries it had at start"),
+        )
+    };
+    Readiness {
+        ready,
+        leader,
+        reason,
+    }
+}
+
+/// `/health`: 200 while the process serves.
+async fn health_handler() -> &'static str {
+    "ok\n"
+}
+
+/// `/ready`: 200 when ready, else 503; the body says why.
+async fn ready_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let readiness = state.readiness();
+    let code = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(readiness))
 }
 
 async fn status_handler(State(state): State<Arc<AdminState>>) -> Json<Status> {
@@ -277,5 +352,25 @@ async fn metrics_handler(State(state): State<Arc<AdminState>>) -> impl IntoRespo
             [(header::CONTENT_TYPE, "text/plain")],
             String::new(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readiness;
+
+    #[test]
+    fn ready_means_a_replica_with_a_leader_or_caught_up() {
+        assert!(readiness(false, 40, true, 50).ready, "with a leader");
+        let alone = readiness(false, 50, false, 50);
+        assert!(alone.ready && !alone.leader, "caught up, no leader");
+        let behind = readiness(false, 40, false, 50);
+        assert!(!behind.ready);
+        assert_eq!(
+            behind.reason,
+            "no leader, and the replica has applied 40 of the 50 log entries it had at start"
+        );
+        assert!(!readiness(false, 0, true, 0).ready, "no replica yet");
+        assert!(!readiness(true, 50, true, 50).ready, "stopped");
     }
 }

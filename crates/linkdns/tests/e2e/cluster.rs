@@ -185,9 +185,26 @@ fn a_partitioned_host_keeps_answering_and_converges_after_healing() {
     let web = m0.container_ip("web");
     expect_answer(m1, "before.cluster", "A", &[&before]);
     expect_answer(c, "web.cluster", "A", &[&web]);
+    for h in &hosts {
+        assert_eq!(admin_get(h, "/health"), Some("ok\n".to_string()));
+        let ready = readiness(h).expect("ready");
+        assert_eq!(ready["leader"], true, "{ready}");
+    }
 
     c.partition();
-    // The cut host answers from its replica.
+    // The cut host answers from its replica: still ready (caught up), without a leader.
+    wait_until(
+        Duration::from_secs(15),
+        "the cut host to see it has no leader",
+        || readiness(c).is_some_and(|r| r["leader"] == false),
+    );
+    let ready = readiness(c).expect("still ready: it answers from a caught-up replica");
+    assert!(
+        ready["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no leader")),
+        "{ready}"
+    );
     expect_answer(c, "web.cluster", "A", &[&web]);
     expect_answer(c, "before.cluster", "A", &[&before]);
     // The majority hides the silent host's records after the liveness timeout.
@@ -209,6 +226,11 @@ fn a_partitioned_host_keeps_answering_and_converges_after_healing() {
     expect_answer(m1, "isolated.cluster", "A", &[]);
 
     c.heal();
+    wait_until(
+        Duration::from_secs(15),
+        "the cut host to follow a leader again",
+        || readiness(c).is_some_and(|r| r["leader"] == true),
+    );
     // Everyone converges: the majority's write reaches the cut host, the cut host's containers
     // (the hidden one and the one started while cut off) reach the majority.
     for h in [c, m0, m1] {
@@ -230,6 +252,22 @@ fn a_partitioned_host_keeps_answering_and_converges_after_healing() {
             .collect();
         views.iter().all(|v| *v == views[0])
     });
+}
+
+/// GET `path` from a host's admin endpoint (inside its namespace, with busybox wget): the body
+/// when the answer is 200, `None` otherwise.
+fn admin_get(h: &Host, path: &str) -> Option<String> {
+    let addr = std::fs::read_to_string(h.data_dir().join("admin.addr")).ok()?;
+    let url = format!("http://{}{path}", addr.trim());
+    let out = h.exec("busybox", &["wget", "-q", "-O", "-", &url]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `/ready` of a host, when it answers 200.
+fn readiness(h: &Host) -> Option<serde_json::Value> {
+    serde_json::from_str(&admin_get(h, "/ready")?).ok()
 }
 
 #[test]
