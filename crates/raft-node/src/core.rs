@@ -184,6 +184,9 @@ pub struct Core<S: LogStore, T> {
     done: Vec<(T, Result<Outcome, Error>)>,
     /// The leader when the last ready ran.
     leader: u64,
+    /// The registry of the last snapshot message stepped in, decoded when it arrived (to
+    /// refuse one that does not decode), by its index: installing it needs no second decode.
+    incoming: Option<(u64, Registry)>,
 }
 
 impl<S: LogStore, T> Core<S, T> {
@@ -243,6 +246,7 @@ impl<S: LogStore, T> Core<S, T> {
             incarnation,
             done: Vec::new(),
             leader: raft::INVALID_ID,
+            incoming: None,
         })
     }
 
@@ -292,6 +296,18 @@ impl<S: LogStore, T> Core<S, T> {
             tracing::warn!(peer = message.from, kind = ?message.get_msg_type(), %reason, "refused a peer's message");
             return;
         }
+        // A snapshot this build cannot read must never be installed: the store would hold it,
+        // and every later start would fail on it.
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            let snapshot = message.get_snapshot();
+            match Registry::restore(&snapshot.data) {
+                Ok(registry) => self.incoming = Some((snapshot.get_metadata().index, registry)),
+                Err(e) => {
+                    tracing::warn!(peer = message.from, error = %e, "refused a snapshot this node cannot read; not installed");
+                    return;
+                }
+            }
+        }
         if let Err(e) = self.raw.step(message) {
             tracing::debug!(error = %e, "dropped a raft message");
         }
@@ -314,15 +330,6 @@ impl<S: LogStore, T> Core<S, T> {
         match m.get_msg_type() {
             MessageType::MsgPropose => m.entries.iter().try_for_each(|e| forwarded(m.from, e)),
             MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
-                // A snapshot this build cannot read must never be installed: the store would
-                // hold it, and every later start would fail on it.
-                if m.get_msg_type() == MessageType::MsgSnapshot {
-                    if let Err(e) = Registry::restore(&m.get_snapshot().data) {
-                        return Err(format!(
-                            "a snapshot this node cannot read ({e}); not installed"
-                        ));
-                    }
-                }
                 if m.term == raft.term
                     && raft.leader_id != raft::INVALID_ID
                     && m.from != raft.leader_id
@@ -570,15 +577,21 @@ impl<S: LogStore, T> Core<S, T> {
     pub fn ready(&mut self) -> Result<Progress<T>, Error> {
         let mut progress = Progress::default();
         let applied_before = self.applied;
+        // Raft takes a snapshot message in the step before this ready, or never.
+        let incoming = self.incoming.take();
         if self.raw.has_ready() {
             let mut ready = self.raw.ready();
             progress.messages = ready.take_messages();
 
             if !ready.snapshot().is_empty() {
                 let snapshot = ready.snapshot().clone();
-                // Decoded before it is stored (see `admissible`): a store never holds one that
-                // does not decode.
-                let registry = Registry::restore(&snapshot.data)?;
+                // Decoded before it is stored (in `step`, when it arrived): a store never holds
+                // one that does not decode.
+                let index = snapshot.get_metadata().index;
+                let registry = match incoming {
+                    Some((decoded, registry)) if decoded == index => registry,
+                    _ => Registry::restore(&snapshot.data)?,
+                };
                 self.raw.mut_store().install_snapshot(&snapshot)?;
                 self.registry = registry;
                 self.applied = snapshot.get_metadata().index;
