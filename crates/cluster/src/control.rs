@@ -85,7 +85,16 @@ async fn handle(inner: &Inner, request: Request, caller: Caller) -> Reply {
             return reply;
         }
         let _one_at_a_time = inner.admission.lock().await;
-        return admit(inner, node, name, peer_addr, public_key, local, remote).await;
+        return admit(
+            inner,
+            node,
+            name,
+            peer_addr,
+            RawPublicKey(public_key),
+            local,
+            remote,
+        )
+        .await;
     }
     // Everything else is a member's request, made with its bound certificate.
     let Some(member) = member else {
@@ -180,9 +189,7 @@ pub(crate) async fn renew(
     id: u64,
     key: &RawPublicKey,
 ) -> Result<(Vec<u8>, u64), String> {
-    if key.0.len() != 65 || key.0.first() != Some(&4) {
-        return Err("the public key is not an uncompressed P-256 point".into());
-    }
+    key.check()?;
     let (cert, expires) = inner
         .identity
         .load()
@@ -238,7 +245,7 @@ async fn admit(
     node: &NodeHandle,
     name: String,
     peer_addr: String,
-    public_key: Vec<u8>,
+    public_key: RawPublicKey,
     local: Option<SocketAddr>,
     remote: SocketAddr,
 ) -> Reply {
@@ -260,8 +267,8 @@ async fn admit(
         Ok(a) => a.to_string(),
         Err(_) => return refused(format!("peer address {peer_addr:?} is not ip:port")),
     };
-    if public_key.len() != 65 || public_key.first() != Some(&4) {
-        return refused("the public key is not an uncompressed P-256 point");
+    if let Err(reason) = public_key.check() {
+        return refused(reason);
     }
     fix_own_address(inner, node, local).await;
     // The id is chosen afresh on every attempt: a change still in flight from an earlier
@@ -274,7 +281,7 @@ async fn admit(
         let highest_member = status.members().max().unwrap_or(0);
         let id = published.registry.next_node_id().max(highest_member + 1);
         let identity = inner.identity.load_full();
-        let issued = identity.issue(id, &RawPublicKey(public_key.clone()), inner.cert_validity());
+        let issued = identity.issue(id, &public_key, inner.cert_validity());
         let (node_cert, expires) = match issued {
             Ok(c) => c,
             Err(e) => return refused(format!("cannot issue a certificate: {e}")),

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use linkdns_raft::{NodeHandle, Role};
+use linkdns_raft::{NodeHandle, RaftStatus, Role};
 use tokio::sync::watch;
 
 use crate::identity::{new_node_key, unix_now, Identity, RawPublicKey};
@@ -67,16 +67,7 @@ pub async fn keep_credentials(
             continue;
         }
         let left = identity.node_cert_expires.saturating_sub(now);
-        let renewed = match status.leader {
-            Some(leader) if leader == id && status.role == Role::Leader => {
-                renew_own(&transport, &node, &identity).await
-            }
-            Some(leader) => match inner.address_of(leader) {
-                Some(addr) => renew_through(&transport, &addr.to_string(), &identity).await,
-                None => Err(format!("no address for the leader (node {leader})")),
-            },
-            None => Err("no leader right now".to_string()),
-        };
+        let renewed = renew(&transport, &node, &status, &identity).await;
         match renewed {
             Ok(()) => failed = None,
             Err(e) => {
@@ -114,42 +105,36 @@ async fn fetch_ca_key(
     Err(last)
 }
 
-/// The leader renews its own certificate: issued and bound here.
-async fn renew_own(
+/// A new certificate for a new key, from the leader (issued and bound there; by the leader
+/// itself when this node leads), installed as this node's identity.
+async fn renew(
     transport: &Transport,
     node: &NodeHandle,
+    status: &RaftStatus,
     identity: &Identity,
 ) -> Result<(), String> {
     let key = new_node_key().map_err(|e| e.to_string())?;
-    let (cert, expires) = crate::control::renew(
-        &transport.inner,
-        node,
-        identity.node_id,
-        &RawPublicKey::of(&key),
-    )
-    .await?;
-    install(transport, identity, cert, &key, expires)
-}
-
-async fn renew_through(
-    transport: &Transport,
-    leader: &str,
-    identity: &Identity,
-) -> Result<(), String> {
-    let key = new_node_key().map_err(|e| e.to_string())?;
-    let (cert, expires) = crate::client::renew(leader, identity, &key)
-        .await
-        .map_err(|e| e.to_string())?;
-    install(transport, identity, cert, &key, expires)
-}
-
-fn install(
-    transport: &Transport,
-    identity: &Identity,
-    cert: Vec<u8>,
-    key: &rcgen::KeyPair,
-    expires: u64,
-) -> Result<(), String> {
+    let (cert, expires) = match status.leader {
+        Some(leader) if leader == identity.node_id && status.role == Role::Leader => {
+            crate::control::renew(
+                &transport.inner,
+                node,
+                identity.node_id,
+                &RawPublicKey::of(&key),
+            )
+            .await?
+        }
+        Some(leader) => {
+            let addr = transport
+                .inner
+                .address_of(leader)
+                .ok_or_else(|| format!("no address for the leader (node {leader})"))?;
+            crate::client::renew(&addr.to_string(), identity, &key)
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        None => return Err("no leader right now".to_string()),
+    };
     let mut updated = identity.clone();
     updated.node_cert = cert;
     updated.node_key = key.serialize_der();

@@ -370,6 +370,15 @@ impl RawPublicKey {
     pub fn of(key: &KeyPair) -> RawPublicKey {
         RawPublicKey(key.public_key_raw().to_vec())
     }
+
+    /// Whether the bytes are an uncompressed P-256 point, as a node sends its key; if not, why.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.0.len() == 65 && self.0.first() == Some(&4) {
+            Ok(())
+        } else {
+            Err("the public key is not an uncompressed P-256 point")
+        }
+    }
 }
 
 impl PublicKeyData for RawPublicKey {

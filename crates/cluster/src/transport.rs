@@ -384,13 +384,9 @@ impl Inner {
     /// Whether `ip` is the address of a registered node (or of a peer that said hello).
     fn is_member_ip(&self, ip: std::net::IpAddr) -> bool {
         let ip = linkdns_registry::canonical_ip(ip);
-        let registered = self.node().is_some_and(|node| {
-            node.published().load().registry.nodes().any(|n| {
-                n.peer_addr
-                    .parse::<SocketAddr>()
-                    .is_ok_and(|a| linkdns_registry::canonical_ip(a.ip()) == ip)
-            })
-        });
+        let registered = self
+            .node()
+            .is_some_and(|node| node.published().load().registry.node_at(ip).is_some());
         registered
             || self.learned.lock().is_ok_and(|l| {
                 l.values()

@@ -46,10 +46,6 @@ impl Acl {
         if registry.container_at(ip, None).is_some() || registry.subnet_owner(ip).is_some() {
             return true;
         }
-        registry.nodes().any(|n| {
-            n.peer_addr
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| canonical_ip(a.ip()) == ip)
-        })
+        registry.node_at(ip).is_some()
     }
 }

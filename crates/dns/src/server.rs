@@ -601,13 +601,33 @@ impl Shared {
     /// Whether `client` is one of the allowed set (containers, loopback, the cluster's hosts),
     /// which no limit applies to.
     fn allowed(&self, client: IpAddr) -> bool {
-        let published = self.answerer.published.load();
-        self.answerer.acl.allows(client, &published.registry)
+        // Loopback first: no registry to load for the host's own queries.
+        client.is_loopback() || {
+            let published = self.answerer.published.load();
+            self.answerer.acl.allows(client, &published.registry)
+        }
+    }
+
+    /// A slot among the queries forwarded at once; with none left, `query` gets SERVFAIL.
+    fn forward_slot(
+        &self,
+        socket: &UdpSocket,
+        query: &[u8],
+        src: SocketAddr,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slot = self.forwards.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            tracing::debug!(%src, "too many forwarded queries in flight; SERVFAIL");
+            if let Some(fail) = servfail_for(query) {
+                let _ = socket.send_to(&fail, src);
+            }
+        }
+        slot
     }
 
     /// The verdict of response-rate limiting on one UDP response to `client`.
     fn rate(&self, client: IpAddr) -> Verdict {
-        if !self.rrl.enabled() || client.is_loopback() || self.allowed(client) {
+        if !self.rrl.enabled() || self.allowed(client) {
             return Verdict::Send;
         }
         let verdict = self.rrl.check(client, Instant::now());
@@ -726,7 +746,6 @@ fn udp_loop(
 ) {
     let socket = Arc::new(socket);
     let answerer = shared.answerer.clone();
-    let forwards = shared.forwards.clone();
     let mut cache = AnswerCache::new();
     let mut buf = vec![0u8; 65535];
     while !stop.load(Ordering::Relaxed) {
@@ -753,11 +772,7 @@ fn udp_loop(
                 }
             }
             Handled::Forward { udp_limit: limit } => {
-                let Ok(permit) = forwards.clone().try_acquire_owned() else {
-                    tracing::debug!(%src, "too many forwarded queries in flight; SERVFAIL");
-                    if let Some(fail) = servfail_for(&buf[..n]) {
-                        let _ = socket.send_to(&fail, src);
-                    }
+                let Some(permit) = shared.forward_slot(&socket, &buf[..n], src) else {
                     continue;
                 };
                 let (answerer, socket, query) =
@@ -792,10 +807,7 @@ fn udp_loop(
                             }
                         }
                         Handled::Forward { udp_limit: limit } => {
-                            let Ok(_forward) = shared.forwards.clone().try_acquire_owned() else {
-                                if let Some(fail) = servfail_for(&query) {
-                                    let _ = socket.send_to(&fail, src);
-                                }
+                            let Some(_forward) = shared.forward_slot(&socket, &query, src) else {
                                 return;
                             };
                             forward_udp(answerer, &socket, &query, src, limit, started).await;
@@ -893,7 +905,7 @@ async fn tcp_accept_loop(
             _ = stop.changed() => break,
         };
         while connections.try_join_next().is_some() {}
-        let allowed = src.ip().is_loopback() || shared.allowed(src.ip());
+        let allowed = shared.allowed(src.ip());
         let slot = match slots.admit(src.ip(), allowed) {
             Ok(slot) => slot,
             Err(reason) => {

@@ -216,15 +216,7 @@ impl Registry {
     /// [`Registry::apply`].
     pub fn apply_by(&mut self, by: Authority, command: &Command) -> Result<Outcome, Error> {
         if let Command::Batch(commands) = command {
-            let mut outcome = Outcome::Unchanged;
-            let mut rejected = Vec::new();
-            for c in commands {
-                match self.apply_by(by, c) {
-                    Ok(o) => outcome = outcome.and(o),
-                    Err(e) => rejected.push(e),
-                }
-            }
-            return partly(outcome, rejected);
+            return self.apply_each(commands, |r, c| r.apply_by(by, c));
         }
         command.authorized(by)?;
         self.apply(command)
@@ -322,21 +314,27 @@ impl Registry {
             Command::SetJoinSecret { hash } => {
                 Ok(changed(self.join_hash.replace(*hash) != Some(*hash)))
             }
-            Command::Batch(commands) => {
-                // Each member is atomic, the batch is not: a rejected member is skipped and the
-                // rest apply, in order. Cloning the registry to make batches atomic would cost
-                // O(records) per log entry.
-                let mut outcome = Outcome::Unchanged;
-                let mut rejected = Vec::new();
-                for c in commands {
-                    match self.apply(c) {
-                        Ok(o) => outcome = outcome.and(o),
-                        Err(e) => rejected.push(e),
-                    }
-                }
-                partly(outcome, rejected)
+            Command::Batch(commands) => self.apply_each(commands, Registry::apply),
+        }
+    }
+
+    /// Applies a batch's commands in order with `apply`. Each member is atomic, the batch is
+    /// not: a rejected member is skipped and the rest apply. Cloning the registry to make
+    /// batches atomic would cost O(records) per log entry.
+    fn apply_each(
+        &mut self,
+        commands: &[Command],
+        mut apply: impl FnMut(&mut Registry, &Command) -> Result<Outcome, Error>,
+    ) -> Result<Outcome, Error> {
+        let mut outcome = Outcome::Unchanged;
+        let mut rejected = Vec::new();
+        for c in commands {
+            match apply(self, c) {
+                Ok(o) => outcome = outcome.and(o),
+                Err(e) => rejected.push(e),
             }
         }
+        partly(outcome, rejected)
     }
 
     fn upsert_node(&mut self, node: &NodeInfo) -> Result<Outcome, Error> {
@@ -524,27 +522,25 @@ impl Registry {
         self.put_container(c)
     }
 
+    /// Removes container `id` if the registry holds it.
+    fn remove_if_held(&mut self, id: &ContainerId) -> Outcome {
+        let held = self.containers.contains_key(id);
+        if held {
+            self.remove_container(id);
+        }
+        changed(held)
+    }
+
     /// Removes container `id` of `node`, seen gone at `version`, unless a later observation is
     /// held; a versioned removal leaves a tombstone, also for a container not (yet) held.
     fn remove_observed(&mut self, node: NodeId, id: &ContainerId, version: Version) -> Outcome {
         if version == 0 {
-            return match self.containers.contains_key(id) {
-                true => {
-                    self.remove_container(id);
-                    Outcome::Changed
-                }
-                false => Outcome::Unchanged,
-            };
+            return self.remove_if_held(id);
         }
         if self.superseded(node, id, version) {
             return Outcome::Stale;
         }
-        let outcome = if self.containers.contains_key(id) {
-            self.remove_container(id);
-            Outcome::Changed
-        } else {
-            Outcome::Unchanged
-        };
+        let outcome = self.remove_if_held(id);
         match self.tombstones.get(id).copied() {
             Some(t) if t.node == node && t.version >= version => {}
             _ => {
@@ -770,9 +766,18 @@ impl Registry {
     /// A node whose registered host address `subnet` holds, with that address.
     fn host_in(&self, subnet: &Subnet) -> Option<(NodeId, IpAddr)> {
         self.nodes.values().find_map(|n| {
-            let ip = n.peer_addr.parse::<std::net::SocketAddr>().ok()?.ip();
-            (!ip.is_unspecified() && subnet.contains(ip)).then_some((n.id, ip))
+            let ip = n.host_ip()?;
+            subnet.contains(ip).then_some((n.id, ip))
         })
+    }
+
+    /// The node whose registered host address is `ip`.
+    pub fn node_at(&self, ip: IpAddr) -> Option<NodeId> {
+        let ip = canonical_ip(ip);
+        self.nodes
+            .values()
+            .find(|n| n.host_ip() == Some(ip))
+            .map(|n| n.id)
     }
 
     /// Whether node `id` is being removed (it retires when it applies that).

@@ -42,6 +42,16 @@ pub struct NodeInfo {
     pub peer_addr: String,
 }
 
+impl NodeInfo {
+    /// The host's address: the IP of `peer_addr`, canonical; none when that is not `ip:port`
+    /// or is unspecified (`0.0.0.0:7380`, before the node learns its address).
+    pub fn host_ip(&self) -> Option<IpAddr> {
+        let addr: std::net::SocketAddr = self.peer_addr.parse().ok()?;
+        let ip = canonical_ip(addr.ip());
+        (!ip.is_unspecified()).then_some(ip)
+    }
+}
+
 /// `mysql:db` in the `linkdns.links` label: `db` resolves to `mysql` for the labelled container.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LinkAlias {

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
-use linkdns_registry::{canonical_ip, max_prefix, NodeId, Registry, Subnet};
+use linkdns_registry::{max_prefix, NodeId, NodeInfo, Registry, Subnet};
 
 /// The route protocol number linkdns marks its routes with (`ip route show proto 151`). The
 /// kernel keeps it as given; linkdns treats exactly the routes with it as its own.
@@ -259,7 +259,7 @@ impl Desired {
                 Peer {
                     id,
                     name: node.map_or_else(|| format!("node {id}"), |n| n.name.clone()),
-                    host: node.and_then(|n| host_address(&n.peer_addr)),
+                    host: node.and_then(NodeInfo::host_ip),
                     subnets: subnets.to_vec(),
                 }
             })
@@ -269,13 +269,6 @@ impl Desired {
             peers,
         }
     }
-}
-
-/// The host part of a peer address (`172.30.0.2:7380`); none for an unspecified one.
-fn host_address(peer_addr: &str) -> Option<IpAddr> {
-    let addr: std::net::SocketAddr = peer_addr.parse().ok()?;
-    let ip = canonical_ip(addr.ip());
-    (!ip.is_unspecified()).then_some(ip)
 }
 
 /// A route linkdns wants: `dst via via`, for node `node`.
