@@ -60,7 +60,7 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
                 members,
             } => {
                 if fingerprint(&ca_cert) != token.ca_fingerprint {
-                    return Err(Error::JoinRefused(
+                    return Err(Error::Denied(
                         "the cluster sent a CA that is not the one the token names".into(),
                     ));
                 }
@@ -83,6 +83,7 @@ pub async fn join(peer: &str, token: &Token, me: &JoinAs) -> Result<Identity, Er
                 target = leader;
             }
             Reply::Refused { reason } => return Err(Error::JoinRefused(reason)),
+            Reply::Denied { reason } => return Err(Error::Denied(reason)),
             _ => return Err(Error::Protocol("unexpected reply to a join".into())),
         }
     }
@@ -155,6 +156,7 @@ async fn member_request(peer: &str, identity: &Identity, req: Request) -> Result
         match request(&target, tls.client.clone(), name.clone(), |_| req.clone()).await? {
             Reply::Redirect { leader } => target = leader,
             Reply::Refused { reason } => return Err(Error::JoinRefused(reason)),
+            Reply::Denied { reason } => return Err(Error::Denied(reason)),
             reply => return Ok(reply),
         }
     }

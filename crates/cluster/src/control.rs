@@ -67,19 +67,19 @@ async fn handle(inner: &Inner, request: Request, caller: Caller) -> Reply {
     } = request
     {
         if version != wire::PROTOCOL_VERSION {
-            return refused(format!(
+            return denied(format!(
                 "protocol version {version}; this node speaks {}: use the same linkdns version",
                 wire::PROTOCOL_VERSION
             ));
         }
         if cluster != inner.cluster {
-            return refused(format!(
+            return denied(format!(
                 "the token is for cluster {cluster}, this node belongs to cluster {}",
                 inner.cluster
             ));
         }
         if !join_secret_matches(inner, node, &Secret(secret)) {
-            return refused("wrong join token: the secret does not match this cluster's (was it rotated? `linkdns token` on a member prints the current one)");
+            return denied("wrong join token: the secret does not match this cluster's (was it rotated? `linkdns token` on a member prints the current one)");
         }
         if let Some(reply) = redirect_unless_leader(node) {
             return reply;
@@ -217,6 +217,13 @@ async fn rotate(node: &NodeHandle) -> Result<Secret, String> {
     Ok(secret)
 }
 
+/// A refusal that asking again cannot change (the joiner stops rather than retrying).
+fn denied(reason: impl Into<String>) -> Reply {
+    Reply::Denied {
+        reason: reason.into(),
+    }
+}
+
 fn refused(reason: impl Into<String>) -> Reply {
     Reply::Refused {
         reason: reason.into(),
@@ -251,12 +258,12 @@ async fn admit(
 ) -> Reply {
     let name = normalize_name(&name);
     if name.is_empty() {
-        return refused("the node name is empty");
+        return denied("the node name is empty");
     }
     let published = node.published().load_full();
     let registry = &published.registry;
     if let Some(owner) = registry.node_by_name(&name) {
-        return refused(format!(
+        return denied(format!(
             "node name {name:?} is already used by node {}; pick another --node-name, or run `linkdns remove {name}` on a member first",
             owner.id
         ));
@@ -265,10 +272,10 @@ async fn admit(
         // A node listening on 0.0.0.0 is reached at the address it came from.
         Ok(a) if a.ip().is_unspecified() => SocketAddr::new(remote.ip(), a.port()).to_string(),
         Ok(a) => a.to_string(),
-        Err(_) => return refused(format!("peer address {peer_addr:?} is not ip:port")),
+        Err(_) => return denied(format!("peer address {peer_addr:?} is not ip:port")),
     };
     if let Err(reason) = public_key.check() {
-        return refused(reason);
+        return denied(reason);
     }
     fix_own_address(inner, node, local).await;
     // The id is chosen afresh on every attempt: a change still in flight from an earlier

@@ -52,6 +52,21 @@ pub enum Error {
     Unreachable { addr: String, reason: String },
     #[error("refused: {0}")]
     JoinRefused(String),
+    /// A refusal that asking again cannot change (a wrong token, a taken name).
+    #[error("refused: {0}")]
+    Denied(String),
     #[error("peer protocol: {0}")]
     Protocol(String),
+}
+
+impl Error {
+    /// Whether trying the same request again (later, or at another member) may succeed: the
+    /// cluster was unreachable, had no leader, or could not finish in time. A bad or wrong
+    /// token, a taken name, a broken key or local disk trouble is final.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Unreachable { .. } | Error::JoinRefused(_) | Error::Protocol(_)
+        )
+    }
 }

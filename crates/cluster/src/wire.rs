@@ -120,7 +120,13 @@ pub enum Reply {
     Redirect {
         leader: String,
     },
+    /// Not now: asking again later (or another member) may succeed.
     Refused {
+        reason: String,
+    },
+    /// Never, as asked: a join with this token, version, name or key cannot succeed until the
+    /// asker changes it, so it stops rather than retrying.
+    Denied {
         reason: String,
     },
 }

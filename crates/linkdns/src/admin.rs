@@ -68,6 +68,10 @@ pub struct Member {
     pub alive: bool,
     /// Milliseconds since this node last heard from the member (`None`: never, or itself).
     pub last_contact_ms: Option<u64>,
+    /// The linkdns version the member registered at its last start (`None`: not yet, or a
+    /// version from before nodes registered theirs).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -193,6 +197,7 @@ impl AdminState {
                     .then(|| self.transport.last_contact(id))
                     .flatten()
                     .map(|d| d.as_millis() as u64),
+                version: registry.software_version(id).map(str::to_string),
             })
             .collect();
         members.sort_by_key(|m| m.id);

@@ -16,6 +16,8 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
+    pub join: Option<Vec<String>>,
+    pub token_file: Option<PathBuf>,
     pub node_name: Option<String>,
     pub dns_listen: Option<Vec<SocketAddr>>,
     pub peer_listen: Option<SocketAddr>,
@@ -61,6 +63,15 @@ pub struct RunArgs {
     /// Where the Raft log, snapshots and node identity live.
     #[arg(long, env = "LINKDNS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Members to join through (host:port, repeatable; comma-separated in the environment) while
+    /// the data dir belongs to no cluster: tried in turn, with backoff, until one admits this
+    /// host. On a member's data dir it is ignored, so one command serves every start.
+    #[arg(long, env = "LINKDNS_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// A file holding the join token (`linkdns token` on a member; keep it mode 0600). Read only
+    /// to join. LINKDNS_TOKEN may hold the token instead.
+    #[arg(long, env = "LINKDNS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// This host's name in the cluster (`<container>.<node>.cluster`); default: the hostname.
     #[arg(long, env = "LINKDNS_NODE_NAME")]
     pub node_name: Option<String>,
@@ -152,6 +163,9 @@ pub struct RunArgs {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub data_dir: PathBuf,
+    /// Members to join through while the data dir belongs to no cluster.
+    pub join: Vec<String>,
+    pub token_file: Option<PathBuf>,
     pub node_name: String,
     /// Listen addresses; `None` means the defaults (loopback, plus the Docker bridge gateway).
     pub dns_listen: Option<Vec<SocketAddr>>,
@@ -294,6 +308,21 @@ impl Config {
         if domain.is_empty() || domain.split('.').any(|l| l.is_empty() || l.len() > 63) {
             bail!("domain: {domain:?} is not a DNS name (expected e.g. \"cluster\")");
         }
+        let join = if args.join.is_empty() {
+            file.join.clone().unwrap_or_default()
+        } else {
+            args.join.clone()
+        };
+        for peer in &join {
+            let port = peer
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                bail!(
+                    "join: {peer:?} is not a member's peer address (host:port, e.g. 10.0.0.1:7380)"
+                );
+            }
+        }
         let node_name = match args.node_name.clone().or(file.node_name) {
             Some(n) => n,
             None => default_node_name(),
@@ -340,6 +369,8 @@ impl Config {
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            join,
+            token_file: args.token_file.clone().or(file.token_file),
             node_name,
             dns_listen: pick_list(&args.dns_listen, &file.dns_listen),
             peer_listen: match args.peer_listen.or(file.peer_listen) {

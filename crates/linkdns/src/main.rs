@@ -5,6 +5,7 @@ mod admin;
 mod config;
 mod lifecycle;
 mod members;
+mod notify;
 mod routing;
 mod run;
 mod status;
@@ -17,10 +18,13 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{LogFormat, RunArgs, DEFAULT_DATA_DIR};
 
+/// This build's version and commit: `0.1.0 (5f0c2a1e9b7d)`.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("LINKDNS_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "linkdns",
-    version,
+    version = VERSION,
     about = "Service-discovery DNS for cross-host container links"
 )]
 struct Cli {
@@ -39,15 +43,13 @@ struct RunOnly {
 enum Cmd {
     /// Run a node: watch Docker, replicate records through Raft, serve DNS.
     Run(Box<RunArgs>),
-    /// Join an existing cluster through any member, then run (later starts: `linkdns run`).
-    /// The token comes from --token-file or LINKDNS_TOKEN; once admitted, the process
-    /// continues as `linkdns run`, with no token in its arguments or environment.
+    /// Join an existing cluster through any member (one try), then run (later starts:
+    /// `linkdns run`). The token comes from --token-file or LINKDNS_TOKEN; once admitted, the
+    /// process continues as `linkdns run`, with no token in its arguments or environment.
+    /// For a service, `linkdns run --join PEER --token-file FILE` retries until admitted.
     Join {
         /// Peer address of any member (ip:port, its --peer-listen / --advertise-addr).
         peer: String,
-        /// A file holding the token `linkdns token` prints on a member (keep it mode 0600).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
         /// The token itself. Discouraged: every local user sees it in the process list while
         /// the join runs. Use --token-file or LINKDNS_TOKEN.
         #[arg(long)]
@@ -114,12 +116,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| Cmd::Run(Box::new(RunOnly::parse_from(["linkdns"]).args)));
     let result = match command {
         Cmd::Run(args) => run_node(*args, None),
-        Cmd::Join {
-            peer,
-            token_file,
-            token,
-            args,
-        } => run_node(*args, Some((peer, token, token_file))),
+        Cmd::Join { peer, token, args } => run_node(*args, Some((peer, token))),
         Cmd::Status { data_dir, json } => status::print(&data_dir, json),
         Cmd::Routes {
             data_dir,
@@ -155,7 +152,8 @@ fn main() -> ExitCode {
     }
 }
 
-type JoinWith = (String, Option<String>, Option<PathBuf>);
+/// `linkdns join`'s peer and `--token`.
+type JoinWith = (String, Option<String>);
 
 fn run_node(args: RunArgs, join: Option<JoinWith>) -> anyhow::Result<()> {
     let config = config::Config::resolve(&args)?;
@@ -164,14 +162,23 @@ fn run_node(args: RunArgs, join: Option<JoinWith>) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     match join {
-        None => runtime.block_on(run::run(config)),
-        Some((peer, token, token_file)) => {
-            let token = members::join_token(token, token_file.as_deref())?;
-            runtime.block_on(members::join(config, &peer, &token))?;
+        // `linkdns join PEER`: one try.
+        Some((peer, token)) => {
+            let token = members::join_token(token, config.token_file.as_deref())?;
+            runtime.block_on(members::join(&config, &peer, &token))?;
             drop(runtime);
-            members::continue_as_run()
+            members::continue_as(&members::run_argv(&argv))
         }
+        // `linkdns run --join PEERS` on a data dir of no cluster: until admitted.
+        None if !config.join.is_empty() && !members::is_member(&config.data_dir)? => {
+            let token = members::join_token(None, config.token_file.as_deref())?;
+            runtime.block_on(members::join_until_admitted(&config, &token))?;
+            drop(runtime);
+            members::continue_as(&argv)
+        }
+        None => runtime.block_on(run::run(config)),
     }
 }
 

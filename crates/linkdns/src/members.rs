@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use linkdns_cluster::{Identity, JoinAs, Token};
@@ -99,14 +100,12 @@ pub fn join_token(flag: Option<String>, file: Option<&Path>) -> anyhow::Result<T
 /// The environment variable a join token may come from.
 const TOKEN_ENV: &str = "LINKDNS_TOKEN";
 
-/// After a join: this process becomes `linkdns run` with the same options, so that no
-/// process keeps the token in its arguments (`/proc/PID/cmdline`) or environment. The pid
-/// stays the same (exec).
-pub fn continue_as_run() -> anyhow::Result<()> {
+/// After a join: this process becomes `linkdns run` with the same options (`argv`, without the
+/// token), so that no process keeps the token in its arguments (`/proc/PID/cmdline`) or
+/// environment. The pid stays the same (exec).
+pub fn continue_as(argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let run = run_argv(&argv);
-    let (first, rest) = run.split_first().context("no argv[0]")?;
+    let (first, rest) = argv.split_first().context("no argv[0]")?;
     tracing::info!("admitted; continuing as `linkdns run`");
     let err = std::process::Command::new("/proc/self/exe")
         .arg0(first)
@@ -154,9 +153,71 @@ pub fn run_argv(argv: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
     out
 }
 
+/// Whether the data dir holds a cluster identity (a damaged one is an error).
+pub fn is_member(data_dir: &Path) -> anyhow::Result<bool> {
+    Ok(Identity::load(data_dir)?.is_some())
+}
+
 /// `linkdns join PEER --token-file FILE`: asks the cluster to admit this host and stores the
-/// identity it gets; the caller then continues as `linkdns run` ([`continue_as_run`]).
-pub async fn join(config: Config, peer: &str, token: &Token) -> anyhow::Result<()> {
+/// identity it gets; the caller then continues as `linkdns run` ([`continue_as`]).
+pub async fn join(config: &Config, peer: &str, token: &Token) -> anyhow::Result<()> {
+    let me = joinable(config)?;
+    tracing::info!(%peer, cluster = %token.cluster, name = %config.node_name, "asking to join");
+    let identity = linkdns_cluster::join(peer, token, &me)
+        .await
+        .with_context(|| format!("cannot join the cluster through {peer}"))?;
+    admitted(config, &identity)
+}
+
+/// First wait after a round of join attempts that all failed, and the longest.
+const JOIN_RETRY_FIRST: Duration = Duration::from_secs(1);
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// `linkdns run --join PEER[,PEER…]` on a data dir of no cluster: asks each listed member in
+/// turn until one admits this host. A round that fails is followed by a wait that doubles
+/// from 1 s to 30 s, with jitter (so hosts started together do not ask in step). A refusal
+/// that asking again cannot change (a wrong token, a taken name) ends it with that error.
+pub async fn join_until_admitted(config: &Config, token: &Token) -> anyhow::Result<()> {
+    let me = joinable(config)?;
+    let mut wait = JOIN_RETRY_FIRST;
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        for peer in &config.join {
+            tracing::info!(%peer, cluster = %token.cluster, name = %config.node_name, round, "asking to join");
+            match linkdns_cluster::join(peer, token, &me).await {
+                Ok(identity) => return admitted(config, &identity),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(%peer, error = %e, "not admitted through this member yet");
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot join the cluster through {peer}"))
+                }
+            }
+        }
+        let pause = jittered(wait);
+        tracing::info!(
+            retry_in_ms = pause.as_millis() as u64,
+            "no member admitted this host yet; trying again"
+        );
+        tokio::time::sleep(pause).await;
+        wait = (wait * 2).min(JOIN_RETRY_MAX);
+    }
+}
+
+/// `wait` scaled by a random factor from 0.5 to 1.5.
+fn jittered(wait: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(wait.as_nanos());
+    let per_mille = 500 + hasher.finish() % 1001;
+    wait * per_mille as u32 / 1000
+}
+
+/// What this host says about itself when it asks to join, once the data dir is checked to be
+/// one it may join with: no identity, no log.
+fn joinable(config: &Config) -> anyhow::Result<JoinAs> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     if let Some(identity) = Identity::load(&config.data_dir)? {
@@ -176,15 +237,15 @@ pub async fn join(config: Config, peer: &str, token: &Token) -> anyhow::Result<(
             );
         }
     }
-    tracing::info!(%peer, cluster = %token.cluster, name = %config.node_name, "asking to join");
-    let me = JoinAs {
+    Ok(JoinAs {
         name: config.node_name.clone(),
         advertise: config.advertise_addr,
         listen_port: config.peer_listen.port(),
-    };
-    let identity = linkdns_cluster::join(peer, token, &me)
-        .await
-        .with_context(|| format!("cannot join the cluster through {peer}"))?;
+    })
+}
+
+/// Stores the identity an admission gave.
+fn admitted(config: &Config, identity: &Identity) -> anyhow::Result<()> {
     identity.save(&config.data_dir)?;
     tracing::info!(node = identity.node_id, cluster = %identity.cluster, "admitted as a learner; catching up");
     Ok(())
@@ -243,6 +304,17 @@ mod tests {
         ] {
             assert_eq!(run_argv(&argv(join)), argv(run), "{join}");
         }
+    }
+
+    /// Join retries spread from half to one and a half times the wait, and differ between
+    /// hosts (each draw is random).
+    #[test]
+    fn join_retries_are_jittered() {
+        let wait = std::time::Duration::from_secs(4);
+        let draws: std::collections::BTreeSet<_> =
+            (0..200).map(|_| super::jittered(wait)).collect();
+        assert!(draws.len() > 50, "{draws:?}");
+        assert!(draws.iter().all(|d| *d >= wait / 2 && *d <= wait * 3 / 2));
     }
 
     /// `run_argv` tells options from the peer by this: every `run` option takes a value.

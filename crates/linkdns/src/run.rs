@@ -205,6 +205,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let admin_addr = admin::serve(config.admin_listen, admin_state.clone()).await?;
     write_admin_addr(&config.data_dir, admin_addr)?;
+    // DNS answers (from the replica, whatever it holds yet: /ready says whether it follows a
+    // leader) and the admin endpoint is up.
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=serving DNS on {}",
+        dns_addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
 
     let resync = Arc::new(Notify::new());
     let (reports_tx, mut reports) = mpsc::channel(1024);
@@ -411,6 +421,7 @@ async fn shut_down(stop: StopReason, parts: ShutDown<'_>) -> anyhow::Result<()> 
         shutdown_tx,
     } = parts;
     tracing::info!(%stop, "shutting down");
+    crate::notify::notify(&format!("STOPPING=1\nSTATUS=stopping: {stop}"));
     let _ = shutdown_tx.send(true);
     let _ = watcher.await;
     proposer.abort();
@@ -595,6 +606,24 @@ async fn register_once(
                 return Some(true);
             }
             return Some(false);
+        }
+        // The version it runs, for `linkdns status` (an older leader may refuse it).
+        if node.published().load().registry.software_version(id) != Some(crate::VERSION) {
+            let say = Command::SetNodeVersion {
+                node: id,
+                version: crate::VERSION.to_string(),
+            };
+            match Proposal::from(node.propose(say).await) {
+                Proposal::Applied(_) => return Some(false),
+                Proposal::Rejected(e) => {
+                    tracing::warn!(error = %e, "cannot register this node's version");
+                }
+                Proposal::Stopped(_) => return None,
+                Proposal::Retry(e) => {
+                    tracing::debug!(error = %e, "registering this node's version; retrying");
+                    return Some(true);
+                }
+            }
         }
         // Registered; with an unspecified address, until connections show a usable one.
         return (!usable(&wanted.peer_addr)).then_some(true);

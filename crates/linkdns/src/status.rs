@@ -204,8 +204,8 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<16} {:>4}  {:<22} {:<8} {:<6} LAST CONTACT",
-        "MEMBER", "ID", "PEER", "ROLE", "ALIVE"
+        "{:<16} {:>4}  {:<22} {:<8} {:<6} {:<13} VERSION",
+        "MEMBER", "ID", "PEER", "ROLE", "ALIVE", "LAST CONTACT"
     );
     for m in &s.members {
         let contact = match m.last_contact_ms {
@@ -213,15 +213,16 @@ pub fn render(s: &Status) -> String {
             Some(ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
             None => "never".to_string(),
         };
-        let _ = writeln!(
-            out,
-            "{:<16} {:>4}  {:<22} {:<8} {:<6} {contact}",
+        let line = format!(
+            "{:<16} {:>4}  {:<22} {:<8} {:<6} {contact:<13} {}",
             m.name,
             m.id,
             m.peer_addr,
             m.role,
-            if m.alive { "yes" } else { "no" }
+            if m.alive { "yes" } else { "no" },
+            m.version.as_deref().unwrap_or("-")
         );
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     out
 }
@@ -240,6 +241,7 @@ mod tests {
             role: role.into(),
             alive,
             last_contact_ms: contact,
+            version: (id != 4).then(|| "0.1.0 (447fd5646e54)".to_string()),
         };
         let status = Status {
             cluster: "5f0c2a1e9b7d4c3a8e6f1b2d3c4a5e6f".into(),
@@ -285,11 +287,11 @@ dns      127.0.0.1:53
 routing  1 route(s), 1 refused, subnet 192.168.1.0/24
          not routing 192.168.4.0/24 of node h4: overlaps existing route `192.168.4.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own
 
-MEMBER             ID  PEER                   ROLE     ALIVE  LAST CONTACT
-h1                  1  172.30.0.1:7380        voter    yes    (this node)
-h2                  2  172.30.0.2:7380        voter    yes    0.4s ago
-h4                  4  172.30.0.4:7380        learner  no     21.8s ago
-h5                  5  172.30.0.5:7380        learner  yes    never
+MEMBER             ID  PEER                   ROLE     ALIVE  LAST CONTACT  VERSION
+h1                  1  172.30.0.1:7380        voter    yes    (this node)   0.1.0 (447fd5646e54)
+h2                  2  172.30.0.2:7380        voter    yes    0.4s ago      0.1.0 (447fd5646e54)
+h4                  4  172.30.0.4:7380        learner  no     21.8s ago     -
+h5                  5  172.30.0.5:7380        learner  yes    never         0.1.0 (447fd5646e54)
 ";
         assert_eq!(render(&status), want);
         let json = serde_json::to_value(&status).expect("json");

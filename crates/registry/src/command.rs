@@ -13,8 +13,8 @@ use crate::Error;
 
 /// Current version of the command encoding. Version 2 added `SetNodeSubnets`; version 3 gave
 /// containers their networks, versions, compose service and named ports, and removals and
-/// resyncs their version; version 4 added retirement, the claim limit and the join secret
-/// (appended, so the layout of the others is that of version 3). Commands are written as the
+/// resyncs their version; version 4 added retirement, the claim limit, the join secret and
+/// nodes' software versions (appended, so the layout of the others is that of version 3). Commands are written as the
 /// oldest version that can carry them, so older nodes read them.
 pub const COMMAND_VERSION: u8 = 4;
 
@@ -62,7 +62,13 @@ pub enum Command {
     /// A new join secret (`linkdns token --rotate`), as its SHA-256: tokens with any other
     /// secret are refused from now on. The secret itself never enters the log.
     SetJoinSecret { hash: [u8; 32] },
+    /// The linkdns version a node runs (`0.1.0 (commit)`, at most
+    /// [`MAX_SOFTWARE_VERSION`] bytes), as it says at each start; `linkdns status` lists it.
+    SetNodeVersion { node: NodeId, version: String },
 }
+
+/// The longest version text a node may register.
+pub const MAX_SOFTWARE_VERSION: usize = 64;
 
 impl Command {
     /// Encodes the command for the log.
@@ -112,7 +118,8 @@ impl Command {
         match self {
             Command::RetireNode { .. }
             | Command::SetClaimLimit(_)
-            | Command::SetJoinSecret { .. } => 4,
+            | Command::SetJoinSecret { .. }
+            | Command::SetNodeVersion { .. } => 4,
             Command::ReplaceContainers { .. }
             | Command::UpsertContainer(_)
             | Command::RemoveContainer { .. } => 3,
@@ -300,7 +307,8 @@ pub(crate) mod legacy {
                 | Command::RemoveContainer { .. }
                 | Command::RetireNode { .. }
                 | Command::SetClaimLimit(_)
-                | Command::SetJoinSecret { .. } => return None,
+                | Command::SetJoinSecret { .. }
+                | Command::SetNodeVersion { .. } => return None,
             })
         }
     }

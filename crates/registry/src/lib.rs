@@ -75,6 +75,8 @@ pub enum Error {
         what: &'static str,
         owner: Option<NodeId>,
     },
+    #[error("a software version of {0} bytes; at most {max} are kept", max = command::MAX_SOFTWARE_VERSION)]
+    SoftwareVersionTooLong(usize),
     #[error("the claim limit /{v4} (IPv4), /{v6} (IPv6) is not a pair of prefix lengths")]
     BadClaimLimit { v4: u8, v6: u8 },
     #[error("cannot decode {what}: {reason}")]
@@ -190,6 +192,8 @@ pub struct Registry {
     claim_limit: ClaimLimit,
     /// SHA-256 of the join secret, once rotated (before: the secret of the cluster's identity).
     join_hash: Option<[u8; 32]>,
+    /// The linkdns version each node said it runs.
+    software: BTreeMap<NodeId, String>,
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
     /// Keyed by the record's own name (shared, not copied).
@@ -272,6 +276,7 @@ impl Registry {
                 self.subnets.remove(node);
                 self.floors.remove(node);
                 self.retiring.remove(node);
+                self.software.remove(node);
                 let ids: Vec<ContainerId> =
                     self.containers_of(*node).map(|c| c.id.clone()).collect();
                 for id in ids {
@@ -313,6 +318,15 @@ impl Registry {
             }
             Command::SetJoinSecret { hash } => {
                 Ok(changed(self.join_hash.replace(*hash) != Some(*hash)))
+            }
+            Command::SetNodeVersion { node, version } => {
+                self.known_node(*node)?;
+                if version.len() > command::MAX_SOFTWARE_VERSION {
+                    return Err(Error::SoftwareVersionTooLong(version.len()));
+                }
+                Ok(changed(
+                    self.software.insert(*node, version.clone()).as_ref() != Some(version),
+                ))
             }
             Command::Batch(commands) => self.apply_each(commands, Registry::apply),
         }
@@ -781,6 +795,11 @@ impl Registry {
     }
 
     /// Whether node `id` is being removed (it retires when it applies that).
+    /// The linkdns version node `id` said it runs, if it did.
+    pub fn software_version(&self, id: NodeId) -> Option<&str> {
+        self.software.get(&id).map(String::as_str)
+    }
+
     pub fn is_retiring(&self, id: NodeId) -> bool {
         self.retiring.contains(&id)
     }

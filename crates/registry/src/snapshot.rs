@@ -74,6 +74,7 @@ struct SnapshotV5 {
     claim_limit: ClaimLimit,
     join_hash: Option<[u8; 32]>,
     previous_certs: Vec<(NodeId, [u8; 32])>,
+    software: Vec<(NodeId, String)>,
 }
 
 /// The same layout as [`SnapshotV5`], borrowing from the registry instead of copying it.
@@ -91,6 +92,7 @@ struct SnapshotV5Ref<'a> {
     claim_limit: ClaimLimit,
     join_hash: Option<[u8; 32]>,
     previous_certs: Vec<(NodeId, [u8; 32])>,
+    software: Vec<(NodeId, &'a str)>,
 }
 
 impl From<SnapshotV4> for SnapshotV5 {
@@ -108,6 +110,7 @@ impl From<SnapshotV4> for SnapshotV5 {
             claim_limit: ClaimLimit::default(),
             join_hash: None,
             previous_certs: Vec::new(),
+            software: Vec::new(),
         }
     }
 }
@@ -143,6 +146,11 @@ impl Registry {
             claim_limit: self.claim_limit,
             join_hash: self.join_hash,
             previous_certs: self.previous_certs.iter().map(|(&n, &f)| (n, f)).collect(),
+            software: self
+                .software
+                .iter()
+                .map(|(&n, v)| (n, v.as_str()))
+                .collect(),
         };
         let mut out = MAGIC.to_vec();
         out.push(SNAPSHOT_VERSION);
@@ -247,6 +255,11 @@ impl Registry {
         }
         registry.claim_limit = body.claim_limit;
         registry.join_hash = body.join_hash;
+        for (node, version) in body.software {
+            registry
+                .apply(&Command::SetNodeVersion { node, version })
+                .map_err(|e| decode_err(format!("inconsistent software version: {e}")))?;
+        }
         for (id, tombstone) in body.tombstones {
             if registry.node(tombstone.node).is_none() || registry.container(&id).is_some() {
                 return Err(decode_err(format!(

@@ -1455,3 +1455,45 @@ fn deeply_nested_batches_are_refused_not_recursed_into() {
     let two = Command::Batch(vec![Command::Batch(vec![Command::RemoveNode { node: 1 }])]);
     assert_eq!(Command::decode(&two.encode()), Ok(two));
 }
+
+#[test]
+fn each_node_registers_its_own_software_version() {
+    let mut r = two_nodes();
+    let version = |node: u64, v: &str| Command::SetNodeVersion {
+        node,
+        version: v.to_string(),
+    };
+    let own = Authority {
+        node: 2,
+        voter: false,
+    };
+    assert_eq!(
+        r.apply_by(own, &version(2, "0.1.0 (abc)")),
+        Ok(Outcome::Changed)
+    );
+    assert_eq!(
+        r.apply_by(own, &version(2, "0.1.0 (abc)")),
+        Ok(Outcome::Unchanged)
+    );
+    assert!(matches!(
+        r.apply_by(own, &version(1, "9.9.9")),
+        Err(Error::NotAuthorized { .. })
+    ));
+    assert!(matches!(
+        r.apply(&version(1, &"x".repeat(65))),
+        Err(Error::SoftwareVersionTooLong(65))
+    ));
+    assert!(matches!(
+        r.apply(&version(7, "1")),
+        Err(Error::UnknownNode(7))
+    ));
+    assert_eq!(r.software_version(2), Some("0.1.0 (abc)"));
+    assert_eq!(r.software_version(1), None);
+    let c = version(2, "0.1.0 (abc)");
+    assert_eq!(c.encode()[0], 4);
+    assert_eq!(Command::decode(&c.encode()), Ok(c));
+    let restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert_eq!(restored.software_version(2), Some("0.1.0 (abc)"));
+    r.apply(&Command::RemoveNode { node: 2 }).expect("remove");
+    assert_eq!(r.software_version(2), None);
+}

@@ -98,6 +98,7 @@ impl Command {
             }
             Command::UpsertContainer(c) => Subject::Own(c.node, "the containers"),
             Command::SetNodeSubnets { node, .. } => Subject::Own(*node, "the subnet claim"),
+            Command::SetNodeVersion { node, .. } => Subject::Own(*node, "the software version"),
             Command::SetNodeDown { .. } => Subject::Cluster("liveness"),
             Command::RemoveNode { .. } | Command::RetireNode { .. } => {
                 Subject::Cluster("membership")

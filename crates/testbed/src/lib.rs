@@ -108,11 +108,11 @@ fn prepare(shared: &mut Shared) -> PathBuf {
     CHECKED.get_or_init(|| {
         let uid = sh("id", &["-u"]);
         assert_eq!(uid.trim(), "0", "the e2e tests need root (network namespaces, dockerd)");
-        for tool in ["ip", "nsenter", "dockerd", "docker", "dig", "busybox", "iptables", "setpriv", "docker-compose"] {
+        for tool in ["ip", "nsenter", "dockerd", "docker", "dig", "busybox", "iptables", "setpriv", "docker-compose", "systemd-analyze"] {
             let found = run("sh", &["-c", &format!("command -v {tool}")]);
             assert!(
                 found.status.success(),
-                "e2e prerequisite `{tool}` is missing: install it (see scripts/test: docker.io docker-compose iproute2 iptables busybox-static dnsutils)"
+                "e2e prerequisite `{tool}` is missing: install it (see scripts/test: docker.io docker-compose iproute2 iptables busybox-static dnsutils util-linux systemd)"
             );
         }
         cleanup_stale();
@@ -292,7 +292,12 @@ pub struct Host {
     linkdns_args: Vec<String>,
     /// The subcommand of the next start (`run`, or a `join` with its peer and token).
     subcommand: Vec<String>,
+    /// Started as a service is: these arguments exactly, with this environment.
+    service: Option<(Vec<String>, Environment)>,
 }
+
+/// Variables added to a process's environment.
+type Environment = Vec<(String, String)>;
 
 /// The FORWARD rule that lets bridged LAN traffic through the root namespace (Docker loads
 /// br_netfilter and may set the policy to DROP).
@@ -393,6 +398,7 @@ impl Host {
             linkdns: None,
             linkdns_args: Vec::new(),
             subcommand: vec!["run".to_string()],
+            service: None,
         };
         std::fs::create_dir_all(&host.dir).expect("host dir");
         sh("ip", &["netns", "add", &ns]);
@@ -572,6 +578,33 @@ impl Host {
     /// mode 0600, as the README says) with the same options as `start_linkdns`; the process
     /// continues as `linkdns run`, and later restarts are plain `linkdns run`.
     pub fn join_linkdns(&mut self, via: &Host, token: &str, extra: &[&str]) {
+        let path = self.write_token_file(token);
+        self.subcommand = vec![
+            "join".into(),
+            via.peer_addr(),
+            "--token-file".into(),
+            path.to_string_lossy().into_owned(),
+        ];
+        self.start_linkdns(extra);
+    }
+
+    /// Starts a service's command, `linkdns run --join PEERS --token-file FILE`, and returns
+    /// at once (it asks until a member admits it; see [`Host::wait_linkdns_answers`]). Restarts
+    /// run the same command.
+    pub fn start_linkdns_joining(&mut self, peers: &[String], token: &str, extra: &[&str]) {
+        let path = self.write_token_file(token);
+        self.linkdns_args = extra.iter().map(|s| s.to_string()).collect();
+        self.linkdns_args.extend([
+            "--join".into(),
+            peers.join(","),
+            "--token-file".into(),
+            path.to_string_lossy().into_owned(),
+        ]);
+        self.spawn_linkdns();
+    }
+
+    /// Writes `token` to a file of mode 0600 in this host's directory.
+    pub fn write_token_file(&self, token: &str) -> PathBuf {
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.dir.join("join.token");
         let mut file = std::fs::OpenOptions::new()
@@ -582,13 +615,20 @@ impl Host {
             .open(&path)
             .expect("token file");
         std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes()).expect("token");
-        self.subcommand = vec![
-            "join".into(),
-            via.peer_addr(),
-            "--token-file".into(),
-            path.to_string_lossy().into_owned(),
-        ];
-        self.start_linkdns(extra);
+        path
+    }
+
+    /// Starts linkdns as a service manager would: `args` exactly (no data dir, node name or
+    /// Docker socket added) with `env` added to the environment, under this host's wrapper.
+    /// Returns at once; restarts run the same.
+    pub fn start_linkdns_service(&mut self, args: &[String], env: &[(String, String)]) {
+        self.service = Some((args.to_vec(), env.to_vec()));
+        self.spawn_linkdns();
+    }
+
+    /// Waits until the running linkdns answers DNS (panics if it exits first).
+    pub fn wait_linkdns_answers(&mut self) {
+        self.wait_for_dns();
     }
 
     /// Restarts linkdns (after a kill or a stop) with the options it had.
@@ -658,12 +698,20 @@ impl Host {
             args.extend(["--docker".to_string(), docker]);
         }
         args.extend(self.linkdns_args.iter().cloned());
+        let mut env = vec![(
+            "LINKDNS_LOG".to_string(),
+            "info,raft=info,linkdns=debug".to_string(),
+        )];
+        if let Some((service_args, service_env)) = &self.service {
+            args = service_args.clone();
+            env.extend(service_env.iter().cloned());
+        }
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.ns))
             .args(&self.wrapper)
             .arg(linkdns_bin())
             .args(&args)
-            .env("LINKDNS_LOG", "info,raft=info,linkdns=debug")
+            .envs(env)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

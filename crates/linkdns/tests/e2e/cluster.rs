@@ -79,6 +79,15 @@ fn leader(hosts: &[Host], from: &Host) -> Option<usize> {
     hosts.iter().position(|h| name(h) == leader)
 }
 
+/// `token` with the last digit of its secret changed.
+fn wrong_secret(token: &str) -> String {
+    let mut wrong = token.to_string();
+    let last = if wrong.ends_with('0') { '1' } else { '0' };
+    wrong.pop();
+    wrong.push(last);
+    wrong
+}
+
 fn nslookup(h: &Host, container: &str, query: &str) -> String {
     let out = h.try_docker(&["exec", container, "nslookup", query]);
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
@@ -299,10 +308,7 @@ fn joining_needs_the_right_token_a_reachable_member_and_a_free_name() {
         assert_eq!(out.status.code(), Some(1), "join must fail: {out:?}");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let mut wrong = token.clone();
-    let last = if wrong.ends_with('0') { '1' } else { '0' };
-    wrong.pop();
-    wrong.push(last);
+    let wrong = wrong_secret(&token);
     assert!(join(&wrong, &peer, "h2").contains("secret does not match"));
     assert!(join(&other.token(), &peer, "h2").contains("member of the token's cluster"));
     assert!(join("not-a-token", &peer, "h2").contains("bad join token"));
@@ -327,6 +333,87 @@ fn joining_needs_the_right_token_a_reachable_member_and_a_free_name() {
     assert_eq!(s["members"].as_array().map(Vec::len), Some(1), "{s}");
     assert!(!h2.data_dir().join("cluster.json").exists());
     other.stop_linkdns();
+}
+
+/// The service's command, `linkdns run --join PEERS --token-file FILE`: started before any
+/// listed member is up, it asks until one admits it; it then runs, and the same command on
+/// every later start just runs the member it became. A token that can never work stops it at
+/// once, with the reason.
+#[test]
+fn a_service_joins_with_retries_and_restarts_with_the_same_command() {
+    let mut h1 = Host::on_lan();
+    h1.start_linkdns(&[]);
+    let token = h1.token();
+    h1.stop_linkdns();
+
+    // No member up: an address nobody has, then h1 (stopped).
+    let mut h2 = Host::on_lan();
+    let peers = ["172.30.0.250:7380".to_string(), h1.peer_addr()];
+    h2.start_linkdns_joining(&peers, &token, &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "h2 to ask every member twice",
+        || h2.log().matches("no member admitted this host yet").count() >= 2,
+    );
+    let pid = h2.linkdns_pid().expect("h2 runs");
+    assert!(!h2.data_dir().join("cluster.json").exists());
+
+    h1.restart_linkdns();
+    h2.wait_linkdns_answers();
+    let hosts = form_joined(vec![h1, h2]);
+    let (h1, mut h2) = {
+        let mut it = hosts.into_iter();
+        (it.next().expect("h1"), it.next().expect("h2"))
+    };
+    assert_token_kept_secret(std::slice::from_ref(&h2), &token);
+    // The same process, now `run` without the token (it execs itself).
+    assert_eq!(h2.linkdns_pid(), Some(pid));
+    let node_id = h2.status_json()["node_id"].clone();
+
+    // A restart with the very same command runs the member: no second join.
+    h2.run_container("web", &[]);
+    let asked = h2.log().matches("asking to join").count();
+    h2.stop_linkdns();
+    h2.restart_linkdns();
+    assert_eq!(h2.status_json()["node_id"], node_id);
+    assert_eq!(h2.log().matches("asking to join").count(), asked);
+    assert_eq!(h2.log().matches("admitted as a learner").count(), 1);
+    let members = h1.status_json()["members"].as_array().map(Vec::len);
+    assert_eq!(members, Some(2));
+    expect_answer(
+        &h1,
+        &format!("web.{}.cluster", name(&h2)),
+        "A",
+        &[&h2.container_ip("web")],
+    );
+
+    // A wrong token: refused for good, so it stops (exit 1) after one try per member.
+    let h3 = Host::on_lan();
+    let wrong = wrong_secret(&token);
+    let file = h3.write_token_file(&wrong);
+    let data_dir = h3.data_dir();
+    let out = h3.exec(
+        "timeout",
+        &[
+            "20",
+            crate::testbed::linkdns_bin(),
+            "run",
+            "--join",
+            &h1.peer_addr(),
+            "--token-file",
+            file.to_str().unwrap_or_default(),
+            "--node-name",
+            "h3",
+            "--data-dir",
+            data_dir.to_str().unwrap_or_default(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("secret does not match"), "{stderr}");
+    assert_eq!(stderr.matches("asking to join").count(), 1, "{stderr}");
+    assert!(!stderr.contains(wrong.rsplit('-').next().unwrap_or("-")));
+    assert!(!data_dir.join("cluster.json").exists());
 }
 
 #[test]

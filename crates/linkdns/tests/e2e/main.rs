@@ -5,6 +5,7 @@ mod answers;
 mod cluster;
 mod limits;
 mod routes;
+mod service;
 mod upstream;
 mod workloads;
 
