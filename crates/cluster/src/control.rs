@@ -262,7 +262,12 @@ async fn admit(
     }
     let published = node.published().load_full();
     let registry = &published.registry;
-    if let Some(owner) = registry.node_by_name(&name) {
+    // A record no member holds (kept by a restore or a forced new cluster) gives its name up
+    // to the host that joins under it.
+    let member_owner = registry
+        .node_by_name(&name)
+        .filter(|owner| node.status().is_member(owner.id));
+    if let Some(owner) = member_owner {
         return denied(format!(
             "node name {name:?} is already used by node {}; pick another --node-name, or run `linkdns remove {name}` on a member first",
             owner.id
@@ -371,6 +376,13 @@ async fn retire_then_remove(
     id: u64,
 ) -> Result<(), linkdns_raft::Error> {
     let registered = node.published().load().registry.node(id).is_some();
+    // A record no member holds (kept by a restore or a forced new cluster): no one to retire.
+    if registered && !node.status().is_member(id) {
+        return node
+            .propose(Command::RemoveNode { node: id })
+            .await
+            .map(|_| ());
+    }
     if id != inner.id && registered {
         node.propose(Command::RetireNode { node: id }).await?;
         let index = node.status().applied_index;

@@ -1,6 +1,7 @@
 //! What the leader keeps doing for the cluster, once a second:
 //! - liveness: a node not heard from for `liveness_timeout` is marked down (its records are
-//!   hidden on every host) and marked up again when it is heard from;
+//!   hidden on every host) and marked up again when it is heard from; a registered node that
+//!   is no member (after a restore or a forced new cluster) stays down;
 //! - voters: while there are fewer voters than wanted, the most caught-up live learner is
 //!   promoted (one change at a time);
 //! - the claim limit: the registry's is kept at the leader's configured one;
@@ -61,7 +62,10 @@ pub async fn maintain(
         let registry = &published.registry;
         let mut verdicts = Vec::new();
         for n in registry.nodes() {
-            let down = n.id != status.id && silence(n.id) > config.liveness_timeout;
+            // A record no member holds (kept by a restore or a forced new cluster) stays
+            // hidden: its host cannot reach this cluster until it joins again.
+            let down = n.id != status.id
+                && (!status.is_member(n.id) || silence(n.id) > config.liveness_timeout);
             if down != registry.is_down(n.id) {
                 if down {
                     tracing::warn!(node = n.id, name = %n.name, timeout = ?config.liveness_timeout, "node stopped reporting; hiding its records");

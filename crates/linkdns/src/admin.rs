@@ -253,6 +253,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
         .route("/metrics", get(metrics_handler))
         .route("/routes", get(routes_handler))
         .route("/docker-config", get(docker_config_handler))
+        .route("/backup", get(backup_handler))
         .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -304,6 +305,27 @@ fn readiness(stopped: bool, applied: u64, leader: bool, on_disk: u64) -> Readine
         leader,
         reason,
     }
+}
+
+/// `/backup`: the committed records as a backup file (see `recovery.rs`).
+async fn backup_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let published = state.node.published().load_full();
+    let raft = state.node.status();
+    let bytes = crate::recovery::encode_backup(
+        &published,
+        state.transport.identity().cluster.to_string(),
+        state.node_name.clone(),
+        raft.id,
+    );
+    tracing::info!(
+        applied = published.applied,
+        records = published.registry.record_count(),
+        "backup taken"
+    );
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
 }
 
 /// `/health`: 200 while the process serves.

@@ -157,6 +157,11 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// The last resort when the majority of voters is gone for good: this member becomes the
+    /// only voter of its cluster, with what it committed, and takes writes again; every other
+    /// host must empty its data dir and join again. Once, by hand (no variable, no file key).
+    #[arg(long)]
+    pub force_new_cluster: bool,
 }
 
 /// The resolved configuration the node runs with.
@@ -193,6 +198,8 @@ pub struct Config {
     pub cluster_cidr: Option<(Subnet, u8)>,
     pub log_format: LogFormat,
     pub proposal_timeout: Duration,
+    /// `--force-new-cluster`: make this member a one-voter cluster before starting.
+    pub force_new_cluster: bool,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/linkdns";
@@ -419,6 +426,7 @@ impl Config {
             cluster_cidr,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             proposal_timeout: Duration::from_secs(5),
+            force_new_cluster: args.force_new_cluster,
         })
     }
 }

@@ -6,6 +6,7 @@ mod config;
 mod lifecycle;
 mod members;
 mod notify;
+mod recovery;
 mod routing;
 mod run;
 mod status;
@@ -106,6 +107,21 @@ enum Cmd {
         #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+    /// Write a consistent copy of the cluster's records, as the running node on this data dir
+    /// holds them, to FILE (mode 0600).
+    Backup {
+        file: PathBuf,
+        #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Seed an empty data dir with a backup: a new cluster (new token) whose only voter is this
+    /// host; other hosts join it again. Takes `run`'s options (data dir, node name, …); start it
+    /// with `linkdns run` after.
+    Restore {
+        file: PathBuf,
+        #[command(flatten)]
+        args: Box<RunArgs>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -136,6 +152,12 @@ fn main() -> ExitCode {
             let id = members::remove(&data_dir, &node).await?;
             say(&format!("removed node {id} ({node}) from the cluster\n"))
         }),
+        Cmd::Backup { file, data_dir } => {
+            client(async move { say(&recovery::backup(&data_dir, &file).await?) })
+        }
+        Cmd::Restore { file, args } => config::Config::resolve(&args)
+            .and_then(|config| recovery::restore(&file, &config))
+            .and_then(|line| say(&line)),
         Cmd::Leave { data_dir } => client(async move {
             let id = members::leave(&data_dir).await?;
             say(&format!(

@@ -117,10 +117,13 @@ pub fn continue_as(argv: &[std::ffi::OsString]) -> anyhow::Result<()> {
     ))
 }
 
+/// The `run` options that take no value.
+const RUN_FLAGS: [&str; 1] = ["--force-new-cluster"];
+
 /// `linkdns join PEER [--token T | --token-file F] OPTIONS` as `linkdns run OPTIONS`: the
 /// subcommand becomes `run`, the peer (the one positional argument) and the token options go.
-/// Every `run` option takes a value (a unit test holds that), so an option without `=` is
-/// followed by its value.
+/// Every `run` option but those of [`RUN_FLAGS`] takes a value (a unit test holds that), so
+/// any other option without `=` is followed by its value.
 pub fn run_argv(argv: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
     let mut out = Vec::with_capacity(argv.len());
     let mut args = argv.iter();
@@ -139,7 +142,7 @@ pub fn run_argv(argv: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
         } else if text.starts_with("--token=") || text.starts_with("--token-file=") {
         } else if text.starts_with('-') {
             out.push(a.clone());
-            if !text.contains('=') {
+            if !text.contains('=') && !RUN_FLAGS.contains(&&*text) {
                 if let Some(value) = args.next() {
                     out.push(value.clone());
                 }
@@ -317,7 +320,8 @@ mod tests {
         assert!(draws.iter().all(|d| *d >= wait / 2 && *d <= wait * 3 / 2));
     }
 
-    /// `run_argv` tells options from the peer by this: every `run` option takes a value.
+    /// `run_argv` tells options from the peer by this: every `run` option takes a value, but
+    /// those it knows as flags.
     #[test]
     fn every_run_option_takes_a_value() {
         let command = crate::RunOnly::command();
@@ -326,9 +330,12 @@ mod tests {
             if id == "help" || id == "version" {
                 continue;
             }
-            assert!(
-                arg.get_action().takes_values() && !arg.is_positional(),
-                "--{id} takes no value: teach run_argv about it"
+            let long = format!("--{}", arg.get_long().unwrap_or(id));
+            assert!(!arg.is_positional(), "{long} is positional");
+            assert_eq!(
+                !arg.get_action().takes_values(),
+                super::RUN_FLAGS.contains(&long.as_str()),
+                "{long}: teach run_argv whether it takes a value"
             );
         }
     }

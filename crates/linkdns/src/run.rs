@@ -48,6 +48,9 @@ const RETIRE_GRACE: Duration = Duration::from_secs(30);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    if config.force_new_cluster {
+        crate::recovery::force_new_cluster(&config.data_dir)?;
+    }
     let store = SledStore::open(&config.data_dir)?;
     let (identity, created) = identity(&config.data_dir, &store)?;
     let node_id = identity.node_id;
@@ -514,6 +517,12 @@ fn next_watcher_epoch(data_dir: &Path) -> anyhow::Result<u64> {
 /// above every version of this node the replica holds (in case the epoch file was lost).
 fn first_version(epoch: u64, registry: &linkdns_registry::Registry, node: u64) -> u64 {
     (epoch << 32).max(registry.last_version(node) + 1)
+}
+
+/// Records that this data dir holds Raft state (see [`STARTED_MARKER`]).
+pub fn mark_started(data_dir: &Path) -> anyhow::Result<()> {
+    let marker = data_dir.join(STARTED_MARKER);
+    std::fs::write(&marker, b"").with_context(|| format!("cannot write {}", marker.display()))
 }
 
 /// Moves the state of a node that was removed aside: a later `linkdns run` on this data dir

@@ -123,6 +123,17 @@ pub fn render_routes(r: &RoutesStatus, plan: bool) -> String {
 
 /// GETs `path` from the admin endpoint of the node whose data dir is `data_dir`.
 async fn get<T: serde::de::DeserializeOwned>(data_dir: &Path, path: &str) -> anyhow::Result<T> {
+    let body = get_bytes(data_dir, path, std::time::Duration::from_secs(5)).await?;
+    Ok(serde_json::from_slice::<T>(&body)?)
+}
+
+/// The body of `path` from the admin endpoint of the node whose data dir is `data_dir`,
+/// within `timeout`.
+pub async fn get_bytes(
+    data_dir: &Path,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Bytes> {
     let file = data_dir.join(ADMIN_ADDR_FILE);
     let addr = match std::fs::read_to_string(&file) {
         Ok(text) => text.trim().parse().with_context(|| format!("{} is damaged", file.display()))?,
@@ -141,12 +152,11 @@ async fn get<T: serde::de::DeserializeOwned>(data_dir: &Path, path: &str) -> any
         if !response.status().is_success() {
             bail!("admin endpoint answered {}", response.status());
         }
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok::<_, anyhow::Error>(serde_json::from_slice::<T>(&body)?)
+        Ok::<_, anyhow::Error>(response.into_body().collect().await?.to_bytes())
     };
-    tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("the node at {addr} did not answer within 5 s"))?
+        .map_err(|_| anyhow::anyhow!("the node at {addr} did not answer within {timeout:?}"))?
         .with_context(|| {
             format!(
                 "cannot read status from the node at {addr} (data dir {}); is it running?",

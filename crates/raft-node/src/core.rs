@@ -739,9 +739,17 @@ impl<S: LogStore, T> Core<S, T> {
                     Some(info) if info.id != id => {
                         Some(format!("record of node {} for node {id}", info.id))
                     }
-                    Some(info) => self.registry.node_by_name(&info.name).map(|owner| {
-                        format!("node name {:?} is used by node {}", owner.name, owner.id)
-                    }),
+                    // A name held by a node that is no member (a record kept by a restore or a
+                    // forced new cluster) is taken over: see `apply_conf_change`.
+                    Some(info) => self
+                        .registry
+                        .node_by_name(&info.name)
+                        .filter(|owner| {
+                            conf.voters().contains(owner.id) || conf.learners().contains(&owner.id)
+                        })
+                        .map(|owner| {
+                            format!("node name {:?} is used by node {}", owner.name, owner.id)
+                        }),
                     None => Some(format!("no registry record for node {id}")),
                 }
             }
@@ -794,6 +802,29 @@ impl<S: LogStore, T> Core<S, T> {
             ConfChangeType::RemoveNode => Some(Command::RemoveNode { node: cc.node_id }),
             _ => None,
         };
+        // A host admitted again under the name of a record no member holds (kept by a restore
+        // or a forced new cluster) replaces it: its containers come again from its watcher.
+        if let (ConfChangeType::AddLearnerNode, Some(Command::Batch(commands))) =
+            (cc.get_change_type(), &registry_change)
+        {
+            let stale = commands.iter().find_map(|c| match c {
+                Command::UpsertNode(info) => self
+                    .registry
+                    .node_by_name(&info.name)
+                    .map(|owner| owner.id)
+                    .filter(|&owner| owner != info.id),
+                _ => None,
+            });
+            if let Some(owner) = stale {
+                tracing::info!(
+                    index,
+                    node = owner,
+                    new = cc.node_id,
+                    "a host joined again under the name of an old record; replacing it"
+                );
+                let _ = self.registry.apply(&Command::RemoveNode { node: owner });
+            }
+        }
         if let Some(command) = registry_change {
             if let Err(e) = self.registry.apply(&command) {
                 tracing::warn!(index, error = %e, "registry side of a conf change rejected");

@@ -8,6 +8,7 @@ mod core;
 mod logger;
 mod node;
 mod propose;
+mod reseed;
 mod storage;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ pub use crate::core::{Core, CoreConfig, Membership, Progress, RaftStatus, Role};
 pub use linkdns_registry::Published;
 pub use node::{start, NoPeers, NodeConfig, NodeHandle, Outbox, PublishHook};
 pub use propose::{Proposal, RetryPolicy};
+pub use reseed::{committed_state, seed_single_voter};
 pub use storage::{LogStore, MemStore, SledStore};
 
 /// Errors of the Raft node.

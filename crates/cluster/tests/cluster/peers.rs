@@ -268,8 +268,9 @@ async fn bad_tokens_and_names_are_refused_and_nothing_is_admitted() {
     let e = join(&peer, &wrong_secret, &me("x"))
         .await
         .expect_err("wrong secret");
+    // Final: asking again cannot help (a joiner stops rather than retrying).
     assert!(
-        matches!(&e, Error::JoinRefused(r) if r.contains("secret")),
+        matches!(&e, Error::Denied(r) if r.contains("secret")) && !e.is_transient(),
         "{e}"
     );
 
@@ -286,11 +287,15 @@ async fn bad_tokens_and_names_are_refused_and_nothing_is_admitted() {
     // A name in use.
     let e = join(&peer, &good, &me("H1")).await.expect_err("name taken");
     assert!(e.to_string().contains("already used"), "{e}");
+    assert!(!e.is_transient(), "{e}");
 
     // Nobody listening.
     let dead = format!("127.0.0.1:{}", free_port());
     let e = join(&dead, &good, &me("x")).await.expect_err("unreachable");
-    assert!(matches!(e, Error::Unreachable { .. }), "{e}");
+    assert!(
+        matches!(e, Error::Unreachable { .. }) && e.is_transient(),
+        "{e}"
+    );
 
     let status = first.node.status();
     assert_eq!((status.voters, status.learners), (vec![1], vec![]));

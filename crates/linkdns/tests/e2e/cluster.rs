@@ -586,3 +586,110 @@ fn a_copied_data_dir_is_refused_as_a_duplicate_identity() {
     expect_answer(&hosts[0], "web.cluster", "A", &[&web]);
     copy.stop_linkdns();
 }
+
+/// The last resorts. A backup taken on a running member; then the majority is gone for good:
+/// the survivor, started with `--force-new-cluster`, is a one-voter cluster that takes writes,
+/// hides the lost hosts' records, and takes a lost host back under its old name once its data
+/// dir is emptied. The backup restores into a new cluster on another emptied host.
+#[test]
+fn a_lost_majority_is_recovered_by_force_and_a_backup_restores_a_new_cluster() {
+    let mut hosts = form_cluster(3, &[]);
+    hosts[0].run_container("web", &[]);
+    hosts[1].run_container("db", &[]);
+    let (web, db) = (hosts[0].container_ip("web"), hosts[1].container_ip("db"));
+    let db_name = format!("db.{}.cluster", name(&hosts[1]));
+    expect_answer(&hosts[0], &db_name, "A", &[&db]);
+
+    let backup = hosts[0].dir.join("cluster.backup");
+    let out = hosts[0].linkdns(&["backup", backup.to_str().unwrap_or_default()]);
+    assert!(out.status.success(), "backup: {out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("backed up 2 records of 3 nodes"), "{said}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&backup)
+        .expect("backup file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The majority is gone for good.
+    hosts[1].kill_linkdns();
+    hosts[2].kill_linkdns();
+    hosts[0].stop_linkdns();
+    hosts[0].start_linkdns(&["--force-new-cluster"]);
+    wait_until(FORM, "h1 to lead alone", || {
+        let s = hosts[0].status_json();
+        s["role"] == "leader" && s["members"].as_array().map(Vec::len) == Some(1)
+    });
+    assert!(hosts[0].log().contains("forced a new cluster"));
+    // It takes writes: a new container is committed (status counts committed records).
+    hosts[0].run_container("api", &[]);
+    wait_until(FORM, "h1 to commit its new container", || {
+        hosts[0].status_json()["records"] == 3
+    });
+    // The lost hosts' records are kept but not answered.
+    let hidden = hosts[0].dig(&["@127.0.0.1", &db_name, "A"]);
+    assert!(hidden.rdata().is_empty(), "{}", hidden.raw);
+    // Later starts are plain ones.
+    hosts[0].stop_linkdns();
+    hosts[0].start_linkdns(&[]);
+    assert!(hosts[0].log().matches("forced a new cluster").count() == 1);
+
+    // h2 comes back: emptied, it joins under its old name and takes its record's place.
+    let token = hosts[0].token();
+    std::fs::remove_dir_all(hosts[1].data_dir()).expect("empty h2's data dir");
+    let peers = [hosts[0].peer_addr()];
+    hosts[1].start_linkdns_joining(&peers, &token, &[]);
+    hosts[1].wait_linkdns_answers();
+    expect_answer(&hosts[0], &db_name, "A", &[&db]);
+    expect_answer(
+        &hosts[1],
+        &format!("web.{}.cluster", name(&hosts[0])),
+        "A",
+        &[&web],
+    );
+    let members = hosts[0].status_json()["members"].clone();
+    let h2: Vec<&serde_json::Value> = members
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["name"] == name(&hosts[1])).collect())
+        .unwrap_or_default();
+    assert_eq!(h2.len(), 1, "{members}");
+
+    // The backup, restored on emptied h3: a new cluster of h3 alone, with the backup's
+    // records, the other hosts' hidden until they join it.
+    std::fs::remove_dir_all(hosts[2].data_dir()).expect("empty h3's data dir");
+    let mut damaged = std::fs::read(&backup).expect("backup");
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    let broken = hosts[2].dir.join("broken.backup");
+    std::fs::write(&broken, damaged).expect("write");
+    let out = hosts[2].linkdns(&["restore", broken.to_str().unwrap_or_default()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("damaged"),
+        "{out:?}"
+    );
+    assert!(!hosts[2].data_dir().join("cluster.json").exists());
+    let node_name = name(&hosts[2]);
+    let out = hosts[2].linkdns(&[
+        "restore",
+        backup.to_str().unwrap_or_default(),
+        "--node-name",
+        &node_name,
+    ]);
+    assert!(out.status.success(), "restore: {out:?}");
+    hosts[2].start_linkdns(&[]);
+    wait_until(FORM, "h3 to lead its new cluster", || {
+        hosts[2].status_json()["role"] == "leader"
+    });
+    let s = hosts[2].status_json();
+    assert_ne!(
+        s["cluster"],
+        hosts[0].status_json()["cluster"],
+        "a new cluster"
+    );
+    assert_eq!(s["records"], 2, "{s}");
+    assert_ne!(hosts[2].token(), token);
+    let hidden = hosts[2].dig(&["@127.0.0.1", &db_name, "A"]);
+    assert!(hidden.rdata().is_empty(), "{}", hidden.raw);
+}

@@ -7,7 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use linkdns_raft::{Core, CoreConfig, Error, MemStore, Membership, RaftStatus, Role};
+use linkdns_raft::{
+    committed_state, seed_single_voter, Core, CoreConfig, Error, MemStore, Membership, RaftStatus,
+    Role,
+};
 use linkdns_registry::{Command, Container, NodeInfo, Outcome, Resolution, Subnet};
 use raft::eraftpb::{Message, MessageType};
 
@@ -130,6 +133,12 @@ impl Sim {
 
     /// Starts an empty node `id` and has the leader add it as a learner.
     fn join(&mut self, id: u64) {
+        self.join_as(info(id));
+    }
+
+    /// [`Sim::join`] with the registry record `info` (its name, say).
+    fn join_as(&mut self, info: NodeInfo) {
+        let id = info.id;
         self.incarnation += 1;
         let core = Core::open(
             core_config(id, false, self.config.snapshot_every),
@@ -139,7 +148,7 @@ impl Sim {
         .expect("open joining node");
         self.live.insert(id, core);
         self.change(Membership::AddLearner {
-            info: info(id),
+            info,
             cert: [id as u8; 32],
         });
     }
@@ -942,4 +951,76 @@ fn a_snapshot_that_does_not_decode_is_never_installed() {
     sim.settle(10);
     assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
     sim.assert_converged(50);
+}
+
+/// `--force-new-cluster`: the majority is gone for good. The survivor's store, replayed to what
+/// it committed and seeded as a one-voter cluster, elects it and takes writes; a lost host
+/// that joins again under its old name takes its old record's place (a new id, the old
+/// record and its containers gone).
+#[test]
+fn a_forced_new_cluster_goes_on_alone_and_takes_a_lost_host_back_under_its_name() {
+    let mut sim = Sim::cluster(7, 3, 0, 1000);
+    sim.wait_leader(100);
+    let t = sim.propose(2, &container(2, 1));
+    sim.run_ticks(20);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+    sim.run_ticks(10);
+    for id in [2, 3] {
+        sim.crash(id);
+    }
+    sim.crashed.clear();
+    let store = sim.live.remove(&1).expect("node 1").into_store();
+    let (registry, mut store) = committed_state(store, 1).expect("replay");
+    assert!(matches!(
+        registry.resolve("svc-2-1", None, None),
+        Resolution::Found(_)
+    ));
+    let index = seed_single_voter(&mut store, 1, &registry).expect("seed");
+    sim.incarnation += 1;
+    let core = Core::open(core_config(1, false, 1000), store, sim.incarnation).expect("reopen");
+    assert_eq!(core.applied(), index);
+    sim.live.insert(1, core);
+    assert_eq!(sim.wait_leader(100), 1);
+    assert_eq!(sim.status(1).voters, vec![1]);
+    let t = sim.propose(1, &container(1, 5));
+    sim.run_ticks(10);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+
+    // h2 again, as node 4.
+    sim.join_as(NodeInfo {
+        id: 4,
+        name: "h2".into(),
+        peer_addr: "10.0.0.4:7380".into(),
+    });
+    sim.assert_converged(100);
+    for core in sim.live.values() {
+        let r = core.registry();
+        assert_eq!(r.node_by_name("h2").map(|n| n.id), Some(4));
+        assert!(r.node(2).is_none());
+        assert_eq!(r.resolve("svc-2-1", None, None), Resolution::NotFound);
+        assert!(matches!(
+            r.resolve("svc-1-5", None, None),
+            Resolution::Found(_)
+        ));
+    }
+    // A name a member holds is still refused.
+    let token = sim.token();
+    let leader = sim.wait_leader(50);
+    let taken = Membership::AddLearner {
+        info: NodeInfo {
+            id: 5,
+            name: "h2".into(),
+            peer_addr: "10.0.0.5:7380".into(),
+        },
+        cert: [5; 32],
+    };
+    if let Some(core) = sim.live.get_mut(&leader) {
+        core.propose_membership(&taken, token);
+    }
+    sim.run_ticks(20);
+    let refused = sim.result(token).expect("answered");
+    assert!(
+        matches!(&refused, Err(e) if e.contains("is used by node 4")),
+        "{refused:?}"
+    );
 }
