@@ -41,7 +41,7 @@ pub struct LimitLabels {
 
 impl Default for DnsMetrics {
     fn default() -> Self {
-        DnsMetrics {
+        let metrics = DnsMetrics {
             queries: Family::default(),
             // 10 µs .. ~1.3 s
             latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
@@ -52,7 +52,12 @@ impl Default for DnsMetrics {
             held_expired: Counter::default(),
             rate_limited: Family::default(),
             tcp_refused: Counter::default(),
+        };
+        // Both verdicts exposed from the start (at 0), so rates over them work at once.
+        for verdict in ["dropped", "slipped"] {
+            let _ = metrics.rate_limited.get_or_create(&LimitLabels { verdict });
         }
+        metrics
     }
 }
 

@@ -2,6 +2,8 @@
 //! `/health` and `/ready` for supervisors and load balancers.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -13,14 +15,18 @@ use axum::{Json, Router};
 use linkdns_cluster::Transport;
 use linkdns_dns::DnsMetrics;
 use linkdns_raft::NodeHandle;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use serde::{Deserialize, Serialize};
 
 use crate::routing::{DockerConfig, RoutesStatus, Routing};
 
-/// Counters of the node itself (the DNS crate keeps its own).
+/// Counters of the node itself (the DNS crate keeps its own). Most are read off the node's
+/// status at each scrape; counters of events (leader changes, proposals) are counted as they
+/// happen.
 #[derive(Clone, Debug, Default)]
 pub struct NodeMetrics {
     pub docker_events: Counter,
@@ -29,6 +35,61 @@ pub struct NodeMetrics {
     term: Gauge,
     commit: Gauge,
     applied: Gauge,
+    leader_id: Gauge,
+    is_leader: Gauge,
+    leader_changes: Counter,
+    members: Gauge,
+    members_alive: Gauge,
+    last_contact: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    proposals: Family<OutcomeLabels, Counter>,
+    routes: Gauge,
+    routes_refused: Gauge,
+    reconciliations: Counter,
+    snapshots: Counter,
+    snapshot_bytes: Gauge,
+    snapshot_seconds: Gauge<f64, AtomicU64>,
+    data_dir_bytes: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+impl NodeMetrics {
+    /// Counts a proposal's outcome: `applied`, `rejected`, `retry` (given up after retries) or
+    /// `stopped`.
+    pub fn proposal(&self, outcome: &'static str) {
+        self.proposals
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts leader changes as the node reports them, until it stops.
+    pub async fn count_leader_changes(self, node: Arc<NodeHandle>) {
+        let mut changes = node.subscribe();
+        let mut leader = node.status().leader;
+        while changes.changed().await.is_ok() {
+            let now = node.status().leader;
+            if now != leader && now.is_some() {
+                self.leader_changes.inc();
+            }
+            leader = now;
+        }
+    }
+
+    /// Raises `counter` to `total` (a count kept elsewhere, read at a scrape).
+    fn catch_up(counter: &Counter, total: u64) {
+        let seen = counter.get();
+        if total > seen {
+            counter.inc_by(total - seen);
+        }
+    }
 }
 
 /// `/status` and `linkdns status --json`.
@@ -89,6 +150,7 @@ pub struct AdminState {
     metrics: MetricsRegistry,
     node_metrics: NodeMetrics,
     routing: Arc<Routing>,
+    data_dir: PathBuf,
     /// The last log index on disk when the node started: a replica that applied it is caught
     /// up as far as it can know without a leader.
     on_disk: u64,
@@ -104,10 +166,11 @@ pub struct Readiness {
 }
 
 impl AdminState {
+    /// The admin state of the node `config` describes (its name and data dir).
     pub fn new(
+        config: &crate::config::Config,
         node: Arc<NodeHandle>,
         transport: Transport,
-        node_name: String,
         dns_listen: Vec<SocketAddr>,
         dns: DnsMetrics,
         node_metrics: NodeMetrics,
@@ -145,16 +208,92 @@ impl AdminState {
             "Raft applied index",
             node_metrics.applied.clone(),
         );
+        let m = &node_metrics;
+        // Every outcome exposed from the start (at 0).
+        for outcome in ["applied", "rejected", "retry", "stopped"] {
+            let _ = m.proposals.get_or_create(&OutcomeLabels { outcome });
+        }
+        metrics.register(
+            "linkdns_raft_leader_id",
+            "Raft id of the leader this node follows (0: none)",
+            m.leader_id.clone(),
+        );
+        metrics.register(
+            "linkdns_raft_is_leader",
+            "1 while this node is the leader",
+            m.is_leader.clone(),
+        );
+        metrics.register(
+            "linkdns_raft_leader_changes",
+            "Times this node saw a new leader",
+            m.leader_changes.clone(),
+        );
+        metrics.register(
+            "linkdns_members",
+            "Voters and learners of the cluster",
+            m.members.clone(),
+        );
+        metrics.register(
+            "linkdns_members_alive",
+            "Members whose records are shown (the leader heard from them recently)",
+            m.members_alive.clone(),
+        );
+        metrics.register(
+            "linkdns_peer_last_contact_seconds",
+            "Seconds since this node last heard from each other member",
+            m.last_contact.clone(),
+        );
+        metrics.register(
+            "linkdns_proposals",
+            "This node's proposals of its own records, by outcome",
+            m.proposals.clone(),
+        );
+        metrics.register(
+            "linkdns_routes",
+            "Routes to other hosts' container subnets in the kernel",
+            m.routes.clone(),
+        );
+        metrics.register(
+            "linkdns_routes_refused",
+            "Other hosts' subnets not routed (conflicts), see `linkdns routes`",
+            m.routes_refused.clone(),
+        );
+        metrics.register(
+            "linkdns_route_reconciliations",
+            "Route and firewall reconciliations done",
+            m.reconciliations.clone(),
+        );
+        metrics.register(
+            "linkdns_snapshots",
+            "Raft snapshots this node took",
+            m.snapshots.clone(),
+        );
+        metrics.register(
+            "linkdns_snapshot_bytes",
+            "Size of the last snapshot this node took",
+            m.snapshot_bytes.clone(),
+        );
+        metrics.register(
+            "linkdns_snapshot_seconds",
+            "Time the last snapshot took to encode and store",
+            m.snapshot_seconds.clone(),
+        );
+        metrics.register(
+            "linkdns_data_dir_bytes",
+            "Bytes in the data dir (Raft log, snapshots, identity)",
+            m.data_dir_bytes.clone(),
+        );
         AdminState {
             on_disk: node.status().last_index,
             node,
             transport,
-            node_name,
+            node_name: config.node_name.clone(),
             dns_listen: Mutex::new(dns_listen),
             docker: Mutex::new(DockerStatus::default()),
             metrics,
             node_metrics,
             routing,
+            data_dir: config.data_dir.clone(),
         }
     }
 
@@ -229,15 +368,54 @@ impl AdminState {
 
     fn metrics_text(&self) -> Result<String, std::fmt::Error> {
         let s = self.status();
+        let raft = self.node.status();
         let m = &self.node_metrics;
         m.records.set(s.records as i64);
         m.term.set(s.term as i64);
         m.commit.set(s.commit_index as i64);
         m.applied.set(s.applied_index as i64);
+        m.leader_id.set(raft.leader.unwrap_or(0) as i64);
+        m.is_leader
+            .set(i64::from(raft.role == linkdns_raft::Role::Leader));
+        m.members.set(s.members.len() as i64);
+        m.members_alive
+            .set(s.members.iter().filter(|m| m.alive).count() as i64);
+        m.last_contact.clear();
+        for member in &s.members {
+            if let Some(ms) = member.last_contact_ms {
+                let peer = PeerLabels {
+                    peer: member.name.clone(),
+                };
+                m.last_contact.get_or_create(&peer).set(ms as f64 / 1000.0);
+            }
+        }
+        m.routes.set(s.routing.routes.len() as i64);
+        m.routes_refused.set(s.routing.refused.len() as i64);
+        NodeMetrics::catch_up(&m.reconciliations, s.routing.reconciliations);
+        NodeMetrics::catch_up(&m.snapshots, raft.snapshots_taken);
+        m.snapshot_bytes.set(raft.last_snapshot_bytes as i64);
+        m.snapshot_seconds
+            .set(raft.last_snapshot_micros as f64 / 1_000_000.0);
+        m.data_dir_bytes.set(dir_bytes(&self.data_dir) as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.metrics)?;
         Ok(out)
     }
+}
+
+/// Bytes of the files under `dir` (a few dozen: sled's files, the identity, markers).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Binds the admin endpoint and serves it in the background; returns the bound address.

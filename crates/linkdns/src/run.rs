@@ -197,10 +197,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(routing.clone().program(shutdown_rx.clone()));
 
     let node_metrics = NodeMetrics::default();
+    tokio::spawn(node_metrics.clone().count_leader_changes(node.clone()));
     let admin_state = Arc::new(AdminState::new(
+        &config,
         node.clone(),
         transport.clone(),
-        config.node_name.clone(),
         dns_addrs.clone(),
         dns_metrics,
         node_metrics.clone(),
@@ -274,6 +275,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         proposals_rx,
         resync.clone(),
         view.clone(),
+        node_metrics.clone(),
     ));
     // The node's changes (membership, liveness, retirement) wake the lifecycle checks; a
     // retirement also has a deadline.
@@ -658,6 +660,7 @@ async fn propose_loop(
     mut commands: mpsc::UnboundedReceiver<Command>,
     resync: Arc<Notify>,
     view: Arc<View>,
+    metrics: NodeMetrics,
 ) {
     while let Some(first) = commands.recv().await {
         let mut batch = vec![first];
@@ -672,7 +675,28 @@ async fn propose_loop(
         } else {
             Command::Batch(batch)
         };
-        match propose_with_retry(&node, command.clone()).await {
+        // The periodic resync of a quiet node restates what the log holds: nothing to write.
+        if let Command::ReplaceContainers {
+            node: id,
+            containers,
+            ..
+        } = &command
+        {
+            if node
+                .published()
+                .load()
+                .registry
+                .holds_exactly(*id, containers)
+            {
+                tracing::debug!(
+                    containers = containers.len(),
+                    "resync: the replica holds these containers already; nothing to propose"
+                );
+                view.settle(&command);
+                continue;
+            }
+        }
+        match propose_with_retry(&node, command.clone(), &metrics).await {
             Ok(Proposed::Applied) => view.settle(&command),
             // Lost: have the watcher restate the whole node.
             Ok(Proposed::GaveUp) => resync.notify_one(),
@@ -697,8 +721,14 @@ const WATCHER_RETRY: RetryPolicy =
 
 /// Proposes a watcher command; retries a few times on transient failures. Fails only when the
 /// Raft node itself has stopped.
-async fn propose_with_retry(node: &NodeHandle, command: Command) -> anyhow::Result<Proposed> {
-    match node.propose_until(&command, WATCHER_RETRY).await {
+async fn propose_with_retry(
+    node: &NodeHandle,
+    command: Command,
+    metrics: &NodeMetrics,
+) -> anyhow::Result<Proposed> {
+    let proposal = node.propose_until(&command, WATCHER_RETRY).await;
+    metrics.proposal(proposal.outcome());
+    match proposal {
         Proposal::Applied(_) => Ok(Proposed::Applied),
         Proposal::Rejected(e) => {
             tracing::warn!(error = %e, "watcher command rejected");

@@ -33,6 +33,9 @@ pub struct CoreConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries between snapshots; the log before a snapshot is compacted away.
     pub snapshot_every: u64,
+    /// Bytes of applied entries after which a snapshot is due even before `snapshot_every`
+    /// entries (a few large batches grow the log as much as many small entries).
+    pub snapshot_log_bytes: u64,
     /// Ticks a proposal may wait to be applied before it fails.
     pub proposal_timeout_ticks: u64,
 }
@@ -83,6 +86,11 @@ pub struct RaftStatus {
     pub matched: BTreeMap<u64, u64>,
     /// A configuration change is proposed and not yet applied.
     pub conf_change_pending: bool,
+    /// Snapshots this node took since it started, and the size and time (encoding and
+    /// storing) of the last one.
+    pub snapshots_taken: u64,
+    pub last_snapshot_bytes: u64,
+    pub last_snapshot_micros: u64,
 }
 
 impl RaftStatus {
@@ -187,6 +195,10 @@ pub struct Core<S: LogStore, T> {
     /// The registry of the last snapshot message stepped in, decoded when it arrived (to
     /// refuse one that does not decode), by its index: installing it needs no second decode.
     incoming: Option<(u64, Registry)>,
+    /// Bytes of entries applied since the last snapshot (see `snapshot_log_bytes`).
+    log_bytes: u64,
+    /// Snapshots taken: how many, and the size and microseconds of the last.
+    snapshots: (u64, u64, u64),
 }
 
 impl<S: LogStore, T> Core<S, T> {
@@ -247,6 +259,8 @@ impl<S: LogStore, T> Core<S, T> {
             done: Vec::new(),
             leader: raft::INVALID_ID,
             incoming: None,
+            log_bytes: 0,
+            snapshots: (0, 0, 0),
         })
     }
 
@@ -552,6 +566,9 @@ impl<S: LogStore, T> Core<S, T> {
             learners,
             matched,
             conf_change_pending: raft.state == StateRole::Leader && raft.has_pending_conf(),
+            snapshots_taken: self.snapshots.0,
+            last_snapshot_bytes: self.snapshots.1,
+            last_snapshot_micros: self.snapshots.2,
         }
     }
 
@@ -596,6 +613,7 @@ impl<S: LogStore, T> Core<S, T> {
                 self.registry = registry;
                 self.applied = snapshot.get_metadata().index;
                 self.snapshot_index = self.applied;
+                self.log_bytes = 0;
                 // Entries inside the snapshot are never applied here one by one: whoever waits
                 // for one cannot be told whether it is in (nor, below, after a change of leader).
                 for (_, p) in self.pending.drain() {
@@ -656,6 +674,7 @@ impl<S: LogStore, T> Core<S, T> {
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Error> {
         for entry in entries {
             self.applied = entry.index;
+            self.log_bytes += entry.data.len() as u64;
             // Conf changes update the in-memory configuration; the stored conf state is the one
             // of the latest snapshot, and a restart replays later conf changes from the log.
             let result = match entry.get_entry_type() {
@@ -842,10 +861,12 @@ impl<S: LogStore, T> Core<S, T> {
     /// Snapshots the registry and compacts the log once enough entries have been applied, or
     /// at once when `wanted` (a peer needs a snapshot the store does not have).
     fn maybe_snapshot(&mut self, wanted: bool) -> Result<(), Error> {
-        let due = self.applied >= self.snapshot_index + self.config.snapshot_every;
+        let due = self.applied >= self.snapshot_index + self.config.snapshot_every
+            || self.log_bytes >= self.config.snapshot_log_bytes;
         if !(due || wanted) || self.applied <= self.snapshot_index {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let index = self.applied;
         let term = self.raw.raft.raft_log.term(index)?;
         let mut snapshot = Snapshot::default();
@@ -858,9 +879,17 @@ impl<S: LogStore, T> Core<S, T> {
         store.install_snapshot(&snapshot)?;
         store.sync()?;
         self.snapshot_index = index;
+        self.log_bytes = 0;
+        self.snapshots = (
+            self.snapshots.0 + 1,
+            snapshot.data.len() as u64,
+            started.elapsed().as_micros() as u64,
+        );
         tracing::info!(
             index,
             term,
+            bytes = self.snapshots.1,
+            micros = self.snapshots.2,
             records = self.registry.record_count(),
             for_peer = wanted,
             "snapshot taken, log compacted"

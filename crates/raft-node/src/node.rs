@@ -35,6 +35,8 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries between snapshots; the log before a snapshot is compacted away.
     pub snapshot_every: u64,
+    /// Bytes of applied entries after which a snapshot is due anyway.
+    pub snapshot_log_bytes: u64,
     /// How long a proposal may wait to be applied before it fails.
     pub proposal_timeout: Duration,
 }
@@ -51,6 +53,7 @@ impl NodeConfig {
             election_ticks: 50,
             heartbeat_ticks: 10,
             snapshot_every: 10_000,
+            snapshot_log_bytes: 64 << 20,
             proposal_timeout: Duration::from_secs(5),
         }
     }
@@ -63,6 +66,7 @@ impl NodeConfig {
             election_ticks: self.election_ticks,
             heartbeat_ticks: self.heartbeat_ticks,
             snapshot_every: self.snapshot_every,
+            snapshot_log_bytes: self.snapshot_log_bytes,
             proposal_timeout_ticks: (self.proposal_timeout.as_millis() / tick_ms).max(1) as u64,
         }
     }

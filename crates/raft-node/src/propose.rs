@@ -49,6 +49,16 @@ impl From<Result<Outcome, Error>> for Proposal {
 }
 
 impl Proposal {
+    /// The outcome's name, for metrics: `applied`, `rejected`, `retry` or `stopped`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Proposal::Applied(_) => "applied",
+            Proposal::Rejected(_) => "rejected",
+            Proposal::Retry(_) => "retry",
+            Proposal::Stopped(_) => "stopped",
+        }
+    }
+
     /// The proposal as a plain result: applied, or why not.
     pub fn into_result(self) -> Result<Outcome, Error> {
         match self {

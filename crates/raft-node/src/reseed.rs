@@ -19,6 +19,7 @@ pub fn committed_state<S: LogStore>(store: S, id: u64) -> Result<(Registry, S), 
         heartbeat_ticks: 2,
         // Never due while replaying (the seed that follows is the snapshot).
         snapshot_every: u64::MAX / 2,
+        snapshot_log_bytes: u64::MAX / 2,
         proposal_timeout_ticks: 50,
     };
     let mut core: Core<S, ()> = Core::open(config, store, 0)?;

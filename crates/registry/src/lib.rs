@@ -855,6 +855,27 @@ impl Registry {
             .filter(move |c| c.node == node)
     }
 
+    /// Whether node `node`'s containers are exactly `containers` (as a resync lists them),
+    /// observation versions aside: replacing them with these would change nothing else.
+    pub fn holds_exactly(&self, node: NodeId, containers: &[Container]) -> bool {
+        let unversioned = |mut c: Container| {
+            c.version = 0;
+            c
+        };
+        let wanted: BTreeMap<&ContainerId, Container> = containers
+            .iter()
+            .map(|c| (&c.id, unversioned(c.clone().normalized())))
+            .collect();
+        let mut held = 0;
+        for record in self.containers_of(node) {
+            held += 1;
+            if wanted.get(&record.id) != Some(&unversioned(record.to_container())) {
+                return false;
+            }
+        }
+        held == wanted.len()
+    }
+
     /// Number of container records.
     pub fn record_count(&self) -> usize {
         self.containers.len()

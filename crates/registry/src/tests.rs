@@ -211,6 +211,18 @@ fn replace_reconciles_one_node_only() {
         })
         .expect("replace again");
     assert_eq!(again, Outcome::Unchanged);
+
+    // What the proposer checks before a periodic resync: the same set, at another version and
+    // in another order, is held already; anything else is not.
+    let mut later = container("d1", "D", 1, &["10.0.1.4"]);
+    later.version = 99;
+    assert!(r.holds_exactly(1, &[later.clone(), container("b1", "b", 1, &["10.0.1.3"])]));
+    assert!(
+        !r.holds_exactly(1, std::slice::from_ref(&later)),
+        "one missing"
+    );
+    assert!(!r.holds_exactly(1, &[later, container("b1", "b", 1, &["10.0.1.9"])]));
+    assert!(r.holds_exactly(3, &[]), "no containers, none listed");
 }
 
 #[test]

@@ -166,6 +166,69 @@ fn three_hosts_answer_for_each_other_and_survive_losing_the_leader() {
     let api = hosts[a].container_ip("api");
     expect_answer(&hosts[b], "api.cluster", "A", &[&api]);
 
+    // What the survivors' /metrics say about it.
+    let metrics: Vec<String> = [a, b]
+        .iter()
+        .map(|&i| admin_get(&hosts[i], "/metrics").expect("metrics"))
+        .collect();
+    let leaders: f64 = metrics
+        .iter()
+        .map(|m| metric(m, "linkdns_raft_is_leader").expect("is_leader"))
+        .sum();
+    assert_eq!(leaders, 1.0, "one of the survivors leads");
+    let new_leader = leader(&hosts, &hosts[a]).expect("leader");
+    for (m, &i) in metrics.iter().zip(&[a, b]) {
+        let id = hosts[i].status_json()["leader_id"].as_f64();
+        assert_eq!(metric(m, "linkdns_raft_leader_id"), id, "{m}");
+        assert!(
+            metric(m, "linkdns_raft_leader_changes_total") >= Some(1.0),
+            "{m}"
+        );
+        assert_eq!(metric(m, "linkdns_members"), Some(3.0), "{m}");
+        for other in (0..3).filter(|&o| o != i) {
+            let peer = format!(
+                "linkdns_peer_last_contact_seconds{{peer=\"{}\"}}",
+                name(&hosts[other])
+            );
+            assert!(metric(m, &peer).is_some(), "{peer} in {m}");
+        }
+        assert!(metric(m, "linkdns_data_dir_bytes") > Some(0.0), "{m}");
+        assert!(
+            metric(m, "linkdns_route_reconciliations_total") >= Some(1.0),
+            "{m}"
+        );
+        assert_eq!(metric(m, "linkdns_routes"), Some(2.0), "{m}");
+        assert!(metric(m, "linkdns_snapshot_bytes").is_some(), "{m}");
+    }
+    // The Grafana dashboard in config/ asks only for metrics a node exposes.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../config/grafana-dashboard.json"),
+    )
+    .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("linkdns_") {
+                    let base = word.trim_end_matches("_total").trim_end_matches("_bucket");
+                    let typed = format!("# TYPE {base} ");
+                    assert!(
+                        metrics[0].contains(&typed),
+                        "the dashboard asks for {word}: {typed:?} not in /metrics"
+                    );
+                    asked += 1;
+                }
+            }
+        }
+    }
+    assert!(asked >= 20, "{asked}");
+    let applied = "linkdns_proposals_total{outcome=\"applied\"}";
+    assert!(metric(&metrics[0], applied) >= Some(1.0), "{}", metrics[0]);
+    assert!(new_leader != dead);
+
     // The killed node restarts with plain `linkdns run` and catches up.
     hosts[dead].restart_linkdns();
     expect_answer(&hosts[dead], "api.cluster", "A", &[&api]);
@@ -275,6 +338,14 @@ fn admin_get(h: &Host, path: &str) -> Option<String> {
 }
 
 /// `/ready` of a host, when it answers 200.
+/// The value of the sample `name` (with its labels, as exposed) in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn readiness(h: &Host) -> Option<serde_json::Value> {
     serde_json::from_str(&admin_get(h, "/ready")?).ok()
 }

@@ -68,6 +68,7 @@ fn core_config(id: u64, bootstrap: bool, snapshot_every: u64) -> CoreConfig {
         election_ticks: 10,
         heartbeat_ticks: 2,
         snapshot_every,
+        snapshot_log_bytes: 64 << 20,
         proposal_timeout_ticks: 50,
     }
 }

@@ -165,3 +165,29 @@ async fn subscribers_wake_on_what_changes_and_learn_when_the_node_stops() {
     .await;
     assert!(ended.is_ok(), "the watch ends with the node");
 }
+
+/// A snapshot is due by the bytes the log grew as well as by its entry count; the status says
+/// how many were taken, how large the last was and how long it took.
+#[tokio::test]
+async fn a_log_grown_by_bytes_is_snapshotted_before_its_entry_count_is_reached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = NodeConfig {
+        tick: Duration::from_millis(20),
+        snapshot_every: 1_000_000,
+        snapshot_log_bytes: 1024,
+        ..NodeConfig::new(1)
+    };
+    let node = start(config, SledStore::open(dir.path()).expect("open")).expect("start");
+    node.propose(register("h1")).await.expect("register");
+    let before = node.status();
+    assert_eq!(before.snapshots_taken, 0, "{before:?}");
+    // Some 30 bytes an entry: 1 KiB within some 35 entries.
+    for i in 0..100 {
+        node.propose(container(i)).await.expect("container");
+    }
+    let status = node.status();
+    assert!(status.snapshots_taken >= 1, "{status:?}");
+    assert!(status.snapshot_index > 1, "{status:?}");
+    assert!(status.last_snapshot_bytes > 500, "{status:?}");
+    node.shutdown().expect("clean shutdown");
+}
