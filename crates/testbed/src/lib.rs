@@ -9,6 +9,10 @@
 //! when it is dropped (also when its test fails), and the shared LAN bridge, its FORWARD rule
 //! and the image go with the last host. Processes are stopped by the pids the test bed started
 //! (a crashed earlier run's by the pid files it wrote), never by name.
+//!
+//! Runs do not meet: each process that makes hosts claims names and addresses of its own (see
+//! [`Run`]), so two test or benchmark runs on one machine neither collide nor clean up each
+//! other; what a run that died left is cleared by the next one.
 
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -18,8 +22,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Root of everything the test bed writes.
-const BASE: &str = "/tmp/linkdns-e2e";
+/// Root of everything the test bed writes: a directory per run.
+const ROOT: &str = "/tmp/linkdns-e2e";
 /// Name of the image every host gets: busybox, built offline.
 pub const IMAGE: &str = "ldt-busybox:latest";
 
@@ -37,6 +41,8 @@ struct Shared {
     prepared: bool,
     /// The LAN bridge is up; whether its FORWARD rule was added by this process.
     lan: Option<bool>,
+    /// This run's claim, from the first host to the last.
+    run: Option<Run>,
 }
 
 static SHARED: Mutex<Shared> = Mutex::new(Shared {
@@ -44,16 +50,149 @@ static SHARED: Mutex<Shared> = Mutex::new(Shared {
     lan_hosts: 0,
     prepared: false,
     lan: None,
+    run: None,
 });
+
+/// What one run of the test bed (one process, while it has hosts) uses alone: its directory
+/// `ROOT/<pid>` (holding `owner` and `octet`, the claim), namespaces `ldt<pid>-h<N>`, links
+/// `l<pid>-…`, and the addresses 172.<octet>.0.0/16 in the root namespace. The octet is one
+/// no other live run claims and no address of the machine uses.
+#[derive(Clone, Debug)]
+pub struct Run {
+    tag: String,
+    base: PathBuf,
+    octet: u8,
+}
+
+impl Run {
+    fn ns(&self, index: u8) -> String {
+        format!("ldt{}-h{index}", self.tag)
+    }
+    fn veth(&self, index: u8, side: char) -> String {
+        format!("l{}-{index}{side}", self.tag)
+    }
+    fn lan_bridge(&self) -> String {
+        format!("l{}-lan", self.tag)
+    }
+    fn lan_root(&self) -> Ipv4Addr {
+        Ipv4Addr::new(172, self.octet, 0, 254)
+    }
+    /// The FORWARD rule that lets bridged LAN traffic through the root namespace (Docker
+    /// loads br_netfilter and may set the policy to DROP).
+    fn lan_rule(&self) -> Vec<String> {
+        let bridge = self.lan_bridge();
+        ["FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT"]
+            .map(String::from)
+            .to_vec()
+    }
+}
+
+/// An address on this run's LAN that no host has (a member that is down, say).
+pub fn lan_unused() -> Ipv4Addr {
+    let octet = shared()
+        .run
+        .as_ref()
+        .map(|r| r.octet)
+        .expect("lan_unused: make a host first");
+    Ipv4Addr::new(172, octet, 0, 250)
+}
+
+/// Held while a run claims: the directory `ROOT/.lock` (made by one process at a time), with
+/// the holder's pid in it; one whose holder died is broken.
+struct RootLock(PathBuf);
+
+impl RootLock {
+    fn take() -> RootLock {
+        let path = Path::new(ROOT).join(".lock");
+        for _ in 0..600 {
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    let _ = std::fs::write(path.join("pid"), std::process::id().to_string());
+                    return RootLock(path);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(path.join("pid"))
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok());
+                    if holder.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                        let _ = std::fs::remove_dir_all(&path);
+                        continue;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // The root went with the last run meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(ROOT).expect("test bed root");
+                }
+                Err(e) => panic!("cannot lock {}: {e}", path.display()),
+            }
+        }
+        panic!("{} stayed locked for 30 s", path.display());
+    }
+}
+
+impl Drop for RootLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Claims this run's names and addresses, under [`RootLock`] (another run may be claiming at
+/// the same moment), after clearing what runs that died left.
+fn claim_run() -> Run {
+    std::fs::create_dir_all(ROOT).expect("test bed root");
+    let _lock = RootLock::take();
+    let mut taken = Vec::new();
+    if let Ok(dirs) = std::fs::read_dir(ROOT) {
+        let runs = dirs
+            .flatten()
+            .filter(|d| d.path().is_dir() && !d.file_name().to_string_lossy().starts_with('.'));
+        for dir in runs {
+            let path = dir.path();
+            let owner = std::fs::read_to_string(path.join("owner"))
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok());
+            match owner {
+                Some(pid) if Path::new(&format!("/proc/{pid}")).exists() => {
+                    if let Some(octet) = std::fs::read_to_string(path.join("octet"))
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u8>().ok())
+                    {
+                        taken.push(octet);
+                    }
+                }
+                Some(pid) => cleanup_run(&path, &pid.to_string()),
+                // A directory of the test bed from before runs had their own names.
+                None => cleanup_run(&path, "-"),
+            }
+        }
+    }
+    let addrs = sh("ip", &["-o", "-4", "addr", "show"]);
+    let octet = (16..=31u8)
+        .rev()
+        .find(|o| !taken.contains(o) && !addrs.contains(&format!(" 172.{o}.")))
+        .expect("no free 172.16-31.x.x range left for the test bed");
+    let tag = std::process::id().to_string();
+    let base = Path::new(ROOT).join(&tag);
+    std::fs::create_dir_all(&base).expect("run dir");
+    std::fs::write(base.join("owner"), &tag).expect("owner file");
+    std::fs::write(base.join("octet"), octet.to_string()).expect("octet file");
+    Run { tag, base, octet }
+}
+
+/// Releases the claim once the run's last host is gone: its directory goes, and the root too
+/// if nothing else is in it.
+fn release_run(run: &Run) {
+    let _ = std::fs::remove_dir_all(&run.base);
+    // Only if empty: another run's directory or lock keeps it.
+    let _ = std::fs::remove_dir(ROOT);
+}
 
 fn shared() -> MutexGuard<'static, Shared> {
     // A test that panicked while holding it left it whole: every change is one assignment.
     SHARED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The shared "VPC" of multi-host tests: a bridge in the root namespace, 172.30.0.0/24.
-const LAN_BRIDGE: &str = "ldt-lan";
-const LAN_ROOT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 254);
 /// The port every test node's peer transport uses (each host has its own namespace).
 pub const PEER_PORT: u16 = 7380;
 
@@ -102,9 +241,10 @@ pub fn run(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {program}: {e} (is it installed? see .ci/run)"))
 }
 
-/// Checks the prerequisites and clears what an earlier crashed run left (once per process),
-/// then builds the image tar if it is not there. Called with the shared state locked.
-fn prepare(shared: &mut Shared) -> PathBuf {
+/// Checks the prerequisites (once per process), claims this run's names and addresses
+/// (clearing what runs that died left), then builds the image tar if it is not there. Called
+/// with the shared state locked.
+fn prepare(shared: &mut Shared) -> Run {
     CHECKED.get_or_init(|| {
         let uid = sh("id", &["-u"]);
         assert_eq!(uid.trim(), "0", "the e2e tests need root (network namespaces, dockerd)");
@@ -115,9 +255,9 @@ fn prepare(shared: &mut Shared) -> PathBuf {
                 "e2e prerequisite `{tool}` is missing: install it (see scripts/test: docker.io docker-compose iproute2 iptables busybox-static dnsutils util-linux systemd)"
             );
         }
-        cleanup_stale();
     });
-    let base = PathBuf::from(BASE);
+    let run = shared.run.get_or_insert_with(claim_run).clone();
+    let base = run.base.clone();
     if !shared.prepared {
         std::fs::create_dir_all(&base).expect("create test bed dir");
         // busybox, statically linked, as the whole image.
@@ -150,7 +290,7 @@ fn prepare(shared: &mut Shared) -> PathBuf {
         );
         shared.prepared = true;
     }
-    base
+    run
 }
 
 /// The pid files a host of the test bed writes: its dockerd's, the containerd that dockerd
@@ -164,8 +304,8 @@ fn pid_files(dir: &Path) -> [PathBuf; 3] {
 }
 
 /// Kills the process of a pid file if it is still one of the test bed's (its command line
-/// names the test bed's directory; a pid reused by another process is left alone).
-fn kill_by_pid_file(path: &Path) {
+/// names the run's directory `base`; a pid reused by another process is left alone).
+fn kill_by_pid_file(path: &Path, base: &Path) {
     let Ok(text) = std::fs::read_to_string(path) else {
         return;
     };
@@ -173,8 +313,46 @@ fn kill_by_pid_file(path: &Path) {
         return;
     };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains(BASE) {
+    if String::from_utf8_lossy(&cmdline).contains(&*base.to_string_lossy()) {
         let _ = run("kill", &["-9", &pid.to_string()]);
+    }
+}
+
+/// Unmounts everything mounted inside `dir` (a dead run's Docker data roots, overlays and
+/// network namespace files), deepest first.
+fn unmount_under(dir: &Path) {
+    let inside = format!("{}/", dir.display());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&inside))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = run("umount", &["-l", point]);
+    }
+}
+
+/// Kills the processes whose command line names a path inside `base` (a dead run's
+/// directory: only its daemons and their shims do).
+fn kill_processes_naming(base: &Path) {
+    let inside = format!("{}/", base.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&inside) {
+            let _ = run("kill", &["-9", pid]);
+        }
     }
 }
 
@@ -216,13 +394,14 @@ fn kill_container_by_pid_file(path: &Path) {
     }
 }
 
-/// Removes namespaces, links, rules and daemons left by an earlier run that did not clean up
-/// (one killed before its hosts were dropped).
-fn cleanup_stale() {
-    if let Ok(dirs) = std::fs::read_dir(BASE) {
+/// Removes the daemons, namespaces, links, rules and files a run that died left: the run of
+/// directory `base` and tag `tag` (`-` for a test bed from before runs had their own names,
+/// whose names all start `ldt-`).
+fn cleanup_run(base: &Path, tag: &str) {
+    if let Ok(dirs) = std::fs::read_dir(base) {
         for dir in dirs.flatten() {
             for file in pid_files(&dir.path()) {
-                kill_by_pid_file(&file);
+                kill_by_pid_file(&file, base);
             }
             let mut shims = Vec::new();
             shim_pid_files(&dir.path().join("exec"), 6, &mut shims);
@@ -230,19 +409,36 @@ fn cleanup_stale() {
                 if file.ends_with("init.pid") {
                     kill_container_by_pid_file(&file);
                 } else {
-                    kill_by_pid_file(&file);
+                    kill_by_pid_file(&file, base);
                 }
             }
         }
+        // containerd's shims write no pid file of their own; each names the run's directory
+        // (its containerd socket) on its command line, which no other process does.
+        kill_processes_naming(base);
         std::thread::sleep(Duration::from_millis(500));
     }
+    let (ns_prefix, link_prefix, bridge) = if tag == "-" {
+        (
+            "ldt-".to_string(),
+            "ldt-".to_string(),
+            "ldt-lan".to_string(),
+        )
+    } else {
+        (
+            format!("ldt{tag}-"),
+            format!("l{tag}-"),
+            format!("l{tag}-lan"),
+        )
+    };
+    let rule = ["FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT"];
     let mut delete = vec!["-D"];
-    delete.extend_from_slice(&LAN_RULE);
+    delete.extend_from_slice(&rule);
     while run("iptables", &delete).status.success() {}
     let list = sh("ip", &["netns", "list"]);
     for line in list.lines() {
         if let Some(name) = line.split_whitespace().next() {
-            if name.starts_with("ldt-") {
+            if name.starts_with(&ns_prefix) {
                 let _ = run("ip", &["netns", "delete", name]);
             }
         }
@@ -251,21 +447,13 @@ fn cleanup_stale() {
     for line in links.lines() {
         if let Some(name) = line.split(": ").nth(1) {
             let name = name.split('@').next().unwrap_or(name);
-            if name.starts_with("ldt-") {
+            if name.starts_with(&link_prefix) {
                 let _ = run("ip", &["link", "delete", name]);
             }
         }
     }
-    let _ = run(
-        "sh",
-        &[
-            "-c",
-            &format!(
-                "umount -R {BASE}/*/exec 2>/dev/null; umount -R {BASE}/*/data/* 2>/dev/null; true"
-            ),
-        ],
-    );
-    let _ = std::fs::remove_dir_all(BASE);
+    unmount_under(base);
+    let _ = std::fs::remove_dir_all(base);
 }
 
 /// One host of the test bed.
@@ -294,62 +482,61 @@ pub struct Host {
     subcommand: Vec<String>,
     /// Started as a service is: these arguments exactly, with this environment.
     service: Option<(Vec<String>, Environment)>,
+    /// The root namespace's end of its veth.
+    veth_out: String,
 }
 
 /// Variables added to a process's environment.
 type Environment = Vec<(String, String)>;
 
-/// The FORWARD rule that lets bridged LAN traffic through the root namespace (Docker loads
-/// br_netfilter and may set the policy to DROP).
-const LAN_RULE: [&str; 7] = [
-    "FORWARD", "-i", LAN_BRIDGE, "-o", LAN_BRIDGE, "-j", "ACCEPT",
-];
-
-/// Brings the LAN bridge and its FORWARD rule up for the first LAN host (with the shared
-/// state locked).
-fn lan_up(shared: &mut Shared) {
+/// Brings this run's LAN bridge and its FORWARD rule up for the first LAN host (with the
+/// shared state locked).
+fn lan_up(shared: &mut Shared, run: &Run) {
     if shared.lan.is_some() {
         return;
     }
-    sh("ip", &["link", "add", LAN_BRIDGE, "type", "bridge"]);
-    sh(
-        "ip",
-        &["addr", "add", &format!("{LAN_ROOT}/24"), "dev", LAN_BRIDGE],
-    );
-    sh("ip", &["link", "set", LAN_BRIDGE, "up"]);
+    let bridge = run.lan_bridge();
+    sh("ip", &["link", "add", &bridge, "type", "bridge"]);
+    let root = format!("{}/24", run.lan_root());
+    sh("ip", &["addr", "add", &root, "dev", &bridge]);
+    sh("ip", &["link", "set", &bridge, "up"]);
+    let rule = run.lan_rule();
+    let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
     let mut check = vec!["-C"];
-    check.extend_from_slice(&LAN_RULE);
-    let added = !run("iptables", &check).status.success();
+    check.extend_from_slice(&rule);
+    let added = !self::run("iptables", &check).status.success();
     if added {
         let mut insert = vec!["-I"];
-        insert.extend_from_slice(&LAN_RULE);
+        insert.extend_from_slice(&rule);
         sh("iptables", &insert);
     }
     shared.lan = Some(added);
 }
 
 /// Takes the LAN bridge and the rule this process added down, after the last LAN host.
-fn lan_down(shared: &mut Shared) {
+fn lan_down(shared: &mut Shared, run: &Run) {
     if let Some(added) = shared.lan.take() {
         if added {
+            let rule = run.lan_rule();
             let mut delete = vec!["-D"];
-            delete.extend_from_slice(&LAN_RULE);
-            let _ = run("iptables", &delete);
+            delete.extend(rule.iter().map(String::as_str));
+            let _ = self::run("iptables", &delete);
         }
-        let _ = run("ip", &["link", "delete", LAN_BRIDGE]);
+        let _ = self::run("ip", &["link", "delete", &run.lan_bridge()]);
     }
 }
 
 impl Host {
     /// A new host with a running Docker engine that has the busybox image, alone on its own
-    /// link to the root namespace (172.30.N.2, the root side being 172.30.N.1).
+    /// link to the root namespace (172.R.N.2, the root side being 172.R.N.1, R the run's
+    /// octet).
     // No `Default`: a host is a namespace, a Docker engine and a directory, never a default.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Host {
         Host::create(false)
     }
 
-    /// A new host on the shared LAN (172.30.0.N/24, the root namespace at 172.30.0.254), where
+    /// A new host on the shared LAN (172.R.0.N/24, the root namespace at 172.R.0.254), where
     /// the hosts reach each other.
     pub fn on_lan() -> Host {
         Host::create(true)
@@ -358,29 +545,30 @@ impl Host {
     fn create(on_lan: bool) -> Host {
         let index = NEXT_HOST.fetch_add(1, Ordering::SeqCst);
         assert!(index < 200, "too many test hosts");
-        let base = {
+        let run = {
             let mut shared = shared();
-            let base = prepare(&mut shared);
+            let run = prepare(&mut shared);
             // Counted from here: the host below is made before anything can fail, and its
             // drop counts it out.
             shared.hosts += 1;
             if on_lan {
-                lan_up(&mut shared);
+                lan_up(&mut shared, &run);
                 shared.lan_hosts += 1;
             }
-            base
+            run
         };
-        let ns = format!("ldt-h{index}");
+        let base = run.base.clone();
+        let ns = run.ns(index);
         let dir = base.join(format!("h{index}"));
         let (addr, outside) = if on_lan {
-            (Ipv4Addr::new(172, 30, 0, index), LAN_ROOT)
+            (Ipv4Addr::new(172, run.octet, 0, index), run.lan_root())
         } else {
             (
-                Ipv4Addr::new(172, 30, index, 2),
-                Ipv4Addr::new(172, 30, index, 1),
+                Ipv4Addr::new(172, run.octet, index, 2),
+                Ipv4Addr::new(172, run.octet, index, 1),
             )
         };
-        let (veth_out, veth_in) = (format!("ldt-{index}o"), format!("ldt-{index}i"));
+        let (veth_out, veth_in) = (run.veth(index, 'o'), run.veth(index, 'i'));
         // Made before anything else, so that dropping it (also after a panic below) takes
         // down whatever part of it was set up.
         let mut host = Host {
@@ -399,6 +587,7 @@ impl Host {
             linkdns_args: Vec::new(),
             subcommand: vec!["run".to_string()],
             service: None,
+            veth_out: veth_out.clone(),
         };
         std::fs::create_dir_all(&host.dir).expect("host dir");
         sh("ip", &["netns", "add", &ns]);
@@ -410,7 +599,10 @@ impl Host {
         );
         sh("ip", &["link", "set", &veth_in, "netns", &ns]);
         if on_lan {
-            sh("ip", &["link", "set", &veth_out, "master", LAN_BRIDGE]);
+            sh(
+                "ip",
+                &["link", "set", &veth_out, "master", &run.lan_bridge()],
+            );
         } else {
             sh(
                 "ip",
@@ -716,7 +908,7 @@ impl Host {
             .stderr(log)
             .spawn()
             .expect("start linkdns");
-        // nsenter execs linkdns: the child's pid is linkdns's (see cleanup_stale).
+        // nsenter execs linkdns: the child's pid is linkdns's (see cleanup_run).
         let _ = std::fs::write(self.dir.join("linkdns.pid"), child.id().to_string());
         self.linkdns = Some(child);
     }
@@ -847,28 +1039,25 @@ impl Drop for Host {
             let _ = self.try_docker(&["rm", "-f", id]);
         }
         self.stop_dockerd();
-        let _ = run("umount", &[&self.data_dir().to_string_lossy()]);
         let _ = run("ip", &["netns", "delete", &self.ns]);
-        let _ = run("ip", &["link", "delete", &format!("ldt-{}o", self.index)]);
-        let exec = self.dir.join("exec");
-        let _ = run(
-            "sh",
-            &[
-                "-c",
-                &format!("umount -R {}/* 2>/dev/null; true", exec.display()),
-            ],
-        );
+        let _ = run("ip", &["link", "delete", &self.veth_out]);
+        // The data dir's tmpfs (a test's), and whatever Docker left mounted.
+        unmount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
         let mut shared = shared();
         shared.hosts -= 1;
         if self.lan {
             shared.lan_hosts -= 1;
             if shared.lan_hosts == 0 {
-                lan_down(&mut shared);
+                if let Some(run) = shared.run.clone() {
+                    lan_down(&mut shared, &run);
+                }
             }
         }
         if shared.hosts == 0 {
-            let _ = std::fs::remove_dir_all(BASE);
+            if let Some(run) = shared.run.take() {
+                release_run(&run);
+            }
             shared.prepared = false;
         }
     }

@@ -328,7 +328,7 @@ fn a_partitioned_host_keeps_answering_and_converges_after_healing() {
 
 /// GET `path` from a host's admin endpoint (inside its namespace, with busybox wget): the body
 /// when the answer is 200, `None` otherwise.
-fn admin_get(h: &Host, path: &str) -> Option<String> {
+pub(crate) fn admin_get(h: &Host, path: &str) -> Option<String> {
     let addr = std::fs::read_to_string(h.data_dir().join("admin.addr")).ok()?;
     let url = format!("http://{}{path}", addr.trim());
     let out = h.exec("busybox", &["wget", "-q", "-O", "-", &url]);
@@ -337,7 +337,6 @@ fn admin_get(h: &Host, path: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `/ready` of a host, when it answers 200.
 /// The value of the sample `name` (with its labels, as exposed) in Prometheus text.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -346,6 +345,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `/ready` of a host, when it answers 200.
 fn readiness(h: &Host) -> Option<serde_json::Value> {
     serde_json::from_str(&admin_get(h, "/ready")?).ok()
 }
@@ -383,7 +383,8 @@ fn joining_needs_the_right_token_a_reachable_member_and_a_free_name() {
     assert!(join(&wrong, &peer, "h2").contains("secret does not match"));
     assert!(join(&other.token(), &peer, "h2").contains("member of the token's cluster"));
     assert!(join("not-a-token", &peer, "h2").contains("bad join token"));
-    assert!(join(&token, "172.30.0.250:7380", "h2").contains("cannot reach"));
+    let nobody = format!("{}:7380", crate::testbed::lan_unused());
+    assert!(join(&token, &nobody, "h2").contains("cannot reach"));
     assert!(join(&token, &peer, &name(&h1)).contains("already used"));
 
     // `linkdns token --rotate`: the old token is refused at once, `linkdns token` prints the
@@ -419,7 +420,10 @@ fn a_service_joins_with_retries_and_restarts_with_the_same_command() {
 
     // No member up: an address nobody has, then h1 (stopped).
     let mut h2 = Host::on_lan();
-    let peers = ["172.30.0.250:7380".to_string(), h1.peer_addr()];
+    let peers = [
+        format!("{}:7380", crate::testbed::lan_unused()),
+        h1.peer_addr(),
+    ];
     h2.start_linkdns_joining(&peers, &token, &[]);
     wait_until(
         Duration::from_secs(30),

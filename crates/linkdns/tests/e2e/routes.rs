@@ -86,7 +86,8 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
     let hosts: Vec<Host> = (0..3).map(|_| Host::on_lan()).collect();
     // h3 already routes h2's container subnet elsewhere (someone's static route): linkdns
     // must refuse its own route there, say so, and leave that route exactly as it is.
-    let foreign = format!("{} via 172.30.0.250", subnet(&hosts[1]));
+    let elsewhere = crate::testbed::lan_unused().to_string();
+    let foreign = format!("{} via {elsewhere}", subnet(&hosts[1]));
     let out = hosts[2].exec(
         "ip",
         &[
@@ -94,7 +95,7 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
             "add",
             &subnet(&hosts[1]),
             "via",
-            "172.30.0.250",
+            &elsewhere,
             "proto",
             "static",
         ],
@@ -118,7 +119,7 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
         "the conflicting route on h3 is untouched"
     );
     let refusal = format!(
-        "not routing {} of node {}: overlaps existing route `{} via 172.30.0.250 dev {} proto static`, which linkdns does not own",
+        "not routing {} of node {}: overlaps existing route `{} via {elsewhere} dev {} proto static`, which linkdns does not own",
         subnet(h2),
         name(h2),
         subnet(h2),
