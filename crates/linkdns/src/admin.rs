@@ -447,6 +447,13 @@ impl AdminState {
     /// had on disk at start (a host cut off from the others keeps answering from it).
     pub fn readiness(&self) -> Readiness {
         let status = self.node.status();
+        if let Some(reason) = status.degraded {
+            return Readiness {
+                ready: false,
+                leader: false,
+                reason: format!("the data dir cannot be written ({reason}); DNS answers from memory, writes wait until it can be"),
+            };
+        }
         readiness(
             self.node.is_stopped(),
             status.applied_index,

@@ -15,7 +15,7 @@ mod view;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{LogFormat, RunArgs, DEFAULT_DATA_DIR};
 
@@ -122,6 +122,10 @@ enum Cmd {
         #[command(flatten)]
         args: Box<RunArgs>,
     },
+    /// Print a shell completion script: `linkdns completions bash > /etc/bash_completion.d/linkdns`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff): `linkdns man > /usr/local/share/man/man1/linkdns.1`.
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -158,6 +162,14 @@ fn main() -> ExitCode {
         Cmd::Restore { file, args } => config::Config::resolve(&args)
             .and_then(|config| recovery::restore(&file, &config))
             .and_then(|line| say(&line)),
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "linkdns", &mut out);
+            std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(Into::into)
+        }
+        Cmd::Man => man_page().and_then(|page| {
+            std::io::Write::write_all(&mut std::io::stdout(), &page).map_err(Into::into)
+        }),
         Cmd::Leave { data_dir } => client(async move {
             let id = members::leave(&data_dir).await?;
             say(&format!(
@@ -204,6 +216,22 @@ fn run_node(args: RunArgs, join: Option<JoinWith>) -> anyhow::Result<()> {
     }
 }
 
+/// `linkdns(1)`: the command and every subcommand with its options, in roff.
+fn man_page() -> anyhow::Result<Vec<u8>> {
+    let command = Cli::command();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(command.clone()).render(&mut out)?;
+    // Each subcommand's options, in a section of its own.
+    for sub in command.get_subcommands() {
+        out.extend(format!(".SH \"LINKDNS {}\"\n", sub.get_name().to_uppercase()).bytes());
+        let man = clap_mangen::Man::new(sub.clone());
+        man.render_description_section(&mut out)?;
+        man.render_synopsis_section(&mut out)?;
+        man.render_options_section(&mut out)?;
+    }
+    Ok(out)
+}
+
 /// Runs a short client command.
 fn client(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
@@ -227,5 +255,40 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The manual page has every subcommand's options; the completion scripts are valid shell
+    /// and know the subcommands and options.
+    #[test]
+    fn the_man_page_and_the_completions_cover_every_command() {
+        let page = String::from_utf8(man_page().expect("man page")).expect("utf-8");
+        assert!(page.contains(".TH linkdns 1"), "{page}");
+        for sub in Cli::command().get_subcommands() {
+            let section = format!(".SH \"LINKDNS {}\"", sub.get_name().to_uppercase());
+            assert!(page.contains(&section), "{section} missing");
+        }
+        assert!(page.contains("\\-\\-force\\-new\\-cluster"));
+
+        let mut bash = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "linkdns",
+            &mut bash,
+        );
+        let script = String::from_utf8(bash).expect("utf-8");
+        for word in ["backup", "restore", "--force-new-cluster", "--token-file"] {
+            assert!(script.contains(word), "{word} not in the bash completions");
+        }
+        let check = std::process::Command::new("bash")
+            .args(["-n", "-c", &script])
+            .output()
+            .expect("bash");
+        assert!(check.status.success(), "{check:?}");
     }
 }

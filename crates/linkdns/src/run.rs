@@ -62,7 +62,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let transport = Transport::new(identity.clone(), shutdown_rx.clone())?;
     transport.set_cert_validity(config.cert_validity);
-    let node = linkdns_raft::start(
+    // A write that fails (a full disk) degrades the node rather than stopping it: DNS goes
+    // on from memory and the store is opened again until it can be written.
+    let reopen_dir = config.data_dir.clone();
+    let node = linkdns_raft::start_reopening(
         NodeConfig {
             // Only a new cluster's first node bootstraps; a joined node waits for the leader.
             bootstrap: created,
@@ -72,6 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
         store,
         transport.outbox(),
+        Box::new(move || SledStore::open(&reopen_dir)),
     )?;
     let node = Arc::new(node);
     // DNS answers from the committed registry with this node's own uncommitted changes laid
@@ -698,6 +702,17 @@ async fn propose_loop(
         }
         match propose_with_retry(&node, command.clone(), &metrics).await {
             Ok(Proposed::Applied) => view.settle(&command),
+            // The data dir cannot be written: wait until it can, then have the watcher restate
+            // the whole node (what queued meanwhile is in the view already).
+            Ok(Proposed::GaveUp) if node.status().degraded.is_some() => {
+                let mut changes = node.subscribe();
+                while node.status().degraded.is_some() {
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
+                }
+                resync.notify_one();
+            }
             // Lost: have the watcher restate the whole node.
             Ok(Proposed::GaveUp) => resync.notify_one(),
             Err(e) => {
@@ -735,6 +750,10 @@ async fn propose_with_retry(
             Ok(Proposed::Applied)
         }
         Proposal::Stopped(e) => bail!("the raft node stopped ({e}); see the log above"),
+        Proposal::Retry(linkdns_raft::Error::Degraded(_)) => {
+            tracing::info!("the data dir cannot be written; this host's changes wait until it can, then go out as a full resync");
+            Ok(Proposed::GaveUp)
+        }
         Proposal::Retry(e) => {
             tracing::warn!(error = %e, "a watcher command kept failing; asking the watcher for a full resync");
             Ok(Proposed::GaveUp)

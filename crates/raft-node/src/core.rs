@@ -91,6 +91,8 @@ pub struct RaftStatus {
     pub snapshots_taken: u64,
     pub last_snapshot_bytes: u64,
     pub last_snapshot_micros: u64,
+    /// Why the node cannot write its data dir now (it answers from memory meanwhile).
+    pub degraded: Option<String>,
 }
 
 impl RaftStatus {
@@ -569,6 +571,7 @@ impl<S: LogStore, T> Core<S, T> {
             snapshots_taken: self.snapshots.0,
             last_snapshot_bytes: self.snapshots.1,
             last_snapshot_micros: self.snapshots.2,
+            degraded: None,
         }
     }
 

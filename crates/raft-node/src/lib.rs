@@ -15,7 +15,9 @@ use std::path::Path;
 
 pub use crate::core::{Core, CoreConfig, Membership, Progress, RaftStatus, Role};
 pub use linkdns_registry::Published;
-pub use node::{start, NoPeers, NodeConfig, NodeHandle, Outbox, PublishHook};
+pub use node::{
+    start, start_reopening, NoPeers, NodeConfig, NodeHandle, Outbox, PublishHook, Reopen,
+};
 pub use propose::{Proposal, RetryPolicy};
 pub use reseed::{committed_state, seed_single_voter};
 pub use storage::{LogStore, MemStore, SledStore};
@@ -47,6 +49,9 @@ pub enum Error {
     OutcomeUnknown,
     #[error("the raft node has stopped")]
     Stopped,
+    /// The store failed a write (a full disk, say); the node waits until it can reopen it.
+    #[error("the data dir cannot be written now ({0}); DNS answers from memory, and writes wait until it can be")]
+    Degraded(String),
 }
 
 impl Error {
@@ -69,7 +74,7 @@ impl Error {
             }
             sled::Error::Io(io) => Error::Storage {
                 path: path_text,
-                reason: format!("{io}; check free space and permissions, then restart"),
+                reason: format!("{io}; check free space and permissions"),
             },
             other => Error::Storage {
                 path: path_text,

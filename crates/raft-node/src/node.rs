@@ -274,13 +274,45 @@ impl Drop for NodeHandle {
     }
 }
 
-/// Opens the node on `store` (see [`Core::open`]) and starts the loop thread.
+/// Opens the node on `store` (see [`Core::open`]) and starts the loop thread. A storage
+/// failure stops the node.
 pub fn start<S: LogStore + Send + 'static>(
     config: NodeConfig,
     store: S,
     outbox: Arc<dyn Outbox>,
 ) -> Result<NodeHandle, Error> {
-    let core: Core<S, Reply> = Core::open(config.core(), store, incarnation())?;
+    start_with(config, store, outbox, None)
+}
+
+/// Opens a store again (after a failed write): the durable state, as a restart would.
+pub type Reopen<S> = Box<dyn Fn() -> Result<S, Error> + Send>;
+
+/// How often a degraded node tries to open its store again.
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
+
+/// [`start`], but a failed write ([`Error::Storage`]: a full disk, say) degrades the node
+/// instead of stopping it: the in-memory Raft state is dropped (it may be ahead of the disk),
+/// the last published registry keeps being served, proposals fail with [`Error::Degraded`]
+/// (a retry), messages from peers are dropped, and every [`REOPEN_EVERY`] the store is opened
+/// again with `reopen`; once that works the node goes on from the durable state, as after a
+/// restart.
+pub fn start_reopening<S: LogStore + Send + 'static>(
+    config: NodeConfig,
+    store: S,
+    outbox: Arc<dyn Outbox>,
+    reopen: Reopen<S>,
+) -> Result<NodeHandle, Error> {
+    start_with(config, store, outbox, Some(reopen))
+}
+
+fn start_with<S: LogStore + Send + 'static>(
+    config: NodeConfig,
+    store: S,
+    outbox: Arc<dyn Outbox>,
+    reopen: Option<Reopen<S>>,
+) -> Result<NodeHandle, Error> {
+    let core_config = config.core();
+    let core: Core<S, Reply> = Core::open(core_config.clone(), store, incarnation())?;
     let published = Arc::new(ArcSwap::from_pointee(Published::committed(
         core.applied(),
         core.registry().clone(),
@@ -289,9 +321,9 @@ pub fn start<S: LogStore + Send + 'static>(
     let (events, rx) = mpsc::channel();
     let on_publish = Arc::new(ArcSwapOption::empty());
     let (changes_tx, changes) = tokio::sync::watch::channel(0u64);
+    let mut core = core;
     let mut driver = Driver {
         tick: config.tick,
-        core,
         outbox,
         published: published.clone(),
         on_publish: on_publish.clone(),
@@ -301,19 +333,44 @@ pub fn start<S: LogStore + Send + 'static>(
     };
     let thread = std::thread::Builder::new()
         .name("raft".into())
-        .spawn(move || {
-            let result = driver.run(rx);
+        .spawn(move || loop {
+            let result = driver.run(&mut core, &rx);
+            let degrade = match (&result, &reopen) {
+                (Err(Error::Storage { reason, .. }), Some(_)) => Some(reason.clone()),
+                _ => None,
+            };
+            for (reply, result) in core.fail_pending() {
+                // Pending proposals may be tried again once the node can write.
+                let result = match &degrade {
+                    Some(reason) => Err(Error::Degraded(reason.clone())),
+                    None => result,
+                };
+                let _ = reply.send(result);
+            }
+            let mut last = core.status();
+            if let (Some(reason), Some(reopen)) = (&degrade, &reopen) {
+                tracing::error!(error = %reason, "the data dir cannot be written; answering DNS from memory, writes wait until it can be (trying again every {REOPEN_EVERY:?})");
+                // Nothing it says about Raft holds while it cannot write: no role, no leader.
+                last.degraded = Some(reason.clone());
+                last.role = Role::Stopped;
+                last.leader = None;
+                driver.status.store(Arc::new(last.clone()));
+                driver.changes.send_modify(|n| *n += 1);
+                drop(core);
+                let Some(reopened) = driver.degraded(&rx, reopen, &core_config, reason, last) else {
+                    return Ok(());
+                };
+                core = reopened;
+                tracing::info!("the data dir can be written again; the node goes on from its durable state");
+                continue;
+            }
             if let Err(e) = &result {
                 tracing::error!(error = %e, "raft loop stopped");
             }
-            for (reply, result) in driver.core.fail_pending() {
-                let _ = reply.send(result);
-            }
-            let mut last = driver.core.status();
             last.role = Role::Stopped;
             driver.status.store(Arc::new(last));
             driver.changes.send_modify(|n| *n += 1);
-            result
+            return result;
         })
         .map_err(|e| Error::Storage {
             path: String::new(),
@@ -340,9 +397,10 @@ fn incarnation() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 48)
 }
 
-struct Driver<S: LogStore> {
+/// The loop's ends: where messages, publications and status go. The core it drives is
+/// passed in, so that a degraded node can drop it (and the store it holds) and open another.
+struct Driver {
     tick: Duration,
-    core: Core<S, Reply>,
     outbox: Arc<dyn Outbox>,
     published: Arc<ArcSwap<Published>>,
     on_publish: Arc<ArcSwapOption<PublishHook>>,
@@ -376,27 +434,31 @@ impl Shape {
     }
 }
 
-impl<S: LogStore> Driver<S> {
-    fn run(&mut self, rx: Receiver<Event>) -> Result<(), Error> {
+impl Driver {
+    fn run<S: LogStore>(
+        &mut self,
+        core: &mut Core<S, Reply>,
+        rx: &Receiver<Event>,
+    ) -> Result<(), Error> {
         // Replay the committed log first (it may change the configuration), then decide.
-        self.pump()?;
-        if self.core.is_lone_voter() {
-            self.core.campaign()?;
-            self.pump()?;
+        self.pump(core)?;
+        if core.is_lone_voter() {
+            core.campaign()?;
+            self.pump(core)?;
         }
         let mut next_tick = Instant::now() + self.tick;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(event) => {
-                    if !self.handle(event) {
+                    if !Self::handle(core, event) {
                         return Ok(());
                     }
                     // Take what is already queued, so one ready (one fsync) covers it all; but
                     // not forever, or a flood of messages would starve ticks and readies.
                     for _ in 0..MAX_EVENTS_PER_READY {
                         let Ok(event) = rx.try_recv() else { break };
-                        if !self.handle(event) {
+                        if !Self::handle(core, event) {
                             return Ok(());
                         }
                     }
@@ -406,21 +468,59 @@ impl<S: LogStore> Driver<S> {
             }
             let now = Instant::now();
             if now >= next_tick {
-                self.core.tick();
+                core.tick();
                 next_tick = now + self.tick;
             }
-            self.pump()?;
+            self.pump(core)?;
+        }
+    }
+
+    /// While the store cannot be written (the old core, which held it, is dropped): answers
+    /// proposals with [`Error::Degraded`], drops peers' messages, and opens the store again
+    /// every [`REOPEN_EVERY`]. The new core (the durable state), or `None` on shutdown.
+    fn degraded<S: LogStore>(
+        &mut self,
+        rx: &Receiver<Event>,
+        reopen: &Reopen<S>,
+        config: &CoreConfig,
+        reason: &str,
+        status: RaftStatus,
+    ) -> Option<Core<S, Reply>> {
+        let mut next_try = Instant::now() + REOPEN_EVERY;
+        loop {
+            let wait = next_try.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Event::Propose { reply, .. } | Event::Membership { reply, .. }) => {
+                    let _ = reply.send(Err(Error::Degraded(reason.to_string())));
+                }
+                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => return None,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    next_try = Instant::now() + REOPEN_EVERY;
+                    match reopen()
+                        .and_then(|store| Core::open(config.clone(), store, incarnation()))
+                    {
+                        Ok(core) => return Some(core),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "the data dir still cannot be opened");
+                            let mut status = status.clone();
+                            status.degraded = Some(format!("{reason}; reopening: {e}"));
+                            self.status.store(Arc::new(status));
+                        }
+                    }
+                }
+            }
         }
     }
 
     /// Handles one event; `false` means shut down.
-    fn handle(&mut self, event: Event) -> bool {
+    fn handle<S: LogStore>(core: &mut Core<S, Reply>, event: Event) -> bool {
         match event {
-            Event::Propose { command, reply } => self.core.propose(&command, reply),
-            Event::Membership { change, reply } => self.core.propose_membership(&change, reply),
-            Event::Step(message) => self.core.step(*message),
-            Event::Unreachable(peer) => self.core.report_unreachable(peer),
-            Event::SnapshotSent { peer, delivered } => self.core.report_snapshot(peer, delivered),
+            Event::Propose { command, reply } => core.propose(&command, reply),
+            Event::Membership { change, reply } => core.propose_membership(&change, reply),
+            Event::Step(message) => core.step(*message),
+            Event::Unreachable(peer) => core.report_unreachable(peer),
+            Event::SnapshotSent { peer, delivered } => core.report_snapshot(peer, delivered),
             Event::Shutdown => return false,
         }
         true
@@ -428,8 +528,8 @@ impl<S: LogStore> Driver<S> {
 
     /// Runs a ready: sends, publishes, then answers proposers (so one that hears back reads a
     /// registry that includes its change).
-    fn pump(&mut self) -> Result<(), Error> {
-        let progress = self.core.ready()?;
+    fn pump<S: LogStore>(&mut self, core: &mut Core<S, Reply>) -> Result<(), Error> {
+        let progress = core.ready()?;
         if !progress.messages.is_empty() {
             self.outbox.send(progress.messages);
         }
@@ -445,7 +545,7 @@ impl<S: LogStore> Driver<S> {
         for (reply, result) in progress.done {
             let _ = reply.send(result);
         }
-        let status = self.core.status();
+        let status = core.status();
         let shape = Shape::of(&status);
         self.status.store(Arc::new(status));
         if self.shape.as_ref() != Some(&shape) {

@@ -37,6 +37,7 @@ impl From<Result<Outcome, Error>> for Proposal {
                 | Error::NotLeader { .. }
                 | Error::ConfChangeInProgress
                 | Error::OutcomeUnknown
+                | Error::Degraded(_)
                 | Error::Raft(_) => Proposal::Retry(e),
                 Error::Stopped
                 | Error::Storage { .. }

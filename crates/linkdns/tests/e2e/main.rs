@@ -673,8 +673,20 @@ fn bad_config_names_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no linkdns node is running"));
 }
 
+/// The whole HTTP response (status line, headers, body) of `path` on `h`'s admin endpoint,
+/// whatever its status.
+fn admin_response(h: &Host, path: &str) -> String {
+    let addr = std::fs::read_to_string(h.data_dir().join("admin.addr")).unwrap_or_default();
+    let (ip, port) = addr.trim().rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
+    let script = format!(
+        "exec 3<>/dev/tcp/{ip}/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+    );
+    let out = h.exec("bash", &["-c", &script]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
-fn full_data_dir_stops_the_node_and_loses_nothing() {
+fn a_full_data_dir_degrades_the_node_and_it_recovers_with_space() {
     let mut h = Host::new();
     let data = h.data_dir();
     std::fs::create_dir_all(&data).expect("data dir");
@@ -693,6 +705,7 @@ fn full_data_dir_stops_the_node_and_loses_nothing() {
     h.start_linkdns(&[]);
     let before = h.container_ip("before");
     expect_answer(&h, "before.cluster", "A", &[&before]);
+    let pid = h.linkdns_pid().expect("running");
 
     // Fill the disk, then make the watcher write.
     let filler = data.join("filler");
@@ -708,22 +721,48 @@ fn full_data_dir_stops_the_node_and_loses_nothing() {
     for i in 0..20 {
         h.run_container(&format!("during{i}"), &[]);
     }
-    let status = h.wait_linkdns_exit(Duration::from_secs(60));
-    assert!(
-        !status.success(),
-        "a node that cannot write must stop, not carry on: {status}"
+    // The node says it cannot write, and why; it does not stop, and DNS answers from memory.
+    wait_until(
+        Duration::from_secs(60),
+        "/ready to say the disk is full",
+        || {
+            let response = admin_response(&h, "/ready");
+            response.lines().next().is_some_and(|l| l.contains(" 503 "))
+                && response.contains("cannot be written")
+        },
     );
     let log = h.log();
     assert!(
         log.contains("No space left") || log.contains("os error 28"),
         "the log says why:\n{log}"
     );
+    assert_eq!(h.linkdns_pid(), Some(pid));
+    let answer = h.dig(&["@127.0.0.1", "before.cluster", "A", "+time=1", "+tries=1"]);
+    assert_eq!(
+        answer.rdata(),
+        std::slice::from_ref(&before),
+        "{}",
+        answer.raw
+    );
 
-    // Space again: everything committed before is there, and Docker's current state follows.
+    // Space again: the node goes on by itself, writes what Docker has meanwhile, and all of
+    // it is on disk (a restart answers it).
     std::fs::remove_file(&filler).expect("free space");
+    wait_until(Duration::from_secs(30), "/ready once space is back", || {
+        let response = admin_response(&h, "/ready");
+        response.lines().next().is_some_and(|l| l.contains(" 200 "))
+    });
+    assert!(h.log().contains("can be written again"));
+    let during = h.container_ip("during19");
+    wait_until(
+        Duration::from_secs(30),
+        "the containers started meanwhile to commit",
+        || h.status_json()["records"] == 21,
+    );
+    assert_eq!(h.linkdns_pid(), Some(pid));
+    h.stop_linkdns();
     h.start_linkdns(&[]);
     expect_answer(&h, "before.cluster", "A", &[&before]);
-    let during = h.container_ip("during19");
     expect_answer(&h, "during19.cluster", "A", &[&during]);
 }
 
