@@ -1,6 +1,7 @@
-//! `linkdns run`: opens the data dir, starts the Raft node and its peer transport, the DNS front
-//! end, the Docker watcher and the admin endpoint, and feeds the watcher's commands into Raft
-//! until told to stop (or until this node is removed from the cluster).
+//! `linkdns run`: start, supervise, shut down. It opens the data dir, starts the Raft node and
+//! its peer transport, the DNS front end, the Docker watcher and the admin endpoint; then the
+//! node runs as tasks (`watcher_reports`, `lifecycle`, `Signals`, and the spawned ones) until
+//! the first of the supervised three ends with a [`StopReason`]; `shut_down` stops the rest.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -124,67 +125,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
 
-    let upstreams = if config.upstreams.is_empty() {
-        match upstreams_from_resolv_conf(Path::new("/etc/resolv.conf")) {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(error = %e, "no upstream resolvers; names outside the domain will get SERVFAIL");
-                Vec::new()
-            }
-        }
-    } else {
-        config.upstreams.clone()
-    };
     let explicit_listen = config.dns_listen.is_some();
     let listen = match &config.dns_listen {
         Some(l) => l.clone(),
         None => vec![DEFAULT_DNS_LISTEN.parse()?],
     };
-    // Forwarding to ourselves would loop (a host whose resolv.conf already points at linkdns).
-    let is_own = |u: &SocketAddr| {
-        listen.iter().any(|l| {
-            l.port() == u.port()
-                && (l.ip() == u.ip()
-                    || (l.ip().is_unspecified()
-                        && (u.ip().is_loopback() || u.ip().is_unspecified())))
-        })
-    };
-    let (own, upstreams): (Vec<SocketAddr>, Vec<SocketAddr>) =
-        upstreams.into_iter().partition(is_own);
-    if !own.is_empty() {
-        tracing::warn!(skipped = ?own, "upstream resolvers that are this node's own DNS address are skipped; set --upstream");
-    }
-    tracing::info!(?upstreams, "upstream resolvers");
     let dns_metrics = DnsMetrics::default();
-    let answerer = Arc::new(Answerer {
-        zone: Zone::new(&config.domain, config.ttl, Some(node_id))?,
-        acl: Acl::new(config.allowed_clients.clone()),
-        forwarder: Forwarder::new(upstreams, Duration::from_secs(2)),
-        published: view.published(),
-        view_changes: view.subscribe(),
-        // A held query's asker is looked up in /proc at once (its process runs already),
-        // rather than waiting for Docker to tell its address.
-        holds: Holds::with_identify({
-            let view = view.clone();
-            Arc::new(move |src: IpAddr| {
-                let candidates = view.candidates(src);
-                if candidates.is_empty() {
-                    return;
-                }
-                let view = view.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Some(id) = linkdns_docker::container_at_address(src, &candidates) {
-                        tracing::debug!(%src, container = %id, "identified a starting container by its network namespace");
-                        view.local(LocalChange::Identified { id, ip: src });
-                    }
-                });
-            })
-        }),
-        metrics: dns_metrics.clone(),
-    });
+    let answerer = Arc::new(answerer(
+        &config,
+        node_id,
+        &view,
+        upstreams(&config, &listen),
+        dns_metrics.clone(),
+    )?);
     let mut dns = vec![DnsServer::start(&listen, answerer.clone(), config.dns_limits).await?];
-    let mut dns_addrs: Vec<SocketAddr> =
-        dns.iter().flat_map(|d| d.local_addrs().to_vec()).collect();
+    let dns_addrs: Vec<SocketAddr> = dns.iter().flat_map(|d| d.local_addrs().to_vec()).collect();
 
     let routing = Routing::new(
         node.clone(),
@@ -225,49 +180,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     let resync = Arc::new(Notify::new());
-    let (reports_tx, mut reports) = mpsc::channel(1024);
-    let mut watcher_config = WatcherConfig {
-        uri: config.docker.clone(),
-        node: node_id,
-        bridge_network: config.bridge_network.clone(),
-        create_network: None,
-        max_backoff: Duration::from_secs(5),
-        resync_every: Duration::from_secs(300),
-        first_version: 0,
-    };
-    let watcher = {
-        let (node, resync, mut shutdown) = (node.clone(), resync.clone(), shutdown_rx.clone());
-        let (routing, prefix) = (
-            routing.clone(),
-            config.cluster_cidr.map(|(_, prefix)| prefix),
-        );
-        tokio::spawn(async move {
-            // Containers are refused for a node the registry does not know yet.
-            let mut changes = node.subscribe();
-            while node.published().load().registry.node(node_id).is_none() {
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { return },
-                    _ = shutdown.changed() => return,
-                }
-            }
-            watcher_config.first_version =
-                first_version(epoch, &node.published().load().registry, node_id);
-            if let Some(prefix) = prefix {
-                watcher_config.create_network = routing
-                    .allocate(
-                        prefix,
-                        &watcher_config.uri,
-                        &watcher_config.bridge_network,
-                        shutdown.clone(),
-                    )
-                    .await;
-                if *shutdown.borrow() {
-                    return;
-                }
-            }
-            linkdns_docker::watch(watcher_config, reports_tx, resync, shutdown).await;
-        })
-    };
+    let (reports_tx, reports) = mpsc::channel(1024);
+    let watcher = spawn_watcher(
+        &config,
+        node.clone(),
+        routing.clone(),
+        epoch,
+        WatcherEnds {
+            reports: reports_tx,
+            resync: resync.clone(),
+            shutdown: shutdown_rx.clone(),
+        },
+    );
 
     // Proposals run beside the main loop, so a slow one (no leader, say) never holds up signals,
     // the stop checks or Docker state; what queues up meanwhile goes out as one batch.
@@ -281,66 +205,266 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         view.clone(),
         node_metrics.clone(),
     ));
-    // The node's changes (membership, liveness, retirement) wake the lifecycle checks; a
-    // retirement also has a deadline.
+    // The supervisor: the node runs as these tasks (beside the spawned ones: proposer,
+    // watcher, registration, credentials, maintenance, routing, admin, DNS); the first to end
+    // says why the node stops. Signals are caught from here on, so one that arrives early is
+    // not lost.
+    let mut signals = Signals::new()?;
+    let stop = tokio::select! {
+        stop = watcher_reports(ReportsTask {
+            reports,
+            view: view.clone(),
+            proposals: proposals_tx,
+            metrics: node_metrics,
+            routing: routing.clone(),
+            answerer,
+            admin: admin_state,
+            dns: &mut dns,
+            dns_addrs,
+            explicit_listen,
+            limits: config.dns_limits,
+        }) => stop,
+        stop = lifecycle(node.clone(), node_id, marker, resync) => stop,
+        stop = signals.first() => stop,
+    };
+    shut_down(
+        stop,
+        ShutDown {
+            config: &config,
+            node,
+            routing: &routing,
+            dns,
+            watcher,
+            proposer,
+            shutdown_tx,
+        },
+    )
+    .await
+}
+
+/// Where the Docker watcher's reports go, what asks it to resync, and what stops it.
+struct WatcherEnds {
+    reports: mpsc::Sender<Report>,
+    resync: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Starts the Docker watcher once the registry knows this node (containers are refused for a
+/// node it does not know yet), its first version above all of this node's earlier ones, after
+/// allocating this host's block when the subnets come from a cluster pool.
+fn spawn_watcher(
+    config: &Config,
+    node: Arc<NodeHandle>,
+    routing: Arc<Routing>,
+    epoch: u64,
+    ends: WatcherEnds,
+) -> tokio::task::JoinHandle<()> {
+    let node_id = node.id();
+    let mut watcher_config = WatcherConfig {
+        uri: config.docker.clone(),
+        node: node_id,
+        bridge_network: config.bridge_network.clone(),
+        create_network: None,
+        max_backoff: Duration::from_secs(5),
+        resync_every: Duration::from_secs(300),
+        first_version: 0,
+    };
+    let prefix = config.cluster_cidr.map(|(_, prefix)| prefix);
+    let WatcherEnds {
+        reports,
+        resync,
+        mut shutdown,
+    } = ends;
+    tokio::spawn(async move {
+        let mut changes = node.subscribe();
+        while node.published().load().registry.node(node_id).is_none() {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
+        watcher_config.first_version =
+            first_version(epoch, &node.published().load().registry, node_id);
+        if let Some(prefix) = prefix {
+            watcher_config.create_network = routing
+                .allocate(
+                    prefix,
+                    &watcher_config.uri,
+                    &watcher_config.bridge_network,
+                    shutdown.clone(),
+                )
+                .await;
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+        linkdns_docker::watch(watcher_config, reports, resync, shutdown).await;
+    })
+}
+
+/// The upstream resolvers: the configured ones, else the host's resolv.conf's; never one of
+/// this node's own DNS addresses `listen` (a host whose resolv.conf already points at linkdns
+/// would loop).
+fn upstreams(config: &Config, listen: &[SocketAddr]) -> Vec<SocketAddr> {
+    let upstreams = if config.upstreams.is_empty() {
+        match upstreams_from_resolv_conf(Path::new("/etc/resolv.conf")) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "no upstream resolvers; names outside the domain will get SERVFAIL");
+                Vec::new()
+            }
+        }
+    } else {
+        config.upstreams.clone()
+    };
+    let is_own = |u: &SocketAddr| {
+        listen.iter().any(|l| {
+            l.port() == u.port()
+                && (l.ip() == u.ip()
+                    || (l.ip().is_unspecified()
+                        && (u.ip().is_loopback() || u.ip().is_unspecified())))
+        })
+    };
+    let (own, upstreams): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        upstreams.into_iter().partition(is_own);
+    if !own.is_empty() {
+        tracing::warn!(skipped = ?own, "upstream resolvers that are this node's own DNS address are skipped; set --upstream");
+    }
+    tracing::info!(?upstreams, "upstream resolvers");
+    upstreams
+}
+
+/// What answers DNS: the zone over the view, the ACL, the forwarder, and held queries whose
+/// asker is looked up in /proc at once (its process runs already) rather than waiting for
+/// Docker to tell its address.
+fn answerer(
+    config: &Config,
+    node_id: u64,
+    view: &Arc<View>,
+    upstreams: Vec<SocketAddr>,
+    metrics: DnsMetrics,
+) -> anyhow::Result<Answerer> {
+    let identify = {
+        let view = view.clone();
+        Arc::new(move |src: IpAddr| {
+            let candidates = view.candidates(src);
+            if candidates.is_empty() {
+                return;
+            }
+            let view = view.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Some(id) = linkdns_docker::container_at_address(src, &candidates) {
+                    tracing::debug!(%src, container = %id, "identified a starting container by its network namespace");
+                    view.local(LocalChange::Identified { id, ip: src });
+                }
+            });
+        })
+    };
+    Ok(Answerer {
+        zone: Zone::new(&config.domain, config.ttl, Some(node_id))?,
+        acl: Acl::new(config.allowed_clients.clone()),
+        forwarder: Forwarder::new(upstreams, Duration::from_secs(2)),
+        published: view.published(),
+        view_changes: view.subscribe(),
+        holds: Holds::with_identify(identify),
+        metrics,
+    })
+}
+
+/// What [`watcher_reports`] works with.
+struct ReportsTask<'a> {
+    reports: mpsc::Receiver<Report>,
+    view: Arc<View>,
+    proposals: mpsc::UnboundedSender<Command>,
+    metrics: NodeMetrics,
+    routing: Arc<Routing>,
+    answerer: Arc<Answerer>,
+    admin: Arc<AdminState>,
+    /// The DNS servers: one more on each Docker bridge gateway the watcher reports.
+    dns: &'a mut Vec<DnsServer>,
+    dns_addrs: Vec<SocketAddr>,
+    /// DNS listen addresses were configured: no extra listener on bridge gateways.
+    explicit_listen: bool,
+    limits: linkdns_dns::Limits,
+}
+
+/// The watcher's reports: each goes into the view at once, then (commands) to the proposer,
+/// so the proposer never holds up Docker state; Docker's bridge networks set this host's
+/// subnets, the ACL and the extra DNS listeners. Ends when the watcher or the proposer does.
+async fn watcher_reports(mut t: ReportsTask<'_>) -> StopReason {
+    loop {
+        let Some(report) = t.reports.recv().await else {
+            return StopReason::WatcherEnded;
+        };
+        match report {
+            Report::Command(command) => {
+                t.metrics.docker_events.inc();
+                if matches!(command, Command::ReplaceContainers { .. }) {
+                    t.metrics.resyncs.inc();
+                }
+                t.view.observe(&command);
+                if t.proposals.send(command).is_err() {
+                    return StopReason::ProposerStopped;
+                }
+            }
+            Report::Local(change) => {
+                if matches!(change, LocalChange::Networks(_)) {
+                    t.routing.networks_changed();
+                }
+                t.view.local(change);
+            }
+            Report::Connected {
+                bridge_subnets,
+                bridge_gateways,
+            } => {
+                t.admin.set_docker(true, None);
+                t.routing.set_local_subnets(bridge_subnets.clone());
+                t.answerer.acl.set_detected(bridge_subnets);
+                if !t.explicit_listen {
+                    for gateway in bridge_gateways {
+                        let addr = SocketAddr::new(gateway, 53);
+                        if t.dns_addrs.contains(&addr) {
+                            continue;
+                        }
+                        match DnsServer::start(&[addr], t.answerer.clone(), t.limits).await {
+                            Ok(server) => {
+                                t.dns_addrs.push(addr);
+                                t.dns.push(server);
+                                t.admin.set_dns_listen(t.dns_addrs.clone());
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot serve DNS on the Docker bridge gateway; containers must use another address")
+                            }
+                        }
+                    }
+                }
+            }
+            Report::Disconnected { reason } => {
+                t.view.local(LocalChange::Lost);
+                t.admin.set_docker(false, Some(reason));
+            }
+        }
+    }
+}
+
+/// The node's lifecycle: on every change of the node (membership, liveness, retirement) the
+/// checks of [`Lifecycle`], and a retirement's deadline. Ends with the reason to stop: the
+/// Raft thread ended, or this node was removed.
+async fn lifecycle(
+    node: Arc<NodeHandle>,
+    node_id: u64,
+    marker: std::path::PathBuf,
+    resync: Arc<Notify>,
+) -> StopReason {
     let mut changes = node.subscribe();
     let mut lifecycle = Lifecycle::new(marker.exists());
     // When this node applied its own retirement; it stops by RETIRE_GRACE after.
     let mut retiring_since: Option<tokio::time::Instant> = None;
-    // Created once, so a signal that arrives while a proposal is under way is not lost.
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let stop = loop {
+    loop {
         tokio::select! {
-            report = reports.recv() => {
-                let Some(report) = report else { break StopReason::WatcherEnded };
-                match report {
-                    Report::Command(command) => {
-                        node_metrics.docker_events.inc();
-                        if matches!(command, Command::ReplaceContainers { .. }) {
-                            node_metrics.resyncs.inc();
-                        }
-                        view.observe(&command);
-                        if proposals_tx.send(command).is_err() {
-                            break StopReason::ProposerStopped;
-                        }
-                    }
-                    Report::Local(change) => {
-                        if matches!(change, LocalChange::Networks(_)) {
-                            routing.networks_changed();
-                        }
-                        view.local(change);
-                    }
-                    Report::Connected { bridge_subnets, bridge_gateways } => {
-                        admin_state.set_docker(true, None);
-                        routing.set_local_subnets(bridge_subnets.clone());
-                        answerer.acl.set_detected(bridge_subnets);
-                        if !explicit_listen {
-                            for gateway in bridge_gateways {
-                                let addr = SocketAddr::new(gateway, 53);
-                                if dns_addrs.contains(&addr) {
-                                    continue;
-                                }
-                                match DnsServer::start(&[addr], answerer.clone(), config.dns_limits).await {
-                                    Ok(server) => {
-                                        dns_addrs.push(addr);
-                                        dns.push(server);
-                                        admin_state.set_dns_listen(dns_addrs.clone());
-                                    }
-                                    Err(e) => tracing::warn!(error = %e, "cannot serve DNS on the Docker bridge gateway; containers must use another address"),
-                                }
-                            }
-                        }
-                    }
-                    Report::Disconnected { reason } => {
-                        view.local(LocalChange::Lost);
-                        admin_state.set_docker(false, Some(reason));
-                    }
-                }
-            }
             changed = changes.changed() => {
                 if changed.is_err() || node.is_stopped() {
-                    break StopReason::RaftStopped;
+                    return StopReason::RaftStopped;
                 }
                 let status = node.status();
                 let published = node.published().load();
@@ -351,7 +475,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     retiring: published.registry.is_retiring(node_id),
                     down: published.registry.is_down(node_id),
                 };
-                let mut stop = None;
                 for act in lifecycle.step(seen) {
                     match act {
                         Act::WriteMarker => {
@@ -372,37 +495,44 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                             tracing::warn!("this node is being removed from the cluster; stopping once the removal is through");
                             retiring_since = Some(tokio::time::Instant::now());
                         }
-                        Act::Stop(reason) => stop = Some(reason),
+                        Act::Stop(reason) => {
+                            tracing::warn!(%reason, "stopping");
+                            return reason;
+                        }
                     }
-                }
-                if let Some(reason) = stop {
-                    tracing::warn!(%reason, "stopping");
-                    break reason;
                 }
             }
             _ = tokio::time::sleep_until(
                 retiring_since.map_or_else(tokio::time::Instant::now, |t| t + RETIRE_GRACE)
             ), if retiring_since.is_some() => {
                 tracing::warn!("this node's removal did not complete in time; stopping as removed");
-                break StopReason::Removed;
+                return StopReason::Removed;
             }
-            _ = interrupt.recv() => break StopReason::Signal,
-            _ = terminate.recv() => break StopReason::Signal,
         }
-    };
-    shut_down(
-        stop,
-        ShutDown {
-            config: &config,
-            node,
-            routing: &routing,
-            dns,
-            watcher,
-            proposer,
-            shutdown_tx,
-        },
-    )
-    .await
+    }
+}
+
+/// SIGINT and SIGTERM, caught from when this is made.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The first of them.
+    async fn first(&mut self) -> StopReason {
+        tokio::select! {
+            _ = self.interrupt.recv() => StopReason::Signal,
+            _ = self.terminate.recv() => StopReason::Signal,
+        }
+    }
 }
 
 /// What [`shut_down`] stops, in order.
