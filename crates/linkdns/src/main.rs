@@ -122,6 +122,13 @@ enum Cmd {
         #[command(flatten)]
         args: Box<RunArgs>,
     },
+    /// Whether the running node on this data dir is ready (DNS answers from a replica that
+    /// follows a leader or is caught up): exit 0 if so, 1 if not, saying why. For health
+    /// checks (the Dockerfile's HEALTHCHECK, scripts).
+    Ready {
+        #[arg(long, env = "LINKDNS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
     /// Print a shell completion script: `linkdns completions bash > /etc/bash_completion.d/linkdns`.
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff): `linkdns man > /usr/local/share/man/man1/linkdns.1`.
@@ -162,6 +169,15 @@ fn main() -> ExitCode {
         Cmd::Restore { file, args } => config::Config::resolve(&args)
             .and_then(|config| recovery::restore(&file, &config))
             .and_then(|line| say(&line)),
+        Cmd::Ready { data_dir } => client(async move {
+            let (ready, line) = status::ready(&data_dir).await?;
+            say(&line)?;
+            if ready {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("the node is not ready"))
+            }
+        }),
         Cmd::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "linkdns", &mut out);

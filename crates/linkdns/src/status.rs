@@ -134,6 +134,31 @@ pub async fn get_bytes(
     path: &str,
     timeout: std::time::Duration,
 ) -> anyhow::Result<Bytes> {
+    let (status, body) = get_answer(data_dir, path, timeout).await?;
+    if !status.is_success() {
+        bail!("admin endpoint answered {status}");
+    }
+    Ok(body)
+}
+
+/// `linkdns ready`: the node's `/ready` (whether DNS answers from a replica that follows a
+/// leader or is caught up, and why not). `Ok(true)` when ready; the line says why either way.
+pub async fn ready(data_dir: &Path) -> anyhow::Result<(bool, String)> {
+    let (status, body) = get_answer(data_dir, "/ready", std::time::Duration::from_secs(5)).await?;
+    let readiness: crate::admin::Readiness =
+        serde_json::from_slice(&body).context("the node's /ready answer does not parse")?;
+    let ready = status.is_success() && readiness.ready;
+    let word = if ready { "ready" } else { "not ready" };
+    Ok((ready, format!("{word}: {}\n", readiness.reason)))
+}
+
+/// The status and body of `path` from the admin endpoint of the node whose data dir is
+/// `data_dir`, within `timeout`.
+async fn get_answer(
+    data_dir: &Path,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
     let file = data_dir.join(ADMIN_ADDR_FILE);
     let addr = match std::fs::read_to_string(&file) {
         Ok(text) => text.trim().parse().with_context(|| format!("{} is damaged", file.display()))?,
@@ -149,10 +174,9 @@ pub async fn get_bytes(
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new())?;
         let response = sender.send_request(request).await?;
-        if !response.status().is_success() {
-            bail!("admin endpoint answered {}", response.status());
-        }
-        Ok::<_, anyhow::Error>(response.into_body().collect().await?.to_bytes())
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, anyhow::Error>((status, body))
     };
     tokio::time::timeout(timeout, exchange)
         .await

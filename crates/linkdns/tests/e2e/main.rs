@@ -673,16 +673,13 @@ fn bad_config_names_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no linkdns node is running"));
 }
 
-/// The whole HTTP response (status line, headers, body) of `path` on `h`'s admin endpoint,
-/// whatever its status.
-fn admin_response(h: &Host, path: &str) -> String {
-    let addr = std::fs::read_to_string(h.data_dir().join("admin.addr")).unwrap_or_default();
-    let (ip, port) = addr.trim().rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
-    let script = format!(
-        "exec 3<>/dev/tcp/{ip}/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
-    );
-    let out = h.exec("bash", &["-c", &script]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// `linkdns ready` on `h`: whether it exits 0, and what it says.
+fn ready(h: &Host) -> (bool, String) {
+    let out = h.linkdns(&["ready"]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
@@ -724,11 +721,10 @@ fn a_full_data_dir_degrades_the_node_and_it_recovers_with_space() {
     // The node says it cannot write, and why; it does not stop, and DNS answers from memory.
     wait_until(
         Duration::from_secs(60),
-        "/ready to say the disk is full",
+        "`linkdns ready` to say the disk is full",
         || {
-            let response = admin_response(&h, "/ready");
-            response.lines().next().is_some_and(|l| l.contains(" 503 "))
-                && response.contains("cannot be written")
+            let (ok, said) = ready(&h);
+            !ok && said.starts_with("not ready: the data dir cannot be written")
         },
     );
     let log = h.log();
@@ -748,10 +744,12 @@ fn a_full_data_dir_degrades_the_node_and_it_recovers_with_space() {
     // Space again: the node goes on by itself, writes what Docker has meanwhile, and all of
     // it is on disk (a restart answers it).
     std::fs::remove_file(&filler).expect("free space");
-    wait_until(Duration::from_secs(30), "/ready once space is back", || {
-        let response = admin_response(&h, "/ready");
-        response.lines().next().is_some_and(|l| l.contains(" 200 "))
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "`linkdns ready` once space is back",
+        || ready(&h).0,
+    );
+    assert!(ready(&h).1.starts_with("ready: "), "{}", ready(&h).1);
     assert!(h.log().contains("can be written again"));
     let during = h.container_ip("during19");
     wait_until(
