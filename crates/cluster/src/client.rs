@@ -184,9 +184,19 @@ async fn request(
         .await
         .map_err(|_| unreachable("TLS handshake timed out".into()))?
         .map_err(|e| {
-            Error::JoinRefused(format!(
+            let reason = format!(
                 "{target} did not prove it is a member of the token's cluster ({e}); check the address and the token"
-            ))
+            );
+            // A certificate of another CA is an answer, not a hiccup: asking again cannot help.
+            let certificate = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|tls| matches!(tls, rustls::Error::InvalidCertificate(_)));
+            if certificate {
+                Error::Denied(reason)
+            } else {
+                Error::JoinRefused(reason)
+            }
         })?;
     let request = build(local);
     wire::write_frame(&mut tls, wire::REQUEST, &wire::encode(&request))

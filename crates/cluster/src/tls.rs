@@ -140,12 +140,10 @@ impl ServerCertVerifier for PinnedCa {
         let ca = intermediates
             .iter()
             .find(|c| fingerprint(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the peer's cluster CA is not the one the token names (a token of another cluster?)"
-                        .into(),
-                )
-            })?;
+            // Not the CA the token names (a token of another cluster?): an unknown issuer.
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         let verifier =

@@ -210,6 +210,13 @@ pub fn force_new_cluster(data_dir: &Path) -> anyhow::Result<()> {
             data_dir.display()
         );
     };
+    // The only voter issues every certificate: without the CA key it could admit nobody.
+    if !identity.has_ca_key() {
+        bail!(
+            "--force-new-cluster: this node holds no CA key (a learner, or a voter that never fetched it), so alone it could admit no host; force the cluster on a voter whose {} holds one",
+            linkdns_cluster::IDENTITY_FILE
+        );
+    }
     let store = SledStore::open(data_dir)?;
     if store.is_fresh() {
         bail!(

@@ -517,6 +517,15 @@ impl<S: LogStore, T> Core<S, T> {
     }
 
     /// Fails every proposal still waiting (the node is stopping).
+    /// Writes the hard state as it is and syncs: whether the store takes a durable write now
+    /// (a degraded node checks before it goes on).
+    pub fn check_writable(&mut self) -> Result<(), Error> {
+        let hard_state = self.raw.raft.hard_state();
+        let store = self.raw.mut_store();
+        store.set_hard_state(&hard_state)?;
+        store.sync()
+    }
+
     pub fn fail_pending(&mut self) -> Vec<(T, Result<Outcome, Error>)> {
         let mut out: Vec<_> = self.done.drain(..).collect();
         out.extend(

@@ -340,10 +340,11 @@ fn start_with<S: LogStore + Send + 'static>(
                 _ => None,
             };
             for (reply, result) in core.fail_pending() {
-                // Pending proposals may be tried again once the node can write.
-                let result = match &degrade {
-                    Some(reason) => Err(Error::Degraded(reason.clone())),
-                    None => result,
+                // Proposals still pending may be tried again once the node can write; those
+                // that finished keep their outcome.
+                let result = match (&degrade, result) {
+                    (Some(reason), Err(Error::Stopped)) => Err(Error::Degraded(reason.clone())),
+                    (_, result) => result,
                 };
                 let _ = reply.send(result);
             }
@@ -355,12 +356,22 @@ fn start_with<S: LogStore + Send + 'static>(
                 last.role = Role::Stopped;
                 last.leader = None;
                 driver.status.store(Arc::new(last.clone()));
+                // The next publication of the status wakes the tasks, whatever it says.
+                driver.shape = None;
                 driver.changes.send_modify(|n| *n += 1);
                 drop(core);
-                let Some(reopened) = driver.degraded(&rx, reopen, &core_config, reason, last) else {
-                    return Ok(());
+                core = match driver.degraded(&rx, reopen, &core_config, reason, last) {
+                    Ok(Some(reopened)) => reopened,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "raft loop stopped");
+                        let mut last = driver.status.load().as_ref().clone();
+                        last.role = Role::Stopped;
+                        driver.status.store(Arc::new(last));
+                        driver.changes.send_modify(|n| *n += 1);
+                        return Err(e);
+                    }
                 };
-                core = reopened;
                 tracing::info!("the data dir can be written again; the node goes on from its durable state");
                 continue;
             }
@@ -477,7 +488,8 @@ impl Driver {
 
     /// While the store cannot be written (the old core, which held it, is dropped): answers
     /// proposals with [`Error::Degraded`], drops peers' messages, and opens the store again
-    /// every [`REOPEN_EVERY`]. The new core (the durable state), or `None` on shutdown.
+    /// every [`REOPEN_EVERY`], until it opens and takes a durable write. The new core (the
+    /// durable state), `None` on shutdown, or the error of a store that opens damaged.
     fn degraded<S: LogStore>(
         &mut self,
         rx: &Receiver<Event>,
@@ -485,7 +497,7 @@ impl Driver {
         config: &CoreConfig,
         reason: &str,
         status: RaftStatus,
-    ) -> Option<Core<S, Reply>> {
+    ) -> Result<Option<Core<S, Reply>>, Error> {
         let mut next_try = Instant::now() + REOPEN_EVERY;
         loop {
             let wait = next_try.saturating_duration_since(Instant::now());
@@ -493,14 +505,19 @@ impl Driver {
                 Ok(Event::Propose { reply, .. } | Event::Membership { reply, .. }) => {
                     let _ = reply.send(Err(Error::Degraded(reason.to_string())));
                 }
-                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => return None,
+                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => return Ok(None),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => {
                     next_try = Instant::now() + REOPEN_EVERY;
-                    match reopen()
+                    let opened = reopen()
                         .and_then(|store| Core::open(config.clone(), store, incarnation()))
-                    {
-                        Ok(core) => return Some(core),
+                        .and_then(|mut core| core.check_writable().map(|()| core));
+                    match opened {
+                        Ok(core) => return Ok(Some(core)),
+                        // Only a failed or refused write is waited out; damage is not.
+                        Err(e @ (Error::DamagedDataDir { .. } | Error::Corrupt { .. })) => {
+                            return Err(e)
+                        }
                         Err(e) => {
                             tracing::debug!(error = %e, "the data dir still cannot be opened");
                             let mut status = status.clone();

@@ -13,10 +13,11 @@ use crate::Error;
 
 /// Current version of the command encoding. Version 2 added `SetNodeSubnets`; version 3 gave
 /// containers their networks, versions, compose service and named ports, and removals and
-/// resyncs their version; version 4 added retirement, the claim limit, the join secret and
-/// nodes' software versions (appended, so the layout of the others is that of version 3). Commands are written as the
+/// resyncs their version; version 4 added retirement, the claim limit and the join secret;
+/// version 5 nodes' software versions (each appended, so the layout of the others is that of
+/// version 3). Commands are written as the
 /// oldest version that can carry them, so older nodes read them.
-pub const COMMAND_VERSION: u8 = 4;
+pub const COMMAND_VERSION: u8 = 5;
 
 /// A change to the registry. Each node's watcher issues commands about its own containers only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,8 +104,8 @@ impl Command {
             1 | 2 => postcard::from_bytes::<legacy::CommandV2>(body)
                 .map(legacy::CommandV2::into_current)
                 .map_err(decode_err),
-            // Version 4 only appended variants to version 3.
-            3 | COMMAND_VERSION => postcard::from_bytes(body).map_err(decode_err),
+            // Versions 4 and 5 only appended variants to version 3.
+            3 | 4 | COMMAND_VERSION => postcard::from_bytes(body).map_err(decode_err),
             found => Err(Error::UnsupportedVersion {
                 what: "command",
                 found,
@@ -118,8 +119,8 @@ impl Command {
         match self {
             Command::RetireNode { .. }
             | Command::SetClaimLimit(_)
-            | Command::SetJoinSecret { .. }
-            | Command::SetNodeVersion { .. } => 4,
+            | Command::SetJoinSecret { .. } => 4,
+            Command::SetNodeVersion { .. } => 5,
             Command::ReplaceContainers { .. }
             | Command::UpsertContainer(_)
             | Command::RemoveContainer { .. } => 3,

@@ -13,8 +13,9 @@ use crate::{Command, Error, Registry, Tombstone};
 
 /// Current version of the snapshot encoding. Version 4 gave containers their networks,
 /// versions, compose service and named ports, and added tombstones and floors; version 5 added
-/// retiring nodes, the claim limit and the join secret's hash.
-pub const SNAPSHOT_VERSION: u8 = 5;
+/// retiring nodes, the claim limit and the join secret's hash; version 6 the software version
+/// each node registered.
+pub const SNAPSHOT_VERSION: u8 = 6;
 
 /// Leading bytes of every snapshot, so a stray blob is refused rather than misread.
 const MAGIC: &[u8; 4] = b"LDNS";
@@ -74,12 +75,48 @@ struct SnapshotV5 {
     claim_limit: ClaimLimit,
     join_hash: Option<[u8; 32]>,
     previous_certs: Vec<(NodeId, [u8; 32])>,
+}
+
+#[derive(Deserialize)]
+struct SnapshotV6 {
+    nodes: Vec<NodeInfo>,
+    containers: Vec<Container>,
+    down: Vec<NodeId>,
+    max_node_id: NodeId,
+    certs: Vec<(NodeId, [u8; 32])>,
+    subnets: Vec<(NodeId, Vec<Subnet>)>,
+    tombstones: Vec<(ContainerId, Tombstone)>,
+    floors: Vec<(NodeId, Version)>,
+    retiring: Vec<NodeId>,
+    claim_limit: ClaimLimit,
+    join_hash: Option<[u8; 32]>,
+    previous_certs: Vec<(NodeId, [u8; 32])>,
     software: Vec<(NodeId, String)>,
 }
 
-/// The same layout as [`SnapshotV5`], borrowing from the registry instead of copying it.
+impl From<SnapshotV5> for SnapshotV6 {
+    fn from(v5: SnapshotV5) -> SnapshotV6 {
+        SnapshotV6 {
+            nodes: v5.nodes,
+            containers: v5.containers,
+            down: v5.down,
+            max_node_id: v5.max_node_id,
+            certs: v5.certs,
+            subnets: v5.subnets,
+            tombstones: v5.tombstones,
+            floors: v5.floors,
+            retiring: v5.retiring,
+            claim_limit: v5.claim_limit,
+            join_hash: v5.join_hash,
+            previous_certs: v5.previous_certs,
+            software: Vec::new(),
+        }
+    }
+}
+
+/// The same layout as [`SnapshotV6`], borrowing from the registry instead of copying it.
 #[derive(Serialize)]
-struct SnapshotV5Ref<'a> {
+struct SnapshotV6Ref<'a> {
     nodes: Vec<&'a NodeInfo>,
     containers: Vec<&'a Record>,
     down: Vec<NodeId>,
@@ -110,7 +147,6 @@ impl From<SnapshotV4> for SnapshotV5 {
             claim_limit: ClaimLimit::default(),
             join_hash: None,
             previous_certs: Vec::new(),
-            software: Vec::new(),
         }
     }
 }
@@ -133,7 +169,7 @@ impl From<SnapshotV3> for SnapshotV4 {
 impl Registry {
     /// Encodes the whole registry.
     pub fn snapshot(&self) -> Vec<u8> {
-        let body = SnapshotV5Ref {
+        let body = SnapshotV6Ref {
             nodes: self.nodes.values().collect(),
             containers: self.containers.values().map(|c| &**c).collect(),
             down: self.down.iter().copied().collect(),
@@ -181,32 +217,35 @@ impl Registry {
             1 => {
                 let v1: SnapshotV1 =
                     postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
-                SnapshotV5::from(SnapshotV4::from(SnapshotV3 {
+                SnapshotV6::from(SnapshotV5::from(SnapshotV4::from(SnapshotV3 {
                     nodes: v1.nodes,
                     containers: v1.containers,
                     down: Vec::new(),
                     max_node_id: 0,
                     certs: Vec::new(),
                     subnets: Vec::new(),
-                }))
+                })))
             }
             2 => {
                 let v2: SnapshotV2 =
                     postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?;
-                SnapshotV5::from(SnapshotV4::from(SnapshotV3 {
+                SnapshotV6::from(SnapshotV5::from(SnapshotV4::from(SnapshotV3 {
                     nodes: v2.nodes,
                     containers: v2.containers,
                     down: v2.down,
                     max_node_id: v2.max_node_id,
                     certs: v2.certs,
                     subnets: Vec::new(),
-                }))
+                })))
             }
-            3 => SnapshotV5::from(SnapshotV4::from(
+            3 => SnapshotV6::from(SnapshotV5::from(SnapshotV4::from(
                 postcard::from_bytes::<SnapshotV3>(body).map_err(|e| decode_err(e.to_string()))?,
-            )),
-            4 => SnapshotV5::from(
+            ))),
+            4 => SnapshotV6::from(SnapshotV5::from(
                 postcard::from_bytes::<SnapshotV4>(body).map_err(|e| decode_err(e.to_string()))?,
+            )),
+            5 => SnapshotV6::from(
+                postcard::from_bytes::<SnapshotV5>(body).map_err(|e| decode_err(e.to_string()))?,
             ),
             SNAPSHOT_VERSION => {
                 postcard::from_bytes(body).map_err(|e| decode_err(e.to_string()))?

@@ -1502,10 +1502,24 @@ fn each_node_registers_its_own_software_version() {
     assert_eq!(r.software_version(2), Some("0.1.0 (abc)"));
     assert_eq!(r.software_version(1), None);
     let c = version(2, "0.1.0 (abc)");
-    assert_eq!(c.encode()[0], 4);
+    assert_eq!(c.encode()[0], 5);
     assert_eq!(Command::decode(&c.encode()), Ok(c));
     let restored = Registry::restore(&r.snapshot()).expect("restore");
     assert_eq!(restored.software_version(2), Some("0.1.0 (abc)"));
     r.apply(&Command::RemoveNode { node: 2 }).expect("remove");
     assert_eq!(r.software_version(2), None);
+}
+
+/// A version 5 snapshot (before nodes' software versions) still restores: it is version 6's
+/// layout without the last field.
+#[test]
+fn a_version_5_snapshot_restores() {
+    let r = two_nodes();
+    let v6 = r.snapshot();
+    assert_eq!(v6[4], 6);
+    assert_eq!(v6.last(), Some(&0), "an empty list of versions ends it");
+    let mut v5 = v6[..v6.len() - 1].to_vec();
+    v5[4] = 5;
+    let restored = Registry::restore(&v5).expect("a v5 snapshot restores");
+    assert_eq!(restored.snapshot(), v6);
 }

@@ -114,8 +114,23 @@ impl RootLock {
                     let holder = std::fs::read_to_string(path.join("pid"))
                         .ok()
                         .and_then(|t| t.trim().parse::<u32>().ok());
-                    if holder.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-                        let _ = std::fs::remove_dir_all(&path);
+                    let dead = match holder {
+                        Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+                        // A holder that died before writing its pid: the lock is old.
+                        None => std::fs::metadata(&path)
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| {
+                                t.elapsed().unwrap_or_default() > Duration::from_secs(5)
+                            }),
+                    };
+                    if dead {
+                        // Moved aside first: of two runs that found it dead, one moves it
+                        // (the other's rename fails) and neither removes a new lock.
+                        let aside =
+                            Path::new(ROOT).join(format!(".lock.dead.{}", std::process::id()));
+                        if std::fs::rename(&path, &aside).is_ok() {
+                            let _ = std::fs::remove_dir_all(&aside);
+                        }
                         continue;
                     }
                     std::thread::sleep(Duration::from_millis(50));
@@ -152,8 +167,10 @@ fn claim_run() -> Run {
             let owner = std::fs::read_to_string(path.join("owner"))
                 .ok()
                 .and_then(|t| t.trim().parse::<u32>().ok());
+            // A run of this very pid is an earlier process's (a reused pid): dead.
+            let me = std::process::id();
             match owner {
-                Some(pid) if Path::new(&format!("/proc/{pid}")).exists() => {
+                Some(pid) if pid != me && Path::new(&format!("/proc/{pid}")).exists() => {
                     if let Some(octet) = std::fs::read_to_string(path.join("octet"))
                         .ok()
                         .and_then(|t| t.trim().parse::<u8>().ok())
@@ -313,7 +330,7 @@ fn kill_by_pid_file(path: &Path, base: &Path) {
         return;
     };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains(&*base.to_string_lossy()) {
+    if String::from_utf8_lossy(&cmdline).contains(&format!("{}/", base.display())) {
         let _ = run("kill", &["-9", &pid.to_string()]);
     }
 }
