@@ -89,9 +89,17 @@ measure() { # label pid port
   max_qps=$(echo "$out" | awk '/Queries per second:/ {printf "%d", $4}')
   rss=$(awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$pid/status")
   printf "%-8s %22s %14s %10s %12s\n" "$label" "$per_query" "$lost" "$max_qps" "$rss"
+  PER_QUERY[$label]=$per_query
+  MAX_QPS[$label]=$max_qps
 }
+declare -A PER_QUERY MAX_QPS
 
 echo "names: $NAMES   fixed rate: $RATE q/s for ${SECONDS_PER_RUN}s   servers on core $SERVER_CORE, dnsperf on core $CLIENT_CORE"
 printf "%-8s %22s %14s %10s %12s\n" server "cpu_us/query@${RATE}" "lost@${RATE}" "max_qps" "peak_rss_MB"
 measure linkdns "$LINKDNS_PID" $LINKDNS_PORT
 measure knot "$KNOT_PID" $KNOT_PORT
+# Issue 12's targets, in the same run: CPU per answered query <= 0.8x Knot's, max q/s >= 1.2x.
+awk -v lc="${PER_QUERY[linkdns]}" -v kc="${PER_QUERY[knot]}" \
+    -v lq="${MAX_QPS[linkdns]}" -v kq="${MAX_QPS[knot]}" 'BEGIN {
+  printf "linkdns/knot: cpu per query %.2fx (target <= 0.80), max q/s %.2fx (target >= 1.20)\n", lc / kc, lq / kq
+}'
