@@ -1,5 +1,6 @@
 //! DNS metrics in Prometheus form: queries by type and response code, answer latency.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
@@ -20,6 +21,9 @@ pub struct QueryLabels {
 #[derive(Clone, Debug)]
 pub struct DnsMetrics {
     queries: Family<QueryLabels, Counter>,
+    /// Handles on `queries`' counters by (type, rcode) index, filled on first use: counting
+    /// a query is an atomic add, not a lookup in the family's locked map.
+    query_counters: Arc<[OnceLock<Counter>; QTYPES.len() * RCODES.len()]>,
     latency: Histogram,
     forwarded: Counter,
     malformed: Counter,
@@ -43,6 +47,7 @@ impl Default for DnsMetrics {
     fn default() -> Self {
         let metrics = DnsMetrics {
             queries: Family::default(),
+            query_counters: Arc::new(std::array::from_fn(|_| OnceLock::new())),
             // 10 µs .. ~1.3 s
             latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
             forwarded: Counter::default(),
@@ -134,11 +139,16 @@ impl DnsMetrics {
     }
 
     fn count(&self, qtype: RecordType, rcode: ResponseCode) {
-        let labels = QueryLabels {
-            qtype: qtype_label(qtype),
-            rcode: rcode_label(rcode),
-        };
-        self.queries.get_or_create(&labels).inc();
+        let (t, r) = (qtype_index(qtype), rcode_index(rcode));
+        self.query_counters[t * RCODES.len() + r]
+            .get_or_init(|| {
+                let labels = QueryLabels {
+                    qtype: QTYPES[t].1,
+                    rcode: RCODES[r].1,
+                };
+                self.queries.get_or_create(&labels).clone()
+            })
+            .inc();
     }
 
     pub(crate) fn observe_latency(&self, elapsed: Duration) {
@@ -161,30 +171,42 @@ impl DnsMetrics {
     }
 }
 
-fn qtype_label(t: RecordType) -> &'static str {
-    match t {
-        RecordType::A => "A",
-        RecordType::AAAA => "AAAA",
-        RecordType::PTR => "PTR",
-        RecordType::SOA => "SOA",
-        RecordType::NS => "NS",
-        RecordType::SRV => "SRV",
-        RecordType::TXT => "TXT",
-        RecordType::MX => "MX",
-        RecordType::CNAME => "CNAME",
-        RecordType::ANY => "ANY",
-        _ => "other",
-    }
+/// The query types counted under their own label, in label order; any other is `other`.
+const QTYPES: [(RecordType, &str); 11] = [
+    (RecordType::A, "A"),
+    (RecordType::AAAA, "AAAA"),
+    (RecordType::PTR, "PTR"),
+    (RecordType::SOA, "SOA"),
+    (RecordType::NS, "NS"),
+    (RecordType::SRV, "SRV"),
+    (RecordType::TXT, "TXT"),
+    (RecordType::MX, "MX"),
+    (RecordType::CNAME, "CNAME"),
+    (RecordType::ANY, "ANY"),
+    (RecordType::Unknown(0), "other"),
+];
+
+/// The response codes counted under their own label; any other is `other`.
+const RCODES: [(ResponseCode, &str); 7] = [
+    (ResponseCode::NoError, "NOERROR"),
+    (ResponseCode::NXDomain, "NXDOMAIN"),
+    (ResponseCode::ServFail, "SERVFAIL"),
+    (ResponseCode::Refused, "REFUSED"),
+    (ResponseCode::FormErr, "FORMERR"),
+    (ResponseCode::NotImp, "NOTIMP"),
+    (ResponseCode::Unknown(0), "other"),
+];
+
+fn qtype_index(t: RecordType) -> usize {
+    QTYPES[..QTYPES.len() - 1]
+        .iter()
+        .position(|(known, _)| *known == t)
+        .unwrap_or(QTYPES.len() - 1)
 }
 
-fn rcode_label(r: ResponseCode) -> &'static str {
-    match r {
-        ResponseCode::NoError => "NOERROR",
-        ResponseCode::NXDomain => "NXDOMAIN",
-        ResponseCode::ServFail => "SERVFAIL",
-        ResponseCode::Refused => "REFUSED",
-        ResponseCode::FormErr => "FORMERR",
-        ResponseCode::NotImp => "NOTIMP",
-        _ => "other",
-    }
+fn rcode_index(r: ResponseCode) -> usize {
+    RCODES[..RCODES.len() - 1]
+        .iter()
+        .position(|(known, _)| *known == r)
+        .unwrap_or(RCODES.len() - 1)
 }

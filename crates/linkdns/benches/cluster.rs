@@ -44,7 +44,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use linkdns_cluster::{JoinAs, Token, Transport};
 use linkdns_raft::{NodeConfig, NodeHandle, SledStore};
-use linkdns_registry::{Command as RegistryCommand, Container};
+use linkdns_registry::{Command as RegistryCommand, Container, Subnet};
 use tokio::sync::watch;
 
 fn main() {
@@ -306,6 +306,18 @@ impl Injector {
             assert!(Instant::now() < deadline, "the injector never caught up");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Its records' addresses (see `container`) are in subnets it claims, as a real node's
+        // are: an address no node routes is answered to nobody.
+        let subnets = (0..=u8::MAX)
+            .filter_map(|b| Subnet::new(std::net::IpAddr::from([10, b, 0, 0]), 16))
+            .take(16)
+            .collect();
+        assert!(
+            injector
+                .write(RegistryCommand::SetNodeSubnets { node: id, subnets })
+                .await,
+            "the injector's subnet claim failed"
+        );
         injector
     }
 
