@@ -451,7 +451,7 @@ fn a_new_registry_version_invalidates_cached_answers() {
     let mut r = registry();
     r.apply(&Command::RemoveContainer {
         node: 1,
-        id: ContainerId("m1".into()),
+        id: ContainerId::new("m1"),
         version: 0,
     })
     .expect("remove");
@@ -542,7 +542,7 @@ fn starting(others_connecting: &[&str]) -> Arc<LocalView> {
             vec![]
         };
         v.apply(LocalChange::Connecting {
-            id: ContainerId((*id).into()),
+            id: ContainerId::new(*id),
             name: (*id).into(),
             links,
             network: "br".into(),
@@ -633,7 +633,7 @@ async fn a_held_query_waits_for_the_watcher_and_no_longer() {
             tokio::time::sleep(Duration::from_millis(30)).await;
             let mut v = (*starting(&["other"])).clone();
             v.apply(LocalChange::Upsert(LocalContainer::new(
-                ContainerId("new".into()),
+                ContainerId::new("new"),
                 "new".into(),
                 vec![],
                 vec![src],
@@ -795,7 +795,7 @@ async fn a_held_query_asks_who_is_there_and_ends_when_told() {
             // As /proc would tell: `new` holds the address.
             let mut v = (*starting(&["other"])).clone();
             v.apply(LocalChange::Identified {
-                id: ContainerId("new".into()),
+                id: ContainerId::new("new"),
                 ip: src,
             });
             published.store(Arc::new(Published {

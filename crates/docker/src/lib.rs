@@ -502,7 +502,7 @@ async fn resync_all(
     let version = clock.tick();
     let (containers, locals) = list_running(docker, config.node, version).await?;
     tracing::info!(uri = %config.uri, containers = containers.len(), "resyncing this node's records with docker");
-    session.running = locals.iter().map(|c| c.id.0.to_string()).collect();
+    session.running = locals.iter().map(|c| String::from(&c.id)).collect();
     send(reports, Report::Local(LocalChange::Replace(locals))).await?;
     send(
         reports,

@@ -22,6 +22,8 @@ fn container_at_address_in(
     if candidates.is_empty() {
         return None;
     }
+    let texts: Vec<(&ContainerId, String)> =
+        candidates.iter().map(|c| (c, String::from(c))).collect();
     let mut found: Option<&ContainerId> = None;
     for entry in std::fs::read_dir(proc).ok()?.flatten() {
         let name = entry.file_name();
@@ -35,7 +37,10 @@ fn container_at_address_in(
         let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
             continue;
         };
-        let Some(id) = candidates.iter().find(|c| cgroup.contains(&*c.0)) else {
+        let Some((id, _)) = texts
+            .iter()
+            .find(|(_, text)| cgroup.contains(text.as_str()))
+        else {
             continue;
         };
         if found == Some(id) {

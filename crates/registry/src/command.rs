@@ -210,11 +210,12 @@ pub(crate) mod legacy {
     impl From<ContainerV1> for Container {
         fn from(c: ContainerV1) -> Container {
             Container {
+                id: c.id,
                 addrs: c.ips.into_iter().map(Address::bare).collect(),
                 aliases: c.aliases,
                 links: c.links,
                 ports: c.ports,
-                ..Container::new(&c.id.0, &c.name, c.node)
+                ..Container::new("", &c.name, c.node)
             }
         }
     }

@@ -25,8 +25,8 @@ pub use lookup::{
 };
 pub use model::{
     canonical_ip, max_prefix, normalize_name, Address, ComposeService, Container, ContainerId,
-    LinkAlias, NamedPort, Network, NodeId, NodeInfo, Port, Protocol, Record, RecordAddress, Subnet,
-    Version,
+    LinkAlias, NamedPort, Network, NodeId, NodeInfo, Port, Protocol, Record, RecordAddress,
+    RecordAddresses, Subnet, Version,
 };
 pub use snapshot::SNAPSHOT_VERSION;
 pub use trust::{Authority, ClaimLimit};
@@ -199,7 +199,7 @@ pub struct Registry {
     /// Keyed by the record's own name (shared, not copied).
     by_name: OrdMap<Arc<str>, IdSet>,
     by_alias: OrdMap<String, IdSet>,
-    by_ip: OrdMap<IpAddr, IdSet>,
+    by_ip: IpIndex,
     /// Compose services, keyed `<service>.<project>`.
     by_service: OrdMap<String, IdSet>,
     /// How many containers each compose project has.
@@ -661,7 +661,7 @@ impl Registry {
             index_insert(&mut self.by_alias, alias.clone(), &c.id);
         }
         for ip in c.ips() {
-            index_insert(&mut self.by_ip, ip, &c.id);
+            self.by_ip.insert(ip, &c.id);
         }
         if let Some(compose) = c.compose() {
             index_insert(&mut self.by_service, compose.name(), &c.id);
@@ -683,7 +683,7 @@ impl Registry {
             index_remove(&mut self.by_alias, alias.as_str(), id);
         }
         for ip in c.ips() {
-            index_remove(&mut self.by_ip, &ip, id);
+            self.by_ip.remove(ip, id);
         }
         if let Some(compose) = c.compose() {
             index_remove(&mut self.by_service, compose.name().as_str(), id);
@@ -951,27 +951,28 @@ fn count_down(counts: &mut OrdMap<String, usize>, key: &str) {
 }
 
 /// The containers under one index key. Most keys have one: that one is held inline, with no
-/// allocation of its own; more are a sorted vector.
+/// allocation of its own; more are a sorted boxed slice (16 bytes, like the inline one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum IdSet {
     One(ContainerId),
-    Many(Vec<ContainerId>),
+    Many(Box<[ContainerId]>),
 }
+
+// The index entries' sizes are what a record costs in memory (issue 12's 400 bytes a record).
+const _: () = assert!(std::mem::size_of::<ContainerId>() == 8);
+const _: () = assert!(std::mem::size_of::<IdSet>() == 16);
+const _: () = assert!(std::mem::size_of::<RecordAddresses>() == 32);
 
 impl IdSet {
     fn insert(&mut self, id: &ContainerId) {
-        match self {
-            IdSet::One(one) if one == id => {}
-            IdSet::One(one) => {
-                let mut v = vec![one.clone(), id.clone()];
-                v.sort();
-                *self = IdSet::Many(v);
-            }
-            IdSet::Many(v) => {
-                if let Err(at) = v.binary_search(id) {
-                    v.insert(at, id.clone());
-                }
-            }
+        let mut ids = match self {
+            IdSet::One(one) if one == id => return,
+            IdSet::One(one) => vec![one.clone()],
+            IdSet::Many(ids) => ids.to_vec(),
+        };
+        if let Err(at) = ids.binary_search(id) {
+            ids.insert(at, id.clone());
+            *self = IdSet::Many(ids.into_boxed_slice());
         }
     }
 
@@ -979,18 +980,18 @@ impl IdSet {
     fn remove(&mut self, id: &ContainerId) -> bool {
         match self {
             IdSet::One(one) => one == id,
-            IdSet::Many(v) => {
-                if let Ok(at) = v.binary_search(id) {
-                    v.remove(at);
+            IdSet::Many(ids) => {
+                let Ok(at) = ids.binary_search(id) else {
+                    return false;
+                };
+                let mut rest = ids.to_vec();
+                rest.remove(at);
+                match rest.len() {
+                    0 => return true,
+                    1 => *self = IdSet::One(rest.remove(0)),
+                    _ => *self = IdSet::Many(rest.into_boxed_slice()),
                 }
-                match v.len() {
-                    0 => true,
-                    1 => {
-                        *self = IdSet::One(v.remove(0));
-                        false
-                    }
-                    _ => false,
-                }
+                false
             }
         }
     }
@@ -998,7 +999,7 @@ impl IdSet {
     fn iter(&self) -> std::slice::Iter<'_, ContainerId> {
         match self {
             IdSet::One(one) => std::slice::from_ref(one).iter(),
-            IdSet::Many(v) => v.iter(),
+            IdSet::Many(ids) => ids.iter(),
         }
     }
 }
@@ -1008,6 +1009,37 @@ impl<'a> IntoIterator for &'a IdSet {
     type IntoIter = std::slice::Iter<'a, ContainerId>;
     fn into_iter(self) -> Self::IntoIter {
         self.iter()
+    }
+}
+
+/// Containers by address, IPv4 and IPv6 apart: a 4-byte key where most addresses are IPv4
+/// (an `IpAddr` key would take 17 bytes, padded to 24, in every entry).
+#[derive(Clone, Debug, Default)]
+struct IpIndex {
+    v4: OrdMap<std::net::Ipv4Addr, IdSet>,
+    v6: OrdMap<std::net::Ipv6Addr, IdSet>,
+}
+
+impl IpIndex {
+    fn insert(&mut self, ip: IpAddr, id: &ContainerId) {
+        match ip {
+            IpAddr::V4(v4) => index_insert(&mut self.v4, v4, id),
+            IpAddr::V6(v6) => index_insert(&mut self.v6, v6, id),
+        }
+    }
+
+    fn remove(&mut self, ip: IpAddr, id: &ContainerId) {
+        match ip {
+            IpAddr::V4(v4) => index_remove(&mut self.v4, &v4, id),
+            IpAddr::V6(v6) => index_remove(&mut self.v6, &v6, id),
+        }
+    }
+
+    fn get(&self, ip: IpAddr) -> Option<&IdSet> {
+        match ip {
+            IpAddr::V4(v4) => self.v4.get(&v4),
+            IpAddr::V6(v6) => self.v6.get(&v6),
+        }
     }
 }
 

@@ -356,7 +356,7 @@ impl Registry {
     /// The visible containers holding `ip`, by id.
     fn containers_at(&self, ip: IpAddr) -> impl Iterator<Item = &Record> {
         self.by_ip
-            .get(&ip)
+            .get(ip)
             .into_iter()
             .flatten()
             .filter_map(|id| self.containers.get(id).map(|c| &**c))

@@ -14,21 +14,131 @@ use serde::{Deserialize, Serialize};
 pub type NodeId = u64;
 
 /// Docker's container id (the full 64 hex digits), unique across the cluster. Shared, not
-/// copied, by the registry's indexes and its published copies.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ContainerId(pub Arc<str>);
+/// copied, by the registry's indexes and its published copies: one pointer, to the id's 32
+/// bytes when it is Docker's form (any other text is kept as it is). It orders, compares,
+/// hashes and encodes as its text.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ContainerId(Arc<IdRepr>);
+
+#[derive(PartialEq, Eq, Hash)]
+enum IdRepr {
+    /// 64 lowercase hex digits, as bytes.
+    Hex([u8; 32]),
+    Text(Box<str>),
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 impl ContainerId {
-    pub fn new(id: impl Into<Arc<str>>) -> ContainerId {
-        ContainerId(id.into())
+    pub fn new(id: impl AsRef<str>) -> ContainerId {
+        let text = id.as_ref();
+        ContainerId(Arc::new(match hex_id(text) {
+            Some(bytes) => IdRepr::Hex(bytes),
+            None => IdRepr::Text(text.into()),
+        }))
+    }
+
+    /// The bytes of its text.
+    fn text_bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        let (hex, text): (&[u8], &[u8]) = match &*self.0 {
+            IdRepr::Hex(b) => (b, &[]),
+            IdRepr::Text(t) => (&[], t.as_bytes()),
+        };
+        hex.iter()
+            .flat_map(|b| {
+                [
+                    HEX_DIGITS[usize::from(b >> 4)],
+                    HEX_DIGITS[usize::from(b & 0xf)],
+                ]
+            })
+            .chain(text.iter().copied())
+    }
+
+    /// Its text, written into `buf` when it is Docker's form.
+    fn as_text<'a>(&'a self, buf: &'a mut [u8; 64]) -> &'a str {
+        match &*self.0 {
+            IdRepr::Text(t) => t,
+            IdRepr::Hex(_) => {
+                for (slot, b) in buf.iter_mut().zip(self.text_bytes()) {
+                    *slot = b;
+                }
+                // Hex digits are ASCII.
+                std::str::from_utf8(&buf[..]).unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// The 32 bytes of a 64-digit lowercase hex id.
+fn hex_id(text: &str) -> Option<[u8; 32]> {
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let value = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        _ => None,
+    };
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (value(pair[0])? << 4) | value(pair[1])?;
+    }
+    Some(bytes)
+}
+
+impl Ord for ContainerId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (&*self.0, &*other.0) {
+            (IdRepr::Hex(a), IdRepr::Hex(b)) => a.cmp(b),
+            (IdRepr::Text(a), IdRepr::Text(b)) => a.cmp(b),
+            _ => self.text_bytes().cmp(other.text_bytes()),
+        }
+    }
+}
+
+impl PartialOrd for ContainerId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
 impl fmt::Display for ContainerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Docker's short form is what users see in `docker ps`.
-        let short = self.0.get(..12).unwrap_or(&self.0);
-        f.write_str(short)
+        let mut buf = [0u8; 64];
+        let text = self.as_text(&mut buf);
+        f.write_str(text.get(..12).unwrap_or(text))
+    }
+}
+
+impl fmt::Debug for ContainerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 64];
+        f.debug_tuple("ContainerId")
+            .field(&self.as_text(&mut buf))
+            .finish()
+    }
+}
+
+impl From<&ContainerId> for String {
+    fn from(id: &ContainerId) -> String {
+        let mut buf = [0u8; 64];
+        id.as_text(&mut buf).to_string()
+    }
+}
+
+impl Serialize for ContainerId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; 64];
+        serializer.serialize_str(self.as_text(&mut buf))
+    }
+}
+
+impl<'de> Deserialize<'de> for ContainerId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Ok(ContainerId::new(&*text))
     }
 }
 
@@ -261,6 +371,42 @@ pub struct RecordAddress {
     pub network: Option<Arc<Network>>,
 }
 
+/// A record's addresses: one (most containers: one network) held inline, with no allocation
+/// of its own; more in a boxed slice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordAddresses {
+    One(RecordAddress),
+    Many(Box<[RecordAddress]>),
+}
+
+impl From<Vec<RecordAddress>> for RecordAddresses {
+    fn from(mut addrs: Vec<RecordAddress>) -> RecordAddresses {
+        match addrs.len() {
+            1 => RecordAddresses::One(addrs.remove(0)),
+            _ => RecordAddresses::Many(addrs.into_boxed_slice()),
+        }
+    }
+}
+
+impl std::ops::Deref for RecordAddresses {
+    type Target = [RecordAddress];
+    fn deref(&self) -> &[RecordAddress] {
+        match self {
+            RecordAddresses::One(one) => std::slice::from_ref(one),
+            RecordAddresses::Many(many) => many,
+        }
+    }
+}
+
+impl std::ops::DerefMut for RecordAddresses {
+    fn deref_mut(&mut self) -> &mut [RecordAddress] {
+        match self {
+            RecordAddresses::One(one) => std::slice::from_mut(one),
+            RecordAddresses::Many(many) => many,
+        }
+    }
+}
+
 /// A container as the registry keeps it: the content of a normalized [`Container`], packed —
 /// boxed slices instead of vectors and sets, networks shared between records, the rarely used
 /// fields behind one pointer, the name shared with the name index. It encodes exactly as the
@@ -271,7 +417,7 @@ pub struct Record {
     pub name: Arc<str>,
     pub node: NodeId,
     pub version: Version,
-    pub addrs: Box<[RecordAddress]>,
+    pub addrs: RecordAddresses,
     extra: Option<Box<Extra>>,
 }
 
@@ -313,7 +459,8 @@ impl Record {
                     ip: a.ip,
                     network: a.network.map(Arc::new),
                 })
-                .collect(),
+                .collect::<Vec<_>>()
+                .into(),
             extra,
         }
     }

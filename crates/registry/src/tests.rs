@@ -136,7 +136,7 @@ fn link_alias_is_scoped_to_the_asking_container() {
     // With mysql gone the link no longer answers.
     r.apply(&Command::RemoveContainer {
         node: 1,
-        id: ContainerId("m1".into()),
+        id: ContainerId::new("m1"),
         version: 0,
     })
     .expect("remove");
@@ -241,7 +241,7 @@ fn rejected_commands_change_nothing() {
     assert_eq!(
         r.apply(&Command::UpsertContainer(stolen.clone())),
         Err(Error::ContainerOwnedElsewhere {
-            id: ContainerId("a1".into()),
+            id: ContainerId::new("a1"),
             owner: 1,
             claimed: 2
         })
@@ -260,7 +260,7 @@ fn rejected_commands_change_nothing() {
     assert_eq!(
         r.apply(&Command::UpsertContainer(container("e", "/", 1, &[]))),
         Err(Error::EmptyName {
-            id: ContainerId("e".into())
+            id: ContainerId::new("e")
         })
     );
     assert_eq!(
@@ -356,7 +356,7 @@ fn bad_encodings_are_refused_with_a_reason() {
     ));
     let cmd = Command::RemoveContainer {
         node: 4,
-        id: ContainerId("abc".into()),
+        id: ContainerId::new("abc"),
         version: 0,
     };
     assert_eq!(Command::decode(&cmd.encode()), Ok(cmd));
@@ -1313,7 +1313,7 @@ fn each_node_changes_only_its_own_records_and_voters_the_rest() {
         member,
         &Command::RemoveContainer {
             node: 1,
-            id: ContainerId("a1".into()),
+            id: ContainerId::new("a1"),
             version: 0,
         },
     ));
@@ -1522,4 +1522,38 @@ fn a_version_5_snapshot_restores() {
     v5[4] = 5;
     let restored = Registry::restore(&v5).expect("a v5 snapshot restores");
     assert_eq!(restored.snapshot(), v6);
+}
+
+#[test]
+fn container_ids_keep_their_text_in_order_display_and_encoding() {
+    let docker = "0123456789abcdef".repeat(4);
+    let upper = docker.to_uppercase();
+    let ids = [
+        ContainerId::new("m1"),
+        ContainerId::new(&docker),
+        ContainerId::new(&upper),
+        ContainerId::new("ffff"),
+        ContainerId::new(format!("{docker}0")),
+    ];
+    // Ordered as their texts are, whether held as bytes (Docker's form) or as text.
+    let mut by_id = ids.to_vec();
+    by_id.sort();
+    let mut texts: Vec<String> = ids.iter().map(String::from).collect();
+    texts.sort();
+    assert_eq!(by_id.iter().map(String::from).collect::<Vec<_>>(), texts);
+    assert_eq!(String::from(&ids[1]), docker);
+    assert_eq!(String::from(&ids[2]), upper);
+    assert_eq!(ids[1].to_string(), "0123456789ab");
+    assert_ne!(ids[1], ids[2]);
+    assert_eq!(ids[1], ContainerId::new(docker.clone()));
+    // Encoded as the text, so logs and snapshots read the same as before.
+    for id in &ids {
+        let bytes = postcard::to_allocvec(id).expect("encode");
+        assert_eq!(
+            bytes,
+            postcard::to_allocvec(&String::from(id)).expect("encode")
+        );
+        let back: ContainerId = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(&back, id);
+    }
 }

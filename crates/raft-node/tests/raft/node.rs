@@ -63,7 +63,7 @@ async fn proposals_apply_and_survive_restart_with_compaction() {
         let err = node
             .propose(Command::RemoveContainer {
                 node: 7,
-                id: ContainerId("x".into()),
+                id: ContainerId::new("x"),
                 version: 0,
             })
             .await
@@ -120,7 +120,7 @@ async fn replayed_entries_never_answer_a_new_runs_proposals() {
         let err = node
             .propose(Command::RemoveContainer {
                 node: 9,
-                id: ContainerId("c1".into()),
+                id: ContainerId::new("c1"),
                 version: 0,
             })
             .await
