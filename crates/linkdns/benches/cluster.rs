@@ -184,6 +184,22 @@ impl Proc {
         serde_json::from_slice(&out.stdout).ok()
     }
 
+    /// The Prometheus text of its admin endpoint (empty when it does not answer).
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let admin = SocketAddr::from(([127, 0, 0, 1], 7500 + self.index));
+        let Ok(mut stream) = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2))
+        else {
+            return String::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text.split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, body)| body.to_string())
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join(format!("h{}.log", self.index))).unwrap_or_default()
     }
@@ -334,8 +350,25 @@ impl Injector {
     }
 }
 
+/// A random-looking 64-hex-digit id, the same for the same `i` (splitmix64).
+fn docker_id(i: u64) -> String {
+    let mut state = i;
+    (0..4)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            format!("{:016x}", z ^ (z >> 31))
+        })
+        .collect()
+}
+
+/// Container `i` of `node`: `svc<i>` at the `i`th address of 10.0.0.0/12, with an id that
+/// looks like Docker's (64 hex digits, random: ids in counting order would fill the
+/// registry's ordered maps as no real cluster does).
 fn container(node: u64, i: u64) -> Container {
-    Container::new(&format!("{i:064x}"), &format!("svc{i}"), node).with_ips([
+    Container::new(&docker_id(i), &format!("svc{i}"), node).with_ips([
         std::net::IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
     ])
 }
@@ -617,6 +650,20 @@ async fn scale(records: u64) {
         "joined node RSS: empty {empty_kb} kB, with {records} records {full_kb} kB: {:.0} bytes per record",
         (full_kb.saturating_sub(empty_kb) * 1024) as f64 / records as f64
     );
+    // Snapshots are taken on their own thread: the Raft thread's ticks (every 20 ms) should
+    // not wait for them.
+    for (label, text) in [
+        ("leader h1", procs[0].metrics()),
+        ("joined h9", measured.metrics()),
+    ] {
+        println!(
+            "{label}: {} snapshots while loading, the last {:.1} MB in {:.0} ms (encoded and written off the Raft thread); largest gap between Raft ticks since start {:.1} ms (target <= 50)",
+            metric(&text, "linkdns_snapshots_total"),
+            metric(&text, "linkdns_snapshot_bytes") / 1e6,
+            metric(&text, "linkdns_snapshot_seconds") * 1000.0,
+            metric(&text, "linkdns_raft_max_tick_gap_seconds") * 1000.0,
+        );
+    }
     for attempt in 0..3 {
         measured.kill();
         let t = Instant::now();

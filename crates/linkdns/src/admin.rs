@@ -48,6 +48,7 @@ pub struct NodeMetrics {
     snapshots: Counter,
     snapshot_bytes: Gauge,
     snapshot_seconds: Gauge<f64, AtomicU64>,
+    max_tick_gap: Gauge<f64, AtomicU64>,
     data_dir_bytes: Gauge,
 }
 
@@ -275,8 +276,13 @@ impl AdminState {
         );
         metrics.register(
             "linkdns_snapshot_seconds",
-            "Time the last snapshot took to encode and store",
+            "Time the last snapshot took to encode and store (on its own thread)",
             m.snapshot_seconds.clone(),
+        );
+        metrics.register(
+            "linkdns_raft_max_tick_gap_seconds",
+            "Longest time between two Raft ticks since the node started (nominally 0.02)",
+            m.max_tick_gap.clone(),
         );
         metrics.register(
             "linkdns_data_dir_bytes",
@@ -396,6 +402,8 @@ impl AdminState {
         m.snapshot_bytes.set(raft.last_snapshot_bytes as i64);
         m.snapshot_seconds
             .set(raft.last_snapshot_micros as f64 / 1_000_000.0);
+        m.max_tick_gap
+            .set(raft.max_tick_gap_micros as f64 / 1_000_000.0);
         m.data_dir_bytes.set(dir_bytes(&self.data_dir) as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.metrics)?;

@@ -206,6 +206,7 @@ fn main() -> ExitCode {
 type JoinWith = (String, Option<String>);
 
 fn run_node(args: RunArgs, join: Option<JoinWith>) -> anyhow::Result<()> {
+    linkdns_raft::limit_retained_memory();
     let config = config::Config::resolve(&args)?;
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()

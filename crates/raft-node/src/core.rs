@@ -91,6 +91,9 @@ pub struct RaftStatus {
     pub snapshots_taken: u64,
     pub last_snapshot_bytes: u64,
     pub last_snapshot_micros: u64,
+    /// The longest time between two Raft ticks since the node started (nominally one tick,
+    /// 20 ms): how long the Raft thread was held up, by a snapshot or a slow disk, say.
+    pub max_tick_gap_micros: u64,
     /// Why the node cannot write its data dir now (it answers from memory meanwhile).
     pub degraded: Option<String>,
 }
@@ -201,6 +204,19 @@ pub struct Core<S: LogStore, T> {
     log_bytes: u64,
     /// Snapshots taken: how many, and the size and microseconds of the last.
     snapshots: (u64, u64, u64),
+    /// The snapshot being encoded and written on its own thread, when the store can take its
+    /// file from another thread; at most one at a time.
+    snapshot_job: Option<SnapshotJob>,
+}
+
+/// A snapshot taken off the Raft thread: the registry's encoding and its file are made by
+/// the `raft-snapshot` thread from a clone (which shares the records); the Raft thread then
+/// only records it and compacts the log.
+struct SnapshotJob {
+    index: u64,
+    wanted: bool,
+    started: std::time::Instant,
+    done: std::sync::mpsc::Receiver<Result<Snapshot, Error>>,
 }
 
 impl<S: LogStore, T> Core<S, T> {
@@ -231,6 +247,8 @@ impl<S: LogStore, T> Core<S, T> {
         let snapshot = store.current_snapshot()?;
         let registry = Registry::restore(&snapshot.data)?;
         let snapshot_index = snapshot.get_metadata().index;
+        drop(snapshot);
+        release_freed_memory();
 
         let raft_config = raft::Config {
             id: config.id,
@@ -263,6 +281,7 @@ impl<S: LogStore, T> Core<S, T> {
             incoming: None,
             log_bytes: 0,
             snapshots: (0, 0, 0),
+            snapshot_job: None,
         })
     }
 
@@ -580,6 +599,7 @@ impl<S: LogStore, T> Core<S, T> {
             snapshots_taken: self.snapshots.0,
             last_snapshot_bytes: self.snapshots.1,
             last_snapshot_micros: self.snapshots.2,
+            max_tick_gap_micros: 0,
             degraded: None,
         }
     }
@@ -672,6 +692,7 @@ impl<S: LogStore, T> Core<S, T> {
             self.leader = leader;
         }
 
+        self.finish_snapshot()?;
         let wanted = self.raw.store().take_snapshot_request();
         if self.applied != applied_before || wanted {
             self.maybe_snapshot(wanted)?;
@@ -870,31 +891,106 @@ impl<S: LogStore, T> Core<S, T> {
         Ok(Ok(Outcome::Changed))
     }
 
+    /// Log bytes after which a snapshot is due: a quarter of the last snapshot's size (at
+    /// least 1 MiB, at most `snapshot_log_bytes`). The log is what a node holds besides its
+    /// registry, so it stays a small part of it; each snapshot then costs at most four times
+    /// the log it replaces.
+    fn snapshot_due_bytes(&self) -> u64 {
+        (self.snapshots.1 / 4)
+            .max(1024 * 1024)
+            .min(self.config.snapshot_log_bytes)
+    }
+
     /// Snapshots the registry and compacts the log once enough entries have been applied, or
-    /// at once when `wanted` (a peer needs a snapshot the store does not have).
+    /// at once when `wanted` (a peer needs a snapshot the store does not have). Where the store
+    /// has a [`LogStore::stager`], the snapshot is encoded and written on its own thread and
+    /// recorded by a later [`Core::ready`]; else here.
     fn maybe_snapshot(&mut self, wanted: bool) -> Result<(), Error> {
         let due = self.applied >= self.snapshot_index + self.config.snapshot_every
-            || self.log_bytes >= self.config.snapshot_log_bytes;
+            || self.log_bytes >= self.snapshot_due_bytes();
         if !(due || wanted) || self.applied <= self.snapshot_index {
+            return Ok(());
+        }
+        if self.snapshot_job.is_some() {
+            // One at a time; a peer that wanted one asks again at its next heartbeat.
             return Ok(());
         }
         let started = std::time::Instant::now();
         let index = self.applied;
-        let term = self.raw.raft.raft_log.term(index)?;
         let mut snapshot = Snapshot::default();
-        snapshot.data = self.registry.snapshot().into();
         let meta = snapshot.mut_metadata();
         meta.index = index;
-        meta.term = term;
+        meta.term = self.raw.raft.raft_log.term(index)?;
         meta.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+        self.log_bytes = 0;
+        let Some(stager) = self.raw.store().stager() else {
+            snapshot.data = self.registry.snapshot().into();
+            return self.record_snapshot(snapshot, wanted, started);
+        };
+        let registry = self.registry.clone();
+        let (send, done) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("raft-snapshot".into())
+            .spawn(move || {
+                snapshot.data = registry.snapshot().into();
+                drop(registry);
+                let staged = stager(&snapshot).map(|()| snapshot);
+                let _ = send.send(staged);
+            })
+            .map_err(|e| Error::Storage {
+                path: String::new(),
+                reason: format!("cannot start the snapshot thread: {e}"),
+            })?;
+        self.snapshot_job = Some(SnapshotJob {
+            index,
+            wanted,
+            started,
+            done,
+        });
+        Ok(())
+    }
+
+    /// Records the snapshot the snapshot thread finished, if it did.
+    fn finish_snapshot(&mut self) -> Result<(), Error> {
+        let Some(job) = &self.snapshot_job else {
+            return Ok(());
+        };
+        let finished = match job.done.try_recv() {
+            Ok(finished) => finished,
+            Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(Error::Storage {
+                path: String::new(),
+                reason: format!("the thread taking snapshot {} ended", job.index),
+            }),
+        };
+        let (wanted, started) = (job.wanted, job.started);
+        self.snapshot_job = None;
+        self.record_snapshot(finished?, wanted, started)
+    }
+
+    /// Installs a snapshot of this node's own registry as the log's base and compacts the log.
+    fn record_snapshot(
+        &mut self,
+        snapshot: Snapshot,
+        wanted: bool,
+        started: std::time::Instant,
+    ) -> Result<(), Error> {
+        let (index, term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
+        if index <= self.snapshot_index {
+            // A leader's newer snapshot was installed meanwhile: the store ignores this one
+            // (and drops its staged file).
+            return self.raw.mut_store().install_snapshot(&snapshot);
+        }
         let store = self.raw.mut_store();
         store.install_snapshot(&snapshot)?;
         store.sync()?;
+        let bytes = snapshot.data.len() as u64;
+        drop(snapshot);
+        release_freed_memory();
         self.snapshot_index = index;
-        self.log_bytes = 0;
         self.snapshots = (
             self.snapshots.0 + 1,
-            snapshot.data.len() as u64,
+            bytes,
             started.elapsed().as_micros() as u64,
         );
         tracing::info!(
@@ -907,6 +1003,33 @@ impl<S: LogStore, T> Core<S, T> {
             "snapshot taken, log compacted"
         );
         Ok(())
+    }
+}
+
+/// Hands memory freed after a snapshot (its encoding, megabytes, made on another thread and
+/// so in another malloc arena) back to the system: glibc keeps freed memory of its arenas
+/// otherwise, and the node's resident size would keep the high-water mark of every snapshot.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages to the kernel.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Makes the allocator give large freed buffers back at once, for a long-running node: with
+/// glibc's default, each freed buffer larger than its mmap threshold raises that threshold
+/// (up to 32 MiB) and the trim threshold with it, so after one snapshot every later buffer of
+/// a few megabytes (snapshots, batches of log entries decoded by the transport) stays resident
+/// once freed. A fixed threshold of 256 KiB keeps such buffers mapped on their own and
+/// unmapped when freed. Call before the node starts its threads.
+pub fn limit_retained_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before other threads start.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
 

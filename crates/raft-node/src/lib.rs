@@ -13,14 +13,16 @@ mod storage;
 
 use std::path::Path;
 
-pub use crate::core::{Core, CoreConfig, Membership, Progress, RaftStatus, Role};
+pub use crate::core::{
+    limit_retained_memory, Core, CoreConfig, Membership, Progress, RaftStatus, Role,
+};
 pub use linkdns_registry::Published;
 pub use node::{
     start, start_reopening, NoPeers, NodeConfig, NodeHandle, Outbox, PublishHook, Reopen,
 };
 pub use propose::{Proposal, RetryPolicy};
 pub use reseed::{committed_state, seed_single_voter};
-pub use storage::{LogStore, MemStore, SledStore};
+pub use storage::{LogStore, MemStore, SledStore, Stager};
 
 /// Errors of the Raft node.
 #[derive(Debug, thiserror::Error)]

@@ -330,6 +330,8 @@ fn start_with<S: LogStore + Send + 'static>(
         status: status.clone(),
         changes: changes_tx,
         shape: None,
+        last_tick: None,
+        max_tick_gap: Duration::ZERO,
     };
     let thread = std::thread::Builder::new()
         .name("raft".into())
@@ -419,6 +421,10 @@ struct Driver {
     /// Bumped on every publication and change of `shape` (see [`NodeHandle::subscribe`]).
     changes: tokio::sync::watch::Sender<u64>,
     shape: Option<Shape>,
+    /// When the last tick ran (none before the loop's first), and the longest time between
+    /// two ticks so far: what a slow ready (a snapshot, a slow disk) costs the timers.
+    last_tick: Option<Instant>,
+    max_tick_gap: Duration,
 }
 
 /// What of the status tasks act on: a change of it wakes them.
@@ -458,6 +464,7 @@ impl Driver {
             self.pump(core)?;
         }
         let mut next_tick = Instant::now() + self.tick;
+        self.last_tick = None;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
@@ -481,6 +488,9 @@ impl Driver {
             if now >= next_tick {
                 core.tick();
                 next_tick = now + self.tick;
+                if let Some(last) = self.last_tick.replace(now) {
+                    self.max_tick_gap = self.max_tick_gap.max(now - last);
+                }
             }
             self.pump(core)?;
         }
@@ -562,7 +572,8 @@ impl Driver {
         for (reply, result) in progress.done {
             let _ = reply.send(result);
         }
-        let status = core.status();
+        let mut status = core.status();
+        status.max_tick_gap_micros = self.max_tick_gap.as_micros() as u64;
         let shape = Shape::of(&status);
         self.status.store(Arc::new(status));
         if self.shape.as_ref() != Some(&shape) {

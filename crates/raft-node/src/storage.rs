@@ -3,7 +3,13 @@
 //!
 //! Layout of the sled store (one `Db`, one flush makes everything before it durable):
 //! - tree `entries`: big-endian index -> protobuf `Entry`
-//! - tree `meta`: `hard_state`, `conf_state`, `snapshot` -> protobuf bytes, `cluster` -> identity
+//! - tree `meta`: `hard_state`, `conf_state`, `snapshot_meta` (the snapshot's metadata) ->
+//!   protobuf bytes, `cluster` -> identity
+//! - the snapshot itself (metadata and data, protobuf) in its own file beside the database,
+//!   `registry-snapshots/<index>-<term>`: written and synced before the metadata names it, so
+//!   sled never holds the registry (its page cache would keep it in memory). Stores written
+//!   before kept the whole snapshot under `meta`'s `snapshot`; they are read as they are and
+//!   move to the file at their next snapshot.
 //!
 //! The snapshot's index is the log's offset: entries at or below it have been compacted away and
 //! `first_index` is `snapshot.index + 1`, as in raft-rs's own `MemStorage`.
@@ -37,7 +43,16 @@ pub trait LogStore: raft::Storage {
     /// Whether Raft asked for a snapshot the store could not give (too old, or taken before the
     /// peer it is for was added); the driver then takes a fresh one. Clears the request.
     fn take_snapshot_request(&self) -> bool;
+    /// Writes a snapshot's data where [`LogStore::install_snapshot`] takes it from, callable
+    /// from another thread, so that a snapshot is encoded and written off the Raft thread;
+    /// `None` (the default): the store takes everything in `install_snapshot`.
+    fn stager(&self) -> Option<Stager> {
+        None
+    }
 }
+
+/// See [`LogStore::stager`].
+pub type Stager = Box<dyn FnOnce(&Snapshot) -> Result<(), Error> + Send>;
 
 fn proto_err(what: &'static str) -> impl Fn(protobuf::ProtobufError) -> Error {
     move |e| Error::Corrupt {
@@ -113,7 +128,11 @@ fn check_range(low: u64, high: u64, first: u64, last: u64) -> raft::Result<()> {
 
 const HARD_STATE: &[u8] = b"hard_state";
 const CONF_STATE: &[u8] = b"conf_state";
-const SNAPSHOT: &[u8] = b"snapshot";
+/// The whole snapshot, in stores written before snapshots moved to their own file.
+const LEGACY_SNAPSHOT: &[u8] = b"snapshot";
+const SNAPSHOT_META: &[u8] = b"snapshot_meta";
+/// The directory of snapshot files, inside sled's own (sled reads only its `snap.*` files).
+const SNAPSHOT_DIR: &str = "registry-snapshots";
 
 /// Durable Raft storage in a sled database.
 pub struct SledStore {
@@ -127,7 +146,49 @@ pub struct SledStore {
     /// The snapshot's metadata only: its data (the whole registry) stays on disk until a peer
     /// or a restart needs it, rather than doubling the registry's memory.
     snapshot: Snapshot,
+    /// The snapshot's data is still under `meta` (a store written before snapshot files).
+    legacy_snapshot: bool,
+    /// Snapshot files replaced by a newer one: deleted once the newer one's metadata is durable.
+    superseded: Vec<PathBuf>,
     snapshot_wanted: AtomicBool,
+}
+
+/// The file of the snapshot at `index` of `term`.
+fn snapshot_file(raft_dir: &Path, index: u64, term: u64) -> PathBuf {
+    raft_dir
+        .join(SNAPSHOT_DIR)
+        .join(format!("{index:020}-{term:020}"))
+}
+
+/// Writes `snapshot` (metadata and data) durably to its file, unless a file of its length is
+/// there already (staged by [`LogStore::stager`]): a temporary file, synced, renamed, and the
+/// directory synced.
+fn write_snapshot_file(raft_dir: &Path, snapshot: &Snapshot) -> Result<(), Error> {
+    use protobuf::Message;
+    let meta = snapshot.get_metadata();
+    let path = snapshot_file(raft_dir, meta.index, meta.term);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == u64::from(snapshot.compute_size())) {
+        return Ok(());
+    }
+    let bytes = encode("snapshot", snapshot)?;
+    let io_err = |what: &str, e: std::io::Error| Error::Storage {
+        path: path.display().to_string(),
+        reason: format!("{what} the snapshot file: {e}; check free space and permissions"),
+    };
+    let dir = raft_dir.join(SNAPSHOT_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| io_err("cannot create the directory of", e))?;
+    let temporary = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&temporary).map_err(|e| io_err("cannot create", e))?;
+        file.write_all(&bytes)
+            .map_err(|e| io_err("cannot write", e))?;
+        file.sync_all().map_err(|e| io_err("cannot sync", e))?;
+    }
+    std::fs::rename(&temporary, &path).map_err(|e| io_err("cannot rename", e))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("cannot sync the directory of", e))
 }
 
 fn metadata_only(snapshot: &Snapshot) -> Snapshot {
@@ -139,9 +200,49 @@ fn metadata_only(snapshot: &Snapshot) -> Snapshot {
 impl SledStore {
     /// The stored snapshot with its data, read from disk.
     fn load_snapshot(&self) -> Result<Snapshot, Error> {
-        match self.meta.get(SNAPSHOT).map_err(self.sled_err())? {
-            Some(v) => decode("snapshot", &v),
-            None => Ok(Snapshot::default()),
+        if self.legacy_snapshot {
+            return match self.meta.get(LEGACY_SNAPSHOT).map_err(self.sled_err())? {
+                Some(v) => decode("snapshot", &v),
+                None => Ok(Snapshot::default()),
+            };
+        }
+        let meta = self.snapshot.get_metadata();
+        if meta.index == 0 {
+            return Ok(Snapshot::default());
+        }
+        let path = snapshot_file(&self.path, meta.index, meta.term);
+        let bytes = std::fs::read(&path).map_err(|e| Error::Corrupt {
+            what: "snapshot",
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?;
+        let snapshot: Snapshot = decode("snapshot", &bytes)?;
+        if snapshot.get_metadata() != meta {
+            return Err(Error::Corrupt {
+                what: "snapshot",
+                reason: format!(
+                    "{} does not hold the snapshot its name says",
+                    path.display()
+                ),
+            });
+        }
+        Ok(snapshot)
+    }
+
+    /// Removes snapshot files no metadata names (a crash between writing one and recording
+    /// it, or before the one it replaced was deleted).
+    fn remove_stray_snapshots(&self) {
+        let meta = self.snapshot.get_metadata();
+        let current = snapshot_file(&self.path, meta.index, meta.term);
+        let Ok(files) = std::fs::read_dir(self.path.join(SNAPSHOT_DIR)) else {
+            return;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            if self.legacy_snapshot || path != current {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a stray snapshot file");
+                }
+            }
         }
     }
 
@@ -188,11 +289,13 @@ impl SledStore {
             Some(v) => decode("conf state", &v)?,
             None => ConfState::default(),
         };
-        let snapshot: Snapshot = match read(SNAPSHOT)? {
-            Some(v) => decode("snapshot", &v)?,
-            None => Snapshot::default(),
+        let (snapshot, legacy_snapshot) = match read(SNAPSHOT_META)? {
+            Some(v) => (decode("snapshot metadata", &v)?, false),
+            None => match read(LEGACY_SNAPSHOT)? {
+                Some(v) => (metadata_only(&decode("snapshot", &v)?), true),
+                None => (Snapshot::default(), false),
+            },
         };
-        let snapshot = metadata_only(&snapshot);
         let store = SledStore {
             path,
             db,
@@ -201,9 +304,12 @@ impl SledStore {
             hard_state,
             conf_state,
             snapshot,
+            legacy_snapshot,
+            superseded: Vec::new(),
             snapshot_wanted: AtomicBool::new(false),
         };
         store.check_consistency()?;
+        store.remove_stray_snapshots();
         Ok(store)
     }
 
@@ -225,6 +331,16 @@ impl SledStore {
 
     /// The log must be contiguous from the snapshot on, and the commit index inside it.
     fn check_consistency(&self) -> Result<(), Error> {
+        let meta = self.snapshot.get_metadata();
+        if !self.legacy_snapshot && meta.index > 0 {
+            let path = snapshot_file(&self.path, meta.index, meta.term);
+            if !path.is_file() {
+                return Err(Error::Corrupt {
+                    what: "snapshot",
+                    reason: format!("{} is missing", path.display()),
+                });
+            }
+        }
         let first = self.snapshot.get_metadata().index + 1;
         let last = self.last_index_inner()?;
         if let Some(item) = self.entries.iter().next() {
@@ -404,6 +520,11 @@ impl LogStore for SledStore {
         let meta = snapshot.get_metadata();
         let old = self.snapshot.get_metadata().index;
         if meta.index <= old && old != 0 {
+            // Older than the one installed: a file staged for it is not needed.
+            let staged = snapshot_file(&self.path, meta.index, meta.term);
+            if old != meta.index {
+                let _ = std::fs::remove_file(staged);
+            }
             return Ok(());
         }
         // Keep entries after the snapshot only if the log agrees with it at its index.
@@ -419,7 +540,8 @@ impl LogStore for SledStore {
             hard_state.commit = meta.index;
             hard_state.term = hard_state.term.max(meta.term);
         }
-        let snapshot_bytes = encode("snapshot", snapshot)?;
+        write_snapshot_file(&self.path, snapshot)?;
+        let metadata_bytes = encode("snapshot metadata", &metadata_only(snapshot))?;
         let conf_bytes = encode("conf state", meta.get_conf_state())?;
         let hard_bytes = encode("hard state", &hard_state)?;
         // One transaction: a crash leaves either the old log and snapshot or the new ones, never
@@ -429,7 +551,8 @@ impl LogStore for SledStore {
                 for key in &doomed {
                     entries.remove(key)?;
                 }
-                meta_tree.insert(SNAPSHOT, snapshot_bytes.as_slice())?;
+                meta_tree.insert(SNAPSHOT_META, metadata_bytes.as_slice())?;
+                meta_tree.remove(LEGACY_SNAPSHOT)?;
                 meta_tree.insert(CONF_STATE, conf_bytes.as_slice())?;
                 meta_tree.insert(HARD_STATE, hard_bytes.as_slice())?;
                 Ok::<(), ConflictableTransactionError<()>>(())
@@ -441,7 +564,13 @@ impl LogStore for SledStore {
                     reason: "transaction aborted".into(),
                 },
             })?;
+        let old = self.snapshot.get_metadata();
+        if !self.legacy_snapshot && old.index > 0 {
+            self.superseded
+                .push(snapshot_file(&self.path, old.index, old.term));
+        }
         self.snapshot = metadata_only(snapshot);
+        self.legacy_snapshot = false;
         self.conf_state = meta.get_conf_state().clone();
         self.hard_state = hard_state;
         Ok(())
@@ -453,11 +582,24 @@ impl LogStore for SledStore {
 
     fn sync(&mut self) -> Result<(), Error> {
         self.db.flush().map_err(self.sled_err())?;
+        // The metadata naming a newer snapshot is durable: the files it replaced can go.
+        for path in self.superseded.drain(..) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a replaced snapshot file");
+            }
+        }
         Ok(())
     }
 
     fn take_snapshot_request(&self) -> bool {
         self.snapshot_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    fn stager(&self) -> Option<Stager> {
+        let raft_dir = self.path.clone();
+        Some(Box::new(move |snapshot: &Snapshot| {
+            write_snapshot_file(&raft_dir, snapshot)
+        }))
     }
 }
 

@@ -326,9 +326,8 @@ impl Registry {
             Reach::From { node, .. } => Some(node),
         };
         let candidates = self.containers_at(ip).filter(|c| {
-            c.addrs
-                .iter()
-                .any(|a| a.ip == ip && self.reaches(c, a, reach))
+            c.addrs()
+                .any(|a| a.ip() == ip && self.reaches(c, a, reach))
         });
         prefer(candidates, local).map(|c| self.ptr_name(c))
     }
@@ -376,7 +375,7 @@ impl Registry {
         let routed = || {
             self.node_subnets(c.node)
                 .iter()
-                .any(|s| s.contains(addr.ip))
+                .any(|s| s.contains(addr.ip()))
         };
         if c.node == node {
             return match vantage {
@@ -391,7 +390,7 @@ impl Registry {
                 }
             };
         }
-        routed() && !(vantage.on_host() && host.shadows(addr.ip))
+        routed() && !(vantage.on_host() && host.shadows(addr.ip()))
     }
 
     /// The addresses a link alias of the asker stands for (None: not its link, or the linked
@@ -418,10 +417,9 @@ impl Registry {
         let mut found: Vec<(bool, IpAddr)> = containers
             .iter()
             .flat_map(|c| {
-                c.addrs
-                    .iter()
+                c.addrs()
                     .filter(move |a| self.reaches(c, a, reach))
-                    .map(move |a| (here != Some(c.node), a.ip))
+                    .map(move |a| (here != Some(c.node), a.ip()))
             })
             .collect();
         found.sort();

@@ -364,47 +364,33 @@ impl Container {
     }
 }
 
-/// One address of a [`Record`]: its network shared with every record on that network.
+/// One address of a [`Record`]: its network shared with every record on that network. The
+/// address is kept in 16 bytes, an IPv4 one as `::ffff:a.b.c.d` (records hold canonical
+/// addresses only, so that form never means anything else there).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordAddress {
-    pub ip: IpAddr,
+    ip: [u8; 16],
     pub network: Option<Arc<Network>>,
 }
 
-/// A record's addresses: one (most containers: one network) held inline, with no allocation
-/// of its own; more in a boxed slice.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RecordAddresses {
-    One(RecordAddress),
-    Many(Box<[RecordAddress]>),
-}
-
-impl From<Vec<RecordAddress>> for RecordAddresses {
-    fn from(mut addrs: Vec<RecordAddress>) -> RecordAddresses {
-        match addrs.len() {
-            1 => RecordAddresses::One(addrs.remove(0)),
-            _ => RecordAddresses::Many(addrs.into_boxed_slice()),
-        }
+impl RecordAddress {
+    pub fn new(ip: IpAddr, network: Option<Arc<Network>>) -> RecordAddress {
+        let ip = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        RecordAddress { ip, network }
     }
-}
 
-impl std::ops::Deref for RecordAddresses {
-    type Target = [RecordAddress];
-    fn deref(&self) -> &[RecordAddress] {
-        match self {
-            RecordAddresses::One(one) => std::slice::from_ref(one),
-            RecordAddresses::Many(many) => many,
-        }
+    pub fn ip(&self) -> IpAddr {
+        canonical_ip(IpAddr::from(self.ip))
     }
-}
 
-impl std::ops::DerefMut for RecordAddresses {
-    fn deref_mut(&mut self) -> &mut [RecordAddress] {
-        match self {
-            RecordAddresses::One(one) => std::slice::from_mut(one),
-            RecordAddresses::Many(many) => many,
-        }
-    }
+    /// Stands for "no address" in [`Record::first`]; no container holds `::`.
+    const NONE: RecordAddress = RecordAddress {
+        ip: [0; 16],
+        network: None,
+    };
 }
 
 /// A container as the registry keeps it: the content of a normalized [`Container`], packed —
@@ -417,12 +403,16 @@ pub struct Record {
     pub name: Arc<str>,
     pub node: NodeId,
     pub version: Version,
-    pub addrs: RecordAddresses,
+    /// Its first address inline ([`RecordAddress::NONE`] when it has none), the others in
+    /// `extra`: most containers have one, and the record stays 72 bytes.
+    first: RecordAddress,
     extra: Option<Box<Extra>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Extra {
+    /// Addresses after the first.
+    more: Box<[RecordAddress]>,
     aliases: Box<[String]>,
     links: Box<[LinkAlias]>,
     ports: Box<[Port]>,
@@ -433,13 +423,27 @@ struct Extra {
 impl Record {
     /// Packs a normalized container (the sets' order is kept as it is).
     fn pack(c: Container) -> Record {
-        let has_extra = !c.aliases.is_empty()
+        let mut addrs: Vec<RecordAddress> = c
+            .addrs
+            .into_iter()
+            .map(|a| RecordAddress::new(a.ip, a.network.map(Arc::new)))
+            .collect();
+        // `::` without a network (held by no container) would read as "none": then every
+        // address goes to `more`.
+        let first = match addrs.first() {
+            Some(a) if *a != RecordAddress::NONE => addrs.remove(0),
+            _ => RecordAddress::NONE,
+        };
+        let more = addrs.into_boxed_slice();
+        let has_extra = !more.is_empty()
+            || !c.aliases.is_empty()
             || !c.links.is_empty()
             || !c.ports.is_empty()
             || !c.services.is_empty()
             || c.compose.is_some();
         let extra = has_extra.then(|| {
             Box::new(Extra {
+                more,
                 aliases: c.aliases.into_iter().collect(),
                 links: c.links.into_iter().collect(),
                 ports: c.ports.into_iter().collect(),
@@ -452,22 +456,31 @@ impl Record {
             name: c.name.into(),
             node: c.node,
             version: c.version,
-            addrs: c
-                .addrs
-                .into_iter()
-                .map(|a| RecordAddress {
-                    ip: a.ip,
-                    network: a.network.map(Arc::new),
-                })
-                .collect::<Vec<_>>()
-                .into(),
+            first,
             extra,
         }
     }
 
     /// Its addresses, in order.
+    pub fn addrs(&self) -> impl Iterator<Item = &RecordAddress> + Clone + '_ {
+        let first = (self.first != RecordAddress::NONE).then_some(&self.first);
+        first.into_iter().chain(self.more().iter())
+    }
+
+    /// Its addresses, to share their networks (see `Registry`'s interning).
+    pub(crate) fn addrs_mut(&mut self) -> impl Iterator<Item = &mut RecordAddress> + '_ {
+        let first = (self.first != RecordAddress::NONE).then_some(&mut self.first);
+        let more = self.extra.as_mut().map_or(&mut [][..], |e| &mut e.more[..]);
+        first.into_iter().chain(more.iter_mut())
+    }
+
+    fn more(&self) -> &[RecordAddress] {
+        self.extra.as_ref().map_or(&[], |e| &e.more)
+    }
+
+    /// Its addresses, in order.
     pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.addrs.iter().map(|a| a.ip)
+        self.addrs().map(RecordAddress::ip)
     }
 
     pub fn aliases(&self) -> &[String] {
@@ -497,7 +510,7 @@ impl Record {
             name: self.name.to_string(),
             node: self.node,
             version: self.version,
-            addrs: self.addrs.iter().map(RecordAddress::to_address).collect(),
+            addrs: self.addrs().map(RecordAddress::to_address).collect(),
             aliases: self.aliases().iter().cloned().collect(),
             links: self.links().iter().cloned().collect(),
             ports: self.ports().iter().cloned().collect(),
@@ -510,7 +523,7 @@ impl Record {
 impl RecordAddress {
     fn to_address(&self) -> Address {
         Address {
-            ip: self.ip,
+            ip: self.ip(),
             network: self.network.as_deref().cloned(),
         }
     }
@@ -554,10 +567,9 @@ impl Serialize for Record {
             node: self.node,
             version: self.version,
             addrs: self
-                .addrs
-                .iter()
+                .addrs()
                 .map(|a| AddressRef {
-                    ip: a.ip,
+                    ip: a.ip(),
                     network: a.network.as_deref(),
                 })
                 .collect(),

@@ -1221,9 +1221,11 @@ fn records_share_their_networks_and_encode_as_their_container() {
     r.apply(&Command::UpsertContainer(a.clone())).expect("a");
     r.apply(&Command::UpsertContainer(b)).expect("b");
     let net_of = |id: &str| {
-        r.container(&ContainerId::new(id)).expect("record").addrs[0]
-            .network
-            .clone()
+        r.container(&ContainerId::new(id))
+            .expect("record")
+            .addrs()
+            .next()
+            .and_then(|a| a.network.clone())
             .expect("network")
     };
     assert!(std::sync::Arc::ptr_eq(&net_of("a"), &net_of("b")));
@@ -1556,4 +1558,30 @@ fn container_ids_keep_their_text_in_order_display_and_encoding() {
         let back: ContainerId = postcard::from_bytes(&bytes).expect("decode");
         assert_eq!(&back, id);
     }
+}
+
+#[test]
+fn records_keep_every_address_in_order_with_one_or_many_or_none() {
+    let mut r = two_nodes();
+    let cases = [
+        container("one", "one", 1, &["10.0.1.2"]),
+        container("many", "many", 1, &["10.0.1.3", "fd00::3", "10.0.2.3"]),
+        container("six", "six", 1, &["fd00::4"]),
+        container("none", "none", 1, &[]),
+        container("unspecified", "odd", 1, &["::", "fd00::9"]),
+    ];
+    for c in &cases {
+        let c = &c.clone().normalized();
+        r.apply(&Command::UpsertContainer(c.clone())).expect("upsert");
+        let record = r.container(&c.id).expect("record");
+        assert_eq!(&record.to_container(), c, "{}", c.name);
+        let ips: Vec<IpAddr> = record.ips().collect();
+        let want: Vec<IpAddr> = c.ips().collect();
+        assert_eq!(ips, want, "{}", c.name);
+    }
+    // An IPv4 address and its IPv6-mapped form are one address in records.
+    let mapped = container("mapped", "mapped", 1, &["::ffff:10.0.1.7"]);
+    r.apply(&Command::UpsertContainer(mapped.clone())).expect("upsert");
+    let record = r.container(&mapped.id).expect("record");
+    assert_eq!(record.ips().collect::<Vec<_>>(), [ip("10.0.1.7")]);
 }

@@ -318,3 +318,128 @@ fn snapshot_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
         })
         .collect()
 }
+
+fn registry_snapshots(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("raft").join("registry-snapshots"))
+        .map(|files| {
+            files
+                .flatten()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn sled_keeps_the_snapshot_in_one_file_and_drops_replaced_ones_once_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = |index: u64, term: u64| format!("{index:020}-{term:020}");
+    {
+        let mut s = SledStore::open(dir.path()).expect("open");
+        LogStore::append(&mut s, &[entry(1, 1), entry(2, 1), entry(3, 2)]).expect("append");
+        s.install_snapshot(&snapshot(2, 1, vec![1]))
+            .expect("install");
+        s.sync().expect("sync");
+        assert_eq!(registry_snapshots(dir.path()), [name(2, 1)]);
+        // Staged from another thread first, as the Raft thread's snapshots are: the install
+        // only records it; the replaced file goes at the next sync, not before.
+        let stage = s.stager().expect("sled stages snapshot files");
+        let mut newer = snapshot(3, 2, vec![1]);
+        newer.data = b"newer state".to_vec().into();
+        std::thread::spawn(move || stage(&newer))
+            .join()
+            .expect("stager thread")
+            .expect("stage");
+        assert_eq!(registry_snapshots(dir.path()), [name(2, 1), name(3, 2)]);
+        let mut newer = snapshot(3, 2, vec![1]);
+        newer.data = b"newer state".to_vec().into();
+        s.install_snapshot(&newer).expect("install");
+        assert_eq!(registry_snapshots(dir.path()), [name(2, 1), name(3, 2)]);
+        s.sync().expect("sync");
+        assert_eq!(registry_snapshots(dir.path()), [name(3, 2)]);
+        // A file left by a crash between staging and recording goes at the next open.
+        let stage = s.stager().expect("stager");
+        stage(&snapshot(9, 2, vec![1])).expect("stage");
+    }
+    let s = SledStore::open(dir.path()).expect("reopen");
+    assert_eq!(registry_snapshots(dir.path()), [name(3, 2)]);
+    assert_eq!(
+        s.current_snapshot().expect("snap").data.as_ref(),
+        b"newer state"
+    );
+    assert_eq!(s.first_index().ok(), Some(4));
+}
+
+#[test]
+fn a_store_whose_snapshot_file_is_missing_or_wrong_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut s = SledStore::open(dir.path()).expect("open");
+        s.install_snapshot(&snapshot(4, 2, vec![1]))
+            .expect("install");
+        s.sync().expect("sync");
+    }
+    let file = dir
+        .path()
+        .join("raft")
+        .join("registry-snapshots")
+        .join(format!("{:020}-{:020}", 4, 2));
+    let good = std::fs::read(&file).expect("snapshot file");
+    std::fs::write(&file, b"not a snapshot").expect("scribble");
+    let s = SledStore::open(dir.path()).expect("opens: the file is read when needed");
+    let err = s
+        .current_snapshot()
+        .expect_err("a scribbled snapshot must not load");
+    assert!(err.to_string().contains("snapshot"), "{err}");
+    drop(s);
+    std::fs::remove_file(&file).expect("remove");
+    let err = SledStore::open(dir.path())
+        .err()
+        .expect("a store without its snapshot file must not open");
+    assert!(err.to_string().contains("is missing"), "{err}");
+    std::fs::write(&file, good).expect("put back");
+    SledStore::open(dir.path()).expect("opens again with its file");
+}
+
+#[test]
+fn a_store_with_its_snapshot_inside_sled_is_read_and_moves_it_to_a_file() {
+    use protobuf::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        // The layout before snapshot files: the whole snapshot under meta's `snapshot`.
+        let db = sled::open(dir.path().join("raft")).expect("sled");
+        let meta = db.open_tree("meta").expect("meta");
+        let old = snapshot(5, 3, vec![1]);
+        let conf = old.get_metadata().get_conf_state().clone();
+        let hard = HardState {
+            term: 3,
+            commit: 5,
+            ..Default::default()
+        };
+        meta.insert("snapshot", old.write_to_bytes().expect("encode"))
+            .expect("insert");
+        meta.insert("conf_state", conf.write_to_bytes().expect("encode"))
+            .expect("insert");
+        meta.insert("hard_state", hard.write_to_bytes().expect("encode"))
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let mut s = SledStore::open(dir.path()).expect("open the old layout");
+    assert_eq!(s.current_snapshot().expect("snap").data.as_ref(), b"state");
+    assert_eq!(s.first_index().ok(), Some(6));
+    assert!(registry_snapshots(dir.path()).is_empty());
+    LogStore::append(&mut s, &[entry(6, 3)]).expect("append");
+    s.install_snapshot(&snapshot(6, 3, vec![1]))
+        .expect("install");
+    s.sync().expect("sync");
+    drop(s);
+    let s = SledStore::open(dir.path()).expect("reopen");
+    assert_eq!(
+        registry_snapshots(dir.path()),
+        [format!("{:020}-{:020}", 6, 3)]
+    );
+    assert_eq!(s.first_index().ok(), Some(7));
+    assert_eq!(s.current_snapshot().expect("snap").get_metadata().index, 6);
+}
