@@ -368,9 +368,12 @@ fn docker_id(i: u64) -> String {
 /// looks like Docker's (64 hex digits, random: ids in counting order would fill the
 /// registry's ordered maps as no real cluster does).
 fn container(node: u64, i: u64) -> Container {
-    Container::new(&docker_id(i), &format!("svc{i}"), node).with_ips([
-        std::net::IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
-    ])
+    Container::new(&docker_id(i), &format!("svc{i}"), node).with_ips([std::net::IpAddr::from([
+        10,
+        (i >> 16) as u8,
+        (i >> 8) as u8,
+        i as u8,
+    ])])
 }
 
 // ------------------------------------------------------------------------------------------

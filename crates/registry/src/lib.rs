@@ -25,8 +25,8 @@ pub use lookup::{
 };
 pub use model::{
     canonical_ip, max_prefix, normalize_name, Address, ComposeService, Container, ContainerId,
-    LinkAlias, NamedPort, Network, NodeId, NodeInfo, Port, Protocol, Record, RecordAddress,
-    Subnet, Version,
+    LinkAlias, NamedPort, Network, NodeId, NodeInfo, Port, Protocol, Record, RecordAddress, Subnet,
+    Version,
 };
 pub use snapshot::SNAPSHOT_VERSION;
 pub use trust::{Authority, ClaimLimit};
@@ -197,11 +197,11 @@ pub struct Registry {
     // Indexes, derived from `nodes` and `containers`; rebuilt from them on snapshot restore.
     node_by_name: HashMap<String, NodeId>,
     /// Keyed by the record's own name (shared, not copied).
-    by_name: OrdMap<Arc<str>, IdSet>,
-    by_alias: OrdMap<String, IdSet>,
+    by_name: IdIndex<Arc<str>>,
+    by_alias: IdIndex<String>,
     by_ip: IpIndex,
     /// Compose services, keyed `<service>.<project>`.
-    by_service: OrdMap<String, IdSet>,
+    by_service: IdIndex<String>,
     /// How many containers each compose project has.
     projects: OrdMap<String, usize>,
     /// How many containers use each link alias.
@@ -656,15 +656,15 @@ impl Registry {
             entry.1 += 1;
             *network = entry.0.clone();
         }
-        index_insert(&mut self.by_name, c.name.clone(), &c.id);
+        self.by_name.insert(c.name.clone(), &c.id);
         for alias in c.aliases() {
-            index_insert(&mut self.by_alias, alias.clone(), &c.id);
+            self.by_alias.insert(alias.clone(), &c.id);
         }
         for ip in c.ips() {
             self.by_ip.insert(ip, &c.id);
         }
         if let Some(compose) = c.compose() {
-            index_insert(&mut self.by_service, compose.name(), &c.id);
+            self.by_service.insert(compose.name(), &c.id);
             *self.projects.entry(compose.project.clone()).or_default() += 1;
         }
         for link in c.links() {
@@ -678,15 +678,15 @@ impl Registry {
         let Some(c) = self.containers.remove(id) else {
             return;
         };
-        index_remove(&mut self.by_name, &*c.name, id);
+        self.by_name.remove(&*c.name, id);
         for alias in c.aliases() {
-            index_remove(&mut self.by_alias, alias.as_str(), id);
+            self.by_alias.remove(alias.as_str(), id);
         }
         for ip in c.ips() {
             self.by_ip.remove(ip, id);
         }
         if let Some(compose) = c.compose() {
-            index_remove(&mut self.by_service, compose.name().as_str(), id);
+            self.by_service.remove(compose.name().as_str(), id);
             count_down(&mut self.projects, &compose.project);
         }
         for link in c.links() {
@@ -950,65 +950,102 @@ fn count_down(counts: &mut OrdMap<String, usize>, key: &str) {
     }
 }
 
-/// The containers under one index key. Most keys have one: that one is held inline, with no
-/// allocation of its own; more are a sorted boxed slice (16 bytes, like the inline one).
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum IdSet {
-    One(ContainerId),
-    Many(Box<[ContainerId]>),
+/// An index: the containers under each key. Most keys have one container, held alone in
+/// `one` (an 8-byte value); keys with more have theirs, sorted, in `many` instead. A key is
+/// in one of the two maps, never both.
+#[derive(Clone, Debug)]
+struct IdIndex<K: Ord + Clone> {
+    one: OrdMap<K, ContainerId>,
+    many: OrdMap<K, Box<[ContainerId]>>,
+}
+
+impl<K: Ord + Clone> Default for IdIndex<K> {
+    fn default() -> Self {
+        IdIndex {
+            one: OrdMap::new(),
+            many: OrdMap::new(),
+        }
+    }
 }
 
 // The index entries' sizes are what a record costs in memory (issue 12's 400 bytes a record).
 const _: () = assert!(std::mem::size_of::<ContainerId>() == 8);
-const _: () = assert!(std::mem::size_of::<IdSet>() == 16);
 const _: () = assert!(std::mem::size_of::<Record>() == 72);
 
-impl IdSet {
-    fn insert(&mut self, id: &ContainerId) {
-        let mut ids = match self {
-            IdSet::One(one) if one == id => return,
-            IdSet::One(one) => vec![one.clone()],
-            IdSet::Many(ids) => ids.to_vec(),
-        };
-        if let Err(at) = ids.binary_search(id) {
-            ids.insert(at, id.clone());
-            *self = IdSet::Many(ids.into_boxed_slice());
+impl<K: Ord + Clone> IdIndex<K> {
+    fn insert(&mut self, key: K, id: &ContainerId) {
+        if let Some(ids) = self.many.get_mut(&key) {
+            if let Err(at) = ids.binary_search(id) {
+                let mut more = ids.to_vec();
+                more.insert(at, id.clone());
+                *ids = more.into_boxed_slice();
+            }
+            return;
         }
-    }
-
-    /// Removes `id`; `true` when the set is now empty.
-    fn remove(&mut self, id: &ContainerId) -> bool {
-        match self {
-            IdSet::One(one) => one == id,
-            IdSet::Many(ids) => {
-                let Ok(at) = ids.binary_search(id) else {
-                    return false;
-                };
-                let mut rest = ids.to_vec();
-                rest.remove(at);
-                match rest.len() {
-                    0 => return true,
-                    1 => *self = IdSet::One(rest.remove(0)),
-                    _ => *self = IdSet::Many(rest.into_boxed_slice()),
+        match self.one.get(&key) {
+            None => {
+                self.one.insert(key, id.clone());
+            }
+            Some(one) if one == id => {}
+            Some(_) => {
+                if let Some(one) = self.one.remove(&key) {
+                    let mut both = vec![one, id.clone()];
+                    both.sort();
+                    self.many.insert(key, both.into_boxed_slice());
                 }
-                false
             }
         }
     }
 
-    fn iter(&self) -> std::slice::Iter<'_, ContainerId> {
-        match self {
-            IdSet::One(one) => std::slice::from_ref(one).iter(),
-            IdSet::Many(ids) => ids.iter(),
+    fn remove<Q>(&mut self, key: &Q, id: &ContainerId)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        if self.one.get(key) == Some(id) {
+            self.one.remove(key);
+            return;
+        }
+        let Some(ids) = self.many.get(key) else {
+            return;
+        };
+        let Ok(at) = ids.binary_search(id) else {
+            return;
+        };
+        let mut rest = ids.to_vec();
+        rest.remove(at);
+        let Some((full_key, _)) = self.many.remove_with_key(key) else {
+            return;
+        };
+        match rest.len() {
+            0 => {}
+            1 => {
+                self.one.insert(full_key, rest.remove(0));
+            }
+            _ => {
+                self.many.insert(full_key, rest.into_boxed_slice());
+            }
         }
     }
-}
 
-impl<'a> IntoIterator for &'a IdSet {
-    type Item = &'a ContainerId;
-    type IntoIter = std::slice::Iter<'a, ContainerId>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
+    /// The containers under `key` (none: empty).
+    fn get<Q>(&self, key: &Q) -> &[ContainerId]
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        match self.one.get(key) {
+            Some(one) => std::slice::from_ref(one),
+            None => self.many.get(key).map_or(&[], |ids| &ids[..]),
+        }
+    }
+
+    fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.one.contains_key(key) || self.many.contains_key(key)
     }
 }
 
@@ -1016,50 +1053,30 @@ impl<'a> IntoIterator for &'a IdSet {
 /// (an `IpAddr` key would take 17 bytes, padded to 24, in every entry).
 #[derive(Clone, Debug, Default)]
 struct IpIndex {
-    v4: OrdMap<std::net::Ipv4Addr, IdSet>,
-    v6: OrdMap<std::net::Ipv6Addr, IdSet>,
+    v4: IdIndex<std::net::Ipv4Addr>,
+    v6: IdIndex<std::net::Ipv6Addr>,
 }
 
 impl IpIndex {
     fn insert(&mut self, ip: IpAddr, id: &ContainerId) {
         match ip {
-            IpAddr::V4(v4) => index_insert(&mut self.v4, v4, id),
-            IpAddr::V6(v6) => index_insert(&mut self.v6, v6, id),
+            IpAddr::V4(v4) => self.v4.insert(v4, id),
+            IpAddr::V6(v6) => self.v6.insert(v6, id),
         }
     }
 
     fn remove(&mut self, ip: IpAddr, id: &ContainerId) {
         match ip {
-            IpAddr::V4(v4) => index_remove(&mut self.v4, &v4, id),
-            IpAddr::V6(v6) => index_remove(&mut self.v6, &v6, id),
+            IpAddr::V4(v4) => self.v4.remove(&v4, id),
+            IpAddr::V6(v6) => self.v6.remove(&v6, id),
         }
     }
 
-    fn get(&self, ip: IpAddr) -> Option<&IdSet> {
+    fn get(&self, ip: IpAddr) -> &[ContainerId] {
         match ip {
             IpAddr::V4(v4) => self.v4.get(&v4),
             IpAddr::V6(v6) => self.v6.get(&v6),
         }
-    }
-}
-
-fn index_insert<K: Ord + Clone>(index: &mut OrdMap<K, IdSet>, key: K, id: &ContainerId) {
-    match index.get_mut(&key) {
-        Some(set) => set.insert(id),
-        None => {
-            index.insert(key, IdSet::One(id.clone()));
-        }
-    }
-}
-
-fn index_remove<K, Q>(index: &mut OrdMap<K, IdSet>, key: &Q, id: &ContainerId)
-where
-    K: Ord + Clone + std::borrow::Borrow<Q>,
-    Q: Ord + ?Sized,
-{
-    let empty = index.get_mut(key).is_some_and(|set| set.remove(id));
-    if empty {
-        index.remove(key);
     }
 }
 

@@ -325,10 +325,9 @@ impl Registry {
             Reach::All => None,
             Reach::From { node, .. } => Some(node),
         };
-        let candidates = self.containers_at(ip).filter(|c| {
-            c.addrs()
-                .any(|a| a.ip() == ip && self.reaches(c, a, reach))
-        });
+        let candidates = self
+            .containers_at(ip)
+            .filter(|c| c.addrs().any(|a| a.ip() == ip && self.reaches(c, a, reach)));
         prefer(candidates, local).map(|c| self.ptr_name(c))
     }
 
@@ -356,8 +355,7 @@ impl Registry {
     fn containers_at(&self, ip: IpAddr) -> impl Iterator<Item = &Record> {
         self.by_ip
             .get(ip)
-            .into_iter()
-            .flatten()
+            .iter()
             .filter_map(|id| self.containers.get(id).map(|c| &**c))
             .filter(|c| !self.down.contains(&c.node))
     }
@@ -432,8 +430,8 @@ impl Registry {
 
     /// Containers whose name or alias is `name`, except those of nodes that are down.
     fn named(&self, name: &str) -> BTreeSet<&ContainerId> {
-        let by_name = self.by_name.get(name).into_iter().flatten();
-        let by_alias = self.by_alias.get(name).into_iter().flatten();
+        let by_name = self.by_name.get(name).iter();
+        let by_alias = self.by_alias.get(name).iter();
         by_name
             .chain(by_alias)
             .filter(|id| self.visible(id))
@@ -441,9 +439,8 @@ impl Registry {
     }
 
     /// The visible containers of an index entry.
-    fn visible_in(&self, ids: Option<&crate::IdSet>) -> Vec<&Record> {
-        ids.into_iter()
-            .flatten()
+    fn visible_in(&self, ids: &[ContainerId]) -> Vec<&Record> {
+        ids.iter()
             .filter(|id| self.visible(id))
             .filter_map(|id| self.containers.get(id).map(|c| &**c))
             .collect()

@@ -1572,7 +1572,8 @@ fn records_keep_every_address_in_order_with_one_or_many_or_none() {
     ];
     for c in &cases {
         let c = &c.clone().normalized();
-        r.apply(&Command::UpsertContainer(c.clone())).expect("upsert");
+        r.apply(&Command::UpsertContainer(c.clone()))
+            .expect("upsert");
         let record = r.container(&c.id).expect("record");
         assert_eq!(&record.to_container(), c, "{}", c.name);
         let ips: Vec<IpAddr> = record.ips().collect();
@@ -1581,7 +1582,32 @@ fn records_keep_every_address_in_order_with_one_or_many_or_none() {
     }
     // An IPv4 address and its IPv6-mapped form are one address in records.
     let mapped = container("mapped", "mapped", 1, &["::ffff:10.0.1.7"]);
-    r.apply(&Command::UpsertContainer(mapped.clone())).expect("upsert");
+    r.apply(&Command::UpsertContainer(mapped.clone()))
+        .expect("upsert");
     let record = r.container(&mapped.id).expect("record");
     assert_eq!(record.ips().collect::<Vec<_>>(), [ip("10.0.1.7")]);
+}
+
+#[test]
+fn an_index_key_moves_between_one_and_many_containers() {
+    let mut index = IdIndex::<String>::default();
+    let [a, b, c] = ["a", "b", "c"].map(ContainerId::new);
+    let key = "web".to_string();
+    index.insert(key.clone(), &b);
+    index.insert(key.clone(), &b);
+    assert_eq!(index.get("web"), [b.clone()]);
+    index.insert(key.clone(), &c);
+    index.insert(key.clone(), &a);
+    assert_eq!(index.get("web"), [a.clone(), b.clone(), c.clone()]);
+    index.remove("web", &b);
+    assert_eq!(index.get("web"), [a.clone(), c.clone()]);
+    index.remove("web", &ContainerId::new("absent"));
+    index.remove("web", &a);
+    assert_eq!(index.get("web"), [c.clone()]);
+    assert!(index.contains_key("web"));
+    index.remove("web", &a);
+    index.remove("web", &c);
+    assert!(index.get("web").is_empty());
+    assert!(!index.contains_key("web"));
+    assert!(index.one.is_empty() && index.many.is_empty());
 }
