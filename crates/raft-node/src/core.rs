@@ -932,6 +932,7 @@ impl<S: LogStore, T> Core<S, T> {
         std::thread::Builder::new()
             .name("raft-snapshot".into())
             .spawn(move || {
+                yield_to_raft_thread();
                 snapshot.data = registry.snapshot().into();
                 drop(registry);
                 let staged = stager(&snapshot).map(|()| snapshot);
@@ -1015,6 +1016,19 @@ fn release_freed_memory() {
     #[allow(unsafe_code)]
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Lowers the calling thread's priority (nice 10), for the snapshot thread: on a busy host
+/// its hundreds of milliseconds of encoding must not take the CPU the Raft thread's ticks and
+/// heartbeats need.
+fn yield_to_raft_thread() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only changes the scheduling priority; on Linux, `who` 0 with
+    // PRIO_PROCESS is the calling thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }
 
