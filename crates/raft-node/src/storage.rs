@@ -465,7 +465,13 @@ impl raft::Storage for SledStore {
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         // Decided on the metadata; the data is read only for a snapshot that will be sent.
         snapshot_for(&self.snapshot, request_index, to, &self.snapshot_wanted)?;
-        self.load_snapshot().map_err(to_raft)
+        // raft-rs stops the node on any other error here: a snapshot file that cannot be read
+        // (removed or damaged under the node) is replaced by a fresh snapshot instead.
+        self.load_snapshot().map_err(|e| {
+            tracing::error!(error = %e, "cannot read the snapshot to send; taking a new one");
+            self.snapshot_wanted.store(true, Ordering::Relaxed);
+            raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)
+        })
     }
 }
 
