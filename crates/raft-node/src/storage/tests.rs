@@ -393,6 +393,12 @@ fn a_store_whose_snapshot_file_is_missing_or_wrong_is_refused() {
         .current_snapshot()
         .expect_err("a scribbled snapshot must not load");
     assert!(err.to_string().contains("snapshot"), "{err}");
+    // Asked for by Raft to send: not an error that stops the node, but a fresh one is wanted.
+    assert!(is_store_err(
+        Storage::snapshot(&s, 4, 1),
+        StorageError::SnapshotTemporarilyUnavailable
+    ));
+    assert!(s.take_snapshot_request());
     drop(s);
     std::fs::remove_file(&file).expect("remove");
     let err = SledStore::open(dir.path())
