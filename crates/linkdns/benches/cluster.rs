@@ -4,9 +4,11 @@
 //! cargo bench -p linkdns --bench cluster -- <propagation|churn|failover|scale|crash|all> [N]
 //! ```
 //!
-//! - `propagation [containers=200]`: 3 hosts of the namespace test bed, each with its own Docker
-//!   engine; containers start one at a time on rotating hosts; the time from Docker's `start`
-//!   event to the name being answered by each *other* host's DNS. p50/p99/max.
+//! - `propagation [containers=200] [hosts=3]`: hosts of the namespace test bed, each with its own
+//!   Docker engine (3 voters, the rest learners); containers start one at a time on rotating
+//!   hosts; the time from Docker's `start` event to the name being answered by each *other*
+//!   host's DNS, p50/p99/max; the leader's CPU per committed change, and the bytes one learner
+//!   (that starts nothing and is not asked) received per change.
 //! - `churn [seconds=10] [starts per batch=100]`: 3 real `linkdns` voters on loopback (sled,
 //!   fsync), plus an in-process learner whose 32 writers propose batches of container starts and
 //!   stops (each start paired with a stop) through them; record changes committed per second.
@@ -67,7 +69,10 @@ fn main() {
     for m in modes {
         println!("== {m}");
         match m {
-            "propagation" => propagation(n.unwrap_or(200) as usize),
+            "propagation" => propagation(
+                n.unwrap_or(200) as usize,
+                args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3),
+            ),
             "first-query" => first_query(n.unwrap_or(100) as usize),
             "churn" => {
                 let batch = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
@@ -604,11 +609,10 @@ async fn failover(rounds: usize) {
 async fn scale(records: u64) {
     let (procs, token) = real_cluster("scale", 1);
     let injector = Injector::join(&procs[0].peer(), &token, 7497).await;
-    // The measured node: a real process that joins and holds everything.
-    let dir = PathBuf::from(BASE).join("scale");
-    let mut measured = Proc {
-        index: 9,
-        dir: dir.clone(),
+    // Real processes that join the cluster (`linkdns join`) as hosts `index`.
+    let joiner = |index: u16| Proc {
+        index,
+        dir: PathBuf::from(BASE).join("scale"),
         child: None,
         first: vec![
             "join".into(),
@@ -617,6 +621,8 @@ async fn scale(records: u64) {
             token.clone(),
         ],
     };
+    // The measured node: it joins and then holds everything.
+    let mut measured = joiner(9);
     measured.spawn();
     assert!(
         measured.wait_serving(Duration::from_secs(30)),
@@ -691,17 +697,7 @@ async fn scale(records: u64) {
     // A new node joining the cluster as it is now (all records in the leader's snapshot):
     // from `linkdns join` to its first answer for the last record, asked every 20 ms with a
     // 20 ms timeout.
-    let mut late = Proc {
-        index: 8,
-        dir: PathBuf::from(BASE).join("scale"),
-        child: None,
-        first: vec![
-            "join".into(),
-            procs[0].peer(),
-            "--token".into(),
-            token.clone(),
-        ],
-    };
+    let mut late = joiner(8);
     let t = Instant::now();
     late.spawn();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -844,8 +840,9 @@ async fn crash(rounds: usize) {
 
 // ------------------------------------------------------------------------------------------
 
-fn propagation(containers: usize) {
-    let mut hosts: Vec<testbed::Host> = (0..3).map(|_| testbed::Host::on_lan()).collect();
+fn propagation(containers: usize, n_hosts: usize) {
+    let available_before = mem_available_kb();
+    let mut hosts: Vec<testbed::Host> = (0..n_hosts).map(|_| testbed::Host::on_lan()).collect();
     let extra = ["--dns-listen", "0.0.0.0:53"];
     hosts[0].start_linkdns(&extra);
     let token = hosts[0].token();
@@ -853,21 +850,72 @@ fn propagation(containers: usize) {
     for h in rest {
         h.join_linkdns(&first[0], &token, &extra);
     }
-    testbed::wait_until(Duration::from_secs(60), "three voters", || {
-        hosts[0].status_json()["members"]
-            .as_array()
-            .is_some_and(|m| m.iter().filter(|m| m["role"] == "voter").count() == 3)
-    });
+    let voters = n_hosts.min(3);
+    testbed::wait_until(
+        Duration::from_secs(180),
+        "every host a member, 3 voters",
+        || {
+            hosts[0].status_json()["members"]
+                .as_array()
+                .is_some_and(|m| {
+                    m.len() == n_hosts
+                        && m.iter().filter(|m| m["role"] == "voter").count() == voters
+                })
+        },
+    );
+    testbed::wait_until(
+        Duration::from_secs(60),
+        "every host knowing every member",
+        || {
+            hosts.iter().all(|h| {
+                h.status_json()["members"]
+                    .as_array()
+                    .is_some_and(|m| m.len() == n_hosts)
+            })
+        },
+    );
+    let statuses: Vec<serde_json::Value> = hosts.iter().map(|h| h.status_json()).collect();
+    let leader = statuses
+        .iter()
+        .position(|s| s["role"] == "leader")
+        .unwrap_or(0);
+    // A learner that neither starts containers nor is asked (when there is one): what it
+    // receives is the cluster's traffic alone.
+    let learner = statuses.iter().position(|s| s["role"] == "learner");
+    let silent = |h: usize| Some(h) == learner;
+    let learner = learner.unwrap_or((leader + 1) % n_hosts);
+    let starters: Vec<usize> = (0..n_hosts).filter(|&h| !silent(h)).collect();
+    let per_host_mb =
+        available_before.saturating_sub(mem_available_kb()) as f64 / 1024.0 / n_hosts as f64;
+    println!(
+        "{n_hosts} hosts up: {per_host_mb:.0} MB of the machine's memory each (dockerd, containerd, linkdns, namespace); linkdns RSS {} kB on the leader, {} kB on a learner",
+        rss_kb(hosts[leader].linkdns_pid().unwrap_or(0)),
+        rss_kb(hosts[learner].linkdns_pid().unwrap_or(0))
+    );
+    // The cluster's cost with nothing changing (heartbeats, liveness), to tell it apart from
+    // the cost of changes.
+    let idle = Duration::from_secs(10);
+    let (cpu0, rx0) = (linkdns_cpu_ns(&hosts[leader]), rx_bytes(&hosts[learner]));
+    std::thread::sleep(idle);
+    let idle_cpu_per_s = (linkdns_cpu_ns(&hosts[leader]) - cpu0) as f64 / idle.as_secs_f64();
+    let idle_rx_per_s = (rx_bytes(&hosts[learner]) - rx0) as f64 / idle.as_secs_f64();
+    println!(
+        "idle cluster: leader CPU {:.1} ms/s, a learner receives {:.0} bytes/s",
+        idle_cpu_per_s / 1e6,
+        idle_rx_per_s
+    );
+    let run_started = Instant::now();
+    let (leader_cpu0, learner_rx0) = (linkdns_cpu_ns(&hosts[leader]), rx_bytes(&hosts[learner]));
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     // (container, answering host index) -> wall-clock ns of the first answer.
     let mut answered_at: HashMap<(String, usize), u128> = HashMap::new();
     for i in 0..containers {
-        let on = i % 3;
+        let on = starters[i % starters.len()];
         let name = format!("p{i}");
         hosts[on].run_container(&name, &[]);
-        let others: Vec<usize> = (0..3).filter(|&h| h != on).collect();
+        let others: Vec<usize> = (0..n_hosts).filter(|&h| h != on && !silent(h)).collect();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut pending = others.clone();
         while !pending.is_empty() && Instant::now() < deadline {
@@ -886,6 +934,9 @@ fn propagation(containers: usize) {
             std::thread::sleep(Duration::from_micros(500));
         }
     }
+    let leader_cpu = linkdns_cpu_ns(&hosts[leader]).saturating_sub(leader_cpu0);
+    let learner_rx = rx_bytes(&hosts[learner]).saturating_sub(learner_rx0);
+    let run_secs = run_started.elapsed().as_secs_f64();
     // Docker's own start times.
     let mut started: HashMap<String, u128> = HashMap::new();
     for h in &hosts {
@@ -917,7 +968,8 @@ fn propagation(containers: usize) {
     let mut never = 0;
     for i in 0..containers {
         let name = format!("p{i}");
-        for h in (0..3).filter(|&h| h != i % 3) {
+        let on = starters[i % starters.len()];
+        for h in (0..n_hosts).filter(|&h| h != on && !silent(h)) {
             match (answered_at.get(&(name.clone(), h)), started.get(&name)) {
                 (Some(&a), Some(&s)) => ms.push(a.saturating_sub(s) as f64 / 1e6),
                 _ => never += 1,
@@ -925,9 +977,67 @@ fn propagation(containers: usize) {
         }
     }
     println!(
-        "{containers} containers on 3 hosts; Docker start event -> answered by another host's DNS (ms): {}; never answered within 10 s: {never}",
+        "{containers} containers on {n_hosts} hosts ({voters} voters); Docker start event -> answered by another host's DNS (ms): {}; never answered within 10 s: {never}",
         percentiles(ms)
     );
+    // Each container start is one committed change (its record). Over the run, the leader's
+    // CPU and the learner's received bytes also carry the idle cost: shown whole, and net of
+    // the idle rate measured before.
+    let per_change = |total: f64, idle_per_s: f64| {
+        (
+            total / containers as f64,
+            (total - idle_per_s * run_secs).max(0.0) / containers as f64,
+        )
+    };
+    let (cpu_all, cpu_net) = per_change(leader_cpu as f64, idle_cpu_per_s);
+    let (rx_all, rx_net) = per_change(learner_rx as f64, idle_rx_per_s);
+    println!(
+        "leader (h{}) CPU per committed change: {:.0} us with the idle cost, {:.0} us net of it; a learner (h{}) received per change {:.0} bytes with the idle traffic, {:.0} net of it ({containers} changes in {run_secs:.0} s)",
+        leader + 1,
+        cpu_all / 1000.0,
+        cpu_net / 1000.0,
+        learner + 1,
+        rx_all,
+        rx_net
+    );
+}
+
+/// The machine's available memory, in kB.
+fn mem_available_kb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time of every thread of `h`'s linkdns, in ns (the scheduler's own accounting).
+fn linkdns_cpu_ns(h: &testbed::Host) -> u64 {
+    let pid = h.linkdns_pid().unwrap_or(0);
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Bytes received on `h`'s interfaces other than loopback (its namespace's own counters).
+fn rx_bytes(h: &testbed::Host) -> u64 {
+    let out = h.exec("cat", &["/proc/net/dev"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim() != "lo")
+        .filter_map(|(_, counters)| counters.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 // ------------------------------------------------------------------------------------------

@@ -227,9 +227,10 @@ impl<S: LogStore, T> Core<S, T> {
     /// between runs of the same node.
     pub fn open(config: CoreConfig, mut store: S, incarnation: u64) -> Result<Self, Error> {
         let initial = store.initial_state()?;
+        // The first index follows the snapshot's: no need to read the snapshot itself here.
         let fresh = initial.conf_state.voters.is_empty()
             && initial.conf_state.learners.is_empty()
-            && store.current_snapshot()?.get_metadata().index == 0;
+            && store.first_index()? == 1;
         if fresh && config.bootstrap {
             tracing::info!(
                 node = config.id,
