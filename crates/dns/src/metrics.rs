@@ -139,7 +139,7 @@ impl DnsMetrics {
     }
 
     fn count(&self, qtype: RecordType, rcode: ResponseCode) {
-        let (t, r) = (qtype_index(qtype), rcode_index(rcode));
+        let (t, r) = (label_index(&QTYPES, qtype), label_index(&RCODES, rcode));
         self.query_counters[t * RCODES.len() + r]
             .get_or_init(|| {
                 let labels = QueryLabels {
@@ -197,16 +197,12 @@ const RCODES: [(ResponseCode, &str); 7] = [
     (ResponseCode::Unknown(0), "other"),
 ];
 
-fn qtype_index(t: RecordType) -> usize {
-    QTYPES[..QTYPES.len() - 1]
+/// The index of `value` in one of those tables; the last entry (`other`) for any value
+/// the table does not name.
+fn label_index<T: PartialEq>(table: &[(T, &str)], value: T) -> usize {
+    let other = table.len() - 1;
+    table[..other]
         .iter()
-        .position(|(known, _)| *known == t)
-        .unwrap_or(QTYPES.len() - 1)
-}
-
-fn rcode_index(r: ResponseCode) -> usize {
-    RCODES[..RCODES.len() - 1]
-        .iter()
-        .position(|(known, _)| *known == r)
-        .unwrap_or(RCODES.len() - 1)
+        .position(|(known, _)| *known == value)
+        .unwrap_or(other)
 }

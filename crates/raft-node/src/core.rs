@@ -536,7 +536,6 @@ impl<S: LogStore, T> Core<S, T> {
         }
     }
 
-    /// Fails every proposal still waiting (the node is stopping).
     /// Writes the hard state as it is and syncs: whether the store takes a durable write now
     /// (a degraded node checks before it goes on).
     pub fn check_writable(&mut self) -> Result<(), Error> {
@@ -546,6 +545,7 @@ impl<S: LogStore, T> Core<S, T> {
         store.sync()
     }
 
+    /// Fails every proposal still waiting (the node is stopping).
     pub fn fail_pending(&mut self) -> Vec<(T, Result<Outcome, Error>)> {
         let mut out: Vec<_> = self.done.drain(..).collect();
         out.extend(

@@ -350,27 +350,23 @@ fn start_with<S: LogStore + Send + 'static>(
                 };
                 let _ = reply.send(result);
             }
-            let mut last = core.status();
+            let mut last = driver.status_of(&core);
             if let (Some(reason), Some(reopen)) = (&degrade, &reopen) {
                 tracing::error!(error = %reason, "the data dir cannot be written; answering DNS from memory, writes wait until it can be (trying again every {REOPEN_EVERY:?})");
                 // Nothing it says about Raft holds while it cannot write: no role, no leader.
                 last.degraded = Some(reason.clone());
                 last.role = Role::Stopped;
                 last.leader = None;
-                driver.status.store(Arc::new(last.clone()));
                 // The next publication of the status wakes the tasks, whatever it says.
                 driver.shape = None;
-                driver.changes.send_modify(|n| *n += 1);
+                driver.publish_stopped(last.clone());
                 drop(core);
                 core = match driver.degraded(&rx, reopen, &core_config, reason, last) {
                     Ok(Some(reopened)) => reopened,
                     Ok(None) => return Ok(()),
                     Err(e) => {
                         tracing::error!(error = %e, "raft loop stopped");
-                        let mut last = driver.status.load().as_ref().clone();
-                        last.role = Role::Stopped;
-                        driver.status.store(Arc::new(last));
-                        driver.changes.send_modify(|n| *n += 1);
+                        driver.publish_stopped(driver.status.load().as_ref().clone());
                         return Err(e);
                     }
                 };
@@ -380,9 +376,7 @@ fn start_with<S: LogStore + Send + 'static>(
             if let Err(e) = &result {
                 tracing::error!(error = %e, "raft loop stopped");
             }
-            last.role = Role::Stopped;
-            driver.status.store(Arc::new(last));
-            driver.changes.send_modify(|n| *n += 1);
+            driver.publish_stopped(last);
             return result;
         })
         .map_err(|e| Error::Storage {
@@ -553,6 +547,20 @@ impl Driver {
         true
     }
 
+    /// The core's status, with what the driver measures.
+    fn status_of<S: LogStore>(&self, core: &Core<S, Reply>) -> RaftStatus {
+        let mut status = core.status();
+        status.max_tick_gap_micros = self.max_tick_gap.as_micros() as u64;
+        status
+    }
+
+    /// Publishes `last` as the status of a stopped node, and wakes the tasks.
+    fn publish_stopped(&mut self, mut last: RaftStatus) {
+        last.role = Role::Stopped;
+        self.status.store(Arc::new(last));
+        self.changes.send_modify(|n| *n += 1);
+    }
+
     /// Runs a ready: sends, publishes, then answers proposers (so one that hears back reads a
     /// registry that includes its change).
     fn pump<S: LogStore>(&mut self, core: &mut Core<S, Reply>) -> Result<(), Error> {
@@ -572,8 +580,7 @@ impl Driver {
         for (reply, result) in progress.done {
             let _ = reply.send(result);
         }
-        let mut status = core.status();
-        status.max_tick_gap_micros = self.max_tick_gap.as_micros() as u64;
+        let status = self.status_of(core);
         let shape = Shape::of(&status);
         self.status.store(Arc::new(status));
         if self.shape.as_ref() != Some(&shape) {

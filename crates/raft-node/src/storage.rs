@@ -341,7 +341,7 @@ impl SledStore {
                 });
             }
         }
-        let first = self.snapshot.get_metadata().index + 1;
+        let first = meta.index + 1;
         let last = self.last_index_inner()?;
         if let Some(item) = self.entries.iter().next() {
             let (key, _) = item.map_err(self.sled_err())?;
