@@ -27,11 +27,15 @@ pub enum Decision {
     Forward,
 }
 
-/// Whether an in-zone answer may be reused for other clients: not if it depends on who asked
-/// (link aliases), and never for forwarded or refused queries.
+/// Whether an in-zone answer may be reused: for other clients of the same vantage class, only
+/// for the same asker when it depends on who asked (link aliases), and never for forwarded or
+/// refused queries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cacheable {
     Yes,
+    /// For the same source address, while the registry and the local view stay as they are
+    /// (they say who is at that address and which link aliases it has).
+    PerAsker,
     No,
 }
 
@@ -213,7 +217,7 @@ impl Zone {
             let rel = relative(&name, &self.domain);
             let (srv, base) = SrvQuery::parse(&rel);
             let cacheable = if registry.is_link_alias(base) || published.local.is_link_alias(base) {
-                Cacheable::No
+                Cacheable::PerAsker
             } else {
                 Cacheable::Yes
             };
@@ -292,7 +296,7 @@ impl Zone {
                 return Decided {
                     decision: Decision::Respond(response),
                     cacheable: if linked {
-                        Cacheable::No
+                        Cacheable::PerAsker
                     } else {
                         Cacheable::Yes
                     },
@@ -314,7 +318,7 @@ impl Zone {
                         response
                     }
                 };
-                return Decided::respond(response, Cacheable::No);
+                return Decided::respond(response, Cacheable::PerAsker);
             } else if let Some(addrs) = registry.link_addresses(base, &scope) {
                 let (answers, rotation) = address_records(&query.name, &addrs, qtype, self.ttl);
                 let mut response = reply_to(request, ResponseCode::NoError);
@@ -322,7 +326,7 @@ impl Zone {
                 response.add_answers(answers);
                 return Decided {
                     decision: Decision::Respond(response),
-                    cacheable: Cacheable::No,
+                    cacheable: Cacheable::PerAsker,
                     rotation,
                 };
             }

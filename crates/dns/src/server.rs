@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::iter;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,8 @@ impl Holds {
 /// What the UDP path does with one datagram.
 enum Handled {
     Reply(Vec<u8>),
+    /// The reply came from the cache and is in its `out` buffer (so a hit allocates nothing).
+    Cached,
     /// Ask the upstreams; the client takes UDP answers of at most this many bytes.
     Forward {
         udp_limit: usize,
@@ -130,7 +132,8 @@ enum Handled {
 
 /// Encoded answers of the current registry version, keyed by the lowercased question, whether
 /// the client used EDNS and the asker's vantage class (see [`AnswerCache::build_key`]). Owned by
-/// one UDP thread: no locks.
+/// one UDP thread: no locks, except where an answer's rotation counter is first shared with
+/// the other threads' caches (see [`Turns`]).
 pub struct AnswerCache {
     applied: u64,
     version: u64,
@@ -139,14 +142,64 @@ pub struct AnswerCache {
     bytes: usize,
     /// Where the key of the query at hand is built, so a lookup allocates nothing.
     scratch: Vec<u8>,
+    /// The length of the key without the asker's address (see [`AnswerCache::add_asker`]).
+    general: usize,
+    /// Where a reply from the cache is written, so a hit allocates nothing.
+    out: Vec<u8>,
+    turns: Arc<Turns>,
 }
 
-/// One cached answer: its bytes, the runs of its answer records that rotate, and how many
-/// times it was sent.
+/// One cached answer: its bytes, the runs of its answer records that rotate, and the turn
+/// its next copy rotates to (`None` when nothing rotates).
 struct Cached {
     bytes: Vec<u8>,
     runs: Vec<Run>,
-    sent: usize,
+    turn: Option<Arc<AtomicUsize>>,
+}
+
+/// The rotation counter of each cached answer, shared by the caches of one server's UDP
+/// threads: each answer starts one further along, whichever thread sends it.
+#[derive(Default)]
+pub struct Turns {
+    counters: Mutex<TurnCounters>,
+}
+
+#[derive(Default)]
+struct TurnCounters {
+    /// The registry and local view versions the counters belong to.
+    applied: u64,
+    version: u64,
+    by_key: HashMap<Vec<u8>, Arc<AtomicUsize>>,
+}
+
+/// Answers whose rotation counters are kept at once; past it the table starts over (a flood
+/// of distinct names resets rotation, it does not grow memory).
+const MAX_TURN_COUNTERS: usize = 65_536;
+
+impl Turns {
+    /// The counter of the answer cached under `key` at these versions, made (starting at
+    /// `start`) if no cache has it yet. A cache still on older versions gets a counter of
+    /// its own: it is about to move on.
+    fn counter(
+        &self,
+        versions: (u64, u64),
+        key: &[u8],
+        start: impl FnOnce() -> usize,
+    ) -> Arc<AtomicUsize> {
+        let mut t = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = (t.applied, t.version);
+        if versions < held && !t.by_key.is_empty() {
+            return Arc::new(AtomicUsize::new(start()));
+        }
+        if versions != held || t.by_key.len() >= MAX_TURN_COUNTERS {
+            t.by_key.clear();
+            (t.applied, t.version) = versions;
+        }
+        t.by_key
+            .entry(key.to_vec())
+            .or_insert_with(|| Arc::new(AtomicUsize::new(start())))
+            .clone()
+    }
 }
 
 /// A run of equally long answer records in an encoded response, rotated in place on every
@@ -246,13 +299,23 @@ impl Default for AnswerCache {
 }
 
 impl AnswerCache {
+    /// A cache whose answers rotate on their own.
     pub fn new() -> AnswerCache {
+        AnswerCache::sharing(Arc::default())
+    }
+
+    /// A cache whose answers rotate together with those of the other caches sharing `turns`
+    /// (the UDP threads of one server).
+    pub fn sharing(turns: Arc<Turns>) -> AnswerCache {
         AnswerCache {
             applied: u64::MAX,
             version: u64::MAX,
             entries: HashMap::new(),
             bytes: 0,
             scratch: Vec::with_capacity(300),
+            general: 0,
+            out: Vec::with_capacity(512),
+            turns,
         }
     }
 
@@ -268,6 +331,18 @@ impl AnswerCache {
             .extend_from_slice(&bytes[name_end..q.question_end]);
         self.scratch.push(u8::from(q.edns.is_some()));
         self.scratch.extend_from_slice(&class.to_le_bytes());
+        self.general = self.scratch.len();
+    }
+
+    /// Makes the key in the scratch buffer that of an answer for `asker` alone (once).
+    fn add_asker(&mut self, asker: IpAddr) {
+        if self.scratch.len() > self.general {
+            return;
+        }
+        match asker {
+            IpAddr::V4(ip) => self.scratch.extend_from_slice(&ip.octets()),
+            IpAddr::V6(ip) => self.scratch.extend_from_slice(&ip.octets()),
+        }
     }
 
     /// Empties the cache when the registry or the local view moved on since it was filled.
@@ -368,8 +443,24 @@ impl Answerer {
         src: SocketAddr,
         cache: &mut AnswerCache,
     ) -> Option<Vec<u8>> {
+        self.answer_datagram_in(bytes, src, cache)
+            .map(<[u8]>::to_vec)
+    }
+
+    /// As [`Answerer::answer_datagram`], the reply borrowed from `cache`: what the UDP thread
+    /// sends, with no copy of its own (a test counts this path's allocations).
+    pub fn answer_datagram_in<'c>(
+        &self,
+        bytes: &[u8],
+        src: SocketAddr,
+        cache: &'c mut AnswerCache,
+    ) -> Option<&'c [u8]> {
         match self.handle_datagram(bytes, src, cache, false) {
-            Handled::Reply(b) => Some(b),
+            Handled::Reply(b) => {
+                cache.out = b;
+                Some(&cache.out)
+            }
+            Handled::Cached => Some(&cache.out),
             Handled::Forward { .. } | Handled::Hold | Handled::Drop => None,
         }
     }
@@ -431,23 +522,33 @@ impl Answerer {
             Asker::Other => vantage_class(asker, self.zone.on_host(src_ip, &published)),
         };
         let scanned = scan_query(bytes);
+        // A container's answers that depend on who asks are cached under its address too.
+        let per_asker = matches!(asker, Asker::Container(_));
         if let (Some(q), false) = (&scanned, asker == Asker::Unknown) {
             cache.build_key(bytes, q, class);
+            if per_asker && !cache.entries.contains_key(cache.scratch.as_slice()) {
+                cache.add_asker(src_ip);
+            }
             if let Some(cached) = cache.entries.get_mut(cache.scratch.as_slice()) {
                 if cached.bytes.len() <= udp_limit(q.edns) {
-                    let mut out = cached.bytes.clone();
+                    let out = &mut cache.out;
+                    out.clear();
+                    out.extend_from_slice(&cached.bytes);
                     // Same question length, so the cached answer's name pointers still fit;
                     // copy the client's id, RD/CD bits and the question in its own case.
                     out[..2].copy_from_slice(&bytes[..2]);
                     out[2] = (out[2] & !0x01) | (bytes[2] & 0x01);
                     out[3] = (out[3] & !0x10) | (bytes[3] & 0x10);
                     out[12..q.question_end].copy_from_slice(&bytes[12..q.question_end]);
-                    cached.sent += 1;
-                    rotate_runs(&mut out, &cached.runs, cached.sent);
+                    let turn = cached
+                        .turn
+                        .as_ref()
+                        .map_or(0, |t| t.fetch_add(1, Ordering::Relaxed));
+                    rotate_runs(out, &cached.runs, turn);
                     let qtype =
                         u16::from_be_bytes([bytes[q.question_end - 4], bytes[q.question_end - 3]]);
                     self.metrics.record_cached(qtype, out[3]);
-                    return Handled::Reply(out);
+                    return Handled::Cached;
                 }
             }
         }
@@ -477,7 +578,11 @@ impl Answerer {
                     // The scratch buffer still holds this query's key (an unknown asker's
                     // answer lacks the links it may have: never cached).
                     (_, _, Asker::Unknown) => None,
-                    (Some(_), Cacheable::Yes, _) => Some(cache.scratch.clone()),
+                    (Some(_), Cacheable::Yes, _) => Some(cache.scratch[..cache.general].to_vec()),
+                    (Some(_), Cacheable::PerAsker, _) if per_asker => {
+                        cache.add_asker(src_ip);
+                        Some(cache.scratch.clone())
+                    }
                     _ => None,
                 };
                 self.encode_udp(&response, Some(limit), key, &decided.rotation, cache)
@@ -501,19 +606,28 @@ impl Answerer {
         };
         self.metrics.record(response);
         let runs = runs_of(&bytes, rotation);
-        // Where the rotation starts: the cache counts on from here for this answer.
-        let turn = if runs.is_empty() {
-            0
-        } else {
-            self.zone.next_turn()
+        let key = key.filter(|_| whole);
+        // Where the rotation stands: the cached copies count on from here for this answer.
+        let counter = match &key {
+            Some(key) if !runs.is_empty() => Some(cache.turns.counter(
+                (cache.applied, cache.version),
+                key,
+                || self.zone.next_turn(),
+            )),
+            _ => None,
         };
-        if let (Some(key), true) = (key, whole) {
+        let turn = match (&counter, runs.is_empty()) {
+            (Some(counter), _) => counter.fetch_add(1, Ordering::Relaxed),
+            (None, true) => 0,
+            (None, false) => self.zone.next_turn(),
+        };
+        if let Some(key) = key {
             cache.insert(
                 key,
                 Cached {
                     bytes: bytes.clone(),
                     runs: runs.clone(),
-                    sent: turn,
+                    turn: counter,
                 },
             );
         }
@@ -660,16 +774,14 @@ impl DnsServer {
         let mut tcp_tasks = tokio::task::JoinSet::new();
         let mut udp_threads = Vec::new();
         let mut bound = Vec::new();
+        let turns = Arc::new(Turns::default());
         for addr in listen {
             let bind_err = |e: std::io::Error| Error::Bind(*addr, e.to_string());
-            let socket = UdpSocket::bind(addr).map_err(bind_err)?;
-            let local = socket.local_addr().map_err(bind_err)?;
+            let sockets = udp_sockets(*addr, limits.udp_threads).map_err(bind_err)?;
+            let local = sockets[0].local_addr().map_err(bind_err)?;
             // Same port for TCP as UDP, also when the config asked for port 0.
             let listener = tokio::net::TcpListener::bind(local)
                 .await
-                .map_err(bind_err)?;
-            socket
-                .set_read_timeout(Some(Duration::from_millis(200)))
                 .map_err(bind_err)?;
             tcp_tasks.spawn(tcp_accept_loop(
                 listener,
@@ -678,13 +790,20 @@ impl DnsServer {
                 limits.tcp_idle,
                 tcp_stopped.clone(),
             ));
-            let (shared, stop, runtime) = (shared.clone(), stop.clone(), runtime.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("dns-udp {local}"))
-                .spawn(move || udp_loop(socket, shared, stop, runtime))
-                .map_err(bind_err)?;
-            udp_threads.push(thread);
-            tracing::info!(addr = %local, "DNS listening (udp, tcp)");
+            let threads = sockets.len();
+            for (i, socket) in sockets.into_iter().enumerate() {
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .map_err(bind_err)?;
+                let cache = AnswerCache::sharing(turns.clone());
+                let (shared, stop, runtime) = (shared.clone(), stop.clone(), runtime.clone());
+                let thread = std::thread::Builder::new()
+                    .name(format!("dns-udp {local} {i}"))
+                    .spawn(move || udp_loop(socket, cache, shared, stop, runtime))
+                    .map_err(bind_err)?;
+                udp_threads.push(thread);
+            }
+            tracing::info!(addr = %local, udp_threads = threads, "DNS listening (udp, tcp)");
             bound.push(local);
         }
         Ok(DnsServer {
@@ -738,15 +857,53 @@ fn send_limited(shared: &Shared, socket: &UdpSocket, bytes: &[u8], src: SocketAd
     true
 }
 
+/// `threads` UDP sockets bound to `addr` (its port chosen once when it is 0). Several share the
+/// port with `SO_REUSEPORT`, the kernel spreading clients over them; the address is first
+/// bound alone, so that one taken by another process fails here instead of sharing its
+/// queries.
+fn udp_sockets(addr: SocketAddr, threads: usize) -> std::io::Result<Vec<UdpSocket>> {
+    let alone = UdpSocket::bind(addr)?;
+    if threads <= 1 {
+        return Ok(vec![alone]);
+    }
+    let addr = alone.local_addr()?;
+    drop(alone);
+    (0..threads)
+        .map(|_| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            Ok(socket.into())
+        })
+        .collect()
+}
+
+/// Sends an answer (as response-rate limiting says) and counts its latency if it went out.
+fn send_answer(
+    shared: &Shared,
+    socket: &UdpSocket,
+    bytes: &[u8],
+    src: SocketAddr,
+    started: Instant,
+) {
+    if send_limited(shared, socket, bytes, src) {
+        shared.answerer.metrics.observe_latency(started.elapsed());
+    }
+}
+
 fn udp_loop(
     socket: UdpSocket,
+    mut cache: AnswerCache,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
 ) {
     let socket = Arc::new(socket);
     let answerer = shared.answerer.clone();
-    let mut cache = AnswerCache::new();
     let mut buf = vec![0u8; 65535];
     while !stop.load(Ordering::Relaxed) {
         let (n, src) = match socket.recv_from(&mut buf) {
@@ -768,11 +925,8 @@ fn udp_loop(
         };
         let started = Instant::now();
         match answerer.handle_datagram(&buf[..n], src, &mut cache, true) {
-            Handled::Reply(bytes) => {
-                if send_limited(&shared, &socket, &bytes, src) {
-                    answerer.metrics.observe_latency(started.elapsed());
-                }
-            }
+            Handled::Reply(bytes) => send_answer(&shared, &socket, &bytes, src, started),
+            Handled::Cached => send_answer(&shared, &socket, &cache.out, src, started),
             Handled::Forward { udp_limit: limit } => {
                 let Some(permit) = shared.forward_slot(&socket, &buf[..n], src) else {
                     continue;
@@ -789,10 +943,8 @@ fn udp_loop(
                 let Ok(permit) = answerer.holds.slots.clone().try_acquire_owned() else {
                     // Too many waiting: answer now, as after a wait that ran out.
                     let mut scratch = AnswerCache::new();
-                    if let Handled::Reply(bytes) =
-                        answerer.handle_datagram(&query, src, &mut scratch, false)
-                    {
-                        send_limited(&shared, &socket, &bytes, src);
+                    if let Some(bytes) = answerer.answer_datagram_in(&query, src, &mut scratch) {
+                        send_limited(&shared, &socket, bytes, src);
                     }
                     continue;
                 };
@@ -804,9 +956,10 @@ fn udp_loop(
                     let mut scratch = AnswerCache::new();
                     match answerer.handle_datagram(&query, src, &mut scratch, false) {
                         Handled::Reply(bytes) => {
-                            if send_limited(&shared, &socket, &bytes, src) {
-                                answerer.metrics.observe_latency(started.elapsed());
-                            }
+                            send_answer(&shared, &socket, &bytes, src, started);
+                        }
+                        Handled::Cached => {
+                            send_answer(&shared, &socket, &scratch.out, src, started);
                         }
                         Handled::Forward { udp_limit: limit } => {
                             let Some(_forward) = shared.forward_slot(&socket, &query, src) else {

@@ -830,3 +830,234 @@ async fn a_held_query_asks_who_is_there_and_ends_when_told() {
         "answered as `new`, with its link"
     );
 }
+
+/// Counts the allocations each thread makes, so a test can check a path allocates nothing.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn count_allocation() {
+    // Not during the thread's teardown, when its locals are gone.
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+}
+
+#[allow(unsafe_code)]
+// SAFETY: every call is passed on to the system allocator as it came.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_allocation();
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count_allocation();
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        count_allocation();
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(std::cell::Cell::get)
+}
+
+#[test]
+fn a_cached_answer_allocates_nothing() {
+    let a = answerer(registry());
+    a.published.store(Arc::new(Published {
+        local: starting(&[]),
+        ..Published::committed(42, registry())
+    }));
+    let mut cache = AnswerCache::new();
+    // The common queries: a name, one that rotates, NXDOMAIN, with and without EDNS, from
+    // the host and from a container (whose link alias `db` is answered per asker).
+    let asked: Vec<(SocketAddr, Vec<u8>)> = [
+        ("127.0.0.1:5000", "mysql.cluster.", false),
+        ("127.0.0.1:5000", "pool.cluster.", true),
+        ("127.0.0.1:5000", "nope.cluster.", false),
+        ("203.0.113.1:5000", "pool.cluster.", false),
+        ("192.168.1.50:5000", "web.cluster.", true),
+        ("192.168.1.50:5000", "db.", false),
+    ]
+    .iter()
+    .map(|(src, name, edns)| (src.parse().expect("src"), query(name, RecordType::A, *edns)))
+    .collect();
+    let mut firsts = Vec::new();
+    for (src, q) in &asked {
+        let reply = a.answer_datagram(q, *src, &mut cache).expect("answered");
+        firsts.push(render(&reply));
+    }
+    assert!(
+        firsts[5].contains("an db. 5 A 192.168.1.5"),
+        "{}",
+        firsts[5]
+    );
+    let before = allocations();
+    let mut replies = 0;
+    for _ in 0..100 {
+        for (src, q) in &asked {
+            replies += usize::from(a.answer_datagram_in(q, *src, &mut cache).is_some());
+        }
+    }
+    let allocated = allocations() - before;
+    assert_eq!(replies, 100 * asked.len());
+    assert_eq!(allocated, 0, "allocations for {replies} cached answers");
+    // And they are the same answers (rotation aside).
+    for ((src, q), first) in asked.iter().zip(&firsts) {
+        let again = render(&a.answer_datagram(q, *src, &mut cache).expect("answered"));
+        let sorted = |s: &str| s.lines().map(str::to_string).collect::<BTreeSet<_>>();
+        assert_eq!(sorted(&again), sorted(first));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_threads_share_the_port_and_the_rotation() {
+    let a = Arc::new(answerer(registry()));
+    let limits = linkdns_dns::Limits {
+        udp_threads: 2,
+        ..Default::default()
+    };
+    let listen: [SocketAddr; 1] = ["127.0.0.1:0".parse().expect("addr")];
+    let server = linkdns_dns::DnsServer::start(&listen, a.clone(), limits)
+        .await
+        .expect("start");
+    let addr = server.local_addrs()[0];
+    // Two UDP sockets on the port (the kernel's own table says so).
+    let udp = std::fs::read_to_string("/proc/net/udp").expect("/proc/net/udp");
+    let port = format!("0100007F:{:04X}", addr.port());
+    let bound = udp
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some(port.as_str()))
+        .count();
+    assert_eq!(bound, 2, "sockets on {addr}:\n{udp}");
+    // The address is taken: another server (another process, say) cannot join it.
+    match linkdns_dns::DnsServer::start(&[addr], a.clone(), limits).await {
+        Err(e) => assert!(e.to_string().contains(&addr.to_string()), "{e}"),
+        Ok(_) => panic!("a second server bound {addr}"),
+    }
+    // Each client asks from a port of its own, so the kernel spreads them over both
+    // threads; the answers still rotate one step each: pool-1 (this host's) first, the
+    // other two taking turns behind it.
+    let q = query("pool.cluster.", RecordType::A, false);
+    let mut seconds = Vec::new();
+    for _ in 0..16 {
+        let q = q.clone();
+        let reply = tokio::task::spawn_blocking(move || {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            socket.send_to(&q, addr).expect("send");
+            let mut buf = [0u8; 1500];
+            let (n, _) = socket.recv_from(&mut buf).expect("answer");
+            buf[..n].to_vec()
+        })
+        .await
+        .expect("client");
+        let order = addresses(&reply);
+        assert_eq!(order.len(), 3, "{order:?}");
+        assert_eq!(order[0], "192.168.1.31", "{order:?}");
+        seconds.push(order[1].clone());
+    }
+    for pair in seconds.windows(2) {
+        assert_ne!(
+            pair[0], pair[1],
+            "each answer one step further: {seconds:?}"
+        );
+    }
+    server.shutdown().await;
+}
+
+#[test]
+fn a_link_alias_answer_is_cached_for_its_asker_alone() {
+    // Two containers on the same network (one vantage class); only `app` links mysql as db.
+    let mut view = LocalView::default();
+    view.apply(LocalChange::Networks(vec![LocalNetwork {
+        id: "br".into(),
+        name: "bridge".into(),
+        subnets: vec!["192.168.1.0/24".parse().expect("subnet")],
+        gateways: vec!["192.168.1.1".parse().expect("ip")],
+    }]));
+    let container = |id: &str, ip: &str, links: Vec<LinkAlias>| {
+        LocalContainer::new(
+            ContainerId::new(id),
+            id.into(),
+            links,
+            vec![ip.parse().expect("ip")],
+            vec!["br".into()],
+        )
+    };
+    view.apply(LocalChange::Replace(vec![
+        container(
+            "app",
+            "192.168.1.60",
+            vec![LinkAlias {
+                target: "mysql".into(),
+                alias: "db".into(),
+            }],
+        ),
+        container("plain", "192.168.1.61", vec![]),
+    ]));
+    let a = answerer(registry());
+    a.published.store(Arc::new(Published {
+        local: Arc::new(view),
+        ..Published::committed(42, registry())
+    }));
+    let mut cache = AnswerCache::new();
+    let ask_db = |cache: &mut AnswerCache, src: &str| {
+        ask(&a, cache, src, "db.cluster.", RecordType::A, false)
+    };
+    let linked = "id=0xbeef NoError aa rd ra\nan db.cluster. 5 A 192.168.1.5\n";
+    // `db.cluster` is also shop's compose db (192.168.1.40): what everyone else gets.
+    let unlinked = "id=0xbeef NoError aa rd ra\nan db.cluster. 5 A 192.168.1.40\n";
+    for _ in 0..3 {
+        assert_eq!(ask_db(&mut cache, "192.168.1.60:5000"), linked);
+        assert_eq!(ask_db(&mut cache, "192.168.1.61:5000"), unlinked);
+    }
+    // The bare alias: app's link, and for plain the cluster name db (shop's).
+    let bare = |src: &str| {
+        ask(
+            &a,
+            &mut AnswerCache::new(),
+            src,
+            "db.",
+            RecordType::A,
+            false,
+        )
+    };
+    let (app_bare, plain_bare) = (bare("192.168.1.60:5000"), bare("192.168.1.61:5000"));
+    for _ in 0..3 {
+        assert_eq!(
+            ask(
+                &a,
+                &mut cache,
+                "192.168.1.60:5000",
+                "db.",
+                RecordType::A,
+                false
+            ),
+            app_bare
+        );
+        assert_eq!(
+            ask(
+                &a,
+                &mut cache,
+                "192.168.1.61:5000",
+                "db.",
+                RecordType::A,
+                false
+            ),
+            plain_bare
+        );
+    }
+    assert_ne!(app_bare, plain_bare);
+}

@@ -42,6 +42,7 @@ pub struct FileConfig {
     pub rrl_slip: Option<u32>,
     pub dns_tcp_connections: Option<usize>,
     pub dns_tcp_per_client: Option<usize>,
+    pub dns_threads: Option<usize>,
     pub cert_validity_days: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
@@ -150,6 +151,9 @@ pub struct RunArgs {
     /// DNS-over-TCP connections at once from one client address (16).
     #[arg(long, env = "LINKDNS_DNS_TCP_PER_CLIENT")]
     pub dns_tcp_per_client: Option<usize>,
+    /// UDP threads per DNS listen address, sharing its port (one per core, at most 4).
+    #[arg(long, env = "LINKDNS_DNS_THREADS")]
+    pub dns_threads: Option<usize>,
     /// Days a node certificate this node issues as leader is valid (90); each node renews
     /// its own through the leader when a third is left.
     #[arg(long, env = "LINKDNS_CERT_VALIDITY_DAYS")]
@@ -291,9 +295,19 @@ impl Config {
                 .or(file.dns_tcp_per_client)
                 .unwrap_or(defaults.tcp_per_client),
             tcp_idle: defaults.tcp_idle,
+            udp_threads: args
+                .dns_threads
+                .or(file.dns_threads)
+                .unwrap_or(defaults.udp_threads),
         };
         if dns_limits.tcp_connections < 2 || dns_limits.tcp_per_client == 0 {
             bail!("dns_tcp_connections must be at least 2 and dns_tcp_per_client at least 1");
+        }
+        if !(1..=64).contains(&dns_limits.udp_threads) {
+            bail!(
+                "dns_threads: {}; use 1 to 64 (one per core is enough)",
+                dns_limits.udp_threads
+            );
         }
         let validity_days = args
             .cert_validity_days
