@@ -28,7 +28,18 @@
 //!   answered mysql's address, and the latency linkdns added to those queries (held for an
 //!   unknown asker), p50/p99/max.
 //!
-//! All need root only for `propagation` and `first-query` (network namespaces, dockerd).
+//! - `dns-mix [names=10000] [seconds=10]`: DNS as containers use it. One host of the namespace
+//!   test bed with its Docker engine, `names` cluster names (another member's, written by an
+//!   in-process member), and a container `app` with three link aliases; dnsperf runs in app's
+//!   network namespace (pinned to core 0, linkdns with one UDP thread to core 1) against the
+//!   bridge gateway, with three query files: in-zone hits alone; a realistic mix (70% in-zone
+//!   hits, 20% NXDOMAIN, 10% app's link aliases); link aliases alone. Then Knot (one UDP
+//!   worker, same core, same namespace, the same names from a zone file) with the hits. For
+//!   each: server CPU per answered query at 20,000 q/s, lost queries, and max q/s. Needs
+//!   dnsperf and knot.
+//!
+//! All need root only for `propagation`, `first-query` and `dns-mix` (network namespaces,
+//! dockerd).
 
 // A benchmark's output is its figures, on stdout.
 #![allow(clippy::print_stdout)]
@@ -74,6 +85,11 @@ fn main() {
                 args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3),
             ),
             "first-query" => first_query(n.unwrap_or(100) as usize),
+            "dns-mix" => dns_mix(
+                &runtime,
+                n.unwrap_or(10_000),
+                args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10),
+            ),
             "churn" => {
                 let batch = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
                 runtime.block_on(churn(n.unwrap_or(10), batch))
@@ -293,11 +309,16 @@ struct Injector {
 
 impl Injector {
     async fn join(via: &str, token: &str, port: u16) -> Injector {
+        Injector::join_at(via, token, SocketAddr::from(([127, 0, 0, 1], port))).await
+    }
+
+    /// Joins through `via`, serving and advertising `at` (an address of this namespace).
+    async fn join_at(via: &str, token: &str, at: SocketAddr) -> Injector {
         let token: Token = token.parse().expect("token");
         let me = JoinAs {
             name: "bench".into(),
-            advertise: Some(SocketAddr::from(([127, 0, 0, 1], port))),
-            listen_port: port,
+            advertise: Some(at),
+            listen_port: at.port(),
         };
         let identity = linkdns_cluster::join(via, &token, &me).await.expect("join");
         let id = identity.node_id;
@@ -311,11 +332,8 @@ impl Injector {
         let store = SledStore::open(dir.path()).expect("store");
         let node = Arc::new(linkdns_raft::start(config, store, transport.outbox()).expect("start"));
         linkdns_cluster::attach(&transport, node.clone());
-        transport
-            .serve(SocketAddr::from(([127, 0, 0, 1], port)))
-            .await
-            .expect("serve");
-        transport.set_advertised(SocketAddr::from(([127, 0, 0, 1], port)));
+        transport.serve(at).await.expect("serve");
+        transport.set_advertised(at);
         let injector = Injector {
             node,
             id,
@@ -1019,7 +1037,21 @@ fn mem_available_kb() -> u64 {
 
 /// CPU time of every thread of `h`'s linkdns, in ns (the scheduler's own accounting).
 fn linkdns_cpu_ns(h: &testbed::Host) -> u64 {
-    let pid = h.linkdns_pid().unwrap_or(0);
+    cpu_ns(h.linkdns_pid().unwrap_or(0))
+}
+
+/// A child process of the bench, killed and reaped when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU time of every thread of process `pid`, in ns (the scheduler's own accounting).
+fn cpu_ns(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
@@ -1219,4 +1251,187 @@ fn first_queries(
         quantile(0.99),
         quantile(1.0)
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// DNS as containers use it.
+
+fn dns_mix(runtime: &tokio::runtime::Runtime, names: u64, seconds: u64) {
+    for tool in ["dnsperf", "knotd", "taskset"] {
+        assert!(
+            testbed::run("sh", &["-c", &format!("command -v {tool}")])
+                .status
+                .success(),
+            "dns-mix needs {tool} (apt-get install dnsperf knot util-linux)"
+        );
+    }
+    let mut h = testbed::Host::on_lan();
+    h.start_dockerd();
+    // As a service runs: warnings only (the test bed's debug log would cost each query).
+    let args: Vec<String> = [
+        "run",
+        "--data-dir",
+        &h.data_dir().to_string_lossy(),
+        "--node-name",
+        "h1",
+        "--docker",
+        &format!("unix://{}", h.docker_sock().display()),
+        "--dns-threads",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec();
+    h.start_linkdns_service(&args, &[("LINKDNS_LOG".into(), "warn".into())]);
+    h.wait_linkdns_answers();
+    let injector = runtime.block_on(async {
+        let injector = Injector::join_at(
+            &h.peer_addr(),
+            &h.token(),
+            SocketAddr::from((testbed::lan_root(), 7496)),
+        )
+        .await;
+        let mut written = 0;
+        while written < names {
+            let batch: Vec<RegistryCommand> = (written..(written + 1000).min(names))
+                .map(|i| RegistryCommand::UpsertContainer(container(injector.id, i)))
+                .collect();
+            written += batch.len() as u64;
+            assert!(
+                injector.write(RegistryCommand::Batch(batch)).await,
+                "write failed"
+            );
+        }
+        injector
+    });
+    let last = format!("svc{}.cluster", names - 1);
+    testbed::wait_until(
+        Duration::from_secs(60),
+        "the host to answer the last name",
+        || !h.dig(&["@127.0.0.1", &last, "A"]).rdata().is_empty(),
+    );
+    // app links three of them; its resolver is the node on the bridge's gateway.
+    h.run_container(
+        "app",
+        &[
+            "--label",
+            "linkdns.links=svc1:db,svc2:cache,svc3:queue",
+            "--dns",
+            &h.gateway.to_string(),
+        ],
+    );
+    let app_pid = h.docker(&["inspect", "-f", "{{.State.Pid}}", "app"]);
+    testbed::wait_until(Duration::from_secs(10), "app's link alias", || {
+        let out = h.try_docker(&["exec", "app", "nslookup", "db"]);
+        String::from_utf8_lossy(&out.stdout).contains("10.0.0.1")
+    });
+    let pid = h.linkdns_pid().expect("linkdns runs").to_string();
+    let pinned = testbed::run("taskset", &["-a", "-p", "-c", "1", &pid]);
+    assert!(pinned.status.success(), "taskset: {pinned:?}");
+
+    // Knot beside it in the same namespace, pinned to the same core, serving the same names
+    // from a zone file: the same path through the bridge, for in-zone hits.
+    let knot_dir = h.dir.join("knot");
+    std::fs::create_dir_all(&knot_dir).expect("knot dir");
+    let mut zone = String::from(
+        "$ORIGIN cluster.\n$TTL 5\n@ SOA ns.cluster. hostmaster.cluster. 1 60 10 600 5\n@ NS ns\nns A 127.0.0.1\n",
+    );
+    for i in 0..names {
+        let ip = container(0, i).ips().next().expect("an address");
+        zone.push_str(&format!("svc{i} A {ip}\n"));
+    }
+    std::fs::write(knot_dir.join("cluster.zone"), zone).expect("zone");
+    let knot_conf = knot_dir.join("knot.conf");
+    let kd = knot_dir.display();
+    std::fs::write(
+        &knot_conf,
+        format!(
+            "server:\n    listen: {}@5354\n    rundir: \"{kd}\"\n    udp-workers: 1\n    tcp-workers: 1\n    background-workers: 1\ndatabase:\n    storage: \"{kd}\"\nlog:\n  - target: stderr\n    any: warning\nzone:\n  - domain: cluster\n    file: \"{kd}/cluster.zone\"\n    storage: \"{kd}\"\n    journal-content: none\n    zonefile-sync: -1\n",
+            h.gateway
+        ),
+    )
+    .expect("knot.conf");
+    // `ip netns exec` and taskset exec: the child is knotd.
+    let knot = Command::new("ip")
+        .args(["netns", "exec", &h.ns, "taskset", "-c", "1", "knotd", "-c"])
+        .arg(&knot_conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("knotd");
+    // Killed also when the bench fails.
+    let knot = KillOnDrop(knot);
+    let knot_pid = knot.0.id();
+    testbed::wait_until(Duration::from_secs(10), "knot to answer", || {
+        let at = format!("@{}", h.gateway);
+        !h.dig(&[&at, "-p", "5354", "svc1.cluster", "A"])
+            .rdata()
+            .is_empty()
+    });
+
+    let hit = move |k: u64| format!("svc{}.cluster A", k * 7919 % names);
+    let links = ["db A", "cache A", "queue A"];
+    type Line = Box<dyn Fn(u64) -> String>;
+    let mix: Line = Box::new(move |k: u64| match k % 10 {
+        0..=6 => hit(k),
+        7 | 8 => format!("nosuch{k}.cluster A"),
+        _ => links[(k / 10 % 3) as usize].to_string(),
+    });
+    let linkdns_pid = h.linkdns_pid().expect("linkdns runs");
+    let runs: [(&str, u16, u32, Line); 4] = [
+        ("linkdns: in-zone hits", 53, linkdns_pid, Box::new(hit)),
+        ("linkdns: mix 70/20/10", 53, linkdns_pid, mix),
+        (
+            "linkdns: link aliases",
+            53,
+            linkdns_pid,
+            Box::new(move |k: u64| links[(k % 3) as usize].to_string()),
+        ),
+        ("knot: in-zone hits", 5354, knot_pid, Box::new(hit)),
+    ];
+    println!(
+        "{names} names; linkdns (1 UDP thread) and knot (1 UDP worker) on core 1; dnsperf in app's network namespace on core 0, to {}",
+        h.gateway
+    );
+    println!(
+        "{:<22} {:>22} {:>14} {:>10}",
+        "server: queries", "cpu_us/query@20000", "lost@20000", "max_qps"
+    );
+    for (label, port, pid, line) in &runs {
+        let file = h.dir.join("queries.txt");
+        let text: String = (0..names.max(1000)).map(|k| line(k) + "\n").collect();
+        std::fs::write(&file, text).expect("query file");
+        let dnsperf = |extra: &[&str]| -> String {
+            let file = file.to_string_lossy();
+            let (server, port) = (h.gateway.to_string(), port.to_string());
+            let mut argv = vec![
+                "-t", &app_pid, "-n", "taskset", "-c", "0", "dnsperf", "-s", &server, "-p", &port,
+                "-d", &file, "-c", "4",
+            ];
+            argv.extend_from_slice(extra);
+            let out = testbed::run("nsenter", &argv);
+            assert!(out.status.success(), "dnsperf: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let field = |out: &str, key: &str| -> f64 {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let secs = seconds.to_string();
+        dnsperf(&["-l", "2", "-Q", "20000"]);
+        let t0 = cpu_ns(*pid);
+        let out = dnsperf(&["-l", &secs, "-Q", "20000"]);
+        let cpu = cpu_ns(*pid) - t0;
+        let completed = field(&out, "Queries completed:");
+        let lost = field(&out, "Queries lost:");
+        let flat = dnsperf(&["-l", &secs, "-q", "2000"]);
+        println!(
+            "{label:<22} {:>22.1} {lost:>14} {:>10.0}",
+            cpu as f64 / 1000.0 / completed.max(1.0),
+            field(&flat, "Queries per second:")
+        );
+    }
+    drop(knot);
+    drop(injector);
 }

@@ -97,6 +97,16 @@ pub fn lan_unused() -> Ipv4Addr {
     Ipv4Addr::new(172, octet, 0, 250)
 }
 
+/// The root namespace's address on this run's LAN (where a process of the root namespace
+/// serves hosts).
+pub fn lan_root() -> Ipv4Addr {
+    shared()
+        .run
+        .as_ref()
+        .map(Run::lan_root)
+        .expect("lan_root: make a host first")
+}
+
 /// Held while a run claims: the directory `ROOT/.lock` (made by one process at a time), with
 /// the holder's pid in it; one whose holder died is broken.
 struct RootLock(PathBuf);
