@@ -82,13 +82,13 @@ wait_answer() { # port name
 # (/proc/PID/task/*/schedstat, first field): exact, unlike the tick-sampled utime/stime.
 cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d", s}'; }
 
-measure() { # label pid port client-cores
-  local label=$1 pid=$2 port=$3 cores=$4
-  # warm-up; -c 4: four client sockets, which SO_REUSEPORT spreads over the UDP threads
-  taskset -c "$cores" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l 2 -Q $RATE -c 4 >/dev/null 2>&1
+measure() { # label pid port client-cores clients-at-the-fixed-rate
+  local label=$1 pid=$2 port=$3 cores=$4 clients=$5
+  # warm-up; -c: client sockets (SO_REUSEPORT spreads several over the UDP threads)
+  taskset -c "$cores" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l 2 -Q $RATE -c "$clients" >/dev/null 2>&1
   local t0 t1 out completed lost cpu_us per_query max_qps rss
   t0=$(cpu_ns "$pid")
-  out=$(taskset -c "$cores" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$SECONDS_PER_RUN" -Q $RATE -c 4 2>&1)
+  out=$(taskset -c "$cores" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$SECONDS_PER_RUN" -Q $RATE -c "$clients" 2>&1)
   t1=$(cpu_ns "$pid")
   completed=$(echo "$out" | awk '/Queries completed:/ {print $3}')
   lost=$(echo "$out" | awk '/Queries lost:/ {print $3}')
@@ -118,8 +118,8 @@ echo "names: $NAMES   fixed rate: $RATE q/s for ${SECONDS_PER_RUN}s"
 echo "-- one UDP thread each, servers on core $SERVER_CORE, dnsperf on core $CLIENT_CORE"
 start_servers 1 $SERVER_CORE
 header
-measure linkdns "$LINKDNS_PID" $LINKDNS_PORT $CLIENT_CORE
-measure knot "$KNOT_PID" $KNOT_PORT $CLIENT_CORE
+measure linkdns "$LINKDNS_PID" $LINKDNS_PORT $CLIENT_CORE 1
+measure knot "$KNOT_PID" $KNOT_PORT $CLIENT_CORE 1
 # Issue 12's targets, in the same run: CPU per answered query <= 0.8x Knot's, max q/s >= 1.2x.
 ratio targets
 stop_servers
@@ -127,7 +127,7 @@ stop_servers
 echo "-- two UDP threads each (--dns-threads 2, udp-workers 2), servers and dnsperf on cores 0-1"
 start_servers 2 0-1
 header
-measure linkdns "$LINKDNS_PID" $LINKDNS_PORT 0-1
-measure knot "$KNOT_PID" $KNOT_PORT 0-1
+measure linkdns "$LINKDNS_PID" $LINKDNS_PORT 0-1 4
+measure knot "$KNOT_PID" $KNOT_PORT 0-1 4
 ratio
 stop_servers

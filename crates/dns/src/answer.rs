@@ -216,7 +216,11 @@ impl Zone {
             }
             let rel = relative(&name, &self.domain);
             let (srv, base) = SrvQuery::parse(&rel);
-            let cacheable = if registry.is_link_alias(base) || published.local.is_link_alias(base) {
+            // `_tcp.<name>` looks `<name>` up as the asker sees it, link aliases included: any
+            // suffix that is someone's link alias makes the answer the asker's own.
+            let linked = std::iter::successors(Some(base), |n| n.split_once('.').map(|(_, r)| r))
+                .any(|n| registry.is_link_alias(n) || published.local.is_link_alias(n));
+            let cacheable = if linked {
                 Cacheable::PerAsker
             } else {
                 Cacheable::Yes

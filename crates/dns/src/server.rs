@@ -775,14 +775,25 @@ impl DnsServer {
         let mut udp_threads = Vec::new();
         let mut bound = Vec::new();
         let turns = Arc::new(Turns::default());
+        // A failure part way stops the threads already running (they would hold the port).
+        let stop_on_error = |e: Error| {
+            stop.store(true, Ordering::Relaxed);
+            e
+        };
         for addr in listen {
             let bind_err = |e: std::io::Error| Error::Bind(*addr, e.to_string());
-            let sockets = udp_sockets(*addr, limits.udp_threads).map_err(bind_err)?;
-            let local = sockets[0].local_addr().map_err(bind_err)?;
+            let sockets = udp_sockets(*addr, limits.udp_threads)
+                .map_err(bind_err)
+                .map_err(stop_on_error)?;
+            let local = sockets[0]
+                .local_addr()
+                .map_err(bind_err)
+                .map_err(stop_on_error)?;
             // Same port for TCP as UDP, also when the config asked for port 0.
             let listener = tokio::net::TcpListener::bind(local)
                 .await
-                .map_err(bind_err)?;
+                .map_err(bind_err)
+                .map_err(stop_on_error)?;
             tcp_tasks.spawn(tcp_accept_loop(
                 listener,
                 shared.clone(),
@@ -794,13 +805,15 @@ impl DnsServer {
             for (i, socket) in sockets.into_iter().enumerate() {
                 socket
                     .set_read_timeout(Some(Duration::from_millis(200)))
-                    .map_err(bind_err)?;
+                    .map_err(bind_err)
+                    .map_err(stop_on_error)?;
                 let cache = AnswerCache::sharing(turns.clone());
                 let (shared, stop, runtime) = (shared.clone(), stop.clone(), runtime.clone());
                 let thread = std::thread::Builder::new()
                     .name(format!("dns-udp {local} {i}"))
                     .spawn(move || udp_loop(socket, cache, shared, stop, runtime))
-                    .map_err(bind_err)?;
+                    .map_err(bind_err)
+                    .map_err(stop_on_error)?;
                 udp_threads.push(thread);
             }
             tracing::info!(addr = %local, udp_threads = threads, "DNS listening (udp, tcp)");

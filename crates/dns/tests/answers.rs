@@ -1000,10 +1000,16 @@ fn a_link_alias_answer_is_cached_for_its_asker_alone() {
         container(
             "app",
             "192.168.1.60",
-            vec![LinkAlias {
-                target: "mysql".into(),
-                alias: "db".into(),
-            }],
+            vec![
+                LinkAlias {
+                    target: "mysql".into(),
+                    alias: "db".into(),
+                },
+                LinkAlias {
+                    target: "mysql".into(),
+                    alias: "sql".into(),
+                },
+            ],
         ),
         container("plain", "192.168.1.61", vec![]),
     ]));
@@ -1060,4 +1066,22 @@ fn a_link_alias_answer_is_cached_for_its_asker_alone() {
         );
     }
     assert_ne!(app_bare, plain_bare);
+    // `_tcp.sql` (the parent of `_3306._tcp.sql`) exists for app alone, whoever asks first.
+    for first in ["192.168.1.61:5000", "192.168.1.60:5000"] {
+        let mut cache = AnswerCache::new();
+        let mut tcp = |src: &str| {
+            let reply = ask(
+                &a,
+                &mut cache,
+                src,
+                "_tcp.sql.cluster.",
+                RecordType::A,
+                false,
+            );
+            reply.lines().next().unwrap_or_default().to_string()
+        };
+        tcp(first);
+        assert_eq!(tcp("192.168.1.60:5000"), "id=0xbeef NoError aa rd ra");
+        assert_eq!(tcp("192.168.1.61:5000"), "id=0xbeef NXDomain aa rd ra");
+    }
 }
