@@ -660,6 +660,13 @@ impl Host {
 
     /// Starts this host's Docker engine and waits until it answers.
     pub fn start_dockerd(&mut self) {
+        // A second engine on the same dirs fails at once, and the first one's handle would be
+        // lost: it would outlive the host.
+        assert!(
+            self.dockerd.is_none(),
+            "dockerd already runs on {}: stop_dockerd first",
+            self.ns
+        );
         let log = std::fs::File::create(self.dir.join("dockerd.log")).expect("dockerd log");
         let d = |p: &str| self.dir.join(p).to_string_lossy().into_owned();
         let child = Command::new("nsenter")
