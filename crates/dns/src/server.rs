@@ -345,6 +345,33 @@ impl AnswerCache {
         }
     }
 
+    /// Writes the answer cached under the key in the scratch buffer, for the query `bytes`, into
+    /// `out` (rotated one turn further); false when there is none or it is too large for the
+    /// client.
+    fn reply_from_cache(&mut self, bytes: &[u8], q: &WireQuery) -> bool {
+        let Some(cached) = self.entries.get_mut(self.scratch.as_slice()) else {
+            return false;
+        };
+        if cached.bytes.len() > udp_limit(q.edns) {
+            return false;
+        }
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(&cached.bytes);
+        // Same question length, so the cached answer's name pointers still fit; copy the
+        // client's id, RD/CD bits and the question in its own case.
+        out[..2].copy_from_slice(&bytes[..2]);
+        out[2] = (out[2] & !0x01) | (bytes[2] & 0x01);
+        out[3] = (out[3] & !0x10) | (bytes[3] & 0x10);
+        out[12..q.question_end].copy_from_slice(&bytes[12..q.question_end]);
+        let turn = cached
+            .turn
+            .as_ref()
+            .map_or(0, |t| t.fetch_add(1, Ordering::Relaxed));
+        rotate_runs(out, &cached.runs, turn);
+        true
+    }
+
     /// Empties the cache when the registry or the local view moved on since it was filled.
     fn follow(&mut self, published: &Published) {
         if self.applied != published.applied || self.version != published.version {
@@ -526,30 +553,16 @@ impl Answerer {
         let per_asker = matches!(asker, Asker::Container(_));
         if let (Some(q), false) = (&scanned, asker == Asker::Unknown) {
             cache.build_key(bytes, q, class);
-            if per_asker && !cache.entries.contains_key(cache.scratch.as_slice()) {
-                cache.add_asker(src_ip);
-            }
-            if let Some(cached) = cache.entries.get_mut(cache.scratch.as_slice()) {
-                if cached.bytes.len() <= udp_limit(q.edns) {
-                    let out = &mut cache.out;
-                    out.clear();
-                    out.extend_from_slice(&cached.bytes);
-                    // Same question length, so the cached answer's name pointers still fit;
-                    // copy the client's id, RD/CD bits and the question in its own case.
-                    out[..2].copy_from_slice(&bytes[..2]);
-                    out[2] = (out[2] & !0x01) | (bytes[2] & 0x01);
-                    out[3] = (out[3] & !0x10) | (bytes[3] & 0x10);
-                    out[12..q.question_end].copy_from_slice(&bytes[12..q.question_end]);
-                    let turn = cached
-                        .turn
-                        .as_ref()
-                        .map_or(0, |t| t.fetch_add(1, Ordering::Relaxed));
-                    rotate_runs(out, &cached.runs, turn);
-                    let qtype =
-                        u16::from_be_bytes([bytes[q.question_end - 4], bytes[q.question_end - 3]]);
-                    self.metrics.record_cached(qtype, out[3]);
-                    return Handled::Cached;
-                }
+            let hit = cache.reply_from_cache(bytes, q)
+                || (per_asker && {
+                    cache.add_asker(src_ip);
+                    cache.reply_from_cache(bytes, q)
+                });
+            if hit {
+                let qtype =
+                    u16::from_be_bytes([bytes[q.question_end - 4], bytes[q.question_end - 3]]);
+                self.metrics.record_cached(qtype, cache.out[3]);
+                return Handled::Cached;
             }
         }
         let request = match Message::from_vec(bytes) {
@@ -775,25 +788,19 @@ impl DnsServer {
         let mut udp_threads = Vec::new();
         let mut bound = Vec::new();
         let turns = Arc::new(Turns::default());
-        // A failure part way stops the threads already running (they would hold the port).
-        let stop_on_error = |e: Error| {
-            stop.store(true, Ordering::Relaxed);
-            e
-        };
         for addr in listen {
-            let bind_err = |e: std::io::Error| Error::Bind(*addr, e.to_string());
-            let sockets = udp_sockets(*addr, limits.udp_threads)
-                .map_err(bind_err)
-                .map_err(stop_on_error)?;
-            let local = sockets[0]
-                .local_addr()
-                .map_err(bind_err)
-                .map_err(stop_on_error)?;
+            // A failure part way also stops the threads already running (they would hold
+            // their ports).
+            let bind_err = |e: std::io::Error| {
+                stop.store(true, Ordering::Relaxed);
+                Error::Bind(*addr, e.to_string())
+            };
+            let sockets = udp_sockets(*addr, limits.udp_threads).map_err(bind_err)?;
+            let local = sockets[0].local_addr().map_err(bind_err)?;
             // Same port for TCP as UDP, also when the config asked for port 0.
             let listener = tokio::net::TcpListener::bind(local)
                 .await
-                .map_err(bind_err)
-                .map_err(stop_on_error)?;
+                .map_err(bind_err)?;
             tcp_tasks.spawn(tcp_accept_loop(
                 listener,
                 shared.clone(),
@@ -805,15 +812,13 @@ impl DnsServer {
             for (i, socket) in sockets.into_iter().enumerate() {
                 socket
                     .set_read_timeout(Some(Duration::from_millis(200)))
-                    .map_err(bind_err)
-                    .map_err(stop_on_error)?;
+                    .map_err(bind_err)?;
                 let cache = AnswerCache::sharing(turns.clone());
                 let (shared, stop, runtime) = (shared.clone(), stop.clone(), runtime.clone());
                 let thread = std::thread::Builder::new()
                     .name(format!("dns-udp {local} {i}"))
                     .spawn(move || udp_loop(socket, cache, shared, stop, runtime))
-                    .map_err(bind_err)
-                    .map_err(stop_on_error)?;
+                    .map_err(bind_err)?;
                 udp_threads.push(thread);
             }
             tracing::info!(addr = %local, udp_threads = threads, "DNS listening (udp, tcp)");

@@ -360,6 +360,21 @@ impl Injector {
         injector
     }
 
+    /// Writes its containers 0..`records` (see [`container`]), 1,000 to an entry.
+    async fn load(&self, records: u64) {
+        let mut written = 0;
+        while written < records {
+            let batch: Vec<RegistryCommand> = (written..(written + 1000).min(records))
+                .map(|i| RegistryCommand::UpsertContainer(container(self.id, i)))
+                .collect();
+            written += batch.len() as u64;
+            assert!(
+                self.write(RegistryCommand::Batch(batch)).await,
+                "write failed"
+            );
+        }
+    }
+
     /// Proposes until applied (idempotent commands; the outcome of a failed try is unknown).
     async fn write(&self, command: RegistryCommand) -> bool {
         for _ in 0..50 {
@@ -650,17 +665,7 @@ async fn scale(records: u64) {
     std::thread::sleep(Duration::from_secs(2));
     let empty_kb = rss_kb(measured.pid());
     let started = Instant::now();
-    let mut written = 0;
-    while written < records {
-        let batch: Vec<RegistryCommand> = (written..(written + 1000).min(records))
-            .map(|i| RegistryCommand::UpsertContainer(container(injector.id, i)))
-            .collect();
-        written += batch.len() as u64;
-        assert!(
-            injector.write(RegistryCommand::Batch(batch)).await,
-            "write failed"
-        );
-    }
+    injector.load(records).await;
     let last = format!("svc{}.cluster", records - 1);
     wait(
         Duration::from_secs(120),
@@ -1290,17 +1295,7 @@ fn dns_mix(runtime: &tokio::runtime::Runtime, names: u64, seconds: u64) {
             SocketAddr::from((testbed::lan_root(), 7496)),
         )
         .await;
-        let mut written = 0;
-        while written < names {
-            let batch: Vec<RegistryCommand> = (written..(written + 1000).min(names))
-                .map(|i| RegistryCommand::UpsertContainer(container(injector.id, i)))
-                .collect();
-            written += batch.len() as u64;
-            assert!(
-                injector.write(RegistryCommand::Batch(batch)).await,
-                "write failed"
-            );
-        }
+        injector.load(names).await;
         injector
     });
     let last = format!("svc{}.cluster", names - 1);
