@@ -566,6 +566,11 @@ impl Routing {
             return;
         }
         let id = self.node.id();
+        // Until the first reconciliation, the routes an earlier run left are this host's
+        // paths: answers leave out what it cannot reach from the start.
+        if let Some(paths) = self.dry_run(Desired::default()).await.paths() {
+            self.docker.view.set_paths(Some(paths));
+        }
         let mut last: Option<Desired> = None;
         let mut last_refused: Vec<String> = Vec::new();
         let mut last_errors: Vec<String> = Vec::new();
@@ -618,6 +623,9 @@ impl Routing {
                 }
             };
             last = Some(desired);
+            if let Some(paths) = report.paths() {
+                self.docker.view.set_paths(Some(paths));
+            }
             let refused: Vec<String> = report
                 .plan
                 .refused

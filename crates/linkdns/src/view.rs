@@ -113,6 +113,16 @@ impl View {
         self.publish(&mut state);
     }
 
+    /// The other nodes' subnets this host has a path to (`None`: routes are not managed here,
+    /// every claimed subnet counts): answers on this host leave out addresses it cannot reach.
+    /// Published only when it changes.
+    pub fn set_paths(&self, paths: Option<Vec<linkdns_registry::Subnet>>) {
+        let mut state = self.lock();
+        if Arc::make_mut(&mut state.local).set_paths(paths) {
+            self.publish(&mut state);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every change leaves the state whole; a panic elsewhere must not stop DNS.
         self.state.lock().unwrap_or_else(|e| e.into_inner())

@@ -130,6 +130,10 @@ pub struct LocalView {
     link_aliases: HashSet<String>,
     /// This node's own addresses besides the networks' gateways (its peer address).
     host_addrs: Vec<IpAddr>,
+    /// The other nodes' subnets this host has a path to (the routes its route programmer
+    /// keeps); `None` where it programs no routes (the administrator routes), when every
+    /// claimed subnet counts as reachable.
+    paths: Option<Vec<Subnet>>,
 }
 
 impl LocalView {
@@ -191,6 +195,27 @@ impl LocalView {
     /// from this host.
     pub fn set_host_addrs(&mut self, addrs: Vec<IpAddr>) {
         self.host_addrs = addrs;
+    }
+
+    /// The other nodes' subnets this host has a path to (see [`LocalView::has_path`]); whether
+    /// that changed anything.
+    pub fn set_paths(&mut self, mut paths: Option<Vec<Subnet>>) -> bool {
+        if let Some(p) = paths.as_mut() {
+            p.sort();
+            p.dedup();
+        }
+        let changed = self.paths != paths;
+        self.paths = paths;
+        changed
+    }
+
+    /// Whether this host has a path to `ip`, an address in another node's claimed subnet:
+    /// inside one of the subnets it routes, or any where routes are not managed here. An
+    /// address it has no path to is answered to nobody on this host.
+    pub fn has_path(&self, ip: IpAddr) -> bool {
+        self.paths
+            .as_ref()
+            .is_none_or(|paths| paths.iter().any(|s| s.contains(canonical_ip(ip))))
     }
 
     fn reindex(&mut self) {

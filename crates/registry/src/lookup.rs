@@ -47,6 +47,8 @@ pub enum Reach<'a> {
     /// - an address of another node is reachable if it is routed (inside a subnet its node
     ///   claims) — and, for an asker on this host, not inside one of this host's own networks
     ///   (`host`), where this host's routes keep it local: there it is another container's;
+    ///   nor inside a subnet this host has no path to (its route refused: see
+    ///   [`LocalView::has_path`]);
     /// - an address of this node goes to the host itself whatever its network, to a container
     ///   of this host only on a network the container is on (Docker isolates its networks from
     ///   each other), and to askers elsewhere only if routed.
@@ -388,7 +390,7 @@ impl Registry {
                 }
             };
         }
-        routed() && !(vantage.on_host() && host.shadows(addr.ip()))
+        routed() && !(vantage.on_host() && (host.shadows(addr.ip()) || !host.has_path(addr.ip())))
     }
 
     /// The addresses a link alias of the asker stands for (None: not its link, or the linked

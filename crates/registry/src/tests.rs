@@ -1201,6 +1201,63 @@ fn answers_hold_only_addresses_that_reach_the_asker() {
 }
 
 #[test]
+fn another_nodes_address_is_answered_on_this_host_only_with_a_path_to_it() {
+    let mut r = two_nodes();
+    r.apply(&claim(1, &["192.168.1.0/24"])).expect("claim 1");
+    r.apply(&claim(2, &["192.168.2.0/24", "192.168.3.0/24"]))
+        .expect("claim 2");
+    for c in [
+        attached("near", 2, &[("192.168.2.2", "bridge2", "192.168.2.0/24")]),
+        attached("far", 2, &[("192.168.3.2", "other2", "192.168.3.0/24")]),
+    ] {
+        r.apply(&Command::UpsertContainer(c)).expect("container");
+    }
+    let mut host1 = LocalView::default();
+    let ask = |host: &LocalView, name: &str, vantage: Vantage<'_>| {
+        r.resolve_in(
+            name,
+            &Scope {
+                links: &[],
+                reach: Reach::From {
+                    node: 1,
+                    vantage,
+                    host,
+                },
+            },
+        )
+    };
+    let bridge = ["bridge1".to_string()];
+    // Routes not managed here: every claimed subnet counts.
+    assert_eq!(ask(&host1, "far", Vantage::Host), found(&["192.168.3.2"]));
+    // A route to 192.168.2.0/24 only (192.168.3.0/24's refused): far is NODATA on this host,
+    // for the host and its containers; an asker elsewhere is not this host's to judge.
+    assert!(host1.set_paths(Some(vec![net("192.168.2.0/24")])));
+    assert!(
+        !host1.set_paths(Some(vec![net("192.168.2.0/24")])),
+        "unchanged"
+    );
+    assert_eq!(ask(&host1, "near", Vantage::Host), found(&["192.168.2.2"]));
+    assert_eq!(ask(&host1, "far", Vantage::Host), Resolution::Found(vec![]));
+    assert_eq!(
+        ask(&host1, "far", Vantage::Container(&bridge)),
+        Resolution::Found(vec![])
+    );
+    assert_eq!(
+        ask(&host1, "far", Vantage::Elsewhere),
+        found(&["192.168.3.2"])
+    );
+    // No path at all (no route yet): nothing of node 2's.
+    host1.set_paths(Some(Vec::new()));
+    assert_eq!(
+        ask(&host1, "near", Vantage::Host),
+        Resolution::Found(vec![])
+    );
+    // The path comes: answered again.
+    host1.set_paths(Some(vec![net("192.168.2.0/24"), net("192.168.3.0/24")]));
+    assert_eq!(ask(&host1, "far", Vantage::Host), found(&["192.168.3.2"]));
+}
+
+#[test]
 fn records_share_their_networks_and_encode_as_their_container() {
     let mut r = two_nodes();
     let mut a = attached("a", 1, &[("192.168.1.2", "bridge1", "192.168.1.0/24")]);

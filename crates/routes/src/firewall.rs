@@ -1,5 +1,5 @@
 //! linkdns's forwarding rules through the host's `iptables` / `ip6tables` (the tools Docker
-//! itself programs the host with, so both use the same backend): reads its two chains and their
+//! itself programs the host with, so both use the same backend): reads its chains and their
 //! jumps, and applies chain changes atomically per table with `iptables-restore --noflush`.
 //! Also the kernel's IP forwarding switches.
 //!
@@ -71,7 +71,7 @@ pub fn parse_chain(chain: Chain, listing: &str) -> ChainState {
 /// Applies one family's firewall changes: one `iptables-restore --noflush` per table, so each
 /// table changes at once or not at all.
 pub fn apply(family: Family, changes: &[&FirewallChange]) -> Result<(), Error> {
-    for table in ["filter", "nat"] {
+    for table in ["filter", "nat", "raw"] {
         let mut script = String::new();
         for change in changes {
             match change {
@@ -212,6 +212,34 @@ mod tests {
             ChainState {
                 position: 1,
                 ..ChainState::default()
+            }
+        );
+    }
+
+    #[test]
+    fn the_raw_chain_parses_beside_a_current_dockers_drops() {
+        // `iptables -t raw -S` on Docker 28.5 with two containers, linkdns's jump first.
+        let listing = "\
+-P PREROUTING ACCEPT
+-P OUTPUT ACCEPT
+-N LINKDNS-PREROUTING
+-A PREROUTING -j LINKDNS-PREROUTING
+-A PREROUTING -d 192.168.1.2/32 ! -i docker0 -j DROP
+-A PREROUTING -d 192.168.1.3/32 ! -i docker0 -j DROP
+-A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+";
+        let state = parse_chain(Chain::Prerouting, listing);
+        assert_eq!(
+            state,
+            ChainState {
+                exists: true,
+                rules: vec![Rule::Admit {
+                    src: "192.168.2.0/24".parse().expect("subnet"),
+                    dst: "192.168.1.0/24".parse().expect("subnet"),
+                    in_if: "eth0".into(),
+                }],
+                jumps: vec![1],
+                position: 1,
             }
         );
     }

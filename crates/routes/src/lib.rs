@@ -77,6 +77,17 @@ pub struct Report {
     pub owned_rules: Vec<String>,
     /// What could not be read or applied.
     pub errors: Vec<String>,
+    /// Whether the host's routes could be read (else `owned_routes` says nothing).
+    pub read: bool,
+}
+
+impl Report {
+    /// The subnets linkdns's routes on this host lead to: the other nodes' subnets it has a
+    /// path to. `None` when the host could not be read.
+    pub fn paths(&self) -> Option<Vec<linkdns_registry::Subnet>> {
+        self.read
+            .then(|| self.owned_routes.iter().map(|r| r.dst).collect())
+    }
 }
 
 /// Reads the host, plans, and (if asked) applies, touching only linkdns's own routes (by
@@ -144,6 +155,7 @@ impl Programmer {
     }
 
     fn describe_owned(&self, host: &HostState, report: &mut Report) {
+        report.read = true;
         report.owned_routes = host
             .routes
             .iter()

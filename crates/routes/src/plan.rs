@@ -156,11 +156,21 @@ pub enum Rule {
         src: Subnet,
         dst: Subnet,
     },
+    /// Traffic from `src` arriving on `in_if` to `dst` passes the raw table untouched: current
+    /// Docker engines (28 and later) drop there every packet that reaches a container from
+    /// another interface than its bridge (`-t raw -A PREROUTING -d <container> ! -i <bridge>
+    /// -j DROP`); ACCEPT ends the raw chain before those drops, and the forward chain still
+    /// decides.
+    Admit {
+        src: Subnet,
+        dst: Subnet,
+        in_if: String,
+    },
     /// Something in a linkdns chain that linkdns did not write; the chain is rewritten.
     Unknown(String),
 }
 
-/// linkdns's two chains. Each hangs off one built-in chain by a single jump, which must be that
+/// linkdns's chains. Each hangs off one built-in chain by a single jump, which must be that
 /// chain's first rule so Docker's own rules (drops, masquerading) come after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Chain {
@@ -168,15 +178,19 @@ pub enum Chain {
     Forward,
     /// `nat` table, jumped to from `POSTROUTING`.
     Postrouting,
+    /// `raw` table, jumped to from `PREROUTING`: ahead of current Docker's drops of traffic
+    /// routed to containers from other interfaces.
+    Prerouting,
 }
 
 impl Chain {
-    pub const ALL: [Chain; 2] = [Chain::Forward, Chain::Postrouting];
+    pub const ALL: [Chain; 3] = [Chain::Forward, Chain::Postrouting, Chain::Prerouting];
 
     pub fn table(self) -> &'static str {
         match self {
             Chain::Forward => "filter",
             Chain::Postrouting => "nat",
+            Chain::Prerouting => "raw",
         }
     }
 
@@ -184,6 +198,7 @@ impl Chain {
         match self {
             Chain::Forward => "LINKDNS-FORWARD",
             Chain::Postrouting => "LINKDNS-POSTROUTING",
+            Chain::Prerouting => "LINKDNS-PREROUTING",
         }
     }
 
@@ -191,6 +206,7 @@ impl Chain {
         match self {
             Chain::Forward => "FORWARD",
             Chain::Postrouting => "POSTROUTING",
+            Chain::Prerouting => "PREROUTING",
         }
     }
 }
@@ -605,6 +621,7 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
         // any other interface is not let in.
         let mut forward = Vec::new();
         let mut nat = Vec::new();
+        let mut raw = Vec::new();
         for l in desired
             .local_subnets
             .iter()
@@ -616,6 +633,11 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
             }
             for r in wanted.iter().filter(|r| Family::of(r.dst.addr()) == family) {
                 for (bridge, network) in &bridges {
+                    raw.push(Rule::Admit {
+                        src: r.dst,
+                        dst: *network,
+                        in_if: r.device.clone(),
+                    });
                     forward.push(Rule::Accept {
                         src: r.dst,
                         dst: *network,
@@ -635,7 +657,11 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
                 });
             }
         }
-        for (chain, rules) in [(Chain::Forward, forward), (Chain::Postrouting, nat)] {
+        for (chain, rules) in [
+            (Chain::Forward, forward),
+            (Chain::Postrouting, nat),
+            (Chain::Prerouting, raw),
+        ] {
             // A family whose firewall cannot be read is left alone (reported by the edge).
             let Some(state) = host.chain(family, chain) else {
                 continue;
@@ -705,6 +731,9 @@ impl fmt::Display for Rule {
             // ACCEPT ends the nat chain's traversal, so Docker's MASQUERADE after the jump is
             // skipped (a RETURN would come back to it).
             Rule::NoMasquerade { src, dst } => write!(f, "-s {src} -d {dst} -j ACCEPT"),
+            Rule::Admit { src, dst, in_if } => {
+                write!(f, "-s {src} -d {dst} -i {in_if} -j ACCEPT")
+            }
             Rule::Unknown(text) => f.write_str(text),
         }
     }
@@ -731,6 +760,16 @@ impl Rule {
             ["-s", src, "-d", dst, "-j", "ACCEPT"] if chain == Chain::Postrouting => {
                 match (src.parse::<Subnet>(), dst.parse::<Subnet>()) {
                     (Ok(src), Ok(dst)) => Some(Rule::NoMasquerade { src, dst }),
+                    _ => None,
+                }
+            }
+            ["-s", src, "-d", dst, "-i", in_if, "-j", "ACCEPT"] if chain == Chain::Prerouting => {
+                match (src.parse::<Subnet>(), dst.parse::<Subnet>()) {
+                    (Ok(src), Ok(dst)) => Some(Rule::Admit {
+                        src,
+                        dst,
+                        in_if: in_if.to_string(),
+                    }),
                     _ => None,
                 }
             }

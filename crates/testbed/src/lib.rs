@@ -27,7 +27,15 @@ const ROOT: &str = "/tmp/linkdns-e2e";
 /// Name of the image every host gets: busybox, built offline.
 pub const IMAGE: &str = "ldt-busybox:latest";
 
+/// The variable naming a directory of another Docker engine's binaries (`dockerd`,
+/// `containerd`, `docker-proxy`), put first in each host's engine's `PATH`:
+/// `scripts/current-docker` unpacks Debian sid's current engine and prints it. Unset: the
+/// machine's `dockerd` (Debian's 20.10).
+pub const ENGINE_VAR: &str = "LINKDNS_TEST_DOCKER";
+
 static NEXT_HOST: AtomicU8 = AtomicU8::new(1);
+/// The version of the engine in [`ENGINE_VAR`]'s directory, which every host must run.
+static ENGINE_VERSION: OnceLock<String> = OnceLock::new();
 static CHECKED: OnceLock<()> = OnceLock::new();
 
 /// What the hosts alive in this process share, made with the first and removed with the last.
@@ -282,6 +290,23 @@ fn prepare(shared: &mut Shared) -> Run {
                 "e2e prerequisite `{tool}` is missing: install it (see scripts/test: docker.io docker-compose iproute2 iptables busybox-static dnsutils util-linux systemd)"
             );
         }
+        if let Some(dir) = engine_dir() {
+            let dockerd = Path::new(&dir).join("dockerd");
+            let version = run(&dockerd.to_string_lossy(), &["--version"]);
+            assert!(
+                version.status.success(),
+                "{ENGINE_VAR}={dir}, but {} does not run: unpack an engine there with scripts/current-docker",
+                dockerd.display()
+            );
+            // "Docker version 28.5.2+dfsg4, build …"
+            let text = String::from_utf8_lossy(&version.stdout);
+            let number = text
+                .split_whitespace()
+                .nth(2)
+                .map(|v| v.trim_end_matches(',').to_string())
+                .unwrap_or_else(|| panic!("cannot read the version of {}: {text}", dockerd.display()));
+            let _ = ENGINE_VERSION.set(number);
+        }
     });
     let run = shared.run.get_or_insert_with(claim_run).clone();
     let base = run.base.clone();
@@ -318,6 +343,21 @@ fn prepare(shared: &mut Shared) -> Run {
         shared.prepared = true;
     }
     run
+}
+
+/// The directory of the engine the hosts run, when it is not the machine's (see
+/// [`ENGINE_VAR`]).
+pub fn engine_dir() -> Option<String> {
+    std::env::var(ENGINE_VAR).ok().filter(|d| !d.is_empty())
+}
+
+/// The `PATH` a host's engine runs with: the engine's directory first, if one is named.
+fn engine_path() -> String {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    match engine_dir() {
+        Some(dir) => format!("{dir}:{path}"),
+        None => path,
+    }
 }
 
 /// The pid files a host of the test bed writes: its dockerd's, the containerd that dockerd
@@ -670,6 +710,7 @@ impl Host {
         let log = std::fs::File::create(self.dir.join("dockerd.log")).expect("dockerd log");
         let d = |p: &str| self.dir.join(p).to_string_lossy().into_owned();
         let child = Command::new("nsenter")
+            .env("PATH", engine_path())
             .arg(format!("--net=/var/run/netns/{}", self.ns))
             .args([
                 "dockerd",
@@ -695,6 +736,19 @@ impl Host {
                 .status
                 .success()
         });
+        if let Some(want) = ENGINE_VERSION.get() {
+            let have = self.engine_version();
+            assert_eq!(
+                &have, want,
+                "{} runs another engine than {ENGINE_VAR} names",
+                self.ns
+            );
+        }
+    }
+
+    /// The version of the engine this host runs (`20.10.24+dfsg1`, `28.5.2+dfsg4`).
+    pub fn engine_version(&self) -> String {
+        self.docker(&["version", "--format", "{{.Server.Version}}"])
     }
 
     /// Restarts the Docker engine with `daemon_json` as its /etc/docker/daemon.json (as an

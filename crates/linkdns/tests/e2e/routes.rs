@@ -48,12 +48,14 @@ fn iptables_s(h: &Host, table: &str) -> String {
 }
 
 /// Whether linkdns's jumps come first in FORWARD (right after a leading jump to Docker's
-/// DOCKER-USER, where administrators filter) and in nat POSTROUTING on `h`: before Docker's
-/// drops and masquerading.
+/// DOCKER-USER, where administrators filter), in nat POSTROUTING and in raw PREROUTING on
+/// `h`: before Docker's drops (current engines drop routed traffic to containers in raw
+/// PREROUTING) and masquerading.
 fn jumps_first(h: &Host) -> bool {
     [
         ("filter", "FORWARD", "LINKDNS-FORWARD"),
         ("nat", "POSTROUTING", "LINKDNS-POSTROUTING"),
+        ("raw", "PREROUTING", "LINKDNS-PREROUTING"),
     ]
     .iter()
     .all(|(table, chain, jump)| {
@@ -145,6 +147,12 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
             subnet(h1),
             subnet(h2)
         ),
+        format!(
+            "-t raw -A LINKDNS-PREROUTING -s {} -d {} -i {} -j ACCEPT",
+            subnet(h2),
+            subnet(h1),
+            h1.lan_if.as_deref().expect("lan host")
+        ),
     ] {
         assert!(
             routes.contains(&want),
@@ -152,7 +160,14 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
         );
     }
     // linkdns's jumps come before Docker's rules (its drops and its masquerading).
-    assert!(jumps_first(h1), "{}", iptables_s(h1, "nat"));
+    assert!(
+        jumps_first(h1),
+        "{}{}{}",
+        iptables_s(h1, "filter"),
+        iptables_s(h1, "nat"),
+        iptables_s(h1, "raw")
+    );
+    eprintln!("engine: Docker {}", h1.engine_version());
 
     // A container on h1 pings `web` on h2 by name, and connects to it: `web` sees the
     // connection come from the container's own address.
@@ -161,6 +176,10 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
     ]);
     assert!(!web_id.is_empty());
     let web = h2.container_ip("web");
+    // Answers follow reachability: h3 has no route of its own to h2's subnet (one it does not
+    // own is in the way), so h3 does not answer web's address; h1, which routes it, does.
+    crate::expect_answer(h1, "web.cluster", "A", &[&web]);
+    crate::expect_nodata(h3, "web.cluster", "A");
     let dns = h1.gateway.to_string();
     h1.run_container("client", &["--dns", &dns, "--dns-search", "cluster"]);
     let client = h1.container_ip("client");
@@ -196,6 +215,7 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
     let rules_before = (
         iptables_s(&hosts[0], "filter"),
         iptables_s(&hosts[0], "nat"),
+        iptables_s(&hosts[0], "raw"),
     );
     hosts[0].stop_linkdns();
     hosts[0].restart_linkdns();
@@ -223,7 +243,8 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
     assert_eq!(
         (
             iptables_s(&hosts[0], "filter"),
-            iptables_s(&hosts[0], "nat")
+            iptables_s(&hosts[0], "nat"),
+            iptables_s(&hosts[0], "raw")
         ),
         rules_before,
         "the forwarding rules changed across a restart"
@@ -258,7 +279,7 @@ fn containers_reach_each_other_across_hosts_by_name_with_their_own_addresses() {
         owned_routes(h1) == routes_to(&[h3]) && owned_routes(h3) == routes_to(&[h1])
     });
     assert_eq!(owned_routes(&hosts[1]), Vec::<String>::new());
-    for table in ["filter", "nat"] {
+    for table in ["filter", "nat", "raw"] {
         let listing = iptables_s(&hosts[1], table);
         assert!(
             !listing.contains("LINKDNS"),
@@ -328,7 +349,7 @@ fn a_refused_subnet_no_privilege_or_routing_off_leave_hosts_alone_and_dns_workin
     );
     assert_eq!(h3.log().matches(why).count(), 1, "said once:\n{}", h3.log());
     assert_eq!(owned_routes(h3), Vec::<String>::new());
-    for table in ["filter", "nat"] {
+    for table in ["filter", "nat", "raw"] {
         assert!(!iptables_s(h3, table).contains("LINKDNS"));
     }
     assert_eq!(
@@ -369,7 +390,7 @@ fn a_refused_subnet_no_privilege_or_routing_off_leave_hosts_alone_and_dns_workin
     let routes = text(&hosts[0].linkdns(&["routes"]));
     assert!(routes.contains(&format!("routing  off: {why}")), "{routes}");
     assert_eq!(hosts[0].log().matches(why).count(), 1);
-    for table in ["filter", "nat"] {
+    for table in ["filter", "nat", "raw"] {
         assert!(!iptables_s(&hosts[0], table).contains("LINKDNS"));
     }
     // api's address is routed now, to every host but h1, whose own Docker network has that

@@ -156,6 +156,10 @@ write    ipv4 nat LINKDNS-POSTROUTING: 2 rule(s)
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
 jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+write    ipv4 raw LINKDNS-PREROUTING: 2 rule(s)
+           -A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+           -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
 "
     );
     // Once applied, planning again changes nothing: restarts do not flap.
@@ -214,6 +218,9 @@ jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
 write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
 jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
+           -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
 refuse   not routing 192.168.2.0/24 of node h2: overlaps existing route `192.168.2.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own
 refuse   not routing 10.5.3.0/24 of node h4: overlaps this host's address 10.5.0.1/16 on eth1
 refuse   not routing 192.168.5.0/24 of node h5: the gateway 198.51.100.5 is not on a directly connected network of this host
@@ -271,6 +278,7 @@ remove   192.168.3.0/24 via 172.30.0.3 dev eth0 proto 151: no other node claims 
 remove   192.168.4.0/24 via 172.30.0.4 dev eth0 proto 151: no other node claims this subnet
 delete   ipv4 filter LINKDNS-FORWARD and its jump
 delete   ipv4 nat LINKDNS-POSTROUTING and its jump
+delete   ipv4 raw LINKDNS-PREROUTING and its jump
 "
     );
     let host = applied(host, &plan);
@@ -295,6 +303,8 @@ write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
            -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o eth0 -j ACCEPT
 write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
+           -A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
 refuse   not routing 192.168.3.0/24 of node h3: overlaps this host's address 192.168.3.77/24 on wg0
 "
     );
@@ -305,8 +315,9 @@ fn jumps_pushed_down_by_docker_are_put_back_first_and_foreign_rules_rewritten() 
     let mut host = applied(h1(), &plan(&three_hosts(), &h1(), P));
     for (_, chain, state) in host.chains.iter_mut().filter(|(f, ..)| *f == Family::V4) {
         match chain {
-            // Docker restarted and inserted its rules above the jump.
+            // Docker restarted and inserted its rules above the jumps.
             Chain::Postrouting => state.jumps = vec![3],
+            Chain::Prerouting => state.jumps = vec![2],
             // Someone added a rule to linkdns's chain, and a second jump.
             Chain::Forward => {
                 state
@@ -331,6 +342,7 @@ write    ipv4 filter LINKDNS-FORWARD: 4 rule(s)
            -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o eth0 -j ACCEPT
 jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [1, 5])
 jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [3])
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [2])
 "
     );
 }
@@ -467,6 +479,9 @@ jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 2 (now at [])
 write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
 jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
+           -A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i tun0 -j ACCEPT
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
 note     IPv6 forwarding is off, so other hosts' containers cannot reach this host's over IPv6: set net.ipv6.conf.all.forwarding=1 (and accept_ra=2 on interfaces configured by router advertisements)
 "
     );
@@ -525,6 +540,11 @@ jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
 write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
            -A LINKDNS-POSTROUTING -s 10.77.0.0/20 -d 10.77.16.0/20 -j ACCEPT
 jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
+           -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 10.77.0.0/24 -i eth0 -j ACCEPT
+           -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 10.77.2.0/24 -i eth0 -j ACCEPT
+           -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 10.77.1.0/24 -i eth0 -j ACCEPT
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
 "
     );
 }
