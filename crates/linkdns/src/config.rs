@@ -34,6 +34,7 @@ pub struct FileConfig {
     pub liveness_timeout_secs: Option<u64>,
     pub routing: Option<bool>,
     pub route_protocol: Option<u8>,
+    pub encapsulation: Option<String>,
     pub cluster_cidr: Option<String>,
     pub subnet_prefix: Option<u8>,
     pub max_claim_prefix: Option<u8>,
@@ -123,6 +124,11 @@ pub struct RunArgs {
     /// Route protocol number that marks linkdns's routes (`ip route show proto N`).
     #[arg(long, env = "LINKDNS_ROUTE_PROTOCOL")]
     pub route_protocol: Option<u8>,
+    /// How hosts not on a directly connected network are reached: auto (VXLAN to those, plain
+    /// routes to the others), always (VXLAN to every host) or never (plain routes only; the
+    /// others are refused).
+    #[arg(long, env = "LINKDNS_ENCAPSULATION")]
+    pub encapsulation: Option<linkdns_routes::Encapsulation>,
     /// Give each host a free subnet of this network for its containers (a Docker network
     /// `linkdns`, or --bridge-network, created with it) instead of claiming Docker's bridge.
     #[arg(long, env = "LINKDNS_CLUSTER_CIDR")]
@@ -198,6 +204,7 @@ pub struct Config {
     pub cert_validity: Duration,
     pub routing: bool,
     pub route_protocol: u8,
+    pub encapsulation: linkdns_routes::Encapsulation,
     /// Allocate each host's subnet from this pool, in blocks of the given prefix length.
     pub cluster_cidr: Option<(Subnet, u8)>,
     pub log_format: LogFormat,
@@ -357,6 +364,13 @@ impl Config {
         {
             bail!("node_name: {node_name:?} must be one DNS label (letters, digits, '-')");
         }
+        let encapsulation = match (args.encapsulation, &file.encapsulation) {
+            (Some(e), _) => e,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("encapsulation: {e}"))?,
+            (None, None) => linkdns_routes::Encapsulation::Auto,
+        };
         let route_protocol = args
             .route_protocol
             .or(file.route_protocol)
@@ -437,6 +451,7 @@ impl Config {
             cert_validity: Duration::from_secs(validity_days * 24 * 3600),
             routing: args.routing.or(file.routing).unwrap_or(true),
             route_protocol,
+            encapsulation,
             cluster_cidr,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             proposal_timeout: Duration::from_secs(5),

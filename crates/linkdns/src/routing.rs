@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use linkdns_raft::{NodeHandle, Proposal};
 use linkdns_registry::{Command, LocalNetwork, NodeId, Subnet};
-use linkdns_routes::{Desired, Programmer, Report};
+use linkdns_routes::{Desired, Encapsulation, Programmer, Report};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
@@ -40,6 +40,10 @@ pub struct RoutesStatus {
     pub routes: Vec<String>,
     /// linkdns's firewall rules on this host.
     pub rules: Vec<String>,
+    /// How each other node's subnet is reached: `<node> <subnet>: direct via <host> on <if>`
+    /// or `... vxlan to <host>`.
+    #[serde(default)]
+    pub peers: Vec<String>,
     /// Subnets of other nodes not routed, and why.
     pub refused: Vec<String>,
     /// What could not be read or changed at the last reconciliation.
@@ -149,6 +153,7 @@ impl DockerConfig {
 pub struct Routing {
     node: Arc<NodeHandle>,
     protocol: u8,
+    encapsulation: Encapsulation,
     /// `None` when routes are programmed; else why not.
     disabled: Option<String>,
     status: Mutex<RoutesStatus>,
@@ -185,6 +190,7 @@ impl Routing {
         node: Arc<NodeHandle>,
         enabled: bool,
         protocol: u8,
+        encapsulation: Encapsulation,
         pool: Option<Subnet>,
         docker: HostDocker,
     ) -> Arc<Routing> {
@@ -204,6 +210,7 @@ impl Routing {
         }
         Arc::new(Routing {
             protocol,
+            encapsulation,
             disabled,
             status: Mutex::new(RoutesStatus::default()),
             programmer: Arc::new(Mutex::new(Some(Programmer::new(protocol)))),
@@ -247,6 +254,14 @@ impl Routing {
             &self.docker.domain,
             block,
         )
+    }
+
+    /// What the cluster wants this host to route, as this node reaches other hosts.
+    fn desired(&self, registry: &linkdns_registry::Registry) -> Desired {
+        Desired {
+            encapsulation: self.encapsulation,
+            ..Desired::from_registry(registry, self.node.id())
+        }
     }
 
     /// Whether routes are programmed (else `status` says why not).
@@ -311,7 +326,7 @@ impl Routing {
                 }
             }
             let registry = self.node.published().load_full();
-            let desired = Desired::from_registry(&registry.registry, self.node.id());
+            let desired = self.desired(&registry.registry);
             fill(&mut status, &self.dry_run(desired).await);
             *last = Some((std::time::Instant::now(), status.clone()));
         }
@@ -585,7 +600,7 @@ impl Routing {
                         return;
                     }
                     let registry = self.node.published().load_full();
-                    if last.as_ref() == Some(&Desired::from_registry(&registry.registry, id)) {
+                    if last.as_ref() == Some(&self.desired(&registry.registry)) {
                         continue;
                     }
                 }
@@ -600,7 +615,7 @@ impl Routing {
             if !self.caught_up() || registry.registry.node(id).is_none() {
                 continue;
             }
-            let desired = Desired::from_registry(&registry.registry, id);
+            let desired = self.desired(&registry.registry);
             let report = {
                 let (programmer, desired) = (self.programmer.clone(), desired.clone());
                 tokio::task::spawn_blocking(move || {
@@ -687,6 +702,18 @@ fn fill(status: &mut RoutesStatus, report: &Report) {
         .map(ToString::to_string)
         .collect();
     status.rules = report.owned_rules.clone();
+    status.peers = report
+        .plan
+        .wanted
+        .iter()
+        .map(|r| {
+            let how = match r.tunnel {
+                Some(remote) => format!("vxlan to {remote} (dev {})", r.device),
+                None => format!("direct via {} on {}", r.via, r.device),
+            };
+            format!("{} {}: {how}", r.node, r.dst)
+        })
+        .collect();
     status.refused = report
         .plan
         .refused

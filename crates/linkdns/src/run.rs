@@ -145,6 +145,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         node.clone(),
         config.routing,
         config.route_protocol,
+        config.encapsulation,
         config.cluster_cidr.map(|(pool, _)| pool),
         HostDocker {
             view: view.clone(),

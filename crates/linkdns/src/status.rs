@@ -106,6 +106,7 @@ pub fn render_routes(r: &RoutesStatus, plan: bool) -> String {
     if plan {
         section("PLAN", &r.plan, "nothing to change");
     } else {
+        section("PEERS", &r.peers, "none routed");
         section("ROUTES", &r.routes, "none");
         section("RULES", &r.rules, "none");
     }
@@ -232,7 +233,13 @@ pub fn render(s: &Status) -> String {
         ),
     };
     let _ = writeln!(out, "routing  {routing}");
-    for line in r.claim_refused.iter().chain(&r.refused).chain(&r.notes) {
+    for line in r
+        .peers
+        .iter()
+        .chain(&r.claim_refused)
+        .chain(&r.refused)
+        .chain(&r.notes)
+    {
         let _ = writeln!(out, "         {line}");
     }
     let _ = writeln!(out);

@@ -98,6 +98,7 @@ fn inside(peers: usize, foreign: usize) {
                 }
             })
             .collect(),
+        ..Desired::default()
     };
     let mut programmer = Programmer::new(DEFAULT_PROTOCOL);
     let started = Instant::now();

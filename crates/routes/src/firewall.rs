@@ -71,7 +71,7 @@ pub fn parse_chain(chain: Chain, listing: &str) -> ChainState {
 /// Applies one family's firewall changes: one `iptables-restore --noflush` per table, so each
 /// table changes at once or not at all.
 pub fn apply(family: Family, changes: &[&FirewallChange]) -> Result<(), Error> {
-    for table in ["filter", "nat", "raw"] {
+    for table in ["filter", "nat", "raw", "mangle"] {
         let mut script = String::new();
         for change in changes {
             match change {

@@ -1,19 +1,23 @@
 //! The route programmer: makes every other node's container subnet reachable from this host
-//! through a kernel route via that node's host address, with the forwarding rules container
-//! traffic needs and no masquerading between cluster subnets.
+//! through a kernel route via that node's host address (or, where that host is not on a
+//! directly connected network, through linkdns's VXLAN tunnel), with the forwarding rules
+//! container traffic needs and no masquerading between cluster subnets.
 //!
-//! [`plan`] is pure (desired vs. actual → changes and refusals); [`netlink`] and [`firewall`]
-//! are the edges that read the host and apply a plan; [`Programmer`] ties them together.
+//! [`plan`] is pure (desired vs. actual → changes and refusals), and so is [`vxlan`] (the
+//! tunnel's part); [`netlink`] and [`firewall`] are the edges that read the host and apply a
+//! plan; [`Programmer`] ties them together.
 
 pub mod firewall;
 pub mod netlink;
 pub mod plan;
+pub mod vxlan;
 
 pub use plan::{
-    plan, Chain, ChainState, Conflict, Desired, Family, FirewallChange, HostAddress, HostRoute,
-    HostState, Peer, Plan, Refusal, Route, RouteChange, RouteKind, Rule, DEFAULT_PROTOCOL,
-    MAIN_TABLE,
+    plan, Chain, ChainState, Conflict, Desired, Encapsulation, Family, FirewallChange, HostAddress,
+    HostRoute, HostState, Peer, Plan, Refusal, Route, RouteChange, RouteKind, Rule,
+    DEFAULT_PROTOCOL, MAIN_TABLE,
 };
+pub use vxlan::TunnelChange;
 
 use netlink::Netlink;
 
@@ -205,12 +209,17 @@ impl Programmer {
         quiet: &[Family],
         errors: &mut Vec<String>,
     ) -> Result<HostState, Error> {
-        let result = self.read_netlink();
+        let result = self.netlink().and_then(|netlink| {
+            netlink.read_all().map_err(|source| Error::Netlink {
+                action: "list routes, links, addresses and tunnel entries".into(),
+                source,
+            })
+        });
         if result.is_err() {
             // A socket in a bad state is not reused.
             self.netlink = None;
         }
-        let (routes, addresses) = result?;
+        let interfaces = result?;
         let mut chains = Vec::new();
         for family in [Family::V4, Family::V6] {
             for chain in Chain::ALL {
@@ -226,10 +235,12 @@ impl Programmer {
             }
         }
         Ok(HostState {
-            routes,
-            addresses,
+            routes: interfaces.routes,
+            addresses: interfaces.addresses,
             chains,
             forwarding: firewall::forwarding(),
+            mtus: interfaces.mtus,
+            tunnel: interfaces.tunnel,
         })
     }
 
@@ -240,32 +251,39 @@ impl Programmer {
         })
     }
 
+    /// Makes the plan's changes in order: route removals, the tunnel, route additions,
+    /// forwarding, then the firewall.
     fn apply(&mut self, plan: &Plan, errors: &mut Vec<String>) {
-        let protocol = self.protocol;
-        for change in &plan.routes {
+        let (removals, additions): (Vec<&RouteChange>, Vec<&RouteChange>) = plan
+            .routes
+            .iter()
+            .partition(|c| matches!(c, RouteChange::Remove { .. }));
+        for change in removals {
+            self.apply_route(change, errors);
+        }
+        // The device's index, once it is known (made in this pass, or there already).
+        let mut device = plan.tunnel.iter().find_map(|c| match c {
+            TunnelChange::Set { index, .. } => Some(*index),
+            _ => None,
+        });
+        for change in &plan.tunnel {
             let result = self.netlink().and_then(|netlink| {
-                let (action, io) = match change {
-                    RouteChange::Add(r) => (
-                        format!("add route {} via {}", r.dst, r.via),
-                        netlink.add_route(r.dst, r.via, protocol, None),
-                    ),
-                    RouteChange::Replace { old, new } => (
-                        format!("replace route {} via {}", new.dst, new.via),
-                        netlink.add_route(new.dst, new.via, protocol, Some(old.metric)),
-                    ),
-                    RouteChange::Remove { route, .. } => {
-                        (format!("delete route {route}"), netlink.delete_route(route))
-                    }
-                };
-                io.map_err(|source| Error::Netlink { action, source })
+                let io = apply_tunnel(netlink, change, &mut device);
+                io.map_err(|source| Error::Netlink {
+                    action: change.to_string(),
+                    source,
+                })
             });
             match result {
-                Ok(()) => tracing::info!(change = %describe(change), "route changed"),
+                Ok(()) => tracing::info!(change = %change, "tunnel changed"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "route change failed");
+                    tracing::warn!(error = %e, "tunnel change failed");
                     errors.push(e.to_string());
                 }
             }
+        }
+        for change in additions {
+            self.apply_route(change, errors);
         }
         for family in &plan.enable_forwarding {
             match firewall::enable_forwarding(*family) {
@@ -291,6 +309,91 @@ impl Programmer {
                     errors.push(e.to_string());
                 }
             }
+        }
+    }
+}
+
+impl Programmer {
+    fn apply_route(&mut self, change: &RouteChange, errors: &mut Vec<String>) {
+        let protocol = self.protocol;
+        let result = self.netlink().and_then(|netlink| {
+            let (action, io) = match change {
+                RouteChange::Add(r) => (
+                    format!("add route {r}"),
+                    onlink(netlink, r)
+                        .and_then(|dev| netlink.add_route(r.dst, r.via, dev, protocol, None)),
+                ),
+                RouteChange::Replace { old, new } => (
+                    format!("replace route {new}"),
+                    onlink(netlink, new).and_then(|dev| {
+                        netlink.add_route(new.dst, new.via, dev, protocol, Some(old.metric))
+                    }),
+                ),
+                RouteChange::Remove { route, .. } => {
+                    (format!("delete route {route}"), netlink.delete_route(route))
+                }
+            };
+            io.map_err(|source| Error::Netlink { action, source })
+        });
+        match result {
+            Ok(()) => tracing::info!(change = %describe(change), "route changed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "route change failed");
+                errors.push(e.to_string());
+            }
+        }
+    }
+}
+
+/// The interface a tunnel route goes out of, on-link (none for a plain route).
+fn onlink(netlink: &mut Netlink, route: &Route) -> std::io::Result<Option<u32>> {
+    match route.tunnel {
+        Some(_) => netlink.link_index(&route.device).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// One change to the tunnel; `device` is the tunnel device's index once known.
+fn apply_tunnel(
+    netlink: &mut Netlink,
+    change: &TunnelChange,
+    device: &mut Option<u32>,
+) -> std::io::Result<()> {
+    let mut index = |netlink: &mut Netlink| -> std::io::Result<u32> {
+        match *device {
+            Some(index) => Ok(index),
+            None => {
+                let index = netlink.link_index(vxlan::DEVICE)?;
+                *device = Some(index);
+                Ok(index)
+            }
+        }
+    };
+    match change {
+        TunnelChange::Create(d) => {
+            *device = None;
+            netlink.create_tunnel(d)
+        }
+        TunnelChange::Remove { index, .. } => {
+            *device = None;
+            netlink.delete_link(*index)
+        }
+        TunnelChange::Set { index, mtu } => netlink.set_link(*index, *mtu),
+        TunnelChange::SetFdb { mac, remote } => {
+            let i = index(netlink)?;
+            netlink.set_fdb(i, *mac, *remote)
+        }
+        TunnelChange::RemoveFdb { mac } => {
+            let i = index(netlink)?;
+            netlink.delete_fdb(i, *mac)
+        }
+        TunnelChange::SetNeighbour { ip, mac } => {
+            let i = index(netlink)?;
+            netlink.set_neighbour(i, *ip, *mac)
+        }
+        TunnelChange::RemoveNeighbour { ip } => {
+            let i = index(netlink)?;
+            netlink.delete_neighbour(i, *ip)
         }
     }
 }

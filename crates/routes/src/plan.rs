@@ -1,14 +1,18 @@
 //! The route planner: what this host should have (a route to every other node's container
-//! subnet via that node's host address, and the forwarding rules container traffic needs),
-//! compared with what it has, gives the changes to make and the routes it refuses to make.
+//! subnet — via that node's host address where it is on a directly connected network, else
+//! through linkdns's VXLAN tunnel ([`crate::vxlan`]) — and the forwarding rules container
+//! traffic needs), compared with what it has, gives the changes to make and the routes it
+//! refuses to make.
 //!
 //! Pure: no netlink, no iptables, no clock. The edges read [`HostState`] and apply [`Plan`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use linkdns_registry::{max_prefix, NodeId, NodeInfo, Registry, Subnet};
+
+use crate::vxlan::{self, TunnelChange, TunnelState};
 
 /// The route protocol number linkdns marks its routes with (`ip route show proto 151`). The
 /// kernel keeps it as given; linkdns treats exactly the routes with it as its own.
@@ -43,6 +47,44 @@ impl fmt::Display for Family {
             Family::V4 => "ipv4",
             Family::V6 => "ipv6",
         })
+    }
+}
+
+/// How another host's subnets are reached when that host is not on a directly connected
+/// network (`--encapsulation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Encapsulation {
+    /// A plain route where the host is on-link, VXLAN where it is not.
+    #[default]
+    Auto,
+    /// VXLAN to every host (IPv4), on-link or not.
+    Always,
+    /// Plain routes only: a host that is not on-link is not routed to (refused).
+    Never,
+}
+
+impl fmt::Display for Encapsulation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Encapsulation::Auto => "auto",
+            Encapsulation::Always => "always",
+            Encapsulation::Never => "never",
+        })
+    }
+}
+
+impl std::str::FromStr for Encapsulation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Encapsulation, String> {
+        match s {
+            "auto" => Ok(Encapsulation::Auto),
+            "always" => Ok(Encapsulation::Always),
+            "never" => Ok(Encapsulation::Never),
+            other => Err(format!(
+                "encapsulation must be auto, always or never, not {other:?}"
+            )),
+        }
     }
 }
 
@@ -166,6 +208,12 @@ pub enum Rule {
         dst: Subnet,
         in_if: String,
     },
+    /// TCP connections forwarded out of `out_if` (the tunnel) open with at most `mss` bytes
+    /// per segment, so they fit the uplink after the encapsulation.
+    ClampMss {
+        out_if: String,
+        mss: u32,
+    },
     /// Something in a linkdns chain that linkdns did not write; the chain is rewritten.
     Unknown(String),
 }
@@ -181,16 +229,24 @@ pub enum Chain {
     /// `raw` table, jumped to from `PREROUTING`: ahead of current Docker's drops of traffic
     /// routed to containers from other interfaces.
     Prerouting,
+    /// `mangle` table, jumped to from `FORWARD`: TCP's MSS into the tunnel.
+    Mss,
 }
 
 impl Chain {
-    pub const ALL: [Chain; 3] = [Chain::Forward, Chain::Postrouting, Chain::Prerouting];
+    pub const ALL: [Chain; 4] = [
+        Chain::Forward,
+        Chain::Postrouting,
+        Chain::Prerouting,
+        Chain::Mss,
+    ];
 
     pub fn table(self) -> &'static str {
         match self {
             Chain::Forward => "filter",
             Chain::Postrouting => "nat",
             Chain::Prerouting => "raw",
+            Chain::Mss => "mangle",
         }
     }
 
@@ -199,12 +255,13 @@ impl Chain {
             Chain::Forward => "LINKDNS-FORWARD",
             Chain::Postrouting => "LINKDNS-POSTROUTING",
             Chain::Prerouting => "LINKDNS-PREROUTING",
+            Chain::Mss => "LINKDNS-MSS",
         }
     }
 
     pub fn parent(self) -> &'static str {
         match self {
-            Chain::Forward => "FORWARD",
+            Chain::Forward | Chain::Mss => "FORWARD",
             Chain::Postrouting => "POSTROUTING",
             Chain::Prerouting => "PREROUTING",
         }
@@ -232,6 +289,10 @@ pub struct HostState {
     pub chains: Vec<(Family, Chain, ChainState)>,
     /// Families whose IP forwarding is on.
     pub forwarding: BTreeSet<Family>,
+    /// Interfaces' MTUs, by name.
+    pub mtus: BTreeMap<String, u32>,
+    /// VXLAN devices, and linkdns's tunnel's entries.
+    pub tunnel: TunnelState,
 }
 
 impl HostState {
@@ -260,6 +321,9 @@ pub struct Desired {
     pub local_subnets: Vec<Subnet>,
     /// Every other node that claims a subnet, by id.
     pub peers: Vec<Peer>,
+    /// This node's own host address: the tunnel's local end.
+    pub local_host: Option<IpAddr>,
+    pub encapsulation: Encapsulation,
 }
 
 impl Desired {
@@ -283,6 +347,8 @@ impl Desired {
         Desired {
             local_subnets: registry.node_subnets(local).to_vec(),
             peers,
+            local_host: registry.node(local).and_then(NodeInfo::host_ip),
+            encapsulation: Encapsulation::Auto,
         }
     }
 }
@@ -295,6 +361,17 @@ pub struct Route {
     pub node: String,
     /// The interface towards `via`.
     pub device: String,
+    /// Through the tunnel to this host (`via` is then `dst`'s network address, on-link on the
+    /// tunnel device).
+    pub tunnel: Option<Ipv4Addr>,
+}
+
+/// How a peer's subnet is reached.
+enum Path {
+    /// A route via the peer's host address on the interface towards it.
+    Direct { via: IpAddr, device: String },
+    /// Through the tunnel to the peer's host address.
+    Tunnel(Ipv4Addr),
 }
 
 impl RouteChange {
@@ -335,8 +412,10 @@ pub enum Conflict {
     OtherSubnet { node: String, subnet: Subnet },
     /// The gateway is one of this host's own addresses.
     GatewayIsLocal(IpAddr),
-    /// The gateway is on none of this host's connected networks.
+    /// The gateway is on none of this host's connected networks (and no tunnel is allowed).
     GatewayUnreachable(IpAddr),
+    /// The peer needs the tunnel, which cannot be had: why.
+    NoTunnel(String),
 }
 
 impl fmt::Display for Conflict {
@@ -364,8 +443,9 @@ impl fmt::Display for Conflict {
             }
             Conflict::GatewayUnreachable(gw) => write!(
                 f,
-                "the gateway {gw} is not on a directly connected network of this host"
+                "the gateway {gw} is not on a directly connected network of this host (and encapsulation is never)"
             ),
+            Conflict::NoTunnel(why) => write!(f, "no VXLAN tunnel to its host: {why}"),
         }
     }
 }
@@ -424,12 +504,19 @@ pub struct Plan {
     pub firewall: Vec<FirewallChange>,
     /// Families whose IP forwarding must be switched on.
     pub enable_forwarding: Vec<Family>,
+    /// Changes to the tunnel, made after the route removals and before the additions.
+    pub tunnel: Vec<TunnelChange>,
+    /// Every route wanted (kept or made): how each peer subnet is reached.
+    pub wanted: Vec<Route>,
 }
 
 impl Plan {
     /// Whether applying the plan changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty() && self.firewall.is_empty() && self.enable_forwarding.is_empty()
+        self.routes.is_empty()
+            && self.firewall.is_empty()
+            && self.enable_forwarding.is_empty()
+            && self.tunnel.is_empty()
     }
 }
 
@@ -440,26 +527,35 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
     let mut wanted: Vec<Route> = Vec::new();
     let mut peers = desired.peers.clone();
     peers.sort_by_key(|p| p.id);
+    let tunnel = TunnelEnd::of(desired, host);
     for peer in &peers {
         let mut subnets = peer.subnets.clone();
         subnets.sort();
         for subnet in subnets {
-            match check(
+            let path = check(
                 subnet,
                 peer,
                 &desired.local_subnets,
                 &wanted,
                 host,
                 protocol,
-            ) {
-                Ok((via, device)) => {
-                    wanted.push(Route {
-                        dst: subnet,
-                        via,
-                        node: peer.name.clone(),
-                        device,
-                    });
-                }
+            )
+            .and_then(|on_link| choose(subnet, peer, on_link, desired.encapsulation, &tunnel));
+            match path {
+                Ok(Path::Direct { via, device }) => wanted.push(Route {
+                    dst: subnet,
+                    via,
+                    node: peer.name.clone(),
+                    device,
+                    tunnel: None,
+                }),
+                Ok(Path::Tunnel(remote)) => wanted.push(Route {
+                    dst: subnet,
+                    via: subnet.addr(),
+                    node: peer.name.clone(),
+                    device: vxlan::DEVICE.to_string(),
+                    tunnel: Some(remote),
+                }),
                 Err(conflict) => plan.refused.push(Refusal {
                     subnet,
                     node: peer.name.clone(),
@@ -469,6 +565,7 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
         }
     }
     wanted.sort();
+    plan.tunnel = plan_tunnel(&tunnel, &wanted, host);
 
     let mut owned: Vec<&HostRoute> = host
         .routes
@@ -532,7 +629,8 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
     plan.routes.sort_by_key(RouteChange::order);
     plan.routes.extend(additions);
 
-    plan_firewall(&mut plan, desired, host, &wanted);
+    plan_firewall(&mut plan, desired, host, &wanted, &tunnel);
+    plan.wanted = wanted;
     plan
 }
 
@@ -541,10 +639,103 @@ fn is_exactly(host_route: &HostRoute, route: &Route) -> bool {
     host_route.table == MAIN_TABLE
         && host_route.kind == RouteKind::Unicast
         && host_route.gateway == Some(route.via)
+        && (route.tunnel.is_none() || host_route.device.as_deref() == Some(vxlan::DEVICE))
+}
+
+/// This host's end of the tunnel: the device it would have, or why it cannot have one.
+struct TunnelEnd(Result<vxlan::Device, String>);
+
+impl TunnelEnd {
+    fn of(desired: &Desired, host: &HostState) -> TunnelEnd {
+        TunnelEnd((|| {
+            if let Some(why) = host.tunnel.blocked() {
+                return Err(why);
+            }
+            let Some(local) = desired.local_host else {
+                return Err("this node has no host address of its own".to_string());
+            };
+            let IpAddr::V4(local) = local else {
+                return Err(format!(
+                    "this node's host address {local} is IPv6; VXLAN here carries IPv4"
+                ));
+            };
+            let uplink = host
+                .addresses
+                .iter()
+                .find(|a| a.addr == IpAddr::V4(local))
+                .ok_or_else(|| {
+                    format!("this node's host address {local} is on none of this host's interfaces")
+                })?;
+            let mtu = host.mtus.get(&uplink.device).copied().unwrap_or(1500);
+            Ok(vxlan::Device::new(local, mtu))
+        })())
+    }
+}
+
+/// How a subnet whose checks passed is reached: directly where its host is on-link (unless
+/// encapsulation is always), through the tunnel where allowed, else refused.
+fn choose(
+    subnet: Subnet,
+    peer: &Peer,
+    on_link: Option<(IpAddr, String)>,
+    encapsulation: Encapsulation,
+    tunnel: &TunnelEnd,
+) -> Result<Path, Conflict> {
+    let via = peer.host.unwrap_or(subnet.addr());
+    match (on_link, encapsulation) {
+        (Some((via, device)), Encapsulation::Auto | Encapsulation::Never) => {
+            return Ok(Path::Direct { via, device })
+        }
+        (None, Encapsulation::Never) => return Err(Conflict::GatewayUnreachable(via)),
+        // IPv6 subnets stay on plain routes.
+        (Some((via, device)), Encapsulation::Always) if !subnet.is_ipv4() => {
+            return Ok(Path::Direct { via, device })
+        }
+        _ => {}
+    }
+    if !subnet.is_ipv4() {
+        return Err(Conflict::NoTunnel(format!(
+            "{subnet} is IPv6; VXLAN here carries IPv4"
+        )));
+    }
+    let IpAddr::V4(remote) = via else {
+        return Err(Conflict::NoTunnel(format!(
+            "the node's host address {via} is IPv6"
+        )));
+    };
+    match &tunnel.0 {
+        Ok(_) => Ok(Path::Tunnel(remote)),
+        Err(why) => Err(Conflict::NoTunnel(why.clone())),
+    }
+}
+
+/// The tunnel's changes: the device and an entry per remote host and subnet while any route
+/// goes through it, nothing (the device removed) otherwise.
+fn plan_tunnel(tunnel: &TunnelEnd, wanted: &[Route], host: &HostState) -> Vec<TunnelChange> {
+    let mut remotes: Vec<vxlan::Remote> = Vec::new();
+    for route in wanted {
+        let Some(remote) = route.tunnel else {
+            continue;
+        };
+        match remotes.iter_mut().find(|r| r.host == remote) {
+            Some(r) => r.gateways.push(route.via),
+            None => remotes.push(vxlan::Remote {
+                host: remote,
+                gateways: vec![route.via],
+            }),
+        }
+    }
+    let device = tunnel.0.as_ref().ok().filter(|_| !remotes.is_empty());
+    if device.is_none() && host.tunnel.blocked().is_some() {
+        // Someone else's device: never touched.
+        return Vec::new();
+    }
+    vxlan::plan(device, &remotes, &host.tunnel)
 }
 
 /// Checks one peer subnet against this node's subnets, the routes accepted so far (earlier
-/// nodes') and everything on this host; the gateway to use, and its interface, if it is clear.
+/// nodes') and everything on this host; if it is clear, the gateway and its interface where
+/// the peer's host is on a directly connected network (`None`: it is not).
 fn check(
     subnet: Subnet,
     peer: &Peer,
@@ -552,7 +743,7 @@ fn check(
     accepted: &[Route],
     host: &HostState,
     protocol: u8,
-) -> Result<(IpAddr, String), Conflict> {
+) -> Result<Option<(IpAddr, String)>, Conflict> {
     let via = peer
         .host
         .filter(|h| Family::of(*h) == Family::of(subnet.addr()))
@@ -591,16 +782,19 @@ fn check(
             n.contains(via) && (n.prefix() < max_prefix(via) || a.peer == Some(via))
         })
     });
-    match on_link {
-        Some(a) => Ok((via, a.device.clone())),
-        None => Err(Conflict::GatewayUnreachable(via)),
-    }
+    Ok(on_link.map(|a| (via, a.device.clone())))
 }
 
 /// For each family with routes: accept forwarded traffic between this node's subnets and the
 /// routed ones both ways, and do not masquerade this node's containers towards them. Families
 /// without routes get no chains (a single host is left as it was).
-fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &[Route]) {
+fn plan_firewall(
+    plan: &mut Plan,
+    desired: &Desired,
+    host: &HostState,
+    wanted: &[Route],
+    tunnel: &TunnelEnd,
+) {
     for family in [Family::V4, Family::V6] {
         let remote: Vec<Subnet> = wanted
             .iter()
@@ -622,6 +816,16 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
         let mut forward = Vec::new();
         let mut nat = Vec::new();
         let mut raw = Vec::new();
+        let mut mss = Vec::new();
+        if let Ok(device) = &tunnel.0 {
+            let tunnelled = wanted.iter().any(|r| r.tunnel.is_some());
+            if family == Family::V4 && tunnelled {
+                mss.push(Rule::ClampMss {
+                    out_if: vxlan::DEVICE.to_string(),
+                    mss: vxlan::clamped_mss(device.mtu),
+                });
+            }
+        }
         for l in desired
             .local_subnets
             .iter()
@@ -661,6 +865,7 @@ fn plan_firewall(plan: &mut Plan, desired: &Desired, host: &HostState, wanted: &
             (Chain::Forward, forward),
             (Chain::Postrouting, nat),
             (Chain::Prerouting, raw),
+            (Chain::Mss, mss),
         ] {
             // A family whose firewall cannot be read is left alone (reported by the edge).
             let Some(state) = host.chain(family, chain) else {
@@ -734,6 +939,10 @@ impl fmt::Display for Rule {
             Rule::Admit { src, dst, in_if } => {
                 write!(f, "-s {src} -d {dst} -i {in_if} -j ACCEPT")
             }
+            Rule::ClampMss { out_if, mss } => write!(
+                f,
+                "-o {out_if} -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss {mss}"
+            ),
             Rule::Unknown(text) => f.write_str(text),
         }
     }
@@ -763,6 +972,14 @@ impl Rule {
                     _ => None,
                 }
             }
+            ["-o", out_if, "-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--set-mss", mss]
+                if chain == Chain::Mss =>
+            {
+                mss.parse().ok().map(|mss| Rule::ClampMss {
+                    out_if: out_if.to_string(),
+                    mss,
+                })
+            }
             ["-s", src, "-d", dst, "-i", in_if, "-j", "ACCEPT"] if chain == Chain::Prerouting => {
                 match (src.parse::<Subnet>(), dst.parse::<Subnet>()) {
                     (Ok(src), Ok(dst)) => Some(Rule::Admit {
@@ -781,7 +998,14 @@ impl Rule {
 
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} via {} ({})", self.dst, self.via, self.node)
+        match self.tunnel {
+            None => write!(f, "{} via {} ({})", self.dst, self.via, self.node),
+            Some(remote) => write!(
+                f,
+                "{} via {} dev {} onlink ({}, vxlan to {remote})",
+                self.dst, self.via, self.device, self.node
+            ),
+        }
     }
 }
 
@@ -792,11 +1016,24 @@ impl fmt::Display for Plan {
         for route in &self.keep {
             writeln!(f, "keep     {route}")?;
         }
-        for change in &self.routes {
+        // In the order they are made: removals, the tunnel, additions.
+        let (removals, additions): (Vec<&RouteChange>, Vec<&RouteChange>) = self
+            .routes
+            .iter()
+            .partition(|c| matches!(c, RouteChange::Remove { .. }));
+        for change in removals {
+            if let RouteChange::Remove { route, why } = change {
+                writeln!(f, "remove   {route}: {why}")?;
+            }
+        }
+        for change in &self.tunnel {
+            writeln!(f, "{change}")?;
+        }
+        for change in additions {
             match change {
                 RouteChange::Add(route) => writeln!(f, "add      {route}")?,
                 RouteChange::Replace { old, new } => writeln!(f, "replace  {old}  ->  {new}")?,
-                RouteChange::Remove { route, why } => writeln!(f, "remove   {route}: {why}")?,
+                RouteChange::Remove { .. } => {}
             }
         }
         for family in &self.enable_forwarding {

@@ -49,6 +49,8 @@ struct Shared {
     prepared: bool,
     /// The LAN bridge is up; whether its FORWARD rule was added by this process.
     lan: Option<bool>,
+    /// Hosts and VMs alive on the routed LANs (the router namespace lives while there are).
+    routed: usize,
     /// This run's claim, from the first host to the last.
     run: Option<Run>,
 }
@@ -58,6 +60,7 @@ static SHARED: Mutex<Shared> = Mutex::new(Shared {
     lan_hosts: 0,
     prepared: false,
     lan: None,
+    routed: 0,
     run: None,
 });
 
@@ -85,6 +88,14 @@ impl Run {
     fn lan_root(&self) -> Ipv4Addr {
         Ipv4Addr::new(172, self.octet, 0, 254)
     }
+    /// The router of the routed LANs.
+    fn router(&self) -> String {
+        format!("ldt{}-r", self.tag)
+    }
+    /// A VM's namespace.
+    fn vm(&self, index: u8) -> String {
+        format!("ldt{}-v{index}", self.tag)
+    }
     /// The FORWARD rule that lets bridged LAN traffic through the root namespace (Docker
     /// loads br_netfilter and may set the policy to DROP).
     fn lan_rule(&self) -> Vec<String> {
@@ -92,6 +103,221 @@ impl Run {
         ["FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT"]
             .map(String::from)
             .to_vec()
+    }
+}
+
+/// One of the two routed LANs: each its own subnet (172.R.201.0/24, 172.R.202.0/24), joined
+/// only by the router namespace (172.R.20x.254 on each), every host's and VM's default route;
+/// no LAN is shared between them. Hosts on different routed LANs are not on-link: what reaches
+/// across is routed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lan {
+    A,
+    B,
+}
+
+impl Lan {
+    fn third_octet(self) -> u8 {
+        match self {
+            Lan::A => 201,
+            Lan::B => 202,
+        }
+    }
+    /// The bridge of this LAN, inside the router namespace.
+    fn bridge(self) -> &'static str {
+        match self {
+            Lan::A => "lana",
+            Lan::B => "lanb",
+        }
+    }
+    /// The address of machine `index` on this LAN (254 is the router's).
+    pub fn addr(self, index: u8) -> Ipv4Addr {
+        let octet = shared()
+            .run
+            .as_ref()
+            .map(|r| r.octet)
+            .expect("Lan::addr: make a host first");
+        Ipv4Addr::new(172, octet, self.third_octet(), index)
+    }
+    /// The LAN's subnet, `172.R.20x.0/24`.
+    pub fn subnet(self) -> String {
+        format!("{}/24", self.addr(0))
+    }
+    /// The router's address on this LAN.
+    pub fn router(self) -> Ipv4Addr {
+        self.addr(254)
+    }
+}
+
+/// The router namespace's name (BIRD runs there in the BGP tests).
+pub fn router_ns() -> String {
+    shared()
+        .run
+        .as_ref()
+        .map(Run::router)
+        .expect("router_ns: make a routed host first")
+}
+
+/// Brings the router up for the first machine on a routed LAN (with the shared state locked):
+/// a namespace with a bridge per LAN, its address on each, forwarding on.
+fn routed_up(shared: &mut Shared, run: &Run) {
+    shared.routed += 1;
+    if shared.routed > 1 {
+        return;
+    }
+    let ns = run.router();
+    sh("ip", &["netns", "add", &ns]);
+    let in_router = |args: &[&str]| {
+        let mut full = vec!["-n", ns.as_str()];
+        full.extend_from_slice(args);
+        sh("ip", &full);
+    };
+    in_router(&["link", "set", "lo", "up"]);
+    for lan in [Lan::A, Lan::B] {
+        let bridge = lan.bridge();
+        in_router(&["link", "add", bridge, "type", "bridge"]);
+        let addr = format!(
+            "{}/24",
+            Ipv4Addr::new(172, run.octet, lan.third_octet(), 254)
+        );
+        in_router(&["addr", "add", &addr, "dev", bridge]);
+        in_router(&["link", "set", bridge, "up"]);
+    }
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+}
+
+/// Takes the router down after the last machine on a routed LAN.
+fn routed_down(shared: &mut Shared, run: &Run) {
+    shared.routed = shared.routed.saturating_sub(1);
+    if shared.routed == 0 {
+        let _ = self::run("ip", &["netns", "delete", &run.router()]);
+    }
+}
+
+/// Links namespace `ns` to the routed LAN `lan` as machine `index`: a veth pair whose one end
+/// (`inside`) is the machine's, the other a port of the LAN's bridge in the router; the
+/// machine's default route goes via the router.
+fn attach_routed(run: &Run, ns: &str, lan: Lan, index: u8, outside: &str, inside: &str) {
+    let router = run.router();
+    sh(
+        "ip",
+        &[
+            "link", "add", outside, "type", "veth", "peer", "name", inside,
+        ],
+    );
+    sh("ip", &["link", "set", inside, "netns", ns]);
+    sh("ip", &["link", "set", outside, "netns", &router]);
+    sh(
+        "ip",
+        &[
+            "-n",
+            &router,
+            "link",
+            "set",
+            outside,
+            "master",
+            lan.bridge(),
+        ],
+    );
+    sh("ip", &["-n", &router, "link", "set", outside, "up"]);
+    let addr = Ipv4Addr::new(172, run.octet, lan.third_octet(), index);
+    let gateway = Ipv4Addr::new(172, run.octet, lan.third_octet(), 254);
+    sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
+    sh(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            inside,
+        ],
+    );
+    sh("ip", &["-n", ns, "link", "set", inside, "up"]);
+    sh(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.to_string(),
+        ],
+    );
+}
+
+/// A machine on a routed LAN with no Docker and no linkdns: a VM in the VPC, or a machine of
+/// the LAN that is not in the cluster. Its namespace goes when it is dropped.
+pub struct Vm {
+    pub ns: String,
+    pub addr: Ipv4Addr,
+    pub lan: Lan,
+}
+
+impl Vm {
+    pub fn on(lan: Lan) -> Vm {
+        let index = NEXT_HOST.fetch_add(1, Ordering::SeqCst);
+        assert!(index < 200, "too many test machines");
+        let run = {
+            let mut shared = shared();
+            let run = prepare(&mut shared);
+            shared.hosts += 1;
+            routed_up(&mut shared, &run);
+            run
+        };
+        let vm = Vm {
+            ns: run.vm(index),
+            addr: Ipv4Addr::new(172, run.octet, lan.third_octet(), index),
+            lan,
+        };
+        sh("ip", &["netns", "add", &vm.ns]);
+        attach_routed(
+            &run,
+            &vm.ns,
+            lan,
+            index,
+            &run.veth(index, 'o'),
+            &run.veth(index, 'i'),
+        );
+        vm
+    }
+
+    /// Runs a command inside the VM's namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", self.ns.as_str(), program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "delete", &self.ns]);
+        let mut shared = shared();
+        shared.hosts -= 1;
+        if let Some(run) = shared.run.clone() {
+            routed_down(&mut shared, &run);
+        }
+        if shared.hosts == 0 {
+            if let Some(run) = shared.run.take() {
+                release_run(&run);
+            }
+            shared.prepared = false;
+        }
     }
 }
 
@@ -320,7 +546,7 @@ fn prepare(shared: &mut Shared) -> Run {
         std::fs::copy(busybox.trim(), bin.join("busybox")).expect("copy busybox");
         for applet in [
             "sh", "sleep", "nc", "nslookup", "ping", "httpd", "cat", "echo", "ls", "wget",
-            "hostname", "test", "touch", "rm", "true", "false",
+            "hostname", "test", "touch", "rm", "true", "false", "dd", "wc", "netstat",
         ] {
             let link = bin.join(applet);
             let _ = std::fs::remove_file(&link);
@@ -534,9 +760,9 @@ pub struct Host {
     /// The Docker bridge's gateway (where containers find DNS by default).
     pub gateway: Ipv4Addr,
     pub dir: PathBuf,
-    /// Whether it is on the shared LAN.
-    lan: bool,
-    /// On the shared LAN: the veth end inside the namespace (to cut in a partition).
+    /// Where it is: alone, on the shared LAN or on a routed LAN.
+    attach: Attach,
+    /// On a LAN: the veth end inside the namespace (to cut in a partition).
     pub lan_if: Option<String>,
     /// A command linkdns is started under (e.g. `setpriv` to drop a capability).
     pub wrapper: Vec<String>,
@@ -555,6 +781,17 @@ pub struct Host {
 
 /// Variables added to a process's environment.
 type Environment = Vec<(String, String)>;
+
+/// Where a host is linked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attach {
+    /// Alone on a link to the root namespace.
+    Alone,
+    /// On the shared LAN bridge of the root namespace.
+    Lan,
+    /// On a routed LAN, behind the router.
+    Routed(Lan),
+}
 
 /// Brings this run's LAN bridge and its FORWARD rule up for the first LAN host (with the
 /// shared state locked).
@@ -600,40 +837,54 @@ impl Host {
     // No `Default`: a host is a namespace, a Docker engine and a directory, never a default.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Host {
-        Host::create(false)
+        Host::create(Attach::Alone)
     }
 
     /// A new host on the shared LAN (172.R.0.N/24, the root namespace at 172.R.0.254), where
     /// the hosts reach each other.
     pub fn on_lan() -> Host {
-        Host::create(true)
+        Host::create(Attach::Lan)
     }
 
-    fn create(on_lan: bool) -> Host {
+    /// A new host on routed LAN `lan` (172.R.20x.N/24), its default route via the router:
+    /// hosts on the other LAN are reached through the router only.
+    pub fn on_routed(lan: Lan) -> Host {
+        Host::create(Attach::Routed(lan))
+    }
+
+    fn create(attach: Attach) -> Host {
         let index = NEXT_HOST.fetch_add(1, Ordering::SeqCst);
         assert!(index < 200, "too many test hosts");
+        let on_lan = attach == Attach::Lan;
         let run = {
             let mut shared = shared();
             let run = prepare(&mut shared);
             // Counted from here: the host below is made before anything can fail, and its
             // drop counts it out.
             shared.hosts += 1;
-            if on_lan {
-                lan_up(&mut shared, &run);
-                shared.lan_hosts += 1;
+            match attach {
+                Attach::Lan => {
+                    lan_up(&mut shared, &run);
+                    shared.lan_hosts += 1;
+                }
+                Attach::Routed(_) => routed_up(&mut shared, &run),
+                Attach::Alone => {}
             }
             run
         };
         let base = run.base.clone();
         let ns = run.ns(index);
         let dir = base.join(format!("h{index}"));
-        let (addr, outside) = if on_lan {
-            (Ipv4Addr::new(172, run.octet, 0, index), run.lan_root())
-        } else {
-            (
+        let (addr, outside) = match attach {
+            Attach::Lan => (Ipv4Addr::new(172, run.octet, 0, index), run.lan_root()),
+            Attach::Routed(lan) => (
+                Ipv4Addr::new(172, run.octet, lan.third_octet(), index),
+                Ipv4Addr::new(172, run.octet, lan.third_octet(), 254),
+            ),
+            Attach::Alone => (
                 Ipv4Addr::new(172, run.octet, index, 2),
                 Ipv4Addr::new(172, run.octet, index, 1),
-            )
+            ),
         };
         let (veth_out, veth_in) = (run.veth(index, 'o'), run.veth(index, 'i'));
         // Made before anything else, so that dropping it (also after a panic below) takes
@@ -645,8 +896,8 @@ impl Host {
             outside,
             gateway: Ipv4Addr::new(192, 168, index, 1),
             dir,
-            lan: on_lan,
-            lan_if: on_lan.then_some(veth_in.clone()),
+            attach,
+            lan_if: (attach != Attach::Alone).then_some(veth_in.clone()),
             wrapper: Vec::new(),
             dockerd: None,
             daemon_config: None,
@@ -658,6 +909,12 @@ impl Host {
         };
         std::fs::create_dir_all(&host.dir).expect("host dir");
         sh("ip", &["netns", "add", &ns]);
+        if let Attach::Routed(lan) = attach {
+            attach_routed(&run, &ns, lan, index, &veth_out, &veth_in);
+            host.start_dockerd();
+            host.docker(&["import", &base.join("image.tar").to_string_lossy(), IMAGE]);
+            return host;
+        }
         sh(
             "ip",
             &[
@@ -1134,13 +1391,21 @@ impl Drop for Host {
         let _ = std::fs::remove_dir_all(&self.dir);
         let mut shared = shared();
         shared.hosts -= 1;
-        if self.lan {
-            shared.lan_hosts -= 1;
-            if shared.lan_hosts == 0 {
-                if let Some(run) = shared.run.clone() {
-                    lan_down(&mut shared, &run);
+        match self.attach {
+            Attach::Lan => {
+                shared.lan_hosts -= 1;
+                if shared.lan_hosts == 0 {
+                    if let Some(run) = shared.run.clone() {
+                        lan_down(&mut shared, &run);
+                    }
                 }
             }
+            Attach::Routed(_) => {
+                if let Some(run) = shared.run.clone() {
+                    routed_down(&mut shared, &run);
+                }
+            }
+            Attach::Alone => {}
         }
         if shared.hosts == 0 {
             if let Some(run) = shared.run.take() {

@@ -4,6 +4,7 @@
 mod answers;
 mod cluster;
 mod limits;
+mod networks;
 mod routes;
 mod service;
 mod upstream;

@@ -2,6 +2,7 @@
 //! prints it out.
 
 use super::*;
+use crate::vxlan;
 use linkdns_registry::{Command, NodeInfo};
 
 const P: u8 = DEFAULT_PROTOCOL;
@@ -78,6 +79,8 @@ fn h1() -> HostState {
             })
             .collect(),
         forwarding: [Family::V4].into(),
+        mtus: [("eth0".to_string(), 1500)].into(),
+        tunnel: TunnelState::default(),
     }
 }
 
@@ -88,6 +91,8 @@ fn three_hosts() -> Desired {
             peer(3, "h3", "172.30.0.3", &["192.168.3.0/24"]),
             peer(2, "h2", "172.30.0.2", &["192.168.2.0/24"]),
         ],
+        local_host: Some(ip("172.30.0.1")),
+        ..Desired::default()
     }
 }
 
@@ -192,7 +197,7 @@ fn conflicts_are_refused_and_what_is_in_the_way_is_left_alone() {
             peer(2, "h2", "172.30.0.2", &["192.168.2.0/24"]),
             peer(3, "h3", "172.30.0.3", &["192.168.3.0/24"]),
             peer(4, "h4", "172.30.0.4", &["10.5.3.0/24"]),
-            // Behind a router, not on the LAN: reported, not programmed.
+            // Behind a router, not on the LAN, and no tunnel allowed: reported, not programmed.
             peer(5, "h5", "198.51.100.5", &["192.168.5.0/24"]),
             peer(6, "h6", "172.30.0.6", &["10.60.6.0/24"]),
             // Claims this host's own LAN address as its host address.
@@ -206,6 +211,8 @@ fn conflicts_are_refused_and_what_is_in_the_way_is_left_alone() {
             // An IPv6 subnet behind an IPv4-only host address.
             peer(10, "h10", "172.30.0.10", &["fd00:10::/64"]),
         ],
+        local_host: Some(ip("172.30.0.1")),
+        encapsulation: Encapsulation::Never,
     };
     assert_eq!(
         plan(&desired, &host, P).to_string(),
@@ -223,7 +230,7 @@ write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
 jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
 refuse   not routing 192.168.2.0/24 of node h2: overlaps existing route `192.168.2.0/24 via 172.30.0.99 dev eth0 proto static`, which linkdns does not own
 refuse   not routing 10.5.3.0/24 of node h4: overlaps this host's address 10.5.0.1/16 on eth1
-refuse   not routing 192.168.5.0/24 of node h5: the gateway 198.51.100.5 is not on a directly connected network of this host
+refuse   not routing 192.168.5.0/24 of node h5: the gateway 198.51.100.5 is not on a directly connected network of this host (and encapsulation is never)
 refuse   not routing 10.60.6.0/24 of node h6: overlaps existing route `10.60.0.0/16 via 172.30.0.254 dev eth0 proto boot`, which linkdns does not own
 refuse   not routing 192.168.7.0/24 of node h7: the gateway 172.30.0.1 is an address of this host
 refuse   not routing 192.168.8.0/24 of node h8: the node has no host address of this family to route through
@@ -267,6 +274,7 @@ replace  192.168.2.0/24 via 172.30.0.22 dev eth0 proto 151  ->  192.168.2.0/24 v
     let alone = Desired {
         local_subnets: vec![net("192.168.1.0/24")],
         peers: Vec::new(),
+        ..Desired::default()
     };
     let plan = plan(&alone, &host, P);
     assert_eq!(
@@ -318,6 +326,7 @@ fn jumps_pushed_down_by_docker_are_put_back_first_and_foreign_rules_rewritten() 
             // Docker restarted and inserted its rules above the jumps.
             Chain::Postrouting => state.jumps = vec![3],
             Chain::Prerouting => state.jumps = vec![2],
+            Chain::Mss => {}
             // Someone added a rule to linkdns's chain, and a second jump.
             Chain::Forward => {
                 state
@@ -466,6 +475,7 @@ fn ipv6_point_to_point_and_docker_user_cases() {
             // An IPv6-only host: routed, but IPv6 forwarding is the administrator's to switch on.
             peer(3, "h3", "fd00:30::3", &["fd00:3::/64"]),
         ],
+        ..Desired::default()
     };
     assert_eq!(
         plan(&desired, &host, P).to_string(),
@@ -494,6 +504,7 @@ fn without_the_bridge_interface_routes_go_in_and_the_missing_rules_are_noted() {
     let desired = Desired {
         local_subnets: vec![net("192.168.1.0/24")],
         peers: vec![peer(2, "h2", "172.30.0.2", &["192.168.2.0/24"])],
+        ..Desired::default()
     };
     assert_eq!(
         plan(&desired, &host, P).to_string(),
@@ -524,6 +535,7 @@ fn a_block_with_several_docker_networks_lets_each_of_them_in() {
     let desired = Desired {
         local_subnets: vec![net("10.77.0.0/20")],
         peers: vec![peer(2, "h2", "172.30.0.2", &["10.77.16.0/20"])],
+        ..Desired::default()
     };
     assert_eq!(
         plan(&desired, &host, P).to_string(),
@@ -545,6 +557,200 @@ write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
            -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 10.77.2.0/24 -i eth0 -j ACCEPT
            -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 10.77.1.0/24 -i eth0 -j ACCEPT
 jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
+"
+    );
+}
+
+/// h1 of two subnets: 172.31.201.1 on LAN A, its default route via the router.
+fn h1_behind_a_router() -> (HostState, Desired) {
+    let mut host = h1();
+    host.routes = vec![
+        route("172.31.201.0/24", None, 2),
+        route("192.168.1.0/24", None, 2),
+        route("0.0.0.0/0", Some("172.31.201.254"), 4),
+    ];
+    host.addresses = vec![
+        addr("lo", "127.0.0.1/8"),
+        addr("eth0", "172.31.201.1/24"),
+        addr("docker0", "192.168.1.1/24"),
+    ];
+    let desired = Desired {
+        local_subnets: vec![net("192.168.1.0/24")],
+        peers: vec![
+            // On LAN A with h1: a plain route.
+            peer(3, "h3", "172.31.201.3", &["192.168.3.0/24"]),
+            // On LAN B, behind the router: the tunnel.
+            peer(
+                2,
+                "h2",
+                "172.31.202.2",
+                &["192.168.2.0/24", "10.77.16.0/20"],
+            ),
+        ],
+        local_host: Some(ip("172.31.201.1")),
+        ..Desired::default()
+    };
+    (host, desired)
+}
+
+#[test]
+fn a_host_behind_a_router_is_reached_through_the_tunnel_and_an_on_link_one_directly() {
+    let (host, desired) = h1_behind_a_router();
+    let first = plan(&desired, &host, P);
+    assert_eq!(
+        first.to_string(),
+        "\
+create   linkdns.vx vxlan id 151 local 172.31.201.1 dstport 4789 nolearning address 0e:6c:ac:1f:c9:01 mtu 1500
+fdb      0e:6c:ac:1f:ca:02 dst 172.31.202.2 dev linkdns.vx
+neigh    10.77.16.0 lladdr 0e:6c:ac:1f:ca:02 dev linkdns.vx
+neigh    192.168.2.0 lladdr 0e:6c:ac:1f:ca:02 dev linkdns.vx
+add      10.77.16.0/20 via 10.77.16.0 dev linkdns.vx onlink (h2, vxlan to 172.31.202.2)
+add      192.168.2.0/24 via 192.168.2.0 dev linkdns.vx onlink (h2, vxlan to 172.31.202.2)
+add      192.168.3.0/24 via 172.31.201.3 (h3)
+write    ipv4 filter LINKDNS-FORWARD: 6 rule(s)
+           -A LINKDNS-FORWARD -s 10.77.16.0/20 -d 192.168.1.0/24 -i linkdns.vx -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 10.77.16.0/20 -i docker0 -o linkdns.vx -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -i linkdns.vx -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o linkdns.vx -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o eth0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
+write    ipv4 nat LINKDNS-POSTROUTING: 3 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 10.77.16.0/20 -j ACCEPT
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
+           -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
+           -A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
+           -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
+write    ipv4 mangle LINKDNS-MSS: 1 rule(s)
+           -A LINKDNS-MSS -o linkdns.vx -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 1410
+jump     ipv4 mangle FORWARD -> LINKDNS-MSS at 1 (now at [])
+"
+    );
+    // Applied: the tunnel and its entries are there; nothing more to do.
+    let mut host = applied(host, &first);
+    host.tunnel = TunnelState {
+        links: vec![vxlan::VxlanLink {
+            index: 9,
+            name: vxlan::DEVICE.into(),
+            vni: vxlan::VNI,
+            local: Some("172.31.201.1".parse().expect("ip")),
+            port: vxlan::PORT,
+            learning: false,
+            mac: Some(vxlan::mac_of("172.31.201.1".parse().expect("ip"))),
+            mtu: 1500,
+            up: true,
+        }],
+        foreign_device: false,
+        neighbours: first
+            .tunnel
+            .iter()
+            .filter_map(|c| match c {
+                TunnelChange::SetNeighbour { ip, mac } => Some((*ip, *mac)),
+                _ => None,
+            })
+            .collect(),
+        fdb: first
+            .tunnel
+            .iter()
+            .filter_map(|c| match c {
+                TunnelChange::SetFdb { mac, remote } => Some((*mac, IpAddr::V4(*remote))),
+                _ => None,
+            })
+            .collect(),
+    };
+    for r in &mut host.routes {
+        if r.gateway.is_some_and(|g| g.to_string().ends_with(".0")) {
+            r.device = Some(vxlan::DEVICE.into());
+        }
+    }
+    let again = plan(&desired, &host, P);
+    assert!(again.is_empty(), "{again}");
+
+    // encapsulation always: h3 goes through the tunnel too; never: h2 is refused.
+    let always = Desired {
+        encapsulation: Encapsulation::Always,
+        ..desired.clone()
+    };
+    assert_eq!(
+        plan(&always, &host, P).to_string(),
+        "\
+keep     10.77.16.0/20 via 10.77.16.0 dev linkdns.vx onlink (h2, vxlan to 172.31.202.2)
+keep     192.168.2.0/24 via 192.168.2.0 dev linkdns.vx onlink (h2, vxlan to 172.31.202.2)
+fdb      0e:6c:ac:1f:c9:03 dst 172.31.201.3 dev linkdns.vx
+neigh    192.168.3.0 lladdr 0e:6c:ac:1f:c9:03 dev linkdns.vx
+replace  192.168.3.0/24 via 172.31.201.3 dev eth0 proto 151  ->  192.168.3.0/24 via 192.168.3.0 dev linkdns.vx onlink (h3, vxlan to 172.31.201.3)
+write    ipv4 filter LINKDNS-FORWARD: 6 rule(s)
+           -A LINKDNS-FORWARD -s 10.77.16.0/20 -d 192.168.1.0/24 -i linkdns.vx -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 10.77.16.0/20 -i docker0 -o linkdns.vx -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -i linkdns.vx -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o linkdns.vx -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i linkdns.vx -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o linkdns.vx -j ACCEPT
+write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
+           -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
+           -A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
+           -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
+"
+    );
+    let never = Desired {
+        encapsulation: Encapsulation::Never,
+        ..desired
+    };
+    assert_eq!(
+        plan(&never, &host, P).to_string(),
+        "\
+keep     192.168.3.0/24 via 172.31.201.3 (h3)
+remove   10.77.16.0/20 via 10.77.16.0 dev linkdns.vx proto 151: refused now: the gateway 172.31.202.2 is not on a directly connected network of this host (and encapsulation is never)
+remove   192.168.2.0/24 via 192.168.2.0 dev linkdns.vx proto 151: refused now: the gateway 172.31.202.2 is not on a directly connected network of this host (and encapsulation is never)
+delete   linkdns.vx: no host is reached through it
+write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o eth0 -j ACCEPT
+write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
+write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
+           -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+delete   ipv4 mangle LINKDNS-MSS and its jump
+refuse   not routing 10.77.16.0/20 of node h2: the gateway 172.31.202.2 is not on a directly connected network of this host (and encapsulation is never)
+refuse   not routing 192.168.2.0/24 of node h2: the gateway 172.31.202.2 is not on a directly connected network of this host (and encapsulation is never)
+"
+    );
+}
+
+#[test]
+fn a_vxlan_device_of_someone_else_on_the_port_refuses_the_tunnel_and_is_left_alone() {
+    let (mut host, desired) = h1_behind_a_router();
+    host.tunnel.links.push(vxlan::VxlanLink {
+        index: 4,
+        name: "flannel.151".into(),
+        vni: vxlan::VNI,
+        local: None,
+        port: vxlan::PORT,
+        learning: true,
+        mac: None,
+        mtu: 1450,
+        up: true,
+    });
+    assert_eq!(
+        plan(&desired, &host, P).to_string(),
+        "\
+add      192.168.3.0/24 via 172.31.201.3 (h3)
+write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o eth0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
+write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
+           -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
+refuse   not routing 10.77.16.0/20 of node h2: no VXLAN tunnel to its host: the VXLAN device flannel.151 already uses VNI 151 on UDP port 4789
+refuse   not routing 192.168.2.0/24 of node h2: no VXLAN tunnel to its host: the VXLAN device flannel.151 already uses VNI 151 on UDP port 4789
 "
     );
 }

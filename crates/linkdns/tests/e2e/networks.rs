@@ -1,0 +1,194 @@
+//! The networks people have, beyond one LAN: hosts on two subnets joined by a router (no
+//! shared LAN, each host's default route through the router). Containers reach each other
+//! through linkdns's VXLAN tunnel, un-NATed, with full-size packets and bulk TCP; a host with no
+//! path to a subnet does not answer its addresses until it has one.
+
+use std::time::Duration;
+
+use crate::cluster::{form_joined, name};
+use crate::testbed::{wait_until, Host, Lan, IMAGE};
+use crate::{expect_answer, expect_nodata};
+
+const ROUTES: Duration = Duration::from_secs(30);
+
+fn text(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// linkdns's routes on `h` as `ip route` prints them, sorted.
+fn owned_routes(h: &Host) -> Vec<String> {
+    let out = h.exec("ip", &["route", "show", "proto", "151"]);
+    let mut routes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect();
+    routes.sort();
+    routes
+}
+
+fn subnet(h: &Host) -> String {
+    format!("192.168.{}.0/24", h.index)
+}
+
+/// The route to `to`'s containers through the tunnel, as `ip route` prints it.
+fn tunnel_route(to: &Host) -> String {
+    format!(
+        "{} via 192.168.{}.0 dev linkdns.vx onlink",
+        subnet(to),
+        to.index
+    )
+}
+
+/// `ping -c 3 -s 1472` (1,500-byte IP packets) from container `from` on `h` to `to`: all three
+/// answered, the first included.
+fn assert_full_size_pings(h: &Host, from: &str, to: &str) {
+    let out = h.try_docker(&["exec", from, "ping", "-c", "3", "-W", "2", "-s", "1472", to]);
+    let seen = text(&out);
+    assert!(
+        out.status.success() && seen.contains("3 packets received"),
+        "1,472-byte pings from {from} on {} to {to}:\n{seen}",
+        h.ns
+    );
+}
+
+#[test]
+fn hosts_on_two_subnets_reach_each_other_through_vxlan_un_natted() {
+    // h1 and h3 share LAN A; h2 is on LAN B, behind the router.
+    let mut hosts = vec![
+        Host::on_routed(Lan::A),
+        Host::on_routed(Lan::B),
+        Host::on_routed(Lan::A),
+    ];
+    // h1 starts without encapsulation: it has no path to h2's containers.
+    hosts[0].start_linkdns(&["--encapsulation", "never"]);
+    let token = hosts[0].token();
+    let (first, rest) = hosts.split_at_mut(1);
+    for h in rest {
+        h.join_linkdns(&first[0], &token, &[]);
+    }
+    let mut hosts = form_joined(hosts);
+
+    // On h2: `far` serves a 5 MB file over HTTP (8080) and tells each client the address it
+    // saw (9090).
+    hosts[1].docker(&[
+        "run",
+        "-d",
+        "--name",
+        "far",
+        IMAGE,
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/tmp/big bs=1024 count=5120 && httpd -p 8080 -h /tmp && nc -ll -p 9090 -e netstat -tn",
+    ]);
+    let far = hosts[1].container_ip("far");
+    let (h1, h2, h3) = (&hosts[0], &hosts[1], &hosts[2]);
+
+    // h1 refuses the route, says why, and does not answer far's address: it cannot reach it.
+    let refusal = format!(
+        "not routing {} of node {}: the gateway {} is not on a directly connected network of this host (and encapsulation is never)",
+        subnet(h2),
+        name(h2),
+        h2.addr
+    );
+    wait_until(ROUTES, "h1 to refuse h2's subnet", || {
+        text(&h1.linkdns(&["routes"])).contains(&refusal)
+    });
+    expect_nodata(h1, "far.cluster", "A");
+    // h3 (encapsulation auto) reaches h2 through the tunnel and h1 directly, and answers.
+    let want = vec![
+        format!(
+            "{} via {} dev {}",
+            subnet(h1),
+            h1.addr,
+            h3.lan_if.as_deref().unwrap_or("?")
+        ),
+        tunnel_route(h2),
+    ];
+    let deadline = std::time::Instant::now() + ROUTES;
+    while owned_routes(h3) != want && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        owned_routes(h3),
+        want,
+        "h3's routes:\n{}",
+        text(&h3.linkdns(&["routes"]))
+    );
+    expect_answer(h3, "far.cluster", "A", &[&far]);
+    let routes = text(&h3.linkdns(&["routes"]));
+    for want in [
+        format!("{} {}: vxlan to {} (dev linkdns.vx)", name(h2), subnet(h2), h2.addr),
+        format!("{} {}: direct via {}", name(h1), subnet(h1), h1.addr),
+        "-t mangle -A LINKDNS-MSS -o linkdns.vx -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 1410".to_string(),
+        format!("-t raw -A LINKDNS-PREROUTING -s {} -d {} -i linkdns.vx -j ACCEPT", subnet(h2), subnet(h3)),
+    ] {
+        assert!(routes.contains(&want), "routes on h3 lack {want:?}:\n{routes}");
+    }
+    let device = text(&h3.exec("ip", &["-d", "link", "show", "linkdns.vx"]));
+    assert!(
+        device.contains("vxlan id 151")
+            && device.contains("dstport 4789")
+            && device.contains("nolearning"),
+        "{device}"
+    );
+
+    // h1 with encapsulation auto: the path comes, and far is answered there too.
+    hosts[0].stop_linkdns();
+    hosts[0].start_linkdns(&[]);
+    let (h1, h2) = (&hosts[0], &hosts[1]);
+    wait_until(ROUTES, "h1's tunnel route to h2", || {
+        owned_routes(h1).contains(&tunnel_route(h2))
+    });
+    expect_answer(h1, "far.cluster", "A", &[&far]);
+
+    // A container on h1 reaches far by name across the router: full-size pings, un-NATed
+    // connections, 5 MB over TCP; and far's host reaches back the same way.
+    let dns = |h: &Host| h.gateway.to_string();
+    h1.run_container("near", &["--dns", &dns(h1), "--dns-search", "cluster"]);
+    let near = h1.container_ip("near");
+    h2.run_container("back", &["--dns", &dns(h2), "--dns-search", "cluster"]);
+    expect_answer(h2, "near.cluster", "A", &[&near]);
+    assert_full_size_pings(h1, "near", "far");
+    assert_full_size_pings(h2, "back", "near");
+    let seen = text(&h1.try_docker(&["exec", "near", "nc", "-w", "5", "far", "9090"]));
+    assert!(
+        seen.lines()
+            .any(|l| l.contains(&format!("{far}:9090")) && l.contains(&format!("{near}:"))),
+        "far sees near's own address {near}:\n{seen}"
+    );
+    let out = h1.try_docker(&[
+        "exec",
+        "near",
+        "sh",
+        "-c",
+        "wget -q -O - http://far:8080/big | wc -c",
+    ]);
+    assert_eq!(
+        text(&out).trim(),
+        "5242880",
+        "5 MB from far to near over TCP"
+    );
+
+    // h2 removed: every host's tunnel goes (nobody else is behind the router); h1 and h3 keep
+    // their direct routes to each other.
+    let out = hosts[0].linkdns(&["remove", &name(&hosts[1])]);
+    assert!(out.status.success(), "remove: {}", text(&out));
+    hosts[1].wait_linkdns_exit(Duration::from_secs(20));
+    for h in [&hosts[0], &hosts[2]] {
+        wait_until(ROUTES, "the tunnel withdrawn", || {
+            !h.exec("ip", &["link", "show", "linkdns.vx"])
+                .status
+                .success()
+                && owned_routes(h).len() == 1
+        });
+        let mss = text(&h.exec("iptables", &["-w", "-t", "mangle", "-S"]));
+        assert!(!mss.contains("LINKDNS"), "{mss}");
+    }
+    assert!(
+        !hosts[1]
+            .exec("ip", &["link", "show", "linkdns.vx"])
+            .status
+            .success(),
+        "h2 withdrew its own tunnel"
+    );
+}
