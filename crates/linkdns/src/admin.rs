@@ -44,6 +44,9 @@ pub struct NodeMetrics {
     proposals: Family<OutcomeLabels, Counter>,
     routes: Gauge,
     routes_refused: Gauge,
+    bgp_established: Family<PeerLabels, Gauge>,
+    bgp_announced: Family<PeerLabels, Gauge>,
+    bgp_sessions: Counter,
     reconciliations: Counter,
     snapshots: Counter,
     snapshot_bytes: Gauge,
@@ -260,6 +263,21 @@ impl AdminState {
             m.routes_refused.clone(),
         );
         metrics.register(
+            "linkdns_bgp_session_established",
+            "1 while the BGP session with each router is established, else 0",
+            m.bgp_established.clone(),
+        );
+        metrics.register(
+            "linkdns_bgp_announced_prefixes",
+            "Prefixes this node announces to each router",
+            m.bgp_announced.clone(),
+        );
+        metrics.register(
+            "linkdns_bgp_sessions_established",
+            "BGP sessions established since start (a rising count is a flapping router)",
+            m.bgp_sessions.clone(),
+        );
+        metrics.register(
             "linkdns_route_reconciliations",
             "Route and firewall reconciliations done",
             m.reconciliations.clone(),
@@ -398,6 +416,21 @@ impl AdminState {
         m.routes.set(s.routing.routes.len() as i64);
         m.routes_refused.set(s.routing.refused.len() as i64);
         NodeMetrics::catch_up(&m.reconciliations, s.routing.reconciliations);
+        for b in &s.routing.bgp {
+            let peer = PeerLabels {
+                peer: b.peer.clone(),
+            };
+            m.bgp_established
+                .get_or_create(&peer)
+                .set(i64::from(b.state == "established"));
+            m.bgp_announced
+                .get_or_create(&peer)
+                .set(b.announced.len() as i64);
+        }
+        NodeMetrics::catch_up(
+            &m.bgp_sessions,
+            s.routing.bgp.iter().map(|b| b.established).sum(),
+        );
         NodeMetrics::catch_up(&m.snapshots, raft.snapshots_taken);
         m.snapshot_bytes.set(raft.last_snapshot_bytes as i64);
         m.snapshot_seconds

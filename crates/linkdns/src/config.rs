@@ -35,6 +35,10 @@ pub struct FileConfig {
     pub routing: Option<bool>,
     pub route_protocol: Option<u8>,
     pub encapsulation: Option<String>,
+    pub bgp_peers: Option<Vec<String>>,
+    pub bgp_asn: Option<u32>,
+    pub bgp_peer_asn: Option<u32>,
+    pub reach_from: Option<Vec<String>>,
     pub cluster_cidr: Option<String>,
     pub subnet_prefix: Option<u8>,
     pub max_claim_prefix: Option<u8>,
@@ -129,6 +133,21 @@ pub struct RunArgs {
     /// others are refused).
     #[arg(long, env = "LINKDNS_ENCAPSULATION")]
     pub encapsulation: Option<linkdns_routes::Encapsulation>,
+    /// A router to announce this host's container subnets to over BGP, ADDR[:PORT] (179);
+    /// repeatable, comma-separated in the environment. This node connects to it.
+    #[arg(long = "bgp-peer", env = "LINKDNS_BGP_PEERS", value_delimiter = ',')]
+    pub bgp_peers: Vec<String>,
+    /// This node's AS number (64512).
+    #[arg(long, env = "LINKDNS_BGP_ASN")]
+    pub bgp_asn: Option<u32>,
+    /// The routers' AS number (default: the node's own, internal BGP).
+    #[arg(long, env = "LINKDNS_BGP_PEER_ASN")]
+    pub bgp_peer_asn: Option<u32>,
+    /// A network outside the cluster whose machines may reach containers directly (routed,
+    /// un-NATed: its router learned the routes over BGP); repeatable, comma-separated in the
+    /// environment.
+    #[arg(long = "reach-from", env = "LINKDNS_REACH_FROM", value_delimiter = ',')]
+    pub reach_from: Vec<String>,
     /// Give each host a free subnet of this network for its containers (a Docker network
     /// `linkdns`, or --bridge-network, created with it) instead of claiming Docker's bridge.
     #[arg(long, env = "LINKDNS_CLUSTER_CIDR")]
@@ -205,12 +224,62 @@ pub struct Config {
     pub routing: bool,
     pub route_protocol: u8,
     pub encapsulation: linkdns_routes::Encapsulation,
+    /// The routers to announce to (none: no BGP).
+    pub bgp: linkdns_bgp::Config,
+    /// Networks outside the cluster let in to this host's containers.
+    pub reach_from: Vec<Subnet>,
     /// Allocate each host's subnet from this pool, in blocks of the given prefix length.
     pub cluster_cidr: Option<(Subnet, u8)>,
     pub log_format: LogFormat,
     pub proposal_timeout: Duration,
     /// `--force-new-cluster`: make this member a one-voter cluster before starting.
     pub force_new_cluster: bool,
+}
+
+/// The flag layer's list if given, else the file's.
+fn pick_strings<'a>(args: &'a [String], file: &'a Option<Vec<String>>) -> &'a [String] {
+    if args.is_empty() {
+        file.as_deref().unwrap_or_default()
+    } else {
+        args
+    }
+}
+
+/// The BGP settings: routers (`ADDR[:PORT]`, 179 by default) and AS numbers, each checked.
+fn bgp_config(args: &RunArgs, file: &FileConfig) -> anyhow::Result<linkdns_bgp::Config> {
+    let peers = pick_strings(&args.bgp_peers, &file.bgp_peers)
+        .iter()
+        .map(|text| {
+            let text = text.trim();
+            text.parse::<SocketAddr>()
+                .or_else(|_| {
+                    text.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, linkdns_bgp::PORT))
+                })
+                .map_err(|_| {
+                    anyhow::anyhow!("bgp_peers: {text:?} is not ADDR or ADDR:PORT (e.g. 172.31.0.254 or 172.31.0.254:179)")
+                })
+        })
+        .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
+    let asn = args
+        .bgp_asn
+        .or(file.bgp_asn)
+        .unwrap_or(linkdns_bgp::DEFAULT_ASN);
+    linkdns_bgp::check_asn(asn).map_err(|e| {
+        anyhow::anyhow!("bgp_asn: {e}; use an AS number from 1 to 4294967294 (64512 by default)")
+    })?;
+    let peer_asn = args.bgp_peer_asn.or(file.bgp_peer_asn).unwrap_or(asn);
+    linkdns_bgp::check_asn(peer_asn).map_err(|e| {
+        anyhow::anyhow!(
+            "bgp_peer_asn: {e}; use an AS number from 1 to 4294967294 (default: bgp_asn)"
+        )
+    })?;
+    Ok(linkdns_bgp::Config {
+        peers,
+        asn,
+        peer_asn,
+        hold_time: linkdns_bgp::HOLD_TIME,
+    })
 }
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/linkdns";
@@ -238,6 +307,19 @@ impl Config {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
+        Config::resolve_with(args, file)
+    }
+
+    /// [`Config::resolve`] with the file layer given.
+    pub fn resolve_with(args: &RunArgs, file: FileConfig) -> anyhow::Result<Config> {
+        let bgp = bgp_config(args, &file)?;
+        let reach_from = pick_strings(&args.reach_from, &file.reach_from)
+            .iter()
+            .map(|text| {
+                text.parse::<Subnet>()
+                    .map_err(|e| anyhow::anyhow!("reach_from: {text:?}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<Subnet>>>()?;
         let pick_list = |flag: &Vec<SocketAddr>, file: &Option<Vec<SocketAddr>>| {
             if flag.is_empty() {
                 file.clone()
@@ -452,6 +534,8 @@ impl Config {
             routing: args.routing.or(file.routing).unwrap_or(true),
             route_protocol,
             encapsulation,
+            bgp,
+            reach_from,
             cluster_cidr,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             proposal_timeout: Duration::from_secs(5),
@@ -605,5 +689,78 @@ mod tests {
             let err = Config::resolve(&args).expect_err(key).to_string();
             assert!(err.contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn bgp_and_reach_from_options_are_checked() {
+        let c = Config::resolve(&RunArgs::default()).expect("defaults");
+        assert!(c.bgp.peers.is_empty(), "no BGP unless asked");
+        assert_eq!((c.bgp.asn, c.bgp.peer_asn), (64512, 64512));
+        assert_eq!(c.encapsulation, linkdns_routes::Encapsulation::Auto);
+        let args = RunArgs {
+            bgp_peers: vec!["172.31.201.254".into(), "10.0.0.1:1179".into()],
+            bgp_asn: Some(4_200_000_001),
+            reach_from: vec!["172.31.202.0/24".into()],
+            encapsulation: Some(linkdns_routes::Encapsulation::Never),
+            ..RunArgs::default()
+        };
+        let c = Config::resolve(&args).expect("bgp");
+        assert_eq!(
+            c.bgp.peers,
+            [
+                "172.31.201.254:179".parse::<SocketAddr>().expect("addr"),
+                "10.0.0.1:1179".parse().expect("addr")
+            ]
+        );
+        assert_eq!((c.bgp.asn, c.bgp.peer_asn), (4_200_000_001, 4_200_000_001));
+        assert_eq!(
+            c.reach_from,
+            ["172.31.202.0/24".parse::<Subnet>().expect("net")]
+        );
+        for (args, key) in [
+            (
+                RunArgs {
+                    bgp_asn: Some(0),
+                    ..RunArgs::default()
+                },
+                "bgp_asn: AS 0 is reserved; use an AS number from 1 to 4294967294",
+            ),
+            (
+                RunArgs {
+                    bgp_peer_asn: Some(23456),
+                    ..RunArgs::default()
+                },
+                "bgp_peer_asn: AS 23456 is AS_TRANS",
+            ),
+            (
+                RunArgs {
+                    bgp_peers: vec!["router.lan".into()],
+                    ..RunArgs::default()
+                },
+                "bgp_peers: \"router.lan\" is not ADDR or ADDR:PORT",
+            ),
+            (
+                RunArgs {
+                    reach_from: vec!["172.31.202.0/33".into()],
+                    ..RunArgs::default()
+                },
+                "reach_from: \"172.31.202.0/33\"",
+            ),
+        ] {
+            let err = Config::resolve(&args).expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        // From the file too; an ASN past 32 bits does not parse at all.
+        let file = FileConfig::parse("bgp_asn = 4294967296\n");
+        assert!(
+            file.is_err_and(|e| e.to_string().contains("bgp_asn")),
+            "out of range in the file"
+        );
+        let file = FileConfig::parse("encapsulation = \"sometimes\"\n").expect("parses");
+        let args = RunArgs::default();
+        assert!(Config::resolve_with(&args, file)
+            .expect_err("bad value")
+            .to_string()
+            .contains("encapsulation: encapsulation must be auto, always or never"));
     }
 }

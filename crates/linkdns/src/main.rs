@@ -2,6 +2,7 @@
 //! DNS and admin endpoint into one process.
 
 mod admin;
+mod announce;
 mod config;
 mod lifecycle;
 mod members;

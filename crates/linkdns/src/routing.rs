@@ -44,6 +44,9 @@ pub struct RoutesStatus {
     /// or `... vxlan to <host>`.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// The BGP sessions with routers, which learn this host's subnets from it.
+    #[serde(default)]
+    pub bgp: Vec<crate::announce::BgpSession>,
     /// Subnets of other nodes not routed, and why.
     pub refused: Vec<String>,
     /// What could not be read or changed at the last reconciliation.
@@ -154,6 +157,10 @@ pub struct Routing {
     node: Arc<NodeHandle>,
     protocol: u8,
     encapsulation: Encapsulation,
+    /// Networks outside the cluster let in to this host's containers.
+    reach_from: Vec<Subnet>,
+    /// The BGP speaker, when there are routers to tell.
+    announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     /// `None` when routes are programmed; else why not.
     disabled: Option<String>,
     status: Mutex<RoutesStatus>,
@@ -191,6 +198,7 @@ impl Routing {
         enabled: bool,
         protocol: u8,
         encapsulation: Encapsulation,
+        reach_from: Vec<Subnet>,
         pool: Option<Subnet>,
         docker: HostDocker,
     ) -> Arc<Routing> {
@@ -211,6 +219,8 @@ impl Routing {
         Arc::new(Routing {
             protocol,
             encapsulation,
+            reach_from,
+            announcer: std::sync::OnceLock::new(),
             disabled,
             status: Mutex::new(RoutesStatus::default()),
             programmer: Arc::new(Mutex::new(Some(Programmer::new(protocol)))),
@@ -260,7 +270,21 @@ impl Routing {
     fn desired(&self, registry: &linkdns_registry::Registry) -> Desired {
         Desired {
             encapsulation: self.encapsulation,
+            reach_from: self.reach_from.clone(),
             ..Desired::from_registry(registry, self.node.id())
+        }
+    }
+
+    /// The BGP speaker that tells routers this host's subnets (shown in status, stopped with
+    /// the routes).
+    pub fn set_announcer(&self, announcer: Arc<crate::announce::Announcer>) {
+        let _ = self.announcer.set(announcer);
+    }
+
+    /// Ends the BGP sessions (a Cease: the routers withdraw this host's subnets).
+    pub async fn stop_announcing(&self) {
+        if let Some(announcer) = self.announcer.get() {
+            announcer.stop().await;
         }
     }
 
@@ -340,6 +364,11 @@ impl Routing {
         status.enabled = self.disabled.is_none();
         status.disabled = self.disabled.clone();
         status.protocol = self.protocol;
+        status.bgp = self
+            .announcer
+            .get()
+            .map(|a| a.sessions())
+            .unwrap_or_default();
         status.subnets = registry
             .registry
             .node_subnets(self.node.id())
@@ -666,6 +695,7 @@ impl Routing {
 
     /// Withdraws every route and rule linkdns made on this host (the node left the cluster).
     pub async fn withdraw(&self) {
+        self.stop_announcing().await;
         if self.disabled.is_some() {
             return;
         }

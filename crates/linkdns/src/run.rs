@@ -146,6 +146,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.routing,
         config.route_protocol,
         config.encapsulation,
+        config.reach_from.clone(),
         config.cluster_cidr.map(|(pool, _)| pool),
         HostDocker {
             view: view.clone(),
@@ -155,6 +156,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     tokio::spawn(routing.clone().claim(shutdown_rx.clone()));
     tokio::spawn(routing.clone().program(shutdown_rx.clone()));
+    if let Some(announcer) = crate::announce::Announcer::start(config.bgp.clone(), node.clone()) {
+        routing.set_announcer(announcer.clone());
+        tokio::spawn(announcer.follow(shutdown_rx.clone()));
+    }
 
     let node_metrics = NodeMetrics::default();
     tokio::spawn(node_metrics.clone().count_leader_changes(node.clone()));
@@ -563,6 +568,8 @@ async fn shut_down(stop: StopReason, parts: ShutDown<'_>) -> anyhow::Result<()> 
     tracing::info!(%stop, "shutting down");
     crate::notify::notify(&format!("STOPPING=1\nSTATUS=stopping: {stop}"));
     let _ = shutdown_tx.send(true);
+    // The routers withdraw this host's subnets at once (a restart announces them again).
+    routing.stop_announcing().await;
     let _ = watcher.await;
     proposer.abort();
     for server in dns {

@@ -107,6 +107,10 @@ pub fn render_routes(r: &RoutesStatus, plan: bool) -> String {
         section("PLAN", &r.plan, "nothing to change");
     } else {
         section("PEERS", &r.peers, "none routed");
+        if !r.bgp.is_empty() {
+            let sessions: Vec<String> = r.bgp.iter().map(render_bgp).collect();
+            section("BGP", &sessions, "");
+        }
         section("ROUTES", &r.routes, "none");
         section("RULES", &r.rules, "none");
     }
@@ -120,6 +124,29 @@ pub fn render_routes(r: &RoutesStatus, plan: bool) -> String {
         section("NOTES", &r.notes, "");
     }
     out
+}
+
+/// One BGP session: `172.31.201.254:179 established 2m as 172.31.201.1, announcing
+/// 192.168.1.0/24`, or its state and why it is not up.
+fn render_bgp(b: &crate::announce::BgpSession) -> String {
+    let mut line = format!("{} {}", b.peer, b.state);
+    if let Some(up) = b.uptime_secs {
+        line.push_str(&format!(" for {up}s"));
+    }
+    if let Some(hop) = &b.next_hop {
+        line.push_str(&format!(", next hop {hop}"));
+    }
+    if b.state == "established" {
+        let announced = if b.announced.is_empty() {
+            "nothing".to_string()
+        } else {
+            b.announced.join(", ")
+        };
+        line.push_str(&format!(", announcing {announced}"));
+    } else if let Some(error) = &b.last_error {
+        line.push_str(&format!(" ({error})"));
+    }
+    line
 }
 
 /// GETs `path` from the admin endpoint of the node whose data dir is `data_dir`.
@@ -233,9 +260,15 @@ pub fn render(s: &Status) -> String {
         ),
     };
     let _ = writeln!(out, "routing  {routing}");
+    let bgp: Vec<String> = r
+        .bgp
+        .iter()
+        .map(|b| format!("bgp {}", render_bgp(b)))
+        .collect();
     for line in r
         .peers
         .iter()
+        .chain(&bgp)
         .chain(&r.claim_refused)
         .chain(&r.refused)
         .chain(&r.notes)

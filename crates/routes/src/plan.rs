@@ -324,6 +324,9 @@ pub struct Desired {
     /// This node's own host address: the tunnel's local end.
     pub local_host: Option<IpAddr>,
     pub encapsulation: Encapsulation,
+    /// Networks outside the cluster whose machines may reach this node's containers directly
+    /// (their router learned the routes): let in on the interface of the host address.
+    pub reach_from: Vec<Subnet>,
 }
 
 impl Desired {
@@ -349,6 +352,7 @@ impl Desired {
             peers,
             local_host: registry.node(local).and_then(NodeInfo::host_ip),
             encapsulation: Encapsulation::Auto,
+            reach_from: Vec::new(),
         }
     }
 }
@@ -801,7 +805,11 @@ fn plan_firewall(
             .map(|r| r.dst)
             .filter(|s| Family::of(s.addr()) == family)
             .collect();
-        if !remote.is_empty() && !host.forwarding.contains(&family) {
+        let outsiders = desired
+            .reach_from
+            .iter()
+            .any(|s| Family::of(s.addr()) == family);
+        if (!remote.is_empty() || outsiders) && !host.forwarding.contains(&family) {
             match family {
                 Family::V4 => plan.enable_forwarding.push(family),
                 // Switching it on makes the kernel ignore router advertisements, which may be
@@ -858,6 +866,47 @@ fn plan_firewall(
                 nat.push(Rule::NoMasquerade {
                     src: *l,
                     dst: r.dst,
+                });
+            }
+            // Machines of the reach-from networks, on the interface of this host's address
+            // (their router sends this host's subnets to it): the same narrow exemption.
+            let uplink = desired.local_host.and_then(|h| {
+                host.addresses
+                    .iter()
+                    .find(|a| a.addr == h)
+                    .map(|a| a.device.clone())
+            });
+            let outside = desired
+                .reach_from
+                .iter()
+                .filter(|s| Family::of(s.addr()) == family);
+            for network in outside {
+                let Some(uplink) = &uplink else {
+                    plan.notes.push(format!("this node's host address is on none of this host's interfaces: {network} (reach_from) is not let in"));
+                    continue;
+                };
+                for (bridge, local) in &bridges {
+                    raw.push(Rule::Admit {
+                        src: *network,
+                        dst: *local,
+                        in_if: uplink.clone(),
+                    });
+                    forward.push(Rule::Accept {
+                        src: *network,
+                        dst: *local,
+                        in_if: uplink.clone(),
+                        out_if: bridge.to_string(),
+                    });
+                    forward.push(Rule::Accept {
+                        src: *local,
+                        dst: *network,
+                        in_if: bridge.to_string(),
+                        out_if: uplink.clone(),
+                    });
+                }
+                nat.push(Rule::NoMasquerade {
+                    src: *l,
+                    dst: *network,
                 });
             }
         }

@@ -321,6 +321,116 @@ impl Drop for Vm {
     }
 }
 
+/// BIRD 2 as the router of the routed LANs: in the router's namespace, with a BGP protocol per
+/// LAN that takes every host of the LAN as an internal neighbour without listing them
+/// (`neighbor range … internal`, dynamic), imports what they announce and puts it into the
+/// router's kernel table (`ip -n <router> route` shows it). Its own config, control socket,
+/// pid file and log in the run's directory; stopped (by its pid) when dropped.
+pub struct Bird {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Bird {
+    /// Starts BIRD on the router (a routed host or VM must exist) and waits until it answers.
+    pub fn start() -> Bird {
+        let (ns, base) = {
+            let shared = shared();
+            let run = shared
+                .run
+                .as_ref()
+                .expect("Bird::start: make a routed host first");
+            assert!(shared.routed > 0, "Bird::start: make a routed host first");
+            (run.router(), run.base.clone())
+        };
+        let found = run("sh", &["-c", "command -v bird"]);
+        assert!(
+            found.status.success(),
+            "e2e prerequisite `bird` is missing: install bird2 (see scripts/test)"
+        );
+        let dir = base.join("bird");
+        std::fs::create_dir_all(&dir).expect("bird dir");
+        let (a, b) = (Lan::A.router(), Lan::B.router());
+        let protocol = |name: &str, local: Ipv4Addr, lan: Lan, dynamic: &str| {
+            format!(
+                "protocol bgp {name} {{\n  local {local} as 64512;\n  neighbor range {} internal;\n  direct;\n  dynamic name \"{dynamic}\";\n  hold time 30;\n  ipv4 {{ import all; export none; gateway direct; }};\n}}\n",
+                lan.subnet()
+            )
+        };
+        let config = format!(
+            "router id {a};\nlog \"{}\" all;\nprotocol device {{ }}\nprotocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}\n{}{}",
+            dir.join("bird.log").display(),
+            protocol("lana", a, Lan::A, "a"),
+            protocol("lanb", b, Lan::B, "b"),
+        );
+        std::fs::write(dir.join("bird.conf"), config).expect("bird.conf");
+        let mut bird = Bird { child: None, dir };
+        bird.spawn(&ns);
+        bird
+    }
+
+    fn spawn(&mut self, ns: &str) {
+        let d = |p: &str| self.dir.join(p).to_string_lossy().into_owned();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "bird", "-f"])
+            .args([
+                "-c",
+                &d("bird.conf"),
+                "-s",
+                &d("bird.ctl"),
+                "-P",
+                &d("bird.pid"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bird");
+        self.child = Some(child);
+        wait_until(Duration::from_secs(20), "bird to answer", || {
+            self.birdc(&["show", "status"])
+                .contains("Daemon is up and running")
+        });
+    }
+
+    /// `birdc -s <its socket> ARGS…`, output and errors.
+    pub fn birdc(&self, args: &[&str]) -> String {
+        let ctl = self.dir.join("bird.ctl");
+        let mut full = vec!["-s", ctl.to_str().unwrap_or_default()];
+        full.extend_from_slice(args);
+        let out = run("birdc", &full);
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    /// BIRD's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default()
+    }
+
+    /// Kills BIRD at once (a router that dies: no NOTIFICATION, sessions just drop).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts BIRD again after [`Bird::kill`].
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(&router_ns());
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::io::stderr()
+                .write_all(format!("--- bird log ---\n{}\n", self.log()).as_bytes());
+        }
+        self.kill();
+    }
+}
+
 /// An address on this run's LAN that no host has (a member that is down, say).
 pub fn lan_unused() -> Ipv4Addr {
     let octet = shared()
@@ -513,7 +623,7 @@ fn prepare(shared: &mut Shared) -> Run {
             let found = run("sh", &["-c", &format!("command -v {tool}")]);
             assert!(
                 found.status.success(),
-                "e2e prerequisite `{tool}` is missing: install it (see scripts/test: docker.io docker-compose iproute2 iptables busybox-static dnsutils util-linux systemd)"
+                "e2e prerequisite `{tool}` is missing: install it (see scripts/test: docker.io docker-compose iproute2 iptables busybox-static dnsutils util-linux systemd bird2)"
             );
         }
         if let Some(dir) = engine_dir() {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::cluster::{form_joined, name};
-use crate::testbed::{wait_until, Host, Lan, IMAGE};
+use crate::testbed::{router_ns, wait_until, Bird, Host, Lan, Vm, IMAGE};
 use crate::{expect_answer, expect_nodata};
 
 const ROUTES: Duration = Duration::from_secs(30);
@@ -191,4 +191,205 @@ fn hosts_on_two_subnets_reach_each_other_through_vxlan_un_natted() {
             .success(),
         "h2 withdrew its own tunnel"
     );
+}
+
+/// The router's kernel route to `h`'s containers, as BIRD put it there (empty: none).
+fn router_route(h: &Host) -> String {
+    let out = crate::testbed::run("ip", &["-n", &router_ns(), "route", "show", &subnet(h)]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// What `busybox nc` from VM `vm` to `ip`:`port` got back within 3 s.
+fn nc_from(vm: &Vm, ip: &str, port: &str) -> String {
+    text(&vm.exec("busybox", &["nc", "-w", "3", ip, port]))
+}
+
+/// `h`'s BGP sessions as `linkdns routes --json` gives them.
+fn bgp_sessions(h: &Host) -> Vec<serde_json::Value> {
+    let out = h.linkdns(&["routes", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["bgp"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn session_to<'a>(sessions: &'a [serde_json::Value], peer: &str) -> Option<&'a serde_json::Value> {
+    sessions.iter().find(|s| s["peer"] == peer)
+}
+
+#[test]
+fn a_router_learns_each_hosts_subnet_over_bgp_and_vms_reach_containers_through_it() {
+    let lan_a = Lan::A;
+    let mut hosts = vec![Host::on_routed(Lan::A), Host::on_routed(Lan::B)];
+    let vm_a = Vm::on(Lan::A);
+    let vm_b = Vm::on(Lan::B);
+    let mut bird = Bird::start();
+    let router_a = format!("{}:179", Lan::A.router());
+    let router_b = Lan::B.router().to_string();
+    let reach = lan_a.subnet();
+    // h1 also has a router that never answers (vm_a drops what comes to port 179) and one
+    // that sends garbage (vm_b: an HTTP request, whatever arrives on port 179).
+    let out = vm_a.exec(
+        "iptables",
+        &["-A", "INPUT", "-p", "tcp", "--dport", "179", "-j", "DROP"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let silent = format!("{}:179", vm_a.addr);
+    let garbage = format!("{}:179", vm_b.addr);
+    let mut fake = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &vm_b.ns, "busybox", "nc", "-l", "-p", "179",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("a fake router");
+    let mut fake_in = fake.stdin.take().expect("stdin");
+    {
+        use std::io::Write;
+        // Sent once the node connects (nc relays its input then).
+        fake_in
+            .write_all(b"GET / HTTP/1.0\r\nHost: router\r\n\r\n")
+            .expect("write to the fake router");
+    }
+    hosts[0].start_linkdns(&[
+        "--bgp-peer",
+        &format!("{router_a},{silent},{garbage}"),
+        "--reach-from",
+        &reach,
+    ]);
+    let token = hosts[0].token();
+    let (first, rest) = hosts.split_at_mut(1);
+    rest[0].join_linkdns(
+        &first[0],
+        &token,
+        &["--bgp-peer", &router_b, "--reach-from", &reach],
+    );
+    let hosts = form_joined(hosts);
+    let (h1, h2) = (&hosts[0], &hosts[1]);
+
+    // BIRD learns each host's subnet with that host as next hop, into the router's table.
+    wait_until(
+        ROUTES,
+        "the router's routes to both hosts' containers",
+        || {
+            router_route(h1).contains(&format!("via {} ", h1.addr))
+                && router_route(h2).contains(&format!("via {} ", h2.addr))
+        },
+    );
+    assert!(
+        router_route(h1).contains("proto bird"),
+        "{}",
+        router_route(h1)
+    );
+    let routes = text(&h1.linkdns(&["routes"]));
+    assert!(
+        routes.contains(&format!("{router_a} established for"))
+            && routes.contains(&format!("next hop {}, announcing {}", h1.addr, subnet(h1))),
+        "{routes}"
+    );
+    let metrics = crate::admin_get(h1, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "linkdns_bgp_session_established{{peer=\"{router_a}\"}} 1"
+        )) && metrics.contains(&format!(
+            "linkdns_bgp_announced_prefixes{{peer=\"{router_a}\"}} 1"
+        )),
+        "{metrics}"
+    );
+
+    // The router that never answers and the one that sent garbage: each said why, and the
+    // node goes on (its DNS answers, its other session is up).
+    wait_until(ROUTES, "the failed sessions reported", || {
+        let sessions = bgp_sessions(h1);
+        session_to(&sessions, &silent).is_some_and(|s| {
+            s["state"] != "established"
+                && s["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no answer"))
+        }) && h1
+            .log()
+            .contains("1/1 message header error: connection not synchronized")
+    });
+    {
+        // What the fake router got: the node's OPEN, then (after the garbage) a NOTIFICATION
+        // 1/1, connection not synchronized; then the node closed the connection.
+        use std::io::Read;
+        let _ = fake.wait();
+        drop(fake_in);
+        let mut got = Vec::new();
+        let _ = fake.stdout.take().expect("stdout").read_to_end(&mut got);
+        let notification = [[0xffu8; 16].as_slice(), &[0, 21, 3, 1, 1]].concat();
+        assert!(
+            got.windows(notification.len()).any(|w| w == notification),
+            "the fake router got no NOTIFICATION 1/1: {got:02x?}"
+        );
+    }
+    assert!(h1.linkdns_pid().is_some(), "h1 keeps running");
+
+    // A VM in the reach-from network reaches a container on the other LAN by its address,
+    // and the container sees the VM's own address. A VM outside it does not get in.
+    hosts[1].docker(&[
+        "run", "-d", "--name", "far", IMAGE, "nc", "-ll", "-p", "9090", "-e", "netstat", "-tn",
+    ]);
+    let far = hosts[1].container_ip("far");
+    let seen = nc_from(&vm_a, &far, "9090");
+    assert!(
+        seen.lines()
+            .any(|l| l.contains(&format!("{far}:9090")) && l.contains(&format!("{}:", vm_a.addr))),
+        "far sees the VM's own address {}:\n{seen}",
+        vm_a.addr
+    );
+    let seen = nc_from(&vm_b, &far, "9090");
+    assert!(
+        !seen.contains("9090"),
+        "a machine outside --reach-from got in:\n{seen}"
+    );
+
+    // A dead router changes nothing in DNS, nor between the hosts (VXLAN); back, it learns
+    // the routes again.
+    expect_answer(&hosts[0], "far.cluster", "A", &[&far]);
+    bird.kill();
+    wait_until(ROUTES, "h1's session to the dead router down", || {
+        session_to(&bgp_sessions(&hosts[0]), &router_a).is_some_and(|s| s["state"] != "established")
+    });
+    let dig = hosts[0].dig(&["@127.0.0.1", "far.cluster", "A"]);
+    assert_eq!(
+        (dig.status.as_str(), dig.rdata()),
+        ("NOERROR", vec![far.clone()])
+    );
+    bird.restart();
+    wait_until(Duration::from_secs(90), "the routes learned again", || {
+        router_route(&hosts[0]).contains(&format!("via {} ", hosts[0].addr))
+            && router_route(&hosts[1]).contains(&format!("via {} ", hosts[1].addr))
+    });
+
+    // h2 stops: the router withdraws its subnet at once (Cease); started again, it announces
+    // it again.
+    let mut hosts = hosts;
+    hosts[1].stop_linkdns();
+    wait_until(Duration::from_secs(10), "h2's subnet withdrawn", || {
+        router_route(&hosts[1]).is_empty()
+    });
+    assert!(
+        bird.log().contains("Administrative shutdown"),
+        "BIRD saw a Cease:\n{}",
+        bird.log()
+    );
+    hosts[1].restart_linkdns();
+    wait_until(
+        Duration::from_secs(30),
+        "h2's subnet announced again",
+        || router_route(&hosts[1]).contains(&format!("via {} ", hosts[1].addr)),
+    );
+    // Removed from the cluster: withdrawn for good.
+    let out = hosts[0].linkdns(&["remove", &name(&hosts[1])]);
+    assert!(out.status.success(), "remove: {}", text(&out));
+    hosts[1].wait_linkdns_exit(Duration::from_secs(20));
+    wait_until(
+        Duration::from_secs(10),
+        "h2's subnet withdrawn after its removal",
+        || router_route(&hosts[1]).is_empty(),
+    );
+    assert!(router_route(&hosts[0]).contains(&format!("via {} ", hosts[0].addr)));
 }

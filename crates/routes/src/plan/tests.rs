@@ -213,6 +213,7 @@ fn conflicts_are_refused_and_what_is_in_the_way_is_left_alone() {
         ],
         local_host: Some(ip("172.30.0.1")),
         encapsulation: Encapsulation::Never,
+        reach_from: Vec::new(),
     };
     assert_eq!(
         plan(&desired, &host, P).to_string(),
@@ -751,6 +752,28 @@ write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
 jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
 refuse   not routing 10.77.16.0/20 of node h2: no VXLAN tunnel to its host: the VXLAN device flannel.151 already uses VNI 151 on UDP port 4789
 refuse   not routing 192.168.2.0/24 of node h2: no VXLAN tunnel to its host: the VXLAN device flannel.151 already uses VNI 151 on UDP port 4789
+"
+    );
+}
+
+#[test]
+fn machines_of_a_reach_from_network_are_let_in_on_the_uplink_only() {
+    let (host, mut desired) = h1_behind_a_router();
+    desired.peers.clear();
+    desired.reach_from = vec![net("172.31.202.0/24")];
+    assert_eq!(
+        plan(&desired, &host, P).to_string(),
+        "\
+write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
+           -A LINKDNS-FORWARD -s 172.31.202.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 172.31.202.0/24 -i docker0 -o eth0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
+write    ipv4 nat LINKDNS-POSTROUTING: 1 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 172.31.202.0/24 -j ACCEPT
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
+           -A LINKDNS-PREROUTING -s 172.31.202.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
 "
     );
 }
