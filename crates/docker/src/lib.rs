@@ -45,10 +45,13 @@ pub enum Report {
     Command(Command),
     /// What this host's containers and networks are now, for the local view (not proposed).
     Local(LocalChange),
-    /// Connected (again) to the engine; its bridge network's subnets and gateway addresses.
+    /// Connected (again) to the engine; its bridge network's subnets and gateway addresses,
+    /// and its firewall backend (`iptables`, `nftables`; `None` from engines before 28, which
+    /// have only iptables).
     Connected {
         bridge_subnets: Vec<Subnet>,
         bridge_gateways: Vec<IpAddr>,
+        firewall_backend: Option<String>,
     },
     /// Lost the engine; records stay as they are until it is back.
     Disconnected { reason: String },
@@ -195,11 +198,13 @@ async fn follow(
             Err(e) => tracing::error!(error = %e, "this host's container network is missing"),
         }
     }
+    let firewall_backend = firewall_backend(&docker).await?;
     send(
         reports,
         Report::Connected {
             bridge_subnets,
             bridge_gateways,
+            firewall_backend,
         },
     )
     .await?;
@@ -540,6 +545,13 @@ pub async fn connect(uri: &str) -> Result<Docker, Error> {
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     Ok(docker)
+}
+
+/// The engine's firewall backend driver (`docker info`'s `FirewallBackend.Driver`: Docker 28
+/// says `iptables`, Docker 29 `iptables` or `nftables`; older engines say nothing).
+pub async fn firewall_backend(docker: &Docker) -> Result<Option<String>, Error> {
+    let info = docker.info().await.map_err(|e| Error::Api(e.to_string()))?;
+    Ok(info.firewall_backend.and_then(|f| f.driver))
 }
 
 /// The running containers of this engine: the answerable ones as registry records, and all of

@@ -152,6 +152,16 @@ impl DockerConfig {
     }
 }
 
+/// Why linkdns cannot program this host alongside a Docker engine whose firewall backend is
+/// `backend`, if it cannot: it writes iptables rules, and an engine on nftables (Docker 29's
+/// `"firewall-backend": "nftables"`) keeps its own drops where those rules do not reach.
+pub fn firewall_refusal(backend: Option<&str>) -> Option<String> {
+    let backend = backend?;
+    backend.contains("nftables").then(|| {
+        format!("Docker's firewall backend is {backend}; linkdns programs iptables, which does not get past Docker's nftables rules. Set \"firewall-backend\": \"iptables\" in /etc/docker/daemon.json and restart Docker, or run linkdns with --routing false to serve DNS only")
+    })
+}
+
 /// Shared between the routing tasks and the admin endpoint.
 pub struct Routing {
     node: Arc<NodeHandle>,
@@ -163,6 +173,8 @@ pub struct Routing {
     announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     /// `None` when routes are programmed; else why not.
     disabled: Option<String>,
+    /// The Docker engine's firewall backend refuses routing (see [`firewall_refusal`]).
+    engine_refusal: Mutex<Option<String>>,
     status: Mutex<RoutesStatus>,
     /// The one programmer that changes the host; `None` once withdrawn (the node left), so a
     /// reconciliation still under way cannot put routes back.
@@ -217,6 +229,7 @@ impl Routing {
             ),
         }
         Arc::new(Routing {
+            engine_refusal: Mutex::new(None),
             protocol,
             encapsulation,
             reach_from,
@@ -271,6 +284,8 @@ impl Routing {
         Desired {
             encapsulation: self.encapsulation,
             reach_from: self.reach_from.clone(),
+            // The routers this node announces to learn every node's subnets the same way.
+            via_router: self.announcer.get().is_some(),
             ..Desired::from_registry(registry, self.node.id())
         }
     }
@@ -312,6 +327,33 @@ impl Routing {
         }
         // Docker may have rewritten its rules above linkdns's on a restart.
         self.reconcile_now.notify_one();
+    }
+
+    /// The engine's firewall backend, at every connect: routing stops (and says why) while it
+    /// is one linkdns cannot work with, and goes on once it is not.
+    pub fn set_firewall_backend(&self, backend: Option<&str>) {
+        let refusal = firewall_refusal(backend);
+        let Ok(mut current) = self.engine_refusal.lock() else {
+            return;
+        };
+        if *current != refusal {
+            match &refusal {
+                Some(why) => tracing::error!(reason = %why, "not programming routes"),
+                None if self.disabled.is_none() => {
+                    tracing::info!(
+                        ?backend,
+                        "Docker's firewall backend is one linkdns works with; programming routes"
+                    )
+                }
+                None => {}
+            }
+            *current = refusal;
+            self.reconcile_now.notify_one();
+        }
+    }
+
+    fn engine_refusal(&self) -> Option<String> {
+        self.engine_refusal.lock().ok().and_then(|r| r.clone())
     }
 
     /// Docker's networks changed (one made or removed): the forwarding rules name each bridge
@@ -361,8 +403,8 @@ impl Routing {
     pub fn view(&self) -> RoutesStatus {
         let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
         let registry = self.node.published().load_full();
-        status.enabled = self.disabled.is_none();
-        status.disabled = self.disabled.clone();
+        status.disabled = self.disabled.clone().or_else(|| self.engine_refusal());
+        status.enabled = status.disabled.is_none();
         status.protocol = self.protocol;
         status.bgp = self
             .announcer
@@ -644,6 +686,12 @@ impl Routing {
             if !self.caught_up() || registry.registry.node(id).is_none() {
                 continue;
             }
+            // What an earlier reconciliation made stays; nothing changes until the engine's
+            // backend is one linkdns works with.
+            if self.engine_refusal().is_some() {
+                last = None;
+                continue;
+            }
             let desired = self.desired(&registry.registry);
             let report = {
                 let (programmer, desired) = (self.programmer.clone(), desired.clone());
@@ -739,6 +787,7 @@ fn fill(status: &mut RoutesStatus, report: &Report) {
         .map(|r| {
             let how = match r.tunnel {
                 Some(remote) => format!("vxlan to {remote} (dev {})", r.device),
+                None if r.router => format!("through the router {} on {}", r.via, r.device),
                 None => format!("direct via {} on {}", r.via, r.device),
             };
             format!("{} {}: {how}", r.node, r.dst)
@@ -787,6 +836,19 @@ mod tests {
             out.push_str(n);
         }
         out
+    }
+
+    #[test]
+    fn an_engine_on_nftables_refuses_routing_with_the_setting_to_use() {
+        assert_eq!(firewall_refusal(None), None, "engines before 28");
+        assert_eq!(firewall_refusal(Some("iptables")), None);
+        assert_eq!(firewall_refusal(Some("iptables+firewalld")), None);
+        let why = firewall_refusal(Some("nftables")).expect("refused");
+        assert!(
+            why.contains("\"firewall-backend\": \"iptables\" in /etc/docker/daemon.json")
+                && why.contains("--routing false"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ const WATCHER_EPOCH_FILE: &str = "watcher.epoch";
 const RETIRE_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    refuse_an_engine_it_cannot_route_with(&config).await?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     if config.force_new_cluster {
@@ -154,12 +155,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             domain: config.domain.clone(),
         },
     );
-    tokio::spawn(routing.clone().claim(shutdown_rx.clone()));
-    tokio::spawn(routing.clone().program(shutdown_rx.clone()));
     if let Some(announcer) = crate::announce::Announcer::start(config.bgp.clone(), node.clone()) {
         routing.set_announcer(announcer.clone());
         tokio::spawn(announcer.follow(shutdown_rx.clone()));
     }
+    tokio::spawn(routing.clone().claim(shutdown_rx.clone()));
+    tokio::spawn(routing.clone().program(shutdown_rx.clone()));
 
     let node_metrics = NodeMetrics::default();
     tokio::spawn(node_metrics.clone().count_leader_changes(node.clone()));
@@ -422,8 +423,10 @@ async fn watcher_reports(mut t: ReportsTask<'_>) -> StopReason {
             Report::Connected {
                 bridge_subnets,
                 bridge_gateways,
+                firewall_backend,
             } => {
                 t.admin.set_docker(true, None);
+                t.routing.set_firewall_backend(firewall_backend.as_deref());
                 t.routing.set_local_subnets(bridge_subnets.clone());
                 t.answerer.acl.set_detected(bridge_subnets);
                 if !t.explicit_listen {
@@ -591,6 +594,27 @@ async fn shut_down(stop: StopReason, parts: ShutDown<'_>) -> anyhow::Result<()> 
         Err(e) => Err(e.into()),
         Ok(()) if stop.is_clean() => Ok(()),
         Ok(()) => Err(anyhow::anyhow!("{stop}")),
+    }
+}
+
+/// A node that routes does not start beside a Docker engine whose firewall backend it cannot
+/// work with (nftables): it says which daemon setting to use. An engine not answering yet is
+/// checked again at every connect (routing stops then, DNS goes on).
+async fn refuse_an_engine_it_cannot_route_with(config: &Config) -> anyhow::Result<()> {
+    if !config.routing {
+        return Ok(());
+    }
+    let check = async {
+        let docker = linkdns_docker::connect(&config.docker).await.ok()?;
+        linkdns_docker::firewall_backend(&docker).await.ok()?
+    };
+    let backend = tokio::time::timeout(std::time::Duration::from_secs(2), check)
+        .await
+        .ok()
+        .flatten();
+    match crate::routing::firewall_refusal(backend.as_deref()) {
+        Some(why) => bail!("{why}"),
+        None => Ok(()),
     }
 }
 

@@ -327,6 +327,10 @@ pub struct Desired {
     /// Networks outside the cluster whose machines may reach this node's containers directly
     /// (their router learned the routes): let in on the interface of the host address.
     pub reach_from: Vec<Subnet>,
+    /// The router of this host's default route learns every node's subnets (the nodes
+    /// announce them over BGP): with encapsulation `never`, a node that is not on-link is
+    /// reached through it.
+    pub via_router: bool,
 }
 
 impl Desired {
@@ -353,6 +357,7 @@ impl Desired {
             local_host: registry.node(local).and_then(NodeInfo::host_ip),
             encapsulation: Encapsulation::Auto,
             reach_from: Vec::new(),
+            via_router: false,
         }
     }
 }
@@ -368,6 +373,8 @@ pub struct Route {
     /// Through the tunnel to this host (`via` is then `dst`'s network address, on-link on the
     /// tunnel device).
     pub tunnel: Option<Ipv4Addr>,
+    /// `via` is the router of the host's default route, which learned `dst` over BGP.
+    pub router: bool,
 }
 
 /// How a peer's subnet is reached.
@@ -376,6 +383,8 @@ enum Path {
     Direct { via: IpAddr, device: String },
     /// Through the tunnel to the peer's host address.
     Tunnel(Ipv4Addr),
+    /// Via the router of the default route, which knows the subnet.
+    Router { via: IpAddr, device: String },
 }
 
 impl RouteChange {
@@ -544,7 +553,7 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
                 host,
                 protocol,
             )
-            .and_then(|on_link| choose(subnet, peer, on_link, desired.encapsulation, &tunnel));
+            .and_then(|on_link| choose(subnet, peer, on_link, desired, host, &tunnel));
             match path {
                 Ok(Path::Direct { via, device }) => wanted.push(Route {
                     dst: subnet,
@@ -552,6 +561,15 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
                     node: peer.name.clone(),
                     device,
                     tunnel: None,
+                    router: false,
+                }),
+                Ok(Path::Router { via, device }) => wanted.push(Route {
+                    dst: subnet,
+                    via,
+                    node: peer.name.clone(),
+                    device,
+                    tunnel: None,
+                    router: true,
                 }),
                 Ok(Path::Tunnel(remote)) => wanted.push(Route {
                     dst: subnet,
@@ -559,6 +577,7 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
                     node: peer.name.clone(),
                     device: vxlan::DEVICE.to_string(),
                     tunnel: Some(remote),
+                    router: false,
                 }),
                 Err(conflict) => plan.refused.push(Refusal {
                     subnet,
@@ -682,13 +701,20 @@ fn choose(
     subnet: Subnet,
     peer: &Peer,
     on_link: Option<(IpAddr, String)>,
-    encapsulation: Encapsulation,
+    desired: &Desired,
+    host: &HostState,
     tunnel: &TunnelEnd,
 ) -> Result<Path, Conflict> {
     let via = peer.host.unwrap_or(subnet.addr());
-    match (on_link, encapsulation) {
+    match (on_link, desired.encapsulation) {
         (Some((via, device)), Encapsulation::Auto | Encapsulation::Never) => {
             return Ok(Path::Direct { via, device })
+        }
+        (None, Encapsulation::Never) if desired.via_router => {
+            return match default_gateway(host, Family::of(subnet.addr())) {
+                Some((via, device)) => Ok(Path::Router { via, device }),
+                None => Err(Conflict::GatewayUnreachable(via)),
+            };
         }
         (None, Encapsulation::Never) => return Err(Conflict::GatewayUnreachable(via)),
         // IPv6 subnets stay on plain routes.
@@ -711,6 +737,17 @@ fn choose(
         Ok(_) => Ok(Path::Tunnel(remote)),
         Err(why) => Err(Conflict::NoTunnel(why.clone())),
     }
+}
+
+/// The gateway and interface of the host's default route of `family` in the main table (the
+/// one with the lowest metric).
+fn default_gateway(host: &HostState, family: Family) -> Option<(IpAddr, String)> {
+    host.routes
+        .iter()
+        .filter(|r| r.table == MAIN_TABLE && r.dst.prefix() == 0 && r.kind == RouteKind::Unicast)
+        .filter(|r| Family::of(r.dst.addr()) == family)
+        .min_by_key(|r| r.metric)
+        .and_then(|r| Some((r.gateway?, r.device.clone()?)))
 }
 
 /// The tunnel's changes: the device and an entry per remote host and subnet while any route
@@ -1048,6 +1085,11 @@ impl Rule {
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.tunnel {
+            None if self.router => write!(
+                f,
+                "{} via {} ({}, through the router)",
+                self.dst, self.via, self.node
+            ),
             None => write!(f, "{} via {} ({})", self.dst, self.via, self.node),
             Some(remote) => write!(
                 f,

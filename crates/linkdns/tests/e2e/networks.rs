@@ -346,8 +346,61 @@ fn a_router_learns_each_hosts_subnet_over_bgp_and_vms_reach_containers_through_i
         "a machine outside --reach-from got in:\n{seen}"
     );
 
-    // A dead router changes nothing in DNS, nor between the hosts (VXLAN); back, it learns
-    // the routes again.
+    // VPC mode: with encapsulation never, each host reaches the other's containers through
+    // the router that learned their subnets, un-NATed.
+    let mut hosts = hosts;
+    let bgp_args = |router: &str| {
+        vec![
+            "--encapsulation".to_string(),
+            "never".to_string(),
+            "--bgp-peer".to_string(),
+            router.to_string(),
+            "--reach-from".to_string(),
+            reach.clone(),
+        ]
+    };
+    for (h, router) in [(0, router_a.clone()), (1, router_b.clone())] {
+        hosts[h].stop_linkdns();
+        let args = bgp_args(&router);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        hosts[h].start_linkdns(&args);
+    }
+    let (h1, h2) = (&hosts[0], &hosts[1]);
+    let through = format!("{} via {} dev", subnet(h2), Lan::A.router());
+    wait_until(
+        ROUTES,
+        "h1's route to h2's containers through the router",
+        || {
+            owned_routes(h1).iter().any(|r| r.starts_with(&through))
+                && !h1
+                    .exec("ip", &["link", "show", "linkdns.vx"])
+                    .status
+                    .success()
+        },
+    );
+    let routes = text(&h1.linkdns(&["routes"]));
+    assert!(
+        routes.contains(&format!(
+            "{} {}: through the router {}",
+            name(h2),
+            subnet(h2),
+            Lan::A.router()
+        )),
+        "{routes}"
+    );
+    expect_answer(h1, "far.cluster", "A", &[&far]);
+    h1.run_container(
+        "near",
+        &["--dns", &h1.gateway.to_string(), "--dns-search", "cluster"],
+    );
+    let near = h1.container_ip("near");
+    wait_until(ROUTES, "near to reach far through the router", || {
+        let seen = text(&h1.try_docker(&["exec", "near", "nc", "-w", "3", "far", "9090"]));
+        seen.lines()
+            .any(|l| l.contains(&format!("{far}:9090")) && l.contains(&format!("{near}:")))
+    });
+
+    // A dead router changes nothing in DNS; back, it learns the routes again.
     expect_answer(&hosts[0], "far.cluster", "A", &[&far]);
     bird.kill();
     wait_until(ROUTES, "h1's session to the dead router down", || {
@@ -366,13 +419,13 @@ fn a_router_learns_each_hosts_subnet_over_bgp_and_vms_reach_containers_through_i
 
     // h2 stops: the router withdraws its subnet at once (Cease); started again, it announces
     // it again.
-    let mut hosts = hosts;
+    let ceases = bird.log().matches("Administrative shutdown").count();
     hosts[1].stop_linkdns();
     wait_until(Duration::from_secs(10), "h2's subnet withdrawn", || {
         router_route(&hosts[1]).is_empty()
     });
     assert!(
-        bird.log().contains("Administrative shutdown"),
+        bird.log().matches("Administrative shutdown").count() > ceases,
         "BIRD saw a Cease:\n{}",
         bird.log()
     );

@@ -214,6 +214,7 @@ fn conflicts_are_refused_and_what_is_in_the_way_is_left_alone() {
         local_host: Some(ip("172.30.0.1")),
         encapsulation: Encapsulation::Never,
         reach_from: Vec::new(),
+        via_router: false,
     };
     assert_eq!(
         plan(&desired, &host, P).to_string(),
@@ -699,7 +700,7 @@ write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
     );
     let never = Desired {
         encapsulation: Encapsulation::Never,
-        ..desired
+        ..desired.clone()
     };
     assert_eq!(
         plan(&never, &host, P).to_string(),
@@ -718,6 +719,42 @@ write    ipv4 raw LINKDNS-PREROUTING: 1 rule(s)
 delete   ipv4 mangle LINKDNS-MSS and its jump
 refuse   not routing 10.77.16.0/20 of node h2: the gateway 172.31.202.2 is not on a directly connected network of this host (and encapsulation is never)
 refuse   not routing 192.168.2.0/24 of node h2: the gateway 172.31.202.2 is not on a directly connected network of this host (and encapsulation is never)
+"
+    );
+}
+
+#[test]
+fn with_a_router_that_learns_the_subnets_a_host_behind_it_is_reached_through_it() {
+    let (host, desired) = h1_behind_a_router();
+    let routed = Desired {
+        encapsulation: Encapsulation::Never,
+        via_router: true,
+        ..desired
+    };
+    assert_eq!(
+        plan(&routed, &host, P).to_string(),
+        "\
+add      10.77.16.0/20 via 172.31.201.254 (h2, through the router)
+add      192.168.2.0/24 via 172.31.201.254 (h2, through the router)
+add      192.168.3.0/24 via 172.31.201.3 (h3)
+write    ipv4 filter LINKDNS-FORWARD: 6 rule(s)
+           -A LINKDNS-FORWARD -s 10.77.16.0/20 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 10.77.16.0/20 -i docker0 -o eth0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o eth0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
+           -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o eth0 -j ACCEPT
+jump     ipv4 filter FORWARD -> LINKDNS-FORWARD at 1 (now at [])
+write    ipv4 nat LINKDNS-POSTROUTING: 3 rule(s)
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 10.77.16.0/20 -j ACCEPT
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
+           -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
+jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
+write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
+           -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+           -A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+           -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
+jump     ipv4 raw PREROUTING -> LINKDNS-PREROUTING at 1 (now at [])
 "
     );
 }
