@@ -38,8 +38,17 @@
 //!   each: server CPU per answered query at 20,000 q/s, lost queries, and max q/s. Needs
 //!   dnsperf and knot.
 //!
-//! All need root only for `propagation`, `first-query` and `dns-mix` (network namespaces,
-//! dockerd).
+//! - `paths [megabytes=400]`: the container-to-container paths of the networks people have,
+//!   on the namespace test bed: h1 and h3 on one LAN, h2 on another behind a router namespace
+//!   running BIRD 2. From a container on h1: round-trip time (100 pings, 10 ms apart) and TCP
+//!   throughput (`megabytes` MB over HTTP, busybox wget ← httpd) to a container on h3 (a plain
+//!   route), to one on h2 through linkdns's VXLAN tunnel (encapsulation auto), and to the same
+//!   one through the router (encapsulation never, the router having learned the subnets over
+//!   BGP). The namespaces share this machine's cores, so the figures compare the paths with
+//!   each other, not with a real network.
+//!
+//! All need root only for `propagation`, `first-query`, `dns-mix` and `paths` (network
+//! namespaces, dockerd).
 
 // A benchmark's output is its figures, on stdout.
 #![allow(clippy::print_stdout)]
@@ -85,6 +94,7 @@ fn main() {
                 args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3),
             ),
             "first-query" => first_query(n.unwrap_or(100) as usize),
+            "paths" => paths(n.unwrap_or(400)),
             "dns-mix" => dns_mix(
                 &runtime,
                 n.unwrap_or(10_000),
@@ -1112,6 +1122,143 @@ fn held_buckets(text: &str) -> Vec<(f64, f64)> {
             Some((le, value.parse().ok()?))
         })
         .collect()
+}
+
+/// Round trips and throughput from container `from` on `h` to `to`: (rtt min/avg/max in ms,
+/// MB/s).
+fn path_figures(h: &testbed::Host, from: &str, to: &str, megabytes: u64) -> (String, f64) {
+    let ping = h.try_docker(&["exec", from, "ping", "-q", "-c", "100", "-i", "0.01", to]);
+    let text = String::from_utf8_lossy(&ping.stdout).into_owned();
+    let rtt = text
+        .lines()
+        .find_map(|l| l.strip_prefix("round-trip min/avg/max = "))
+        .map(|r| r.trim().to_string())
+        .unwrap_or_else(|| format!("no answer: {text}"));
+    let lost = text
+        .lines()
+        .find(|l| l.contains("packet loss"))
+        .unwrap_or_default()
+        .to_string();
+    // Timed inside the container (/proc/uptime, 10 ms), so docker exec's own cost is out.
+    let script = format!(
+        "a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /dev/null http://{to}:8080/big || exit 1; b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"
+    );
+    let out = h.try_docker(&["exec", from, "sh", "-c", &script]);
+    let times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let rate = match times.as_slice() {
+        [a, b] if b > a => megabytes as f64 / (b - a),
+        _ => 0.0,
+    };
+    (format!("{rtt} ms ({lost})").replace(" ms ms", " ms"), rate)
+}
+
+/// Waits until `h` routes `subnet` as `how` says (`ip route` text it must contain).
+fn wait_route(h: &testbed::Host, subnet: &str, how: &str) {
+    testbed::wait_until(Duration::from_secs(60), how, || {
+        let out = h.exec("ip", &["route", "show", subnet]);
+        String::from_utf8_lossy(&out.stdout).contains(how)
+    });
+}
+
+fn paths(megabytes: u64) {
+    use testbed::{Bird, Host, Lan};
+    let mut hosts = [
+        Host::on_routed(Lan::A),
+        Host::on_routed(Lan::B),
+        Host::on_routed(Lan::A),
+    ];
+    let _bird = Bird::start();
+    let router = |lan: Lan| lan.router().to_string();
+    let args = |lan: Lan, encapsulation: &str| {
+        vec![
+            "--bgp-peer".to_string(),
+            router(lan),
+            "--encapsulation".to_string(),
+            encapsulation.to_string(),
+        ]
+    };
+    let lans = [Lan::A, Lan::B, Lan::A];
+    let first = args(lans[0], "auto");
+    hosts[0].start_linkdns(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    let token = hosts[0].token();
+    let (head, rest) = hosts.split_at_mut(1);
+    for (h, lan) in rest.iter_mut().zip(&lans[1..]) {
+        let a = args(*lan, "auto");
+        h.join_linkdns(
+            &head[0],
+            &token,
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
+    testbed::wait_until(Duration::from_secs(60), "three voters", || {
+        hosts[0].status_json()["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().filter(|m| m["role"] == "voter").count() == 3)
+    });
+    let serve = format!(
+        "dd if=/dev/zero of=/tmp/big bs=1048576 count={megabytes} 2>/dev/null && httpd -f -p 8080 -h /tmp"
+    );
+    for h in &hosts[1..] {
+        h.docker(&[
+            "run",
+            "-d",
+            "--name",
+            "srv",
+            testbed::IMAGE,
+            "sh",
+            "-c",
+            &serve,
+        ]);
+    }
+    let on_h2 = hosts[1].container_ip("srv");
+    let on_h3 = hosts[2].container_ip("srv");
+    hosts[0].run_container("cli", &[]);
+    let subnet = |h: &Host| format!("192.168.{}.0/24", h.index);
+    wait_route(
+        &hosts[0],
+        &subnet(&hosts[2]),
+        &format!("via {}", hosts[2].addr),
+    );
+    wait_route(&hosts[0], &subnet(&hosts[1]), "dev linkdns.vx");
+    wait_route(&hosts[1], &subnet(&hosts[0]), "dev linkdns.vx");
+    // Let each server write its file.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut rows = Vec::new();
+    rows.push((
+        "direct (same LAN, plain route)",
+        path_figures(&hosts[0], "cli", &on_h3, megabytes),
+    ));
+    rows.push((
+        "VXLAN (other LAN, through the tunnel)",
+        path_figures(&hosts[0], "cli", &on_h2, megabytes),
+    ));
+    // Through the router: h1 and h2 without encapsulation, the router knowing the subnets.
+    for (i, lan) in [(0, Lan::A), (1, Lan::B)] {
+        hosts[i].stop_linkdns();
+        let a = args(lan, "never");
+        hosts[i].start_linkdns(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    wait_route(
+        &hosts[0],
+        &subnet(&hosts[1]),
+        &format!("via {}", Lan::A.router()),
+    );
+    wait_route(
+        &hosts[1],
+        &subnet(&hosts[0]),
+        &format!("via {}", Lan::B.router()),
+    );
+    rows.push((
+        "via the router (other LAN, BGP-learned routes)",
+        path_figures(&hosts[0], "cli", &on_h2, megabytes),
+    ));
+    println!("container on h1 to a container on each path ({megabytes} MB over TCP; 100 pings):");
+    for (label, (rtt, rate)) in rows {
+        println!("  {label:<48} {rate:>8.1} MB/s   rtt min/avg/max {rtt}");
+    }
 }
 
 fn first_query(runs: usize) {

@@ -1,10 +1,13 @@
-//! What a reconciliation costs on a host: `cargo bench -p linkdns-routes --bench reconcile --
-//! [peers] [foreign routes]` (root; it works in a network namespace of its own, `ldb-routes`).
+//! What routing costs a host: `cargo bench -p linkdns-routes --bench reconcile --
+//! [peers=20,200] [foreign routes=10000]` (root; it works in a network namespace of its own,
+//! `ldb-routes`).
 //!
 //! The namespace gets a LAN interface (10.0.0.1/16), a bridge with this node's subnet, and
 //! `foreign routes` routes of someone else's; the cluster has `peers` other nodes, each with a
-//! /24. Prints the time of the first reconciliation (every route and rule made), of a
-//! steady-state one (nothing to change: what runs every 10 s), and of the plan alone.
+//! /24, first all on the LAN (plain routes), then all behind a router (the VXLAN tunnel: a
+//! route, an FDB and a neighbour entry each). For each: the time and the CPU (this process and
+//! the iptables it runs) of the first reconciliation (everything made), of a steady-state one
+//! (nothing to change: what runs every 10 s) and of reading the host and planning alone.
 #![allow(clippy::print_stdout)]
 
 use std::io::Write;
@@ -23,12 +26,19 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let peers: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(100);
+    let peers = args
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "20,200".to_string());
     let foreign: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     if std::env::var_os(INSIDE).is_none() {
-        outside(peers, foreign);
+        for count in peers.split(',').filter_map(|p| p.parse::<usize>().ok()) {
+            outside(count, foreign);
+        }
     } else {
-        inside(peers, foreign);
+        let count = peers.parse().unwrap_or(20);
+        inside(count, foreign, false);
+        inside(count, foreign, true);
     }
 }
 
@@ -51,7 +61,39 @@ fn outside(peers: usize, foreign: usize) {
     assert!(status.success(), "the benchmark failed inside {NETNS}");
 }
 
-fn inside(peers: usize, foreign: usize) {
+/// CPU seconds this process and its waited-for children (iptables) used so far, from
+/// /proc/self/stat (clock ticks of 10 ms).
+fn cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // utime, stime, cutime, cstime are fields 14-17 of the line, 12-15 after the name.
+    fields
+        .get(11..15)
+        .map_or(0.0, |t| t.iter().sum::<f64>() / 100.0)
+}
+
+/// Time and CPU of `f`.
+fn measure<T>(f: impl FnOnce() -> T) -> (T, Duration, f64) {
+    let (t, c) = (Instant::now(), cpu());
+    let out = f();
+    (out, t.elapsed(), cpu() - c)
+}
+
+fn inside(peers: usize, foreign: usize, tunnel: bool) {
+    // A clean namespace for each pass.
+    let _ = Command::new("ip")
+        .args(["link", "delete", "lan0"])
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("ip")
+        .args(["link", "delete", "br0"])
+        .stderr(Stdio::null())
+        .status();
     for cmd in [
         "link add lan0 type veth peer name lan1",
         "addr add 10.0.0.1/16 dev lan0",
@@ -90,28 +132,36 @@ fn inside(peers: usize, foreign: usize) {
             .map(|i| {
                 let [a, b] = u16::try_from(i + 2).unwrap_or(u16::MAX).to_be_bytes();
                 let [c, d] = u16::try_from(i).unwrap_or(u16::MAX).to_be_bytes();
+                // On the LAN, or behind a router (off-link: the tunnel).
+                let host = if tunnel {
+                    Ipv4Addr::new(10, 200, a, b)
+                } else {
+                    Ipv4Addr::new(10, 0, a, b)
+                };
                 Peer {
                     id: i as u64 + 2,
                     name: format!("h{}", i + 2),
-                    host: Some(IpAddr::V4(Ipv4Addr::new(10, 0, a, b))),
+                    host: Some(IpAddr::V4(host)),
                     subnets: vec![subnet(Ipv4Addr::new(10, 100 + c, d, 0), 24)],
                 }
             })
             .collect(),
+        local_host: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
         ..Desired::default()
     };
     let mut programmer = Programmer::new(DEFAULT_PROTOCOL);
-    let started = Instant::now();
-    let first = programmer.reconcile(&desired, true);
-    let first_time = started.elapsed();
+    let (first, first_time, first_cpu) = measure(|| programmer.reconcile(&desired, true));
     assert!(first.errors.is_empty(), "{:?}", first.errors);
     assert_eq!(first.owned_routes.len(), peers);
+    assert_eq!(first.plan.tunnel.is_empty(), !tunnel, "{}", first.plan);
 
+    const RUNS: u32 = 20;
     let mut steady = Vec::new();
-    for _ in 0..10 {
-        let t = Instant::now();
-        let report = programmer.reconcile(&desired, true);
-        steady.push(t.elapsed());
+    let mut steady_cpu = 0.0;
+    for _ in 0..RUNS {
+        let (report, time, cpu) = measure(|| programmer.reconcile(&desired, true));
+        steady.push(time);
+        steady_cpu += cpu;
         assert!(
             report.plan.is_empty(),
             "steady state changed:\n{}",
@@ -119,29 +169,40 @@ fn inside(peers: usize, foreign: usize) {
         );
     }
     steady.sort();
-    let plan_only = {
-        let t = Instant::now();
-        let report = programmer.reconcile(&desired, false);
-        let read_and_plan = t.elapsed();
-        assert!(report.plan.is_empty());
-        read_and_plan
+    let (report, plan_time, plan_cpu) = measure(|| programmer.reconcile(&desired, false));
+    assert!(report.plan.is_empty());
+    let how = if tunnel {
+        "behind a router: VXLAN (route, FDB and neighbour entry each)"
+    } else {
+        "on the LAN: plain routes"
     };
+    println!("reconcile: {peers} peers {how}, {foreign} foreign routes");
     println!(
-        "reconcile: {peers} peers, {foreign} foreign routes ({} routes in the namespace)",
-        peers + foreign
+        "  first (make everything): {} wall, {} CPU",
+        ms(first_time),
+        ms_f(first_cpu)
     );
     println!(
-        "  first (add {peers} routes, write the chains): {}",
-        ms(first_time)
-    );
-    println!(
-        "  steady state, nothing to change (10 runs): p50 {}, max {}",
+        "  steady state, nothing to change ({RUNS} runs): p50 {}, max {} wall; {} CPU each",
         ms(steady[steady.len() / 2]),
-        ms(steady[steady.len() - 1])
+        ms(steady[steady.len() - 1]),
+        ms_f(steady_cpu / f64::from(RUNS))
     );
-    println!("  read and plan only: {}", ms(plan_only));
+    println!(
+        "  read and plan only: {} wall, {} CPU",
+        ms(plan_time),
+        ms_f(plan_cpu)
+    );
+    println!(
+        "  routing work every 10 s in steady state: {:.2}% of a core",
+        steady_cpu / f64::from(RUNS) / 10.0 * 100.0
+    );
     let withdrawn = programmer.withdraw();
     assert!(withdrawn.owned_routes.is_empty());
+}
+
+fn ms_f(seconds: f64) -> String {
+    format!("{:.1} ms", seconds * 1000.0)
 }
 
 fn subnet(addr: Ipv4Addr, prefix: u8) -> Subnet {
