@@ -198,7 +198,12 @@ async fn follow(
             Err(e) => tracing::error!(error = %e, "this host's container network is missing"),
         }
     }
-    let firewall_backend = firewall_backend(&docker).await?;
+    // An engine whose `info` cannot be read (a proxy, an answer bollard does not parse) is
+    // followed all the same; only routing needs to know.
+    let firewall_backend = firewall_backend(&docker).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the engine's firewall backend (docker info); taking it as iptables");
+        None
+    });
     send(
         reports,
         Report::Connected {

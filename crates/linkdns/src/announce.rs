@@ -12,6 +12,8 @@ use std::time::Duration;
 use linkdns_bgp::{Prefix, Speaker};
 use linkdns_raft::NodeHandle;
 use linkdns_registry::Subnet;
+
+use crate::routing::CatchUp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -36,6 +38,8 @@ pub struct BgpSession {
 /// The speaker, fed from the registry.
 pub struct Announcer {
     node: Arc<NodeHandle>,
+    /// Claims are announced once the replica caught up (see [`CatchUp`]).
+    catch_up: CatchUp,
     speaker: tokio::sync::Mutex<Option<Speaker>>,
     /// The sessions' state, live (also once the speaker stopped).
     sessions: linkdns_bgp::Sessions,
@@ -48,8 +52,11 @@ impl Announcer {
             return None;
         }
         tracing::info!(peers = ?config.peers, asn = config.asn, peer_asn = config.peer_asn, "announcing this host's container subnets over BGP");
-        let speaker = Speaker::start(config, own_prefixes(&node));
+        // Nothing until the replica holds the cluster's view: a claim on disk may have been
+        // taken away while this node was down.
+        let speaker = Speaker::start(config, Vec::new());
         Some(Arc::new(Announcer {
+            catch_up: CatchUp::new(&node),
             node,
             sessions: speaker.sessions(),
             speaker: tokio::sync::Mutex::new(Some(speaker)),
@@ -59,17 +66,25 @@ impl Announcer {
     /// Announces this node's claims as they change, until shutdown (then stops the sessions).
     pub async fn follow(self: Arc<Announcer>, mut shutdown: watch::Receiver<bool>) {
         let mut changes = self.node.subscribe();
+        // Catching up ends with a change of the node, or (the grace period) with time.
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        let mut caught_up = false;
         loop {
             tokio::select! {
                 changed = changes.changed() => {
                     if changed.is_err() {
                         break;
                     }
-                    if let Some(speaker) = self.speaker.lock().await.as_ref() {
-                        speaker.announce(own_prefixes(&self.node));
-                    }
                 }
+                _ = check.tick(), if !caught_up => {}
                 _ = shutdown.changed() => break,
+            }
+            caught_up = caught_up || self.catch_up.done(&self.node);
+            if !caught_up {
+                continue;
+            }
+            if let Some(speaker) = self.speaker.lock().await.as_ref() {
+                speaker.announce(own_prefixes(&self.node));
             }
         }
         self.stop().await;

@@ -162,6 +162,33 @@ pub fn firewall_refusal(backend: Option<&str>) -> Option<String> {
     })
 }
 
+/// Whether a replica holds the cluster's view: it has a leader, and has applied the log it had
+/// on disk at start (it is behind until a leader confirms those entries) — or has had a leader
+/// for [`CATCH_UP_GRACE`], in case the leader truncated part of that log. Routes, claims and
+/// BGP announcements follow the registry only then, so a restart or a partition does not flap
+/// them, nor announce a claim the cluster took away meanwhile.
+pub struct CatchUp {
+    /// The last log index on disk at start, and when that was.
+    on_disk: u64,
+    started: std::time::Instant,
+}
+
+impl CatchUp {
+    pub fn new(node: &NodeHandle) -> CatchUp {
+        CatchUp {
+            on_disk: node.status().last_index,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub fn done(&self, node: &NodeHandle) -> bool {
+        let raft = node.status();
+        raft.leader.is_some()
+            && raft.applied_index >= raft.commit_index
+            && (raft.applied_index >= self.on_disk || self.started.elapsed() > CATCH_UP_GRACE)
+    }
+}
+
 /// Shared between the routing tasks and the admin endpoint.
 pub struct Routing {
     node: Arc<NodeHandle>,
@@ -184,9 +211,8 @@ pub struct Routing {
     /// With `cluster_cidr`: the pool this host's subnet comes from; only subnets inside it are
     /// claimed (Docker also gives an IPv6 pool's network an IPv4 subnet of its own).
     pool: Option<Subnet>,
-    /// The last log index on disk at start, and when that was: see [`Routing::caught_up`].
-    on_disk: u64,
-    started: std::time::Instant,
+    /// See [`CatchUp`].
+    catch_up: CatchUp,
     docker: HostDocker,
     /// The last plan and when it was made: plans (a dry run of the firewall, four iptables
     /// runs) come at most once per [`PLAN_EVERY`], one at a time; askers in between get it.
@@ -240,8 +266,7 @@ impl Routing {
             reconcile_now: Notify::new(),
             wanted: watch::channel(None).0,
             pool,
-            on_disk: node.status().last_index,
-            started: std::time::Instant::now(),
+            catch_up: CatchUp::new(&node),
             node,
             docker,
             last_plan: tokio::sync::Mutex::new(None),
@@ -313,10 +338,7 @@ impl Routing {
     /// a leader for [`CATCH_UP_GRACE`], in case the leader truncated part of that log. Routes and
     /// claims change only then, so a restart or a partition does not flap them.
     fn caught_up(&self) -> bool {
-        let raft = self.node.status();
-        raft.leader.is_some()
-            && raft.applied_index >= raft.commit_index
-            && (raft.applied_index >= self.on_disk || self.started.elapsed() > CATCH_UP_GRACE)
+        self.catch_up.done(&self.node)
     }
 
     /// The container subnets this host's Docker network has (after every Docker connect): the

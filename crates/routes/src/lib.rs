@@ -345,10 +345,10 @@ impl Programmer {
     }
 }
 
-/// The interface a tunnel route goes out of, on-link (none for a plain route).
-fn onlink(netlink: &mut Netlink, route: &Route) -> std::io::Result<Option<u32>> {
+/// The interface a tunnel route goes out of, on-link, and its MTU (none for a plain route).
+fn onlink(netlink: &mut Netlink, route: &Route) -> std::io::Result<Option<(u32, u32)>> {
     match route.tunnel {
-        Some(_) => netlink.link_index(&route.device).map(Some),
+        Some(_) => netlink.link(&route.device).map(Some),
         None => Ok(None),
     }
 }

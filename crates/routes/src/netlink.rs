@@ -22,8 +22,8 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-    RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric,
+    RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -46,6 +46,9 @@ const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Interfaces by index: name, and whether it is up.
 type Links = HashMap<u32, (String, bool)>;
+
+/// `RTAX_MTU`: the route metric whose lock bit keeps path MTU discovery off a route.
+const RTAX_MTU: u32 = 2;
 
 /// `NUD_PERMANENT`: a neighbour entry nobody ages out.
 const NUD_PERMANENT: u16 = 0x80;
@@ -203,11 +206,16 @@ impl Netlink {
 
     /// The index of the link named `name`.
     pub fn link_index(&mut self, name: &str) -> io::Result<u32> {
-        let (links, _, _) = self.links()?;
+        self.link(name).map(|(index, _)| index)
+    }
+
+    /// The index and MTU of the link named `name`.
+    pub fn link(&mut self, name: &str) -> io::Result<(u32, u32)> {
+        let (links, mtus, _) = self.links()?;
         links
             .iter()
             .find(|(_, (n, _))| n == name)
-            .map(|(index, _)| *index)
+            .map(|(index, _)| (*index, mtus.get(index).copied().unwrap_or(1500)))
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no link {name}")))
     }
 
@@ -306,22 +314,29 @@ impl Netlink {
     /// Adds `dst via gateway` to the main table with `protocol`; with `replace: Some(metric)`,
     /// in place of the route to `dst` with that metric (the kernel matches destination and
     /// metric, so the planner makes sure that route is linkdns's).
-    /// With `onlink: Some(index)`, out of that interface with the gateway taken as on-link
-    /// (the tunnel's routes, whose gateway is no address of any network of the host).
+    /// With `onlink: Some((index, mtu))`, out of that interface with the gateway taken as
+    /// on-link (the tunnel's routes, whose gateway is no address of any network of the host),
+    /// and with the interface's MTU locked: the VXLAN driver would otherwise lower the route's
+    /// path MTU to the uplink's less its headers at the first large packet, and the host would
+    /// then drop full-size packets with DF set that the tunnel carries (fragmenting outside).
     pub fn add_route(
         &mut self,
         dst: Subnet,
         gateway: IpAddr,
-        onlink: Option<u32>,
+        onlink: Option<(u32, u32)>,
         protocol: u8,
         replace: Option<u32>,
     ) -> io::Result<()> {
         let mut message = route_message(MAIN_TABLE, dst, Some(gateway), protocol, replace);
         message.header.scope = RouteScope::Universe;
         message.header.kind = RouteType::Unicast;
-        if let Some(index) = onlink {
+        if let Some((index, mtu)) = onlink {
             message.header.flags = RouteFlags::Onlink;
             message.attributes.push(RouteAttribute::Oif(index));
+            message.attributes.push(RouteAttribute::Metrics(vec![
+                RouteMetric::Lock(1 << RTAX_MTU),
+                RouteMetric::Mtu(mtu),
+            ]));
         }
         let mode = if replace.is_some() {
             NLM_F_REPLACE
@@ -499,6 +514,10 @@ fn route_message(
 /// A dumped route in the planner's terms; none for families other than IPv4 and IPv6.
 fn host_route(m: &RouteMessage, links: &Links) -> Option<HostRoute> {
     let header = &m.header;
+    // A cached exception (a path MTU learned, a redirect) is the kernel's, not a route.
+    if header.flags.contains(RouteFlags::Cloned) {
+        return None;
+    }
     let unspecified: IpAddr = match header.address_family {
         AddressFamily::Inet => std::net::Ipv4Addr::UNSPECIFIED.into(),
         AddressFamily::Inet6 => std::net::Ipv6Addr::UNSPECIFIED.into(),

@@ -214,6 +214,18 @@ pub enum Rule {
         out_if: String,
         mss: u32,
     },
+    /// VXLAN from remote host `src` to this host's address `dst` on UDP `port` is taken.
+    TunnelFrom {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        port: u16,
+    },
+    /// Any other VXLAN to this host's tunnel is dropped: the kernel takes it from any sender,
+    /// and its inner packets would carry whatever source the sender wrote.
+    TunnelDrop {
+        dst: Ipv4Addr,
+        port: u16,
+    },
     /// Something in a linkdns chain that linkdns did not write; the chain is rewritten.
     Unknown(String),
 }
@@ -589,11 +601,18 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
     }
     wanted.sort();
     plan.tunnel = plan_tunnel(&tunnel, &wanted, host);
+    // A tunnel device that goes (made again, or not wanted) takes its routes with it: they
+    // are neither kept nor removed, and made again after a new device.
+    let device_goes = plan
+        .tunnel
+        .iter()
+        .any(|c| matches!(c, TunnelChange::Remove { .. }));
 
     let mut owned: Vec<&HostRoute> = host
         .routes
         .iter()
         .filter(|r| r.protocol == protocol)
+        .filter(|r| !(device_goes && r.device.as_deref() == Some(vxlan::DEVICE)))
         .collect();
     owned.sort();
     // Removals go first, so an add never meets a route of linkdns's that is on its way out.
@@ -746,8 +765,10 @@ fn default_gateway(host: &HostState, family: Family) -> Option<(IpAddr, String)>
         .iter()
         .filter(|r| r.table == MAIN_TABLE && r.dst.prefix() == 0 && r.kind == RouteKind::Unicast)
         .filter(|r| Family::of(r.dst.addr()) == family)
-        .min_by_key(|r| r.metric)
-        .and_then(|r| Some((r.gateway?, r.device.clone()?)))
+        // A device-only default route (a point-to-point link) has no router to name.
+        .filter_map(|r| Some((r.metric, r.gateway?, r.device.clone()?)))
+        .min_by_key(|(metric, ..)| *metric)
+        .map(|(_, gateway, device)| (gateway, device))
 }
 
 /// The tunnel's changes: the device and an entry per remote host and subnet while any route
@@ -863,11 +884,25 @@ fn plan_firewall(
         let mut raw = Vec::new();
         let mut mss = Vec::new();
         if let Ok(device) = &tunnel.0 {
-            let tunnelled = wanted.iter().any(|r| r.tunnel.is_some());
-            if family == Family::V4 && tunnelled {
+            let mut remotes: Vec<Ipv4Addr> = wanted.iter().filter_map(|r| r.tunnel).collect();
+            remotes.sort();
+            remotes.dedup();
+            if family == Family::V4 && !remotes.is_empty() {
                 mss.push(Rule::ClampMss {
                     out_if: vxlan::DEVICE.to_string(),
                     mss: vxlan::clamped_mss(device.mtu),
+                });
+                // First in the raw chain: only the remote hosts' VXLAN reaches the tunnel.
+                for src in remotes {
+                    raw.push(Rule::TunnelFrom {
+                        src,
+                        dst: device.local,
+                        port: device.port,
+                    });
+                }
+                raw.push(Rule::TunnelDrop {
+                    dst: device.local,
+                    port: device.port,
                 });
             }
         }
@@ -1029,6 +1064,13 @@ impl fmt::Display for Rule {
                 f,
                 "-o {out_if} -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss {mss}"
             ),
+            Rule::TunnelFrom { src, dst, port } => write!(
+                f,
+                "-s {src}/32 -d {dst}/32 -p udp -m udp --dport {port} -j ACCEPT"
+            ),
+            Rule::TunnelDrop { dst, port } => {
+                write!(f, "-d {dst}/32 -p udp -m udp --dport {port} -j DROP")
+            }
             Rule::Unknown(text) => f.write_str(text),
         }
     }
@@ -1065,6 +1107,29 @@ impl Rule {
                     out_if: out_if.to_string(),
                     mss,
                 })
+            }
+            ["-s", src, "-d", dst, "-p", "udp", "-m", "udp", "--dport", port, "-j", "ACCEPT"]
+                if chain == Chain::Prerouting =>
+            {
+                match (
+                    src.strip_suffix("/32").and_then(|a| a.parse().ok()),
+                    dst.strip_suffix("/32").and_then(|a| a.parse().ok()),
+                    port.parse().ok(),
+                ) {
+                    (Some(src), Some(dst), Some(port)) => Some(Rule::TunnelFrom { src, dst, port }),
+                    _ => None,
+                }
+            }
+            ["-d", dst, "-p", "udp", "-m", "udp", "--dport", port, "-j", "DROP"]
+                if chain == Chain::Prerouting =>
+            {
+                match (
+                    dst.strip_suffix("/32").and_then(|a| a.parse().ok()),
+                    port.parse().ok(),
+                ) {
+                    (Some(dst), Some(port)) => Some(Rule::TunnelDrop { dst, port }),
+                    _ => None,
+                }
             }
             ["-s", src, "-d", dst, "-i", in_if, "-j", "ACCEPT"] if chain == Chain::Prerouting => {
                 match (src.parse::<Subnet>(), dst.parse::<Subnet>()) {

@@ -30,10 +30,12 @@ fn subnet(h: &Host) -> String {
     format!("192.168.{}.0/24", h.index)
 }
 
-/// The route to `to`'s containers through the tunnel, as `ip route` prints it.
+/// The route to `to`'s containers through the tunnel, as `ip route` prints it: on-link, its
+/// MTU locked (no path MTU learned from the uplink: full-size packets cross, the outer ones
+/// fragmented).
 fn tunnel_route(to: &Host) -> String {
     format!(
-        "{} via 192.168.{}.0 dev linkdns.vx onlink",
+        "{} via 192.168.{}.0 dev linkdns.vx onlink mtu lock 1500",
         subnet(to),
         to.index
     )
@@ -167,6 +169,47 @@ fn hosts_on_two_subnets_reach_each_other_through_vxlan_un_natted() {
         text(&out).trim(),
         "5242880",
         "5 MB from far to near over TCP"
+    );
+
+    // A stranger behind the router sends VXLAN to h1's tunnel with a source of h2's subnet:
+    // h1 takes VXLAN only from the hosts it reaches through the tunnel, and drops it.
+    let stranger = Vm::on(Lan::B);
+    for cmd in [
+        format!(
+            "link add vx0 type vxlan id 151 dstport 4789 remote {} local {}",
+            h1.addr, stranger.addr
+        ),
+        format!("addr add 192.168.{}.99/24 dev vx0", h2.index),
+        "link set vx0 up".to_string(),
+        format!("route add {} dev vx0", subnet(h1)),
+    ] {
+        let args: Vec<&str> = cmd.split(' ').collect();
+        let out = stranger.exec("ip", &args);
+        assert!(out.status.success(), "ip {cmd}: {}", text(&out));
+    }
+    let _ = stranger.exec("busybox", &["ping", "-c", "3", "-W", "1", &near]);
+    let counters = text(&h1.exec(
+        "iptables",
+        &[
+            "-w",
+            "-t",
+            "raw",
+            "-L",
+            "LINKDNS-PREROUTING",
+            "-v",
+            "-n",
+            "-x",
+        ],
+    ));
+    let dropped: u64 = counters
+        .lines()
+        .find(|l| l.contains("DROP") && l.contains("dpt:4789"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        dropped > 0,
+        "the stranger's VXLAN was not dropped:\n{counters}"
     );
 
     // h2 removed: every host's tunnel goes (nobody else is behind the router); h1 and h3 keep

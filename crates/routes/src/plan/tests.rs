@@ -622,7 +622,9 @@ write    ipv4 nat LINKDNS-POSTROUTING: 3 rule(s)
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.2.0/24 -j ACCEPT
            -A LINKDNS-POSTROUTING -s 192.168.1.0/24 -d 192.168.3.0/24 -j ACCEPT
 jump     ipv4 nat POSTROUTING -> LINKDNS-POSTROUTING at 1 (now at [])
-write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
+write    ipv4 raw LINKDNS-PREROUTING: 5 rule(s)
+           -A LINKDNS-PREROUTING -s 172.31.202.2/32 -d 172.31.201.1/32 -p udp -m udp --dport 4789 -j ACCEPT
+           -A LINKDNS-PREROUTING -d 172.31.201.1/32 -p udp -m udp --dport 4789 -j DROP
            -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
            -A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
            -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -j ACCEPT
@@ -671,6 +673,22 @@ jump     ipv4 mangle FORWARD -> LINKDNS-MSS at 1 (now at [])
     }
     let again = plan(&desired, &host, P);
     assert!(again.is_empty(), "{again}");
+    // A device made otherwise (learning on) is made again, and its routes with it.
+    let mut learning = host.clone();
+    learning.tunnel.links[0].learning = true;
+    assert_eq!(
+        plan(&desired, &learning, P).to_string(),
+        "\
+keep     192.168.3.0/24 via 172.31.201.3 (h3)
+delete   linkdns.vx: made with other settings
+create   linkdns.vx vxlan id 151 local 172.31.201.1 dstport 4789 nolearning address 0e:6c:ac:1f:c9:01 mtu 1500
+fdb      0e:6c:ac:1f:ca:02 dst 172.31.202.2 dev linkdns.vx
+neigh    10.77.16.0 lladdr 0e:6c:ac:1f:ca:02 dev linkdns.vx
+neigh    192.168.2.0 lladdr 0e:6c:ac:1f:ca:02 dev linkdns.vx
+add      10.77.16.0/20 via 10.77.16.0 dev linkdns.vx onlink (h2, vxlan to 172.31.202.2)
+add      192.168.2.0/24 via 192.168.2.0 dev linkdns.vx onlink (h2, vxlan to 172.31.202.2)
+"
+    );
 
     // encapsulation always: h3 goes through the tunnel too; never: h2 is refused.
     let always = Desired {
@@ -692,7 +710,10 @@ write    ipv4 filter LINKDNS-FORWARD: 6 rule(s)
            -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.2.0/24 -i docker0 -o linkdns.vx -j ACCEPT
            -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i linkdns.vx -o docker0 -j ACCEPT
            -A LINKDNS-FORWARD -s 192.168.1.0/24 -d 192.168.3.0/24 -i docker0 -o linkdns.vx -j ACCEPT
-write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
+write    ipv4 raw LINKDNS-PREROUTING: 6 rule(s)
+           -A LINKDNS-PREROUTING -s 172.31.201.3/32 -d 172.31.201.1/32 -p udp -m udp --dport 4789 -j ACCEPT
+           -A LINKDNS-PREROUTING -s 172.31.202.2/32 -d 172.31.201.1/32 -p udp -m udp --dport 4789 -j ACCEPT
+           -A LINKDNS-PREROUTING -d 172.31.201.1/32 -p udp -m udp --dport 4789 -j DROP
            -A LINKDNS-PREROUTING -s 10.77.16.0/20 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
            -A LINKDNS-PREROUTING -s 192.168.2.0/24 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
            -A LINKDNS-PREROUTING -s 192.168.3.0/24 -d 192.168.1.0/24 -i linkdns.vx -j ACCEPT
@@ -706,8 +727,6 @@ write    ipv4 raw LINKDNS-PREROUTING: 3 rule(s)
         plan(&never, &host, P).to_string(),
         "\
 keep     192.168.3.0/24 via 172.31.201.3 (h3)
-remove   10.77.16.0/20 via 10.77.16.0 dev linkdns.vx proto 151: refused now: the gateway 172.31.202.2 is not on a directly connected network of this host (and encapsulation is never)
-remove   192.168.2.0/24 via 192.168.2.0 dev linkdns.vx proto 151: refused now: the gateway 172.31.202.2 is not on a directly connected network of this host (and encapsulation is never)
 delete   linkdns.vx: no host is reached through it
 write    ipv4 filter LINKDNS-FORWARD: 2 rule(s)
            -A LINKDNS-FORWARD -s 192.168.3.0/24 -d 192.168.1.0/24 -i eth0 -o docker0 -j ACCEPT
