@@ -13,7 +13,7 @@ use linkdns_bgp::{Prefix, Speaker};
 use linkdns_raft::NodeHandle;
 use linkdns_registry::Subnet;
 
-use crate::routing::CatchUp;
+use crate::catch_up::CatchUp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 

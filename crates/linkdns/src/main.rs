@@ -3,6 +3,7 @@
 
 mod admin;
 mod announce;
+mod catch_up;
 mod config;
 mod lifecycle;
 mod members;

@@ -9,17 +9,14 @@ use std::time::Duration;
 use linkdns_raft::{NodeHandle, Proposal};
 use linkdns_registry::{Command, LocalNetwork, NodeId, Subnet};
 use linkdns_routes::{Desired, Encapsulation, Programmer, Report};
+
+use crate::catch_up::CatchUp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 /// A reconciliation this often even when nothing changed (someone deleted a route, Docker
 /// rewrote its rules).
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
-
-/// After a start, routes change only once the replica has applied the log it had on disk (it
-/// is behind until a leader confirms those entries) — or after this long with a leader, in case
-/// the leader truncated part of that log.
-const CATCH_UP_GRACE: Duration = Duration::from_secs(30);
 
 /// Other nodes' subnet claims, by node.
 type Claims = Vec<(NodeId, Vec<Subnet>)>;
@@ -160,33 +157,6 @@ pub fn firewall_refusal(backend: Option<&str>) -> Option<String> {
     backend.contains("nftables").then(|| {
         format!("Docker's firewall backend is {backend}; linkdns programs iptables, which does not get past Docker's nftables rules. Set \"firewall-backend\": \"iptables\" in /etc/docker/daemon.json and restart Docker, or run linkdns with --routing false to serve DNS only")
     })
-}
-
-/// Whether a replica holds the cluster's view: it has a leader, and has applied the log it had
-/// on disk at start (it is behind until a leader confirms those entries) — or has had a leader
-/// for [`CATCH_UP_GRACE`], in case the leader truncated part of that log. Routes, claims and
-/// BGP announcements follow the registry only then, so a restart or a partition does not flap
-/// them, nor announce a claim the cluster took away meanwhile.
-pub struct CatchUp {
-    /// The last log index on disk at start, and when that was.
-    on_disk: u64,
-    started: std::time::Instant,
-}
-
-impl CatchUp {
-    pub fn new(node: &NodeHandle) -> CatchUp {
-        CatchUp {
-            on_disk: node.status().last_index,
-            started: std::time::Instant::now(),
-        }
-    }
-
-    pub fn done(&self, node: &NodeHandle) -> bool {
-        let raft = node.status();
-        raft.leader.is_some()
-            && raft.applied_index >= raft.commit_index
-            && (raft.applied_index >= self.on_disk || self.started.elapsed() > CATCH_UP_GRACE)
-    }
 }
 
 /// Shared between the routing tasks and the admin endpoint.
@@ -333,10 +303,8 @@ impl Routing {
         self.disabled.is_none()
     }
 
-    /// Whether this replica holds the cluster's view: it has a leader, and has applied the log
-    /// it had on disk at start (it is behind until a leader confirms those entries) — or has had
-    /// a leader for [`CATCH_UP_GRACE`], in case the leader truncated part of that log. Routes and
-    /// claims change only then, so a restart or a partition does not flap them.
+    /// Whether this replica holds the cluster's view (see [`CatchUp`]): routes and claims
+    /// change only then.
     fn caught_up(&self) -> bool {
         self.catch_up.done(&self.node)
     }

@@ -254,12 +254,9 @@ impl Programmer {
     /// Makes the plan's changes in order: route removals, the tunnel, route additions,
     /// forwarding, then the firewall.
     fn apply(&mut self, plan: &Plan, errors: &mut Vec<String>) {
-        let (removals, additions): (Vec<&RouteChange>, Vec<&RouteChange>) = plan
-            .routes
-            .iter()
-            .partition(|c| matches!(c, RouteChange::Remove { .. }));
+        let (removals, additions) = plan.route_phases();
         for change in removals {
-            self.apply_route(change, errors);
+            self.apply_route(change, None, errors);
         }
         // The device's index, once it is known (made in this pass, or there already).
         let mut device = plan.tunnel.iter().find_map(|c| match c {
@@ -282,8 +279,20 @@ impl Programmer {
                 }
             }
         }
+        // The tunnel device's index and MTU, looked up once for all the routes through it.
+        let tunnelled = additions.iter().any(|c| match c {
+            RouteChange::Add(r) | RouteChange::Replace { new: r, .. } => r.tunnel.is_some(),
+            RouteChange::Remove { .. } => false,
+        });
+        let tunnel_link = if tunnelled {
+            self.netlink()
+                .ok()
+                .and_then(|netlink| netlink.link(vxlan::DEVICE).ok())
+        } else {
+            None
+        };
         for change in additions {
-            self.apply_route(change, errors);
+            self.apply_route(change, tunnel_link, errors);
         }
         for family in &plan.enable_forwarding {
             match firewall::enable_forwarding(*family) {
@@ -314,18 +323,25 @@ impl Programmer {
 }
 
 impl Programmer {
-    fn apply_route(&mut self, change: &RouteChange, errors: &mut Vec<String>) {
+    /// One route change; `tunnel_link` is the tunnel device's index and MTU, for routes
+    /// through it.
+    fn apply_route(
+        &mut self,
+        change: &RouteChange,
+        tunnel_link: Option<(u32, u32)>,
+        errors: &mut Vec<String>,
+    ) {
         let protocol = self.protocol;
         let result = self.netlink().and_then(|netlink| {
             let (action, io) = match change {
                 RouteChange::Add(r) => (
                     format!("add route {r}"),
-                    onlink(netlink, r)
+                    onlink(r, tunnel_link)
                         .and_then(|dev| netlink.add_route(r.dst, r.via, dev, protocol, None)),
                 ),
                 RouteChange::Replace { old, new } => (
                     format!("replace route {new}"),
-                    onlink(netlink, new).and_then(|dev| {
+                    onlink(new, tunnel_link).and_then(|dev| {
                         netlink.add_route(new.dst, new.via, dev, protocol, Some(old.metric))
                     }),
                 ),
@@ -346,10 +362,14 @@ impl Programmer {
 }
 
 /// The interface a tunnel route goes out of, on-link, and its MTU (none for a plain route).
-fn onlink(netlink: &mut Netlink, route: &Route) -> std::io::Result<Option<(u32, u32)>> {
-    match route.tunnel {
-        Some(_) => netlink.link(&route.device).map(Some),
-        None => Ok(None),
+fn onlink(route: &Route, tunnel_link: Option<(u32, u32)>) -> std::io::Result<Option<(u32, u32)>> {
+    match (route.tunnel, tunnel_link) {
+        (None, _) => Ok(None),
+        (Some(_), Some(link)) => Ok(Some(link)),
+        (Some(_), None) => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no link {}", route.device),
+        )),
     }
 }
 

@@ -536,6 +536,18 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The route changes in the two phases they are made in, around the tunnel's changes:
+    /// removals first (an addition never meets a route of linkdns's on its way out), then
+    /// additions and replacements.
+    pub fn route_phases(&self) -> (&[RouteChange], &[RouteChange]) {
+        let first_addition = self
+            .routes
+            .iter()
+            .position(|c| !matches!(c, RouteChange::Remove { .. }))
+            .unwrap_or(self.routes.len());
+        self.routes.split_at(first_addition)
+    }
+
     /// Whether applying the plan changes nothing.
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
@@ -1173,10 +1185,7 @@ impl fmt::Display for Plan {
             writeln!(f, "keep     {route}")?;
         }
         // In the order they are made: removals, the tunnel, additions.
-        let (removals, additions): (Vec<&RouteChange>, Vec<&RouteChange>) = self
-            .routes
-            .iter()
-            .partition(|c| matches!(c, RouteChange::Remove { .. }));
+        let (removals, additions) = self.route_phases();
         for change in removals {
             if let RouteChange::Remove { route, why } = change {
                 writeln!(f, "remove   {route}: {why}")?;
