@@ -106,8 +106,19 @@ fn hosts_on_two_subnets_reach_each_other_through_vxlan_un_natted() {
         ),
         tunnel_route(h2),
     ];
+    // `linkdns routes` reports a reconciliation once it has ended (routes, device, rules).
+    let status_lines = [
+        format!("{} {}: vxlan to {} (dev linkdns.vx)", name(h2), subnet(h2), h2.addr),
+        format!("{} {}: direct via {}", name(h1), subnet(h1), h1.addr),
+        "-t mangle -A LINKDNS-MSS -o linkdns.vx -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 1410".to_string(),
+        format!("-t raw -A LINKDNS-PREROUTING -s {} -d {} -i linkdns.vx -j ACCEPT", subnet(h2), subnet(h3)),
+    ];
+    let reported = || {
+        let routes = text(&h3.linkdns(&["routes"]));
+        status_lines.iter().all(|l| routes.contains(l))
+    };
     let deadline = std::time::Instant::now() + ROUTES;
-    while owned_routes(h3) != want && std::time::Instant::now() < deadline {
+    while (owned_routes(h3) != want || !reported()) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(
@@ -116,16 +127,12 @@ fn hosts_on_two_subnets_reach_each_other_through_vxlan_un_natted() {
         "h3's routes:\n{}",
         text(&h3.linkdns(&["routes"]))
     );
+    assert!(
+        reported(),
+        "routes on h3 lack one of {status_lines:#?}:\n{}",
+        text(&h3.linkdns(&["routes"]))
+    );
     expect_answer(h3, "far.cluster", "A", &[&far]);
-    let routes = text(&h3.linkdns(&["routes"]));
-    for want in [
-        format!("{} {}: vxlan to {} (dev linkdns.vx)", name(h2), subnet(h2), h2.addr),
-        format!("{} {}: direct via {}", name(h1), subnet(h1), h1.addr),
-        "-t mangle -A LINKDNS-MSS -o linkdns.vx -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 1410".to_string(),
-        format!("-t raw -A LINKDNS-PREROUTING -s {} -d {} -i linkdns.vx -j ACCEPT", subnet(h2), subnet(h3)),
-    ] {
-        assert!(routes.contains(&want), "routes on h3 lack {want:?}:\n{routes}");
-    }
     let device = text(&h3.exec("ip", &["-d", "link", "show", "linkdns.vx"]));
     assert!(
         device.contains("vxlan id 151")
@@ -218,14 +225,15 @@ fn hosts_on_two_subnets_reach_each_other_through_vxlan_un_natted() {
     assert!(out.status.success(), "remove: {}", text(&out));
     hosts[1].wait_linkdns_exit(Duration::from_secs(20));
     for h in [&hosts[0], &hosts[2]] {
-        wait_until(ROUTES, "the tunnel withdrawn", || {
+        // One reconciliation takes the routes, then the device, then the rules away: wait for
+        // its end, the MSS clamp gone with the tunnel.
+        wait_until(ROUTES, "the tunnel and its MSS clamp withdrawn", || {
             !h.exec("ip", &["link", "show", "linkdns.vx"])
                 .status
                 .success()
                 && owned_routes(h).len() == 1
+                && !text(&h.exec("iptables", &["-w", "-t", "mangle", "-S"])).contains("LINKDNS")
         });
-        let mss = text(&h.exec("iptables", &["-w", "-t", "mangle", "-S"]));
-        assert!(!mss.contains("LINKDNS"), "{mss}");
     }
     assert!(
         !hosts[1]
