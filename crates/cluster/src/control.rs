@@ -102,6 +102,14 @@ async fn handle(inner: &Inner, request: Request, caller: Caller) -> Reply {
     };
     match request {
         Request::Join { .. } => refused("a join is not a member's request"),
+        Request::Leader => {
+            let status = node.status();
+            Reply::Leader {
+                term: status.term,
+                leader: status.leader,
+                voters: status.voters,
+            }
+        }
         Request::CaKey => {
             let identity = inner.identity.load();
             if !node.status().voters.contains(&member) {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
-use linkdns_raft::{NodeHandle, Outbox};
+use linkdns_raft::{Inquiry, LeaderView, NodeHandle, Outbox};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::io::AsyncWriteExt;
@@ -259,6 +259,11 @@ impl Transport {
     }
 
     /// How long ago anything arrived from `peer`.
+    /// `peer`'s own account of who leads it, as an inquiry asks it (see [`Inquiry`]).
+    pub async fn leader_view(&self, peer: u64) -> Result<LeaderView, String> {
+        ask_leader(&self.inner, peer).await
+    }
+
     pub fn last_contact(&self, peer: u64) -> Option<Duration> {
         self.inner.last_contact(peer)
     }
@@ -512,6 +517,10 @@ impl Outbox for PeerOutbox {
             }
         }
     }
+
+    fn inquire(&self, inquiry: Inquiry) {
+        self.0.runtime.spawn(inquire(self.0.clone(), inquiry));
+    }
 }
 
 /// Keeps a sender to every node in the registry (so pings flow even when Raft is quiet) and
@@ -616,7 +625,14 @@ fn fail_snapshot(inner: &Inner, peer: u64, slot: &SnapshotSlot) {
     }
 }
 
-async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
+/// A TLS connection to `peer` at its registered address, proven to be that node: the
+/// handshake checks the CA and the node's name, and the certificate must be the one the
+/// registry binds to it (as the acceptor checks it the other way). With its address and this
+/// node's local one.
+async fn dial(
+    inner: &Inner,
+    peer: u64,
+) -> Result<(ClientStream, SocketAddr, Option<SocketAddr>), String> {
     let addr = inner
         .address_of(peer)
         .ok_or_else(|| format!("no usable peer address for node {peer} in the registry"))?;
@@ -629,12 +645,10 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
     let tls = inner.tls.load_full();
     let name = tls.server_name(peer).map_err(|e| e.to_string())?;
     let connector = TlsConnector::from(tls.client.clone());
-    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
         .await
         .map_err(|_| format!("TLS handshake with {addr} timed out"))?
         .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
-    // The handshake checked the CA and the node name; the registry also binds the very
-    // certificate, as the acceptor checks it the other way.
     let presented = tls
         .get_ref()
         .1
@@ -652,6 +666,11 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
         Expected::Removed => return Err(format!("node {peer} was removed from the cluster")),
         _ => {}
     }
+    Ok((tls, addr, local))
+}
+
+async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
+    let (mut tls, addr, local) = dial(inner, peer).await?;
     let hello = Hello {
         version: wire::PROTOCOL_VERSION,
         cluster: inner.cluster,
@@ -677,6 +696,77 @@ async fn connect(inner: &Inner, peer: u64) -> Result<ClientStream, String> {
             Err(format!("{addr} refused this node: {reason}"))
         }
         (kind, _) => Err(format!("{addr} answered the hello with frame kind {kind}")),
+    }
+}
+
+/// `peer`'s own account of who leads it, over a control connection to that very node.
+async fn ask_leader(inner: &Inner, peer: u64) -> Result<LeaderView, String> {
+    let (mut tls, addr, _) = dial(inner, peer).await?;
+    wire::write_frame(
+        &mut tls,
+        wire::REQUEST,
+        &wire::encode(&wire::Request::Leader),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let (kind, payload) = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        wire::read_frame_within(&mut tls, wire::MAX_FIRST_FRAME),
+    )
+    .await
+    .map_err(|_| format!("no answer from {addr}"))?
+    .map_err(|e| format!("answer from {addr}: {e}"))?;
+    if kind != wire::REPLY {
+        return Err(format!("{addr} answered with frame kind {kind}"));
+    }
+    match wire::decode("reply", &payload).map_err(|e| e.to_string())? {
+        wire::Reply::Leader {
+            term,
+            leader,
+            voters,
+        } => Ok(LeaderView {
+            term,
+            leader,
+            voters,
+        }),
+        wire::Reply::Refused { reason } | wire::Reply::Denied { reason } => {
+            Err(format!("{addr} refused: {reason}"))
+        }
+        other => Err(format!("{addr} answered {other:?}")),
+    }
+}
+
+/// Asks the voters an inquiry names, all at once, and vouches for the leader if enough of
+/// them back it (see [`Inquiry`]).
+async fn inquire(inner: Arc<Inner>, inquiry: Inquiry) {
+    let mut asking = tokio::task::JoinSet::new();
+    for &voter in &inquiry.ask {
+        let inner = inner.clone();
+        asking.spawn(async move { (voter, ask_leader(&inner, voter).await) });
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = asking.join_next().await {
+        match done {
+            Ok((voter, Ok(view))) => answers.push((voter, view)),
+            Ok((voter, Err(e))) => {
+                tracing::debug!(peer = voter, error = %e, "a voter did not say who leads it")
+            }
+            Err(e) => tracing::debug!(error = %e, "an inquiry task failed"),
+        }
+    }
+    let vouched = inquiry.vouched_by(&answers);
+    tracing::info!(
+        leader = inquiry.leader,
+        term = inquiry.term,
+        answers = answers.len(),
+        needed = inquiry.needed,
+        vouched,
+        "asked this replica's voters about a leader it does not hold as a voter"
+    );
+    if vouched {
+        if let Some(node) = inner.node() {
+            node.vouch(inquiry.leader, inquiry.term);
+        }
     }
 }
 

@@ -90,6 +90,9 @@ pub enum Request {
     /// A new join secret: tokens with the old one are refused from now on (member certificate
     /// needed).
     RotateToken,
+    /// The callee's own account of who leads it (member certificate needed): a replica asks
+    /// its voters about a leader its log does not hold as a voter.
+    Leader,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +118,12 @@ pub enum Reply {
     },
     Removed {
         node_id: u64,
+    },
+    /// The answer to [`Request::Leader`]: the callee's term, its leader, its voters.
+    Leader {
+        term: u64,
+        leader: Option<u64>,
+        voters: Vec<u64>,
     },
     /// Ask the leader instead.
     Redirect {

@@ -133,6 +133,8 @@ pub struct Progress<T> {
     pub done: Vec<(T, Result<Outcome, Error>)>,
     /// The registry changed: the new view to publish.
     pub published: Option<Published>,
+    /// Leaders refused for want of a vouch: the voters to ask (see [`Inquiry`]).
+    pub inquiries: Vec<Inquiry>,
 }
 
 impl<T> Default for Progress<T> {
@@ -141,7 +143,61 @@ impl<T> Default for Progress<T> {
             messages: Vec::new(),
             done: Vec::new(),
             published: None,
+            inquiries: Vec::new(),
         }
+    }
+}
+
+/// A node that leads a term, or says it does, that this replica's log does not hold as a
+/// voter. A learner acting as leader looks like that; so does a real voter promoted after the
+/// point this replica has applied (it lags). Raft cannot tell them apart, so its messages are
+/// refused until the voters this replica knows vouch for it: `needed` of those in `ask` say
+/// they follow it in `term` and hold it as a voter. [`Core::vouch`] then lets it lead that
+/// term here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inquiry {
+    pub leader: u64,
+    pub term: u64,
+    /// This replica's voters, itself left out (it cannot vouch).
+    pub ask: Vec<u64>,
+    /// A majority of this replica's voters.
+    pub needed: usize,
+}
+
+/// A member's own account of who leads it, as it answers an [`Inquiry`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderView {
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub voters: Vec<u64>,
+}
+
+impl LeaderView {
+    pub fn of(status: &RaftStatus) -> LeaderView {
+        LeaderView {
+            term: status.term,
+            leader: status.leader,
+            voters: status.voters.clone(),
+        }
+    }
+}
+
+impl Inquiry {
+    /// Whether `answers`, each from the member it names (the transport authenticated it),
+    /// vouch for the leader: at least `needed` of the asked voters follow it in this very
+    /// term and hold it as a voter.
+    pub fn vouched_by(&self, answers: &[(u64, LeaderView)]) -> bool {
+        let vouching: std::collections::BTreeSet<u64> = answers
+            .iter()
+            .filter(|(from, view)| {
+                self.ask.contains(from)
+                    && view.term == self.term
+                    && view.leader == Some(self.leader)
+                    && view.voters.contains(&self.leader)
+            })
+            .map(|(from, _)| *from)
+            .collect();
+        vouching.len() >= self.needed
     }
 }
 
@@ -207,6 +263,14 @@ pub struct Core<S: LogStore, T> {
     /// The snapshot being encoded and written on its own thread, when the store can take its
     /// file from another thread; at most one at a time.
     snapshot_job: Option<SnapshotJob>,
+    /// A leader this replica's log does not hold as a voter, and its term, that a majority of
+    /// its voters vouched for (see [`Inquiry`]).
+    vouched: Option<(u64, u64)>,
+    /// The last such leader asked about, and when (in ticks): one inquiry per election
+    /// timeout, however often it sends.
+    asked: Option<((u64, u64), u64)>,
+    /// The inquiry to hand out with the next ready.
+    inquiry: Option<Inquiry>,
 }
 
 /// A snapshot taken off the Raft thread: the registry's encoding and its file are made by
@@ -283,6 +347,9 @@ impl<S: LogStore, T> Core<S, T> {
             log_bytes: 0,
             snapshots: (0, 0, 0),
             snapshot_job: None,
+            vouched: None,
+            asked: None,
+            inquiry: None,
         })
     }
 
@@ -297,6 +364,11 @@ impl<S: LogStore, T> Core<S, T> {
 
     pub fn applied(&self) -> u64 {
         self.applied
+    }
+
+    /// The term of the log entry at `index`, if the log (or its snapshot) still holds it.
+    pub fn term_of(&self, index: u64) -> Option<u64> {
+        self.raw.raft.raft_log.term(index).ok()
     }
 
     /// Gives the store back (a simulated restart reopens a core on it).
@@ -328,8 +400,13 @@ impl<S: LogStore, T> Core<S, T> {
     /// not this term's leader, are dropped here (the caller checked `from` against the
     /// connection's certificate).
     pub fn step(&mut self, message: Message) {
-        if let Err(reason) = self.admissible(&message) {
-            tracing::warn!(peer = message.from, kind = ?message.get_msg_type(), %reason, "refused a peer's message");
+        if let Err(refusal) = self.admissible(&message) {
+            match refusal {
+                Refusal::Unvouched { leader, term } => self.inquire(leader, term),
+                Refusal::Other(reason) => {
+                    tracing::warn!(peer = message.from, kind = ?message.get_msg_type(), %reason, "refused a peer's message")
+                }
+            }
             return;
         }
         // A snapshot this build cannot read must never be installed: the store would hold it,
@@ -353,46 +430,143 @@ impl<S: LogStore, T> Core<S, T> {
     /// checks keep a learner (or any non-voter) from acting as one:
     /// - a forwarded proposal must come from the node it names and change only its records;
     /// - one leader per term: leader messages of this term from another node are lies;
-    /// - a leader message of a later term from a node that is no voter here is refused while
-    ///   this replica hears from its leader (a real new leader is elected only once the old
-    ///   one went silent, so a replica that lags behind a promotion still follows it then);
+    /// - leader messages from a node this replica's log does not hold as a voter are refused,
+    ///   in every window (after a restart, during a failover), unless a majority of its
+    ///   voters vouched for that node leading that term (a replica that lags behind a
+    ///   promotion follows the real new leader that way; see [`Inquiry`]). A node with no
+    ///   configuration yet (joining, before its first snapshot) follows whoever leads it;
+    /// - the entries a leader appends in its own term are its own proposals, or a node's
+    ///   proposals of its own records (as the leader took them, forwarded): an entry's rights
+    ///   come from the leader of the term it was appended in, never from the name alone;
     /// - vote requests from a node that is no voter here, and a timeout-now from anyone but
     ///   the leader (linkdns never transfers leadership), are refused.
-    fn admissible(&self, m: &Message) -> Result<(), String> {
+    fn admissible(&self, m: &Message) -> Result<(), Refusal> {
         let raft = &self.raw.raft;
-        let voter = raft.prs().conf().voters().contains(m.from);
-        let leader_alive =
-            raft.leader_id != raft::INVALID_ID && raft.election_elapsed < raft.election_timeout();
+        let conf = raft.prs().conf();
+        let voter = conf.voters().contains(m.from);
+        let configured = !conf.voters().ids().is_empty();
+        // raft-rs takes a message without a term as its own (local) one, unchecked.
+        if m.term == 0 && m.get_msg_type() != MessageType::MsgPropose {
+            return Err(Refusal::Other(format!(
+                "a {:?} without a term",
+                m.get_msg_type()
+            )));
+        }
+        // A leader's heartbeat commits no further than the follower has acknowledged; raft-rs
+        // stops the process on one that does.
+        if m.get_msg_type() == MessageType::MsgHeartbeat && m.commit > raft.raft_log.last_index() {
+            return Err(Refusal::Other(format!(
+                "a heartbeat committing index {} past this replica's last, {}",
+                m.commit,
+                raft.raft_log.last_index()
+            )));
+        }
         match m.get_msg_type() {
-            MessageType::MsgPropose => m.entries.iter().try_for_each(|e| forwarded(m.from, e)),
+            // Forwarded proposals carry no term (raft-rs stops the process on forwarding one
+            // that does).
+            MessageType::MsgPropose if m.term != 0 => Err(Refusal::Other(format!(
+                "a forwarded proposal with a term ({})",
+                m.term
+            ))),
+            MessageType::MsgPropose => m
+                .entries
+                .iter()
+                .try_for_each(|e| forwarded(m.from, e))
+                .map_err(Refusal::Other),
             MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
                 if m.term == raft.term
                     && raft.leader_id != raft::INVALID_ID
                     && m.from != raft.leader_id
                 {
-                    return Err(format!(
+                    return Err(Refusal::Other(format!(
                         "node {} is not the leader of term {} (node {} is)",
                         m.from, m.term, raft.leader_id
-                    ));
+                    )));
                 }
-                if m.term > raft.term && !voter && leader_alive {
-                    return Err(format!(
-                        "node {} is no voter, yet claims to lead term {} while leader {} is alive",
-                        m.from, m.term, raft.leader_id
-                    ));
+                // Stale terms are Raft's to answer (it tells the sender the current one).
+                if configured
+                    && !voter
+                    && m.term >= raft.term
+                    && self.vouched != Some((m.from, m.term))
+                {
+                    return Err(Refusal::Unvouched {
+                        leader: m.from,
+                        term: m.term,
+                    });
                 }
-                Ok(())
+                m.entries
+                    .iter()
+                    .try_for_each(|e| appended(m.from, m.term, e))
+                    .map_err(Refusal::Other)
             }
-            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote if !voter => Err(format!(
-                "node {} is no voter; its vote requests do not count",
-                m.from
-            )),
-            MessageType::MsgTimeoutNow if m.from != raft.leader_id => Err(format!(
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote if !voter => {
+                Err(Refusal::Other(format!(
+                    "node {} is no voter; its vote requests do not count",
+                    m.from
+                )))
+            }
+            MessageType::MsgTimeoutNow if m.from != raft.leader_id => Err(Refusal::Other(format!(
                 "node {} is not the leader; only a leader hands over",
                 m.from
-            )),
-            _ => Ok(()),
+            ))),
+            MessageType::MsgTimeoutNow
+            | MessageType::MsgAppendResponse
+            | MessageType::MsgHeartbeatResponse
+            | MessageType::MsgRequestVote
+            | MessageType::MsgRequestVoteResponse
+            | MessageType::MsgRequestPreVote
+            | MessageType::MsgRequestPreVoteResponse => Ok(()),
+            // Local to raft-rs (elections, beats, reports), or what linkdns never sends
+            // (leadership transfer, read index): raft-rs stops the process on some of them.
+            kind => Err(Refusal::Other(format!(
+                "a {kind:?}, which linkdns peers never send"
+            ))),
         }
+    }
+
+    /// Asks this replica's voters about `leader` (at most once per election timeout for the
+    /// same leader and term), unless they cannot make a majority.
+    fn inquire(&mut self, leader: u64, term: u64) {
+        let now = self.ticks;
+        let timeout = self.config.election_ticks as u64;
+        if matches!(self.asked, Some((asked, at)) if asked == (leader, term) && now < at + timeout)
+        {
+            return;
+        }
+        self.asked = Some(((leader, term), now));
+        let conf = self.raw.raft.prs().conf();
+        let voters = conf.voters().ids();
+        let needed = voters.len() / 2 + 1;
+        let mut ask: Vec<u64> = voters.iter().filter(|&v| v != self.config.id).collect();
+        ask.sort_unstable();
+        tracing::warn!(
+            peer = leader,
+            term,
+            voters = ?ask,
+            "refused leader messages from a node this replica does not hold as a voter; asking its voters whether it leads"
+        );
+        if ask.len() >= needed {
+            self.inquiry = Some(Inquiry {
+                leader,
+                term,
+                ask,
+                needed,
+            });
+        }
+    }
+
+    /// A majority of this replica's voters vouched for `leader` leading `term` (see
+    /// [`Inquiry`]): its messages of that term are taken from now on.
+    pub fn vouch(&mut self, leader: u64, term: u64) {
+        if term < self.raw.raft.term {
+            return;
+        }
+        tracing::info!(
+            peer = leader,
+            term,
+            "a majority of this replica's voters vouch for the node as leader; following it"
+        );
+        self.vouched = Some((leader, term));
     }
 
     /// The proposer of an entry, and whether it is a voter now (at this point of the log). An
@@ -626,6 +800,7 @@ impl<S: LogStore, T> Core<S, T> {
     ///    and hand out the new registry and the finished proposals.
     pub fn ready(&mut self) -> Result<Progress<T>, Error> {
         let mut progress = Progress::default();
+        progress.inquiries.extend(self.inquiry.take());
         let applied_before = self.applied;
         // Raft takes a snapshot message in the step before this ready, or never.
         let incoming = self.incoming.take();
@@ -1045,6 +1220,35 @@ pub fn limit_retained_memory() {
     #[allow(unsafe_code)]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
+/// Why [`Core::admissible`] refused a message.
+enum Refusal {
+    /// Leader messages from a node not held as a voter: ask the voters about it.
+    Unvouched {
+        leader: u64,
+        term: u64,
+    },
+    Other(String),
+}
+
+/// Whether `entry`, in an append of `leader`'s for `term`, may be its: entries of earlier terms
+/// are earlier leaders' (checked when they were appended); one of this term is the leader's own
+/// proposal, or a node's proposal of its own records forwarded to the leader, or the leader's
+/// empty entry of a new term.
+fn appended(leader: u64, term: u64, entry: &Entry) -> Result<(), String> {
+    if entry.term != term || entry.data.is_empty() {
+        return Ok(());
+    }
+    match Proposer::decode(&entry.context) {
+        Some(proposer) if proposer.node == leader => Ok(()),
+        Some(proposer) => forwarded(proposer.node, entry).map_err(|e| {
+            format!("an entry of term {term} naming node {} as its proposer, which the leader {leader} could not have taken from it: {e}", proposer.node)
+        }),
+        None => Err(format!(
+            "an entry of term {term} that names no proposer, from leader {leader}"
+        )),
     }
 }
 

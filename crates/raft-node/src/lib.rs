@@ -14,7 +14,8 @@ mod storage;
 use std::path::Path;
 
 pub use crate::core::{
-    limit_retained_memory, Core, CoreConfig, Membership, Progress, RaftStatus, Role,
+    limit_retained_memory, Core, CoreConfig, Inquiry, LeaderView, Membership, Progress, RaftStatus,
+    Role,
 };
 pub use linkdns_registry::Published;
 pub use node::{

@@ -15,7 +15,7 @@ use linkdns_registry::{Command, Outcome, Published};
 use raft::eraftpb::Message;
 use tokio::sync::oneshot;
 
-use crate::core::{Core, CoreConfig, Membership, RaftStatus, Role};
+use crate::core::{Core, CoreConfig, Inquiry, Membership, RaftStatus, Role};
 use crate::propose::{Proposal, RetryPolicy};
 use crate::storage::LogStore;
 use crate::Error;
@@ -75,6 +75,13 @@ impl NodeConfig {
 /// Where the node's outgoing Raft messages go. Called on the Raft thread: must not block.
 pub trait Outbox: Send + Sync + 'static {
     fn send(&self, messages: Vec<Message>);
+
+    /// Asks the voters in `inquiry` about a leader this replica refused, and calls
+    /// [`NodeHandle::vouch`] if enough of them vouch for it. Must not block either. A node
+    /// with no peers has nobody to ask.
+    fn inquire(&self, inquiry: Inquiry) {
+        tracing::debug!(?inquiry, "no peer transport; nobody to ask");
+    }
 }
 
 /// The outbox of a node that has no peers (a one-node cluster): nothing to send to.
@@ -115,6 +122,11 @@ enum Event {
     SnapshotSent {
         peer: u64,
         delivered: bool,
+    },
+    /// A majority of this replica's voters vouched for `leader` leading `term`.
+    Vouch {
+        leader: u64,
+        term: u64,
     },
     Shutdown,
 }
@@ -211,6 +223,12 @@ impl NodeHandle {
     /// The transport finished streaming a snapshot to `peer` (`delivered`) or gave up.
     pub fn report_snapshot(&self, peer: u64, delivered: bool) {
         let _ = self.send(Event::SnapshotSent { peer, delivered });
+    }
+
+    /// A majority of this replica's voters vouched for `leader` leading `term` (the answer to
+    /// an [`Outbox::inquire`]).
+    pub fn vouch(&self, leader: u64, term: u64) {
+        let _ = self.send(Event::Vouch { leader, term });
     }
 
     fn send(&self, event: Event) -> Result<(), Error> {
@@ -542,6 +560,7 @@ impl Driver {
             Event::Step(message) => core.step(*message),
             Event::Unreachable(peer) => core.report_unreachable(peer),
             Event::SnapshotSent { peer, delivered } => core.report_snapshot(peer, delivered),
+            Event::Vouch { leader, term } => core.vouch(leader, term),
             Event::Shutdown => return false,
         }
         true
@@ -567,6 +586,9 @@ impl Driver {
         let progress = core.ready()?;
         if !progress.messages.is_empty() {
             self.outbox.send(progress.messages);
+        }
+        for inquiry in progress.inquiries {
+            self.outbox.inquire(inquiry);
         }
         let mut changed = false;
         if let Some(published) = progress.published {

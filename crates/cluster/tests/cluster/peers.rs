@@ -716,3 +716,79 @@ async fn a_rotated_token_refuses_the_old_one_at_once_and_members_carry_on() {
     propose(&second.node, container(2, "web", "10.0.2.2")).await;
     wait("h2's write on h3", || resolves(&third, "web")).await;
 }
+
+/// A heartbeat from `from` claiming the lead of `term`, committing `commit`.
+fn heartbeat(from: u64, to: u64, term: u64, commit: u64) -> Message {
+    Message {
+        msg_type: MessageType::MsgHeartbeat,
+        from,
+        to,
+        term,
+        commit,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_posing_as_leader_in_a_failover_is_refused_and_nobody_vouches_for_it() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let token = first.transport.identity().token();
+    let second = join_node(&first, &token, "h2").await;
+    let third = join_node(&first, &token, "h3").await;
+    wait("three voters", || {
+        [&first, &second, &third]
+            .iter()
+            .all(|n| n.node.status().voters == vec![1, 2, 3])
+    })
+    .await;
+    let fourth = join_node(&second, &token, "h4").await;
+    wait("h4 a learner that knows the leader", || {
+        fourth.node.status().role == Role::Learner && fourth.node.status().leader == Some(1)
+    })
+    .await;
+
+    // Each member says who leads it, over a connection to that very node; a learner may ask.
+    for peer in [1, 2, 3] {
+        let view = fourth.transport.leader_view(peer).await.expect("an answer");
+        assert_eq!(
+            (view.leader, view.voters.clone()),
+            (Some(1), vec![1, 2, 3]),
+            "node {peer}: {view:?}"
+        );
+    }
+
+    // The leader dies. Until the others elect a new one (no replica hears from a leader) and
+    // after, the learner claims the next term to each of them, over its own authenticated
+    // connections, every 10 ms for 3 s.
+    let (h2, h3) = (second.node.clone(), third.node.clone());
+    drop(first);
+    let outbox = fourth.transport.outbox();
+    let mut followed_the_learner = Vec::new();
+    for _ in 0..300 {
+        for (id, node) in [(2, &h2), (3, &h3)] {
+            let status = node.status();
+            if status.leader == Some(4) {
+                followed_the_learner.push((id, status.term));
+            }
+            outbox.send(vec![heartbeat(4, id, status.term + 1, status.commit_index)]);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        followed_the_learner.is_empty(),
+        "replicas followed the learner {} times, first (node, term): {:?}",
+        followed_the_learner.len(),
+        &followed_the_learner[..followed_the_learner.len().min(4)]
+    );
+    wait("h2 or h3 leads", || {
+        let (s2, s3) = (h2.status(), h3.status());
+        s2.leader.is_some_and(|l| l == 2 || l == 3) && s2.leader == s3.leader
+    })
+    .await;
+    // The writes of the surviving voters go on.
+    propose(&h2, container(2, "after", "10.0.2.9")).await;
+    wait("replicated", || {
+        resolves(&third, "after") && resolves(&fourth, "after")
+    })
+    .await;
+}

@@ -8,10 +8,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use linkdns_raft::{
-    committed_state, seed_single_voter, Core, CoreConfig, Error, MemStore, Membership, RaftStatus,
-    Role,
+    committed_state, seed_single_voter, Core, CoreConfig, Error, Inquiry, LeaderView, MemStore,
+    Membership, RaftStatus, Role,
 };
-use linkdns_registry::{Command, Container, NodeInfo, Outcome, Resolution, Subnet};
+use linkdns_registry::{Authority, Command, Container, NodeInfo, Outcome, Resolution, Subnet};
 use raft::eraftpb::{Message, MessageType};
 
 /// Delivery rounds per tick: a message delayed by one round arrives within the same tick.
@@ -59,6 +59,11 @@ struct Sim {
     next_token: Token,
     incarnation: u64,
     results: HashMap<Token, Result<Outcome, Error>>,
+    /// Leaders refused for want of a vouch, by the replica that asks.
+    inquiries: Vec<(u64, Inquiry)>,
+    /// Inquiries answered, and how many of them found a majority vouching.
+    asked: u64,
+    vouched: u64,
 }
 
 fn core_config(id: u64, bootstrap: bool, snapshot_every: u64) -> CoreConfig {
@@ -108,6 +113,9 @@ impl Sim {
             next_token: 1,
             incarnation: 1,
             results: HashMap::new(),
+            inquiries: Vec::new(),
+            asked: 0,
+            vouched: 0,
         };
         let mut first = Core::open(config, MemStore::new(), 1).expect("open node 1");
         first.campaign().expect("campaign");
@@ -228,6 +236,29 @@ impl Sim {
             }
             for message in progress.messages {
                 self.route(message);
+            }
+            self.inquiries
+                .extend(progress.inquiries.into_iter().map(|i| (id, i)));
+        }
+        self.answer_inquiries();
+    }
+
+    /// What the transport does with an inquiry: asks each voter named (over links that are
+    /// not cut) for its own account of its leader, and vouches if enough of them back it.
+    fn answer_inquiries(&mut self) {
+        for (asker, inquiry) in std::mem::take(&mut self.inquiries) {
+            let answers: Vec<(u64, LeaderView)> = inquiry
+                .ask
+                .iter()
+                .filter(|&&v| !self.cut.contains(&(asker, v)) && !self.cut.contains(&(v, asker)))
+                .filter_map(|&v| self.live.get(&v).map(|c| (v, LeaderView::of(&c.status()))))
+                .collect();
+            self.asked += 1;
+            if inquiry.vouched_by(&answers) {
+                self.vouched += 1;
+                if let Some(core) = self.live.get_mut(&asker) {
+                    core.vouch(inquiry.leader, inquiry.term);
+                }
             }
         }
     }
@@ -872,22 +903,7 @@ fn a_node_changes_only_its_own_records_and_forwards_no_maintenance() {
         node: leader,
         down: true,
     };
-    let forged_entry = raft::eraftpb::Entry {
-        term: before.term + 1,
-        index: before.last_index + 1,
-        data: down.encode().into(),
-        context: proposer_context(leader).into(),
-        ..Default::default()
-    };
-    let mut append = Message::default();
-    append.set_msg_type(MessageType::MsgAppend);
-    append.from = learner;
-    append.to = follower;
-    append.term = before.term + 1;
-    append.index = before.last_index;
-    append.log_term = before.term;
-    append.commit = before.last_index + 1;
-    append.entries = vec![forged_entry].into();
+    let append = forged_append(&sim, learner, follower, before.term + 1, &down, leader);
     let mut vote = Message::default();
     vote.set_msg_type(MessageType::MsgRequestVote);
     vote.from = learner;
@@ -913,6 +929,307 @@ fn a_node_changes_only_its_own_records_and_forwards_no_maintenance() {
     );
     sim.settle(10);
     assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+}
+
+/// What a learner that skips every check can send replica `to`: an append that claims the
+/// lead of `term`, with one entry of `command` naming `proposer` after `to`'s last entry, and
+/// a commit index that covers it (a replica that took it would apply it at once).
+fn forged_append(
+    sim: &Sim,
+    from: u64,
+    to: u64,
+    term: u64,
+    command: &Command,
+    proposer: u64,
+) -> Message {
+    let target = sim.status(to);
+    let log_term = sim.live[&to]
+        .term_of(target.last_index)
+        .expect("the term of the last entry");
+    let entry = raft::eraftpb::Entry {
+        term,
+        index: target.last_index + 1,
+        data: command.encode().into(),
+        context: proposer_context(proposer).into(),
+        ..Default::default()
+    };
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgAppend);
+    m.from = from;
+    m.to = to;
+    m.term = term;
+    m.index = target.last_index;
+    m.log_term = log_term;
+    m.commit = target.last_index + 1;
+    m.entries = vec![entry].into();
+    m
+}
+
+/// ... and a snapshot: `to`'s registry with `command` applied as a voter's, past `to`'s log,
+/// with the forger as the only voter.
+fn forged_snapshot(sim: &Sim, from: u64, to: u64, term: u64, command: &Command) -> Message {
+    let target = sim.status(to);
+    let mut registry = sim.live[&to].registry().clone();
+    let _ = registry.apply_by(
+        Authority {
+            node: target.voters[0],
+            voter: true,
+        },
+        command,
+    );
+    let mut snapshot = raft::eraftpb::Snapshot::default();
+    snapshot.data = registry.snapshot().into();
+    let meta = snapshot.mut_metadata();
+    meta.index = target.last_index + 10;
+    meta.term = term;
+    meta.mut_conf_state().voters = vec![from];
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgSnapshot);
+    m.from = from;
+    m.to = to;
+    m.term = term;
+    m.set_snapshot(snapshot);
+    m
+}
+
+/// The maintenance only voters may do, each naming a voter as its proposer: what a learner
+/// acting as leader would forge.
+fn voter_commands(voters: &[u64]) -> Vec<(Command, u64)> {
+    let (a, b) = (voters[0], voters[voters.len() - 1]);
+    vec![
+        (
+            Command::SetNodeDown {
+                node: b,
+                down: true,
+            },
+            a,
+        ),
+        (Command::RetireNode { node: b }, a),
+        (
+            Command::SetNodeCert {
+                node: b,
+                fingerprint: [0xee; 32],
+            },
+            a,
+        ),
+        (Command::SetJoinSecret { hash: [0xab; 32] }, b),
+    ]
+}
+
+/// Every live replica applied the same log and holds `registry` (the encoded snapshot).
+fn assert_all_hold(sim: &mut Sim, registry: &[u8], what: &str) {
+    sim.assert_converged(300);
+    for (&id, core) in &sim.live {
+        assert!(
+            core.registry().snapshot() == registry,
+            "{what}: node {id}'s registry changed: {:?}",
+            sim.describe()
+        );
+    }
+}
+
+#[test]
+fn a_learner_cannot_lead_during_a_failover_or_after_a_restart() {
+    let mut sim = Sim::cluster(21, 3, 1, 1_000);
+    let learner = 4;
+    let leader = sim.wait_leader(50);
+    sim.settle(20);
+    let before = sim.live[&leader].registry().snapshot();
+    let voters = sim.status(leader).voters;
+    let commands = voter_commands(&voters);
+
+    // A failover: the leader dies. Every tick until the others elect a new one (the window in
+    // which no replica hears from a leader), and a while after, the learner claims the next
+    // term to each of them with forged maintenance, as appends and as snapshots.
+    sim.crash(leader);
+    let mut refusals_asked = 0;
+    for tick in 0..60u64 {
+        for &v in voters.iter().filter(|&&v| v != leader) {
+            let (command, proposer) = &commands[tick as usize % commands.len()];
+            let term = sim.status(v).term + 1;
+            let append = forged_append(&sim, learner, v, term, command, *proposer);
+            let snapshot = forged_snapshot(&sim, learner, v, term + 1, command);
+            let core = sim.live.get_mut(&v).expect("voter");
+            core.step(append);
+            core.step(snapshot);
+            refusals_asked += 1;
+        }
+        sim.run_ticks(1);
+    }
+    let new_leader = sim.wait_leader(200);
+    assert_ne!(new_leader, learner);
+    assert_ne!(new_leader, leader);
+    assert!(
+        sim.asked > 0 && sim.vouched == 0,
+        "the replicas asked their voters about the learner ({} inquiries for {refusals_asked} forgeries) and none vouched ({})",
+        sim.asked,
+        sim.vouched
+    );
+
+    // A restart: the old leader comes back knowing no leader; the learner gets in first.
+    sim.restart(leader);
+    for (command, proposer) in &commands {
+        let term = sim.status(leader).term + 1;
+        let append = forged_append(&sim, learner, leader, term, command, *proposer);
+        let snapshot = forged_snapshot(&sim, learner, leader, term + 1, command);
+        let core = sim.live.get_mut(&leader).expect("restarted");
+        core.step(append);
+        core.step(snapshot);
+        sim.run_ticks(1);
+    }
+    sim.settle(50);
+    assert_all_hold(&mut sim, &before, "after forged appends and snapshots");
+    for (&id, core) in &sim.live {
+        let registry = core.registry();
+        for &v in &voters {
+            assert!(!registry.is_down(v), "node {v} marked down on {id}");
+            assert!(!registry.was_removed(v), "node {v} retired on {id}");
+        }
+    }
+    assert!(
+        sim.status(learner).voters == voters,
+        "the learner is still no voter"
+    );
+}
+
+#[test]
+fn a_replica_behind_a_promotion_follows_the_new_leader_once_its_voters_vouch() {
+    let mut sim = Sim::cluster(23, 3, 2, 1_000);
+    let (promoted, behind) = (4, 5);
+    // Node 5 misses the promotion of node 4, and node 4 comes to lead.
+    sim.partition(&[behind]);
+    sim.change(Membership::Promote(promoted));
+    let mut leader = sim.wait_leader(200);
+    for _ in 0..40 {
+        if leader == promoted {
+            break;
+        }
+        sim.crash(leader);
+        sim.run_ticks(40);
+        sim.restart(leader);
+        sim.settle(20);
+        leader = sim.wait_leader(200);
+    }
+    assert_eq!(
+        leader,
+        promoted,
+        "node 4 never came to lead: {:?}",
+        sim.describe()
+    );
+    let t = sim.propose(promoted, &container(promoted, 1));
+    sim.settle(20);
+    assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
+    let lagging = sim.status(behind);
+    assert!(
+        !lagging.voters.contains(&promoted),
+        "node 5 must not know of the promotion yet: {lagging:?}"
+    );
+    let vouched_before = sim.vouched;
+
+    // The partition heals: node 5 refuses node 4 at first (no voter in its log), asks its
+    // voters, follows node 4 once they vouch, and catches up.
+    sim.heal();
+    sim.settle(100);
+    sim.assert_converged(300);
+    let caught_up = sim.status(behind);
+    assert_eq!(caught_up.leader, Some(promoted), "{:?}", sim.describe());
+    assert!(caught_up.voters.contains(&promoted));
+    assert!(sim.resolves(behind, "svc-4-1"));
+    assert!(sim.vouched > vouched_before, "followed after a vouch");
+}
+
+/// Random peer messages from a learner, of every kind, claiming terms around the real one,
+/// with entries of every command naming any node, snapshots of forged registries: stepped
+/// into every replica while it follows a leader, during a failover and after a restart.
+/// Replicas change nothing for any of it and agree at the end.
+#[test]
+fn a_stream_of_random_messages_from_a_learner_changes_nothing() {
+    for seed in 31..37 {
+        let mut sim = Sim::cluster(seed, 3, 1, 1_000);
+        let learner = 4;
+        let leader = sim.wait_leader(50);
+        sim.settle(20);
+        let before = sim.live[&leader].registry().snapshot();
+        let voters = sim.status(leader).voters;
+        let commands = voter_commands(&voters);
+        let mut rng = Rng::new(seed * 7919);
+        let kinds = [
+            MessageType::MsgAppend,
+            MessageType::MsgHeartbeat,
+            MessageType::MsgSnapshot,
+            MessageType::MsgRequestVote,
+            MessageType::MsgRequestPreVote,
+            MessageType::MsgTimeoutNow,
+            MessageType::MsgPropose,
+            MessageType::MsgReadIndex,
+            MessageType::MsgTransferLeader,
+            MessageType::MsgAppendResponse,
+            MessageType::MsgHeartbeatResponse,
+            MessageType::MsgRequestVoteResponse,
+            MessageType::MsgRequestPreVoteResponse,
+            MessageType::MsgHup,
+            MessageType::MsgBeat,
+            MessageType::MsgCheckQuorum,
+            MessageType::MsgUnreachable,
+            MessageType::MsgSnapStatus,
+            MessageType::MsgReadIndexResp,
+        ];
+        let fire = |sim: &mut Sim, rng: &mut Rng| {
+            let targets: Vec<u64> = sim
+                .live
+                .keys()
+                .copied()
+                .filter(|&id| id != learner)
+                .collect();
+            for &to in &targets {
+                let status = sim.status(to);
+                let (command, proposer) = &commands[rng.below(commands.len() as u64) as usize];
+                let proposer = if rng.chance(300) {
+                    rng.below(6)
+                } else {
+                    *proposer
+                };
+                let term = status.term + rng.below(3);
+                let mut m = match kinds[rng.below(kinds.len() as u64) as usize] {
+                    MessageType::MsgAppend => {
+                        forged_append(sim, learner, to, term, command, proposer)
+                    }
+                    MessageType::MsgSnapshot => forged_snapshot(sim, learner, to, term, command),
+                    kind => {
+                        let mut m = forged_append(sim, learner, to, term, command, proposer);
+                        m.set_msg_type(kind);
+                        m
+                    }
+                };
+                m.commit += rng.below(3);
+                if rng.chance(100) {
+                    m.term = 0;
+                }
+                if rng.chance(200) {
+                    m.index = m.index.saturating_sub(rng.below(3));
+                }
+                sim.live.get_mut(&to).expect("live").step(m);
+            }
+        };
+        for _ in 0..20 {
+            fire(&mut sim, &mut rng);
+            sim.run_ticks(1);
+        }
+        sim.crash(leader);
+        for _ in 0..60 {
+            fire(&mut sim, &mut rng);
+            sim.run_ticks(1);
+        }
+        sim.restart(leader);
+        for _ in 0..20 {
+            fire(&mut sim, &mut rng);
+            sim.run_ticks(1);
+        }
+        sim.settle(50);
+        let leader = sim.wait_leader(200);
+        assert!(voters.contains(&leader), "seed {seed}: node {leader} leads");
+        assert_all_hold(&mut sim, &before, &format!("seed {seed}"));
+    }
 }
 
 #[test]
