@@ -319,28 +319,62 @@ impl Identity {
     }
 
     /// Writes `DIR/cluster.json` (0600) atomically: a crash leaves the old file or the new one.
+    /// Holds the file's lock while it writes (see [`Identity::update`]).
     pub fn save(&self, data_dir: &Path) -> Result<(), Error> {
+        let _lock = IdentityLock::take(data_dir)?;
+        self.write_file(data_dir)
+    }
+
+    /// Changes the identity file in place: loads it, runs `change`, writes it back, all under
+    /// an exclusive lock on `DIR/cluster.json.lock`. Writers in different processes (`linkdns
+    /// token --rotate` beside the node's own certificate renewal) never lose each other's
+    /// change. Returns the identity written (`None`: there was no file, nothing written).
+    pub fn update(
+        data_dir: &Path,
+        change: impl FnOnce(&mut Identity),
+    ) -> Result<Option<Identity>, Error> {
+        let _lock = IdentityLock::take(data_dir)?;
+        let Some(mut identity) = Identity::load(data_dir)? else {
+            return Ok(None);
+        };
+        change(&mut identity);
+        identity.write_file(data_dir)?;
+        Ok(Some(identity))
+    }
+
+    /// Writes the file through a temporary one of its own name (never shared with another
+    /// writer), then renames it over `cluster.json`.
+    fn write_file(&self, data_dir: &Path) -> Result<(), Error> {
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = data_dir.join(IDENTITY_FILE);
-        let tmp = data_dir.join(format!("{IDENTITY_FILE}.tmp"));
+        let tmp = data_dir.join(format!(
+            "{IDENTITY_FILE}.tmp.{}.{}",
+            std::process::id(),
+            WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let io = |source| Error::Io {
             path: path.clone(),
             source,
         };
         let body = serde_json::to_vec_pretty(&Stored::from(self))
             .map_err(|e| io(std::io::Error::other(e)))?;
-        {
+        let written = (|| {
             let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
+            options.write(true).create_new(true);
             #[cfg(unix)]
             {
                 use std::os::unix::fs::OpenOptionsExt;
                 options.mode(0o600);
             }
-            let mut file = options.open(&tmp).map_err(io)?;
-            file.write_all(&body).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            let mut file = options.open(&tmp)?;
+            file.write_all(&body)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
         }
-        std::fs::rename(&tmp, &path).map_err(io)?;
         if let Ok(dir) = std::fs::File::open(data_dir) {
             let _ = dir.sync_all();
         }
@@ -348,17 +382,57 @@ impl Identity {
     }
 
     /// Moves `DIR/cluster.json` aside (after this node left or was removed), without the CA
-    /// key and the join secret: what stays is a record, nothing that lets anyone back in.
+    /// key, the join secret and the node's own key: what stays is a record (the cluster, the
+    /// node id, its certificate), nothing that lets anyone back in or pose as a member (to a
+    /// joining host, say, which would hand it the join secret) while the certificate is valid.
     pub fn retire(data_dir: &Path, suffix: &str) -> Result<PathBuf, Error> {
         let path = data_dir.join(IDENTITY_FILE);
-        if let Some(mut identity) = Identity::load(data_dir)? {
+        Identity::update(data_dir, |identity| {
             identity.ca_key.clear();
             identity.secret = Secret([0; 32]);
-            identity.save(data_dir)?;
-        }
+            identity.node_key.clear();
+            identity.peers.clear();
+        })?;
         let to = data_dir.join(format!("{IDENTITY_FILE}.{suffix}"));
         std::fs::rename(&path, &to).map_err(|source| Error::Io { path, source })?;
         Ok(to)
+    }
+}
+
+/// The exclusive lock on `DIR/cluster.json.lock` (an advisory `flock`, released when the file
+/// closes), held by every writer of the identity file.
+struct IdentityLock(#[allow(dead_code)] std::fs::File);
+
+impl IdentityLock {
+    fn take(data_dir: &Path) -> Result<IdentityLock, Error> {
+        let path = data_dir.join(format!("{IDENTITY_FILE}.lock"));
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options.open(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        #[cfg(unix)]
+        loop {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns (the open file above); no
+            // memory is passed.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::Io { path, source: e });
+            }
+        }
+        Ok(IdentityLock(file))
     }
 }
 

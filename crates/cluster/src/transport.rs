@@ -297,11 +297,15 @@ impl Inner {
         let tls = MemberTls::new(&identity)?;
         let dir = self.data_dir.lock().ok().and_then(|d| d.clone());
         if let Some(dir) = dir {
-            // The join secret is the file's: `linkdns token --rotate` writes it there.
-            if let Ok(Some(on_disk)) = Identity::load(&dir) {
-                identity.secret = on_disk.secret;
+            // The join secret is the file's: `linkdns token --rotate` writes it there (under
+            // the same lock).
+            let written = Identity::update(&dir, |on_disk| {
+                identity.secret = on_disk.secret.clone();
+                *on_disk = identity.clone();
+            })?;
+            if written.is_none() {
+                identity.save(&dir)?;
             }
-            identity.save(&dir)?;
         }
         self.identity.store(Arc::new(identity));
         self.tls.store(Arc::new(tls));

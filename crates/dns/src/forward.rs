@@ -116,12 +116,15 @@ impl Forwarder {
                 .await
                 .map_err(|_| Error::Upstream(upstream, "timed out".into()))?
                 .map_err(io)?;
-            // A connected socket only hears from the upstream; the id must match ours.
-            if n >= 12 && buf.get(..2) == query.get(..2) {
+            // A connected socket only hears from the upstream's address, which anyone on the
+            // path can forge: only a response to this very question counts; the rest is
+            // dropped and the wait goes on.
+            if answers(query, &buf[..n]) {
                 buf.truncate(n);
                 buf.shrink_to_fit();
                 return Ok(buf);
             }
+            tracing::debug!(%upstream, bytes = n, "dropped a datagram that does not answer the query");
         }
     }
 
@@ -137,12 +140,63 @@ impl Forwarder {
             let len = stream.read_u16().await.map_err(io)?;
             let mut buf = vec![0u8; usize::from(len)];
             stream.read_exact(&mut buf).await.map_err(io)?;
+            if !answers(query, &buf) {
+                return Err(Error::Upstream(
+                    upstream,
+                    "its answer does not match the query".into(),
+                ));
+            }
             Ok(buf)
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| Error::Upstream(upstream, "timed out".into()))?
     }
+}
+
+/// Whether `response` answers `query`: the same id and opcode, QR set, and the one question
+/// the query asked (the name compared without regard to ASCII case, type and class exactly).
+fn answers(query: &[u8], response: &[u8]) -> bool {
+    if response.len() < 12 || query.len() < 12 || response[..2] != query[..2] {
+        return false;
+    }
+    let (qr, opcode) = (response[2] & 0x80 != 0, response[2] & 0x78);
+    if !qr || opcode != query[2] & 0x78 || response[4..6] != [0, 1] || query[4..6] != [0, 1] {
+        return false;
+    }
+    match (question(query), question(response)) {
+        (Some(asked), Some(answered)) => {
+            asked.len() == answered.len()
+                && asked.iter().zip(answered).enumerate().all(|(i, (a, b))| {
+                    // Type and class (the last four bytes) exactly; the name's bytes without
+                    // regard to case (its length bytes are under 64, never letters).
+                    if i + 4 >= asked.len() {
+                        a == b
+                    } else {
+                        a.eq_ignore_ascii_case(b)
+                    }
+                })
+        }
+        _ => false,
+    }
+}
+
+/// The first question of a message as bytes: its name (uncompressed labels), type and class.
+fn question(message: &[u8]) -> Option<&[u8]> {
+    let mut at = 12;
+    loop {
+        let len = usize::from(*message.get(at)?);
+        if len == 0 {
+            at += 1;
+            break;
+        }
+        // A compression pointer (or a reserved label type) has no place in a question.
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        at += 1 + len;
+    }
+    message.get(12..at + 4)
 }
 
 /// Whether a response has TC set.
@@ -209,7 +263,79 @@ mod tests {
         r
     }
 
-    const QUERY: [u8; 12] = [0xab, 0xcd, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    /// `example.test. A IN`, id 0xabcd, RD.
+    const QUERY: [u8; 30] = [
+        0xab, 0xcd, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e',
+        4, b't', b'e', b's', b't', 0, 0, 1, 0, 1,
+    ];
+
+    #[test]
+    fn only_a_response_to_the_very_question_answers_it() {
+        let good = reply(&QUERY, b"", 0);
+        assert!(answers(&QUERY, &good));
+        // 0x20 case: the name compares without regard to case.
+        let mut cased = good.clone();
+        cased[13] = b'E';
+        assert!(answers(&QUERY, &cased));
+        let bad = |change: &dyn Fn(&mut Vec<u8>)| {
+            let mut r = good.clone();
+            change(&mut r);
+            !answers(&QUERY, &r)
+        };
+        assert!(bad(&|r| r[2] &= 0x7f), "the query echoed back (QR clear)");
+        assert!(bad(&|r| r[1] ^= 1), "another id");
+        assert!(bad(&|r| r[2] ^= 0x08), "another opcode");
+        assert!(bad(&|r| r[14] = b'y'), "another name");
+        assert!(bad(&|r| r[27] = 28), "another type (AAAA)");
+        assert!(bad(&|r| r[29] = 3), "another class");
+        assert!(bad(&|r| r[5] = 0), "no question");
+        assert!(bad(&|r| r[12] = 0xc0), "a compression pointer");
+        assert!(bad(&|r| r.truncate(20)), "cut short");
+    }
+
+    #[tokio::test]
+    async fn forged_datagrams_are_dropped_and_the_real_answer_taken() {
+        let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = upstream.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
+                let q = &buf[..n];
+                // The query echoed, an answer to another name, then the real one.
+                let _ = upstream.send_to(q, from).await;
+                let mut other = reply(q, b"forged", 0);
+                other[14] = b'y';
+                let _ = upstream.send_to(&other, from).await;
+                let _ = upstream.send_to(&reply(q, b"real", 0), from).await;
+            }
+        });
+        let f = Forwarder::new(vec![addr], Duration::from_secs(1));
+        let r = f.forward(&QUERY, false).await.expect("answered");
+        assert!(r.ends_with(b"real"), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_tcp_answer_to_another_question_is_an_error() {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = tcp.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = tcp.accept().await {
+                let len = stream.read_u16().await.expect("len");
+                let mut q = vec![0u8; usize::from(len)];
+                stream.read_exact(&mut q).await.expect("query");
+                let mut r = reply(&q, b"", 0);
+                r[14] = b'y';
+                let mut framed = (r.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&r);
+                stream.write_all(&framed).await.expect("write");
+            }
+        });
+        let f = Forwarder::new(vec![addr], Duration::from_secs(1));
+        let e = f.forward(&QUERY, true).await.expect_err("refused");
+        assert!(e.to_string().contains("does not match"), "{e}");
+    }
 
     #[tokio::test]
     async fn a_silent_upstream_costs_one_timeout_then_goes_last() {

@@ -551,25 +551,68 @@ fn starting(others_connecting: &[&str]) -> Arc<LocalView> {
     Arc::new(v)
 }
 
+/// `view` once `/proc` proved that container `id` holds `ip`.
+fn proven_at(view: &LocalView, id: &str, ip: &str) -> Arc<LocalView> {
+    let mut proven = view.clone();
+    proven.apply(LocalChange::Identified {
+        id: ContainerId::new(id),
+        ip: ip.parse().expect("ip"),
+    });
+    Arc::new(proven)
+}
+
 #[test]
-fn a_starting_container_gets_its_links_at_its_first_query() {
+fn a_starting_container_gets_its_links_once_proven_and_nothing_by_inference() {
     let a = answerer(registry());
+    let view = starting(&[]);
     a.published.store(Arc::new(Published {
-        local: starting(&[]),
+        local: view.clone(),
         ..Published::committed(42, registry())
     }));
     let mut cache = AnswerCache::new();
-    let first = ask(
-        &a,
-        &mut cache,
-        "192.168.1.50:5000",
-        "db.",
-        RecordType::A,
-        false,
+    // The one container being connected may be the asker, or another container answering
+    // ARP for a free address: unproven, its link alias is not answered (the query goes on,
+    // as any other container's would), and a cluster name gets what any container of that
+    // network gets.
+    assert_eq!(
+        ask(
+            &a,
+            &mut cache,
+            "192.168.1.50:5000",
+            "db.",
+            RecordType::A,
+            false
+        ),
+        "(no answer: forwarded or dropped)\n"
     );
     assert_eq!(
-        first, "id=0xbeef NoError aa rd ra\nan db. 5 A 192.168.1.5\n",
-        "the one container being connected is the asker"
+        ask(
+            &a,
+            &mut cache,
+            "192.168.1.50:5000",
+            "db.cluster.",
+            RecordType::A,
+            false
+        ),
+        "id=0xbeef NoError aa rd ra\nan db.cluster. 5 A 192.168.1.40\n",
+        "shop's db, not the link"
+    );
+    // /proc proved `new` holds the address: its link, and bare cluster names.
+    a.published.store(Arc::new(Published {
+        local: proven_at(&view, "new", "192.168.1.50"),
+        ..Published::committed(43, registry())
+    }));
+    let mut cache = AnswerCache::new();
+    assert_eq!(
+        ask(
+            &a,
+            &mut cache,
+            "192.168.1.50:5000",
+            "db.",
+            RecordType::A,
+            false
+        ),
+        "id=0xbeef NoError aa rd ra\nan db. 5 A 192.168.1.5\n"
     );
     // A bare cluster name from a container of this host is the cluster's name (as Docker's
     // own DNS answers its networks' names); from the host itself it goes upstream.
@@ -595,16 +638,12 @@ fn a_starting_container_gets_its_links_at_its_first_query() {
         ),
         "(no answer: forwarded or dropped)\n"
     );
-    // Two starting at once: which one asks is not known yet, so the query waits.
-    a.published.store(Arc::new(Published {
-        local: starting(&["other"]),
-        ..Published::committed(42, registry())
-    }));
+    // Another free address on that network is not `new`.
     assert_eq!(
         ask(
             &a,
             &mut cache,
-            "192.168.1.50:5000",
+            "192.168.1.51:5000",
             "db.",
             RecordType::A,
             false
@@ -874,7 +913,7 @@ fn allocations() -> u64 {
 fn a_cached_answer_allocates_nothing() {
     let a = answerer(registry());
     a.published.store(Arc::new(Published {
-        local: starting(&[]),
+        local: proven_at(&starting(&[]), "new", "192.168.1.50"),
         ..Published::committed(42, registry())
     }));
     let mut cache = AnswerCache::new();

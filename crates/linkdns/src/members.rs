@@ -37,10 +37,14 @@ pub async fn rotate_token(data_dir: &Path) -> anyhow::Result<String> {
     let token = linkdns_cluster::rotate_token(&target, &identity)
         .await
         .context("cannot rotate the join token")?;
-    // Read again: the node may have renewed its certificate meanwhile.
-    let mut current = load(data_dir)?;
-    current.secret = token.secret.clone();
-    current.save(data_dir)?;
+    // Changed in place, under the file's lock: the node may renew its certificate meanwhile.
+    let written = Identity::update(data_dir, |current| current.secret = token.secret.clone())?;
+    if written.is_none() {
+        bail!(
+            "no identity in {}: was this host removed meanwhile?",
+            data_dir.display()
+        );
+    }
     Ok(format!("{token}\n"))
 }
 

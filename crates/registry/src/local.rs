@@ -256,11 +256,13 @@ impl LocalView {
         self.link_aliases.contains(name)
     }
 
-    /// Who `src` is. An address of a local network that no container is known to hold is the
-    /// one container being connected to that network, if there is exactly one — or several
-    /// that would all be answered alike (the same link aliases, on the same networks) — and
-    /// every event received has been handled (Docker tells a container's network connection
-    /// before its process runs, its address only after); otherwise [`Asker::Unknown`].
+    /// Who `src` is: the local container known to hold the address (Docker told it, or
+    /// `/proc` proved it: [`LocalChange::Identified`]). Any other address of a local network
+    /// is [`Asker::Unknown`], even with one container being connected there: a container
+    /// that answers ARP for a free address must not get a starting container's links and
+    /// networks. The DNS server holds such a query while `/proc` is asked which of the
+    /// [`LocalView::candidates`] holds the address; an asker still unknown gets what any
+    /// container on that network gets.
     pub fn identify(&self, src: IpAddr) -> Asker<'_> {
         let src = canonical_ip(src);
         if let Some(c) = self.by_ip.get(&src).and_then(|id| self.containers.get(id)) {
@@ -270,24 +272,10 @@ impl LocalView {
             return Asker::Other;
         }
         // Not an address of a local network, or its gateway (the host).
-        let Some(network) = self.network_of(src) else {
+        if self.network_of(src).is_none() {
             return Asker::Other;
-        };
-        if self.backlog {
-            return Asker::Unknown;
         }
-        let mut connecting = self.connecting_to(network);
-        let Some(first) = connecting.next() else {
-            return Asker::Unknown;
-        };
-        // Several being connected at once (a compose project starting): which one asks does
-        // not matter if they would all get the same answers — the same link aliases on the
-        // same networks (replicas of one service, say).
-        if connecting.all(|c| c.links == first.links && c.networks == first.networks) {
-            Asker::Container(first)
-        } else {
-            Asker::Unknown
-        }
+        Asker::Unknown
     }
 
     /// The containers Docker is connecting to the network of `src` (an address of it that no
@@ -550,41 +538,42 @@ mod tests {
     }
 
     #[test]
-    fn the_one_container_being_connected_is_the_unknown_asker() {
+    fn a_container_being_connected_is_known_only_once_proven() {
         let mut v = view();
         v.apply(connecting("new", "br"));
+        // Nothing is inferred: whoever holds 192.168.1.3 (a container answering ARP for a
+        // free address, say) is unknown until Docker or /proc says who it is.
+        assert_eq!(v.identify(ip("192.168.1.3")), Asker::Unknown);
+        assert_eq!(
+            v.candidates(ip("192.168.1.3")),
+            vec![ContainerId::new("new")]
+        );
+        assert!(v.is_link_alias("db"));
+        v.apply(LocalChange::Identified {
+            id: ContainerId::new("new"),
+            ip: ip("192.168.1.3"),
+        });
         let Asker::Container(c) = v.identify(ip("192.168.1.3")) else {
-            panic!("the starting container")
+            panic!("the proven container")
         };
         assert_eq!(c.links[0].alias, "db", "normalized");
-        assert!(v.is_link_alias("db"));
-        // Events not handled yet: another container may be starting too.
-        v.apply(LocalChange::Backlog(true));
-        assert_eq!(v.identify(ip("192.168.1.3")), Asker::Unknown);
-        v.apply(LocalChange::Backlog(false));
-        // Two replicas starting at once: whichever asks, the answers are the same.
-        v.apply(connecting("replica", "br"));
-        assert!(
-            matches!(v.identify(ip("192.168.1.3")), Asker::Container(c) if c.links[0].alias == "db")
-        );
-        v.apply(LocalChange::Remove(ContainerId::new("replica")));
-        // Two different ones at once: ambiguous, so unknown until Docker tells the addresses.
+        // Another free address is not the same container.
+        assert_eq!(v.identify(ip("192.168.1.4")), Asker::Unknown);
         v.apply(LocalChange::Connecting {
             id: ContainerId::new("other"),
             name: "other".into(),
             links: vec![],
             network: "br".into(),
         });
-        assert_eq!(v.identify(ip("192.168.1.3")), Asker::Unknown);
-        v.apply(LocalChange::Upsert(local("new", &["192.168.1.3"], &[])));
-        assert!(matches!(v.identify(ip("192.168.1.3")), Asker::Container(c) if c.name == "new"));
+        assert_eq!(v.candidates(ip("192.168.1.4")).len(), 2);
+        v.apply(LocalChange::Upsert(local("other", &["192.168.1.4"], &[])));
         assert!(matches!(v.identify(ip("192.168.1.4")), Asker::Container(c) if c.name == "other"));
         // A connection that went away before it got an address leaves nothing behind.
         v.apply(LocalChange::Disconnected {
-            id: ContainerId::new("other"),
+            id: ContainerId::new("new"),
             network: "br".into(),
         });
-        assert_eq!(v.identify(ip("192.168.1.4")), Asker::Unknown);
+        assert_eq!(v.identify(ip("192.168.1.5")), Asker::Unknown);
     }
 
     #[test]

@@ -577,7 +577,8 @@ fn a_fourth_host_is_a_learner_and_is_promoted_when_a_voter_is_removed() {
         moved(&hosts[victim]),
         "the removed node's log is moved aside"
     );
-    // ... and its identity, without the CA key it held as a voter or the join secret.
+    // ... and its identity, without the CA key it held as a voter, the join secret or its
+    // node key.
     let retired = std::fs::read_dir(hosts[victim].data_dir())
         .expect("data dir")
         .filter_map(Result::ok)
@@ -591,6 +592,10 @@ fn a_fourth_host_is_a_learner_and_is_promoted_when_a_voter_is_removed() {
         serde_json::from_slice(&std::fs::read(retired.path()).expect("read")).expect("JSON");
     assert_eq!(retired["ca_key"], "", "{retired}");
     assert_eq!(retired["secret"], "0".repeat(64));
+    assert_eq!(
+        retired["node_key"], "",
+        "the key of a certificate still valid: {retired}"
+    );
 
     // `leave` on a host takes it out the same way, from the host itself.
     let lead = leader(&hosts, &hosts[asker]).expect("leader");
