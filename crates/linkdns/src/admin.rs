@@ -158,6 +158,8 @@ pub struct AdminState {
     /// The last log index on disk when the node started: a replica that applied it is caught
     /// up as far as it can know without a leader.
     on_disk: u64,
+    /// One backup is encoded at a time (off the runtime); another asked meanwhile gets 429.
+    backups: Arc<tokio::sync::Semaphore>,
 }
 
 /// `/ready`: whether DNS serves from a replica that has a leader or is caught up, and why not.
@@ -318,6 +320,7 @@ impl AdminState {
             node_metrics,
             routing,
             data_dir: config.data_dir.clone(),
+            backups: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -459,12 +462,52 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Binds the admin endpoint and serves it in the background; returns the bound address.
+/// The admin socket in the data dir: everything the endpoint serves, to root only.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+/// Binds the TCP admin endpoint and serves it in the background; returns the bound address.
+/// It serves what monitoring needs, `/health`, `/ready` and `/metrics`; what exports or shows
+/// the cluster's state is on the admin socket only ([`serve_private`]).
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen for the admin endpoint on {addr} (--admin-listen)")
     })?;
     let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/health", get(health_handler))
+        .route("/ready", get(ready_handler))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    });
+    if !bound.ip().is_loopback() {
+        tracing::warn!(addr = %bound, "the admin endpoint listens on a non-loopback address (--admin-public): other hosts read /metrics");
+    }
+    tracing::info!(addr = %bound, "admin endpoint listening (/ready, /health, /metrics)");
+    Ok(bound)
+}
+
+/// Binds `DIR/admin.sock` (mode 0600: its owner, root for a service, only) and serves the
+/// whole admin API on it in the background: `/status`, `/routes`, `/docker-config`,
+/// `/backup`, and what the TCP endpoint serves. The CLI talks to the node through it. A
+/// socket left by a run that died is replaced (the data dir's lock is already held).
+pub async fn serve_private(data_dir: &Path, state: Arc<AdminState>) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join(ADMIN_SOCKET);
+    let tmp = data_dir.join(format!("{ADMIN_SOCKET}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)
+        .with_context(|| format!("cannot listen on the admin socket {}", tmp.display()))?;
+    // Private before it has its name: nobody else ever connects.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot put the admin socket at {}", path.display()))?;
     let app = Router::new()
         .route("/status", get(status_handler))
         .route("/health", get(health_handler))
@@ -476,11 +519,11 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
         .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin endpoint stopped");
+            tracing::error!(error = %e, "admin socket stopped");
         }
     });
-    tracing::info!(addr = %bound, "admin endpoint listening (/status, /ready, /health, /metrics)");
-    Ok(bound)
+    tracing::info!(socket = %path.display(), "admin socket listening (/status, /routes, /docker-config, /backup; root only)");
+    Ok(path)
 }
 
 impl AdminState {
@@ -533,25 +576,45 @@ fn readiness(stopped: bool, applied: u64, leader: bool, on_disk: u64) -> Readine
     }
 }
 
-/// `/backup`: the committed records as a backup file (see `recovery.rs`).
-async fn backup_handler(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+/// `/backup`: the committed records as a backup file (see `recovery.rs`). Encoded on a
+/// blocking thread, one at a time: another asked meanwhile gets 429 at once.
+async fn backup_handler(State(state): State<Arc<AdminState>>) -> axum::response::Response {
+    let Ok(permit) = state.backups.clone().try_acquire_owned() else {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "a backup is being taken; ask again when it is done\n",
+        )
+            .into_response();
+    };
     let published = state.node.published().load_full();
     let raft = state.node.status();
-    let bytes = crate::recovery::encode_backup(
-        &published,
+    let (cluster, name) = (
         state.transport.identity().cluster.to_string(),
         state.node_name.clone(),
-        raft.id,
     );
-    tracing::info!(
-        applied = published.applied,
-        records = published.registry.record_count(),
-        "backup taken"
-    );
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-        bytes,
-    )
+    let encoded = tokio::task::spawn_blocking(move || {
+        let _one_at_a_time = permit;
+        let bytes = crate::recovery::encode_backup(&published, cluster, name, raft.id);
+        tracing::info!(
+            applied = published.applied,
+            records = published.registry.record_count(),
+            "backup taken"
+        );
+        bytes
+    })
+    .await;
+    match encoded {
+        Ok(bytes) => (
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the backup failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// `/health`: 200 while the process serves.

@@ -23,6 +23,7 @@ pub struct FileConfig {
     pub peer_listen: Option<SocketAddr>,
     pub advertise_addr: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    pub admin_public: Option<bool>,
     pub docker: Option<String>,
     pub domain: Option<String>,
     pub upstreams: Option<Vec<SocketAddr>>,
@@ -91,9 +92,14 @@ pub struct RunArgs {
     /// address, or if that is 0.0.0.0, the address the cluster sees this host connect from.
     #[arg(long, env = "LINKDNS_ADVERTISE_ADDR")]
     pub advertise_addr: Option<SocketAddr>,
-    /// Admin HTTP address (/status, /metrics); keep it on loopback.
+    /// Admin HTTP address for /health, /ready and /metrics (the rest is served on
+    /// `admin.sock` in the data dir, to root only). Loopback unless --admin-public true.
     #[arg(long, env = "LINKDNS_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Allow --admin-listen on an address other hosts reach (true/false): /metrics then
+    /// tells them this node's record counts and peers.
+    #[arg(long, env = "LINKDNS_ADMIN_PUBLIC")]
+    pub admin_public: Option<bool>,
     /// Docker engine socket (unix:///var/run/docker.sock).
     #[arg(long, env = "LINKDNS_DOCKER")]
     pub docker: Option<String>,
@@ -496,6 +502,9 @@ impl Config {
             },
             advertise_addr: args.advertise_addr.or(file.advertise_addr),
             admin_listen: match args.admin_listen.or(file.admin_listen) {
+                Some(a) if !a.ip().is_loopback() && args.admin_public.or(file.admin_public) != Some(true) => bail!(
+                    "admin_listen {a} is not a loopback address: /metrics would be open to other hosts; set admin_public = true (--admin-public true) to mean it, or listen on 127.0.0.1"
+                ),
                 Some(a) => a,
                 None => parse(DEFAULT_ADMIN_LISTEN)?,
             },
@@ -604,6 +613,27 @@ mod tests {
             .expect_err("name")
             .to_string()
             .contains("node_name"));
+    }
+
+    #[test]
+    fn a_non_loopback_admin_address_needs_admin_public() {
+        let args = RunArgs {
+            admin_listen: Some("0.0.0.0:7381".parse().expect("addr")),
+            ..RunArgs::default()
+        };
+        let err = Config::resolve(&args).expect_err("refused").to_string();
+        assert!(err.contains("admin_public"), "{err}");
+        let args = RunArgs {
+            admin_public: Some(true),
+            ..args
+        };
+        let c = Config::resolve(&args).expect("meant");
+        assert_eq!(c.admin_listen.to_string(), "0.0.0.0:7381");
+        let file = FileConfig::parse("admin_listen = \"[::1]:7381\"").expect("parse");
+        assert!(
+            Config::resolve_with(&RunArgs::default(), file).is_ok(),
+            "loopback"
+        );
     }
 
     #[test]

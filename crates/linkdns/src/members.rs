@@ -225,8 +225,7 @@ fn jittered(wait: Duration) -> Duration {
 /// What this host says about itself when it asks to join, once the data dir is checked to be
 /// one it may join with: no identity, no log.
 fn joinable(config: &Config) -> anyhow::Result<JoinAs> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    crate::run::private_dir(&config.data_dir)?;
     if let Some(identity) = Identity::load(&config.data_dir)? {
         bail!(
             "data dir {} already belongs to cluster {} as node {}; start it with `linkdns run`",

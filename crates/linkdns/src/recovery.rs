@@ -141,8 +141,7 @@ pub fn restore(file: &Path, config: &Config) -> anyhow::Result<String> {
     let (header, mut registry) =
         decode_backup(&bytes).with_context(|| format!("{} cannot be restored", file.display()))?;
     let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    crate::run::private_dir(data_dir)?;
     if let Some(identity) = Identity::load(data_dir)? {
         bail!(
             "data dir {} already belongs to cluster {} as node {}; restore into an empty data dir",

@@ -48,8 +48,7 @@ const RETIRE_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     refuse_an_engine_it_cannot_route_with(&config).await?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    private_dir(&config.data_dir)?;
     if config.force_new_cluster {
         crate::recovery::force_new_cluster(&config.data_dir)?;
     }
@@ -174,6 +173,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         routing.clone(),
     ));
     let admin_addr = admin::serve(config.admin_listen, admin_state.clone()).await?;
+    admin::serve_private(&config.data_dir, admin_state.clone()).await?;
     write_admin_addr(&config.data_dir, admin_addr)?;
     // DNS answers (from the replica, whatever it holds yet: /ready says whether it follows a
     // leader) and the admin endpoint is up.
@@ -579,6 +579,7 @@ async fn shut_down(stop: StopReason, parts: ShutDown<'_>) -> anyhow::Result<()> 
         server.shutdown().await;
     }
     let _ = std::fs::remove_file(config.data_dir.join(ADMIN_ADDR_FILE));
+    let _ = std::fs::remove_file(config.data_dir.join(admin::ADMIN_SOCKET));
     // Flushes and joins the Raft thread; an error that stopped it is reported.
     let stopped = node.shutdown();
     let removed = stop == StopReason::Removed;
@@ -921,6 +922,28 @@ async fn propose_with_retry(
             Ok(Proposed::GaveUp)
         }
     }
+}
+
+/// Creates the data dir, or makes an existing one private: mode 0700, since it holds the Raft
+/// store, the snapshots (every host's records) and the node's key. A looser one (made by
+/// `docker run -v`, say) is tightened, with a warning.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read data dir {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o7777), "the data dir was open to other users; made it 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make data dir {} private (0700)", dir.display()))?;
+    }
+    Ok(())
 }
 
 fn write_admin_addr(data_dir: &Path, addr: SocketAddr) -> anyhow::Result<()> {

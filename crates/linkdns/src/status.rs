@@ -10,7 +10,6 @@ use hyper_util::rt::TokioIo;
 
 use crate::admin::Status;
 use crate::routing::{DockerConfig, RoutesStatus};
-use crate::run::{reachable, ADMIN_ADDR_FILE};
 
 pub fn print(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     show(data_dir, "/status", json, render)
@@ -180,26 +179,38 @@ pub async fn ready(data_dir: &Path) -> anyhow::Result<(bool, String)> {
     Ok((ready, format!("{word}: {}\n", readiness.reason)))
 }
 
-/// The status and body of `path` from the admin endpoint of the node whose data dir is
-/// `data_dir`, within `timeout`.
+/// The status and body of `path` from the admin socket of the node whose data dir is
+/// `data_dir` (`DIR/admin.sock`, its owner's only), within `timeout`.
 async fn get_answer(
     data_dir: &Path,
     path: &str,
     timeout: std::time::Duration,
 ) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
-    let file = data_dir.join(ADMIN_ADDR_FILE);
-    let addr = match std::fs::read_to_string(&file) {
-        Ok(text) => text.trim().parse().with_context(|| format!("{} is damaged", file.display()))?,
-        Err(_) => bail!("no linkdns node is running on data dir {} (no {}); start one with `linkdns run --data-dir {}`", data_dir.display(), ADMIN_ADDR_FILE, data_dir.display()),
+    let socket = data_dir.join(crate::admin::ADMIN_SOCKET);
+    let stream = match tokio::net::UnixStream::connect(&socket).await {
+        Ok(stream) => stream,
+        Err(e) => match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => bail!(
+                "no linkdns node is running on data dir {} (nothing listens on {}); start one with `linkdns run --data-dir {}`",
+                data_dir.display(),
+                socket.display(),
+                data_dir.display()
+            ),
+            std::io::ErrorKind::PermissionDenied => bail!(
+                "{} is its owner's only (the node's user, root for the service): run this as that user",
+                socket.display()
+            ),
+            _ => {
+                return Err(e).with_context(|| format!("cannot connect to {}", socket.display()))
+            }
+        },
     };
-    let addr = reachable(addr);
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::HOST, "localhost")
             .body(Empty::<Bytes>::new())?;
         let response = sender.send_request(request).await?;
         let status = response.status();
@@ -208,11 +219,16 @@ async fn get_answer(
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("the node at {addr} did not answer within {timeout:?}"))?
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the node on {} did not answer within {timeout:?}",
+                socket.display()
+            )
+        })?
         .with_context(|| {
             format!(
-                "cannot read status from the node at {addr} (data dir {}); is it running?",
-                data_dir.display()
+                "cannot read status from the node on {}; is it running?",
+                socket.display()
             )
         })
 }

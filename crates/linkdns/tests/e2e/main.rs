@@ -822,3 +822,68 @@ fn a_burst_of_changes_all_arrive() {
     }
     assert_eq!(h.status_json()["records"], 12);
 }
+
+/// The TCP admin endpoint serves monitoring alone; the cluster's state is on the admin socket,
+/// which only its owner (root here) reaches, in a data dir made private.
+#[test]
+fn the_admin_socket_is_its_owners_alone_and_tcp_serves_monitoring() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mut h = Host::new();
+    // A data dir another tool made open to everyone (as `docker run -v` does).
+    let data = h.data_dir();
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    h.run_container("web", &[]);
+    h.start_linkdns(&[]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode();
+    assert_eq!(mode(&data) & 0o777, 0o700, "the data dir is made private");
+    assert!(h.log().contains("made it 0700"), "and the node says so");
+    let socket = data.join("admin.sock");
+    let meta = std::fs::metadata(&socket).expect("admin.sock");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    // Over TCP: /health, /ready and /metrics; nothing that shows or exports the cluster.
+    assert!(admin_get(&h, "/metrics").contains("linkdns_"));
+    assert!(admin_get(&h, "/health").contains("ok"));
+    for path in ["/status", "/backup", "/routes", "/docker-config"] {
+        let url = format!("http://127.0.0.1:7381{path}");
+        let out = h.exec("busybox", &["wget", "-q", "-O", "-", &url]);
+        assert!(
+            !out.status.success() && out.stdout.is_empty(),
+            "GET {path} over TCP: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The CLI, as root, through the socket.
+    let status = h.linkdns(&["status"]);
+    assert!(status.status.success(), "{status:?}");
+    let backup = h.dir.join("b.backup");
+    let out = h.linkdns(&["backup", &backup.to_string_lossy()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::metadata(&backup).expect("backup").len() > 0);
+    // Any other local user: refused, and told why. (The binary is copied where any user may
+    // run it, and the host's directory is left open, so only the data dir and the socket
+    // keep that user out.)
+    let bin = h.dir.join("linkdns-for-anyone");
+    std::fs::copy(testbed::linkdns_bin(), &bin).expect("copy the binary");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&h.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let as_nobody = h.exec(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &bin.to_string_lossy(),
+            "status",
+            "--data-dir",
+            &data.to_string_lossy(),
+        ],
+    );
+    let said = String::from_utf8_lossy(&as_nobody.stderr);
+    assert!(
+        !as_nobody.status.success() && said.contains("its owner's only"),
+        "{said}"
+    );
+}
