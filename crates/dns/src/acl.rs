@@ -1,12 +1,13 @@
-//! Who may use this node as a recursive resolver: loopback, the configured and detected
-//! container subnets, every node's claimed subnet, any address of a container in the registry,
-//! and the cluster's hosts.
-//! Everyone may ask about the cluster's own names; only these may have other names forwarded.
+//! Who asks: this host's own clients (loopback, its container networks, `--allow`), the rest of
+//! the cluster (any node's claimed subnet, any container in the registry, the cluster's hosts),
+//! or a stranger. Everyone may ask about the cluster's own names; only this host's own clients
+//! have other names forwarded (a LAN machine that forges a cluster source address gets no
+//! open resolver); the rest of the cluster is rate-limited at a higher rate than strangers.
 
 use std::net::IpAddr;
 use std::sync::RwLock;
 
-use linkdns_registry::{canonical_ip, Registry, Subnet};
+use linkdns_registry::{canonical_ip, Published, Subnet};
 
 #[derive(Debug, Default)]
 pub struct Acl {
@@ -30,22 +31,39 @@ impl Acl {
         }
     }
 
-    pub fn allows(&self, ip: IpAddr, registry: &Registry) -> bool {
+    /// Which kind of client `ip` is, as of `published`.
+    pub fn class(&self, ip: IpAddr, published: &Published) -> Client {
         let ip = canonical_ip(ip);
         if ip.is_loopback() || self.configured.iter().any(|s| s.contains(ip)) {
-            return true;
+            return Client::Local;
         }
         if self
             .detected
             .read()
             .map(|d| d.iter().any(|s| s.contains(ip)))
             .unwrap_or(false)
+            || published.local.is_on_host(ip)
         {
-            return true;
+            return Client::Local;
         }
-        if registry.container_at(ip, None).is_some() || registry.subnet_owner(ip).is_some() {
-            return true;
+        let registry = &published.registry;
+        if registry.container_at(ip, None).is_some()
+            || registry.subnet_owner(ip).is_some()
+            || registry.node_at(ip).is_some()
+        {
+            return Client::Cluster;
         }
-        registry.node_at(ip).is_some()
+        Client::Stranger
     }
+}
+
+/// The kinds of DNS clients (see [`Acl::class`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// Loopback, this host's container networks, `--allow`: forwarded to, never limited.
+    Local,
+    /// Elsewhere in the cluster: cluster names only, rate-limited at the cluster rate.
+    Cluster,
+    /// Anyone else: cluster names only, rate-limited at the stranger rate.
+    Stranger,
 }

@@ -13,7 +13,7 @@ use linkdns_registry::{
     SrvTarget, Vantage,
 };
 
-use crate::acl::Acl;
+use crate::acl::{Acl, Client};
 
 /// Largest UDP answer we send to an EDNS client (the DNS flag day 2020 value).
 pub const MAX_UDP_PAYLOAD: u16 = 1232;
@@ -335,7 +335,7 @@ impl Zone {
                 };
             }
         }
-        if acl.allows(src, registry) {
+        if acl.class(src, published) == Client::Local {
             Decided::not_cached(Decision::Forward)
         } else {
             Decided::not_cached(refuse(request))

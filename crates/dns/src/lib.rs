@@ -12,7 +12,7 @@ mod server;
 
 use std::net::SocketAddr;
 
-pub use acl::Acl;
+pub use acl::{Acl, Client};
 pub use answer::{Zone, MAX_UDP_PAYLOAD};
 pub use forward::{parse_nameservers, upstreams_from_resolv_conf, Forwarder};
 pub use limits::Limits;

@@ -2,8 +2,9 @@
 //! - UDP response-rate limiting (RRL), in the style of Knot and BIND: per client prefix (/24,
 //!   /56), a token bucket of responses per second; over the rate, every `slip`-th response goes
 //!   out truncated (TC=1: a real client retries over TCP, a spoofed victim gets a small packet)
-//!   and the others are dropped. Only clients outside the allowed set are limited;
-//! - DNS over TCP: a cap on connections, a lower one for clients outside the allowed set, a
+//!   and the others are dropped. This host's own clients are never limited; the rest of the
+//!   cluster has a rate of its own, higher than strangers';
+//! - DNS over TCP: a cap on connections, a lower one for strangers (outside the cluster), a
 //!   per-client cap, and an idle timeout.
 
 use std::collections::HashMap;
@@ -15,8 +16,11 @@ use std::time::{Duration, Instant};
 /// The limits' settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// UDP responses per second to one client prefix outside the allowed set (0: no limit).
+    /// UDP responses per second to one client prefix outside the cluster (0: no limit).
     pub rrl_rate: u32,
+    /// ... to one client prefix elsewhere in the cluster (another host's containers or
+    /// address; 0: no limit). This host's own clients are never limited.
+    pub rrl_cluster_rate: u32,
     /// Of the responses over the rate, every `rrl_slip`-th goes out truncated; the others are
     /// dropped (0: all dropped).
     pub rrl_slip: u32,
@@ -40,6 +44,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             rrl_rate: 20,
+            rrl_cluster_rate: 200,
             rrl_slip: 2,
             tcp_connections: 1024,
             tcp_per_client: 16,

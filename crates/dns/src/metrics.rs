@@ -31,7 +31,7 @@ pub struct DnsMetrics {
     /// watcher to tell who it is.
     held: Histogram,
     held_expired: Counter,
-    /// UDP responses to clients outside the allowed set held back by rate limiting, by
+    /// UDP responses to strangers and to the rest of the cluster held back by rate limiting, by
     /// verdict (dropped, or sent truncated).
     rate_limited: Family<LimitLabels, Counter>,
     /// TCP connections refused by the connection caps.
@@ -84,7 +84,7 @@ impl DnsMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "linkdns_dns_rate_limited",
-            "UDP responses to clients outside the allowed set held back by rate limiting",
+            "UDP responses to strangers and to the rest of the cluster held back by rate limiting",
             self.rate_limited.clone(),
         );
         registry.register(

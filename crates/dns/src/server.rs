@@ -1,5 +1,5 @@
 //! DNS sockets: a UDP fast path (one blocking thread per address, answers cached as encoded
-//! bytes per registry version; responses to clients outside the allowed set rate-limited) and
+//! bytes per registry version; responses to strangers and other hosts' clients rate-limited) and
 //! TCP (connections capped and admitted here, then framed and answered by hickory-server's
 //! stream and request handler). Both answer with [`Zone::decide`], and share one cap on
 //! queries forwarded upstream.
@@ -21,7 +21,7 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use linkdns_registry::{canonical_ip, Asker, Published};
 use tokio::sync::watch;
 
-use crate::acl::Acl;
+use crate::acl::{Acl, Client};
 use crate::answer::{
     check_request, formerr_for, reply_to, rotate_records, vantage_class, Cacheable, Decision, Zone,
     MAX_UDP_PAYLOAD,
@@ -722,17 +722,19 @@ struct Shared {
     /// Queries forwarded upstream at once, over UDP and TCP together.
     forwards: Arc<tokio::sync::Semaphore>,
     rrl: Rrl,
+    /// The rate limiter of clients elsewhere in the cluster.
+    rrl_cluster: Rrl,
 }
 
 impl Shared {
-    /// Whether `client` is one of the allowed set (containers, loopback, the cluster's hosts),
-    /// which no limit applies to.
-    fn allowed(&self, client: IpAddr) -> bool {
+    /// Which kind of client `client` is (see [`Client`]).
+    fn class(&self, client: IpAddr) -> Client {
         // Loopback first: no registry to load for the host's own queries.
-        client.is_loopback() || {
-            let published = self.answerer.published.load();
-            self.answerer.acl.allows(client, &published.registry)
+        if client.is_loopback() {
+            return Client::Local;
         }
+        let published = self.answerer.published.load();
+        self.answerer.acl.class(client, &published)
     }
 
     /// A slot among the queries forwarded at once; with none left, `query` gets SERVFAIL.
@@ -752,12 +754,19 @@ impl Shared {
         slot
     }
 
-    /// The verdict of response-rate limiting on one UDP response to `client`.
+    /// The verdict of response-rate limiting on one UDP response to `client`: this host's own
+    /// clients are never limited, the rest of the cluster at the cluster rate (its source
+    /// addresses are the easiest to forge from the LAN), anyone else at the stranger rate.
     fn rate(&self, client: IpAddr) -> Verdict {
-        if !self.rrl.enabled() || self.allowed(client) {
+        let limiter = match self.class(client) {
+            Client::Local => return Verdict::Send,
+            Client::Cluster => &self.rrl_cluster,
+            Client::Stranger => &self.rrl,
+        };
+        if !limiter.enabled() {
             return Verdict::Send;
         }
-        let verdict = self.rrl.check(client, Instant::now());
+        let verdict = limiter.check(client, Instant::now());
         if verdict != Verdict::Send {
             self.answerer
                 .metrics
@@ -781,6 +790,10 @@ impl DnsServer {
             answerer: answerer.clone(),
             forwards: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT)),
             rrl: Rrl::new(&limits),
+            rrl_cluster: Rrl::new(&Limits {
+                rrl_rate: limits.rrl_cluster_rate,
+                ..limits
+            }),
         });
         let slots = TcpSlots::new(limits);
         let (tcp_stop, tcp_stopped) = watch::channel(false);
@@ -1078,7 +1091,8 @@ async fn tcp_accept_loop(
             _ = stop.changed() => break,
         };
         while connections.try_join_next().is_some() {}
-        let allowed = shared.allowed(src.ip());
+        // TCP sources are not forged: the cluster's clients count as allowed here.
+        let allowed = shared.class(src.ip()) != Client::Stranger;
         let slot = match slots.admit(src.ip(), allowed) {
             Ok(slot) => slot,
             Err(reason) => {

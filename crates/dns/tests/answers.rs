@@ -10,7 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use linkdns_dns::{Acl, AnswerCache, Answerer, DnsMetrics, Forwarder, Holds, Zone};
+use linkdns_dns::{Acl, AnswerCache, Answerer, Client, DnsMetrics, Forwarder, Holds, Zone};
 use linkdns_registry::{
     Command, ComposeService, Container, ContainerId, LinkAlias, LocalChange, LocalContainer,
     LocalNetwork, LocalView, NamedPort, NodeInfo, Port, Protocol, Published, Registry,
@@ -1122,5 +1122,44 @@ fn a_link_alias_answer_is_cached_for_its_asker_alone() {
         tcp(first);
         assert_eq!(tcp("192.168.1.60:5000"), "id=0xbeef NoError aa rd ra");
         assert_eq!(tcp("192.168.1.61:5000"), "id=0xbeef NXDomain aa rd ra");
+    }
+}
+
+#[test]
+fn only_this_hosts_own_clients_are_forwarded_to() {
+    let a = answerer(registry());
+    let published = Published {
+        local: starting(&[]),
+        ..Published::committed(42, registry())
+    };
+    a.published.store(Arc::new(published.clone()));
+    let mut cache = AnswerCache::new();
+    for (src, class) in [
+        ("127.0.0.1", Client::Local),
+        ("10.99.3.4", Client::Local),       // --allow
+        ("192.168.1.99", Client::Local),    // a Docker network of this host
+        ("192.168.2.7", Client::Cluster),   // node 2's web
+        ("192.168.2.200", Client::Cluster), // in node 2's claim
+        ("172.30.0.2", Client::Cluster),    // node 2's address
+        ("203.0.113.9", Client::Stranger),
+    ] {
+        assert_eq!(
+            a.acl.class(src.parse().expect("ip"), &published),
+            class,
+            "{src}"
+        );
+        let got = ask(
+            &a,
+            &mut cache,
+            &format!("{src}:5000"),
+            "example.test.",
+            RecordType::A,
+            false,
+        );
+        if class == Client::Local {
+            assert_eq!(got, "(no answer: forwarded or dropped)\n", "{src}");
+        } else {
+            assert!(got.starts_with("id=0xbeef Refused"), "{src}: {got}");
+        }
     }
 }

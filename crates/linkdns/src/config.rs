@@ -45,6 +45,7 @@ pub struct FileConfig {
     pub max_claim_prefix: Option<u8>,
     pub max_claim_prefix_v6: Option<u8>,
     pub rrl_rate: Option<u32>,
+    pub rrl_cluster_rate: Option<u32>,
     pub rrl_slip: Option<u32>,
     pub dns_tcp_connections: Option<usize>,
     pub dns_tcp_per_client: Option<usize>,
@@ -172,6 +173,11 @@ pub struct RunArgs {
     /// 0 turns response-rate limiting off (20).
     #[arg(long, env = "LINKDNS_RRL_RATE")]
     pub rrl_rate: Option<u32>,
+    /// UDP responses per second to one client prefix elsewhere in the cluster (another host's
+    /// containers or address, which a LAN machine can forge); 0 turns it off (200). This
+    /// host's own clients are never limited.
+    #[arg(long, env = "LINKDNS_RRL_CLUSTER_RATE")]
+    pub rrl_cluster_rate: Option<u32>,
     /// Of the responses over the rate, every Nth goes out truncated (TC=1), the rest are
     /// dropped; 0 drops them all (2).
     #[arg(long, env = "LINKDNS_RRL_SLIP")]
@@ -380,6 +386,10 @@ impl Config {
         let defaults = Limits::default();
         let dns_limits = Limits {
             rrl_rate: args.rrl_rate.or(file.rrl_rate).unwrap_or(defaults.rrl_rate),
+            rrl_cluster_rate: args
+                .rrl_cluster_rate
+                .or(file.rrl_cluster_rate)
+                .unwrap_or(defaults.rrl_cluster_rate),
             rrl_slip: args.rrl_slip.or(file.rrl_slip).unwrap_or(defaults.rrl_slip),
             tcp_connections: args
                 .dns_tcp_connections

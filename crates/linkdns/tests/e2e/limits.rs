@@ -178,3 +178,71 @@ fn five_thousand_idle_tcp_connections_leave_the_host_and_containers_served() {
     c.read_exact(&mut len).expect("an answer");
     assert!(u16::from_be_bytes(len) > 12);
 }
+
+/// `dig -f` from `from`'s namespace to `server`: 100 queries for `name`, each tried once with a
+/// one-second wait, truncated answers not retried over TCP; how many were answered.
+fn answered_from(from: &Host, server: &str, name: &str) -> usize {
+    let batch = from.dir.join("batch-remote.txt");
+    std::fs::write(&batch, format!("{name} A\n").repeat(100)).expect("batch file");
+    let path = batch.to_string_lossy().into_owned();
+    let at = format!("@{server}");
+    let out = from.exec(
+        "dig",
+        &[&at, "+time=1", "+tries=1", "+ignore", "+short", "-f", &path],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with(';'))
+        .count()
+}
+
+/// Another host of the cluster (its address is what a LAN machine forges most easily) asking
+/// this node directly: the cluster's names at the cluster rate, and no recursion; this host's
+/// own clients are neither limited nor refused.
+#[test]
+fn the_rest_of_the_cluster_is_limited_at_its_rate_and_gets_no_recursion() {
+    let mut hosts: Vec<Host> = (0..2).map(|_| Host::on_lan()).collect();
+    let listen = format!("{}:53", hosts[0].addr);
+    hosts[0].start_linkdns(&[
+        "--dns-listen",
+        "127.0.0.1:53",
+        "--dns-listen",
+        &listen,
+        "--rrl-cluster-rate",
+        "5",
+    ]);
+    let token = hosts[0].token();
+    let (first, rest) = hosts.split_at_mut(1);
+    rest[0].join_linkdns(&first[0], &token, &[]);
+    let hosts = crate::cluster::form_joined(hosts);
+    let (h1, h2) = (&hosts[0], &hosts[1]);
+    h1.run_container("svc", &[]);
+    let svc = h1.container_ip("svc");
+    expect_answer(h1, "svc.cluster", "A", &[&svc]);
+    let server = h1.addr.to_string();
+
+    // 100 queries from h2's address, one after the other (a dropped one waits out dig's one
+    // second): a burst of 5, then 5 a second answered.
+    let started = Instant::now();
+    let answered = answered_from(h2, &server, "svc.cluster");
+    let secs = started.elapsed().as_secs_f64();
+    let most = 5.0 + 5.0 * (secs + 1.0);
+    assert!(
+        answered >= 5 && answered < 100 && answered as f64 <= most,
+        "{answered} of 100 answered to another host of the cluster in {secs:.1} s at 5/s (at most {most:.0})"
+    );
+    let metrics = crate::admin_get(h1, "/metrics");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("linkdns_dns_rate_limited_total{verdict=\"dropped\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // No recursion for it (its own node forwards its names); the host itself is forwarded to.
+    let remote = h2.dig(&[&format!("@{server}"), "example.test", "A"]);
+    assert_eq!(remote.status, "REFUSED", "{}", remote.raw);
+    let local = h1.dig(&["@127.0.0.1", "example.test", "A"]);
+    assert_ne!(local.status, "REFUSED", "{}", local.raw);
+    // The host's own queries are never limited.
+    assert_eq!(answered_on_loopback(h1, false), 100);
+}
