@@ -228,7 +228,7 @@ fn the_rest_of_the_cluster_is_limited_at_its_rate_and_gets_no_recursion() {
     let secs = started.elapsed().as_secs_f64();
     let most = 5.0 + 5.0 * (secs + 1.0);
     assert!(
-        answered >= 5 && answered < 100 && answered as f64 <= most,
+        (5..100).contains(&answered) && answered as f64 <= most,
         "{answered} of 100 answered to another host of the cluster in {secs:.1} s at 5/s (at most {most:.0})"
     );
     let metrics = crate::admin_get(h1, "/metrics");
