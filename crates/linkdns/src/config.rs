@@ -40,6 +40,7 @@ pub struct FileConfig {
     pub bgp_asn: Option<u32>,
     pub bgp_peer_asn: Option<u32>,
     pub reach_from: Option<Vec<String>>,
+    pub claimable: Option<Vec<String>>,
     pub cluster_cidr: Option<String>,
     pub subnet_prefix: Option<u8>,
     pub max_claim_prefix: Option<u8>,
@@ -155,6 +156,11 @@ pub struct RunArgs {
     /// environment.
     #[arg(long = "reach-from", env = "LINKDNS_REACH_FROM", value_delimiter = ',')]
     pub reach_from: Vec<String>,
+    /// A range other hosts' claims may lie in (repeatable, comma-separated in the
+    /// environment): a claim outside every one is not routed here. Default: --cluster-cidr if
+    /// set, else the private ranges (10/8, 172.16/12, 192.168/16, fc00::/7).
+    #[arg(long = "claimable", env = "LINKDNS_CLAIMABLE", value_delimiter = ',')]
+    pub claimable: Vec<String>,
     /// Give each host a free subnet of this network for its containers (a Docker network
     /// `linkdns`, or --bridge-network, created with it) instead of claiming Docker's bridge.
     #[arg(long, env = "LINKDNS_CLUSTER_CIDR")]
@@ -240,6 +246,8 @@ pub struct Config {
     pub bgp: linkdns_bgp::Config,
     /// Networks outside the cluster let in to this host's containers.
     pub reach_from: Vec<Subnet>,
+    /// The ranges other hosts' claims must lie in to be routed here.
+    pub claimable: Vec<Subnet>,
     /// Allocate each host's subnet from this pool, in blocks of the given prefix length.
     pub cluster_cidr: Option<(Subnet, u8)>,
     pub log_format: LogFormat,
@@ -330,6 +338,13 @@ impl Config {
             .map(|text| {
                 text.parse::<Subnet>()
                     .map_err(|e| anyhow::anyhow!("reach_from: {text:?}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<Subnet>>>()?;
+        let claimable = pick_strings(&args.claimable, &file.claimable)
+            .iter()
+            .map(|text| {
+                text.parse::<Subnet>()
+                    .map_err(|e| anyhow::anyhow!("claimable: {text:?}: {e}"))
             })
             .collect::<anyhow::Result<Vec<Subnet>>>()?;
         let pick_list = |flag: &Vec<SocketAddr>, file: &Option<Vec<SocketAddr>>| {
@@ -555,6 +570,12 @@ impl Config {
             encapsulation,
             bgp,
             reach_from,
+            claimable: match (claimable.is_empty(), cluster_cidr) {
+                (false, Some((pool, _))) => claimable.into_iter().chain([pool]).collect(),
+                (false, None) => claimable,
+                (true, Some((pool, _))) => vec![pool],
+                (true, None) => linkdns_routes::private_ranges(),
+            },
             cluster_cidr,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             proposal_timeout: Duration::from_secs(5),
@@ -623,6 +644,39 @@ mod tests {
             .expect_err("name")
             .to_string()
             .contains("node_name"));
+    }
+
+    #[test]
+    fn claimable_ranges_default_to_the_cluster_cidr_else_the_private_ones() {
+        let strings =
+            |c: &Config| -> Vec<String> { c.claimable.iter().map(ToString::to_string).collect() };
+        let c = Config::resolve(&RunArgs::default()).expect("defaults");
+        assert_eq!(
+            strings(&c),
+            ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+        );
+        let pool = RunArgs {
+            cluster_cidr: Some("10.77.0.0/16".into()),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            strings(&Config::resolve(&pool).expect("pool")),
+            ["10.77.0.0/16"]
+        );
+        let both = RunArgs {
+            claimable: vec!["100.64.0.0/10".into()],
+            ..pool
+        };
+        assert_eq!(
+            strings(&Config::resolve(&both).expect("both")),
+            ["100.64.0.0/10", "10.77.0.0/16"]
+        );
+        let bad = RunArgs {
+            claimable: vec!["10.0.0.0/40".into()],
+            ..RunArgs::default()
+        };
+        let err = Config::resolve(&bad).expect_err("bad").to_string();
+        assert!(err.contains("claimable"), "{err}");
     }
 
     #[test]

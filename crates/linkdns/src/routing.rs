@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use linkdns_raft::{NodeHandle, Proposal};
 use linkdns_registry::{Command, LocalNetwork, NodeId, Subnet};
-use linkdns_routes::{Desired, Encapsulation, Programmer, Report};
+use linkdns_routes::{ClaimPolicy, Desired, Encapsulation, Programmer, Report};
 
 use crate::catch_up::CatchUp;
 use serde::{Deserialize, Serialize};
@@ -166,6 +166,8 @@ pub struct Routing {
     encapsulation: Encapsulation,
     /// Networks outside the cluster let in to this host's containers.
     reach_from: Vec<Subnet>,
+    /// Which claims this host routes (the claimable ranges, the addresses no claim may hold).
+    policy: ClaimPolicy,
     /// The BGP speaker, when there are routers to tell.
     announcer: std::sync::OnceLock<Arc<crate::announce::Announcer>>,
     /// `None` when routes are programmed; else why not.
@@ -208,6 +210,7 @@ impl Routing {
         encapsulation: Encapsulation,
         reach_from: Vec<Subnet>,
         pool: Option<Subnet>,
+        policy: ClaimPolicy,
         docker: HostDocker,
     ) -> Arc<Routing> {
         let disabled = if !enabled {
@@ -225,6 +228,7 @@ impl Routing {
             ),
         }
         Arc::new(Routing {
+            policy,
             engine_refusal: Mutex::new(None),
             protocol,
             encapsulation,
@@ -281,6 +285,7 @@ impl Routing {
             reach_from: self.reach_from.clone(),
             // The routers this node announces to learn every node's subnets the same way.
             via_router: self.announcer.get().is_some(),
+            policy: self.policy.clone(),
             ..Desired::from_registry(registry, self.node.id())
         }
     }

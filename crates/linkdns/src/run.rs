@@ -16,6 +16,7 @@ use linkdns_dns::{
 use linkdns_docker::{Report, WatcherConfig};
 use linkdns_raft::{NodeConfig, NodeHandle, Proposal, RetryPolicy, Role, SledStore};
 use linkdns_registry::{Command, LocalChange, NodeInfo};
+use linkdns_routes::ClaimPolicy;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -131,11 +132,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => vec![DEFAULT_DNS_LISTEN.parse()?],
     };
     let dns_metrics = DnsMetrics::default();
+    let upstreams = upstreams(&config, &listen);
+    // No claim routed here may hold what this host reaches its own ways besides the cluster's
+    // hosts: its upstream resolvers and its BGP routers.
+    let policy = ClaimPolicy {
+        claimable: config.claimable.clone(),
+        protected: upstreams
+            .iter()
+            .map(|u| (u.ip(), "an upstream resolver of this host".to_string()))
+            .chain(
+                config
+                    .bgp
+                    .peers
+                    .iter()
+                    .map(|p| (p.ip(), "a BGP router of this host".to_string())),
+            )
+            .collect(),
+    };
     let answerer = Arc::new(answerer(
         &config,
         node_id,
         &view,
-        upstreams(&config, &listen),
+        upstreams,
         dns_metrics.clone(),
     )?);
     let mut dns = vec![DnsServer::start(&listen, answerer.clone(), config.dns_limits).await?];
@@ -148,6 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.encapsulation,
         config.reach_from.clone(),
         config.cluster_cidr.map(|(pool, _)| pool),
+        policy,
         HostDocker {
             view: view.clone(),
             bridge_network: config.bridge_network.clone(),

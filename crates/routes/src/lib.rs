@@ -13,9 +13,9 @@ pub mod plan;
 pub mod vxlan;
 
 pub use plan::{
-    plan, Chain, ChainState, Conflict, Desired, Encapsulation, Family, FirewallChange, HostAddress,
-    HostRoute, HostState, Peer, Plan, Refusal, Route, RouteChange, RouteKind, Rule,
-    DEFAULT_PROTOCOL, MAIN_TABLE,
+    plan, private_ranges, Chain, ChainState, ClaimPolicy, Conflict, Desired, Encapsulation, Family,
+    FirewallChange, HostAddress, HostRoute, HostState, Peer, Plan, Refusal, Route, RouteChange,
+    RouteKind, Rule, DEFAULT_PROTOCOL, MAIN_TABLE,
 };
 pub use vxlan::TunnelChange;
 

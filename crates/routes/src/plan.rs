@@ -343,6 +343,45 @@ pub struct Desired {
     /// announce them over BGP): with encapsulation `never`, a node that is not on-link is
     /// reached through it.
     pub via_router: bool,
+    /// Which claims this host routes at all.
+    pub policy: ClaimPolicy,
+}
+
+/// Which claims a host routes: those inside the claimable ranges that hold none of the
+/// addresses the host reaches its own ways (the cluster's hosts, its upstream resolvers, its
+/// BGP routers). A compromised member can claim any free subnet within the claim limit; this
+/// keeps it from taking over traffic the hosts send elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimPolicy {
+    /// Claims must lie inside one of these.
+    pub claimable: Vec<Subnet>,
+    /// Addresses no routed claim may hold, with what each is (every node's host address is
+    /// protected besides).
+    pub protected: Vec<(IpAddr, String)>,
+}
+
+impl Default for ClaimPolicy {
+    /// The private ranges (RFC 1918, and unique local IPv6), nothing protected but the hosts.
+    fn default() -> Self {
+        ClaimPolicy {
+            claimable: private_ranges(),
+            protected: Vec::new(),
+        }
+    }
+}
+
+/// 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 and fc00::/7: where Docker's pools and
+/// container networks live unless told otherwise.
+pub fn private_ranges() -> Vec<Subnet> {
+    [
+        (IpAddr::from([10, 0, 0, 0]), 8),
+        (IpAddr::from([172, 16, 0, 0]), 12),
+        (IpAddr::from([192, 168, 0, 0]), 16),
+        (IpAddr::from([0xfc00u16, 0, 0, 0, 0, 0, 0, 0]), 7),
+    ]
+    .into_iter()
+    .filter_map(|(addr, prefix)| Subnet::new(addr, prefix))
+    .collect()
 }
 
 impl Desired {
@@ -370,6 +409,7 @@ impl Desired {
             encapsulation: Encapsulation::Auto,
             reach_from: Vec::new(),
             via_router: false,
+            policy: ClaimPolicy::default(),
         }
     }
 }
@@ -441,6 +481,10 @@ pub enum Conflict {
     GatewayUnreachable(IpAddr),
     /// The peer needs the tunnel, which cannot be had: why.
     NoTunnel(String),
+    /// The subnet lies outside every claimable range.
+    NotClaimable(Vec<Subnet>),
+    /// The subnet holds an address this host reaches its own way: which, and what it is.
+    Protected { addr: IpAddr, what: String },
 }
 
 impl fmt::Display for Conflict {
@@ -471,6 +515,15 @@ impl fmt::Display for Conflict {
                 "the gateway {gw} is not on a directly connected network of this host (and encapsulation is never)"
             ),
             Conflict::NoTunnel(why) => write!(f, "no VXLAN tunnel to its host: {why}"),
+            Conflict::NotClaimable(ranges) => {
+                let ranges: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "lies outside the claimable ranges ({}; --claimable)",
+                    ranges.join(", ")
+                )
+            }
+            Conflict::Protected { addr, what } => write!(f, "holds {addr}, {what}"),
         }
     }
 }
@@ -569,15 +622,18 @@ pub fn plan(desired: &Desired, host: &HostState, protocol: u8) -> Plan {
         let mut subnets = peer.subnets.clone();
         subnets.sort();
         for subnet in subnets {
-            let path = check(
-                subnet,
-                peer,
-                &desired.local_subnets,
-                &wanted,
-                host,
-                protocol,
-            )
-            .and_then(|on_link| choose(subnet, peer, on_link, desired, host, &tunnel));
+            let path = allowed(subnet, desired)
+                .and_then(|()| {
+                    check(
+                        subnet,
+                        peer,
+                        &desired.local_subnets,
+                        &wanted,
+                        host,
+                        protocol,
+                    )
+                })
+                .and_then(|on_link| choose(subnet, peer, on_link, desired, host, &tunnel));
             match path {
                 Ok(Path::Direct { via, device }) => wanted.push(Route {
                     dst: subnet,
@@ -810,6 +866,33 @@ fn plan_tunnel(tunnel: &TunnelEnd, wanted: &[Route], host: &HostState) -> Vec<Tu
 /// Checks one peer subnet against this node's subnets, the routes accepted so far (earlier
 /// nodes') and everything on this host; if it is clear, the gateway and its interface where
 /// the peer's host is on a directly connected network (`None`: it is not).
+/// Whether `subnet` is a claim this host routes at all (see [`ClaimPolicy`]).
+fn allowed(subnet: Subnet, desired: &Desired) -> Result<(), Conflict> {
+    let policy = &desired.policy;
+    if !policy.claimable.iter().any(|c| c.covers(&subnet)) {
+        return Err(Conflict::NotClaimable(policy.claimable.clone()));
+    }
+    let hosts = desired
+        .peers
+        .iter()
+        .filter_map(|p| {
+            p.host
+                .map(|h| (h, format!("the host address of node {}", p.name)))
+        })
+        .chain(
+            desired
+                .local_host
+                .map(|h| (h, "this host's own address".to_string())),
+        );
+    match hosts
+        .chain(policy.protected.iter().cloned())
+        .find(|(addr, _)| subnet.contains(*addr))
+    {
+        Some((addr, what)) => Err(Conflict::Protected { addr, what }),
+        None => Ok(()),
+    }
+}
+
 fn check(
     subnet: Subnet,
     peer: &Peer,

@@ -505,3 +505,45 @@ fn hosts_get_subnets_from_the_cluster_cidr_and_their_containers_reach_each_other
         network_id
     );
 }
+
+/// A claim that would take over traffic a host sends elsewhere is not routed there, and that
+/// host says why: one that holds its upstream resolver, one outside its claimable ranges.
+/// Hosts for which the claim is harmless route it.
+#[test]
+fn claims_holding_an_upstream_or_outside_the_claimable_ranges_are_not_routed() {
+    let mut hosts: Vec<Host> = (0..3).map(|_| Host::on_lan()).collect();
+    // h1's upstream resolver lies in h2's container subnet; h3 takes claims only in 10/8.
+    let resolver = format!("192.168.{}.53", hosts[1].index);
+    hosts[0].start_linkdns(&["--upstream", &format!("{resolver}:53")]);
+    let token = hosts[0].token();
+    let (first, rest) = hosts.split_at_mut(1);
+    rest[0].join_linkdns(&first[0], &token, &[]);
+    rest[1].join_linkdns(&first[0], &token, &["--claimable", "10.0.0.0/8"]);
+    let hosts = form_joined(hosts);
+    let (h1, h2, h3) = (&hosts[0], &hosts[1], &hosts[2]);
+    let holds = format!(
+        "not routing {} of node {}: holds {resolver}, an upstream resolver of this host",
+        subnet(h2),
+        name(h2)
+    );
+    let outside = |of: &Host| {
+        format!(
+            "not routing {} of node {}: lies outside the claimable ranges (10.0.0.0/8; --claimable)",
+            subnet(of),
+            name(of)
+        )
+    };
+    wait_until(ROUTES, "the refusals reported where they apply", || {
+        text(&h1.linkdns(&["routes"])).contains(&holds) && {
+            let on_h3 = text(&h3.linkdns(&["routes"]));
+            on_h3.contains(&outside(h1)) && on_h3.contains(&outside(h2))
+        }
+    });
+    // Where the claims harm nothing, they are routed.
+    wait_until(ROUTES, "h2 routes both others", || {
+        owned_routes(h2) == routes_to(&[h1, h3])
+    });
+    assert_eq!(owned_routes(h1), routes_to(&[h3]), "h1 routes h3 only");
+    assert_eq!(owned_routes(h3), Vec::<String>::new(), "h3 routes nothing");
+    assert!(h1.log().contains("route refused"), "the refusal is logged");
+}

@@ -210,11 +210,22 @@ fn conflicts_are_refused_and_what_is_in_the_way_is_left_alone() {
             peer(9, "h9", "172.30.0.9", &["192.168.0.0/16"]),
             // An IPv6 subnet behind an IPv4-only host address.
             peer(10, "h10", "172.30.0.10", &["fd00:10::/64"]),
+            // Claims a compromised member could make to take traffic over: a public range
+            // the hosts reach through their default route, the network of this host's
+            // upstream resolver, one that holds another node's host address.
+            peer(11, "h11", "172.30.0.11", &["8.8.0.0/16"]),
+            peer(12, "h12", "172.30.0.12", &["10.99.0.0/24"]),
+            peer(13, "h13", "172.30.0.13", &["10.77.0.0/16"]),
+            peer(14, "h14", "10.77.0.14", &["192.168.14.0/24"]),
         ],
         local_host: Some(ip("172.30.0.1")),
         encapsulation: Encapsulation::Never,
         reach_from: Vec::new(),
         via_router: false,
+        policy: ClaimPolicy {
+            claimable: private_ranges(),
+            protected: vec![(ip("10.99.0.53"), "an upstream resolver".into())],
+        },
     };
     assert_eq!(
         plan(&desired, &host, P).to_string(),
@@ -238,6 +249,10 @@ refuse   not routing 192.168.7.0/24 of node h7: the gateway 172.30.0.1 is an add
 refuse   not routing 192.168.8.0/24 of node h8: the node has no host address of this family to route through
 refuse   not routing 192.168.0.0/16 of node h9: overlaps 192.168.1.0/24 of node (this host)
 refuse   not routing fd00:10::/64 of node h10: the node has no host address of this family to route through
+refuse   not routing 8.8.0.0/16 of node h11: lies outside the claimable ranges (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, fc00::/7; --claimable)
+refuse   not routing 10.99.0.0/24 of node h12: holds 10.99.0.53, an upstream resolver
+refuse   not routing 10.77.0.0/16 of node h13: holds 10.77.0.14, the host address of node h14
+refuse   not routing 192.168.14.0/24 of node h14: the gateway 10.77.0.14 is not on a directly connected network of this host (and encapsulation is never)
 "
     );
 }
