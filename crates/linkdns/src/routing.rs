@@ -202,17 +202,29 @@ pub struct HostDocker {
     pub domain: String,
 }
 
+/// The routing settings of a node (from its configuration).
+pub struct RoutingConfig {
+    pub enabled: bool,
+    pub protocol: u8,
+    pub encapsulation: Encapsulation,
+    /// Networks outside the cluster let in to this host's containers.
+    pub reach_from: Vec<Subnet>,
+    /// `cluster_cidr`: the block this host's subnet is allocated from.
+    pub pool: Option<Subnet>,
+    /// Which claims this host routes.
+    pub policy: ClaimPolicy,
+}
+
 impl Routing {
-    pub fn new(
-        node: Arc<NodeHandle>,
-        enabled: bool,
-        protocol: u8,
-        encapsulation: Encapsulation,
-        reach_from: Vec<Subnet>,
-        pool: Option<Subnet>,
-        policy: ClaimPolicy,
-        docker: HostDocker,
-    ) -> Arc<Routing> {
+    pub fn new(node: Arc<NodeHandle>, config: RoutingConfig, docker: HostDocker) -> Arc<Routing> {
+        let RoutingConfig {
+            enabled,
+            protocol,
+            encapsulation,
+            reach_from,
+            pool,
+            policy,
+        } = config;
         let disabled = if !enabled {
             Some("routing is off in the configuration (routing = false)".to_string())
         } else if !linkdns_routes::has_net_admin() {

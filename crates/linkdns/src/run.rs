@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::admin::{self, AdminState, NodeMetrics};
 use crate::config::{Config, DEFAULT_DNS_LISTEN};
 use crate::lifecycle::{Act, Lifecycle, Seen, StopReason};
-use crate::routing::{HostDocker, Routing};
+use crate::routing::{HostDocker, Routing, RoutingConfig};
 use crate::view::View;
 
 /// Written once the node holds Raft state: an identity without state after that means the log
@@ -161,12 +161,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let routing = Routing::new(
         node.clone(),
-        config.routing,
-        config.route_protocol,
-        config.encapsulation,
-        config.reach_from.clone(),
-        config.cluster_cidr.map(|(pool, _)| pool),
-        policy,
+        RoutingConfig {
+            enabled: config.routing,
+            protocol: config.route_protocol,
+            encapsulation: config.encapsulation,
+            reach_from: config.reach_from.clone(),
+            pool: config.cluster_cidr.map(|(pool, _)| pool),
+            policy,
+        },
         HostDocker {
             view: view.clone(),
             bridge_network: config.bridge_network.clone(),
