@@ -51,6 +51,7 @@ impl ControlHandler for Handler {
 async fn handle(inner: &Inner, request: Request, caller: Caller) -> Reply {
     let Caller {
         member,
+        superseded,
         local,
         remote,
     } = caller;
@@ -96,10 +97,25 @@ async fn handle(inner: &Inner, request: Request, caller: Caller) -> Reply {
         )
         .await;
     }
-    // Everything else is a member's request, made with its bound certificate.
+    // Everything else is a member's request, made with its bound certificate: the current
+    // one. The one a renewal replaced may only fetch again the certificate that renewal
+    // issued (its answer was lost), for the very key it was issued for.
     let Some(member) = member else {
         return refused("only a member of the cluster, with its current certificate, may ask this");
     };
+    if superseded {
+        if let Request::Renew { public_key } = &request {
+            if let Some(reply) = reissue(inner, member, public_key) {
+                return reply;
+            }
+        }
+        tracing::error!(
+            node = member,
+            %remote,
+            "a control request with node's superseded certificate refused (a stolen old key?)"
+        );
+        return denied(format!("node {member} presented the certificate its last renewal replaced; only the current one may ask this"));
+    }
     match request {
         Request::Join { .. } => refused("a join is not a member's request"),
         Request::Leader => {
@@ -189,8 +205,32 @@ fn join_secret_matches(inner: &Inner, node: &NodeHandle, secret: &Secret) -> boo
     }
 }
 
+/// The last certificate this node issued to a member, as leader.
+pub(crate) struct Issued {
+    key: Vec<u8>,
+    cert: Vec<u8>,
+    expires: u64,
+    at: std::time::Instant,
+}
+
+/// The certificate last issued to `id` for `key`, again (its answer was lost and `id` asks
+/// with the certificate that renewal replaced); nothing new is issued or bound.
+fn reissue(inner: &Inner, id: u64, key: &[u8]) -> Option<Reply> {
+    let issued = inner.issued.lock().ok()?;
+    let last = issued.get(&id).filter(|i| i.key == key)?;
+    tracing::info!(
+        node = id,
+        "handing out again the certificate its last renewal issued"
+    );
+    Some(Reply::Renewed {
+        node_cert: last.cert.clone(),
+        expires: last.expires,
+    })
+}
+
 /// A new certificate of member `id` for `key`, bound to it through the log before it is
-/// handed out (peers accept only the bound one).
+/// handed out (peers accept only the bound one). At most one per sixth of the validity per
+/// node: a stolen key cannot mint one after another.
 pub(crate) async fn renew(
     inner: &Inner,
     node: &NodeHandle,
@@ -198,6 +238,20 @@ pub(crate) async fn renew(
     key: &RawPublicKey,
 ) -> Result<(Vec<u8>, u64), String> {
     key.check()?;
+    let spacing = inner.cert_validity() / 6;
+    if let Some(last) = inner
+        .issued
+        .lock()
+        .ok()
+        .and_then(|i| i.get(&id).map(|i| i.at))
+    {
+        if last.elapsed() < spacing {
+            return Err(format!(
+                "node {id} was issued a certificate {:?} ago; renewals are at most one per {spacing:?}",
+                last.elapsed()
+            ));
+        }
+    }
     let (cert, expires) = inner
         .identity
         .load()
@@ -210,6 +264,17 @@ pub(crate) async fn renew(
     .await
     .map_err(|e| format!("cannot bind the new certificate: {e}"))?;
     tracing::info!(node = id, expires, "certificate renewed");
+    if let Ok(mut issued) = inner.issued.lock() {
+        issued.insert(
+            id,
+            Issued {
+                key: key.0.clone(),
+                cert: cert.clone(),
+                expires,
+                at: std::time::Instant::now(),
+            },
+        );
+    }
     Ok((cert, expires))
 }
 

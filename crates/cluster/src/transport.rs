@@ -35,9 +35,12 @@ use rustls::pki_types::CertificateDer;
 /// Who sent a control request, as the transport authenticated it.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
-    /// The member whose bound, current certificate the caller presented (none: a joining
-    /// host, or a stranger).
+    /// The member whose bound certificate the caller presented (none: a joining host, or a
+    /// stranger).
     pub member: Option<u64>,
+    /// ... and that certificate is the one its latest renewal replaced (still good for Raft
+    /// until it expires; a control request needs the current one).
+    pub superseded: bool,
     /// This node's address on the connection (the address the caller reached it at).
     pub local: Option<SocketAddr>,
     pub remote: SocketAddr,
@@ -117,6 +120,9 @@ pub(crate) struct Inner {
     next_stream: std::sync::atomic::AtomicU64,
     /// Connections open per stranger address.
     per_stranger: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    /// The certificates this node issued as leader, by node: the last one's public key, the
+    /// certificate and its expiry, and when it was issued (see `control::renew`).
+    pub(crate) issued: Mutex<HashMap<u64, crate::control::Issued>>,
 }
 
 /// The slot an accepted connection holds until it closes.
@@ -197,6 +203,7 @@ impl Transport {
                 streams: Mutex::new(HashMap::new()),
                 next_stream: std::sync::atomic::AtomicU64::new(0),
                 per_stranger: Arc::new(Mutex::new(HashMap::new())),
+                issued: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -1006,8 +1013,13 @@ async fn serve_connection(
         wire::REQUEST => {
             let request: wire::Request =
                 wire::decode("request", &payload).map_err(|e| e.to_string())?;
+            let (member, superseded) = match member_of(inner, &certs) {
+                Some((id, superseded)) => (Some(id), superseded),
+                None => (None, false),
+            };
             let caller = Caller {
-                member: member_of(inner, &certs),
+                member,
+                superseded,
                 local,
                 remote,
             };
@@ -1115,10 +1127,16 @@ pub(crate) fn member_ids(node: &NodeHandle) -> Vec<u64> {
 
 /// The member whose bound, current certificate `certs` is, among the members and registered
 /// nodes this node knows.
-fn member_of(inner: &Inner, certs: &[CertificateDer<'static>]) -> Option<u64> {
-    member_ids(inner.node()?)
+/// The member whose bound certificate `certs` are, and whether it is the one its latest
+/// renewal replaced rather than the current one.
+fn member_of(inner: &Inner, certs: &[CertificateDer<'static>]) -> Option<(u64, bool)> {
+    let id = member_ids(inner.node()?)
         .into_iter()
-        .find(|&id| check_node(inner, id, certs).is_ok())
+        .find(|&id| check_node(inner, id, certs).is_ok())?;
+    let presented = certs.first().map(|c| fingerprint(c));
+    let superseded =
+        matches!(inner.expected(id), Expected::Bound(current, _) if presented != Some(current));
+    Some((id, superseded))
 }
 
 /// Whether `certs` are those of member `from`: issued by the cluster CA for that node, and the

@@ -618,13 +618,29 @@ async fn certificates_expire_are_renewed_and_an_expired_one_is_refused() {
         Some(&fingerprint(&renewed.node_cert)),
         "the registry binds the renewed certificate"
     );
-    // The one it replaced still counts until it expires (a peer that has not applied the
-    // renewal, or a renewal whose answer was lost, locks nobody out).
+    // The one it replaced still carries h2's Raft stream until it expires (a peer that has
+    // not applied the renewal locks nobody out), but asks nothing: a stolen old key mints no
+    // certificate, removes nobody, rotates no token.
     if issued.node_cert_expires > unix_now() + 1 {
-        let e = remove(&first.addr.to_string(), &issued, "nobody")
-            .await
-            .expect_err("no such node");
-        assert!(e.to_string().contains("no node"), "{e}");
+        let replaced = |e: Error| {
+            assert!(e.to_string().contains("replaced"), "{e}");
+        };
+        replaced(
+            remove(&first.addr.to_string(), &issued, "nobody")
+                .await
+                .expect_err("superseded"),
+        );
+        let key = new_node_key().expect("key");
+        replaced(
+            linkdns_cluster::client::renew(&first.addr.to_string(), &issued, &key)
+                .await
+                .expect_err("superseded"),
+        );
+        replaced(
+            rotate_token(&first.addr.to_string(), &issued)
+                .await
+                .expect_err("superseded"),
+        );
     }
     // Past the first certificate's expiry: h2 still speaks as a member with a new
     // connection, and its writes commit.
@@ -659,6 +675,26 @@ async fn certificates_expire_are_renewed_and_an_expired_one_is_refused() {
         .expect_err("expired");
     assert!(e.to_string().to_lowercase().contains("expired"), "{e}");
     assert_eq!(first.node.status().learners, vec![2]);
+
+    // Renewals come at most one per sixth of the validity (1.5 s here) per node: with the
+    // certificate a renewal just issued, the next one is refused.
+    let mut current = (*second.transport.identity()).clone();
+    let mut refusal = None;
+    for _ in 0..3 {
+        let key = new_node_key().expect("key");
+        match linkdns_cluster::client::renew(&first.addr.to_string(), &current, &key).await {
+            Ok((cert, _)) => {
+                current.node_cert = cert;
+                current.node_key = key.serialize_der();
+            }
+            Err(e) => {
+                refusal = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("a renewal refused");
+    assert!(refusal.contains("at most one per"), "{refusal}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
