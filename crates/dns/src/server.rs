@@ -57,15 +57,25 @@ const HOLD_AGAIN_AFTER: Duration = Duration::from_secs(30);
 /// At most this many queries wait at once; more are answered without waiting.
 const MAX_HELD: usize = 256;
 
-/// Asked, when a query is held, to find out who is at the address sooner than the watcher
-/// would (it tells the view, which wakes the query). It must not block.
-pub type Identify = Arc<dyn Fn(IpAddr) + Send + Sync>;
+/// Asked, when queries are held, to find out who is at their addresses sooner than the
+/// watcher would (it tells the view, which wakes the queries): all the addresses at once, so
+/// one walk of `/proc` serves them all. It must not block.
+pub type Identify = Arc<dyn Fn(Vec<IpAddr>) + Send + Sync>;
 
-/// The addresses whose last wait ran out, the budget of waiting queries, and who to ask.
+/// Shortest time between two batched lookups of the held addresses.
+const PROBE_SPACING: Duration = Duration::from_millis(25);
+
+/// The addresses whose last wait ran out, the budget of waiting queries (UDP and TCP
+/// together), the addresses held now, and who to ask about them.
 pub struct Holds {
     expired: Mutex<HashMap<IpAddr, Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
     identify: Option<Identify>,
+    /// The addresses queries are held for now, with how many queries each.
+    wanted: Mutex<HashMap<IpAddr, usize>>,
+    /// The view version the held addresses were last looked up at, and when: one lookup per
+    /// version, at most one per [`PROBE_SPACING`], whatever the number of held queries.
+    probed: Mutex<(u64, Option<Instant>)>,
 }
 
 impl std::fmt::Debug for Holds {
@@ -79,20 +89,24 @@ impl std::fmt::Debug for Holds {
 
 impl Default for Holds {
     fn default() -> Self {
-        Holds {
-            expired: Mutex::new(HashMap::new()),
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_HELD)),
-            identify: None,
-        }
+        Holds::new(MAX_HELD, None)
     }
 }
 
 impl Holds {
-    /// Holds that ask `identify` about each address a query is held for.
+    /// Holds that ask `identify` about the addresses queries are held for.
     pub fn with_identify(identify: Identify) -> Holds {
+        Holds::new(MAX_HELD, Some(identify))
+    }
+
+    /// At most `capacity` queries held at once.
+    pub fn new(capacity: usize, identify: Option<Identify>) -> Holds {
         Holds {
-            identify: Some(identify),
-            ..Holds::default()
+            expired: Mutex::new(HashMap::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(capacity)),
+            identify,
+            wanted: Mutex::new(HashMap::new()),
+            probed: Mutex::new((0, None)),
         }
     }
 
@@ -101,6 +115,11 @@ impl Holds {
             .lock()
             .map(|e| e.get(&src).is_none_or(|t| t.elapsed() >= HOLD_AGAIN_AFTER))
             .unwrap_or(false)
+    }
+
+    /// A slot for one held query, if any is free.
+    fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
     }
 
     fn ran_out(&self, src: IpAddr) {
@@ -112,6 +131,56 @@ impl Holds {
                 }
             }
             e.insert(src, Instant::now());
+        }
+    }
+
+    /// Counts a query held for `src`; whether it is the first for that address.
+    fn want(&self, src: IpAddr) -> bool {
+        self.wanted.lock().is_ok_and(|mut w| {
+            let n = w.entry(src).or_insert(0);
+            *n += 1;
+            *n == 1
+        })
+    }
+
+    fn unwant(&self, src: IpAddr) {
+        if let Ok(mut w) = self.wanted.lock() {
+            if let Some(n) = w.get_mut(&src) {
+                *n -= 1;
+                if *n == 0 {
+                    w.remove(&src);
+                }
+            }
+        }
+    }
+
+    /// Whether this caller is the one to look up the held addresses at view `version`: the
+    /// first to see it, and how long it waits before that (the spacing).
+    fn claim_probe(&self, version: u64) -> Option<Duration> {
+        let mut probed = self.probed.lock().ok()?;
+        if probed.0 >= version {
+            return None;
+        }
+        let now = Instant::now();
+        let wait = probed.1.map_or(Duration::ZERO, |at| {
+            (at + PROBE_SPACING).saturating_duration_since(now)
+        });
+        *probed = (version, Some(now + wait));
+        Some(wait)
+    }
+
+    /// Asks `identify` about every held address (at most the slots' number).
+    fn probe_all(&self) {
+        let Some(identify) = &self.identify else {
+            return;
+        };
+        let addresses: Vec<IpAddr> = self
+            .wanted
+            .lock()
+            .map(|w| w.keys().copied().take(MAX_HELD).collect())
+            .unwrap_or_default();
+        if !addresses.is_empty() {
+            identify(addresses);
         }
     }
 }
@@ -494,20 +563,40 @@ impl Answerer {
 
     /// Waits (at most [`HOLD_LIMIT`]) until the local view tells who `src` is, when it is an
     /// address of this host's container networks that no known container holds. Returns how
-    /// long it waited.
+    /// long it waited. A new address is looked up at once; on each change of the view, one of
+    /// the held queries looks up all the held addresses at once.
     pub async fn wait_for_asker(&self, src: IpAddr) -> Duration {
+        struct Unwant<'a>(&'a Holds, IpAddr);
+        impl Drop for Unwant<'_> {
+            fn drop(&mut self) {
+                self.0.unwant(self.1);
+            }
+        }
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
         let mut changes = self.view_changes.clone();
+        let holds = &self.holds;
+        let first = holds.want(src);
+        let _unwant = Unwant(holds, src);
+        if first {
+            if let Some(identify) = &holds.identify {
+                identify(vec![src]);
+            }
+        }
         let mut expired = false;
         while self.published.load().local.identify(src) == Asker::Unknown {
-            // Ask again on every change of the view: the containers being connected may be
-            // known only now.
-            if let Some(identify) = &self.holds.identify {
-                identify(src);
-            }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    // The containers being connected may be known only now: ask again about
+                    // every held address, once for all of them.
+                    let version = *changes.borrow_and_update();
+                    if let Some(wait) = holds.claim_probe(version) {
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        holds.probe_all();
+                    }
+                }
                 Ok(Err(_)) => {
                     // Nothing publishes views any more: wait the time out.
                     tokio::time::sleep_until(deadline).await;
@@ -521,7 +610,7 @@ impl Answerer {
             }
         }
         if expired {
-            self.holds.ran_out(src);
+            holds.ran_out(src);
             tracing::debug!(%src, "no local container known at this address; answering without its links");
         }
         let waited = started.elapsed();
@@ -971,19 +1060,15 @@ fn udp_loop(
             }
             Handled::Hold => {
                 let query = buf[..n].to_vec();
-                let Ok(permit) = answerer.holds.slots.clone().try_acquire_owned() else {
-                    // Too many waiting: answer now, as after a wait that ran out.
-                    let mut scratch = AnswerCache::new();
-                    if let Some(bytes) = answerer.answer_datagram_in(&query, src, &mut scratch) {
-                        send_limited(&shared, &socket, bytes, src);
-                    }
-                    continue;
-                };
+                // Too many waiting: answered now, as after a wait that ran out (forwarded
+                // when that is the answer).
+                let permit = answerer.holds.slot();
                 let (shared, socket) = (shared.clone(), socket.clone());
                 runtime.spawn(async move {
-                    let _permit = permit;
                     let answerer = &shared.answerer;
-                    answerer.wait_for_asker(canonical_ip(src.ip())).await;
+                    if let Some(_permit) = permit {
+                        answerer.wait_for_asker(canonical_ip(src.ip())).await;
+                    }
                     let mut scratch = AnswerCache::new();
                     match answerer.handle_datagram(&query, src, &mut scratch, false) {
                         Handled::Reply(bytes) => {
@@ -1184,9 +1269,13 @@ impl RequestHandler for TcpHandler {
             Ok(query) => {
                 let src = canonical_ip(request.src().ip());
                 let mut published = answerer.published.load_full();
+                // A held TCP query takes a slot like a UDP one; with none free it is answered
+                // at once.
                 if published.local.identify(src) == Asker::Unknown && answerer.holds.may_hold(src) {
-                    answerer.wait_for_asker(src).await;
-                    published = answerer.published.load_full();
+                    if let Some(_slot) = answerer.holds.slot() {
+                        answerer.wait_for_asker(src).await;
+                        published = answerer.published.load_full();
+                    }
                 }
                 let asker = published.local.identify(src);
                 let vantage = answerer.zone.vantage(src, asker, &published);

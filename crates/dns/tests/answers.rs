@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -827,16 +827,18 @@ async fn a_held_query_asks_who_is_there_and_ends_when_told() {
     let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let identify: linkdns_dns::Identify = {
         let (published, asked) = (published.clone(), asked.clone());
-        Arc::new(move |src| {
+        Arc::new(move |addresses: Vec<IpAddr>| {
             if let Ok(mut a) = asked.lock() {
-                a.push(src);
+                a.push(addresses.clone());
             }
             // As /proc would tell: `new` holds the address.
             let mut v = (*starting(&["other"])).clone();
-            v.apply(LocalChange::Identified {
-                id: ContainerId::new("new"),
-                ip: src,
-            });
+            for src in addresses {
+                v.apply(LocalChange::Identified {
+                    id: ContainerId::new("new"),
+                    ip: src,
+                });
+            }
             published.store(Arc::new(Published {
                 local: Arc::new(v),
                 version: 1,
@@ -854,7 +856,10 @@ async fn a_held_query_asks_who_is_there_and_ends_when_told() {
     let src = "192.168.1.50".parse().expect("ip");
     let waited = a.wait_for_asker(src).await;
     assert!(waited < Duration::from_millis(100), "{waited:?}");
-    assert_eq!(asked.lock().map(|a| a.clone()).unwrap_or_default(), [src]);
+    assert_eq!(
+        asked.lock().map(|a| a.clone()).unwrap_or_default(),
+        [vec![src]]
+    );
     let mut cache = AnswerCache::new();
     assert_eq!(
         ask(
@@ -1162,4 +1167,159 @@ fn only_this_hosts_own_clients_are_forwarded_to() {
             assert!(got.starts_with("id=0xbeef Refused"), "{src}: {got}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_queries_share_one_lookup_per_view_change() {
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<Vec<IpAddr>>::new()));
+    let identify: linkdns_dns::Identify = {
+        let calls = calls.clone();
+        // Finds nobody (as /proc would for addresses nobody holds).
+        Arc::new(move |addresses: Vec<IpAddr>| {
+            if let Ok(mut c) = calls.lock() {
+                c.push(addresses);
+            }
+        })
+    };
+    let a = Arc::new(Answerer {
+        view_changes: rx,
+        holds: Holds::with_identify(identify),
+        ..answerer(registry())
+    });
+    a.published.store(Arc::new(Published {
+        local: starting(&["other"]),
+        ..Published::committed(42, registry())
+    }));
+    // 20 queries held for 20 addresses, then 5 changes of the view while they wait.
+    let held: Vec<_> = (0..20u8)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(
+                async move { a.wait_for_asker(IpAddr::from([192, 168, 1, 100 + i])).await },
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for version in 1..=5 {
+        let _ = tx.send(version);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    for h in held {
+        h.await.expect("held");
+    }
+    let calls = calls.lock().map(|c| c.clone()).unwrap_or_default();
+    let (singles, batches): (Vec<_>, Vec<_>) = calls.iter().partition(|c| c.len() == 1);
+    assert_eq!(
+        singles.len(),
+        20,
+        "each new address asked about once at once"
+    );
+    assert!(
+        (1..=5).contains(&batches.len()) && batches.iter().all(|b| b.len() == 20),
+        "one lookup of all 20 per change at most: {batches:?}"
+    );
+}
+
+/// A server whose host has a container network on 127.0.0.0/8 (so 127.0.0.2 and up are
+/// addresses no known container holds: held, if there is room), at most `capacity` queries
+/// held, forwarding to a fake upstream (UDP and TCP) that answers every query.
+async fn server_for_unknown_askers(capacity: usize) -> (linkdns_dns::DnsServer, SocketAddr) {
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    let tcp = tokio::net::TcpListener::bind(upstream_addr)
+        .await
+        .expect("bind tcp");
+    let answer = |q: &[u8]| {
+        let mut r = q.to_vec();
+        r[2] |= 0x80;
+        r
+    };
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
+            let _ = upstream.send_to(&answer(&buf[..n]), from).await;
+        }
+    });
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = tcp.accept().await {
+            let Ok(len) = stream.read_u16().await else {
+                continue;
+            };
+            let mut q = vec![0u8; usize::from(len)];
+            if stream.read_exact(&mut q).await.is_err() {
+                continue;
+            }
+            let r = answer(&q);
+            let mut framed = (r.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&r);
+            let _ = stream.write_all(&framed).await;
+        }
+    });
+    let mut view = LocalView::default();
+    view.apply(LocalChange::Networks(vec![LocalNetwork {
+        id: "lo".into(),
+        name: "lo".into(),
+        subnets: vec!["127.0.0.0/8".parse().expect("subnet")],
+        gateways: vec!["127.0.0.1".parse().expect("ip")],
+    }]));
+    view.apply(LocalChange::Replace(vec![]));
+    let a = Arc::new(Answerer {
+        forwarder: Forwarder::new(vec![upstream_addr], Duration::from_secs(1)),
+        holds: Holds::new(capacity, None),
+        ..answerer(registry())
+    });
+    a.published.store(Arc::new(Published {
+        local: Arc::new(view),
+        ..Published::committed(42, registry())
+    }));
+    let listen: [SocketAddr; 1] = ["127.0.0.1:0".parse().expect("addr")];
+    let server = linkdns_dns::DnsServer::start(&listen, a, linkdns_dns::Limits::default())
+        .await
+        .expect("start");
+    let addr = server.local_addrs()[0];
+    (server, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_the_hold_cap_is_answered_at_once_forwarded_if_need_be() {
+    let (_server, addr) = server_for_unknown_askers(0).await;
+    // No room to hold: a name outside the cluster from an unknown local asker goes upstream
+    // at once (it was dropped), over UDP and over TCP (which was held regardless of the cap).
+    let q = query("example.test.", RecordType::A, false);
+    let udp = tokio::task::spawn_blocking(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.2:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(600)))
+            .expect("timeout");
+        socket.send_to(&q, addr).expect("send");
+        let mut buf = [0u8; 512];
+        socket.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec())
+    })
+    .await
+    .expect("udp client");
+    let reply = udp.expect("a UDP answer");
+    assert_eq!(reply[..2], [0xbe, 0xef]);
+    let q = query("example.test.", RecordType::A, false);
+    let tcp = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 3], 0)))
+            .map_err(|e| e.to_string())?;
+        let mut stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&q);
+        stream.write_all(&framed).await.map_err(|e| e.to_string())?;
+        stream.read_u16().await.map_err(|e| e.to_string())
+    };
+    // Held, it would wait out the hold (1 s).
+    let tcp = tokio::time::timeout(Duration::from_millis(600), tcp)
+        .await
+        .map_err(|_| "no TCP answer within 600 ms".to_string())
+        .and_then(|r| r);
+    assert!(tcp.as_ref().is_ok_and(|n| *n > 12), "{tcp:?}");
 }

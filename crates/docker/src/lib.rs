@@ -28,7 +28,7 @@ pub use convert::{
     container_from_inspect, local_from_inspect, parse_links, parse_services, LABEL_ALIAS,
     LABEL_LINKS, LABEL_SRV,
 };
-pub use procfs::container_at_address;
+pub use procfs::{container_at_address, containers_at_addresses};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

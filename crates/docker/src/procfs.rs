@@ -11,21 +11,41 @@ use linkdns_registry::ContainerId;
 /// The one of `candidates` (containers of this host's Docker) that holds `ip` now, if exactly
 /// one does. Blocking: it reads `/proc`.
 pub fn container_at_address(ip: IpAddr, candidates: &[ContainerId]) -> Option<ContainerId> {
-    container_at_address_in(Path::new("/proc"), ip, candidates)
+    containers_at_addresses_in(Path::new("/proc"), &[(ip, candidates.to_vec())])
+        .pop()
+        .map(|(_, id)| id)
 }
 
-fn container_at_address_in(
+/// For each address asked about with its candidates, the one candidate that holds it now, if
+/// exactly one does (addresses no candidate or several hold are left out). One walk of
+/// `/proc` for them all: each process's cgroup is read once, its network namespace's
+/// addresses at most once. Blocking.
+pub fn containers_at_addresses(asks: &[(IpAddr, Vec<ContainerId>)]) -> Vec<(IpAddr, ContainerId)> {
+    containers_at_addresses_in(Path::new("/proc"), asks)
+}
+
+fn containers_at_addresses_in(
     proc: &Path,
-    ip: IpAddr,
-    candidates: &[ContainerId],
-) -> Option<ContainerId> {
-    if candidates.is_empty() {
-        return None;
+    asks: &[(IpAddr, Vec<ContainerId>)],
+) -> Vec<(IpAddr, ContainerId)> {
+    let asks: Vec<&(IpAddr, Vec<ContainerId>)> =
+        asks.iter().filter(|(_, c)| !c.is_empty()).collect();
+    if asks.is_empty() {
+        return Vec::new();
     }
-    let texts: Vec<(&ContainerId, String)> =
-        candidates.iter().map(|c| (c, String::from(c))).collect();
-    let mut found: Option<&ContainerId> = None;
-    for entry in std::fs::read_dir(proc).ok()?.flatten() {
+    let mut ids: Vec<(&ContainerId, String)> = asks
+        .iter()
+        .flat_map(|(_, c)| c.iter())
+        .map(|c| (c, String::from(c)))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    // Per ask: the candidate found holding it, and whether another did too.
+    let mut found: Vec<(Option<&ContainerId>, bool)> = vec![(None, false); asks.len()];
+    let Ok(entries) = std::fs::read_dir(proc) else {
+        return Vec::new();
+    };
+    for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
@@ -37,34 +57,68 @@ fn container_at_address_in(
         let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
             continue;
         };
-        let Some((id, _)) = texts
-            .iter()
-            .find(|(_, text)| cgroup.contains(text.as_str()))
-        else {
+        let Some((id, _)) = ids.iter().find(|(_, text)| cgroup.contains(text.as_str())) else {
             continue;
         };
-        if found == Some(id) {
-            continue;
-        }
-        if netns_has(&dir, ip) {
-            if found.is_some() {
-                // Two containers with the address (one shares the other's namespace):
-                // either could be asking.
-                return None;
+        let mut addresses = NetnsAddresses::of(&dir);
+        for (i, (ip, candidates)) in asks.iter().enumerate() {
+            let slot = &mut found[i];
+            if !candidates.contains(id) || slot.0 == Some(*id) || slot.1 {
+                continue;
             }
-            found = Some(id);
+            if addresses.has(*ip) {
+                // Two containers with the address (one shares the other's namespace): either
+                // could be asking.
+                if slot.0.is_some() {
+                    slot.1 = true;
+                } else {
+                    slot.0 = Some(*id);
+                }
+            }
         }
     }
-    found.cloned()
+    asks.iter()
+        .zip(found)
+        .filter_map(|((ip, _), (id, ambiguous))| match (id, ambiguous) {
+            (Some(id), false) => Some((*ip, id.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
-/// Whether the network namespace of process `dir` (`/proc/<pid>`) has `ip` as a local address.
-fn netns_has(dir: &Path, ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(_) => std::fs::read_to_string(dir.join("net/fib_trie"))
-            .is_ok_and(|trie| fib_trie_has_local(&trie, ip)),
-        IpAddr::V6(_) => std::fs::read_to_string(dir.join("net/if_inet6"))
-            .is_ok_and(|list| if_inet6_has(&list, ip)),
+/// A process's network namespace's local addresses, read when first asked (IPv4 and IPv6 from
+/// their own files).
+struct NetnsAddresses<'a> {
+    dir: &'a Path,
+    v4: Option<String>,
+    v6: Option<String>,
+}
+
+impl<'a> NetnsAddresses<'a> {
+    fn of(dir: &'a Path) -> NetnsAddresses<'a> {
+        NetnsAddresses {
+            dir,
+            v4: None,
+            v6: None,
+        }
+    }
+
+    fn has(&mut self, ip: IpAddr) -> bool {
+        let dir = self.dir;
+        match ip {
+            IpAddr::V4(_) => {
+                let trie = self.v4.get_or_insert_with(|| {
+                    std::fs::read_to_string(dir.join("net/fib_trie")).unwrap_or_default()
+                });
+                fib_trie_has_local(trie, ip)
+            }
+            IpAddr::V6(_) => {
+                let list = self.v6.get_or_insert_with(|| {
+                    std::fs::read_to_string(dir.join("net/if_inet6")).unwrap_or_default()
+                });
+                if_inet6_has(list, ip)
+            }
+        }
     }
 }
 
@@ -140,11 +194,33 @@ Main:
         process("10", &a, TRIE);
         process("11", &b, &TRIE.replace("192.168.2.7", "192.168.2.8"));
         process("12", "not-a-container", TRIE);
-        let candidates = [ContainerId::new(a.clone()), ContainerId::new(b.clone())];
-        let at = |s: &str| container_at_address_in(proc.path(), ip(s), &candidates);
+        let candidates = vec![ContainerId::new(a.clone()), ContainerId::new(b.clone())];
+        let at = |s: &str| {
+            containers_at_addresses_in(proc.path(), &[(ip(s), candidates.clone())])
+                .pop()
+                .map(|(_, id)| id)
+        };
         assert_eq!(at("192.168.2.7"), Some(ContainerId::new(a.clone())));
         assert_eq!(at("192.168.2.8"), Some(ContainerId::new(b.clone())));
         assert_eq!(at("192.168.2.9"), None);
+        // All three at once, in one walk: the two held, the free one left out; an address
+        // asked with only `b` as candidate is not `a`'s.
+        let all = containers_at_addresses_in(
+            proc.path(),
+            &[
+                (ip("192.168.2.7"), candidates.clone()),
+                (ip("192.168.2.8"), candidates.clone()),
+                (ip("192.168.2.9"), candidates.clone()),
+                (ip("192.168.2.7"), vec![ContainerId::new(b.clone())]),
+            ],
+        );
+        assert_eq!(
+            all,
+            vec![
+                (ip("192.168.2.7"), ContainerId::new(a.clone())),
+                (ip("192.168.2.8"), ContainerId::new(b.clone())),
+            ]
+        );
         // A process outside the candidates with the address does not count; a second
         // candidate with it makes the answer unknown.
         process("13", &b, TRIE);

@@ -374,14 +374,18 @@ fn answerer(
 ) -> anyhow::Result<Answerer> {
     let identify = {
         let view = view.clone();
-        Arc::new(move |src: IpAddr| {
-            let candidates = view.candidates(src);
-            if candidates.is_empty() {
+        Arc::new(move |addresses: Vec<IpAddr>| {
+            let asks: Vec<(IpAddr, Vec<_>)> = addresses
+                .into_iter()
+                .map(|src| (src, view.candidates(src)))
+                .filter(|(_, candidates)| !candidates.is_empty())
+                .collect();
+            if asks.is_empty() {
                 return;
             }
             let view = view.clone();
             tokio::task::spawn_blocking(move || {
-                if let Some(id) = linkdns_docker::container_at_address(src, &candidates) {
+                for (src, id) in linkdns_docker::containers_at_addresses(&asks) {
                     tracing::debug!(%src, container = %id, "identified a starting container by its network namespace");
                     view.local(LocalChange::Identified { id, ip: src });
                 }
