@@ -123,6 +123,11 @@ pub(crate) struct Inner {
     /// The certificates this node issued as leader, by node: the last one's public key, the
     /// certificate and its expiry, and when it was issued (see `control::renew`).
     pub(crate) issued: Mutex<HashMap<u64, crate::control::Issued>>,
+    /// The stream reassembling a snapshot now, if any (by its serial): one at a time on this
+    /// node, from its leader only.
+    reassembling: Mutex<Option<u64>>,
+    /// The largest snapshot taken in chunks, in bytes.
+    max_snapshot: std::sync::atomic::AtomicU64,
 }
 
 /// The slot an accepted connection holds until it closes.
@@ -204,6 +209,8 @@ impl Transport {
                 next_stream: std::sync::atomic::AtomicU64::new(0),
                 per_stranger: Arc::new(Mutex::new(HashMap::new())),
                 issued: Mutex::new(HashMap::new()),
+                reassembling: Mutex::new(None),
+                max_snapshot: std::sync::atomic::AtomicU64::new(wire::MAX_SNAPSHOT),
             }),
         })
     }
@@ -266,6 +273,13 @@ impl Transport {
     }
 
     /// How long ago anything arrived from `peer`.
+    /// The largest snapshot this node takes in chunks, in bytes (1 GiB unless set).
+    pub fn set_max_snapshot(&self, bytes: u64) {
+        self.inner
+            .max_snapshot
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// `peer`'s own account of who leads it, as an inquiry asks it (see [`Inquiry`]).
     pub async fn leader_view(&self, peer: u64) -> Result<LeaderView, String> {
         ask_leader(&self.inner, peer).await
@@ -480,6 +494,54 @@ impl Inner {
         {
             Some((_, fingerprint)) => Expected::Bound(*fingerprint, None),
             None => Expected::Unknown,
+        }
+    }
+
+    /// Lets stream `serial` of node `from` reassemble a snapshot of `total` bytes: only this
+    /// node's leader sends snapshots (a peer that is not gets its stream closed), one at a
+    /// time (a newer one from the leader replaces an unfinished one), of at most the
+    /// configured size. The leader's append may still be on its way into Raft when the first
+    /// chunk comes: its leadership is awaited for a second.
+    async fn start_reassembly(&self, from: u64, serial: u64, total: u64) -> Result<(), String> {
+        let max = self.max_snapshot.load(std::sync::atomic::Ordering::Relaxed);
+        if total > max {
+            tracing::warn!(peer = from, bytes = total, max, "refused a snapshot larger than this node takes (--max-snapshot-mb); it cannot catch up until that is raised");
+            return Err(format!(
+                "node {from} sent a snapshot of {total} bytes; this node takes at most {max}"
+            ));
+        }
+        let Some(node) = self.node() else {
+            return Err("the node is not running yet".into());
+        };
+        let mut changes = node.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while node.status().leader != Some(from) {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .map_or(true, |r| r.is_err())
+            {
+                return Err(format!(
+                    "node {from} sent a snapshot but is not this node's leader"
+                ));
+            }
+        }
+        if let Ok(mut slot) = self.reassembling.lock() {
+            *slot = Some(serial);
+        }
+        Ok(())
+    }
+
+    fn reassembles(&self, serial: u64) -> bool {
+        self.reassembling
+            .lock()
+            .is_ok_and(|slot| *slot == Some(serial))
+    }
+
+    fn end_reassembly(&self, serial: u64) {
+        if let Ok(mut slot) = self.reassembling.lock() {
+            if *slot == Some(serial) {
+                *slot = None;
+            }
         }
     }
 
@@ -1173,6 +1235,18 @@ async fn receive(
 ) -> Result<(), String> {
     let mut shutdown = inner.shutdown.clone();
     let mut reassembly = Reassembly::default();
+    let serial = inner
+        .next_stream
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The one snapshot being reassembled on this node, if this stream's: given up when the
+    // stream ends.
+    struct Releases<'a>(&'a Inner, u64);
+    impl Drop for Releases<'_> {
+        fn drop(&mut self) {
+            self.0.end_reassembly(self.1);
+        }
+    }
+    let _release = Releases(inner, serial);
     inner.touch(from);
     loop {
         let frame = tokio::select! {
@@ -1195,10 +1269,23 @@ async fn receive(
         inner.touch(from);
         let messages = match kind {
             wire::RAFT => wire::decode_messages(&payload).map_err(|e| e.to_string())?,
-            wire::CHUNK_KIND => match reassembly.add(&payload).map_err(|e| e.to_string())? {
-                Some(m) => vec![m],
-                None => continue,
-            },
+            wire::CHUNK_KIND => {
+                let (total, offset, _) = wire::parse_chunk(&payload).map_err(|e| e.to_string())?;
+                if offset == 0 {
+                    inner.start_reassembly(from, serial, total).await?;
+                } else if !inner.reassembles(serial) {
+                    return Err(format!(
+                        "node {from} sent a snapshot chunk on a stream that is not reassembling one"
+                    ));
+                }
+                match reassembly.add(&payload).map_err(|e| e.to_string())? {
+                    Some(m) => {
+                        inner.end_reassembly(serial);
+                        vec![m]
+                    }
+                    None => continue,
+                }
+            }
             wire::PING => {
                 // A connection outlives a removal only until the next ping.
                 if inner.was_removed(from) {

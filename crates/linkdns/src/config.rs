@@ -52,6 +52,7 @@ pub struct FileConfig {
     pub dns_tcp_per_client: Option<usize>,
     pub dns_threads: Option<usize>,
     pub cert_validity_days: Option<u64>,
+    pub max_snapshot_mb: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -201,6 +202,10 @@ pub struct RunArgs {
     /// its own through the leader when a third is left.
     #[arg(long, env = "LINKDNS_CERT_VALIDITY_DAYS")]
     pub cert_validity_days: Option<u64>,
+    /// The largest snapshot this node takes from its leader, in MiB (1024): reassembled one at
+    /// a time, from the leader only.
+    #[arg(long, env = "LINKDNS_MAX_SNAPSHOT_MB")]
+    pub max_snapshot_mb: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "LINKDNS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -239,6 +244,8 @@ pub struct Config {
     pub dns_limits: Limits,
     /// How long certificates issued by this node (as leader) are valid.
     pub cert_validity: Duration,
+    /// The largest snapshot taken from the leader, in bytes.
+    pub max_snapshot: u64,
     pub routing: bool,
     pub route_protocol: u8,
     pub encapsulation: linkdns_routes::Encapsulation,
@@ -436,6 +443,13 @@ impl Config {
         if !(1..=3650).contains(&validity_days) {
             bail!("cert_validity_days: {validity_days}; use 1 to 3650 days");
         }
+        let max_snapshot_mb = args
+            .max_snapshot_mb
+            .or(file.max_snapshot_mb)
+            .unwrap_or(1024);
+        if !(1..=16384).contains(&max_snapshot_mb) {
+            bail!("max_snapshot_mb: {max_snapshot_mb}; use 1 to 16384");
+        }
         let ttl = args.ttl.or(file.ttl).unwrap_or(5);
         if ttl == 0 {
             bail!("ttl: 0 would disable caching in every client; use at least 1 (seconds)");
@@ -565,6 +579,7 @@ impl Config {
             claim_limit,
             dns_limits,
             cert_validity: Duration::from_secs(validity_days * 24 * 3600),
+            max_snapshot: max_snapshot_mb * 1024 * 1024,
             routing: args.routing.or(file.routing).unwrap_or(true),
             route_protocol,
             encapsulation,

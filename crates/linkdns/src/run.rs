@@ -64,6 +64,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let transport = Transport::new(identity.clone(), shutdown_rx.clone())?;
     transport.set_cert_validity(config.cert_validity);
+    transport.set_max_snapshot(config.max_snapshot);
     // A write that fails (a full disk) degrades the node rather than stopping it: DNS goes
     // on from memory and the store is opened again until it can be written.
     let reopen_dir = config.data_dir.clone();

@@ -828,3 +828,111 @@ async fn a_learner_posing_as_leader_in_a_failover_is_refused_and_nobody_vouches_
     })
     .await;
 }
+
+/// A Raft stream to `to` at `addr` as the member `identity` is (its certificate, a hello):
+/// what a member that skips its own checks can send.
+async fn member_stream(
+    identity: &Identity,
+    addr: SocketAddr,
+    to: u64,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.ca_cert_der()).expect("CA");
+    let (chain, key) = identity.chain();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("tls 1.3")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client config");
+    let name = rustls::pki_types::ServerName::try_from(linkdns_cluster::identity::node_name(
+        identity.cluster,
+        to,
+    ))
+    .expect("name");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let hello = linkdns_cluster::wire::Hello {
+        version: linkdns_cluster::wire::PROTOCOL_VERSION,
+        cluster: identity.cluster,
+        from: identity.node_id,
+        to,
+        addr: String::new(),
+    };
+    linkdns_cluster::wire::write_frame(
+        &mut tls,
+        linkdns_cluster::wire::HELLO,
+        &linkdns_cluster::wire::encode(&hello),
+    )
+    .await
+    .expect("hello");
+    let (kind, _) = linkdns_cluster::wire::read_frame(&mut tls)
+        .await
+        .expect("answer");
+    assert_eq!(kind, linkdns_cluster::wire::ACCEPT);
+    tls
+}
+
+/// Whether the acceptor closes `stream` within `within` (a read ends instead of waiting).
+async fn closed_within(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_come_from_the_leader_alone_within_the_size_limit() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let token = first.transport.identity().token();
+    let second = join_node(&first, &token, "h2").await;
+    wait("h2 follows h1", || second.node.status().leader == Some(1)).await;
+    let chunk = |total: u64| {
+        let mut payload = linkdns_cluster::wire::chunk_header(total, 0).to_vec();
+        payload.extend_from_slice(&[0u8; 64]);
+        payload
+    };
+
+    // A member that does not lead starts a snapshot: its stream is closed (it could hold up
+    // to the size limit on every connection it opens).
+    let mut stream = member_stream(&second.transport.identity(), first.addr, 1).await;
+    linkdns_cluster::wire::write_frame(
+        &mut stream,
+        linkdns_cluster::wire::CHUNK_KIND,
+        &chunk(4096),
+    )
+    .await
+    .expect("chunk");
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(5)).await,
+        "the non-leader's snapshot stream stays open"
+    );
+
+    // The leader itself, past the follower's limit: refused at the first chunk.
+    second.transport.set_max_snapshot(1024 * 1024);
+    let mut stream = member_stream(&first.transport.identity(), second.addr, 2).await;
+    linkdns_cluster::wire::write_frame(
+        &mut stream,
+        linkdns_cluster::wire::CHUNK_KIND,
+        &chunk(2 * 1024 * 1024),
+    )
+    .await
+    .expect("chunk");
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(5)).await,
+        "a snapshot over the limit is taken"
+    );
+
+    // Both nodes carry on.
+    propose(&second.node, container(2, "after", "10.0.2.9")).await;
+    wait("replicated", || resolves(&first, "after")).await;
+}
