@@ -47,6 +47,12 @@ pub enum Error {
     },
     #[error("container {id} has an empty name")]
     EmptyName { id: ContainerId },
+    #[error("node {node} holds {quota} container records, the most one node may; container {id} is refused")]
+    RecordQuota {
+        node: NodeId,
+        quota: usize,
+        id: ContainerId,
+    },
     #[error("{count} part(s) of the command were rejected (the rest applied), the first: {first}")]
     PartlyRejected { count: usize, first: Box<Error> },
     #[error("subnet {subnet} overlaps {owner_subnet} of node {owner_name} (id {owner}); give this host's Docker network a subnet of its own")]
@@ -208,7 +214,18 @@ pub struct Registry {
     link_aliases: OrdMap<String, usize>,
     /// The one shared copy of each network the records' addresses are on, with its users.
     networks: OrdMap<Network, (Arc<Network>, usize)>,
+    /// How many container records each node holds (see [`RECORD_QUOTA`]).
+    per_node: OrdMap<NodeId, usize>,
+    /// [`RECORD_QUOTA`], but in this crate's tests (which cannot wait for 100,000 records).
+    #[cfg(test)]
+    quota: Option<usize>,
 }
+
+/// Most container records one node may hold: far more containers than one host runs. A node
+/// reporting more (a compromised one, say) has the rest refused, so no member can grow every
+/// replica's memory without bound. Part of what the log means: every replica applies the same
+/// quota, so changing it needs a new command version.
+pub const RECORD_QUOTA: usize = 100_000;
 
 impl Registry {
     pub fn new() -> Registry {
@@ -242,6 +259,7 @@ impl Registry {
             } => self.replace_containers(*node, containers, *version),
             Command::UpsertContainer(container) => {
                 self.check_container(container)?;
+                self.check_quota(container.node, &container.id)?;
                 Ok(self.upsert_container(container.clone().normalized()))
             }
             Command::RemoveContainer { node, id, version } => {
@@ -473,6 +491,14 @@ impl Registry {
                 self.check_container(c)
             };
             match owned {
+                // The listing replaces the node's records: it may hold up to the quota.
+                Ok(()) if wanted.len() >= self.record_quota() && !wanted.contains_key(&c.id) => {
+                    rejected.push(Error::RecordQuota {
+                        node,
+                        quota: self.record_quota(),
+                        id: c.id.clone(),
+                    });
+                }
                 Ok(()) => {
                     wanted.insert(c.id.clone(), c.clone().normalized());
                 }
@@ -641,6 +667,33 @@ impl Registry {
         }
     }
 
+    fn record_quota(&self) -> usize {
+        #[cfg(test)]
+        if let Some(quota) = self.quota {
+            return quota;
+        }
+        RECORD_QUOTA
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_record_quota(&mut self, quota: usize) {
+        self.quota = Some(quota);
+    }
+
+    /// Whether `node` may have container `id` (held already, or within [`RECORD_QUOTA`]).
+    fn check_quota(&self, node: NodeId, id: &ContainerId) -> Result<(), Error> {
+        let held = self.per_node.get(&node).copied().unwrap_or(0);
+        let quota = self.record_quota();
+        if held >= quota && !self.containers.contains_key(id) {
+            return Err(Error::RecordQuota {
+                node,
+                quota,
+                id: id.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Inserts or replaces a normalized container, keeping the indexes in step.
     fn put_container(&mut self, c: Container) -> Outcome {
         let mut c = Record::from(c);
@@ -670,6 +723,7 @@ impl Registry {
         for link in c.links() {
             *self.link_aliases.entry(link.alias.clone()).or_default() += 1;
         }
+        *self.per_node.entry(c.node).or_default() += 1;
         self.containers.insert(c.id.clone(), Arc::new(c));
         Outcome::Changed
     }
@@ -678,6 +732,13 @@ impl Registry {
         let Some(c) = self.containers.remove(id) else {
             return;
         };
+        let emptied = self.per_node.get_mut(&c.node).is_some_and(|n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+        if emptied {
+            self.per_node.remove(&c.node);
+        }
         self.by_name.remove(&*c.name, id);
         for alias in c.aliases() {
             self.by_alias.remove(alias.as_str(), id);

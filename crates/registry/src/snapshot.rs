@@ -264,10 +264,12 @@ impl Registry {
                 .apply(&Command::UpsertNode(node.clone()))
                 .map_err(|e| decode_err(format!("inconsistent node: {e}")))?;
         }
+        // As they were accepted: a quota met since does not undo them.
         for container in &body.containers {
             registry
-                .apply(&Command::UpsertContainer(container.clone()))
+                .check_container(container)
                 .map_err(|e| decode_err(format!("inconsistent container: {e}")))?;
+            registry.upsert_container(container.clone().normalized());
         }
         for &node in &body.down {
             registry

@@ -1668,3 +1668,64 @@ fn an_index_key_moves_between_one_and_many_containers() {
     assert!(!index.contains_key("web"));
     assert!(index.one.is_empty() && index.many.is_empty());
 }
+
+#[test]
+fn a_node_holds_at_most_the_record_quota_and_others_are_unaffected() {
+    let mut r = two_nodes();
+    // RECORD_QUOTA (100,000) as 1,000, for time's sake; the rule is the same.
+    const RECORD_QUOTA: usize = 1_000;
+    r.set_record_quota(RECORD_QUOTA);
+    let record = |node: NodeId, i: usize| {
+        container(
+            &format!("n{node}-{i}"),
+            &format!("c{node}-{i}"),
+            node,
+            &[&format!("10.{node}.{}.{}", i / 250, i % 250 + 1)],
+        )
+    };
+    for i in 0..RECORD_QUOTA {
+        r.apply(&Command::UpsertContainer(record(1, i)))
+            .expect("within the quota");
+    }
+    // One more new record: refused, and said why.
+    match r.apply(&Command::UpsertContainer(record(1, RECORD_QUOTA))) {
+        Err(Error::RecordQuota { node: 1, quota, .. }) => assert_eq!(quota, RECORD_QUOTA),
+        other => panic!("{other:?}"),
+    }
+    // A record it holds may change; another node's are its own business.
+    let mut changed = record(1, 7);
+    changed.aliases.insert("seven".into());
+    r.apply(&Command::UpsertContainer(changed))
+        .expect("an update");
+    r.apply(&Command::UpsertContainer(record(2, 0)))
+        .expect("node 2");
+    // A listing that replaces the node's records holds the quota at most, the rest refused.
+    let listing: Vec<Container> = (0..RECORD_QUOTA + 5).map(|i| record(1, i)).collect();
+    match r.apply(&Command::ReplaceContainers {
+        node: 1,
+        containers: listing,
+        version: 0,
+    }) {
+        Err(Error::PartlyRejected { count: 5, first }) => {
+            assert!(matches!(*first, Error::RecordQuota { .. }), "{first}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.containers_of(1).count(), RECORD_QUOTA);
+    // A replica restored from the snapshot holds the same; a removal makes room again.
+    let mut restored = Registry::restore(&r.snapshot()).expect("restore");
+    assert_eq!(restored.snapshot(), r.snapshot());
+    restored.set_record_quota(RECORD_QUOTA);
+    assert!(matches!(
+        restored.apply(&Command::UpsertContainer(record(1, RECORD_QUOTA + 9))),
+        Err(Error::RecordQuota { .. })
+    ));
+    r.apply(&Command::RemoveContainer {
+        node: 1,
+        id: ContainerId::new("n1-0"),
+        version: 0,
+    })
+    .expect("remove");
+    r.apply(&Command::UpsertContainer(record(1, RECORD_QUOTA + 9)))
+        .expect("room again");
+}
