@@ -9,6 +9,9 @@
 //!   dropped with one log line and never reaches Raft.
 //! - Contact: every frame from a peer refreshes its last-contact time; idle senders ping once a
 //!   second, so every node knows when it last heard from every other one.
+//! - Bounds: a peer's messages not yet stepped into Raft hold a share of its budget (about
+//!   64 MiB); with none left its streams are not read on (TCP pushes back). A snapshot is
+//!   reassembled only from this node's leader, one at a time, up to `--max-snapshot-mb`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -60,6 +63,9 @@ pub trait ControlHandler: Send + Sync + 'static {
 const QUEUE: usize = 4096;
 /// Messages per RAFT frame, at most.
 const BATCH: usize = 256;
+/// The budget of one peer's messages received and not yet stepped into Raft, in units of
+/// about 4 KiB (so about 64 MiB; a snapshot message counts as all of it at most).
+const INBOX_BUDGET: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,6 +126,9 @@ pub(crate) struct Inner {
     next_stream: std::sync::atomic::AtomicU64,
     /// Connections open per stranger address.
     per_stranger: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    /// Each peer's budget of messages received and not yet stepped (see [`INBOX_BUDGET`]),
+    /// shared by all its streams.
+    inboxes: Mutex<HashMap<u64, Arc<tokio::sync::Semaphore>>>,
     /// The certificates this node issued as leader, by node: the last one's public key, the
     /// certificate and its expiry, and when it was issued (see `control::renew`).
     pub(crate) issued: Mutex<HashMap<u64, crate::control::Issued>>,
@@ -210,6 +219,7 @@ impl Transport {
                 per_stranger: Arc::new(Mutex::new(HashMap::new())),
                 issued: Mutex::new(HashMap::new()),
                 reassembling: Mutex::new(None),
+                inboxes: Mutex::new(HashMap::new()),
                 max_snapshot: std::sync::atomic::AtomicU64::new(wire::MAX_SNAPSHOT),
             }),
         })
@@ -542,6 +552,17 @@ impl Inner {
             if *slot == Some(serial) {
                 *slot = None;
             }
+        }
+    }
+
+    /// `peer`'s budget of messages received and not yet stepped.
+    fn inbox(&self, peer: u64) -> Arc<tokio::sync::Semaphore> {
+        match self.inboxes.lock() {
+            Ok(mut inboxes) => inboxes
+                .entry(peer)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(INBOX_BUDGET)))
+                .clone(),
+            Err(_) => Arc::new(tokio::sync::Semaphore::new(INBOX_BUDGET)),
         }
     }
 
@@ -1296,6 +1317,12 @@ async fn receive(
             other => return Err(format!("unexpected frame kind {other} from node {from}")),
         };
         let Some(node) = inner.node() else { continue };
+        // Each message holds a share of the peer's budget until Raft stepped it (about one
+        // unit per 4 KiB): while the Raft thread is busy this stream is not read on, and TCP
+        // pushes back on the sender.
+        let weight = |bytes: usize| (1 + bytes / 4096).min(INBOX_BUDGET) as u32;
+        let each = payload.len() / messages.len().max(1);
+        let budget = inner.inbox(from);
         for m in messages {
             if m.from != from || m.to != inner.id {
                 return Err(format!(
@@ -1303,7 +1330,15 @@ async fn receive(
                     m.from, m.to
                 ));
             }
-            if node.step(m).is_err() {
+            let share = tokio::select! {
+                share = tokio::time::timeout(IDLE_TIMEOUT, budget.clone().acquire_many_owned(weight(each))) => match share {
+                    Ok(Ok(share)) => share,
+                    Ok(Err(_)) => return Ok(()),
+                    Err(_) => return Err(format!("Raft took none of node {from}'s messages for {IDLE_TIMEOUT:?}")),
+                },
+                _ = shutdown.changed() => return Ok(()),
+            };
+            if node.step_with(m, share).is_err() {
                 return Ok(()); // the node is stopping
             }
         }

@@ -35,6 +35,9 @@ pub const MAX_FIRST_FRAME: usize = 64 * 1024;
 /// A sender closes a RAFT frame once it holds this much (one larger message goes alone).
 pub const FRAME_TARGET: usize = 4 * 1024 * 1024;
 
+/// Most Raft messages in one RAFT frame (senders put 256 at most).
+pub const MAX_MESSAGES_PER_FRAME: usize = 4096;
+
 /// Largest snapshot accepted in chunks.
 pub const MAX_SNAPSHOT: u64 = 1024 * 1024 * 1024;
 
@@ -233,7 +236,12 @@ pub fn decode_messages(mut payload: &[u8]) -> Result<Vec<Message>, WireError> {
         Ok(head.to_vec())
     };
     let count = u32::from_be_bytes(take(4, &mut payload)?.try_into().unwrap_or([0; 4]));
-    let mut out = Vec::with_capacity((count as usize).min(4096));
+    if count as usize > MAX_MESSAGES_PER_FRAME {
+        return Err(bad(format!(
+            "{count} messages in one frame; senders put {MAX_MESSAGES_PER_FRAME} at most"
+        )));
+    }
+    let mut out = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let len = u32::from_be_bytes(take(4, &mut payload)?.try_into().unwrap_or([0; 4]));
         let bytes = take(len as usize, &mut payload)?;

@@ -116,8 +116,9 @@ enum Event {
         change: Membership,
         reply: Reply,
     },
-    /// A Raft message from a peer (delivered by the transport).
-    Step(Box<Message>),
+    /// A Raft message from a peer (delivered by the transport), with the share of the peer's
+    /// budget it holds until it is stepped (see [`NodeHandle::step_with`]).
+    Step(Box<Message>, Option<tokio::sync::OwnedSemaphorePermit>),
     Unreachable(u64),
     SnapshotSent {
         peer: u64,
@@ -212,7 +213,19 @@ impl NodeHandle {
 
     /// Hands a peer's Raft message to the loop.
     pub fn step(&self, message: Message) -> Result<(), Error> {
-        self.send(Event::Step(Box::new(message)))
+        self.send(Event::Step(Box::new(message), None))
+    }
+
+    /// Hands a peer's Raft message to the loop with `permit`, a share of that peer's budget of
+    /// messages not yet stepped: released once Raft took the message, so a transport that
+    /// waits for a share before reading on gets backpressure, and a peer cannot queue without
+    /// bound while the Raft thread is busy.
+    pub fn step_with(
+        &self,
+        message: Message,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), Error> {
+        self.send(Event::Step(Box::new(message), Some(permit)))
     }
 
     /// The transport could not deliver to `peer`.
@@ -557,7 +570,7 @@ impl Driver {
         match event {
             Event::Propose { command, reply } => core.propose(&command, reply),
             Event::Membership { change, reply } => core.propose_membership(&change, reply),
-            Event::Step(message) => core.step(*message),
+            Event::Step(message, _share) => core.step(*message),
             Event::Unreachable(peer) => core.report_unreachable(peer),
             Event::SnapshotSent { peer, delivered } => core.report_snapshot(peer, delivered),
             Event::Vouch { leader, term } => core.vouch(leader, term),

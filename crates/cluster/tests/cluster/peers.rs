@@ -936,3 +936,74 @@ async fn snapshots_come_from_the_leader_alone_within_the_size_limit() {
     propose(&second.node, container(2, "after", "10.0.2.9")).await;
     wait("replicated", || resolves(&first, "after")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_queue_messages_without_bound_while_raft_is_busy() {
+    let first = start(Identity::bootstrap(1).expect("identity"), true, "h1", 0).await;
+    let token = first.transport.identity().token();
+    let second = join_node(&first, &token, "h2").await;
+    wait("h2 follows h1", || second.node.status().leader == Some(1)).await;
+
+    // h1's Raft thread held up (a publication hook that waits, as a slow disk would).
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    first.node.on_publish(Box::new({
+        let gate = gate.clone();
+        move |_| {
+            let (held, wake) = &*gate;
+            let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+            while *held {
+                held = wake.wait(held).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }));
+    // Opened again however the test ends (a failed assertion included): the nodes' shutdown
+    // joins the Raft thread.
+    struct Opens(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+    impl Drop for Opens {
+        fn drop(&mut self) {
+            let (held, wake) = &*self.0;
+            *held.lock().unwrap_or_else(|e| e.into_inner()) = false;
+            wake.notify_all();
+        }
+    }
+    *gate.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    let opens = Opens(gate.clone());
+    let stuck = {
+        let node = first.node.clone();
+        tokio::spawn(async move { node.propose(container(1, "held", "10.0.1.9")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // h2's certificate, messages of 64 KiB each (valid ones), 200 MiB of them: the node reads
+    // up to its budget (about 64 MiB) and then no further until Raft takes them.
+    let term = first.node.status().term;
+    let mut stream = member_stream(&second.transport.identity(), first.addr, 1).await;
+    let message = Message {
+        msg_type: MessageType::MsgHeartbeatResponse,
+        from: 2,
+        to: 1,
+        term,
+        context: vec![7u8; 64 * 1024].into(),
+        ..Default::default()
+    };
+    let frame = linkdns_cluster::wire::encode_messages(&vec![message; 16]);
+    let mut framed = Vec::new();
+    linkdns_cluster::wire::frame(&mut framed, linkdns_cluster::wire::RAFT, &frame);
+    let flood = async {
+        for _ in 0..200 {
+            stream.write_all(&framed).await?;
+        }
+        stream.flush().await
+    };
+    let flooded = tokio::time::timeout(Duration::from_secs(5), flood).await;
+    assert!(
+        flooded.is_err(),
+        "200 MiB were taken while Raft took nothing: {flooded:?}"
+    );
+
+    // Raft goes on: the held proposal lands, and new ones do.
+    drop(opens);
+    stuck.await.expect("task").expect("the held proposal");
+    propose(&first.node, container(1, "after", "10.0.1.10")).await;
+    wait("replicated", || resolves(&second, "after")).await;
+}
