@@ -75,8 +75,12 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// A member stream with no frame for this long (pings come every second) is dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Inbound connections at once from the addresses of registered nodes.
+/// Member streams at once (connections that proved they are a member's), and connections
+/// from members' addresses not yet proven.
 const MAX_CONNECTIONS: usize = 256;
+/// Unproven connections at once from one member's address: a process on a member's host
+/// without the node's key can hold no more (and no member slot).
+const MAX_PER_MEMBER_ADDRESS: usize = 8;
 /// Inbound connections at once from any other address (joining hosts, strangers): their own
 /// small pool, so a flood of them never takes a member's slot.
 const MAX_STRANGERS: usize = 32;
@@ -126,6 +130,10 @@ pub(crate) struct Inner {
     next_stream: std::sync::atomic::AtomicU64,
     /// Connections open per stranger address.
     per_stranger: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    /// Connections from members' addresses that have not proven who they are yet, in all and
+    /// per address.
+    pending_members: Arc<tokio::sync::Semaphore>,
+    per_member_ip: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
     /// Each peer's budget of messages received and not yet stepped (see [`INBOX_BUDGET`]),
     /// shared by all its streams.
     inboxes: Mutex<HashMap<u64, Arc<tokio::sync::Semaphore>>>,
@@ -140,26 +148,24 @@ pub(crate) struct Inner {
 }
 
 /// The slot an accepted connection holds until it closes.
-enum Slot {
-    Member {
-        _permit: tokio::sync::OwnedSemaphorePermit,
-    },
-    Stranger {
-        _permit: tokio::sync::OwnedSemaphorePermit,
-        ip: std::net::IpAddr,
-        counts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
-    },
+/// A connection's place until it proves who it is (its TLS handshake and first frame): from a
+/// member's address, or from any other; each pool also caps each address. A member's Raft
+/// stream then takes a member slot ([`MAX_CONNECTIONS`]) and gives this one back, so a process
+/// on a member's host that cannot complete the handshake holds no member slot.
+struct Slot {
+    from_member: bool,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    ip: std::net::IpAddr,
+    counts: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Slot::Stranger { ip, counts, .. } = self {
-            if let Ok(mut counts) = counts.lock() {
-                if let Some(n) = counts.get_mut(ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        counts.remove(ip);
-                    }
+        if let Ok(mut counts) = self.counts.lock() {
+            if let Some(n) = counts.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&self.ip);
                 }
             }
         }
@@ -214,6 +220,8 @@ impl Transport {
                 admission: tokio::sync::Mutex::new(()),
                 connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
                 strangers: Arc::new(tokio::sync::Semaphore::new(MAX_STRANGERS)),
+                pending_members: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+                per_member_ip: Arc::new(Mutex::new(HashMap::new())),
                 streams: Mutex::new(HashMap::new()),
                 next_stream: std::sync::atomic::AtomicU64::new(0),
                 per_stranger: Arc::new(Mutex::new(HashMap::new())),
@@ -434,36 +442,38 @@ impl Inner {
             })
     }
 
-    /// A slot for a connection from `remote`: the members' pool for a registered node's
-    /// address, else the strangers' (which also caps each address).
+    /// A slot for a connection from `remote` until it proves who it is: the pool of members'
+    /// addresses for a registered node's address, else the strangers'; each caps each address.
     fn admit(&self, remote: SocketAddr) -> Result<Slot, &'static str> {
-        if self.is_member_ip(remote.ip()) {
-            return self
-                .connections
-                .clone()
-                .try_acquire_owned()
-                .map(|permit| Slot::Member { _permit: permit })
-                .map_err(|_| "too many member connections");
-        }
         let ip = linkdns_registry::canonical_ip(remote.ip());
-        let mut counts = self
-            .per_stranger
-            .lock()
-            .map_err(|_| "connection table unavailable")?;
-        let mine = counts.get(&ip).copied().unwrap_or(0);
-        if mine >= MAX_PER_STRANGER {
+        let from_member = self.is_member_ip(ip);
+        let (pool, counts, per_ip) = if from_member {
+            (
+                &self.pending_members,
+                &self.per_member_ip,
+                MAX_PER_MEMBER_ADDRESS,
+            )
+        } else {
+            (&self.strangers, &self.per_stranger, MAX_PER_STRANGER)
+        };
+        let mut table = counts.lock().map_err(|_| "connection table unavailable")?;
+        let mine = table.get(&ip).copied().unwrap_or(0);
+        if mine >= per_ip {
             return Err("too many connections from this address");
         }
-        let permit = self
-            .strangers
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "too many connections from addresses that are not members")?;
-        counts.insert(ip, mine + 1);
-        Ok(Slot::Stranger {
+        let permit = pool.clone().try_acquire_owned().map_err(|_| {
+            if from_member {
+                "too many connections from members' addresses"
+            } else {
+                "too many connections from addresses that are not members"
+            }
+        })?;
+        table.insert(ip, mine + 1);
+        Ok(Slot {
+            from_member,
             _permit: permit,
             ip,
-            counts: self.per_stranger.clone(),
+            counts: counts.clone(),
         })
     }
 
@@ -1014,21 +1024,21 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         // The current certificate: a renewed one serves the next connection.
         let acceptor = TlsAcceptor::from(inner.tls.load().server.clone());
         tokio::spawn(async move {
-            let deadline = match slot {
-                Slot::Member { .. } => HANDSHAKE_TIMEOUT,
-                Slot::Stranger { .. } => STRANGER_HANDSHAKE,
+            let from_member = slot.from_member;
+            let deadline = if from_member {
+                HANDSHAKE_TIMEOUT
+            } else {
+                STRANGER_HANDSHAKE
             };
-            if let Err(reason) = serve_connection(&inner, acceptor, tcp, remote, deadline).await {
-                match slot {
-                    Slot::Member { .. } => {
-                        tracing::warn!(peer = %remote, %reason, "peer connection refused")
-                    }
-                    Slot::Stranger { .. } => {
-                        tracing::debug!(peer = %remote, %reason, "peer connection refused")
-                    }
+            if let Err(reason) =
+                serve_connection(&inner, acceptor, tcp, remote, deadline, slot).await
+            {
+                if from_member {
+                    tracing::warn!(peer = %remote, %reason, "peer connection refused")
+                } else {
+                    tracing::debug!(peer = %remote, %reason, "peer connection refused")
                 }
             }
-            drop(slot);
         });
     }
 }
@@ -1041,6 +1051,7 @@ async fn serve_connection(
     tcp: TcpStream,
     remote: SocketAddr,
     deadline: Duration,
+    slot: Slot,
 ) -> Result<(), String> {
     let local = tcp.local_addr().ok();
     // The handshake and the first frame together, within the deadline.
@@ -1078,8 +1089,16 @@ async fn serve_connection(
                     hello.cluster, hello.to, inner.cluster, inner.id
                 ));
             }
-            let checked = check_hello(inner, &hello, &certs)
-                .and_then(|()| StreamClaim::take(inner, hello.from, remote));
+            // Proven a member's: a member slot for the stream, the unproven one given back.
+            let checked = check_hello(inner, &hello, &certs).and_then(|()| {
+                let member = inner
+                    .connections
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| "too many member streams".to_string())?;
+                StreamClaim::take(inner, hello.from, remote).map(|claim| (claim, member))
+            });
+            drop(slot);
             let _claim = match checked {
                 Ok(claim) => claim,
                 Err(reason) => {
@@ -1342,5 +1361,34 @@ async fn receive(
                 return Ok(()); // the node is stopping
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unproven_connection_from_a_members_address_takes_no_member_slot() {
+        let (_stop, stopped) = watch::channel(false);
+        let identity = Identity::bootstrap(1).expect("identity");
+        let transport = Transport::new(identity, stopped).expect("transport");
+        let inner = &transport.inner;
+        // 127.0.0.3 and 127.0.0.4 are members' addresses (learned from their hellos).
+        inner.learn(2, "127.0.0.3:7380");
+        inner.learn(3, "127.0.0.4:7380");
+        let from = |host: u8, port: u16| SocketAddr::from(([127, 0, 0, host], port));
+        // Any process on member 2's host can open connections from its address; before they
+        // prove themselves they hold a few slots of that address's own, and no member slot.
+        let held: Vec<Slot> = (0..MAX_PER_MEMBER_ADDRESS as u16)
+            .map(|i| inner.admit(from(3, 40_000 + i)).expect("admitted"))
+            .collect();
+        assert!(held.iter().all(|s| s.from_member));
+        assert!(inner.admit(from(3, 50_000)).is_err(), "capped per address");
+        assert_eq!(inner.connections.available_permits(), MAX_CONNECTIONS);
+        // Member 3's host is not affected; one slot given back is open again.
+        assert!(inner.admit(from(4, 40_000)).is_ok());
+        drop(held);
+        assert!(inner.admit(from(3, 50_001)).is_ok());
     }
 }
