@@ -28,7 +28,7 @@ pub use convert::{
     container_from_inspect, local_from_inspect, parse_links, parse_services, LABEL_ALIAS,
     LABEL_LINKS, LABEL_SRV,
 };
-pub use procfs::{container_at_address, containers_at_addresses};
+pub use procfs::{container_at_address, containers_at_addresses, running_containers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -53,7 +53,8 @@ pub enum Report {
         bridge_gateways: Vec<IpAddr>,
         firewall_backend: Option<String>,
     },
-    /// Lost the engine; records stay as they are until it is back.
+    /// Lost the engine; records stay as they are until it is back, but for containers whose
+    /// processes are gone (withdrawn meanwhile).
     Disconnected { reason: String },
 }
 
@@ -76,6 +77,55 @@ pub struct WatcherConfig {
     /// The version of the first observation; each later one gets the next. It must be above
     /// every version an earlier run of this node used (see [`Version`]).
     pub first_version: Version,
+    /// This node's containers in the registry: while the engine is away, those whose
+    /// processes are gone from `/proc` are withdrawn (see [`watch`]).
+    pub held: Option<Held>,
+}
+
+/// This node's containers as the registry holds them (read when Docker is away).
+#[derive(Clone)]
+pub struct Held(pub Arc<dyn Fn() -> Vec<ContainerId> + Send + Sync>);
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Held(..)")
+    }
+}
+
+/// While the engine is away: containers of this node whose processes were missing from `/proc`
+/// at the last look (withdrawn if they still are at the next).
+async fn withdraw_the_gone(
+    config: &WatcherConfig,
+    reports: &mpsc::Sender<Report>,
+    clock: &mut Clock,
+    missing_before: &mut Vec<ContainerId>,
+) {
+    let Some(held) = &config.held else { return };
+    let ids = (held.0)();
+    if ids.is_empty() {
+        missing_before.clear();
+        return;
+    }
+    let asked = ids.clone();
+    let Ok(Some(running)) =
+        tokio::task::spawn_blocking(move || procfs::running_containers(&asked)).await
+    else {
+        // Cannot tell from here (outside the host's PID namespace): records stay.
+        return;
+    };
+    let missing: Vec<ContainerId> = ids.into_iter().filter(|id| !running.contains(id)).collect();
+    for id in missing.iter().filter(|id| missing_before.contains(id)) {
+        tracing::info!(container = %id, "container gone while Docker is away (no process left); its records are withdrawn");
+        let command = Command::RemoveContainer {
+            node: config.node,
+            id: id.clone(),
+            version: clock.tick(),
+        };
+        if reports.send(Report::Command(command)).await.is_err() {
+            return;
+        }
+    }
+    *missing_before = missing;
 }
 
 /// Runs until `shutdown` flips to true or the receiver of `reports` is gone. A notification on
@@ -91,6 +141,7 @@ pub async fn watch(
     let mut clock = Clock {
         next: config.first_version,
     };
+    let mut missing_before: Vec<ContainerId> = Vec::new();
     loop {
         if *shutdown.borrow() {
             return;
@@ -101,6 +152,10 @@ pub async fn watch(
             r = follow(&config, &reports, &resync, &mut resynced, &mut clock) => r,
             _ = shutdown.changed() => return,
         };
+        if resynced {
+            // The engine's listing said what runs: earlier looks at /proc are moot.
+            missing_before.clear();
+        }
         if resynced && started.elapsed() >= HEALTHY_SESSION {
             // The session worked for a while: start the backoff over. One that failed right
             // after its resync (an events endpoint that refuses, say) keeps backing off.
@@ -127,6 +182,13 @@ pub async fn watch(
             tracing::debug!(uri = %config.uri, %reason, ?backoff, "docker still unavailable");
         }
         was_connected = false;
+        // Meanwhile, a container of this node whose processes are gone two looks in a row
+        // (it died with the engine, or was killed) is withdrawn; one still running stays
+        // (live-restore). The engine's listing sets all right once it is back.
+        tokio::select! {
+            _ = withdraw_the_gone(&config, &reports, &mut clock, &mut missing_before) => {}
+            _ = shutdown.changed() => return,
+        }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => return,

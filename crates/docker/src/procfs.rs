@@ -122,6 +122,48 @@ impl<'a> NetnsAddresses<'a> {
     }
 }
 
+/// The inode of the host's (the initial) PID namespace: `/proc/self/ns/pid` reads
+/// `pid:[4026531836]` there.
+const HOST_PID_NAMESPACE: &str = "pid:[4026531836]";
+
+/// Which of `ids` (containers of this host's Docker) have a process on this host now, read off
+/// `/proc` in one walk. `None` when this process cannot tell: it runs outside the host's PID
+/// namespace (it would see none of them: a container without `--pid host`), or `/proc` cannot
+/// be read. Blocking.
+pub fn running_containers(ids: &[ContainerId]) -> Option<Vec<ContainerId>> {
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    if ns.to_str() != Some(HOST_PID_NAMESPACE) {
+        return None;
+    }
+    running_in(Path::new("/proc"), ids)
+}
+
+fn running_in(proc: &Path, ids: &[ContainerId]) -> Option<Vec<ContainerId>> {
+    let texts: Vec<(&ContainerId, String)> = ids.iter().map(|c| (c, String::from(c))).collect();
+    let mut running: Vec<ContainerId> = Vec::new();
+    for entry in std::fs::read_dir(proc).ok()?.flatten() {
+        let name = entry.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let Ok(cgroup) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+            continue;
+        };
+        if let Some((id, _)) = texts
+            .iter()
+            .find(|(_, text)| cgroup.contains(text.as_str()))
+        {
+            if !running.contains(id) {
+                running.push((*id).clone());
+            }
+        }
+    }
+    Some(running)
+}
+
 /// Whether `/proc/<pid>/net/fib_trie` lists `ip` as a local host address (`|-- a.b.c.d`
 /// followed by `/32 host LOCAL`).
 fn fib_trie_has_local(trie: &str, ip: IpAddr) -> bool {
@@ -179,6 +221,25 @@ Main:
         let inet6 = "fd000000000000000000000000000002 04 40 00 82     eth0\n";
         assert!(if_inet6_has(inet6, ip("fd00::2")));
         assert!(!if_inet6_has(inet6, ip("fd00::3")));
+    }
+
+    #[test]
+    fn running_containers_are_those_with_a_process() {
+        let proc = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (format!("{:064x}", 0xa), format!("{:064x}", 0xb));
+        let dir = proc.path().join("42");
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(
+            dir.join("cgroup"),
+            format!("0::/system.slice/docker-{a}.scope\n"),
+        )
+        .expect("cgroup");
+        let ids = [ContainerId::new(a.clone()), ContainerId::new(b)];
+        assert_eq!(
+            running_in(proc.path(), &ids),
+            Some(vec![ContainerId::new(a)])
+        );
+        assert_eq!(running_in(&proc.path().join("nope"), &ids), None);
     }
 
     #[test]

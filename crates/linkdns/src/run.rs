@@ -297,6 +297,17 @@ fn spawn_watcher(
         max_backoff: Duration::from_secs(5),
         resync_every: Duration::from_secs(300),
         first_version: 0,
+        held: Some(linkdns_docker::Held({
+            let node = node.clone();
+            Arc::new(move || {
+                node.published()
+                    .load()
+                    .registry
+                    .containers_of(node_id)
+                    .map(|c| c.id.clone())
+                    .collect()
+            })
+        })),
     };
     let prefix = config.cluster_cidr.map(|(_, prefix)| prefix);
     let WatcherEnds {

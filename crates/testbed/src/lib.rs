@@ -1157,6 +1157,16 @@ impl Host {
         );
     }
 
+    /// Kills the Docker engine (SIGKILL), as a crash would: its containerd, the shims and the
+    /// containers keep running (`start_dockerd` takes them back; the host's drop kills them
+    /// otherwise).
+    pub fn kill_dockerd(&mut self) {
+        if let Some(mut child) = self.dockerd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the Docker engine (SIGTERM) and waits for it to exit.
     pub fn stop_dockerd(&mut self) {
         if let Some(mut child) = self.dockerd.take() {
@@ -1494,6 +1504,25 @@ impl Drop for Host {
             let _ = self.try_docker(&["rm", "-f", id]);
         }
         self.stop_dockerd();
+        // What an engine killed and not started again left: its containerd, the shims and
+        // their containers (by their pid files, each checked to be still this host's).
+        if let Some(base) = self.dir.parent() {
+            for file in pid_files(&self.dir) {
+                kill_by_pid_file(&file, base);
+            }
+            let mut shims = Vec::new();
+            shim_pid_files(&self.dir.join("exec"), 6, &mut shims);
+            for file in shims {
+                if file.ends_with("init.pid") {
+                    kill_container_by_pid_file(&file);
+                } else {
+                    kill_by_pid_file(&file, base);
+                }
+            }
+            // The shims write no pid file; each names this host's directory on its command
+            // line, which no process of another host or run does.
+            kill_processes_naming(&self.dir);
+        }
         let _ = run("ip", &["netns", "delete", &self.ns]);
         let _ = run("ip", &["link", "delete", &self.veth_out]);
         // The data dir's tmpfs (a test's), and whatever Docker left mounted.

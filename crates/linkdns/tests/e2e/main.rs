@@ -401,11 +401,15 @@ fn docker_restart_resyncs_and_dns_keeps_serving() {
     expect_answer(&h, "vanish.cluster", "A", &[&vanish]);
 
     h.stop_dockerd();
-    // Docker is gone: the node says so and still answers from its replica.
+    // Docker is gone, and its containers died with it (no live-restore): the node says so,
+    // and withdraws their records once their processes are gone.
     wait_until(SETTLE, "status to show docker disconnected", || {
         h.status_json()["docker"]["connected"] == false
     });
-    expect_answer(&h, "stay.cluster", "A", &[&stay]);
+    wait_until(SETTLE * 3, "stay's records withdrawn", || {
+        h.dig(&["@127.0.0.1", "stay.cluster", "A"]).status == "NXDOMAIN"
+    });
+    let _ = stay;
 
     h.start_dockerd();
     // The resync drops what did not come back and keeps what did.
@@ -886,4 +890,41 @@ fn the_admin_socket_is_its_owners_alone_and_tcp_serves_monitoring() {
         !as_nobody.status.success() && said.contains("its owner's only"),
         "{said}"
     );
+}
+
+/// Docker crashes (killed): the containers keep running without it. One is killed by its pid
+/// meanwhile: its records go; the other's stay.
+#[test]
+fn a_container_that_dies_while_docker_is_away_is_withdrawn_and_a_running_one_stays() {
+    let mut h = Host::new();
+    h.run_container("alive", &[]);
+    h.run_container("doomed", &[]);
+    h.start_linkdns(&[]);
+    let alive = h.container_ip("alive");
+    let doomed = h.container_ip("doomed");
+    expect_answer(&h, "doomed.cluster", "A", &[&doomed]);
+    let pid = h.docker(&["inspect", "-f", "{{.State.Pid}}", "doomed"]);
+    assert!(
+        pid.parse::<u32>().is_ok_and(|p| p > 1),
+        "doomed's pid: {pid}"
+    );
+
+    h.kill_dockerd();
+    wait_until(SETTLE, "status to show docker disconnected", || {
+        h.status_json()["docker"]["connected"] == false
+    });
+    // Still running without the engine: still answered.
+    expect_answer(&h, "doomed.cluster", "A", &[&doomed]);
+    let out = testbed::run("kill", &["-9", &pid]);
+    assert!(out.status.success(), "kill {pid}: {out:?}");
+    wait_until(SETTLE * 3, "doomed's records withdrawn", || {
+        h.dig(&["@127.0.0.1", "doomed.cluster", "A"]).status == "NXDOMAIN"
+    });
+    expect_answer(&h, "alive.cluster", "A", &[&alive]);
+    assert!(
+        h.log().contains("container gone while Docker is away"),
+        "the node says why"
+    );
+    // (The engine is not started again here: the host's drop kills the containerd, shims
+    // and container it left. Its return after a stop is `docker_restart_resyncs_...`.)
 }
