@@ -15,8 +15,8 @@ fuzz_target!(|data: &[u8]| {
     // Chunks: the input split in two frames.
     let mut r = Reassembly::default();
     let (a, b) = data.split_at(data.len() / 2);
-    let _ = r.add(a);
-    let _ = r.add(b);
+    let _ = r.add(a, wire::MAX_SNAPSHOT);
+    let _ = r.add(b, wire::MAX_SNAPSHOT);
     if let Ok(hello) = wire::decode::<Hello>("hello", data) {
         assert_eq!(wire::decode::<Hello>("hello", &wire::encode(&hello)).ok(), Some(hello));
     }

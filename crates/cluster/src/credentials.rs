@@ -113,7 +113,25 @@ async fn renew(
     status: &RaftStatus,
     identity: &Identity,
 ) -> Result<(), String> {
-    let key = new_node_key().map_err(|e| e.to_string())?;
+    // The same key until a renewal lands: one whose answer was lost is fetched again for it
+    // (the leader hands out what it issued; with the certificate it replaced this node may
+    // ask for nothing else).
+    let pending = transport
+        .inner
+        .pending_key
+        .lock()
+        .ok()
+        .and_then(|p| p.clone());
+    let key = match pending.map(|der| rcgen::KeyPair::try_from(der.as_slice())) {
+        Some(Ok(key)) => key,
+        _ => {
+            let key = new_node_key().map_err(|e| e.to_string())?;
+            if let Ok(mut p) = transport.inner.pending_key.lock() {
+                *p = Some(key.serialize_der());
+            }
+            key
+        }
+    };
     let (cert, expires) = match status.leader {
         Some(leader) if leader == identity.node_id && status.role == Role::Leader => {
             crate::control::renew(
@@ -143,6 +161,9 @@ async fn renew(
     transport
         .replace_identity(updated)
         .map_err(|e| e.to_string())?;
+    if let Ok(mut p) = transport.inner.pending_key.lock() {
+        *p = None;
+    }
     tracing::info!(expires, "this node's certificate was renewed");
     Ok(())
 }

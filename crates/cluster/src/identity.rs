@@ -387,12 +387,15 @@ impl Identity {
     /// joining host, say, which would hand it the join secret) while the certificate is valid.
     pub fn retire(data_dir: &Path, suffix: &str) -> Result<PathBuf, Error> {
         let path = data_dir.join(IDENTITY_FILE);
-        Identity::update(data_dir, |identity| {
+        // All under the lock: a renewal finishing meanwhile finds no file and writes none.
+        let _lock = IdentityLock::take(data_dir)?;
+        if let Some(mut identity) = Identity::load(data_dir)? {
             identity.ca_key.clear();
             identity.secret = Secret([0; 32]);
             identity.node_key.clear();
             identity.peers.clear();
-        })?;
+            identity.write_file(data_dir)?;
+        }
         let to = data_dir.join(format!("{IDENTITY_FILE}.{suffix}"));
         std::fs::rename(&path, &to).map_err(|source| Error::Io { path, source })?;
         Ok(to)

@@ -140,6 +140,9 @@ pub(crate) struct Inner {
     /// The certificates this node issued as leader, by node: the last one's public key, the
     /// certificate and its expiry, and when it was issued (see `control::renew`).
     pub(crate) issued: Mutex<HashMap<u64, crate::control::Issued>>,
+    /// The key this node's renewal in progress asks a certificate for (DER), kept until one
+    /// lands: a retry after a lost answer asks for the same key.
+    pub(crate) pending_key: Mutex<Option<Vec<u8>>>,
     /// The stream reassembling a snapshot now, if any (by its serial): one at a time on this
     /// node, from its leader only.
     reassembling: Mutex<Option<u64>>,
@@ -226,6 +229,7 @@ impl Transport {
                 next_stream: std::sync::atomic::AtomicU64::new(0),
                 per_stranger: Arc::new(Mutex::new(HashMap::new())),
                 issued: Mutex::new(HashMap::new()),
+                pending_key: Mutex::new(None),
                 reassembling: Mutex::new(None),
                 inboxes: Mutex::new(HashMap::new()),
                 max_snapshot: std::sync::atomic::AtomicU64::new(wire::MAX_SNAPSHOT),
@@ -338,12 +342,13 @@ impl Inner {
         if let Some(dir) = dir {
             // The join secret is the file's: `linkdns token --rotate` writes it there (under
             // the same lock).
+            // Never written anew: no file means this node was retired meanwhile.
             let written = Identity::update(&dir, |on_disk| {
                 identity.secret = on_disk.secret.clone();
                 *on_disk = identity.clone();
             })?;
             if written.is_none() {
-                identity.save(&dir)?;
+                tracing::warn!("no identity file to update (the node is being retired); the new credentials are kept in memory only");
             }
         }
         self.identity.store(Arc::new(identity));
@@ -860,17 +865,12 @@ async fn inquire(inner: Arc<Inner>, inquiry: Inquiry) {
     }
     let vouched = inquiry.vouched_by(&answers);
     tracing::info!(
-        leader = inquiry.leader,
-        term = inquiry.term,
         answers = answers.len(),
-        needed = inquiry.needed,
-        vouched,
-        "asked this replica's voters about a leader it does not hold as a voter"
+        ?vouched,
+        "asked this replica's voters whom they follow"
     );
-    if vouched {
-        if let Some(node) = inner.node() {
-            node.vouch(inquiry.leader, inquiry.term);
-        }
+    if let (Some((leader, term)), Some(node)) = (vouched, inner.node()) {
+        node.vouch(leader, term);
     }
 }
 
@@ -1307,8 +1307,12 @@ async fn receive(
             Err(e) => return Err(format!("stream from node {from}: {e}")),
         };
         inner.touch(from);
-        let messages = match kind {
-            wire::RAFT => wire::decode_messages(&payload).map_err(|e| e.to_string())?,
+        // The messages, and the bytes they came in (a snapshot's: all its chunks).
+        let (messages, bytes) = match kind {
+            wire::RAFT => (
+                wire::decode_messages(&payload).map_err(|e| e.to_string())?,
+                payload.len(),
+            ),
             wire::CHUNK_KIND => {
                 let (total, offset, _) = wire::parse_chunk(&payload).map_err(|e| e.to_string())?;
                 if offset == 0 {
@@ -1318,10 +1322,13 @@ async fn receive(
                         "node {from} sent a snapshot chunk on a stream that is not reassembling one"
                     ));
                 }
-                match reassembly.add(&payload).map_err(|e| e.to_string())? {
+                let max = inner
+                    .max_snapshot
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                match reassembly.add(&payload, max).map_err(|e| e.to_string())? {
                     Some(m) => {
                         inner.end_reassembly(serial);
-                        vec![m]
+                        (vec![m], usize::try_from(total).unwrap_or(usize::MAX))
                     }
                     None => continue,
                 }
@@ -1340,7 +1347,7 @@ async fn receive(
         // unit per 4 KiB): while the Raft thread is busy this stream is not read on, and TCP
         // pushes back on the sender.
         let weight = |bytes: usize| (1 + bytes / 4096).min(INBOX_BUDGET) as u32;
-        let each = payload.len() / messages.len().max(1);
+        let each = bytes / messages.len().max(1);
         let budget = inner.inbox(from);
         for m in messages {
             if m.from != from || m.to != inner.id {

@@ -281,11 +281,12 @@ pub struct Reassembly {
 }
 
 impl Reassembly {
-    /// Adds a chunk; returns the whole message when the last one arrives.
-    pub fn add(&mut self, payload: &[u8]) -> Result<Option<Message>, WireError> {
+    /// Adds a chunk of a snapshot of at most `max` bytes; returns the whole message when the
+    /// last one arrives.
+    pub fn add(&mut self, payload: &[u8], max: u64) -> Result<Option<Message>, WireError> {
         let bad = malformed("snapshot chunk");
         let (total, offset, bytes) = parse_chunk(payload)?;
-        if total > MAX_SNAPSHOT {
+        if total > max {
             return Err(bad(format!("snapshot of {total} bytes is too large")));
         }
         if offset == 0 {

@@ -76,6 +76,9 @@ pub struct Holds {
     /// The view version the held addresses were last looked up at, and when: one lookup per
     /// version, at most one per [`PROBE_SPACING`], whatever the number of held queries.
     probed: Mutex<(u64, Option<Instant>)>,
+    /// A lookup for newly held addresses is due (one held query will make it), and when the
+    /// last such was made: a burst of new addresses costs one walk of `/proc`, not one each.
+    fresh: Mutex<(bool, Option<Instant>)>,
 }
 
 impl std::fmt::Debug for Holds {
@@ -107,6 +110,7 @@ impl Holds {
             identify,
             wanted: Mutex::new(HashMap::new()),
             probed: Mutex::new((0, None)),
+            fresh: Mutex::new((false, None)),
         }
     }
 
@@ -167,6 +171,30 @@ impl Holds {
         });
         *probed = (version, Some(now + wait));
         Some(wait)
+    }
+
+    /// Whether this caller, holding a query for a new address, is the one to look up the
+    /// newly held addresses, and after how long (the spacing); `None`: another one will, and
+    /// its lookup takes this address too (it was added before).
+    fn claim_fresh_probe(&self) -> Option<Duration> {
+        let mut fresh = self.fresh.lock().ok()?;
+        if fresh.0 {
+            return None;
+        }
+        let now = Instant::now();
+        let wait = fresh.1.map_or(Duration::ZERO, |at| {
+            (at + PROBE_SPACING).saturating_duration_since(now)
+        });
+        *fresh = (true, Some(now + wait));
+        Some(wait)
+    }
+
+    /// Makes the lookup claimed with [`Holds::claim_fresh_probe`]: every held address.
+    fn fresh_probe(&self) {
+        if let Ok(mut fresh) = self.fresh.lock() {
+            fresh.0 = false;
+        }
+        self.probe_all();
     }
 
     /// Asks `identify` about every held address (at most the slots' number).
@@ -563,8 +591,9 @@ impl Answerer {
 
     /// Waits (at most [`HOLD_LIMIT`]) until the local view tells who `src` is, when it is an
     /// address of this host's container networks that no known container holds. Returns how
-    /// long it waited. A new address is looked up at once; on each change of the view, one of
-    /// the held queries looks up all the held addresses at once.
+    /// long it waited. New addresses are looked up at once (a burst of them together, at most
+    /// one lookup per 25 ms); on each change of the view, one of the held queries looks up all
+    /// the held addresses at once.
     pub async fn wait_for_asker(&self, src: IpAddr) -> Duration {
         struct Unwant<'a>(&'a Holds, IpAddr);
         impl Drop for Unwant<'_> {
@@ -579,8 +608,11 @@ impl Answerer {
         let first = holds.want(src);
         let _unwant = Unwant(holds, src);
         if first {
-            if let Some(identify) = &holds.identify {
-                identify(vec![src]);
+            if let Some(wait) = holds.claim_fresh_probe() {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                holds.fresh_probe();
             }
         }
         let mut expired = false;

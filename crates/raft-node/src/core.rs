@@ -148,19 +148,20 @@ impl<T> Default for Progress<T> {
     }
 }
 
-/// A node that leads a term, or says it does, that this replica's log does not hold as a
-/// voter. A learner acting as leader looks like that; so does a real voter promoted after the
-/// point this replica has applied (it lags). Raft cannot tell them apart, so its messages are
-/// refused until the voters this replica knows vouch for it: `needed` of those in `ask` say
-/// they follow it in `term` and hold it as a voter. [`Core::vouch`] then lets it lead that
-/// term here.
+/// Leader messages came from a node this replica's log does not hold as a voter. A learner
+/// acting as leader looks like that; so does a real voter promoted after the point this
+/// replica has applied (it lags). Raft cannot tell them apart, so such messages are refused,
+/// and this replica asks the voters its log holds whom they follow: a leader that `needed`
+/// of them follow in one term and hold as a voter is vouched for ([`Core::vouch`]) and leads
+/// that term here. What the voters report counts, not what the refused sender claimed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inquiry {
-    pub leader: u64,
-    pub term: u64,
     /// This replica's voters, itself left out (it cannot vouch).
     pub ask: Vec<u64>,
-    /// A majority of this replica's voters.
+    /// How many of them must agree: one. Raft trusts each voter already (any can campaign
+    /// and lead, and then append what it likes), so one voter's word adds no risk; asking
+    /// for more would leave a replica whose old voters are gone (replaced, or an even-sized
+    /// set) unable to follow the real leader ever.
     pub needed: usize,
 }
 
@@ -183,21 +184,25 @@ impl LeaderView {
 }
 
 impl Inquiry {
-    /// Whether `answers`, each from the member it names (the transport authenticated it),
-    /// vouch for the leader: at least `needed` of the asked voters follow it in this very
-    /// term and hold it as a voter.
-    pub fn vouched_by(&self, answers: &[(u64, LeaderView)]) -> bool {
-        let vouching: std::collections::BTreeSet<u64> = answers
-            .iter()
-            .filter(|(from, view)| {
-                self.ask.contains(from)
-                    && view.term == self.term
-                    && view.leader == Some(self.leader)
-                    && view.voters.contains(&self.leader)
-            })
-            .map(|(from, _)| *from)
-            .collect();
-        vouching.len() >= self.needed
+    /// The leader and term that `answers` (each from the member it names, as the transport
+    /// authenticated it) vouch for: followed by at least `needed` of the asked voters in that
+    /// term, and a voter in their configuration; the latest such term.
+    pub fn vouched_by(&self, answers: &[(u64, LeaderView)]) -> Option<(u64, u64)> {
+        let mut backing: BTreeMap<(u64, u64), std::collections::BTreeSet<u64>> = BTreeMap::new();
+        for (from, view) in answers {
+            let Some(leader) = view.leader else { continue };
+            if self.ask.contains(from) && view.voters.contains(&leader) {
+                backing
+                    .entry((view.term, leader))
+                    .or_default()
+                    .insert(*from);
+            }
+        }
+        backing
+            .into_iter()
+            .rev()
+            .find(|(_, voters)| voters.len() >= self.needed)
+            .map(|((term, leader), _)| (leader, term))
     }
 }
 
@@ -263,12 +268,12 @@ pub struct Core<S: LogStore, T> {
     /// The snapshot being encoded and written on its own thread, when the store can take its
     /// file from another thread; at most one at a time.
     snapshot_job: Option<SnapshotJob>,
-    /// A leader this replica's log does not hold as a voter, and its term, that a majority of
-    /// its voters vouched for (see [`Inquiry`]).
+    /// A leader this replica's log does not hold as a voter, and its term, that one of its
+    /// voters vouched for (see [`Inquiry`]).
     vouched: Option<(u64, u64)>,
-    /// The last such leader asked about, and when (in ticks): one inquiry per election
-    /// timeout, however often it sends.
-    asked: Option<((u64, u64), u64)>,
+    /// When (in ticks) the voters were last asked: one inquiry per election timeout, however
+    /// often and with whatever terms refused senders send.
+    asked: Option<u64>,
     /// The inquiry to hand out with the next ready.
     inquiry: Option<Inquiry>,
 }
@@ -431,8 +436,8 @@ impl<S: LogStore, T> Core<S, T> {
     /// - a forwarded proposal must come from the node it names and change only its records;
     /// - one leader per term: leader messages of this term from another node are lies;
     /// - leader messages from a node this replica's log does not hold as a voter are refused,
-    ///   in every window (after a restart, during a failover), unless a majority of its
-    ///   voters vouched for that node leading that term (a replica that lags behind a
+    ///   in every window (after a restart, during a failover), unless a voter this
+    ///   replica's log holds vouched for that node leading that term (a replica that lags behind a
     ///   promotion follows the real new leader that way; see [`Inquiry`]). A node with no
     ///   configuration yet (joining, before its first snapshot) follows whoever leads it;
     /// - the entries a leader appends in its own term are its own proposals, or a node's
@@ -524,39 +529,33 @@ impl<S: LogStore, T> Core<S, T> {
         }
     }
 
-    /// Asks this replica's voters about `leader` (at most once per election timeout for the
-    /// same leader and term), unless they cannot make a majority.
+    /// Asks this replica's voters whom they follow (at most once per election timeout), after
+    /// refusing leader messages from `leader` for `term`.
     fn inquire(&mut self, leader: u64, term: u64) {
         let now = self.ticks;
         let timeout = self.config.election_ticks as u64;
-        if matches!(self.asked, Some((asked, at)) if asked == (leader, term) && now < at + timeout)
-        {
+        if self.asked.is_some_and(|at| now < at + timeout) {
             return;
         }
-        self.asked = Some(((leader, term), now));
-        let conf = self.raw.raft.prs().conf();
-        let voters = conf.voters().ids();
-        let needed = voters.len() / 2 + 1;
+        self.asked = Some(now);
+        let voters = self.raw.raft.prs().conf().voters().ids();
         let mut ask: Vec<u64> = voters.iter().filter(|&v| v != self.config.id).collect();
         ask.sort_unstable();
+        if ask.is_empty() {
+            tracing::warn!(peer = leader, term, "refused leader messages from a node this replica does not hold as a voter; it has no other voter to ask");
+            return;
+        }
         tracing::warn!(
             peer = leader,
             term,
             voters = ?ask,
-            "refused leader messages from a node this replica does not hold as a voter; asking its voters whether it leads"
+            "refused leader messages from a node this replica does not hold as a voter; asking its voters whom they follow"
         );
-        if ask.len() >= needed {
-            self.inquiry = Some(Inquiry {
-                leader,
-                term,
-                ask,
-                needed,
-            });
-        }
+        self.inquiry = Some(Inquiry { ask, needed: 1 });
     }
 
-    /// A majority of this replica's voters vouched for `leader` leading `term` (see
-    /// [`Inquiry`]): its messages of that term are taken from now on.
+    /// This replica's voters vouched for `leader` leading `term` (see [`Inquiry`]): its
+    /// messages of that term are taken from now on.
     pub fn vouch(&mut self, leader: u64, term: u64) {
         if term < self.raw.raft.term {
             return;
@@ -564,7 +563,7 @@ impl<S: LogStore, T> Core<S, T> {
         tracing::info!(
             peer = leader,
             term,
-            "a majority of this replica's voters vouch for the node as leader; following it"
+            "this replica's voters vouch for the node as leader; following it"
         );
         self.vouched = Some((leader, term));
     }

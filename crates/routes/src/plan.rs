@@ -863,9 +863,6 @@ fn plan_tunnel(tunnel: &TunnelEnd, wanted: &[Route], host: &HostState) -> Vec<Tu
     vxlan::plan(device, &remotes, &host.tunnel)
 }
 
-/// Checks one peer subnet against this node's subnets, the routes accepted so far (earlier
-/// nodes') and everything on this host; if it is clear, the gateway and its interface where
-/// the peer's host is on a directly connected network (`None`: it is not).
 /// Whether `subnet` is a claim this host routes at all (see [`ClaimPolicy`]).
 fn allowed(subnet: Subnet, desired: &Desired) -> Result<(), Conflict> {
     let policy = &desired.policy;
@@ -893,6 +890,9 @@ fn allowed(subnet: Subnet, desired: &Desired) -> Result<(), Conflict> {
     }
 }
 
+/// Checks one peer subnet against this node's subnets, the routes accepted so far (earlier
+/// nodes') and everything on this host; if it is clear, the gateway and its interface where
+/// the peer's host is on a directly connected network (`None`: it is not).
 fn check(
     subnet: Subnet,
     peer: &Peer,

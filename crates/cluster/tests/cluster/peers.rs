@@ -695,6 +695,25 @@ async fn certificates_expire_are_renewed_and_an_expired_one_is_refused() {
     }
     let refusal = refusal.expect("a renewal refused");
     assert!(refusal.contains("at most one per"), "{refusal}");
+
+    // A renewal whose answer was lost: asked again with the certificate it replaced and the
+    // same key, the leader hands out the same certificate (nothing new issued or bound);
+    // with another key, nothing.
+    let before = current;
+    let key = new_node_key().expect("key");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (issued_once, _) = linkdns_cluster::client::renew(&first.addr.to_string(), &before, &key)
+        .await
+        .expect("renewed");
+    let (issued_again, _) = linkdns_cluster::client::renew(&first.addr.to_string(), &before, &key)
+        .await
+        .expect("the same again");
+    assert_eq!(issued_again, issued_once);
+    let other = new_node_key().expect("key");
+    let e = linkdns_cluster::client::renew(&first.addr.to_string(), &before, &other)
+        .await
+        .expect_err("another key");
+    assert!(e.to_string().contains("replaced"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
