@@ -263,6 +263,17 @@ pub struct Config {
     pub force_new_cluster: bool,
 }
 
+/// The subnets of setting `key`, each parsed; the first that does not parse is named.
+fn subnets(key: &str, texts: &[String]) -> anyhow::Result<Vec<Subnet>> {
+    texts
+        .iter()
+        .map(|text| {
+            text.parse::<Subnet>()
+                .map_err(|e| anyhow::anyhow!("{key}: {text:?}: {e}"))
+        })
+        .collect()
+}
+
 /// The flag layer's list if given, else the file's.
 fn pick_strings<'a>(args: &'a [String], file: &'a Option<Vec<String>>) -> &'a [String] {
     if args.is_empty() {
@@ -340,20 +351,11 @@ impl Config {
     /// [`Config::resolve`] with the file layer given.
     pub fn resolve_with(args: &RunArgs, file: FileConfig) -> anyhow::Result<Config> {
         let bgp = bgp_config(args, &file)?;
-        let reach_from = pick_strings(&args.reach_from, &file.reach_from)
-            .iter()
-            .map(|text| {
-                text.parse::<Subnet>()
-                    .map_err(|e| anyhow::anyhow!("reach_from: {text:?}: {e}"))
-            })
-            .collect::<anyhow::Result<Vec<Subnet>>>()?;
-        let claimable = pick_strings(&args.claimable, &file.claimable)
-            .iter()
-            .map(|text| {
-                text.parse::<Subnet>()
-                    .map_err(|e| anyhow::anyhow!("claimable: {text:?}: {e}"))
-            })
-            .collect::<anyhow::Result<Vec<Subnet>>>()?;
+        let reach_from = subnets(
+            "reach_from",
+            pick_strings(&args.reach_from, &file.reach_from),
+        )?;
+        let claimable = subnets("claimable", pick_strings(&args.claimable, &file.claimable))?;
         let pick_list = |flag: &Vec<SocketAddr>, file: &Option<Vec<SocketAddr>>| {
             if flag.is_empty() {
                 file.clone()
@@ -362,18 +364,10 @@ impl Config {
             }
         };
         let parse = |s: &str| -> anyhow::Result<SocketAddr> { Ok(s.parse()?) };
-        let allowed_text = if args.allowed_clients.is_empty() {
-            file.allowed_clients.clone().unwrap_or_default()
-        } else {
-            args.allowed_clients.clone()
-        };
-        let mut allowed_clients = Vec::new();
-        for text in &allowed_text {
-            let subnet = text
-                .parse::<Subnet>()
-                .map_err(|e| anyhow::anyhow!("allowed_clients: {e}"))?;
-            allowed_clients.push(subnet);
-        }
+        let allowed_clients = subnets(
+            "allowed_clients",
+            pick_strings(&args.allowed_clients, &file.allowed_clients),
+        )?;
         if args.snapshot_every.or(file.snapshot_every) == Some(0) {
             bail!("snapshot_every: must be at least 1 (applied entries between snapshots)");
         }
