@@ -73,12 +73,21 @@ pub struct Holds {
     identify: Option<Identify>,
     /// The addresses queries are held for now, with how many queries each.
     wanted: Mutex<HashMap<IpAddr, usize>>,
-    /// The view version the held addresses were last looked up at, and when: one lookup per
-    /// version, at most one per [`PROBE_SPACING`], whatever the number of held queries.
-    probed: Mutex<(u64, Option<Instant>)>,
-    /// A lookup for newly held addresses is due (one held query will make it), and when the
-    /// last such was made: a burst of new addresses costs one walk of `/proc`, not one each.
-    fresh: Mutex<(bool, Option<Instant>)>,
+    /// The lookups of the held addresses (see [`Holds::claim_probe`]).
+    probe: Mutex<Probe>,
+}
+
+/// When the held addresses are looked up: for a newly held address, and on each new version
+/// of the view; whatever the number of held queries, one lookup at a time covers all the
+/// held addresses, at most one per [`PROBE_SPACING`].
+#[derive(Default)]
+struct Probe {
+    /// The latest view version a lookup was claimed for.
+    seen: u64,
+    /// A lookup is claimed and not made yet: it will take every address held by then.
+    pending: bool,
+    /// When the last lookup was (or will be) made.
+    last: Option<Instant>,
 }
 
 impl std::fmt::Debug for Holds {
@@ -109,8 +118,7 @@ impl Holds {
             slots: Arc::new(tokio::sync::Semaphore::new(capacity)),
             identify,
             wanted: Mutex::new(HashMap::new()),
-            probed: Mutex::new((0, None)),
-            fresh: Mutex::new((false, None)),
+            probe: Mutex::new(Probe::default()),
         }
     }
 
@@ -158,41 +166,37 @@ impl Holds {
         }
     }
 
-    /// Whether this caller is the one to look up the held addresses at view `version`: the
-    /// first to see it, and how long it waits before that (the spacing).
-    fn claim_probe(&self, version: u64) -> Option<Duration> {
-        let mut probed = self.probed.lock().ok()?;
-        if probed.0 >= version {
+    /// Whether this caller is the one to look up the held addresses, and after how long (the
+    /// spacing): for a newly held address (`None`), or for view `version`, the first to see
+    /// it. `None`: a lookup claimed and not made yet takes this caller's address and view too.
+    fn claim_probe(&self, version: Option<u64>) -> Option<Duration> {
+        let mut probe = self.probe.lock().ok()?;
+        if let Some(version) = version {
+            if probe.seen >= version {
+                return None;
+            }
+            probe.seen = version;
+        }
+        if probe.pending {
             return None;
         }
         let now = Instant::now();
-        let wait = probed.1.map_or(Duration::ZERO, |at| {
+        let wait = probe.last.map_or(Duration::ZERO, |at| {
             (at + PROBE_SPACING).saturating_duration_since(now)
         });
-        *probed = (version, Some(now + wait));
+        probe.pending = true;
+        probe.last = Some(now + wait);
         Some(wait)
     }
 
-    /// Whether this caller, holding a query for a new address, is the one to look up the
-    /// newly held addresses, and after how long (the spacing); `None`: another one will, and
-    /// its lookup takes this address too (it was added before).
-    fn claim_fresh_probe(&self) -> Option<Duration> {
-        let mut fresh = self.fresh.lock().ok()?;
-        if fresh.0 {
-            return None;
+    /// Makes the lookup claimed with [`Holds::claim_probe`], after `wait`: every held address
+    /// (those held while it waited too).
+    async fn probe(&self, wait: Duration) {
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
-        let now = Instant::now();
-        let wait = fresh.1.map_or(Duration::ZERO, |at| {
-            (at + PROBE_SPACING).saturating_duration_since(now)
-        });
-        *fresh = (true, Some(now + wait));
-        Some(wait)
-    }
-
-    /// Makes the lookup claimed with [`Holds::claim_fresh_probe`]: every held address.
-    fn fresh_probe(&self) {
-        if let Ok(mut fresh) = self.fresh.lock() {
-            fresh.0 = false;
+        if let Ok(mut probe) = self.probe.lock() {
+            probe.pending = false;
         }
         self.probe_all();
     }
@@ -608,11 +612,8 @@ impl Answerer {
         let first = holds.want(src);
         let _unwant = Unwant(holds, src);
         if first {
-            if let Some(wait) = holds.claim_fresh_probe() {
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-                holds.fresh_probe();
+            if let Some(wait) = holds.claim_probe(None) {
+                holds.probe(wait).await;
             }
         }
         let mut expired = false;
@@ -622,11 +623,8 @@ impl Answerer {
                     // The containers being connected may be known only now: ask again about
                     // every held address, once for all of them.
                     let version = *changes.borrow_and_update();
-                    if let Some(wait) = holds.claim_probe(version) {
-                        if !wait.is_zero() {
-                            tokio::time::sleep(wait).await;
-                        }
-                        holds.probe_all();
+                    if let Some(wait) = holds.claim_probe(Some(version)) {
+                        holds.probe(wait).await;
                     }
                 }
                 Ok(Err(_)) => {
