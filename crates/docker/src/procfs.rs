@@ -42,28 +42,11 @@ fn containers_at_addresses_in(
     ids.dedup();
     // Per ask: the candidate found holding it, and whether another did too.
     let mut found: Vec<(Option<&ContainerId>, bool)> = vec![(None, false); asks.len()];
-    let Ok(entries) = std::fs::read_dir(proc) else {
-        return Vec::new();
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let dir = proc.join(pid);
-        let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
-            continue;
-        };
-        let Some((id, _)) = ids.iter().find(|(_, text)| cgroup.contains(text.as_str())) else {
-            continue;
-        };
-        let mut addresses = NetnsAddresses::of(&dir);
+    let walked = container_processes(proc, &ids, |dir, id| {
+        let mut addresses = NetnsAddresses::of(dir);
         for (i, (ip, candidates)) in asks.iter().enumerate() {
             let slot = &mut found[i];
-            if !candidates.contains(id) || slot.0 == Some(*id) || slot.1 {
+            if !candidates.contains(id) || slot.0 == Some(id) || slot.1 {
                 continue;
             }
             if addresses.has(*ip) {
@@ -72,10 +55,13 @@ fn containers_at_addresses_in(
                 if slot.0.is_some() {
                     slot.1 = true;
                 } else {
-                    slot.0 = Some(*id);
+                    slot.0 = Some(id);
                 }
             }
         }
+    });
+    if walked.is_none() {
+        return Vec::new();
     }
     asks.iter()
         .zip(found)
@@ -141,6 +127,22 @@ pub fn running_containers(ids: &[ContainerId]) -> Option<Vec<ContainerId>> {
 fn running_in(proc: &Path, ids: &[ContainerId]) -> Option<Vec<ContainerId>> {
     let texts: Vec<(&ContainerId, String)> = ids.iter().map(|c| (c, String::from(c))).collect();
     let mut running: Vec<ContainerId> = Vec::new();
+    container_processes(proc, &texts, |_, id| {
+        if !running.contains(id) {
+            running.push(id.clone());
+        }
+    })?;
+    Some(running)
+}
+
+/// Walks the processes under `proc` (`/proc`): for each whose cgroup names one of `ids` (each
+/// container with its id's text), calls `each` with the process's directory and that
+/// container. `None` if `proc` cannot be read.
+fn container_processes<'a>(
+    proc: &Path,
+    ids: &[(&'a ContainerId, String)],
+    mut each: impl FnMut(&Path, &'a ContainerId),
+) -> Option<()> {
     for entry in std::fs::read_dir(proc).ok()?.flatten() {
         let name = entry.file_name();
         if !name
@@ -149,19 +151,15 @@ fn running_in(proc: &Path, ids: &[ContainerId]) -> Option<Vec<ContainerId>> {
         {
             continue;
         }
-        let Ok(cgroup) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+        let dir = entry.path();
+        let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
             continue;
         };
-        if let Some((id, _)) = texts
-            .iter()
-            .find(|(_, text)| cgroup.contains(text.as_str()))
-        {
-            if !running.contains(id) {
-                running.push((*id).clone());
-            }
+        if let Some((id, _)) = ids.iter().find(|(_, text)| cgroup.contains(text.as_str())) {
+            each(&dir, id);
         }
     }
-    Some(running)
+    Some(())
 }
 
 /// Whether `/proc/<pid>/net/fib_trie` lists `ip` as a local host address (`|-- a.b.c.d`
