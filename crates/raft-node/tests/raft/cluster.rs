@@ -63,8 +63,7 @@ struct Sim {
     inquiries: Vec<(u64, Inquiry)>,
     /// Inquiries answered, and how many of them found a majority vouching.
     asked: u64,
-    vouched: u64,
-    /// The leaders vouched for, in order.
+    /// The leaders vouched for (that a replica did not hold as voters), in order.
     vouched_for: Vec<u64>,
 }
 
@@ -117,7 +116,6 @@ impl Sim {
             results: HashMap::new(),
             inquiries: Vec::new(),
             asked: 0,
-            vouched: 0,
             vouched_for: Vec::new(),
         };
         let mut first = Core::open(config, MemStore::new(), 1).expect("open node 1");
@@ -263,7 +261,6 @@ impl Sim {
                     if core.status().voters.contains(&leader) {
                         continue;
                     }
-                    self.vouched += 1;
                     self.vouched_for.push(leader);
                     core.vouch(leader, term);
                 }
@@ -334,6 +331,28 @@ impl Sim {
         }
         panic!(
             "no single leader after {max_ticks} ticks: {:?}",
+            self.describe()
+        );
+    }
+
+    /// Crashes and restarts whichever other node leads until `id` does (elections are
+    /// random: at most 40 rounds, each waiting `max_ticks` for a leader).
+    fn bring_to_lead(&mut self, id: u64, max_ticks: u64) {
+        let mut leader = self.wait_leader(max_ticks);
+        for _ in 0..40 {
+            if leader == id {
+                return;
+            }
+            self.crash(leader);
+            self.run_ticks(40);
+            self.restart(leader);
+            self.settle(20);
+            leader = self.wait_leader(300);
+        }
+        assert_eq!(
+            leader,
+            id,
+            "node {id} never came to lead: {:?}",
             self.describe()
         );
     }
@@ -1107,23 +1126,7 @@ fn a_replica_behind_a_promotion_follows_the_new_leader_once_its_voters_vouch() {
     // Node 5 misses the promotion of node 4, and node 4 comes to lead.
     sim.partition(&[behind]);
     sim.change(Membership::Promote(promoted));
-    let mut leader = sim.wait_leader(200);
-    for _ in 0..40 {
-        if leader == promoted {
-            break;
-        }
-        sim.crash(leader);
-        sim.run_ticks(40);
-        sim.restart(leader);
-        sim.settle(20);
-        leader = sim.wait_leader(200);
-    }
-    assert_eq!(
-        leader,
-        promoted,
-        "node 4 never came to lead: {:?}",
-        sim.describe()
-    );
+    sim.bring_to_lead(promoted, 200);
     let t = sim.propose(promoted, &container(promoted, 1));
     sim.settle(20);
     assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
@@ -1132,7 +1135,7 @@ fn a_replica_behind_a_promotion_follows_the_new_leader_once_its_voters_vouch() {
         !lagging.voters.contains(&promoted),
         "node 5 must not know of the promotion yet: {lagging:?}"
     );
-    let vouched_before = sim.vouched;
+    let vouched_before = sim.vouched_for.len();
 
     // The partition heals: node 5 refuses node 4 at first (no voter in its log), asks its
     // voters, follows node 4 once they vouch, and catches up.
@@ -1143,7 +1146,10 @@ fn a_replica_behind_a_promotion_follows_the_new_leader_once_its_voters_vouch() {
     assert_eq!(caught_up.leader, Some(promoted), "{:?}", sim.describe());
     assert!(caught_up.voters.contains(&promoted));
     assert!(sim.resolves(behind, "svc-4-1"));
-    assert!(sim.vouched > vouched_before, "followed after a vouch");
+    assert!(
+        sim.vouched_for[vouched_before..].contains(&promoted),
+        "followed after a vouch"
+    );
 }
 
 #[test]
@@ -1156,23 +1162,7 @@ fn a_voter_behind_a_replacement_follows_the_new_leader_though_its_old_voters_are
     sim.change(Membership::Remove(1));
     sim.settle(20);
     sim.crash(1);
-    let mut leader = sim.wait_leader(300);
-    for _ in 0..40 {
-        if leader == promoted {
-            break;
-        }
-        sim.crash(leader);
-        sim.run_ticks(40);
-        sim.restart(leader);
-        sim.settle(20);
-        leader = sim.wait_leader(300);
-    }
-    assert_eq!(
-        leader,
-        promoted,
-        "node 4 never came to lead: {:?}",
-        sim.describe()
-    );
+    sim.bring_to_lead(promoted, 300);
     let t = sim.propose(promoted, &container(promoted, 1));
     sim.settle(20);
     assert_eq!(sim.result(t), Some(Ok(Outcome::Changed)));
