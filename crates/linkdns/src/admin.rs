@@ -462,6 +462,14 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// What monitoring reads, on TCP and on the admin socket: `/health`, `/ready`, `/metrics`.
+fn monitoring() -> Router<Arc<AdminState>> {
+    Router::new()
+        .route("/health", get(health_handler))
+        .route("/ready", get(ready_handler))
+        .route("/metrics", get(metrics_handler))
+}
+
 /// The admin socket in the data dir: everything the endpoint serves, to root only.
 pub const ADMIN_SOCKET: &str = "admin.sock";
 
@@ -473,11 +481,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<S
         format!("cannot listen for the admin endpoint on {addr} (--admin-listen)")
     })?;
     let bound = listener.local_addr()?;
-    let app = Router::new()
-        .route("/health", get(health_handler))
-        .route("/ready", get(ready_handler))
-        .route("/metrics", get(metrics_handler))
-        .with_state(state);
+    let app = monitoring().with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin endpoint stopped");
@@ -508,11 +512,8 @@ pub async fn serve_private(data_dir: &Path, state: Arc<AdminState>) -> anyhow::R
     }
     std::fs::rename(&tmp, &path)
         .with_context(|| format!("cannot put the admin socket at {}", path.display()))?;
-    let app = Router::new()
+    let app = monitoring()
         .route("/status", get(status_handler))
-        .route("/health", get(health_handler))
-        .route("/ready", get(ready_handler))
-        .route("/metrics", get(metrics_handler))
         .route("/routes", get(routes_handler))
         .route("/docker-config", get(docker_config_handler))
         .route("/backup", get(backup_handler))
